@@ -1,0 +1,239 @@
+"""Migration configuration: plain, validated, immutable.
+
+The YAML file under ``include/config/`` holds the non-secret settings; the DAG
+layer overlays what comes from Airflow Connections and Variables and hands the
+merged mapping to :func:`load_config`. Any bad or missing value fails fast with
+a :class:`ConfigError` naming the field (``source.port: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+RETRIEVE_METHODS = ("C-GET", "C-MOVE")
+SSE_MODES = ("AES256", "aws:kms", "none")
+_EMAIL = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """The legacy PACS and how hard we may use it."""
+
+    host: str
+    port: int
+    called_ae_title: str
+    calling_ae_title: str
+    max_associations: int = 2
+    retrieve_method: str = "C-GET"
+    retrieve_attempts: int = 3
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 120.0
+    max_pdu: int = 131072
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The S3 bucket the archive moves to."""
+
+    bucket: str
+    prefix: str = ""
+    sse: str = "AES256"
+    kms_key_id: str | None = None
+    upload_threads: int = 4
+
+    def key(self, relative: str) -> str:
+        """An object key under the configured prefix."""
+        return f"{self.prefix}{relative}"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Who receives the validation report, and from whom."""
+
+    recipients: tuple[str, ...]
+    from_address: str
+    smtp_connection_id: str = "smtp_default"
+    subject_prefix: str = "[PACS migration]"
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    source: SourceConfig
+    target: TargetConfig
+    report: ReportConfig
+    staging_dir: Path = field(default_factory=lambda: Path("/tmp/pacs-migration-staging"))
+
+
+def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name)
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, "missing section (a mapping is required)")
+    return value
+
+
+def _str(sec: Mapping[str, Any], path: str, key: str, default: str | None = None) -> str:
+    value = sec.get(key, default)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"{path}.{key}", "is required")
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}.{key}", f"must be a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _int(sec: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int) -> int:
+    value = sec.get(key, default)
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}.{key}", f"must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}.{key}", f"must be an integer, got {value!r}") from None
+    if str(number) != str(value).strip() and not isinstance(value, int):
+        raise ConfigError(f"{path}.{key}", f"must be an integer, got {value!r}")
+    if not lo <= number <= hi:
+        raise ConfigError(f"{path}.{key}", f"must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _float(sec: Mapping[str, Any], path: str, key: str, default: float, lo: float, hi: float) -> float:
+    value = sec.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}.{key}", f"must be a number, got {value!r}") from None
+    if not lo <= number <= hi:
+        raise ConfigError(f"{path}.{key}", f"must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _ae_title(sec: Mapping[str, Any], path: str, key: str) -> str:
+    value = _str(sec, path, key)
+    # PS3.5: AE is at most 16 characters, no backslash or control characters.
+    if len(value) > 16 or "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ConfigError(f"{path}.{key}", f"{value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+    return value
+
+
+def load_config(data: Mapping[str, Any]) -> MigrationConfig:
+    """Validate a configuration mapping.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first field that is missing or invalid.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("<root>", "configuration must be a mapping")
+    src = _section(data, "source")
+    host = _str(src, "source", "host")
+    if any(c.isspace() for c in host):
+        raise ConfigError("source.host", f"{host!r} is not a host name")
+    method = _str(src, "source", "retrieve_method", "C-GET").upper()
+    if method not in RETRIEVE_METHODS:
+        raise ConfigError("source.retrieve_method", f"must be one of {RETRIEVE_METHODS}, got {method!r}")
+    source = SourceConfig(
+        host=host,
+        port=_int(src, "source", "port", 0, 1, 65535) if "port" in src else _missing("source.port"),
+        called_ae_title=_ae_title(src, "source", "called_ae_title"),
+        calling_ae_title=_ae_title(src, "source", "calling_ae_title"),
+        max_associations=_int(src, "source", "max_associations", 2, 1, 64),
+        retrieve_method=method,
+        retrieve_attempts=_int(src, "source", "retrieve_attempts", 3, 1, 20),
+        acse_timeout=_float(src, "source", "acse_timeout", 30.0, 0.1, 3600),
+        dimse_timeout=_float(src, "source", "dimse_timeout", 120.0, 0.1, 3600),
+        network_timeout=_float(src, "source", "network_timeout", 120.0, 0.1, 3600),
+        max_pdu=_int(src, "source", "max_pdu", 131072, 4096, 2**31 - 1),
+    )
+
+    tgt = _section(data, "target")
+    bucket = _str(tgt, "target", "bucket")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ConfigError("target.bucket", f"{bucket!r} is not a valid S3 bucket name")
+    prefix = tgt.get("prefix") or ""
+    if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ConfigError("target.prefix", f"{prefix!r} must be a relative key prefix without '..'")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    sse = str(tgt.get("sse", "AES256"))
+    if sse not in SSE_MODES:
+        raise ConfigError("target.sse", f"must be one of {SSE_MODES}, got {sse!r}")
+    kms_key_id = tgt.get("kms_key_id")
+    if sse == "aws:kms" and not kms_key_id:
+        raise ConfigError("target.kms_key_id", "is required when target.sse is aws:kms")
+    target = TargetConfig(
+        bucket=bucket,
+        prefix=prefix,
+        sse=sse,
+        kms_key_id=str(kms_key_id) if kms_key_id else None,
+        upload_threads=_int(tgt, "target", "upload_threads", 4, 1, 64),
+    )
+
+    rep = _section(data, "report")
+    raw = rep.get("recipients")
+    if isinstance(raw, str):
+        raw = [r for r in re.split(r"[,;\s]+", raw) if r]
+    if not raw or not isinstance(raw, (list, tuple)):
+        raise ConfigError("report.recipients", "at least one e-mail address is required")
+    for addr in raw:
+        if not isinstance(addr, str) or not _EMAIL.match(addr):
+            raise ConfigError("report.recipients", f"{addr!r} is not an e-mail address")
+    sender = _str(rep, "report", "from_address")
+    if not _EMAIL.match(sender):
+        raise ConfigError("report.from_address", f"{sender!r} is not an e-mail address")
+    report = ReportConfig(
+        recipients=tuple(raw),
+        from_address=sender,
+        smtp_connection_id=_str(rep, "report", "smtp_connection_id", "smtp_default"),
+        subject_prefix=str(rep.get("subject_prefix", "[PACS migration]")),
+    )
+    staging = data.get("staging_dir", "/tmp/pacs-migration-staging")
+    if not isinstance(staging, str) or not staging:
+        raise ConfigError("staging_dir", "must be a directory path")
+    return MigrationConfig(source=source, target=target, report=report, staging_dir=Path(staging))
+
+
+def _missing(name: str) -> int:
+    raise ConfigError(name, "is required")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file; a missing or malformed file names itself."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), "configuration file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "top level must be a mapping")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into ``base``; ``None`` values in override are ignored."""
+    out: dict[str, Any] = dict(base)
+    for key, value in override.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,264 @@
+"""DICOM network client (SCU) for the legacy PACS, on pynetdicom.
+
+One association per call, opened and released here, with every timeout set, so
+a stalled peer never hangs a task. Identifier logging is switched off at import:
+pynetdicom would otherwise log query identifiers, which can carry patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+from .config import SourceConfig
+
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+# pynetdicom's INFO/DEBUG lines carry AE titles and UIDs, never needed at run time.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+log = logging.getLogger(__name__)
+
+# Syntaxes we accept on retrieval, one presentation context each, so the source
+# sends every instance as it stores it (no silent transcoding).
+RETRIEVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still found in old archives)
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+_MAX_CONTEXTS = 127  # PS3.8: odd presentation context IDs 1..255
+
+
+class DicomNetworkError(RuntimeError):
+    """The association could not be made or broke; worth a retry."""
+
+
+class QueryFailed(RuntimeError):
+    """The peer answered a C-FIND with a failure status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"C-FIND failed with status 0x{status:04X}")
+        self.status = status
+
+
+def _new_ae(source: SourceConfig) -> AE:
+    ae = AE(ae_title=source.calling_ae_title)
+    ae.acse_timeout = source.acse_timeout
+    ae.dimse_timeout = source.dimse_timeout
+    ae.network_timeout = source.network_timeout
+    ae.connection_timeout = source.acse_timeout
+    ae.maximum_pdu_size = source.max_pdu
+    return ae
+
+
+def find(source: SourceConfig, identifier: Dataset) -> list[Dataset]:
+    """One Study Root C-FIND; returns the pending identifiers.
+
+    Raises
+    ------
+    DicomNetworkError
+        When no association could be made or it was aborted.
+    QueryFailed
+        When the final status is a failure.
+    """
+    ae = _new_ae(source)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title)
+    if not assoc.is_established:
+        raise DicomNetworkError(
+            f"association to {source.called_ae_title}@{source.host}:{source.port} "
+            f"{'rejected' if assoc.is_rejected else 'failed'}"
+        )
+    answers: list[Dataset] = []
+    final_status: int | None = None
+    try:
+        for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            if not status:  # empty status: timeout or abort
+                raise DicomNetworkError("C-FIND got no response (timeout or abort)")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                if ident is not None:
+                    answers.append(ident)
+            else:
+                final_status = code
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if final_status is None:
+        raise DicomNetworkError("C-FIND ended without a final status")
+    if final_status != 0x0000:
+        raise QueryFailed(final_status)
+    return answers
+
+
+@dataclass
+class ReceivedInstance:
+    """One instance as it arrived: staged bytes and their hash."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass
+class StagingSink:
+    """Receives C-STORE sub-operations into a staging folder.
+
+    Files are named by arrival order, never by UID: a UID is untrusted input
+    until normalize has validated it. Thread-safe: several associations may
+    deliver into one sink.
+    """
+
+    folder: Path
+    received: dict[str, ReceivedInstance] = field(default_factory=dict)
+    duplicates: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _counter: int = 0
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def store(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, data: bytes) -> int:
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            if sop_instance_uid in self.received:
+                self.duplicates += 1
+                return 0x0000
+            self._counter += 1
+            path = self.folder / f"{self._counter:08d}.dcm"
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.rename(path)
+        with self._lock:
+            self.received[sop_instance_uid] = ReceivedInstance(
+                sop_instance_uid, sop_class_uid, transfer_syntax, path, digest, len(data)
+            )
+        return 0x0000
+
+    def handle_store(self, event: evt.Event) -> int:
+        """pynetdicom ``EVT_C_STORE`` handler."""
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            req = event.request
+            return self.store(
+                str(req.AffectedSOPInstanceUID),
+                str(req.AffectedSOPClassUID),
+                str(event.context.transfer_syntax),
+                data,
+            )
+        except Exception:  # never let a handler exception kill the association
+            log.exception("failed to stage a received instance")
+            return 0xA700  # Out of resources
+
+
+@dataclass(frozen=True)
+class RetrieveOutcome:
+    """What the peer said about a C-GET. Never trusted alone: reconcile UIDs."""
+
+    final_status: int | None
+    completed: int
+    failed: int
+    warning: int
+    failed_sop_instance_uids: tuple[str, ...]
+
+
+def storage_contexts(sop_class_uids: Iterable[str]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs to propose for C-GET's C-STOREs.
+
+    One context per pair; when many SOP classes would exceed the 127-context
+    limit, compressed syntaxes are dropped first for the extra classes.
+    """
+    classes = sorted(set(sop_class_uids))
+    budget = _MAX_CONTEXTS - 1  # one for the Get model itself
+    per_class = max(3, min(len(RETRIEVE_TRANSFER_SYNTAXES), budget // max(1, len(classes))))
+    pairs = [(c, ts) for c in classes for ts in RETRIEVE_TRANSFER_SYNTAXES[:per_class]]
+    if len(pairs) > budget:
+        raise ValueError(f"{len(classes)} SOP classes in one retrieve exceed the presentation-context limit")
+    return pairs
+
+
+def c_get(
+    source: SourceConfig,
+    identifier: Dataset,
+    sop_class_uids: Iterable[str],
+    sink: StagingSink,
+    on_response: Callable[[int], None] | None = None,
+) -> RetrieveOutcome:
+    """One Study Root C-GET; instances land in ``sink``.
+
+    Raises
+    ------
+    DicomNetworkError
+        When no association could be made.
+    """
+    ae = _new_ae(source)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    classes = sorted(set(sop_class_uids))
+    for sop_class, ts in storage_contexts(classes):
+        ae.add_requested_context(sop_class, ts)
+    roles = [build_role(UID(c), scp_role=True) for c in classes]
+    assoc = ae.associate(
+        source.host,
+        source.port,
+        ae_title=source.called_ae_title,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, sink.handle_store)],
+    )
+    if not assoc.is_established:
+        raise DicomNetworkError(
+            f"association to {source.called_ae_title}@{source.host}:{source.port} "
+            f"{'rejected' if assoc.is_rejected else 'failed'}"
+        )
+    final: int | None = None
+    counts = {"completed": 0, "failed": 0, "warning": 0}
+    failed_uids: tuple[str, ...] = ()
+    try:
+        for status, ident in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+            if not status:
+                break  # timeout/abort: what arrived is reconciled by the caller
+            code = int(status.Status)
+            if on_response:
+                on_response(code)
+            if code in (0xFF00, 0xFF01):
+                continue
+            final = code
+            counts["completed"] = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+            counts["failed"] = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+            counts["warning"] = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+            if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                value = ident.FailedSOPInstanceUIDList
+                failed_uids = tuple(str(v) for v in (value if isinstance(value, list | tuple) else [value]) if v)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
+

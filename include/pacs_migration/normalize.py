@@ -1,0 +1,339 @@
+"""Normalize ("de-proprietarize"): make a received instance conformant DICOM
+Part 10, or quarantine it with a reason code.
+
+First rules (always on): a structural integrity walk (pydicom reads truncated
+files without complaint), required UIDs present and well formed, native pixel
+data of the declared length, Part 10 file meta present and consistent, and
+implicit VR / big endian / deflated encodings rewritten as explicit VR little
+endian. Instances already conformant are passed through byte for byte; pixel
+data is never decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+)
+
+from .reasons import ReasonCode, reason
+from .uids import is_valid_uid
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_REWRITE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+_NATIVE_SYNTAXES = _REWRITE_SYNTAXES | {ExplicitVRLittleEndian}
+# VRs whose explicit length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass
+class NormalizeResult:
+    """The outcome for one instance. ``data`` is set only when it migrates."""
+
+    reason: str | None
+    data: bytes | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_date: str | None = None
+    modality: str | None = None
+    transfer_syntax_in: str | None = None
+    transfer_syntax_out: str | None = None
+    pixel_sha256_before: str | None = None
+    pixel_sha256_after: str | None = None
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def quarantined(self) -> bool:
+        return self.reason is not None
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_delimiter: bool) -> int:
+    """Walk data elements from ``pos``; raise :class:`_Truncated` if any
+    declared length runs past the end. Returns the position after the last
+    element (or after the delimiter when ``until_delimiter``)."""
+    e = "<" if little else ">"
+    while pos < end:
+        if pos + 8 > end:
+            raise _Truncated(f"element header cut at byte {pos}")
+        group, elem = struct.unpack_from(f"{e}HH", buf, pos)
+        if group == 0xFFFE:  # item / delimiters are always implicit-style
+            length = struct.unpack_from(f"{e}L", buf, pos + 4)[0]
+            pos += 8
+            if elem == 0xE0DD or elem == 0xE00D:
+                if until_delimiter:
+                    return pos
+                continue
+            if length == _UNDEFINED:
+                pos = _walk(buf, pos, end, implicit, little, until_delimiter=True)
+            else:
+                if pos + length > end:
+                    raise _Truncated(f"item at byte {pos} runs past the end")
+                pos += length
+            continue
+        if implicit:
+            length = struct.unpack_from(f"{e}L", buf, pos + 4)[0]
+            pos += 8
+        else:
+            vr = buf[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise _Truncated(f"element header cut at byte {pos}")
+                length = struct.unpack_from(f"{e}L", buf, pos + 8)[0]
+                pos += 12
+            else:
+                length = struct.unpack_from(f"{e}H", buf, pos + 6)[0]
+                pos += 8
+        if length == _UNDEFINED:
+            # PS3.5 6.2.2: an undefined-length UN holds implicit VR items.
+            inner_implicit = implicit or buf[pos - 8 : pos - 6] == b"UN"
+            pos = _walk(buf, pos, end, inner_implicit, little, until_delimiter=True)
+        else:
+            if pos + length > end:
+                raise _Truncated(f"element ({group:04X},{elem:04X}) declares {length} bytes, {end - pos} remain")
+            pos += length
+    if until_delimiter:
+        raise _Truncated("sequence or item without its delimiter")
+    return pos
+
+
+def _dataset_offset(raw: bytes) -> tuple[int, str | None]:
+    """Offset of the dataset after the file meta, and the meta's transfer syntax."""
+    if len(raw) >= 132 and raw[128:132] == b"DICM":
+        fp = io.BytesIO(raw)
+        fp.seek(132)
+        try:
+            meta = _read_file_meta_info(fp)
+        except Exception as exc:
+            raise _Truncated(f"file meta unreadable: {exc}") from exc
+        ts = meta.get("TransferSyntaxUID")
+        return fp.tell(), (str(ts) if ts else None)
+    return 0, None
+
+
+def check_structure(raw: bytes, transfer_syntax: str, offset: int) -> None:
+    """Raise :class:`_Truncated` when an element's declared length runs past EOF."""
+    body = raw
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            body = raw[:offset] + zlib.decompress(raw[offset:], -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise _Truncated(f"deflated stream broken: {exc}") from exc
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    little = transfer_syntax != ExplicitVRBigEndian
+    vr = body[offset + 4 : offset + 6]
+    if not implicit and len(vr) == 2 and not vr.isalpha():
+        implicit = True  # dataset encoded implicit despite its meta, as pydicom also detects
+    _walk(body, offset, len(body), implicit, little, until_delimiter=False)
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int | None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits == 1:
+        return (rows * cols * spp * frames + 7) // 8
+    return rows * cols * spp * frames * ((bits + 7) // 8)
+
+
+def _swap(value: bytes, width: int) -> bytes:
+    if width <= 1 or len(value) % width:
+        return value
+    fmt = {2: "H", 4: "L", 8: "Q"}[width]
+    n = len(value) // width
+    return struct.pack(f"<{n}{fmt}", *struct.unpack(f">{n}{fmt}", value))
+
+
+def _swap_binary_vrs(ds: Dataset) -> None:
+    """Big endian -> little endian for the binary VRs pydicom keeps as bytes."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _swap_binary_vrs(item)
+        elif elem.VR in _SWAP_WIDTH and isinstance(elem.value, bytes):
+            elem.value = _swap(elem.value, _SWAP_WIDTH[elem.VR])
+
+
+def _pixel_hash(ds: Dataset, big_endian: bool) -> str | None:
+    if "PixelData" not in ds:
+        return None
+    elem = ds["PixelData"]
+    value = elem.value
+    if big_endian and elem.VR == "OW":
+        value = _swap(value, 2)  # hash pixel values, not their byte order
+    return hashlib.sha256(value).hexdigest()
+
+
+def _looks_like_dataset(raw: bytes) -> bool:
+    """A bare dataset (no Part 10 header) must open with a low group tag."""
+    if len(raw) < 8:
+        return False
+    group_le = struct.unpack_from("<H", raw, 0)[0]
+    group_be = struct.unpack_from(">H", raw, 0)[0]
+    return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)
+
+
+def normalize(
+    raw: bytes,
+    expected_sop_instance_uid: str | None = None,
+    expected_series_instance_uid: str | None = None,
+    expected_study_instance_uid: str | None = None,
+) -> NormalizeResult:
+    """Normalize one instance's bytes.
+
+    Parameters
+    ----------
+    raw : bytes
+        The instance as received (Part 10 or a bare dataset).
+    expected_* : str, optional
+        The UIDs the census expects for it; a disagreement is ``UID_CONFLICT``.
+    """
+    try:
+        offset, meta_ts = _dataset_offset(raw)
+    except _Truncated:
+        return NormalizeResult(reason(ReasonCode.TRUNCATED))
+    if offset == 0 and not _looks_like_dataset(raw):
+        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+    except (InvalidDicomError, EOFError, struct.error) as exc:
+        code = ReasonCode.TRUNCATED if isinstance(exc, (EOFError, struct.error)) else ReasonCode.NOT_DICOM
+        return NormalizeResult(reason(code))
+    except Exception:  # pydicom raises many types on garbage
+        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
+    if len(ds) == 0:
+        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
+
+    implicit, little = ds.original_encoding
+    if meta_ts:
+        ts_in = meta_ts
+    elif implicit is None:
+        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
+    else:
+        ts_in = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    result = NormalizeResult(reason=None, transfer_syntax_in=ts_in)
+    try:
+        check_structure(raw, ts_in, offset)
+    except _Truncated:
+        result.reason = reason(ReasonCode.TRUNCATED)
+        return result
+    except struct.error:
+        result.reason = reason(ReasonCode.TRUNCATED)
+        return result
+
+    for keyword in REQUIRED_UIDS:
+        try:
+            value = ds.get(keyword)
+        except Exception:
+            value = None
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            result.reason = reason(ReasonCode.MISSING_UID, keyword)
+            return result
+        if not is_valid_uid(text):
+            result.reason = reason(ReasonCode.BAD_UID_SYNTAX, keyword)
+            return result
+    result.sop_instance_uid = str(ds.SOPInstanceUID)
+    result.sop_class_uid = str(ds.SOPClassUID)
+    result.study_instance_uid = str(ds.StudyInstanceUID)
+    result.series_instance_uid = str(ds.SeriesInstanceUID)
+    result.study_date = str(ds.get("StudyDate", "") or "")
+    result.modality = str(ds.get("Modality", "") or "")
+    for expected, actual in (
+        (expected_sop_instance_uid, result.sop_instance_uid),
+        (expected_series_instance_uid, result.series_instance_uid),
+        (expected_study_instance_uid, result.study_instance_uid),
+    ):
+        if expected is not None and expected != actual:
+            result.reason = reason(ReasonCode.UID_CONFLICT)
+            return result
+
+    big_endian = ts_in == ExplicitVRBigEndian
+    if ts_in in _NATIVE_SYNTAXES and "PixelData" in ds:
+        want = _expected_pixel_bytes(ds)
+        have = len(ds["PixelData"].value or b"")
+        if "YBR_FULL_422" in str(ds.get("PhotometricInterpretation", "")) and want:
+            want = want * 2 // 3  # 4:2:2 subsampled native data
+        if want is not None and have < want:  # trailing padding is tolerated
+            result.reason = reason(ReasonCode.PIXEL_LENGTH_MISMATCH)
+            return result
+    result.pixel_sha256_before = _pixel_hash(ds, big_endian)
+
+    meta = getattr(ds, "file_meta", None)
+    meta_ok = (
+        meta_ts is not None
+        and meta is not None
+        and meta.get("MediaStorageSOPClassUID") == ds.SOPClassUID
+        and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID
+    )
+    if ts_in not in _REWRITE_SYNTAXES and meta_ok:
+        result.data = raw
+        result.transfer_syntax_out = ts_in
+        result.pixel_sha256_after = result.pixel_sha256_before
+        return result
+
+    # Rewrite as explicit VR little endian with fresh, consistent file meta.
+    ts_out = ExplicitVRLittleEndian if ts_in in _NATIVE_SYNTAXES else ts_in
+    if meta_ts is None:
+        result.changes.append("file_meta:created")
+    elif not meta_ok:
+        result.changes.append("file_meta:rebuilt")
+    if ts_out != ts_in:
+        result.changes.append(f"transfer_syntax:{ts_in}->{ts_out}")
+    if big_endian:
+        _swap_binary_vrs(ds)
+    group_lengths = [e.tag for e in ds if e.tag.element == 0x0000]
+    for tag in group_lengths:
+        del ds[tag]
+    if group_lengths:
+        result.changes.append(f"group_length:removed:{len(group_lengths)}")
+    new_meta = FileMetaDataset()
+    new_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    new_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    new_meta.TransferSyntaxUID = ts_out
+    new_meta.FileMetaInformationVersion = b"\x00\x01"
+    new_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    if meta is not None and "SourceApplicationEntityTitle" in meta:
+        new_meta.SourceApplicationEntityTitle = meta.SourceApplicationEntityTitle
+    ds.file_meta = new_meta
+    ds.preamble = b"\x00" * 128
+    out = io.BytesIO()
+    try:
+        pydicom.dcmwrite(out, ds, implicit_vr=False, little_endian=True, force_encoding=True)
+    except Exception:
+        result.reason = reason(ReasonCode.NOT_DICOM)
+        return result
+    data = out.getvalue()
+    # Our own output must read back, and carry the same pixel values.
+    check = pydicom.dcmread(io.BytesIO(data))
+    result.pixel_sha256_after = _pixel_hash(check, big_endian=False)
+    if result.pixel_sha256_after != result.pixel_sha256_before:
+        raise AssertionError("normalization altered pixel data without a rule")
+    result.data = data
+    result.transfer_syntax_out = ts_out
+    return result
+

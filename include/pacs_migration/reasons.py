@@ -1,0 +1,39 @@
+"""Closed sets of codes: instance states and quarantine reasons (DESIGN.md 4)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class InstanceState(str, Enum):
+    """Where one expected instance ends. Nothing ends anywhere else."""
+
+    MIGRATED = "migrated"
+    QUARANTINED = "quarantined"
+    UNRESOLVED = "unresolved"
+
+
+class ReasonCode(str, Enum):
+    """Why an instance was quarantined or left unresolved.
+
+    A closed set: extend it deliberately, because compliance reads these.
+    Codes carrying a detail are written ``CODE:detail`` (see :func:`reason`).
+    """
+
+    NOT_DICOM = "NOT_DICOM"
+    TRUNCATED = "TRUNCATED"
+    MISSING_UID = "MISSING_UID"
+    BAD_UID_SYNTAX = "BAD_UID_SYNTAX"
+    PIXEL_LENGTH_MISMATCH = "PIXEL_LENGTH_MISMATCH"
+    DECODER_UNAVAILABLE = "DECODER_UNAVAILABLE"
+    UID_CONFLICT = "UID_CONFLICT"
+    INCONSISTENT_PATIENT = "INCONSISTENT_PATIENT"
+    UNSOLICITED = "UNSOLICITED"
+    RULE_REJECTED = "RULE_REJECTED"
+    # unresolved: the source did not deliver the instance within the retry budget
+    NOT_RECEIVED = "NOT_RECEIVED"
+
+
+def reason(code: ReasonCode, detail: str | None = None) -> str:
+    """Render a reason code, e.g. ``MISSING_UID:SOPInstanceUID``."""
+    return code.value if detail is None else f"{code.value}:{detail}"

@@ -1,0 +1,99 @@
+"""Retrieve: bring every expected instance of a partition into staging.
+
+Completion is decided by reconciling received SOP Instance UIDs against the
+census, never by the peer's status counters. A series is fetched whole first;
+what is still missing is asked for again at image level, within a bounded
+number of attempts. What never arrives is ``unresolved``; what arrives unasked
+is reported so it can be quarantined ``UNSOLICITED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from .census import CensusSeries
+from .dimse import DicomNetworkError, RetrieveOutcome, StagingSink
+
+log = logging.getLogger(__name__)
+
+GetFn = Callable[[Dataset, Iterable[str], StagingSink], RetrieveOutcome]
+_UIDS_PER_REQUEST = 64  # keeps an image-level identifier well under any PDU limit
+
+
+@dataclass(frozen=True)
+class SeriesRetrieval:
+    series_instance_uid: str
+    expected: int
+    received: int
+    missing: tuple[str, ...]
+    attempts: int
+    last_error: str | None
+
+
+def _series_query(series: CensusSeries) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = series.study_instance_uid
+    q.SeriesInstanceUID = series.series_instance_uid
+    return q
+
+
+def _image_query(series: CensusSeries, sop_uids: list[str]) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = series.study_instance_uid
+    q.SeriesInstanceUID = series.series_instance_uid
+    q.SOPInstanceUID = sop_uids if len(sop_uids) > 1 else sop_uids[0]
+    return q
+
+
+def retrieve_series(
+    get: GetFn,
+    series: CensusSeries,
+    sink: StagingSink,
+    attempts: int,
+    backoff: float = 0.5,
+) -> SeriesRetrieval:
+    """Fetch one series until every expected SOP instance is in ``sink``."""
+    expected = {i.sop_instance_uid for i in series.instances}
+    classes = sorted({i.sop_class_uid for i in series.instances if i.sop_class_uid})
+    last_error: str | None = None
+    used = 0
+    for attempt in range(attempts):
+        missing = sorted(expected - sink.received.keys())
+        if not missing:
+            break
+        used = attempt + 1
+        try:
+            if attempt == 0:
+                get(_series_query(series), classes, sink)
+            else:
+                for start in range(0, len(missing), _UIDS_PER_REQUEST):
+                    get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), classes, sink)
+        except DicomNetworkError as exc:
+            last_error = str(exc)
+            log.warning("retrieve attempt %d of %d for a series failed: %s", used, attempts, exc)
+        if expected - sink.received.keys() and attempt + 1 < attempts:
+            time.sleep(min(backoff * 2**attempt, 10.0))
+    missing_final = tuple(sorted(expected - sink.received.keys()))
+    return SeriesRetrieval(
+        series.series_instance_uid, len(expected), len(expected) - len(missing_final), missing_final, used, last_error
+    )
+
+
+def retrieve_partition(
+    get: GetFn,
+    series: list[CensusSeries],
+    sink: StagingSink,
+    attempts: int,
+    max_associations: int,
+) -> list[SeriesRetrieval]:
+    """Retrieve every series of a partition, at most ``max_associations`` at once."""
+    with ThreadPoolExecutor(max_workers=max_associations, thread_name_prefix="retrieve") as pool:
+        return list(pool.map(lambda s: retrieve_series(get, s, sink, attempts), series))

@@ -1,0 +1,13 @@
+"""UID syntax (PS3.5 9.1): the only values allowed into object keys."""
+
+from __future__ import annotations
+
+import re
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a conformant UID: at most 64 chars, digits and dots, no
+    leading zeros in a component, at least two components."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
