@@ -1,0 +1,223 @@
+"""pacs_migration: one run per study date (the run's logical date).
+
+census (C-FIND) -> per modality: transfer (retrieve, normalize, load) ->
+validate (GX) -> lineage -> one report e-mail per run -> gate (fails the run
+if any partition failed validation). Task bodies only wire the core together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.timetables.trigger import CronTriggerTimetable
+
+DAG_ID = "pacs_migration"
+
+
+def _study_date() -> dt.date:
+    ctx = get_current_context()
+    override = (ctx["params"] or {}).get("study_date")
+    if override:
+        return dt.date.fromisoformat(override)
+    logical = ctx.get("logical_date")
+    if logical is None:
+        raise ValueError("params.study_date is required for a run without a logical date")
+    return logical.date()
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=CronTriggerTimetable("0 0 * * *", timezone="UTC"),
+    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=2,
+    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
+    params={"study_date": Param(None, type=["null", "string"], format="date", description="YYYY-MM-DD; default: the logical date")},
+    tags=["pacs", "migration"],
+    doc_md=__doc__,
+)
+def pacs_migration():
+    @task
+    def census() -> list[dict[str, str]]:
+        from include.airflow_support import object_store, runtime_config
+        from include.pacs_migration.census import census_hash, take_census
+        from include.pacs_migration.dimse import find
+        from include.pacs_migration.manifest import write_census, write_json
+
+        cfg = runtime_config()
+        store = object_store(cfg)
+        result = take_census(lambda q: find(cfg.source, q), _study_date())
+        for partition in result.partitions():
+            series = result.for_partition(partition)
+            write_census(store, partition, series)
+            write_json(store, partition, "census.json", {
+                "census_sha256": census_hash(series),
+                "series": len(series),
+                "instances": sum(len(s.instances) for s in series),
+                "warnings": [w.code for w in result.warnings],
+            })
+        return [p.to_json() for p in result.partitions()]
+
+    @task_group
+    def partition(part: dict[str, str]):
+        @task
+        def transfer(part: dict[str, str]) -> dict:
+            from include.airflow_support import object_store, runtime_config
+            from include.pacs_migration.dimse import c_get
+            from include.pacs_migration.manifest import read_census
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.transfer import transfer_partition
+
+            cfg = runtime_config()
+            store = object_store(cfg)
+            p = Partition.from_json(part)
+            counts = transfer_partition(
+                get=lambda q, classes, sink: c_get(cfg.source, q, classes, sink),
+                store=store,
+                partition=p,
+                series=read_census(store, p),
+                staging_root=cfg.staging_dir,
+                run_id=get_current_context()["run_id"],
+                attempts=cfg.source.retrieve_attempts,
+                max_associations=cfg.source.max_associations,
+                upload_threads=cfg.target.upload_threads,
+            )
+            return {"partition": p.key, **counts.to_json()}
+
+        @task(retries=0)
+        def validate(part: dict[str, str]) -> dict:
+            from airflow.exceptions import AirflowFailException
+
+            from include.airflow_support import object_store, runtime_config
+            from include.pacs_migration.manifest import VALIDATION, read_census, read_transfer, write_json
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.validate import validate_partition
+
+            cfg = runtime_config()
+            store = object_store(cfg)
+            p = Partition.from_json(part)
+            result = validate_partition(store, p, read_census(store, p), read_transfer(store, p))
+            write_json(store, p, VALIDATION, {**result.to_json(), "run_id": get_current_context()["run_id"]})
+            if not result.success:
+                failed = ", ".join(f"{o.expectation}({o.column})" for o in result.failed)
+                raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
+            return {"partition": p.key, "success": True}
+
+        @task(trigger_rule="all_done")
+        def lineage(part: dict[str, str]) -> str:
+            from include.airflow_support import endpoint_of, object_store, runtime_config
+            from include.pacs_migration.lineage import lineage_record
+            from include.pacs_migration.manifest import LINEAGE, VALIDATION, read_json, read_transfer, write_json
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.transfer import counts_from_frame
+
+            cfg = runtime_config()
+            store = object_store(cfg)
+            p = Partition.from_json(part)
+            run_id = get_current_context()["run_id"]
+            transfer_df = read_transfer(store, p)
+            validation = read_json(store, p, VALIDATION)
+            if validation is not None and validation.get("run_id") != run_id:
+                validation = None  # a previous run's verdict is not this run's
+            record = lineage_record(
+                run_id=run_id,
+                dag_id=DAG_ID,
+                partition=p,
+                source=cfg.source,
+                census_sha256=(read_json(store, p, "census.json") or {}).get("census_sha256", ""),
+                counts=counts_from_frame(transfer_df).to_json(),
+                transfer=transfer_df,
+                validation=validation,
+                bucket=cfg.target.bucket,
+                prefix=cfg.target.prefix,
+                endpoint=endpoint_of(store),
+            )
+            write_json(store, p, f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json", record)
+            return write_json(store, p, LINEAGE, record)
+
+        transfer(part) >> validate(part) >> lineage(part)
+
+    @task(trigger_rule="all_done")
+    def report() -> dict:
+        from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+        from include.airflow_support import object_store, runtime_config
+        from include.pacs_migration.manifest import VALIDATION, read_json, read_transfer
+        from include.pacs_migration.partition import Partition
+        from include.pacs_migration.report import PartitionFigures, figures_csv, render_html, subject
+        from include.pacs_migration.transfer import counts_from_frame
+
+        ctx = get_current_context()
+        cfg = runtime_config()
+        store = object_store(cfg)
+        parts = ctx["ti"].xcom_pull(task_ids="census") or []
+        figures = []
+        for part in parts:
+            p = Partition.from_json(part)
+            try:
+                c = counts_from_frame(read_transfer(store, p))
+            except Exception:  # transfer never finished: report it, do not hide it
+                figures.append(PartitionFigures(p.key, 0, 0, 0, 0, 0, 0, False, {}, ("transfer:not_completed",)))
+                continue
+            v = read_json(store, p, VALIDATION) or {}
+            current = v.get("run_id") == ctx["run_id"]
+            failed = tuple(
+                f"{e['batch']}:{e['expectation']}({e.get('column') or ''})"
+                for e in v.get("expectations", []) if not e["success"]
+            ) if current else ("validation:not_run",)
+            figures.append(PartitionFigures(
+                p.key, c.expected, c.migrated, c.quarantined, c.unresolved, c.unsolicited, c.written,
+                bool(current and v.get("success")), c.reasons, failed,
+            ))
+        study_date = _study_date().isoformat()
+        html = render_html(ctx["run_id"], study_date, figures, f"s3://{cfg.target.bucket}/{cfg.target.prefix}")
+        with tempfile.TemporaryDirectory() as tmp:
+            csv_path = Path(tmp) / f"pacs-migration-{study_date}.csv"
+            csv_path.write_text(figures_csv(figures), encoding="utf-8")
+            with SmtpHook(smtp_conn_id=cfg.report.smtp_connection_id) as hook:
+                hook.send_email_smtp(
+                    to=list(cfg.report.recipients),
+                    from_email=cfg.report.from_address,
+                    subject=subject(cfg.report.subject_prefix, study_date, figures),
+                    html_content=html,
+                    files=[str(csv_path)],
+                )
+        return {"partitions": len(figures), "emailed_to": len(cfg.report.recipients)}
+
+    @task(trigger_rule="all_done", retries=0)
+    def gate() -> None:
+        """Fail the run unless every partition passed this run's validation."""
+        from airflow.exceptions import AirflowFailException
+
+        from include.airflow_support import object_store, runtime_config
+        from include.pacs_migration.manifest import VALIDATION, read_json
+        from include.pacs_migration.partition import Partition
+
+        ctx = get_current_context()
+        store = object_store(runtime_config())
+        parts = ctx["ti"].xcom_pull(task_ids="census")
+        if parts is None:
+            raise AirflowFailException("census did not complete")
+        bad = []
+        for part in parts:
+            p = Partition.from_json(part)
+            v = read_json(store, p, VALIDATION) or {}
+            if v.get("run_id") != ctx["run_id"] or not v.get("success"):
+                bad.append(p.key)
+        if bad:
+            raise AirflowFailException(f"partitions not validated: {', '.join(bad)}")
+
+    parts = census()
+    groups = partition.expand(part=parts)
+    r = report()
+    groups >> r >> gate()
+
+
+pacs_migration()

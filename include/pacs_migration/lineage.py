@@ -1,0 +1,84 @@
+"""Per-partition lineage record: enough to trace any instance to its source
+and to every change made to it (JSON beside the manifests)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from importlib.metadata import version
+from typing import Any
+
+import pandas as pd
+
+from . import __version__
+from .config import SourceConfig
+from .partition import Partition
+from .reasons import InstanceState
+
+RULESET_ID = "structural"  # first rules; YAML rule sets come with their own ids
+RULESET_VERSION = "1"
+
+
+def checksum_summary(transfer: pd.DataFrame) -> dict[str, Any]:
+    migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value]
+    lines = sorted(f"{k} {s}" for k, s in zip(migrated["object_key"], migrated["object_sha256"]))
+    return {
+        "algorithm": "SHA-256",
+        "objects": len(lines),
+        "bytes": int(migrated["object_size"].fillna(0).sum()),
+        "digest_of_key_checksum_list": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+    }
+
+
+def lineage_record(
+    *,
+    run_id: str,
+    dag_id: str,
+    partition: Partition,
+    source: SourceConfig,
+    census_sha256: str,
+    counts: dict[str, Any],
+    transfer: pd.DataFrame,
+    validation: dict[str, Any] | None,
+    bucket: str,
+    prefix: str,
+    endpoint: str | None,
+) -> dict[str, Any]:
+    """Build the record; it carries UIDs and hashes, never patient attributes."""
+    migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value]
+    changed = transfer["changes"].dropna()
+    return {
+        "schema": "pacs-migration/lineage/1",
+        "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "run_id": run_id,
+        "dag_id": dag_id,
+        "partition": partition.key,
+        "source": {
+            "uri": f"dicom://{source.host}:{source.port}/{source.called_ae_title}",
+            "calling_ae_title": source.calling_ae_title,
+            "retrieve_method": source.retrieve_method,
+            "query": {"QueryRetrieveLevel": "STUDY", "StudyDate": partition.dicom_date, "Modality": partition.modality},
+        },
+        "census_sha256": census_sha256,
+        "ruleset": {"id": RULESET_ID, "version": RULESET_VERSION, "instances_changed": int(len(changed))},
+        "counts": counts,
+        "target": {
+            "uri": f"s3://{bucket}/{prefix}",
+            "endpoint": endpoint,
+            "keys": sorted(migrated["object_key"].tolist()),
+            "quarantine_keys": sorted(transfer["quarantine_key"].dropna().tolist()),
+        },
+        "checksums": checksum_summary(transfer),
+        "validation": {
+            "success": None if validation is None else bool(validation.get("success")),
+            "failed_expectations": []
+            if validation is None
+            else [f"{e['batch']}:{e['expectation']}({e.get('column') or ''})" for e in validation["expectations"] if not e["success"]],
+        },
+        "software": {
+            "pacs_migration": __version__,
+            "pydicom": version("pydicom"),
+            "pynetdicom": version("pynetdicom"),
+            "great_expectations": version("great-expectations"),
+        },
+    }

@@ -1,0 +1,128 @@
+"""Object store: the S3 bucket behind a small client.
+
+Instance objects are write-once: ``If-None-Match: *`` makes S3 refuse to
+overwrite, so a re-run or a concurrent duplicate task never replaces anything;
+every object carries its SHA-256 (the S3 checksum, and in metadata so a re-read
+can be compared even where the server does not verify checksums).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from .config import TargetConfig
+
+
+class PutOutcome(str, Enum):
+    CREATED = "created"
+    ALREADY_PRESENT = "already_present"  # same bytes were there: idempotent re-run
+    CONFLICT = "conflict"  # different bytes under the same key
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str | None
+
+
+class ObjectStore:
+    """S3 operations the pipeline needs, on a boto3 S3 client.
+
+    Parameters
+    ----------
+    client : botocore S3 client
+        Made by the caller (in Airflow: ``S3Hook(aws_conn_id).get_conn()``),
+        with its endpoint, credentials and retry policy.
+    target : TargetConfig
+        Bucket, prefix and server-side encryption settings.
+    """
+
+    def __init__(self, client: Any, target: TargetConfig) -> None:
+        self.client = client
+        self.target = target
+
+    @property
+    def bucket(self) -> str:
+        return self.target.bucket
+
+    def _sse(self) -> dict[str, str]:
+        if self.target.sse == "none":
+            return {}
+        args = {"ServerSideEncryption": self.target.sse}
+        if self.target.sse == "aws:kms" and self.target.kms_key_id:
+            args["SSEKMSKeyId"] = self.target.kms_key_id
+        return args
+
+    def put_new(
+        self, key: str, data: bytes, sha256_hex: str, metadata: dict[str, str] | None = None
+    ) -> PutOutcome:
+        """Write once; never overwrite. Returns what happened."""
+        meta = {"sha256": sha256_hex, **(metadata or {})}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+                IfNoneMatch="*",
+                ContentType="application/dicom",
+                Metadata=meta,
+                **self._sse(),
+            )
+            return PutOutcome.CREATED
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code not in ("PreconditionFailed", "412") and status != 412:
+                raise
+        existing = self.head(key)
+        if existing is not None and existing.sha256 == sha256_hex:
+            return PutOutcome.ALREADY_PRESENT
+        return PutOutcome.CONFLICT
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write or replace a manifest-type object (not an instance)."""
+        digest = hashlib.sha256(data).digest()
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            ChecksumSHA256=base64.b64encode(digest).decode(),
+            Metadata={"sha256": digest.hex()},
+            **self._sse(),
+        )
+
+    def head(self, key: str) -> StoredObject | None:
+        try:
+            rsp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        return StoredObject(key, int(rsp["ContentLength"]), rsp.get("Metadata", {}).get("sha256"))
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def get_or_none(self, key: str) -> bytes | None:
+        try:
+            return self.get(key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
