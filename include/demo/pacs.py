@@ -1,0 +1,227 @@
+"""A simulated legacy PACS: a pynetdicom Query/Retrieve SCP serving an archive
+folder (C-FIND at study/series/image level, C-GET, C-MOVE). It sends each
+instance in the encoding it is stored in, like a real archive."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+log = logging.getLogger(__name__)
+
+_INDEX_KEYS = (
+    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyInstanceUID", "StudyDate",
+    "StudyTime", "StudyID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SOPInstanceUID", "SOPClassUID",
+    "InstanceNumber",
+)
+_LEVEL_KEYS = {
+    "PATIENT": ("PatientID",),
+    "STUDY": ("StudyInstanceUID",),
+    "SERIES": ("StudyInstanceUID", "SeriesInstanceUID"),
+    "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    attrs: dict[str, str]
+    transfer_syntax: str
+
+
+def _read_record(path: Path) -> Record | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        attrs = {k: str(ds.get(k, "") or "") for k in _INDEX_KEYS}
+    except Exception:
+        return None
+    if not attrs["SOPInstanceUID"]:
+        return None
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else ""
+    if not ts:
+        implicit, little = ds.original_encoding
+        ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return Record(path, attrs, ts)
+
+
+def _matches(value: str, wanted: Any) -> bool:
+    if isinstance(wanted, (list, pydicom.multival.MultiValue)):
+        return value in [str(w) for w in wanted]
+    w = str(wanted)
+    if w in ("", "*"):
+        return True
+    if "-" in w and len(w) >= 9 and w.replace("-", "").isdigit():  # date range
+        lo, hi = w.split("-", 1)
+        return (not lo or value >= lo) and (not hi or value <= hi)
+    if "*" in w or "?" in w:
+        return fnmatch.fnmatchcase(value, w)
+    return value == w
+
+
+class SimulatedPACS:
+    """Serve ``archive`` on ``host:port`` as ``ae_title``.
+
+    Parameters
+    ----------
+    move_destinations : dict
+        AE title -> (host, port), for C-MOVE.
+    """
+
+    def __init__(
+        self,
+        archive: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ae_title: str = "LEGACYPACS",
+        move_destinations: dict[str, tuple[str, int]] | None = None,
+        max_associations: int = 8,
+    ) -> None:
+        self.archive = Path(archive)
+        self.host = host
+        self.ae_title = ae_title
+        self.move_destinations = dict(move_destinations or {})
+        self.records: list[Record] = []
+        self.active = 0
+        self.max_active = 0
+        self.associations = 0
+        self._lock = threading.Lock()
+        self.reindex()
+        ae = AE(ae_title=ae_title)
+        ae.maximum_associations = max_associations
+        ae.network_timeout = 60
+        ae.dimse_timeout = 60
+        for model in (
+            StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove, PatientRootQueryRetrieveInformationModelMove,
+        ):
+            ae.add_supported_context(model)
+        sop_classes = sorted({r.attrs["SOPClassUID"] for r in self.records if r.attrs["SOPClassUID"]})
+        for sop_class in sop_classes:
+            # C-GET: the requestor acts as Storage SCP on this association.
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES, scu_role=False, scp_role=True)
+            ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES[:8])  # for C-MOVE sub-associations
+        self.ae = ae
+        handlers = [
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_ESTABLISHED, self._on_open),
+            (evt.EVT_RELEASED, self._on_close),
+            (evt.EVT_ABORTED, self._on_close),
+        ]
+        self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+
+    def reindex(self) -> None:
+        """(Re)read the archive folder; new files become visible to queries."""
+        records = [r for p in sorted(self.archive.rglob("*.dcm")) if (r := _read_record(p))]
+        self.records = records
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    # --- association accounting (lets tests assert the concurrency bound)
+    def _on_open(self, event: evt.Event) -> None:
+        with self._lock:
+            self.active += 1
+            self.associations += 1
+            self.max_active = max(self.max_active, self.active)
+
+    def _on_close(self, event: evt.Event) -> None:
+        with self._lock:
+            self.active = max(0, self.active - 1)
+
+    # --- matching
+    def _match(self, identifier: Dataset) -> tuple[str, list[list[Record]]]:
+        level = str(identifier.get("QueryRetrieveLevel", "STUDY") or "STUDY")
+        filters = {
+            e.keyword: e.value
+            for e in identifier
+            if e.keyword in _INDEX_KEYS and e.value not in (None, "") and e.keyword != "QueryRetrieveLevel"
+        }
+        hits = [r for r in self.records if all(_matches(r.attrs[k], v) for k, v in filters.items())]
+        groups: dict[tuple[str, ...], list[Record]] = defaultdict(list)
+        for r in hits:
+            groups[tuple(r.attrs[k] for k in _LEVEL_KEYS.get(level, ("StudyInstanceUID",)))].append(r)
+        return level, [groups[k] for k in sorted(groups)]
+
+    def _on_find(self, event: evt.Event):
+        identifier = event.identifier
+        level, groups = self._match(identifier)
+        for group in groups:
+            if event.is_cancelled:
+                yield (0xFE00, None)
+                return
+            first = group[0]
+            rsp = Dataset()
+            rsp.QueryRetrieveLevel = level
+            for elem in identifier:
+                kw = elem.keyword
+                if kw in _INDEX_KEYS:
+                    setattr(rsp, kw, first.attrs[kw])
+                elif kw == "NumberOfStudyRelatedInstances":
+                    study = first.attrs["StudyInstanceUID"]
+                    rsp.NumberOfStudyRelatedInstances = sum(
+                        1 for r in self.records if r.attrs["StudyInstanceUID"] == study
+                    )
+                elif kw == "NumberOfSeriesRelatedInstances":
+                    rsp.NumberOfSeriesRelatedInstances = len(group)
+                elif kw == "ModalitiesInStudy":
+                    rsp.ModalitiesInStudy = sorted({r.attrs["Modality"] for r in group})
+            rsp.RetrieveAETitle = self.ae_title
+            yield (0xFF00, rsp)
+
+    def _datasets(self, records: list[Record]):
+        for r in records:
+            ds = pydicom.dcmread(r.path, force=True)
+            if getattr(ds, "file_meta", None) is None or "TransferSyntaxUID" not in ds.file_meta:
+                ds.file_meta = FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = r.transfer_syntax
+            yield ds
+
+    def _on_get(self, event: evt.Event):
+        _, groups = self._match(event.identifier)
+        records = [r for g in groups for r in g]
+        yield len(records)
+        for ds in self._datasets(records):
+            if event.is_cancelled:
+                yield (0xFE00, None)
+                return
+            yield (0xFF00, ds)
+
+    def _on_move(self, event: evt.Event):
+        dest = self.move_destinations.get(str(event.move_destination).strip())
+        if dest is None:
+            yield (None, None)  # unknown destination: 0xA801
+            return
+        _, groups = self._match(event.identifier)
+        records = [r for g in groups for r in g]
+        yield dest
+        yield len(records)
+        for ds in self._datasets(records):
+            if event.is_cancelled:
+                yield (0xFE00, None)
+                return
+            yield (0xFF00, ds)
