@@ -4,6 +4,7 @@ outlives one process (a second `make demo` sees what the first wrote)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import boto3
@@ -16,6 +17,7 @@ class S3Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host, self.port = host, port or free_port()
         self.server = ThreadedMotoServer(ip_address=host, port=self.port, verbose=False)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self.server.start()
         self.endpoint_url = f"http://{host}:{self.port}"
 

@@ -1,0 +1,26 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): requirements.txt constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the demo: a real migration of a synthetic archive through Airflow (scheduler + backfill).
+demo: $(STAMP)
+	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m include.demo.run
+
+## Run the tests.
+test: $(STAMP)
+	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest
+
+clean:
+	rm -rf .airflow demo-output .demo

@@ -1,0 +1,262 @@
+"""`make demo`: migrate the demo archive through Airflow, as a user would.
+
+Starts a simulated legacy PACS, moto's S3 server and an SMTP sink on loopback,
+an Airflow home (SQLite, LocalExecutor) with api-server, scheduler and
+dag-processor, then `airflow backfill create` over the archive's dates; waits,
+prints a summary table and writes demo-output/summary.json. Everything it
+started is stopped when it ends. The bucket is kept in .demo/s3-snapshot so a
+second run sees what the first one wrote (and writes nothing new).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from include.demo.archive import build_archive
+from include.demo.pacs import SimulatedPACS
+from include.demo.ports import free_port
+from include.demo.s3 import S3Server
+from include.demo.smtp import MailSink
+
+ROOT = Path(__file__).resolve().parents[2]
+STATE = ROOT / ".demo"
+HOME = ROOT / ".airflow"
+OUT = ROOT / "demo-output"
+BUCKET = "pacs-archive"
+DAG_ID = "pacs_migration"
+FIRST_DATE = dt.date(2019, 3, 1)
+DAYS = 5
+TIMEOUT_S = 12 * 60
+
+
+def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int, staging: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(HOME),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            # The demo runs only its backfill: no run for "today" from the schedule.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME}/airflow.db",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+            "PYTHONPATH": str(ROOT),
+            "GX_ANALYTICS_ENABLED": "False",
+            "AIRFLOW_CONN_PACS_SOURCE": json.dumps(
+                {
+                    "conn_type": "generic",
+                    "host": "127.0.0.1",
+                    "port": pacs_port,
+                    "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+                }
+            ),
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+                {
+                    "conn_type": "aws",
+                    "login": "testing",
+                    "password": "testing",
+                    "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+                }
+            ),
+            "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(
+                {
+                    "conn_type": "smtp",
+                    "host": "127.0.0.1",
+                    "port": smtp_port,
+                    "extra": {"disable_tls": True, "disable_ssl": True, "timeout": 30, "retry_limit": 2},
+                }
+            ),
+            "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
+            "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(staging),
+        }
+    )
+    return env
+
+
+def _airflow(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def _json_out(text: str) -> list[dict]:
+    # Airflow may print warnings before the JSON document: take the JSON line.
+    for line in reversed(text.splitlines()):
+        if line.startswith("[") and not line.startswith("[warning"):
+            return json.loads(line)
+    return []
+
+
+def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], objects_before: int) -> dict:
+    from include.pacs_migration.config import TargetConfig
+    from include.pacs_migration.manifest import VALIDATION, read_json, read_transfer
+    from include.pacs_migration.partition import Partition
+    from include.pacs_migration.store import ObjectStore
+    from include.pacs_migration.transfer import counts_from_frame
+
+    store = ObjectStore(s3.client(), TargetConfig(bucket=BUCKET))
+    partitions = []
+    for key in store.list_keys("_manifests/"):
+        if key.endswith("/transfer.parquet"):
+            parts = dict(p.split("=", 1) for p in key.split("/")[1:3])
+            p = Partition(dt.date.fromisoformat(parts["date"]), parts["modality"])
+            if p.study_date in dates:
+                partitions.append(p)
+    rows = []
+    for p in sorted(partitions):
+        c = counts_from_frame(read_transfer(store, p))
+        v = read_json(store, p, VALIDATION) or {}
+        rows.append({"partition": p.key, **c.to_json(), "validation_passed": bool(v.get("success"))})
+    objects = s3.count(BUCKET, "studies/")
+    total = lambda f: sum(r[f] for r in rows)  # noqa: E731
+    return {
+        "partitions": len(rows),
+        "expected": total("expected"),
+        "migrated": total("migrated"),
+        "quarantined": total("quarantined"),
+        "unresolved": total("unresolved"),
+        "unsolicited": total("unsolicited"),
+        "written_this_run": total("written"),
+        "validation_passed": bool(rows) and all(r["validation_passed"] for r in rows),
+        "objects_in_bucket": objects,
+        "objects_before_run": objects_before,
+        "new_objects_this_run": objects - objects_before,
+        "emails": [str(e) for e in emails],
+        "by_partition": rows,
+    }
+
+
+def print_table(summary: dict, runs: list[dict], wall: float) -> None:
+    df = pd.DataFrame(summary["by_partition"])
+    if not df.empty:
+        cols = ["partition", "expected", "migrated", "quarantined", "unresolved", "written", "validation_passed"]
+        print(df[cols].to_string(index=False))
+    print()
+    listed = ", ".join(f"{r['logical_date'][:10]}={r['state']}" for r in runs)
+    print(f"runs: {listed}")
+    for k in ("partitions", "expected", "migrated", "quarantined", "unresolved", "validation_passed",
+              "objects_in_bucket", "new_objects_this_run"):
+        print(f"{k:>22}: {summary[k]}")
+    print(f"{'emails':>22}: {len(summary['emails'])} in {OUT / 'emails'}")
+    print(f"{'wall time':>22}: {wall:.0f} s")
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    dates = [FIRST_DATE + dt.timedelta(days=d) for d in range(DAYS)]
+    archive = STATE / "archive"
+    if not (archive / "archive.json").exists():
+        print("building the demo archive ...", flush=True)
+        build_archive(archive, FIRST_DATE, DAYS)
+    shutil.rmtree(HOME, ignore_errors=True)  # a fresh Airflow DB: the bucket is what persists
+    shutil.rmtree(OUT, ignore_errors=True)
+    HOME.mkdir(parents=True)
+    OUT.mkdir(parents=True)
+    staging = STATE / "staging"
+
+    pacs = SimulatedPACS(archive)
+    s3 = S3Server()
+    mail = MailSink(OUT / "emails")
+    procs: list[subprocess.Popen] = []
+    try:
+        s3.create_bucket(BUCKET)
+        restored = s3.restore(BUCKET, STATE / "s3-snapshot")
+        objects_before = s3.count(BUCKET, "studies/")
+        print(f"simulated PACS on 127.0.0.1:{pacs.port} ({len(pacs.records)} instances); "
+              f"S3 at {s3.endpoint_url} ({restored} objects restored); SMTP on {mail.port}", flush=True)
+        env = airflow_env(pacs.port, s3.endpoint_url, mail.port, free_port(), staging)
+        print("airflow db migrate ...", flush=True)
+        _airflow(env, "db", "migrate", timeout=600)
+        logs = HOME / "service-logs"
+        logs.mkdir()
+        for service in (["api-server"], ["scheduler"], ["dag-processor"]):
+            fh = open(logs / f"{service[0]}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *service], env=env, stdout=fh,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 240
+        while True:
+            listed = _json_out(_airflow(env, "dags", "list", "-o", "json"))
+            if any(d.get("dag_id") == DAG_ID for d in listed):
+                break
+            errors = _airflow(env, "dags", "list-import-errors", "-o", "json")
+            if DAG_ID in errors:
+                raise RuntimeError(f"DAG import error: {errors}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the dag-processor did not register the DAG in time")
+            time.sleep(3)
+        _airflow(env, "dags", "unpause", DAG_ID)  # backfill runs stay queued while paused
+        print("backfill", dates[0], "->", dates[-1], flush=True)
+        _airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
+                 "--to-date", dates[-1].isoformat(), "--max-active-runs", "2")
+        deadline = time.monotonic() + TIMEOUT_S
+        runs: list[dict] = []
+        while time.monotonic() < deadline:
+            runs = [r for r in _json_out(_airflow(env, "dags", "list-runs", DAG_ID, "-o", "json"))
+                    if r.get("logical_date") and dt.date.fromisoformat(r["logical_date"][:10]) in dates]
+            done = [r for r in runs if r["state"] in ("success", "failed")]
+            print(f"  {len(done)}/{len(dates)} runs finished", flush=True)
+            if len(done) == len(dates) and len(runs) == len(dates):
+                break
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"an Airflow service exited early ({p.args}); see {logs}")
+            time.sleep(10)
+        else:
+            raise RuntimeError(f"backfill did not finish within {TIMEOUT_S} s; see {logs}")
+        time.sleep(2)  # the last report mail is flushed before the run is marked done; be safe
+        summary = collect_summary(s3, dates, mail.messages(), objects_before)
+        summary["runs"] = [{"logical_date": r["logical_date"], "state": r["state"]} for r in runs]
+        summary["wall_time_s"] = round(time.monotonic() - t0, 1)
+        (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_table(summary, runs, time.monotonic() - t0)
+        s3.save(BUCKET, STATE / "s3-snapshot.new")
+        shutil.rmtree(STATE / "s3-snapshot", ignore_errors=True)
+        (STATE / "s3-snapshot.new").rename(STATE / "s3-snapshot")
+        ok = (
+            all(r["state"] == "success" for r in runs)
+            and summary["validation_passed"]
+            and summary["expected"] == summary["migrated"] + summary["quarantined"] + summary["unresolved"]
+        )
+        return 0 if ok else 1
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        mail.stop()
+        s3.stop()
+        pacs.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

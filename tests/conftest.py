@@ -1,0 +1,109 @@
+"""Shared fixtures: real peers on loopback (simulated PACS, moto S3 server,
+aiosmtpd) and an Airflow home of the test session's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="pacs-airflow-home-"))
+# Set before anything imports Airflow.
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
+        "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+        "GX_ANALYTICS_ENABLED": "False",
+    }
+)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BUCKET = "pacs-archive"
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    from include.demo.archive import build_archive
+
+    return build_archive(tmp_path_factory.mktemp("archive"), days=2)
+
+
+@pytest.fixture(scope="session")
+def pacs(archive):
+    from include.demo.pacs import SimulatedPACS
+
+    server = SimulatedPACS(archive.root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from include.demo.s3 import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket per test."""
+    name = f"t-{abs(hash(request.node.nodeid)) % 10**10}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def mail(tmp_path):
+    from include.demo.smtp import MailSink
+
+    sink = MailSink(tmp_path / "mail")
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """`airflow db migrate` once per session (dag.test() needs it)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], env=dict(os.environ), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _HOME
+
+
+@pytest.fixture
+def airflow_connections(pacs, s3_server, bucket, mail, tmp_path, monkeypatch):
+    """Point the DAG's Connections and Variables at this test's peers."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PACS_SOURCE",
+        json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": pacs.port,
+                    "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+                    "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}}),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SMTP_DEFAULT",
+        json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": mail.port,
+                    "extra": {"disable_tls": True, "disable_ssl": True}}),
+    )
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_BUCKET", bucket)
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS", "compliance@hospital.example")
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR", str(tmp_path / "staging"))
+    return {"bucket": bucket, "mail": mail}

@@ -1,0 +1,167 @@
+"""Unit tests of the core: config, partition keys, UIDs, normalize."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import subprocess
+import sys
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from include.pacs_migration.config import ConfigError, load_config
+from include.pacs_migration.manifest import instance_key
+from include.pacs_migration.normalize import normalize
+from include.pacs_migration.partition import Partition
+from include.pacs_migration.uids import is_valid_uid
+
+GOOD = {
+    "source": {"host": "127.0.0.1", "port": 11112, "called_ae_title": "PACS", "calling_ae_title": "MIG"},
+    "target": {"bucket": "pacs-archive"},
+    "report": {"recipients": ["compliance@example.org"], "from_address": "mig@example.org"},
+}
+
+
+def test_core_does_not_import_airflow():
+    code = (
+        "import sys, importlib, pkgutil, include.pacs_migration as p\n"
+        "for m in pkgutil.iter_modules(p.__path__): importlib.import_module(f'include.pacs_migration.{m.name}')\n"
+        "assert not [m for m in sys.modules if m == 'airflow' or m.startswith('airflow.')], 'airflow imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_config_valid():
+    cfg = load_config(GOOD)
+    assert cfg.source.port == 11112 and cfg.target.sse == "AES256"
+    assert cfg.report.recipients == ("compliance@example.org",)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("source", "port"), "eleven", "source.port"),
+        (("source", "port"), 70000, "source.port"),
+        (("source", "called_ae_title"), "A" * 17, "source.called_ae_title"),
+        (("source", "host"), "", "source.host"),
+        (("source", "retrieve_method"), "C-STEAL", "source.retrieve_method"),
+        (("target", "bucket"), "Bad_Bucket", "target.bucket"),
+        (("target", "prefix"), "../escape", "target.prefix"),
+        (("target", "sse"), "rot13", "target.sse"),
+        (("report", "recipients"), ["not-an-address"], "report.recipients"),
+        (("report", "recipients"), [], "report.recipients"),
+    ],
+)
+def test_config_error_names_the_field(path, value, field):
+    data = {k: dict(v) for k, v in GOOD.items()}
+    data[path[0]][path[1]] = value
+    with pytest.raises(ConfigError) as err:
+        load_config(data)
+    assert err.value.field == field
+    assert str(err.value).startswith(field)
+
+
+def test_config_missing_section():
+    with pytest.raises(ConfigError, match="^target"):
+        load_config({"source": GOOD["source"], "report": GOOD["report"]})
+
+
+def test_yaml_example_loads_with_connection_values():
+    from pathlib import Path
+
+    from include.pacs_migration.config import deep_merge, read_yaml
+
+    data = read_yaml(Path("include/config/migration.yaml"))
+    cfg = load_config(deep_merge(data, {"source": {"host": "pacs.local", "port": 104}}))
+    assert cfg.source.called_ae_title == "LEGACYPACS"
+
+
+def test_partition_keys():
+    p = Partition(dt.date(2019, 3, 1), "CT")
+    assert p.key == "2019-03-01/CT"
+    assert p.hive_path == "date=2019-03-01/modality=CT"
+    assert Partition.parse(p.key) == p
+    with pytest.raises(ValueError):
+        Partition(dt.date(2019, 3, 1), "../CT")
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "2.25.1234567890", "1.0.3"])
+def test_valid_uids(uid):
+    assert is_valid_uid(uid)
+
+
+@pytest.mark.parametrize("uid", ["", "../1.2", "1.02.3", "1", "1.2." + "3" * 70, "1.2.abc", "1..2", None])
+def test_invalid_uids_never_reach_a_key(uid):
+    assert not is_valid_uid(uid)
+    with pytest.raises(ValueError):
+        instance_key("", "1.2.3", "1.2.4", uid)  # type: ignore[arg-type]
+
+
+def _raw(name: str) -> bytes:
+    with open(get_testdata_file(name), "rb") as fh:
+        return fh.read()
+
+
+def test_conformant_file_passes_through_byte_for_byte():
+    raw = _raw("CT_small.dcm")
+    r = normalize(raw)
+    assert r.reason is None and r.data == raw and r.changes == []
+    assert r.pixel_sha256_before == r.pixel_sha256_after
+
+
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "image_dfl.dcm"])
+def test_encodings_become_explicit_vr_little_endian_with_pixels_unchanged(name):
+    r = normalize(_raw(name))
+    assert r.reason is None
+    out = pydicom.dcmread(io.BytesIO(r.data))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert any(c.startswith("transfer_syntax:") for c in r.changes)
+    # Pixel values identical to the little-endian reference file.
+    ref = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    if name.startswith("MR_small"):
+        assert out.PixelData == ref.PixelData
+    assert r.pixel_sha256_before == r.pixel_sha256_after == hashlib.sha256(out.PixelData).hexdigest()
+
+
+def test_file_meta_is_created_when_missing():
+    raw = _raw("ExplVR_LitEndNoMeta.dcm") if get_testdata_file("ExplVR_LitEndNoMeta.dcm") else None
+    assert raw is not None
+    r = normalize(raw)
+    assert r.reason is None and "file_meta:created" in r.changes
+    out = pydicom.dcmread(io.BytesIO(r.data))
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.97])
+def test_truncated_files_are_quarantined(cut):
+    raw = _raw("CT_small.dcm")
+    r = normalize(raw[: int(len(raw) * cut)])
+    assert r.reason in ("TRUNCATED", "PIXEL_LENGTH_MISMATCH")
+
+
+def test_truncated_reference_file_and_not_dicom():
+    assert normalize(_raw("MR_truncated.dcm")).reason == "TRUNCATED"
+    assert normalize(b"hello, this is not DICOM at all" * 10).reason == "NOT_DICOM"
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"])
+def test_missing_and_malformed_uids(keyword):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    delattr(ds, keyword)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert normalize(buf.getvalue()).reason == f"MISSING_UID:{keyword}"
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    setattr(ds, keyword, "../1.2")
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert normalize(buf.getvalue()).reason == f"BAD_UID_SYNTAX:{keyword}"
+
+
+def test_uid_conflict_with_census():
+    r = normalize(_raw("CT_small.dcm"), expected_sop_instance_uid="1.2.3.4")
+    assert r.reason == "UID_CONFLICT"
