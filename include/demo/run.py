@@ -54,7 +54,8 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             # The demo runs only its backfill: no run for "today" from the schedule.
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME}/airflow.db",
+            # SQLite serializes writers: wait for the lock instead of failing at once.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME}/airflow.db?timeout=60",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
@@ -191,27 +192,21 @@ def main() -> int:
         env = airflow_env(pacs.port, s3.endpoint_url, mail.port, free_port(), staging)
         print("airflow db migrate ...", flush=True)
         _airflow(env, "db", "migrate", timeout=600)
+        # Register the DAG and queue the backfill before any service writes to SQLite.
+        _airflow(env, "dags", "reserialize")
+        listed = _json_out(_airflow(env, "dags", "list", "-o", "json"))
+        if not any(d.get("dag_id") == DAG_ID for d in listed):
+            raise RuntimeError(f"DAG not registered: {_airflow(env, 'dags', 'list-import-errors')}")
+        _airflow(env, "dags", "unpause", DAG_ID)  # backfill runs stay queued while paused
+        print("backfill", dates[0], "->", dates[-1], flush=True)
+        _airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
+                 "--to-date", dates[-1].isoformat(), "--max-active-runs", "2")
         logs = HOME / "service-logs"
         logs.mkdir()
         for service in (["api-server"], ["scheduler"], ["dag-processor"]):
             fh = open(logs / f"{service[0]}.log", "wb")
             procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *service], env=env, stdout=fh,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + 240
-        while True:
-            listed = _json_out(_airflow(env, "dags", "list", "-o", "json"))
-            if any(d.get("dag_id") == DAG_ID for d in listed):
-                break
-            errors = _airflow(env, "dags", "list-import-errors", "-o", "json")
-            if DAG_ID in errors:
-                raise RuntimeError(f"DAG import error: {errors}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the dag-processor did not register the DAG in time")
-            time.sleep(3)
-        _airflow(env, "dags", "unpause", DAG_ID)  # backfill runs stay queued while paused
-        print("backfill", dates[0], "->", dates[-1], flush=True)
-        _airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
-                 "--to-date", dates[-1].isoformat(), "--max-active-runs", "2")
         deadline = time.monotonic() + TIMEOUT_S
         runs: list[dict] = []
         while time.monotonic() < deadline:
