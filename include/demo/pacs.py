@@ -201,7 +201,8 @@ class SimulatedPACS:
                 ds.file_meta.TransferSyntaxUID = r.transfer_syntax
             yield ds
 
-    def _on_get(self, event: evt.Event):
+    def _sub_operations(self, event: evt.Event):
+        """C-GET/C-MOVE tail: the count, then one pending status per instance."""
         _, groups = self._match(event.identifier)
         records = [r for g in groups for r in g]
         yield len(records)
@@ -211,17 +212,13 @@ class SimulatedPACS:
                 return
             yield (0xFF00, ds)
 
+    def _on_get(self, event: evt.Event):
+        yield from self._sub_operations(event)
+
     def _on_move(self, event: evt.Event):
         dest = self.move_destinations.get(str(event.move_destination).strip())
         if dest is None:
             yield (None, None)  # unknown destination: 0xA801
             return
-        _, groups = self._match(event.identifier)
-        records = [r for g in groups for r in g]
         yield dest
-        yield len(records)
-        for ds in self._datasets(records):
-            if event.is_cancelled:
-                yield (0xFE00, None)
-                return
-            yield (0xFF00, ds)
+        yield from self._sub_operations(event)
