@@ -93,7 +93,7 @@ def pacs_migration():
 
         @task(retries=0)
         def validate(part: dict[str, str]) -> dict:
-            from airflow.exceptions import AirflowFailException
+            from airflow.sdk.exceptions import AirflowFailException
 
             from include.airflow_support import object_store, runtime_config
             from include.pacs_migration.manifest import VALIDATION, read_census, read_transfer, write_json
@@ -103,10 +103,10 @@ def pacs_migration():
             cfg = runtime_config()
             store = object_store(cfg)
             p = Partition.from_json(part)
-            result = validate_partition(store, p, read_census(store, p), read_transfer(store, p))
+            result = validate_partition(store, p, read_census(store, p), read_transfer(store, p), cfg.validation)
             write_json(store, p, VALIDATION, {**result.to_json(), "run_id": get_current_context()["run_id"]})
             if not result.success:
-                failed = ", ".join(f"{o.expectation}({o.column})" for o in result.failed)
+                failed = ", ".join(o.label for o in result.failed)
                 raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
             return {"partition": p.key, "success": True}
 
@@ -149,52 +149,40 @@ def pacs_migration():
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
         from include.airflow_support import object_store, runtime_config
-        from include.pacs_migration.manifest import VALIDATION, read_json, read_transfer
         from include.pacs_migration.partition import Partition
-        from include.pacs_migration.report import PartitionFigures, figures_csv, render_html, subject
-        from include.pacs_migration.transfer import counts_from_frame
+        from include.pacs_migration.report import (
+            data_docs_zip, figures_csv, partition_figures, render_html, subject,
+        )
 
         ctx = get_current_context()
         cfg = runtime_config()
         store = object_store(cfg)
-        parts = ctx["ti"].xcom_pull(task_ids="census") or []
-        figures = []
-        for part in parts:
-            p = Partition.from_json(part)
-            try:
-                c = counts_from_frame(read_transfer(store, p))
-            except Exception:  # transfer never finished: report it, do not hide it
-                figures.append(PartitionFigures(p.key, 0, 0, 0, 0, 0, 0, False, {}, ("transfer:not_completed",)))
-                continue
-            v = read_json(store, p, VALIDATION) or {}
-            current = v.get("run_id") == ctx["run_id"]
-            failed = tuple(
-                f"{e['batch']}:{e['expectation']}({e.get('column') or ''})"
-                for e in v.get("expectations", []) if not e["success"]
-            ) if current else ("validation:not_run",)
-            figures.append(PartitionFigures(
-                p.key, c.expected, c.migrated, c.quarantined, c.unresolved, c.unsolicited, c.written,
-                bool(current and v.get("success")), c.reasons, failed,
-            ))
+        partitions = [Partition.from_json(p) for p in ctx["ti"].xcom_pull(task_ids="census") or []]
+        figures = [partition_figures(store, p, ctx["run_id"]) for p in partitions]
         study_date = _study_date().isoformat()
         html = render_html(ctx["run_id"], study_date, figures, f"s3://{cfg.target.bucket}/{cfg.target.prefix}")
         with tempfile.TemporaryDirectory() as tmp:
             csv_path = Path(tmp) / f"pacs-migration-{study_date}.csv"
             csv_path.write_text(figures_csv(figures), encoding="utf-8")
+            files = [str(csv_path)]
+            if partitions:
+                docs = Path(tmp) / f"gx-data-docs-{study_date}.zip"
+                docs.write_bytes(data_docs_zip(store, partitions))
+                files.append(str(docs))
             with SmtpHook(smtp_conn_id=cfg.report.smtp_connection_id) as hook:
                 hook.send_email_smtp(
                     to=list(cfg.report.recipients),
                     from_email=cfg.report.from_address,
                     subject=subject(cfg.report.subject_prefix, study_date, figures),
                     html_content=html,
-                    files=[str(csv_path)],
+                    files=files,
                 )
         return {"partitions": len(figures), "emailed_to": len(cfg.report.recipients)}
 
     @task(trigger_rule="all_done", retries=0)
     def gate() -> None:
         """Fail the run unless every partition passed this run's validation."""
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
 
         from include.airflow_support import object_store, runtime_config
         from include.pacs_migration.manifest import VALIDATION, read_json

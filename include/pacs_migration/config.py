@@ -73,11 +73,35 @@ class ReportConfig:
     subject_prefix: str = "[PACS migration]"
 
 
+DEFAULT_ALLOWED_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian: what normalize writes
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Thresholds of the per-partition suite."""
+
+    max_quarantined_fraction: float = 0.10
+    max_unresolved_fraction: float = 0.0
+    allowed_transfer_syntaxes: tuple[str, ...] = DEFAULT_ALLOWED_SYNTAXES
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     source: SourceConfig
     target: TargetConfig
     report: ReportConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     staging_dir: Path = field(default_factory=lambda: Path("/tmp/pacs-migration-staging"))
 
 
@@ -203,10 +227,26 @@ def load_config(data: Mapping[str, Any]) -> MigrationConfig:
         smtp_connection_id=_str(rep, "report", "smtp_connection_id", "smtp_default"),
         subject_prefix=str(rep.get("subject_prefix", "[PACS migration]")),
     )
+    val = data.get("validation") or {}
+    if not isinstance(val, Mapping):
+        raise ConfigError("validation", "must be a mapping")
+    syntaxes = val.get("allowed_transfer_syntaxes", DEFAULT_ALLOWED_SYNTAXES)
+    if not isinstance(syntaxes, (list, tuple)) or not syntaxes:
+        raise ConfigError("validation.allowed_transfer_syntaxes", "must be a non-empty list of UIDs")
+    for uid in syntaxes:
+        if not isinstance(uid, str) or not re.fullmatch(r"[0-9.]{3,64}", uid):
+            raise ConfigError("validation.allowed_transfer_syntaxes", f"{uid!r} is not a transfer syntax UID")
+    validation = ValidationConfig(
+        max_quarantined_fraction=_float(val, "validation", "max_quarantined_fraction", 0.10, 0.0, 1.0),
+        max_unresolved_fraction=_float(val, "validation", "max_unresolved_fraction", 0.0, 0.0, 1.0),
+        allowed_transfer_syntaxes=tuple(syntaxes),
+    )
     staging = data.get("staging_dir", "/tmp/pacs-migration-staging")
     if not isinstance(staging, str) or not staging:
         raise ConfigError("staging_dir", "must be a directory path")
-    return MigrationConfig(source=source, target=target, report=report, staging_dir=Path(staging))
+    return MigrationConfig(
+        source=source, target=target, report=report, validation=validation, staging_dir=Path(staging)
+    )
 
 
 def _missing(name: str) -> int:

@@ -71,9 +71,8 @@ def lineage_record(
         "checksums": checksum_summary(transfer),
         "validation": {
             "success": None if validation is None else bool(validation.get("success")),
-            "failed_expectations": []
-            if validation is None
-            else [f"{e['batch']}:{e['expectation']}({e.get('column') or ''})" for e in validation["expectations"] if not e["success"]],
+            "failed_expectations": [] if validation is None else list(validation.get("failed_expectations", [])),
+            "artifacts": [] if validation is None else list(validation.get("artifacts", [])),
         },
         "software": {
             "pacs_migration": __version__,

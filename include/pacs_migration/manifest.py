@@ -38,6 +38,7 @@ TRANSFER_COLUMNS: tuple[str, ...] = (
     "transfer_syntax_out",
     "study_date",
     "modality",
+    "patient_key",
     "object_key",
     "object_sha256",
     "object_size",

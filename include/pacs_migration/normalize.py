@@ -53,6 +53,9 @@ class NormalizeResult:
     series_instance_uid: str | None = None
     study_date: str | None = None
     modality: str | None = None
+    # SHA-256 of PatientID + IssuerOfPatientID: lets validation check one
+    # patient per study without the manifest or its checks carrying the ID.
+    patient_key: str | None = None
     transfer_syntax_in: str | None = None
     transfer_syntax_out: str | None = None
     pixel_sha256_before: str | None = None
@@ -188,6 +191,18 @@ def _pixel_hash(ds: Dataset, big_endian: bool) -> str | None:
     return hashlib.sha256(value).hexdigest()
 
 
+def patient_key(ds: Dataset) -> str | None:
+    """A stable pseudonymous key for (PatientID, IssuerOfPatientID)."""
+    try:
+        pid = str(ds.get("PatientID", "") or "").strip()
+        issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    except Exception:
+        return None
+    if not pid:
+        return None
+    return hashlib.sha256(f"{pid}\x1f{issuer}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def _looks_like_dataset(raw: bytes) -> bool:
     """A bare dataset (no Part 10 header) must open with a low group tag."""
     if len(raw) < 8:
@@ -263,6 +278,7 @@ def normalize(
     result.series_instance_uid = str(ds.SeriesInstanceUID)
     result.study_date = str(ds.get("StudyDate", "") or "")
     result.modality = str(ds.get("Modality", "") or "")
+    result.patient_key = patient_key(ds)
     for expected, actual in (
         (expected_sop_instance_uid, result.sop_instance_uid),
         (expected_series_instance_uid, result.series_instance_uid),

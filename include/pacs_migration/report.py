@@ -7,7 +7,14 @@ from __future__ import annotations
 import csv
 import html
 import io
+import zipfile
+from collections import defaultdict
 from dataclasses import dataclass, field
+
+from .manifest import VALIDATION, manifest_prefix, read_json, read_transfer
+from .partition import Partition
+from .store import ObjectStore
+from .transfer import counts_from_frame
 
 FIELDS = ("expected", "migrated", "quarantined", "unresolved", "unsolicited", "written")
 
@@ -28,6 +35,70 @@ class PartitionFigures:
     @property
     def conserved(self) -> bool:
         return self.expected == self.migrated + self.quarantined + self.unresolved
+
+
+def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> PartitionFigures:
+    """Figures of one partition from its manifests, as this run left them."""
+    try:
+        c = counts_from_frame(read_transfer(store, partition))
+    except Exception:  # transfer never finished: report it, do not hide it
+        return PartitionFigures(partition.key, 0, 0, 0, 0, 0, 0, False, {}, ("transfer:not_completed",))
+    v = read_json(store, partition, VALIDATION) or {}
+    current = v.get("run_id") == run_id
+    failed = tuple(v.get("failed_expectations", [])) if current else ("validation:not_run",)
+    return PartitionFigures(
+        partition.key, c.expected, c.migrated, c.quarantined, c.unresolved, c.unsolicited, c.written,
+        bool(current and v.get("success")), c.reasons, failed,
+    )
+
+
+def data_docs_zip(store: ObjectStore, partitions: list[Partition]) -> bytes:
+    """The partitions' GX Data Docs (HTML and styles), one folder each."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in partitions:
+            base = manifest_prefix(store.target.prefix, p) + "gx/data_docs/"
+            for key in store.list_keys(base):
+                zf.writestr(f"{p.hive_path}/{key[len(base):]}", store.get(key))
+    return buf.getvalue()
+
+
+def chart_svg(figures: list[PartitionFigures]) -> str:
+    """Inline SVG: migrated / quarantined / unresolved per modality, stacked bars."""
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for f in figures:
+        m = f.partition.split("/")[-1]
+        per[m][0] += f.migrated
+        per[m][1] += f.quarantined
+        per[m][2] += f.unresolved
+    if not per:
+        return ""
+    colors = ("#2e7d32", "#f9a825", "#c62828")
+    labels = ("migrated", "quarantined", "unresolved")
+    top = max(sum(v) for v in per.values()) or 1
+    bar_w, gap, left, width, row_h = 380, 8, 60, 560, 26
+    height = 30 + len(per) * (row_h + gap) + 24
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        'aria-label="instances per modality" style="font-family:Arial,Helvetica,sans-serif;font-size:12px">'
+    ]
+    for i, (label, color) in enumerate(zip(labels, colors)):
+        parts.append(f'<rect x="{left + i * 120}" y="4" width="12" height="12" fill="{color}"/>'
+                     f'<text x="{left + i * 120 + 16}" y="14">{label}</text>')
+    y = 30
+    for modality in sorted(per):
+        x = left
+        parts.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{html.escape(modality)}</text>')
+        for value, color in zip(per[modality], colors):
+            w = bar_w * value / top
+            if w > 0:
+                parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h}" fill="{color}"/>')
+            x += w
+        total = sum(per[modality])
+        parts.append(f'<text x="{x + 6:.1f}" y="{y + 17}">{per[modality][0]} / {total}</text>')
+        y += row_h + gap
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def subject(prefix: str, study_date: str, figures: list[PartitionFigures]) -> str:
@@ -99,9 +170,11 @@ def render_html(run_id: str, study_date: str, figures: list[PartitionFigures], b
         f"<style>{_CSS}</style></head><body>"
         f"<h1>PACS migration report &mdash; StudyDate {e(study_date)}</h1>"
         f'<p class="meta">Run <code>{e(run_id)}</code> &middot; target {e(bucket_uri)} &middot; '
-        "every expected instance ends migrated, quarantined (original bytes kept, with a reason) or unresolved.</p>"
+        "every expected instance ends migrated, quarantined (original bytes kept, with a reason) or unresolved. "
+        "Attached: the figures as CSV and the Great Expectations Data Docs of each partition.</p>"
         f'<table><thead><tr><th class="k">Partition</th>{head}<th>Validation</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
+        f'<h2 style="font-size:15px;margin:18px 0 6px">Instances per modality</h2>{chart_svg(figures)}' 
         f"<ul>{''.join(details)}</ul>"
         "</body></html>"
     )

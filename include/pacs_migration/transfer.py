@@ -104,6 +104,7 @@ def _process(
         transfer_syntax_out=result.transfer_syntax_out,
         study_date=result.study_date,
         modality=result.modality,
+        patient_key=result.patient_key,
         pixel_sha256_before=result.pixel_sha256_before,
         pixel_sha256_after=result.pixel_sha256_after,
         changes=";".join(result.changes) or None,

@@ -1,10 +1,23 @@
 """Verify a partition: Great Expectations (GX Core 1.x) over its manifests,
 after re-reading every migrated object from the bucket.
 
-The suite checks what compliance must be able to prove: every expected
-instance has exactly one end state, SOP Instance UIDs are present and unique,
-migrated instances carry the partition's StudyDate and Modality, and every
-stored object re-reads with the checksum the manifest recorded.
+The suites check what compliance must be able to prove:
+
+- ``expected`` (one row per instance of the census): each has exactly one end
+  state; quarantined and unresolved shares within the configured thresholds;
+- ``series`` (one row per census series): expected == migrated + quarantined
+  + unresolved;
+- ``transfer`` (one row per received or expected instance): SOP Instance UIDs
+  present and unique;
+- ``migrated``: StudyDate and Modality equal the partition's, SOP Instance UIDs
+  well formed, transfer syntax allowed, every object re-read with the SHA-256
+  the manifest recorded, keys unique;
+- ``studies``: one patient (PatientID + Issuer, compared as a hash) per study;
+- ``bucket``: the objects listed under the partition's series prefixes equal
+  the migrated count.
+
+A file-backed GX context is used so Data Docs are produced; they and GX's own
+validation results are published under the partition's ``_manifests/`` prefix.
 """
 
 from __future__ import annotations
@@ -12,19 +25,28 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pydicom
 
 from .census import CensusSeries
+from .config import ValidationConfig
+from .manifest import manifest_prefix
 from .partition import Partition
 from .reasons import InstanceState
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+UID_REGEX = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
+# Data Docs assets that only decorate (fonts, logos) are not published.
+_DOCS_SKIP = ("static/fonts/", "static/images/")
+_CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".json": "application/json", ".js": "text/javascript"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,11 @@ class ExpectationOutcome:
     success: bool
     observed: Any
     unexpected_count: int | None
+
+    @property
+    def label(self) -> str:
+        """``batch:expectation(column)``, as the report names it."""
+        return f"{self.batch}:{self.expectation}({self.column or ''})"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +81,7 @@ class ValidationReport:
     outcomes: tuple[ExpectationOutcome, ...]
     reread_objects: int
     reread_failures: int
+    artifacts: tuple[str, ...] = ()  # object keys of published GX results and Data Docs
 
     @property
     def failed(self) -> list[ExpectationOutcome]:
@@ -65,7 +93,9 @@ class ValidationReport:
             "success": self.success,
             "reread_objects": self.reread_objects,
             "reread_failures": self.reread_failures,
+            "failed_expectations": [o.label for o in self.failed],
             "expectations": [o.to_json() for o in self.outcomes],
+            "artifacts": list(self.artifacts),
         }
 
 
@@ -84,8 +114,10 @@ def reread(store: ObjectStore, key: str, sha256_hex: str) -> bool:
     return True
 
 
-def _expected_frame(series: list[CensusSeries]) -> pd.DataFrame:
-    return pd.DataFrame(
+def _frames(
+    store: ObjectStore, series: list[CensusSeries], transfer: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
+    expected = pd.DataFrame(
         [
             {"sop_instance_uid": i.sop_instance_uid, "series_instance_uid": s.series_instance_uid}
             for s in series
@@ -93,87 +125,193 @@ def _expected_frame(series: list[CensusSeries]) -> pd.DataFrame:
         ],
         columns=["sop_instance_uid", "series_instance_uid"],
     )
+    in_census = transfer[transfer["in_census"]].drop_duplicates("sop_instance_uid")[["sop_instance_uid", "state"]]
+    expected = expected.merge(in_census, on="sop_instance_uid", how="left")
+
+    per_series = []
+    for s in series:
+        uids = {i.sop_instance_uid for i in s.instances}
+        states = transfer[transfer["in_census"] & transfer["sop_instance_uid"].isin(uids)]["state"]
+        counts = states.value_counts()
+        row = {
+            "series_instance_uid": s.series_instance_uid,
+            "expected": len(uids),
+            "migrated": int(counts.get(InstanceState.MIGRATED.value, 0)),
+            "quarantined": int(counts.get(InstanceState.QUARANTINED.value, 0)),
+            "unresolved": int(counts.get(InstanceState.UNRESOLVED.value, 0)),
+        }
+        row["accounted"] = row["migrated"] + row["quarantined"] + row["unresolved"]
+        per_series.append(row)
+    series_df = pd.DataFrame(
+        per_series, columns=["series_instance_uid", "expected", "migrated", "quarantined", "unresolved", "accounted"]
+    )
+
+    migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value].copy()
+    pairs = list(zip(migrated["object_key"], migrated["object_sha256"]))
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
+        migrated["checksum_verified"] = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
+
+    received = transfer[transfer["in_census"] & transfer["patient_key"].notna()]
+    studies = (
+        received.groupby("study_instance_uid")["patient_key"].nunique().rename("patients").reset_index()
+        if len(received)
+        else pd.DataFrame({"study_instance_uid": pd.Series(dtype=str), "patients": pd.Series(dtype=int)})
+    )
+
+    prefixes = {
+        f"{store.target.prefix}studies/{s.study_instance_uid}/series/{s.series_instance_uid}/instances/"
+        for s in series
+    }
+    listed = sum(sum(1 for _ in store.list_keys(p)) for p in sorted(prefixes))
+    bucket = pd.DataFrame([{"listed_objects": listed, "migrated": len(migrated)}])
+    return {
+        "expected": expected,
+        "series": series_df,
+        "transfer": transfer,
+        "migrated": migrated,
+        "studies": studies,
+        "bucket": bucket,
+    }
 
 
-def _gx_run(frames: dict[str, pd.DataFrame], suites: dict[str, list[Any]]) -> list[ExpectationOutcome]:
+def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -> dict[str, list[Any]]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return {
+        "expected": [
+            E.ExpectTableRowCountToEqual(value=n_expected),
+            E.ExpectColumnValuesToNotBeNull(column="state"),  # conservation: one end state each
+            E.ExpectColumnValuesToBeInSet(column="state", value_set=[s.value for s in InstanceState]),
+            E.ExpectColumnValuesToBeUnique(column="sop_instance_uid"),
+            E.ExpectColumnValuesToNotBeInSet(
+                column="state", value_set=[InstanceState.UNRESOLVED.value], mostly=1 - settings.max_unresolved_fraction
+            ),
+            E.ExpectColumnValuesToNotBeInSet(
+                column="state",
+                value_set=[InstanceState.QUARANTINED.value],
+                mostly=1 - settings.max_quarantined_fraction,
+            ),
+        ],
+        "series": [E.ExpectColumnPairValuesToBeEqual(column_A="expected", column_B="accounted")],
+        "transfer": [
+            E.ExpectTableRowCountToBeBetween(min_value=n_expected),
+            E.ExpectColumnValuesToNotBeNull(column="sop_instance_uid"),
+            E.ExpectColumnValuesToBeUnique(column="sop_instance_uid"),
+        ],
+        "migrated": [
+            E.ExpectColumnValuesToBeInSet(column="study_date", value_set=[partition.dicom_date]),
+            E.ExpectColumnValuesToBeInSet(column="modality", value_set=[partition.modality]),
+            E.ExpectColumnValueLengthsToBeBetween(column="sop_instance_uid", min_value=1, max_value=64),
+            E.ExpectColumnValuesToMatchRegex(column="sop_instance_uid", regex=UID_REGEX),
+            E.ExpectColumnValuesToBeInSet(
+                column="transfer_syntax_out", value_set=list(settings.allowed_transfer_syntaxes)
+            ),
+            E.ExpectColumnValuesToBeInSet(column="checksum_verified", value_set=[True]),
+            E.ExpectColumnValuesToBeUnique(column="object_key"),
+            E.ExpectColumnValuesToNotBeNull(column="object_sha256"),
+        ],
+        "studies": [E.ExpectColumnValuesToBeBetween(column="patients", min_value=0, max_value=1)],
+        "bucket": [E.ExpectColumnPairValuesToBeEqual(column_A="listed_objects", column_B="migrated")],
+    }
+
+
+def _gx_run(
+    root: Path, frames: dict[str, pd.DataFrame], suites: dict[str, list[Any]], name: str
+) -> list[ExpectationOutcome]:
     import great_expectations as gx  # heavy: imported only where used
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
+    context = gx.get_context(mode="file", project_root_dir=str(root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = context.data_sources.add_pandas("manifests")
+    source = context.data_sources.add_pandas(name)
     outcomes: list[ExpectationOutcome] = []
-    for name, df in frames.items():
-        asset = source.add_dataframe_asset(name)
-        batch = asset.add_batch_definition_whole_dataframe(f"{name}_all").get_batch(batch_parameters={"dataframe": df})
-        suite = gx.ExpectationSuite(name=f"{name}_suite", expectations=suites[name])
-        result = batch.validate(suite, result_format="SUMMARY")
+    for batch_name, df in frames.items():
+        batch_def = source.add_dataframe_asset(batch_name).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"{name}.{batch_name}", expectations=suites[batch_name]))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{name}.{batch_name}", data=batch_def, suite=suite)
+        )
+        result = definition.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
         for r in result.results:
-            cfg = r.expectation_config
             res = r.result or {}
             observed = res.get("observed_value")
             outcomes.append(
                 ExpectationOutcome(
-                    batch=name,
-                    expectation=cfg.type,
-                    column=cfg.kwargs.get("column"),
+                    batch=batch_name,
+                    expectation=r.expectation_config.type,
+                    column=r.expectation_config.kwargs.get("column")
+                    or "|".join(
+                        str(r.expectation_config.kwargs[k])
+                        for k in ("column_A", "column_B")
+                        if k in r.expectation_config.kwargs
+                    )
+                    or None,
                     success=bool(r.success),
                     observed=observed if isinstance(observed, int | float | str | bool | type(None)) else str(observed),
                     unexpected_count=res.get("unexpected_count"),
                 )
             )
+    context.build_data_docs()
     return outcomes
 
 
+def _publish(store: ObjectStore, partition: Partition, root: Path) -> list[str]:
+    """Upload GX's validation results and Data Docs beside the manifests."""
+    base = manifest_prefix(store.target.prefix, partition) + "gx/"
+    keys = []
+    uncommitted = root / "gx" / "uncommitted"
+    for folder, dest in ((uncommitted / "validations", "validations/"), (uncommitted / "data_docs" / "local_site", "data_docs/")):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rel = path.relative_to(folder).as_posix()
+            if any(rel.startswith(s) for s in _DOCS_SKIP):
+                continue
+            key = base + dest + rel
+            store.put(key, path.read_bytes(), _CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
+            keys.append(key)
+    return keys
+
+
 def validate_partition(
-    store: ObjectStore, partition: Partition, series: list[CensusSeries], transfer: pd.DataFrame
+    store: ObjectStore,
+    partition: Partition,
+    series: list[CensusSeries],
+    transfer: pd.DataFrame,
+    settings: ValidationConfig | None = None,
+    docs_dir: Path | None = None,
+    publish: bool = True,
 ) -> ValidationReport:
-    """Run the partition's suite; re-read every migrated object first."""
-    import great_expectations as gx
+    """Run the partition's suites; re-read every migrated object first.
 
-    migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value].copy()
-    pairs = list(zip(migrated["object_key"], migrated["object_sha256"]))
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
-        verified = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
-    migrated["checksum_verified"] = verified
-
-    expected = _expected_frame(series)
-    in_census = transfer[transfer["in_census"]][["sop_instance_uid", "state"]]
-    expected = expected.merge(in_census, on="sop_instance_uid", how="left")
-    n_expected = len(expected)
-    E = gx.expectations
-    frames = {"expected": expected, "transfer": transfer, "migrated": migrated}
-    suites = {
-        "expected": [
-            # Conservation: every instance of E has exactly one end state.
-            E.ExpectTableRowCountToEqual(value=n_expected),
-            E.ExpectColumnValuesToNotBeNull(column="state"),
-            E.ExpectColumnValuesToBeInSet(column="state", value_set=[s.value for s in InstanceState]),
-            E.ExpectColumnValuesToBeUnique(column="sop_instance_uid"),
-        ],
-        "transfer": [
-            E.ExpectTableRowCountToBeBetween(min_value=n_expected),
-            E.ExpectColumnValuesToNotBeNull(column="sop_instance_uid"),
-            E.ExpectColumnValuesToBeUnique(column="sop_instance_uid"),
-            E.ExpectColumnValuesToNotBeNull(column="state"),
-        ],
-        "migrated": [
-            E.ExpectColumnValuesToBeInSet(column="study_date", value_set=[partition.dicom_date]),
-            E.ExpectColumnValuesToBeInSet(column="modality", value_set=[partition.modality]),
-            E.ExpectColumnValuesToBeInSet(column="checksum_verified", value_set=[True]),
-            E.ExpectColumnValuesToBeUnique(column="object_key"),
-            E.ExpectColumnValuesToNotBeNull(column="object_sha256"),
-        ],
-    }
-    outcomes = _gx_run(frames, suites)
-    failures = sum(1 for v in verified if not v)
+    Parameters
+    ----------
+    docs_dir : Path, optional
+        Where the GX project (results and Data Docs) is built; a temporary
+        folder when not given. Published to the bucket when ``publish``.
+    """
+    settings = settings or ValidationConfig()
+    frames = _frames(store, series, transfer)
+    suites = _suites(partition, len(frames["expected"]), settings)
+    name = f"{partition.study_date.isoformat()}.{partition.modality}"
+    with tempfile.TemporaryDirectory(prefix="gx-") as tmp:
+        root = docs_dir or Path(tmp)
+        outcomes = _gx_run(root, frames, suites, name)
+        artifacts = _publish(store, partition, root) if publish else []
+    verified = frames["migrated"]["checksum_verified"]
+    failures = int((~verified.astype(bool)).sum())
     report = ValidationReport(
         partition=partition,
         success=all(o.success for o in outcomes),
         outcomes=tuple(outcomes),
         reread_objects=len(verified),
         reread_failures=failures,
+        artifacts=tuple(artifacts),
     )
-    log.info("partition %s validation %s (%d objects re-read, %d failed)", partition.key,
-             "passed" if report.success else "FAILED", len(verified), failures)
+    log.info(
+        "partition %s validation %s (%d objects re-read, %d failed)",
+        partition.key,
+        "passed" if report.success else "FAILED",
+        len(verified),
+        failures,
+    )
     return report
