@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean trace
 
 $(STAMP): requirements.txt constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -21,6 +21,10 @@ demo: $(STAMP)
 ## Run the tests.
 test: $(STAMP)
 	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest
+
+## Trace one instance of the demo bucket: make trace UID=<SOPInstanceUID>
+trace: $(STAMP)
+	@PYTHONPATH=$(CURDIR) AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing $(PY) -m include.demo.trace $(UID)
 
 clean:
 	rm -rf .airflow demo-output .demo

@@ -112,7 +112,7 @@ def pacs_migration():
 
         @task(trigger_rule="all_done")
         def lineage(part: dict[str, str]) -> str:
-            from include.airflow_support import endpoint_of, object_store, runtime_config
+            from include.airflow_support import emit_openlineage, endpoint_of, object_store, runtime_config
             from include.pacs_migration.lineage import lineage_record
             from include.pacs_migration.manifest import LINEAGE, VALIDATION, read_json, read_transfer, write_json
             from include.pacs_migration.partition import Partition
@@ -140,7 +140,9 @@ def pacs_migration():
                 endpoint=endpoint_of(store),
             )
             write_json(store, p, f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json", record)
-            return write_json(store, p, LINEAGE, record)
+            key = write_json(store, p, LINEAGE, record)
+            emit_openlineage(record)
+            return key
 
         transfer(part) >> validate(part) >> lineage(part)
 

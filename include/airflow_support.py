@@ -61,3 +61,31 @@ def endpoint_of(store: ObjectStore) -> str | None:
 
 def to_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def emit_openlineage(record: dict[str, Any]) -> bool:
+    """Emit the partition's OpenLineage event through the provider's transport.
+
+    Returns False when OpenLineage is disabled in the Airflow configuration.
+    """
+    from airflow.providers.openlineage import conf
+    from airflow.sdk import get_current_context
+
+    if conf.is_disabled():
+        return False
+    from airflow.providers.openlineage.plugins.adapter import OpenLineageAdapter
+    from airflow.providers.openlineage.plugins.listener import get_openlineage_listener
+
+    from include.pacs_migration.openlineage import partition_run_event
+
+    ctx = get_current_context()
+    ti = ctx["ti"]
+    dag_run = ctx["dag_run"]
+    when = dag_run.logical_date or dag_run.run_after
+    parent_id = OpenLineageAdapter.build_task_instance_run_id(
+        dag_id=ti.dag_id, task_id=ti.task_id, try_number=ti.try_number, logical_date=when, map_index=ti.map_index
+    )
+    namespace = conf.namespace()
+    event = partition_run_event(record, namespace, (namespace, f"{ti.dag_id}.{ti.task_id}", str(parent_id)))
+    get_openlineage_listener().adapter.emit(event)
+    return True

@@ -22,7 +22,11 @@ os.environ.update(
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
-        "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+        # OpenLineage through the provider, to a file the e2e test reads.
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+            {"type": "file", "log_file_path": str(_HOME / "openlineage.jsonl"), "append": True}
+        ),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "pacs-migration-tests",
         "GX_ANALYTICS_ENABLED": "False",
     }
 )
@@ -30,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BUCKET = "pacs-archive"
+OPENLINEAGE_FILE = _HOME / "openlineage.jsonl"
 
 
 @pytest.fixture(scope="session")

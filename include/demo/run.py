@@ -61,7 +61,10 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-            "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+            "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+                {"type": "file", "log_file_path": str(OUT / "openlineage.jsonl"), "append": True}
+            ),
+            "AIRFLOW__OPENLINEAGE__NAMESPACE": "pacs-migration-demo",
             "PYTHONPATH": str(ROOT),
             "GX_ANALYTICS_ENABLED": "False",
             "AIRFLOW_CONN_PACS_SOURCE": json.dumps(

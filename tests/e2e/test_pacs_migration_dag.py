@@ -11,7 +11,11 @@ import datetime as dt
 import email
 import hashlib
 import io
+import json
+import shutil
+import zipfile
 
+import pydicom
 import pytest
 
 from include.pacs_migration.config import TargetConfig
@@ -19,6 +23,8 @@ from include.pacs_migration.manifest import read_transfer
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import counts_from_frame
+from tests.conftest import OPENLINEAGE_FILE
+from tests.s3_faults import S3FaultProxy
 
 pytestmark = pytest.mark.e2e
 DATE = dt.date(2019, 3, 2)  # holds the archive's truncated CT
@@ -34,6 +40,11 @@ def _dag():
     return bag.dags["pacs_migration"]
 
 
+def _run(dag, date: dt.date):
+    _clear_runs(dag.dag_id)
+    return dag.test(logical_date=dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc))
+
+
 def _mail_parts(path):
     msg = email.message_from_bytes(path.read_bytes())
     html, csv_text = None, None
@@ -45,10 +56,15 @@ def _mail_parts(path):
     return msg, html, csv_text
 
 
-def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive):
+def _attachments(path) -> dict[str, bytes]:
+    msg = email.message_from_bytes(path.read_bytes())
+    return {p.get_filename(): p.get_payload(decode=True) for p in msg.walk() if p.get_filename()}
+
+
+def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive, pacs):
     bucket, mail = airflow_connections["bucket"], airflow_connections["mail"]
     dag = _dag()
-    run = dag.test(logical_date=dt.datetime(DATE.year, DATE.month, DATE.day, tzinfo=dt.timezone.utc))
+    run = _run(dag, DATE)
     assert run.state == "success"
 
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
@@ -85,11 +101,51 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive)
         for form in (token, token.replace("^", " "), token.split("^")[0]):
             assert form not in decoded
 
+    # Data Docs and GX results are published beside the manifests, and attached.
+    for p in partitions:
+        keys = list(store.list_keys(f"_manifests/{p.hive_path}/gx/"))
+        assert any(k.endswith("index.html") for k in keys)
+        assert any("/gx/validations/" in k and k.endswith(".json") for k in keys)
+    docs = _attachments(mails[0])[f"gx-data-docs-{DATE.isoformat()}.zip"]
+    with zipfile.ZipFile(io.BytesIO(docs)) as zf:
+        names = zf.namelist()
+    assert {f"{p.hive_path}/index.html" for p in partitions} <= set(names)
+    assert "<svg" in html  # the chart, inline
+
+    # OpenLineage: one event per partition, through the provider's file transport.
+    events = [json.loads(line) for line in OPENLINEAGE_FILE.read_text().splitlines() if line.strip()]
+    ours = {e["run"]["facets"]["pacsMigration"]["partition"]: e for e in events
+            if "pacsMigration" in e["run"].get("facets", {}) and e["outputs"][0]["namespace"] == f"s3://{bucket}"}
+    assert set(ours) == set(figures)
+    for key, event in ours.items():
+        facet = event["run"]["facets"]["pacsMigration"]
+        assert event["eventType"] == "COMPLETE"
+        assert event["inputs"][0] == {**event["inputs"][0], "namespace": f"dicom://127.0.0.1:{pacs.port}",
+                                      "name": "LEGACYPACS"}
+        assert (facet["expected"], facet["migrated"], facet["quarantined"]) == (
+            figures[key].expected, figures[key].migrated, figures[key].quarantined)
+        assert event["run"]["facets"]["parent"]["job"]["name"] == "pacs_migration.partition.lineage"
+    assert any(e["job"]["name"].startswith("pacs_migration.") and "pacsMigration" not in e["run"].get("facets", {})
+               for e in events)  # the provider's own task events
+
+    # trace answers for a migrated instance that a rule changed, and a quarantined one.
+    from include.pacs_migration.trace import trace_instance
+
+    mr = read_transfer(store, Partition(DATE, "MR"))
+    changed = mr[mr.changes.notna()].iloc[0]
+    t = trace_instance(store, changed.sop_instance_uid)
+    assert t["state"] == "migrated" and t["target"]["key"] == changed.object_key
+    assert t["rules_applied"][0]["change"] == "transfer_syntax" and t["rules_applied"][0]["new"] == "1.2.840.10008.1.2.1"
+    assert t["source"]["uri"] == f"dicom://127.0.0.1:{pacs.port}/LEGACYPACS" and t["validation"]["success"] is True
+    ct = read_transfer(store, Partition(DATE, "CT"))
+    bad = ct[ct.state == "quarantined"].iloc[0]
+    tq = trace_instance(store, bad.sop_instance_uid, DATE)
+    assert tq["reason"] == "PIXEL_LENGTH_MISMATCH" and tq["target"]["quarantine_key"].startswith("quarantine/")
+
     # 3. A re-run writes nothing new and reports the same figures.
     from airflow.utils.state import DagRunState  # noqa: F401
 
-    _clear_runs(dag.dag_id)
-    run2 = dag.test(logical_date=dt.datetime(DATE.year, DATE.month, DATE.day, tzinfo=dt.timezone.utc))
+    run2 = _run(dag, DATE)
     assert run2.state == "success"
     assert s3_server.count(bucket, "studies/") == objects
     for p in partitions:
@@ -108,3 +164,54 @@ def _clear_runs(dag_id: str) -> None:
     with create_session() as session:
         for r in session.query(DagRun).filter(DagRun.dag_id == dag_id):
             session.delete(r)
+
+
+def _failed_labels(csv_text: str) -> dict[str, list[str]]:
+    return {r["partition"]: [x for x in r["failed_expectations"].split(";") if x]
+            for r in csv.DictReader(io.StringIO(csv_text))}
+
+
+def test_corrupted_and_missing_objects_fail_validation(airflow_db, airflow_connections, s3_server, monkeypatch):
+    """Planted storage defects: one object's bytes corrupted, one acknowledged but never stored."""
+    mail = airflow_connections["mail"]
+    proxy = S3FaultProxy(s3_server.endpoint_url, corrupt_nth=2, drop_nth=5)
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+            {"conn_type": "aws", "login": "testing", "password": "testing",
+             "extra": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"}}))
+        run = _run(_dag(), dt.date(2019, 3, 1))
+    finally:
+        proxy.stop()
+    assert proxy.corrupted and proxy.dropped
+    assert run.state == "failed"
+    msg, html, csv_text = _mail_parts(mail.messages()[-1])
+    assert "FAILED" in msg["Subject"]
+    failed = [x for labels in _failed_labels(csv_text).values() for x in labels]
+    assert "migrated:expect_column_values_to_be_in_set(checksum_verified)" in failed
+    assert "bucket:expect_column_pair_values_to_be_equal(listed_objects|migrated)" in failed
+    assert "checksum_verified" in html and "listed_objects" in html
+
+
+def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connections, archive, tmp_path, monkeypatch):
+    """The source holds one SOP Instance UID in two series: validation must say so."""
+    from include.demo.pacs import SimulatedPACS
+
+    root = tmp_path / "dup-archive"
+    shutil.copytree(archive.root / "20190301" / "CR00", root / "CR00")
+    shutil.copytree(archive.root / "20190301" / "CR01", root / "CR01")
+    twin = pydicom.dcmread(root / "CR00" / "s1" / "0001.dcm")
+    other = pydicom.dcmread(root / "CR01" / "s1" / "0001.dcm")
+    twin.StudyInstanceUID, twin.SeriesInstanceUID = other.StudyInstanceUID, other.SeriesInstanceUID
+    twin.save_as(root / "CR01" / "s1" / "0099.dcm")  # same SOP Instance UID, another series
+    pacs = SimulatedPACS(root)
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_PACS_SOURCE", json.dumps(
+            {"conn_type": "generic", "host": "127.0.0.1", "port": pacs.port,
+             "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}))
+        run = _run(_dag(), dt.date(2019, 3, 1))
+    finally:
+        pacs.stop()
+    assert run.state == "failed"
+    msg, html, csv_text = _mail_parts(airflow_connections["mail"].messages()[-1])
+    assert "FAILED" in msg["Subject"]
+    assert "expected:expect_column_values_to_be_unique(sop_instance_uid)" in _failed_labels(csv_text)["2019-03-01/CR"]

@@ -1,0 +1,118 @@
+"""``trace <SOPInstanceUID>``: where one instance came from, what was done to
+it, where it is now, and whether its partition passed validation.
+
+Reads only the bucket's manifests and lineage records. Scans the transfer
+manifests (narrowed by ``study_date`` when given); a catalogue index would make
+this O(1) on very large archives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from typing import Any
+
+import pandas as pd
+
+from .lineage import RULESET_ID, RULESET_VERSION
+from .manifest import LINEAGE, TRANSFER, VALIDATION, read_json
+from .partition import Partition
+from .store import ObjectStore
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _partitions(store: ObjectStore, study_date: dt.date | None) -> list[Partition]:
+    base = f"{store.target.prefix}_manifests/"
+    if study_date is not None:
+        base += f"date={study_date.isoformat()}/"
+    found = []
+    for key in store.list_keys(base):
+        if key.endswith("/" + TRANSFER):
+            parts = dict(p.split("=", 1) for p in key[len(store.target.prefix) :].split("/")[1:3])
+            found.append(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
+    return sorted(found)
+
+
+def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.date | None = None) -> dict[str, Any]:
+    """The instance's story, as a JSON-able dict.
+
+    Raises
+    ------
+    NotFound
+        If no transfer manifest holds the SOP Instance UID.
+    """
+    for p in _partitions(store, study_date):
+        key = f"{store.target.prefix}_manifests/{p.hive_path}/{TRANSFER}"
+        df = pd.read_parquet(io.BytesIO(store.get(key)))
+        hit = df[df["sop_instance_uid"] == sop_instance_uid]
+        if hit.empty:
+            continue
+        row = {k: (None if pd.isna(v) else v) for k, v in hit.iloc[0].to_dict().items()}
+        lineage = read_json(store, p, LINEAGE) or {}
+        validation = read_json(store, p, VALIDATION) or {}
+        changes = []
+        for change in (row.get("changes") or "").split(";"):
+            if not change:
+                continue
+            what, _, detail = change.partition(":")
+            old, _, new = detail.partition("->")
+            changes.append(
+                {"rule_set": f"{RULESET_ID}@{RULESET_VERSION}", "change": what, "old": old or None, "new": new or None}
+            )
+        return {
+            "sop_instance_uid": sop_instance_uid,
+            "partition": p.key,
+            "state": row["state"],
+            "reason": row.get("reason"),
+            "run_id": row.get("run_id"),
+            "source": lineage.get("source"),
+            "census_sha256": lineage.get("census_sha256"),
+            "study_instance_uid": row.get("study_instance_uid"),
+            "series_instance_uid": row.get("series_instance_uid"),
+            "received": {"sha256": row.get("received_sha256"), "bytes": row.get("received_size"),
+                         "transfer_syntax": row.get("transfer_syntax_in")},
+            "rules_applied": changes,
+            "pixel_data_sha256": {"before": row.get("pixel_sha256_before"), "after": row.get("pixel_sha256_after")},
+            "target": {"bucket": store.bucket, "key": row.get("object_key"), "sha256": row.get("object_sha256"),
+                       "bytes": row.get("object_size"), "transfer_syntax": row.get("transfer_syntax_out"),
+                       "load_action": row.get("load_action"), "quarantine_key": row.get("quarantine_key")},
+            "validation": {"success": validation.get("success"), "run_id": validation.get("run_id"),
+                           "failed_expectations": validation.get("failed_expectations", [])},
+        }
+    raise NotFound(f"SOP Instance UID {sop_instance_uid} is in no transfer manifest of s3://{store.bucket}")
+
+
+def render_trace(t: dict[str, Any]) -> str:
+    """Human-readable form of :func:`trace_instance`'s answer."""
+    src = t.get("source") or {}
+    lines = [
+        f"SOP Instance UID  {t['sop_instance_uid']}",
+        f"state             {t['state']}" + (f" ({t['reason']})" if t.get("reason") else ""),
+        f"partition         {t['partition']}   run {t['run_id']}",
+        f"source            {src.get('uri')}  as {src.get('calling_ae_title')} via {src.get('retrieve_method')}",
+        f"                  query {json.dumps(src.get('query'))}",
+        f"study / series    {t['study_instance_uid']} / {t['series_instance_uid']}",
+        f"received          {t['received']['bytes']} bytes, sha256 {t['received']['sha256']}, "
+        f"transfer syntax {t['received']['transfer_syntax']}",
+    ]
+    if t["rules_applied"]:
+        for c in t["rules_applied"]:
+            lines.append(f"rule              {c['rule_set']} {c['change']}: {c['old']} -> {c['new']}")
+    else:
+        lines.append("rule              none changed it (stored byte for byte as received)")
+    px = t["pixel_data_sha256"]
+    lines.append(f"pixel data        sha256 before {px['before']}  after {px['after']}")
+    tg = t["target"]
+    if tg["key"]:
+        lines.append(f"target            s3://{tg['bucket']}/{tg['key']}")
+        lines.append(f"                  {tg['bytes']} bytes, sha256 {tg['sha256']}, {tg['transfer_syntax']}, {tg['load_action']}")
+    if tg["quarantine_key"]:
+        lines.append(f"quarantined at    s3://{tg['bucket']}/{tg['quarantine_key']}")
+    v = t["validation"]
+    verdict = "passed" if v["success"] else f"FAILED {', '.join(v['failed_expectations'])}"
+    lines.append(f"validation        partition {verdict} (run {v['run_id']})")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""A fault-injecting HTTP proxy in front of moto's S3 server.
+
+S3 itself is real (moto over HTTP); the proxy only misbehaves on the instance
+uploads it is told to: it corrupts the stored bytes (moto, like a faulty disk,
+does not verify the checksum) or acknowledges a PUT without storing it. The
+pipeline's verification must catch both.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class S3FaultProxy:
+    def __init__(self, upstream: str, corrupt_nth: int | None = None, drop_nth: int | None = None) -> None:
+        self.upstream = urlsplit(upstream)
+        self.corrupt_nth = corrupt_nth
+        self.drop_nth = drop_nth
+        self.instance_puts = 0
+        self.corrupted: list[str] = []
+        self.dropped: list[str] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output quiet
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path.split("?", 1)[0]
+                if self.command == "PUT" and "/instances/" in path:
+                    with proxy._lock:
+                        proxy.instance_puts += 1
+                        n = proxy.instance_puts
+                    if n == proxy.drop_nth:
+                        proxy.dropped.append(path)
+                        self.send_response(200)
+                        self.send_header("ETag", '"00000000000000000000000000000000"')
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    if n == proxy.corrupt_nth and body:
+                        proxy.corrupted.append(path)
+                        body = body[:-1] + bytes([body[-1] ^ 0xFF])
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                conn.request(self.command, self.path, body=body if body else None, headers=headers)
+                rsp = conn.getresponse()
+                data = rsp.read()
+                self.send_response(rsp.status, rsp.reason)
+                for k, v in rsp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
