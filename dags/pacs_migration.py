@@ -46,7 +46,7 @@ def _study_date() -> dt.date:
 def pacs_migration():
     @task
     def census() -> list[dict[str, str]]:
-        from include.airflow_support import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.census import census_hash, take_census
         from include.pacs_migration.dimse import find
         from include.pacs_migration.manifest import write_census, write_json
@@ -69,7 +69,7 @@ def pacs_migration():
     def partition(part: dict[str, str]):
         @task
         def transfer(part: dict[str, str]) -> dict:
-            from include.airflow_support import object_store, runtime_config
+            from include.pacs_migration_airflow import object_store, runtime_config
             from include.pacs_migration.dimse import c_get
             from include.pacs_migration.manifest import read_census
             from include.pacs_migration.partition import Partition
@@ -95,7 +95,7 @@ def pacs_migration():
         def validate(part: dict[str, str]) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
-            from include.airflow_support import object_store, runtime_config
+            from include.pacs_migration_airflow import object_store, runtime_config
             from include.pacs_migration.manifest import VALIDATION, read_census, read_transfer, write_json
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.validate import validate_partition
@@ -112,7 +112,7 @@ def pacs_migration():
 
         @task(trigger_rule="all_done")
         def lineage(part: dict[str, str]) -> str:
-            from include.airflow_support import emit_openlineage, endpoint_of, object_store, runtime_config
+            from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
             from include.pacs_migration.lineage import lineage_record
             from include.pacs_migration.manifest import LINEAGE, VALIDATION, read_json, read_transfer, write_json
             from include.pacs_migration.partition import Partition
@@ -150,7 +150,7 @@ def pacs_migration():
     def report() -> dict:
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
-        from include.airflow_support import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.partition import Partition
         from include.pacs_migration.report import (
             data_docs_zip, figures_csv, partition_figures, render_html, subject,
@@ -186,7 +186,7 @@ def pacs_migration():
         """Fail the run unless every partition passed this run's validation."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from include.airflow_support import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.manifest import VALIDATION, read_json
         from include.pacs_migration.partition import Partition
 

@@ -45,6 +45,8 @@ class ArchiveSummary:
     quirks: dict[str, str] = field(default_factory=dict)  # quirk -> relative path
     patient_names: list[str] = field(default_factory=list)
     patient_ids: list[str] = field(default_factory=list)
+    birth_dates: list[str] = field(default_factory=list)
+    accession_numbers: list[str] = field(default_factory=list)
 
 
 def build_archive(
@@ -86,6 +88,8 @@ def build_archive(
                         ds.PatientID = pid
                         ds.PatientBirthDate = f"{rng.randrange(1930, 2010)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
                         ds.AccessionNumber = f"ACC{rng.randrange(10**8):08d}"
+                        summary.birth_dates.append(ds.PatientBirthDate)
+                        summary.accession_numbers.append(ds.AccessionNumber)
                         ds.StudyInstanceUID = study_uid
                         ds.SeriesInstanceUID = series_uid
                         ds.SOPInstanceUID = sop_uid
@@ -122,7 +126,7 @@ def build_archive(
                         summary.instances += 1
                         key = f"{date.isoformat()}/{modality}"
                         summary.by_partition[key] = summary.by_partition.get(key, 0) + 1
-    manifest = {k: v for k, v in summary.__dict__.items() if k not in ("patient_names", "patient_ids", "root")}
+    manifest = {k: v for k, v in summary.__dict__.items() if k not in ("patient_names", "patient_ids", "birth_dates", "accession_numbers", "root")}
     (root / "archive.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return summary
 

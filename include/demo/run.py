@@ -154,6 +154,24 @@ def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], obje
     }
 
 
+def write_trace_example(s3: S3Server) -> None:
+    """Trace one instance a rule changed (the big-endian MR) into demo-output/."""
+    from include.pacs_migration.config import TargetConfig
+    from include.pacs_migration.manifest import read_transfer
+    from include.pacs_migration.partition import Partition
+    from include.pacs_migration.store import ObjectStore
+    from include.pacs_migration.trace import render_trace, trace_instance
+
+    store = ObjectStore(s3.client(), TargetConfig(bucket=BUCKET))
+    df = read_transfer(store, Partition(FIRST_DATE, "MR"))
+    changed = df[df["changes"].fillna("").str.contains("1.2.840.10008.1.2.2->")]
+    if changed.empty:
+        return
+    text = render_trace(trace_instance(store, changed.iloc[0]["sop_instance_uid"], FIRST_DATE))
+    (OUT / "trace-example.txt").write_text(text + "\n")
+    print(f"\ntrace of one instance (demo-output/trace-example.txt):\n{text}")
+
+
 def print_table(summary: dict, runs: list[dict], wall: float) -> None:
     df = pd.DataFrame(summary["by_partition"])
     if not df.empty:
@@ -231,6 +249,7 @@ def main() -> int:
         summary["wall_time_s"] = round(time.monotonic() - t0, 1)
         (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
         print_table(summary, runs, time.monotonic() - t0)
+        write_trace_example(s3)
         s3.save(BUCKET, STATE / "s3-snapshot.new")
         shutil.rmtree(STATE / "s3-snapshot", ignore_errors=True)
         (STATE / "s3-snapshot.new").rename(STATE / "s3-snapshot")

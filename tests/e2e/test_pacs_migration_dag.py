@@ -95,9 +95,12 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
         for field in ("expected", "migrated", "quarantined", "unresolved", "written"):
             assert int(rows[key][field]) == getattr(c, field), (key, field)
             assert f'data-field="{field}">{getattr(c, field)}<' in html.split(f'data-partition="{key}"')[1].split("</tr>")[0]
-    # 4. No patient data in the mail (names, IDs planted by the generator), decoded.
+    # 4. No patient data in the mail (names, IDs, birth dates, accession numbers
+    # planted by the generator), decoded.
     decoded = str(msg) + html + csv_text
-    for token in archive.patient_names + archive.patient_ids:
+    tokens = archive.patient_names + archive.patient_ids + archive.birth_dates + archive.accession_numbers
+    assert len(tokens) > 40
+    for token in tokens:
         for form in (token, token.replace("^", " "), token.split("^")[0]):
             assert form not in decoded
 
