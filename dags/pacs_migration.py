@@ -88,6 +88,8 @@ def pacs_migration():
                 attempts=cfg.source.retrieve_attempts,
                 max_associations=cfg.source.max_associations,
                 upload_threads=cfg.target.upload_threads,
+                ruleset=cfg.ruleset,
+                source_ae=cfg.source.called_ae_title,
             )
             return {"partition": p.key, **counts.to_json()}
 
@@ -138,6 +140,7 @@ def pacs_migration():
                 bucket=cfg.target.bucket,
                 prefix=cfg.target.prefix,
                 endpoint=endpoint_of(store),
+                ruleset=cfg.ruleset,
             )
             write_json(store, p, f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json", record)
             key = write_json(store, p, LINEAGE, record)

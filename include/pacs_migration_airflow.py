@@ -45,7 +45,7 @@ def runtime_config() -> MigrationConfig:
         "report": {"recipients": _variable("pacs_migration_recipients")},
         "staging_dir": _variable("pacs_migration_staging_dir"),
     }
-    return load_config(deep_merge(data, overlay))
+    return load_config(deep_merge(data, overlay), path.parent)
 
 
 def object_store(cfg: MigrationConfig) -> ObjectStore:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .rules import STRUCTURAL, RuleSet, RuleSetError, load_ruleset
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; ``field`` names it."""
@@ -102,6 +104,7 @@ class MigrationConfig:
     target: TargetConfig
     report: ReportConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ruleset: RuleSet = STRUCTURAL
     staging_dir: Path = field(default_factory=lambda: Path("/tmp/pacs-migration-staging"))
 
 
@@ -155,8 +158,13 @@ def _ae_title(sec: Mapping[str, Any], path: str, key: str) -> str:
     return value
 
 
-def load_config(data: Mapping[str, Any]) -> MigrationConfig:
+def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> MigrationConfig:
     """Validate a configuration mapping.
+
+    Parameters
+    ----------
+    base_dir : Path, optional
+        Where relative paths in the config (the rule set) are resolved.
 
     Raises
     ------
@@ -241,11 +249,24 @@ def load_config(data: Mapping[str, Any]) -> MigrationConfig:
         max_unresolved_fraction=_float(val, "validation", "max_unresolved_fraction", 0.0, 0.0, 1.0),
         allowed_transfer_syntaxes=tuple(syntaxes),
     )
+    norm = data.get("normalization") or {}
+    if not isinstance(norm, Mapping):
+        raise ConfigError("normalization", "must be a mapping")
+    ruleset = STRUCTURAL
+    if norm.get("ruleset"):
+        path = Path(str(norm["ruleset"]))
+        if not path.is_absolute():
+            path = (base_dir or Path(".")) / path
+        try:
+            ruleset = load_ruleset(path)
+        except RuleSetError as exc:
+            raise ConfigError("normalization.ruleset", str(exc)) from None
     staging = data.get("staging_dir", "/tmp/pacs-migration-staging")
     if not isinstance(staging, str) or not staging:
         raise ConfigError("staging_dir", "must be a directory path")
     return MigrationConfig(
-        source=source, target=target, report=report, validation=validation, staging_dir=Path(staging)
+        source=source, target=target, report=report, validation=validation, ruleset=ruleset,
+        staging_dir=Path(staging),
     )
 
 

@@ -14,9 +14,16 @@ from . import __version__
 from .config import SourceConfig
 from .partition import Partition
 from .reasons import InstanceState
+from .rules import STRUCTURAL, RuleSet
 
-RULESET_ID = "structural"  # first rules; YAML rule sets come with their own ids
-RULESET_VERSION = "1"
+
+def _rule_counts(transfer: pd.DataFrame) -> dict[str, int]:
+    """How many instances each rule changed."""
+    counts: dict[str, int] = {}
+    for value in transfer.get("rules_applied", pd.Series(dtype=object)).dropna():
+        for rule_id in str(value).split(";"):
+            counts[rule_id] = counts.get(rule_id, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def checksum_summary(transfer: pd.DataFrame) -> dict[str, Any]:
@@ -43,6 +50,7 @@ def lineage_record(
     bucket: str,
     prefix: str,
     endpoint: str | None,
+    ruleset: RuleSet = STRUCTURAL,
 ) -> dict[str, Any]:
     """Build the record; it carries UIDs and hashes, never patient attributes."""
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value]
@@ -60,7 +68,12 @@ def lineage_record(
             "query": {"QueryRetrieveLevel": "STUDY", "StudyDate": partition.dicom_date, "Modality": partition.modality},
         },
         "census_sha256": census_sha256,
-        "ruleset": {"id": RULESET_ID, "version": RULESET_VERSION, "instances_changed": int(len(changed))},
+        "ruleset": {
+            "id": ruleset.id,
+            "version": ruleset.version,
+            "instances_changed": int(len(changed)),
+            "rules_applied": _rule_counts(transfer),
+        },
         "counts": counts,
         "target": {
             "uri": f"s3://{bucket}/{prefix}",

@@ -47,6 +47,7 @@ TRANSFER_COLUMNS: tuple[str, ...] = (
     "pixel_sha256_before",
     "pixel_sha256_after",
     "changes",
+    "rules_applied",
     "run_id",
 )
 

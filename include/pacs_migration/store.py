@@ -31,6 +31,14 @@ class StoredObject:
     key: str
     size: int
     sha256: str | None
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class PutResult:
+    outcome: PutOutcome
+    sha256: str  # of the object now under the key
+    size: int
 
 
 class ObjectStore:
@@ -62,9 +70,21 @@ class ObjectStore:
         return args
 
     def put_new(
-        self, key: str, data: bytes, sha256_hex: str, metadata: dict[str, str] | None = None
-    ) -> PutOutcome:
-        """Write once; never overwrite. Returns what happened."""
+        self,
+        key: str,
+        data: bytes,
+        sha256_hex: str,
+        metadata: dict[str, str] | None = None,
+        same_if: tuple[str, ...] = (),
+    ) -> PutResult:
+        """Write once; never overwrite.
+
+        When the key exists, the object counts as the same (``ALREADY_PRESENT``)
+        if its SHA-256 is equal, or if every metadata entry named in
+        ``same_if`` is equal (e.g. the source bytes' hash and the rule set: a
+        normalized object carries its modification time, so a re-run's bytes
+        differ while its meaning does not). Anything else is a ``CONFLICT``.
+        """
         meta = {"sha256": sha256_hex, **(metadata or {})}
         try:
             self.client.put_object(
@@ -77,16 +97,21 @@ class ObjectStore:
                 Metadata=meta,
                 **self._sse(),
             )
-            return PutOutcome.CREATED
+            return PutResult(PutOutcome.CREATED, sha256_hex, len(data))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code not in ("PreconditionFailed", "412") and status != 412:
                 raise
         existing = self.head(key)
-        if existing is not None and existing.sha256 == sha256_hex:
-            return PutOutcome.ALREADY_PRESENT
-        return PutOutcome.CONFLICT
+        if existing is None:
+            raise RuntimeError(f"{key}: write refused as existing, but the object cannot be read")
+        theirs = existing.metadata or {}
+        same = existing.sha256 == sha256_hex or (
+            bool(same_if) and all(theirs.get(k) is not None and theirs.get(k) == meta.get(k) for k in same_if)
+        )
+        outcome = PutOutcome.ALREADY_PRESENT if same else PutOutcome.CONFLICT
+        return PutResult(outcome, existing.sha256 or "", existing.size)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         """Write or replace a manifest-type object (not an instance)."""
@@ -108,7 +133,8 @@ class ObjectStore:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise
-        return StoredObject(key, int(rsp["ContentLength"]), rsp.get("Metadata", {}).get("sha256"))
+        meta = rsp.get("Metadata", {})
+        return StoredObject(key, int(rsp["ContentLength"]), meta.get("sha256"), meta)
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()

@@ -14,8 +14,8 @@ import json
 from typing import Any
 
 import pandas as pd
+import pydicom
 
-from .lineage import RULESET_ID, RULESET_VERSION
 from .manifest import LINEAGE, TRANSFER, VALIDATION, read_json
 from .partition import Partition
 from .store import ObjectStore
@@ -37,6 +37,38 @@ def _partitions(store: ObjectStore, study_date: dt.date | None) -> list[Partitio
     return sorted(found)
 
 
+def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """Structural changes from the manifest; attribute changes with their old
+    value from the stored object's Original Attributes Sequence."""
+    out: list[dict[str, Any]] = []
+    rule_of: dict[str, str] = {}
+    for change in (row.get("changes") or "").split(";"):
+        if not change:
+            continue
+        what, _, detail = change.partition(":")
+        if what == "rule":
+            rule_id, _, keyword = detail.partition(":")
+            rule_of[keyword] = rule_id
+            continue
+        old, sep, new = detail.partition("->")
+        out.append({"rule_set": label, "rule": "structural", "change": what,
+                    "old": old if sep else None, "new": new if sep else detail or None})
+    if rule_of and row.get("object_key"):
+        ds = pydicom.dcmread(io.BytesIO(store.get(row["object_key"])), stop_before_pixels=True)
+        for item in ds.get("OriginalAttributesSequence", []) or []:
+            for modified in item.get("ModifiedAttributesSequence", []) or []:
+                for elem in modified:
+                    kw = elem.keyword or str(elem.tag)
+                    if kw not in rule_of:
+                        continue  # recorded by an earlier system, not by us
+                    new = ds.get(elem.tag)
+                    out.append({"rule_set": label, "rule": rule_of[kw], "change": kw,
+                                "reason": str(item.get("ReasonForTheAttributeModification", "")),
+                                "old": None if elem.value in (None, "") else str(elem.value),
+                                "new": None if new is None else str(new.value)})
+    return out
+
+
 def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.date | None = None) -> dict[str, Any]:
     """The instance's story, as a JSON-able dict.
 
@@ -54,15 +86,9 @@ def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.dat
         row = {k: (None if pd.isna(v) else v) for k, v in hit.iloc[0].to_dict().items()}
         lineage = read_json(store, p, LINEAGE) or {}
         validation = read_json(store, p, VALIDATION) or {}
-        changes = []
-        for change in (row.get("changes") or "").split(";"):
-            if not change:
-                continue
-            what, _, detail = change.partition(":")
-            old, _, new = detail.partition("->")
-            changes.append(
-                {"rule_set": f"{RULESET_ID}@{RULESET_VERSION}", "change": what, "old": old or None, "new": new or None}
-            )
+        rs = lineage.get("ruleset") or {}
+        label = f"{rs.get('id')}@{rs.get('version')}"
+        changes = _changes(store, row, label)
         return {
             "sop_instance_uid": sop_instance_uid,
             "partition": p.key,
@@ -101,7 +127,7 @@ def render_trace(t: dict[str, Any]) -> str:
     ]
     if t["rules_applied"]:
         for c in t["rules_applied"]:
-            lines.append(f"rule              {c['rule_set']} {c['change']}: {c['old']} -> {c['new']}")
+            lines.append(f"rule              {c['rule_set']} {c['rule']} {c['change']}: {c['old']} -> {c['new']}")
     else:
         lines.append("rule              none changed it (stored byte for byte as received)")
     px = t["pixel_data_sha256"]

@@ -23,6 +23,7 @@ from .normalize import normalize
 from .partition import Partition
 from .reasons import InstanceState, ReasonCode, reason
 from .retrieve import GetFn, retrieve_partition
+from .rules import STRUCTURAL, RuleSet
 from .store import ObjectStore, PutOutcome
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _quarantine(
 ) -> None:
     digest = row["received_sha256"] or hashlib.sha256(raw).hexdigest()
     key = quarantine_key(store.target.prefix, partition, digest)
-    store.put_new(key, raw, digest, {"reason": code, "run-id": run_id[:200]})
+    store.put_new(key, raw, digest, {"reason": code})
     row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key)
 
 
@@ -81,6 +82,8 @@ def _process(
     expected: tuple[str, str, str] | None,
     item: ReceivedInstance,
     run_id: str,
+    ruleset: RuleSet,
+    source_ae: str | None,
 ) -> tuple[dict[str, Any], bool]:
     """Normalize and load one received instance; returns its row and whether an object was created."""
     row: dict[str, Any] = {c: None for c in ("reason", "object_key", "object_sha256", "object_size", "load_action")}
@@ -98,7 +101,7 @@ def _process(
     if expected is None:
         _quarantine(store, partition, row, raw, reason(ReasonCode.UNSOLICITED), run_id)
         return row, False
-    result = normalize(raw, expected[2], expected[1], expected[0])
+    result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
     row.update(
         transfer_syntax_in=result.transfer_syntax_in,
         transfer_syntax_out=result.transfer_syntax_out,
@@ -114,18 +117,22 @@ def _process(
         return row, False
     key = instance_key(store.target.prefix, expected[0], expected[1], expected[2])
     digest = hashlib.sha256(result.data).hexdigest()
-    outcome = store.put_new(key, result.data, digest)
-    if outcome is PutOutcome.CONFLICT:
+    put = store.put_new(
+        key, result.data, digest, {"source-sha256": item.sha256, "ruleset": ruleset.label},
+        same_if=("source-sha256", "ruleset"),
+    )
+    if put.outcome is PutOutcome.CONFLICT:
         _quarantine(store, partition, row, raw, reason(ReasonCode.UID_CONFLICT), run_id)
         return row, False
     row.update(
         state=InstanceState.MIGRATED.value,
         object_key=key,
-        object_sha256=digest,
-        object_size=len(result.data),
-        load_action=outcome.value,
+        object_sha256=put.sha256,
+        object_size=put.size,
+        load_action=put.outcome.value,
+        rules_applied=";".join(result.rules_applied) or None,
     )
-    return row, outcome is PutOutcome.CREATED
+    return row, put.outcome is PutOutcome.CREATED
 
 
 def transfer_partition(
@@ -138,6 +145,8 @@ def transfer_partition(
     attempts: int,
     max_associations: int,
     upload_threads: int,
+    ruleset: RuleSet = STRUCTURAL,
+    source_ae: str | None = None,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
@@ -160,7 +169,10 @@ def transfer_partition(
         with ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix="load") as pool:
             results = list(
                 pool.map(
-                    lambda it: _process(store, partition, expected.get(it.sop_instance_uid), it, run_id), received
+                    lambda it: _process(
+                        store, partition, expected.get(it.sop_instance_uid), it, run_id, ruleset, source_ae
+                    ),
+                    received,
                 )
             )
         rows = [r for r, _ in results]

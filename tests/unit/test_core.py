@@ -75,9 +75,10 @@ def test_yaml_example_loads_with_connection_values():
 
     from include.pacs_migration.config import deep_merge, read_yaml
 
-    data = read_yaml(Path("include/config/migration.yaml"))
-    cfg = load_config(deep_merge(data, {"source": {"host": "pacs.local", "port": 104}}))
+    path = Path("include/config/migration.yaml")
+    cfg = load_config(deep_merge(read_yaml(path), {"source": {"host": "pacs.local", "port": 104}}), path.parent)
     assert cfg.source.called_ae_title == "LEGACYPACS"
+    assert cfg.ruleset.label == "site-default@1"
 
 
 def test_partition_keys():
