@@ -22,7 +22,9 @@ import pydicom
 from pydicom.datadict import DicomDictionary, dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -32,7 +34,7 @@ from pydicom.uid import (
 )
 
 from .reasons import ReasonCode, reason
-from .rules import STRUCTURAL, Change, Reason, RuleSet, apply_ruleset
+from .rules import STRUCTURAL, Change, Reason, RuleSet, apply_ruleset, is_conformant
 from .uids import is_valid_uid
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -220,27 +222,54 @@ def record_original_attributes(
     ds: Dataset, changes: list[Change], ruleset: RuleSet, source_ae: str | None, modified_at: dt.datetime | None
 ) -> None:
     """Keep every changed attribute's old value in the Original Attributes
-    Sequence (0400,0561), one item per reason (PS3.3 C.12.1.1.9)."""
+    Sequence (0400,0561), one item per reason (PS3.3 C.12.1.1.9). Old values
+    that were not valid for their VR go to the Nonconforming Modified
+    Attributes Sequence as their bytes, so the object stays conformant."""
     when = (modified_at or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%d%H%M%S.%f%z")
     items = list(ds.get("OriginalAttributesSequence", []) or [])
+    charset = _values_charset(ds)
     for why in Reason:
         group = [c for c in changes if c.reason is why]
         if not group:
             continue
         modified = Dataset()
+        nonconforming = []
+        seen: set[int] = set()
         for c in group:
-            if c.tag in modified:
+            if c.tag in seen:
                 continue  # the first change holds the original value
+            seen.add(c.tag)
             vr = dictionary_VR(c.tag) if c.tag in DicomDictionary else "UN"
-            modified.add_new(c.tag, vr, c.old)  # an absent attribute is recorded empty
+            if c.old is None or is_conformant(vr, c.old):
+                modified.add_new(c.tag, vr, c.old)  # an absent attribute is recorded empty
+            else:
+                raw = "\\".join(str(v) for v in (c.old if isinstance(c.old, (list, tuple)) else [c.old]))
+                item = Dataset()
+                item.SelectorAttribute = c.tag
+                item.SelectorValueNumber = 0
+                item.SelectorAttributeVR = vr
+                data = raw.encode(charset, "replace")
+                item.NonconformingDataElementValue = data + (b"\x00" if len(data) % 2 else b"")
+                nonconforming.append(item)
         item = Dataset()
-        item.ModifiedAttributesSequence = [modified]
+        item.ModifiedAttributesSequence = [modified] if len(modified) else []
+        if nonconforming:
+            item.NonconformingModifiedAttributesSequence = nonconforming
         item.AttributeModificationDateTime = when
         item.ModifyingSystem = f"pacs-migration {ruleset.label}"[:64]
         item.SourceOfPreviousValues = (source_ae or "")[:64]
         item.ReasonForTheAttributeModification = why.value
         items.append(item)
     ds.OriginalAttributesSequence = items
+
+
+def _values_charset(ds: Dataset) -> str:
+    from pydicom.charset import convert_encodings
+
+    try:
+        return convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")[0]
+    except Exception:
+        return "latin_1"
 
 
 def normalize(
@@ -289,6 +318,8 @@ def normalize(
     else:
         ts_in = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     result = NormalizeResult(reason=None, transfer_syntax_in=ts_in)
+    body_vr = raw[offset + 4 : offset + 6]
+    encoding_mismatch = ts_in != ImplicitVRLittleEndian and len(body_vr) == 2 and not body_vr.isalpha()
     try:
         check_structure(raw, ts_in, offset)
     except _Truncated:
@@ -359,6 +390,7 @@ def normalize(
     )
     rewrite = (
         ts_in in _REWRITE_SYNTAXES or not meta_ok or group_lengths or un_known or outcome.changes or outcome.notes
+        or encoding_mismatch
     )
     if not rewrite:
         result.data = raw
@@ -382,6 +414,8 @@ def normalize(
         result.changes.append(f"group_length:removed:{len(group_lengths)}")
     if un_known:
         result.changes.append(f"un:retyped:{len(un_known)}")
+    if encoding_mismatch:
+        result.changes.append("encoding:implicit-vr-body-rewritten-explicit")
     result.changes.extend(f"rule:{c.rule_id}:{c.keyword}" for c in outcome.changes)
     result.changes.extend(outcome.notes)
     if outcome.changes:
@@ -402,7 +436,12 @@ def normalize(
     except Exception:
         result.reason = reason(ReasonCode.NOT_DICOM)
         return result
-    data = out.getvalue()
+    # force_encoding writes the meta without its group length: write it properly.
+    body_at, _ = _dataset_offset(out.getvalue())
+    meta_buf = DicomBytesIO()
+    meta_buf.is_little_endian, meta_buf.is_implicit_VR = True, False
+    write_file_meta_info(meta_buf, new_meta, enforce_standard=True)
+    data = b"\x00" * 128 + b"DICM" + meta_buf.getvalue() + out.getvalue()[body_at:]
     # Our own output must read back, and carry the same pixel values.
     check = pydicom.dcmread(io.BytesIO(data))
     result.pixel_sha256_after = _pixel_hash(check, big_endian=False)

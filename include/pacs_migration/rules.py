@@ -23,7 +23,10 @@ from typing import Any
 import yaml
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.charset import convert_encodings
+from pydicom.config import RAISE
 from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import validate_value
 
 # Attributes that key the object in the bucket or tie it to the census: no rule
 # may touch them (a changed UID would orphan the instance from its manifests).
@@ -67,6 +70,11 @@ class OverLongPolicy(str, Enum):
     TRUNCATE = "truncate"
     QUARANTINE = "quarantine"
     KEEP = "keep"  # leave as received (the structural rules alone)
+
+
+class InvalidValuePolicy(str, Enum):
+    QUARANTINE = "quarantine"  # RULE_REJECTED:invalid-values; write a rule to repair, then re-run
+    KEEP = "keep"  # migrate as received (not strictly conformant)
 
 
 class Reason(str, Enum):
@@ -126,6 +134,7 @@ class RuleSet:
     private_policy: PrivatePolicy = PrivatePolicy.KEEP
     keep_creators: frozenset[str] = frozenset()
     over_long: OverLongPolicy = OverLongPolicy.TRUNCATE
+    invalid_values: InvalidValuePolicy = InvalidValuePolicy.QUARANTINE
     map_retired_sop_classes: bool = True
     normalize_dates: bool = True
     repair_character_set: bool = True
@@ -158,7 +167,8 @@ class RuleOutcome:
     rejected_by: str | None = None  # rule id when the instance must be quarantined
 
 
-STRUCTURAL = RuleSet(id="structural", version="1", over_long=OverLongPolicy.KEEP, map_retired_sop_classes=False,
+STRUCTURAL = RuleSet(id="structural", version="1", over_long=OverLongPolicy.KEEP,
+                     invalid_values=InvalidValuePolicy.KEEP, map_retired_sop_classes=False,
                      normalize_dates=False, repair_character_set=False)
 
 
@@ -294,6 +304,10 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
         over_long = OverLongPolicy(str(data.get("over_long_values", "truncate")))
     except ValueError:
         raise RuleSetError("over_long_values: must be truncate, quarantine or keep") from None
+    try:
+        invalid = InvalidValuePolicy(str(data.get("invalid_values", "quarantine")))
+    except ValueError:
+        raise RuleSetError("invalid_values: must be quarantine or keep") from None
     charset = data.get("character_set") or {}
     flags = {}
     for name, key, default in (("map_retired_sop_classes", "retired_sop_classes", True),
@@ -308,12 +322,13 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
             raise RuleSetError(f"character_set.{key}: must be true or false")
         flags[name] = value
     unknown = set(data) - {"id", "version", "description", "rules", "private_tags", "over_long_values",
-                           "character_set", "retired_sop_classes", "normalize_dates", "crosswalk"}
+                           "character_set", "retired_sop_classes", "normalize_dates", "crosswalk",
+                           "invalid_values"}
     if unknown:
         raise RuleSetError(f"<root>: unknown field(s) {sorted(unknown)}")
     return RuleSet(
         id=rid, version=str(version), rules=rules, private_policy=policy,
-        keep_creators=frozenset(c.strip() for c in creators), over_long=over_long,
+        keep_creators=frozenset(c.strip() for c in creators), over_long=over_long, invalid_values=invalid,
         crosswalk=_crosswalk(data.get("crosswalk"), base), **flags,
     )
 
@@ -511,6 +526,8 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
         if wanted is not None:
             old = ds.get("SpecificCharacterSet")
             ds.SpecificCharacterSet = wanted
+            # pydicom decodes not-yet-read values with the charset it read: correct that too.
+            ds._read_charset = convert_encodings(wanted)
             out.changes.append(Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT,
                                       old, wanted))
     for elem in ds:  # decode every value now, with the (repaired) declaration
@@ -550,4 +567,34 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
     if out.rejected_by:
         return out
     _private_tags(rs, ds, out)
+    if rs.invalid_values is InvalidValuePolicy.QUARANTINE and first_invalid_value(ds) is not None:
+        out.rejected_by = "invalid-values"
     return out
+
+
+def is_conformant(vr: str, value: Any) -> bool:
+    """True when ``value`` is valid for ``vr`` (PS3.5 6.2) by pydicom's strict check."""
+    if value is None or vr in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "US", "SS", "UL", "SL", "FL", "FD",
+                               "SV", "UV", "AT"):
+        return True
+    try:
+        for v in _values(value) if vr != "PN" else [value] if not isinstance(value, (list, tuple)) else value:
+            validate_value(vr, v, RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def first_invalid_value(ds: Dataset) -> str | None:
+    """Keyword of the first element (at any depth) whose value is not valid
+    for its VR, or None. Meta elements and private elements are not judged."""
+    for elem in ds.iterall():
+        if elem.tag.is_private or elem.tag.group == 0x0002:
+            continue
+        try:
+            value = elem.value
+        except Exception:
+            return elem.keyword or str(elem.tag)
+        if not is_conformant(elem.VR, value):
+            return elem.keyword or str(elem.tag)
+    return None

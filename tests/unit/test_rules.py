@@ -1,0 +1,205 @@
+"""The rule engine: YAML validation, each kind of rule, conditions, and the
+provenance every change leaves in the Original Attributes Sequence."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+from pydicom.data import get_testdata_file
+
+from include.pacs_migration.normalize import normalize
+from include.pacs_migration.rules import RuleSetError, load_ruleset, parse_ruleset
+
+RULES = Path(__file__).resolve().parents[2] / "include" / "config" / "rules"
+
+
+def _file(name="CT_small.dcm", **attrs) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _ruleset(**extra):
+    return parse_ruleset({"id": "t", "version": "1", **extra}, RULES)
+
+
+def _out(result) -> pydicom.Dataset:
+    assert result.reason is None, result.reason
+    return pydicom.dcmread(io.BytesIO(result.data))
+
+
+def _original(ds, keyword):
+    """Old value of ``keyword`` recorded in the Original Attributes Sequence."""
+    for item in ds.OriginalAttributesSequence:
+        for mod in item.get("ModifiedAttributesSequence", []):
+            if keyword in mod:
+                return mod[keyword].value, item
+        for nc in item.get("NonconformingModifiedAttributesSequence", []):
+            if pydicom.datadict.keyword_for_tag(nc.SelectorAttribute) == keyword:
+                return nc.NonconformingDataElementValue.rstrip(b"\x00").decode(), item
+    raise AssertionError(f"{keyword} not in OriginalAttributesSequence")
+
+
+def test_shipped_rule_sets_validate():
+    assert load_ruleset(RULES / "site-default.yaml").label == "site-default@1"
+    example = load_ruleset(RULES / "example-site.yaml")
+    assert example.crosswalk is not None and len(example.rules) == 6
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"id": "t"}, "^version"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "paint", "tag": "StationName"}]},
+         "rule 'r1'.action"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "StationNam", "value": "x"}]},
+         "rule 'r1'.tag"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "SOPInstanceUID", "value": "1"}]},
+         "rule 'r1'.tag: SOPInstanceUID may not be changed"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "regex", "tag": "StationName", "pattern": "(",
+                                               "replacement": ""}]}, "rule 'r1'.pattern"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "StationName"}]},
+         "rule 'r1'.value"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "delete", "tag": "StationName",
+                                               "when": {"Modalty": "CT"}}]}, "rule 'r1'.when.Modalty"),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "delete", "tag": "StationName"},
+                                              {"id": "r1", "action": "delete", "tag": "StationName"}]},
+         "duplicate rule id"),
+        ({"id": "t", "version": 1, "private_tags": {"policy": "keep_listed"}}, "private_tags.keep_creators"),
+        ({"id": "t", "version": 1, "crosswalk": {"file": "missing.csv"}}, "crosswalk.file"),
+        ({"id": "t", "version": 1, "colour": "blue"}, "unknown field"),
+    ],
+)
+def test_invalid_rule_sets_fail_naming_rule_and_field(data, message):
+    with pytest.raises(RuleSetError, match=message):
+        parse_ruleset(data, RULES)
+
+
+def test_set_prefix_suffix_regex_delete_with_conditions():
+    rs = _ruleset(rules=[
+        {"id": "inst", "action": "set", "tag": "InstitutionName", "value": "St Elsewhere"},
+        {"id": "ct-station", "when": {"Modality": "CT", "StationName": "re:.*"}, "action": "prefix",
+         "tag": "StationName", "value": "SE-"},
+        {"id": "mr-only", "when": {"Modality": "MR"}, "action": "set", "tag": "StudyDescription", "value": "MR"},
+        {"id": "acc", "when": {"source_ae": "re:LEGACY.*"}, "action": "suffix", "tag": "AccessionNumber",
+         "value": "-L"},
+        {"id": "proto", "action": "regex", "tag": "ProtocolName", "pattern": "\\s+", "replacement": "_"},
+        {"id": "op", "action": "delete", "tag": "OperatorsName"},
+    ])
+    raw = _file(StationName="CT01", AccessionNumber="A1", ProtocolName="head  routine", OperatorsName="Op^Erator",
+                StudyDescription="orig")
+    result = normalize(raw, ruleset=rs, source_ae="LEGACYPACS")
+    out = _out(result)
+    assert out.InstitutionName == "St Elsewhere"
+    assert out.StationName == "SE-CT01"
+    assert out.StudyDescription == "orig"  # condition Modality == MR did not hold
+    assert out.AccessionNumber == "A1-L"
+    assert out.ProtocolName == "head_routine"
+    assert "OperatorsName" not in out
+    assert _original(out, "StationName")[0] == "CT01"
+    old, item = _original(out, "OperatorsName")
+    assert str(old) == "Op^Erator"
+    assert item.ReasonForTheAttributeModification == "COERCE"
+    assert item.ModifyingSystem == "pacs-migration t@1" and item.SourceOfPreviousValues == "LEGACYPACS"
+    assert result.rules_applied == ["acc", "ct-station", "inst", "op", "proto"]
+    # The source AE condition: another source, no suffix.
+    assert _out(normalize(raw, ruleset=rs, source_ae="OTHER")).AccessionNumber == "A1"
+    # Pixel data untouched.
+    assert result.pixel_sha256_before == result.pixel_sha256_after
+
+
+def test_reject_rule_quarantines():
+    rs = _ruleset(rules=[{"id": "no-test", "when": {"PatientID": "re:^TEST.*"}, "action": "reject"}])
+    assert normalize(_file(PatientID="TEST123"), ruleset=rs).reason == "RULE_REJECTED:no-test"
+    assert normalize(_file(PatientID="REAL1"), ruleset=rs).reason is None
+
+
+def test_crosswalk_maps_patient_id_and_issuer(tmp_path):
+    (tmp_path / "cw.csv").write_text("old_patient_id,old_issuer,new_patient_id,new_issuer\nOLD1,,MPI-9,HOSP\n")
+    rs = parse_ruleset({"id": "t", "version": "1", "crosswalk": {"file": "cw.csv", "on_missing": "quarantine"}},
+                       tmp_path)
+    out = _out(normalize(_file(PatientID="OLD1"), ruleset=rs))
+    assert (out.PatientID, out.IssuerOfPatientID) == ("MPI-9", "HOSP")
+    old, item = _original(out, "PatientID")
+    assert old == "OLD1" and item.ReasonForTheAttributeModification == "COERCE"
+    assert normalize(_file(PatientID="UNKNOWN"), ruleset=rs).reason == "RULE_REJECTED:crosswalk"
+
+
+@pytest.mark.parametrize("policy", ["remove", "keep_listed"])
+def test_private_tag_policies(policy):
+    raw = _file()
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    creators = sorted({str(e.value) for e in ds if e.tag.is_private and 0x10 <= e.tag.element <= 0xFF})
+    keep = creators[:1]
+    rs = _ruleset(private_tags={"policy": policy, **({"keep_creators": keep} if policy == "keep_listed" else {})})
+    result = normalize(raw, ruleset=rs)
+    out = _out(result)
+    remaining = {str(e.value) for e in out if e.tag.is_private and 0x10 <= e.tag.element <= 0xFF}
+    assert remaining == (set() if policy == "remove" else set(keep))
+    assert any(c.startswith("private:removed:") for c in result.changes)
+
+
+def test_retired_sop_class_is_mapped_and_meta_follows():
+    raw = _file(SOPClassUID="1.2.840.10008.5.1.4.1.1.6")  # US Image Storage (Retired)
+    out = _out(normalize(raw, ruleset=_ruleset()))
+    assert out.SOPClassUID == "1.2.840.10008.5.1.4.1.1.6.1"
+    assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID
+    assert _original(out, "SOPClassUID")[0] == "1.2.840.10008.5.1.4.1.1.6"
+
+
+def test_dates_times_and_over_long_values_are_corrected_and_kept():
+    raw = _file(StudyDate="2019/03/01", StudyTime="12:30:45", InstitutionName="X" * 80)
+    result = normalize(raw, ruleset=_ruleset())
+    out = _out(result)
+    assert (out.StudyDate, out.StudyTime, out.InstitutionName) == ("20190301", "123045", "X" * 64)
+    assert _original(out, "StudyDate")[0] == "2019/03/01"  # nonconforming: kept as bytes
+    assert _original(out, "InstitutionName")[0] == "X" * 80
+    # The output, OAS included, passes pydicom's strict validation.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        strict = pydicom.dcmread(io.BytesIO(result.data))
+        for elem in strict.iterall():
+            _ = elem.value
+    finally:
+        pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
+    assert normalize(raw, ruleset=_ruleset(over_long_values="quarantine")).reason == "RULE_REJECTED:over-long-values"
+
+
+def test_character_set_repair_and_reencode():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jürgen"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    # Mis-declared: UTF-8 bytes under the default repertoire (same length).
+    raw = buf.getvalue().replace(b"ISO_IR 192", b"ISO_IR 6  ")
+    out = _out(normalize(raw, ruleset=_ruleset()))
+    assert out.SpecificCharacterSet == "ISO_IR 192" and str(out.PatientName) == "Müller^Jürgen"
+    # Latin-1 declared and encoded, re-encoded as UTF-8 on request.
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jürgen"  # a fresh value, encoded with the new declaration
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert "Müller".encode("latin-1") in buf.getvalue()
+    result = normalize(buf.getvalue(), ruleset=_ruleset(character_set={"reencode_utf8": True}))
+    out = _out(result)
+    assert out.SpecificCharacterSet == "ISO_IR 192" and str(out.PatientName) == "Müller^Jürgen"
+    assert "Müller".encode("utf-8") in result.data
+
+
+def test_invalid_values_quarantined_by_default_kept_on_request():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SeriesNumber = "77"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue().replace(b"IS\x02\x0077", b"IS\x02\x007A", 1)
+    assert b"7A" in raw
+    assert normalize(raw, ruleset=_ruleset()).reason == "RULE_REJECTED:invalid-values"
+    assert normalize(raw, ruleset=_ruleset(invalid_values="keep")).reason is None
