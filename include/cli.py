@@ -1,4 +1,8 @@
-"""Command line: ``python -m include.cli trace <SOPInstanceUID> --bucket B``.
+"""Command line:
+
+``python -m include.cli trace <SOPInstanceUID> --bucket B`` traces one instance;
+``python -m include.cli dry-run --rules R.yaml PATH...`` (or ``--pacs host:port
+--called-ae AE --partition 2019-03-01/CT``) reports what a rule set would change.
 
 Credentials come from the usual AWS chain (environment, profile, role);
 ``--endpoint-url`` points at an S3-compatible store.
@@ -10,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from pathlib import Path
 
 from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.store import ObjectStore
@@ -27,7 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--region", default=None)
     t.add_argument("--study-date", type=dt.date.fromisoformat, default=None, help="narrow the search (YYYY-MM-DD)")
     t.add_argument("--json", action="store_true", help="machine-readable output")
+    d = sub.add_parser("dry-run", help="what a rule set would change, writing nothing (counts only)")
+    d.add_argument("--rules", required=True, type=Path, help="rule-set YAML file")
+    d.add_argument("--source-ae", default=None, help="source AE title, for rule conditions")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("paths", nargs="*", type=Path, help="DICOM files or folders")
+    d.add_argument("--pacs", default=None, help="host:port: dry-run a partition fetched from this PACS")
+    d.add_argument("--called-ae", default=None)
+    d.add_argument("--calling-ae", default="PACSMIGRATE")
+    d.add_argument("--partition", default=None, help="YYYY-MM-DD/MODALITY, with --pacs")
     args = ap.parse_args(argv)
+    if args.command == "dry-run":
+        return _dry_run(args)
 
     import boto3
 
@@ -40,6 +56,56 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2, default=str) if args.json else render_trace(result))
     return 0
+
+
+def _files(paths: list[Path]):
+    for p in paths:
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                yield f.read_bytes()
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from include.pacs_migration.dryrun import dry_run
+    from include.pacs_migration.rules import RuleSetError, load_ruleset
+
+    try:
+        ruleset = load_ruleset(args.rules)
+    except RuleSetError as exc:
+        print(f"rule set: {exc}", file=sys.stderr)
+        return 2
+    if args.pacs:
+        if not (args.called_ae and args.partition):
+            print("--pacs needs --called-ae and --partition", file=sys.stderr)
+            return 2
+        report = _dry_run_partition(args, ruleset)
+    else:
+        report = dry_run(_files(args.paths), ruleset, args.source_ae)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+    return 0
+
+
+def _dry_run_partition(args: argparse.Namespace, ruleset):
+    """Census + C-GET one partition into a temporary folder, then dry-run it."""
+    import tempfile
+
+    from include.pacs_migration.census import take_census
+    from include.pacs_migration.config import SourceConfig
+    from include.pacs_migration.dimse import StagingSink, c_get, find
+    from include.pacs_migration.dryrun import dry_run
+    from include.pacs_migration.partition import Partition
+    from include.pacs_migration.retrieve import retrieve_partition
+
+    host, _, port = args.pacs.rpartition(":")
+    source = SourceConfig(host=host, port=int(port), called_ae_title=args.called_ae,
+                          calling_ae_title=args.calling_ae)
+    partition = Partition.parse(args.partition)
+    census = take_census(lambda q: find(source, q), partition.study_date)
+    with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
+        sink = StagingSink(Path(tmp))
+        retrieve_partition(lambda q, c, s: c_get(source, q, c, s), census.for_partition(partition), sink,
+                           source.retrieve_attempts, source.max_associations)
+        return dry_run((r.path.read_bytes() for r in sink.received.values()), ruleset, args.called_ae)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,21 @@ def test_unreachable_pacs_ends_unresolved_not_lost(setup, pacs):
     assert counts.unresolved == counts.expected > 0 and counts.migrated == 0
     df = read_transfer(store, p)
     assert set(df.reason) == {"NOT_RECEIVED"}
+
+
+def test_dry_run_of_a_partition_from_the_pacs_writes_nothing(pacs, s3_server, bucket):
+    import json
+    import subprocess
+    import sys
+
+    before = s3_server.count(bucket)
+    proc = subprocess.run(
+        [sys.executable, "-m", "include.cli", "dry-run", "--rules", "include/config/rules/example-site.yaml",
+         "--pacs", f"127.0.0.1:{pacs.port}", "--called-ae", "LEGACYPACS", "--partition", "2019-03-01/MR", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["files"] == 12 and report["would_migrate"] == 12
+    assert report["rules"]["mr-station-prefix"] == 12
+    assert s3_server.count(bucket) == before

@@ -203,3 +203,30 @@ def test_invalid_values_quarantined_by_default_kept_on_request():
     assert b"7A" in raw
     assert normalize(raw, ruleset=_ruleset()).reason == "RULE_REJECTED:invalid-values"
     assert normalize(raw, ruleset=_ruleset(invalid_values="keep")).reason is None
+
+
+def test_dry_run_counts_without_values(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from include.pacs_migration.dryrun import dry_run
+
+    files = [_file(PatientID="OLD1", StationName="CT01", OperatorsName="Op^Erator"), _file(PatientID="TEST9"),
+             b"not dicom"]
+    for i, data in enumerate(files):
+        (tmp_path / f"{i}.dcm").write_bytes(data)
+    rs = load_ruleset(RULES / "example-site.yaml")
+    report = dry_run(files, rs, "LEGACYPACS")
+    assert (report.files, report.would_migrate) == (3, 1)
+    assert report.would_quarantine == {"RULE_REJECTED:reject-test-patients": 1, "NOT_DICOM": 1}
+    assert report.rules["drop-operator"] == 1 and report.attributes["institution-name:InstitutionName"] == 1
+    # The CLI says the same, and prints no attribute values.
+    proc = subprocess.run(
+        [sys.executable, "-m", "include.cli", "dry-run", "--rules", str(RULES / "example-site.yaml"),
+         "--source-ae", "LEGACYPACS", "--json", str(tmp_path)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == report.to_json()
+    assert "Op^Erator" not in proc.stdout and "CT01" not in proc.stdout
