@@ -19,6 +19,24 @@ from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
 DAG_ID = "pacs_migration"
+# Every task that talks to the legacy PACS takes slots of this pool, one per
+# association it may open: the pool's size bounds the PACS's load cluster-wide.
+PACS_POOL = "pacs_source_associations"
+
+
+def _associations_per_task() -> int:
+    """source.max_associations from the YAML (one small file read at parse time, no DB, no
+    heavy imports): the transfer task's pool slots."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(__file__).parents[1] / "include/config/migration.yaml").read_text())
+        return max(1, int(data["source"].get("max_associations", 2)))
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return 2
+
+
+ASSOCIATIONS_PER_TASK = _associations_per_task()
 
 
 def _study_date() -> dt.date:
@@ -44,7 +62,7 @@ def _study_date() -> dt.date:
     doc_md=__doc__,
 )
 def pacs_migration():
-    @task
+    @task(pool=PACS_POOL, pool_slots=1)
     def census() -> list[dict[str, str]]:
         from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.census import census_hash, take_census
@@ -67,7 +85,7 @@ def pacs_migration():
 
     @task_group
     def partition(part: dict[str, str]):
-        @task
+        @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
         def transfer(part: dict[str, str]) -> dict:
             from include.pacs_migration_airflow import object_store, runtime_config
             from include.pacs_migration.dimse import c_get
@@ -86,7 +104,8 @@ def pacs_migration():
                 staging_root=cfg.staging_dir,
                 run_id=get_current_context()["run_id"],
                 attempts=cfg.source.retrieve_attempts,
-                max_associations=cfg.source.max_associations,
+                # never more associations than the pool slots this task holds
+                max_associations=min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
                 upload_threads=cfg.target.upload_threads,
                 ruleset=cfg.ruleset,
                 source_ae=cfg.source.called_ae_title,

@@ -87,6 +87,11 @@ def airflow_db():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", "pools", "set", "pacs_source_associations", "4", "legacy PACS"],
+        env=dict(os.environ), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return _HOME
 
 

@@ -214,6 +214,7 @@ def main() -> int:
         print("airflow db migrate ...", flush=True)
         _airflow(env, "db", "migrate", timeout=600)
         # Register the DAG and queue the backfill before any service writes to SQLite.
+        _airflow(env, "pools", "set", "pacs_source_associations", "4", "Concurrent associations to the legacy PACS")
         _airflow(env, "dags", "reserialize")
         listed = _json_out(_airflow(env, "dags", "list", "-o", "json"))
         if not any(d.get("dag_id") == DAG_ID for d in listed):

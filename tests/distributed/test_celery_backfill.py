@@ -1,0 +1,215 @@
+"""Airflow's own distributed engine, without Docker: CeleryExecutor with its
+metadata database on the PostgreSQL server at 127.0.0.1:5432 (a database this
+test creates) and Redis at 127.0.0.1:6379 as broker; api-server, scheduler,
+dag-processor and two Celery workers started as local processes. A backfill
+over six study dates of the demo archive must succeed on both workers, hold
+DESIGN.md 6's invariants, and keep concurrent associations to the PACS within
+the `pacs_source_associations` pool."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import email
+import hashlib
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+DATES = [dt.date(2019, 3, 1) + dt.timedelta(days=d) for d in range(6)]
+POOL_SIZE = 4
+REDIS_DB = 11
+TIMEOUT_S = 20 * 60
+
+
+def _reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def services():
+    missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379)) if not _reachable(port)]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{', '.join(missing)} not reachable on 127.0.0.1 (.ci/run starts them)")
+        pytest.skip(f"{', '.join(missing)} not running")
+    import psycopg2
+    import redis
+
+    db = f"pacs_celery_{secrets.token_hex(4)}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {db}")
+    broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    broker.flushdb()
+    yield {"db": db, "dsn": f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"}
+    broker.flushdb()
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    admin.close()
+
+
+def _airflow(env, *args, timeout=600) -> str:
+    proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"airflow {args}: {proc.stdout[-1500:]} {proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _json_lines(text: str) -> list[dict]:
+    for line in reversed(text.splitlines()):
+        if line.startswith("[") and not line.startswith("[warning"):
+            return json.loads(line)
+    return []
+
+
+def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, mail):
+    from include.demo.archive import build_archive
+    from include.demo.pacs import SimulatedPACS
+    from include.demo.ports import free_port
+    from include.pacs_migration.config import TargetConfig
+    from include.pacs_migration.manifest import read_transfer
+    from include.pacs_migration.partition import Partition
+    from include.pacs_migration.store import ObjectStore
+    from include.pacs_migration.transfer import counts_from_frame
+
+    archive = build_archive(tmp_path / "archive", DATES[0], len(DATES))
+    pacs = SimulatedPACS(archive.root, max_associations=32)
+    bucket = "celery-archive"
+    s3_server.create_bucket(bucket)
+    home = tmp_path / "airflow-home"
+    home.mkdir()
+    api_port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "8",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.distributed.hostname.worker_hostname",
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services["dsn"],
+        "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"].replace("+psycopg2", ""),
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+        "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+        "PYTHONPATH": str(ROOT),
+        "GX_ANALYTICS_ENABLED": "False",
+        "AIRFLOW_CONN_PACS_SOURCE": json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": pacs.port,
+            "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}),
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+            "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}}),
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": mail.port,
+            "extra": {"disable_tls": True, "disable_ssl": True}}),
+        "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
+        "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
+        "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(tmp_path / "staging"),
+    })
+    _airflow(env, "db", "migrate")
+    _airflow(env, "pools", "set", "pacs_source_associations", str(POOL_SIZE), "legacy PACS associations")
+    _airflow(env, "dags", "reserialize")
+    _airflow(env, "dags", "unpause", "pacs_migration")
+    _airflow(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", DATES[0].isoformat(),
+             "--to-date", DATES[-1].isoformat(), "--max-active-runs", "3")
+
+    logs = tmp_path / "service-logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+    commands = {
+        "api-server": (["api-server"], {}),
+        "scheduler": (["scheduler"], {}),
+        "dag-processor": (["dag-processor"], {}),
+        "worker-1": (["celery", "worker", "--celery-hostname", "worker-1@%h", "--skip-serve-logs"],
+                     {"PACS_WORKER_NAME": "worker-1"}),
+        "worker-2": (["celery", "worker", "--celery-hostname", "worker-2@%h", "--skip-serve-logs"],
+                     {"PACS_WORKER_NAME": "worker-2"}),
+    }
+    runs: list[dict] = []
+    try:
+        for name, (args, extra) in commands.items():
+            fh = open(logs / f"{name}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env={**env, **extra},
+                                          stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + TIMEOUT_S - 120
+        while time.monotonic() < deadline:
+            runs = _json_lines(_airflow(env, "dags", "list-runs", "pacs_migration", "-o", "json"))
+            if len(runs) == len(DATES) and all(r["state"] in ("success", "failed") for r in runs):
+                break
+            dead = [p.args for p in procs if p.poll() is not None]
+            assert not dead, f"an Airflow service exited: {dead}; logs in {logs}"
+            time.sleep(10)
+        else:
+            pytest.fail(f"backfill not finished in time: {runs}; logs in {logs}")
+
+        import psycopg2
+
+        with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=services["db"]) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT hostname, count(*) FROM task_instance WHERE state = 'success' GROUP BY hostname")
+            by_host = dict(cur.fetchall())
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        pacs.stop()
+
+    assert {r["state"] for r in runs} == {"success"}, runs
+    # Both workers executed tasks.
+    assert by_host.get("worker-1", 0) > 0 and by_host.get("worker-2", 0) > 0, by_host
+    # The pool kept the PACS within its association budget.
+    assert 0 < pacs.max_active <= POOL_SIZE, pacs.max_active
+
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
+    figures = {}
+    for key, expected in archive.by_partition.items():
+        p = Partition.parse(key)
+        df = read_transfer(store, p)
+        c = counts_from_frame(df)
+        assert c.expected == expected and c.expected == c.migrated + c.quarantined + c.unresolved  # 1
+        for obj_key, sha in zip(df[df.state == "migrated"].object_key, df[df.state == "migrated"].object_sha256):
+            assert hashlib.sha256(store.get(obj_key)).hexdigest() == sha  # 2
+        figures[key] = c
+    assert s3_server.count(bucket, "studies/") == sum(c.migrated for c in figures.values())  # 3
+    # 5: one report per run, its CSV equal to the manifests.
+    mails = mail.messages()
+    assert len(mails) == len(DATES)
+    seen = set()
+    for path in mails:
+        msg = email.message_from_bytes(path.read_bytes())
+        for part in msg.walk():
+            if (part.get_filename() or "").endswith(".csv"):
+                for row in csv.DictReader(io.StringIO(part.get_payload(decode=True).decode())):
+                    c = figures[row["partition"]]
+                    assert (int(row["expected"]), int(row["migrated"]), int(row["quarantined"])) == (
+                        c.expected, c.migrated, c.quarantined)
+                    seen.add(row["partition"])
+    assert seen == set(figures)
