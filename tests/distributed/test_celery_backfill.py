@@ -107,7 +107,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services["dsn"],
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"].replace("+psycopg2", ""),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"],
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),
@@ -182,6 +182,8 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
                 p.wait(timeout=10)
         pacs.stop()
 
+    print(f"\ncelery backfill: {len(runs)} runs, task instances by worker {by_host}, "
+          f"max concurrent PACS associations {pacs.max_active} (pool {POOL_SIZE})")
     assert {r["state"] for r in runs} == {"success"}, runs
     # Both workers executed tasks.
     assert by_host.get("worker-1", 0) > 0 and by_host.get("worker-2", 0) > 0, by_host
