@@ -66,12 +66,13 @@ def pacs_migration():
     def census() -> list[dict[str, str]]:
         from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.census import census_hash, take_census
-        from include.pacs_migration.dimse import find
+        from include.pacs_migration.dimse import FindSession
         from include.pacs_migration.manifest import write_census, write_json
 
         cfg = runtime_config()
         store = object_store(cfg)
-        result = take_census(lambda q: find(cfg.source, q), _study_date())
+        with FindSession(cfg.source) as session:
+            result = take_census(session.find, _study_date(), cfg.source.find_limit, cfg.source.census_split_depth)
         for partition in result.partitions():
             series = result.for_partition(partition)
             write_census(store, partition, series)
@@ -79,7 +80,7 @@ def pacs_migration():
                 "census_sha256": census_hash(series),
                 "series": len(series),
                 "instances": sum(len(s.instances) for s in series),
-                "warnings": [w.code for w in result.warnings],
+                "warnings": [w.code for w in result.warnings_for(partition)],
             })
         return [p.to_json() for p in result.partitions()]
 
@@ -117,14 +118,18 @@ def pacs_migration():
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.pacs_migration_airflow import object_store, runtime_config
-            from include.pacs_migration.manifest import VALIDATION, read_census, read_transfer, write_json
+            from include.pacs_migration.manifest import VALIDATION, read_census, read_json, read_transfer, write_json
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.validate import validate_partition
 
             cfg = runtime_config()
             store = object_store(cfg)
             p = Partition.from_json(part)
-            result = validate_partition(store, p, read_census(store, p), read_transfer(store, p), cfg.validation)
+            census_warnings = (read_json(store, p, "census.json") or {}).get("warnings", [])
+            result = validate_partition(
+                store, p, read_census(store, p), read_transfer(store, p), cfg.validation,
+                census_warnings=census_warnings,
+            )
             write_json(store, p, VALIDATION, {**result.to_json(), "run_id": get_current_context()["run_id"]})
             if not result.success:
                 failed = ", ".join(o.label for o in result.failed)

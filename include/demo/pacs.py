@@ -25,6 +25,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from include.pacs_migration.dimse import nodelay
+
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def _matches(value: str, wanted: Any) -> bool:
     w = str(wanted)
     if w in ("", "*"):
         return True
-    if "-" in w and len(w) >= 9 and w.replace("-", "").isdigit():  # date range
+    if "-" in w and w.replace("-", "").replace(".", "").isdigit():  # date or time range
         lo, hi = w.split("-", 1)
         return (not lo or value >= lo) and (not hi or value <= hi)
     if "*" in w or "?" in w:
@@ -96,11 +98,18 @@ class SimulatedPACS:
         ae_title: str = "LEGACYPACS",
         move_destinations: dict[str, tuple[str, int]] | None = None,
         max_associations: int = 8,
+        find_limit: int | None = None,
+        truncation_status: int = 0x0000,
     ) -> None:
+        """``find_limit`` caps C-FIND answers, as legacy PACS do; the answer then
+        ends with ``truncation_status`` (0x0000: silently, like most)."""
         self.archive = Path(archive)
         self.host = host
         self.ae_title = ae_title
         self.move_destinations = dict(move_destinations or {})
+        self.find_limit = find_limit
+        self.truncation_status = truncation_status
+        self.find_requests = 0
         self.records: list[Record] = []
         self.active = 0
         self.max_active = 0
@@ -144,6 +153,7 @@ class SimulatedPACS:
 
     # --- association accounting (lets tests assert the concurrency bound)
     def _on_open(self, event: evt.Event) -> None:
+        nodelay(event.assoc)
         with self._lock:
             self.active += 1
             self.associations += 1
@@ -170,6 +180,10 @@ class SimulatedPACS:
     def _on_find(self, event: evt.Event):
         identifier = event.identifier
         level, groups = self._match(identifier)
+        self.find_requests += 1
+        truncated = self.find_limit is not None and len(groups) > self.find_limit
+        if truncated:
+            groups = groups[: self.find_limit]
         for group in groups:
             if event.is_cancelled:
                 yield (0xFE00, None)
@@ -192,6 +206,8 @@ class SimulatedPACS:
                     rsp.ModalitiesInStudy = sorted({r.attrs["Modality"] for r in group})
             rsp.RetrieveAETitle = self.ae_title
             yield (0xFF00, rsp)
+        if truncated and self.truncation_status:
+            yield (self.truncation_status, None)
 
     def _datasets(self, records: list[Record]):
         for r in records:

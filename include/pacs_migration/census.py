@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from .dimse import QueryTruncated
 from .partition import Partition
 
 FindFn = Callable[[Dataset], list[Dataset]]
@@ -64,6 +65,25 @@ class Census:
     def for_partition(self, partition: Partition) -> list[CensusSeries]:
         return [s for s in self.series if s.partition == partition]
 
+    def warnings_for(self, partition: Partition) -> list[CensusWarning]:
+        """Warnings that bear on a partition: date-wide ones (a truncated study
+        query may hide studies of any modality) and its own series'."""
+        own = {s.series_instance_uid for s in self.for_partition(partition)}
+        studies = {s.study_instance_uid for s in self.for_partition(partition)}
+        out = []
+        for w in self.warnings:
+            if not w.study_instance_uid:
+                out.append(w)
+            elif w.series_instance_uid is None and w.study_instance_uid in studies:
+                out.append(w)
+            elif w.series_instance_uid in own:
+                out.append(w)
+        return out
+
+
+# Warnings that mean E may be incomplete: the partition cannot be proven.
+BLOCKING_WARNINGS = frozenset({"QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED", "IMAGE_LEVEL_TRUNCATED", "COUNT_MISMATCH"})
+
 
 def census_hash(series: list[CensusSeries]) -> str:
     """A stable hash of an expected set: what changed at the source changes it."""
@@ -79,7 +99,77 @@ def _modality_code(value: object) -> str:
     return text if re.fullmatch(r"[A-Z0-9_]{1,16}", text) else "UNKNOWN"
 
 
-def take_census(find: FindFn, study_date: dt.date) -> Census:
+_DAY = 24 * 3600
+
+
+def _tm(seconds: int) -> str:
+    return f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
+
+
+def _study_query(da: str, time_range: str | None) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyDate = da
+    q.StudyTime = time_range or ""
+    q.StudyInstanceUID = ""
+    q.NumberOfStudyRelatedInstances = ""
+    return q
+
+
+def find_studies(
+    find: FindFn, da: str, find_limit: int | None = None, split_depth: int = 12
+) -> tuple[list[str], list[CensusWarning]]:
+    """Study Instance UIDs of one StudyDate, splitting truncated answers.
+
+    An answer is truncated when the peer says so (0xFE00/0xA700, see
+    :class:`dimse.QueryTruncated`) or when it holds as many matches as the
+    configured or learned cap. A truncated query is split into two StudyTime
+    ranges, bisected down to ``split_depth`` levels; a range still truncated at
+    the bottom is reported (``QUERY_TRUNCATED``), never silently accepted.
+    """
+    found: set[str] = set()
+    warnings: list[CensusWarning] = []
+    cap = find_limit
+
+    def run(lo: int, hi: int, depth: int) -> None:
+        nonlocal cap
+        time_range = None if (lo, hi) == (0, _DAY - 1) else f"{_tm(lo)}-{_tm(hi)}"
+        truncated = False
+        try:
+            answers = find(_study_query(da, time_range))
+        except QueryTruncated as exc:
+            answers, truncated = exc.answers, True
+            if answers:
+                cap = min(cap or len(answers), len(answers))  # learn the peer's cap
+        if cap is not None and len(answers) >= cap:
+            truncated = True
+        found.update(str(a.StudyInstanceUID) for a in answers if a.get("StudyInstanceUID"))
+        if not truncated:
+            return
+        if depth >= split_depth or hi <= lo:
+            warnings.append(CensusWarning("QUERY_TRUNCATED", "", None,
+                                          f"StudyTime {time_range or 'any'} still truncated at {len(answers)} answers"))
+            return
+        mid = (lo + hi) // 2
+        run(lo, mid, depth + 1)
+        run(mid + 1, hi, depth + 1)
+
+    run(0, _DAY - 1, 0)
+    return sorted(found), warnings
+
+
+def _find_all(find: FindFn, q: Dataset, level: str, study_uid: str, series_uid: str | None,
+              warnings: list[CensusWarning]) -> list[Dataset]:
+    """A series- or image-level C-FIND; truncation there is reported, not split."""
+    try:
+        return find(q)
+    except QueryTruncated as exc:
+        warnings.append(CensusWarning(f"{level}_LEVEL_TRUNCATED", study_uid, series_uid,
+                                      f"peer stopped after {len(exc.answers)} answers"))
+        return exc.answers
+
+
+def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None, split_depth: int = 12) -> Census:
     """C-FIND the whole expected set for ``study_date``.
 
     Parameters
@@ -88,17 +178,16 @@ def take_census(find: FindFn, study_date: dt.date) -> Census:
         Sends one C-FIND identifier, returns the matches (see :func:`dimse.find`).
     study_date : datetime.date
         The partition date.
+    find_limit : int, optional
+        The PACS's known cap on answers per C-FIND.
+    split_depth : int
+        How many times a truncated study query may be bisected by StudyTime.
     """
     da = study_date.strftime("%Y%m%d")
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.StudyDate = da
-    q.StudyInstanceUID = ""
-    q.NumberOfStudyRelatedInstances = ""
-    study_uids = sorted({str(a.StudyInstanceUID) for a in find(q) if a.get("StudyInstanceUID")})
+    study_uids, warnings = find_studies(find, da, find_limit, split_depth)
 
     series_out: list[CensusSeries] = []
-    warnings: list[CensusWarning] = []
+
     for study_uid in study_uids:
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
@@ -106,7 +195,8 @@ def take_census(find: FindFn, study_date: dt.date) -> Census:
         q.SeriesInstanceUID = ""
         q.Modality = ""
         q.NumberOfSeriesRelatedInstances = ""
-        for s in sorted(find(q), key=lambda d: str(d.get("SeriesInstanceUID", ""))):
+        for s in sorted(_find_all(find, q, "SERIES", study_uid, None, warnings),
+                        key=lambda d: str(d.get("SeriesInstanceUID", ""))):
             series_uid = str(s.get("SeriesInstanceUID") or "")
             if not series_uid:
                 warnings.append(CensusWarning("SERIES_WITHOUT_UID", study_uid, None, "series answer had no UID"))
@@ -118,7 +208,7 @@ def take_census(find: FindFn, study_date: dt.date) -> Census:
             qi.SOPInstanceUID = ""
             qi.SOPClassUID = ""
             seen: dict[str, ExpectedInstance] = {}
-            for i in find(qi):
+            for i in _find_all(find, qi, "IMAGE", study_uid, series_uid, warnings):
                 sop = str(i.get("SOPInstanceUID") or "")
                 if sop and sop not in seen:
                     seen[sop] = ExpectedInstance(sop, str(i.get("SOPClassUID") or ""))

@@ -48,6 +48,10 @@ class SourceConfig:
     dimse_timeout: float = 120.0
     network_timeout: float = 120.0
     max_pdu: int = 131072
+    # The most answers the PACS returns to one C-FIND (None: unknown; a cap is
+    # also learned when the PACS signals truncation).
+    find_limit: int | None = None
+    census_split_depth: int = 12
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,8 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         dimse_timeout=_float(src, "source", "dimse_timeout", 120.0, 0.1, 3600),
         network_timeout=_float(src, "source", "network_timeout", 120.0, 0.1, 3600),
         max_pdu=_int(src, "source", "max_pdu", 131072, 4096, 2**31 - 1),
+        find_limit=_int(src, "source", "find_limit", 0, 1, 10**7) if src.get("find_limit") else None,
+        census_split_depth=_int(src, "source", "census_split_depth", 12, 0, 17),
     )
 
     tgt = _section(data, "target")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,6 +65,27 @@ class QueryFailed(RuntimeError):
         self.status = status
 
 
+class QueryTruncated(QueryFailed):
+    """The peer stopped answering early (0xFE00 cancel, 0xA700 out of resources):
+    ``answers`` holds what came before. The caller splits the query."""
+
+    def __init__(self, status: int, answers: list[Dataset]) -> None:
+        super().__init__(status)
+        self.answers = answers
+
+
+TRUNCATION_STATUSES = (0xFE00, 0xA700)
+
+
+def nodelay(assoc) -> None:
+    """TCP_NODELAY on the association's socket: DIMSE sends small writes that
+    Nagle's algorithm would hold back for a delayed ACK (~40 ms each)."""
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
 def _new_ae(source: SourceConfig) -> AE:
     ae = AE(ae_title=source.calling_ae_title)
     ae.acse_timeout = source.acse_timeout
@@ -74,16 +96,7 @@ def _new_ae(source: SourceConfig) -> AE:
     return ae
 
 
-def find(source: SourceConfig, identifier: Dataset) -> list[Dataset]:
-    """One Study Root C-FIND; returns the pending identifiers.
-
-    Raises
-    ------
-    DicomNetworkError
-        When no association could be made or it was aborted.
-    QueryFailed
-        When the final status is a failure.
-    """
+def _open_find_association(source: SourceConfig):
     ae = _new_ae(source)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title)
@@ -92,26 +105,76 @@ def find(source: SourceConfig, identifier: Dataset) -> list[Dataset]:
             f"association to {source.called_ae_title}@{source.host}:{source.port} "
             f"{'rejected' if assoc.is_rejected else 'failed'}"
         )
+    nodelay(assoc)
+    return assoc
+
+
+def _c_find(assoc, identifier: Dataset) -> list[Dataset]:
     answers: list[Dataset] = []
     final_status: int | None = None
-    try:
-        for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            if not status:  # empty status: timeout or abort
-                raise DicomNetworkError("C-FIND got no response (timeout or abort)")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                if ident is not None:
-                    answers.append(ident)
-            else:
-                final_status = code
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        if not status:  # empty status: timeout or abort
+            raise DicomNetworkError("C-FIND got no response (timeout or abort)")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01):
+            if ident is not None:
+                answers.append(ident)
+        else:
+            final_status = code
     if final_status is None:
         raise DicomNetworkError("C-FIND ended without a final status")
+    if final_status in TRUNCATION_STATUSES:
+        raise QueryTruncated(final_status, answers)
     if final_status != 0x0000:
         raise QueryFailed(final_status)
     return answers
+
+
+def find(source: SourceConfig, identifier: Dataset) -> list[Dataset]:
+    """One Study Root C-FIND on its own association; returns the pending identifiers.
+
+    Raises
+    ------
+    DicomNetworkError
+        When no association could be made or it was aborted.
+    QueryTruncated
+        When the peer ended early (0xFE00/0xA700); carries the partial answers.
+    QueryFailed
+        When the final status is a failure.
+    """
+    with FindSession(source) as session:
+        return session.find(identifier)
+
+
+class FindSession:
+    """Many C-FINDs over one association (a census sends hundreds; legacy PACS
+    pay for every association). Re-associates once if the peer drops it."""
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source
+        self._assoc = None
+
+    def __enter__(self) -> FindSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.release()
+        self._assoc = None
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        for attempt in (1, 2):
+            if self._assoc is None or not self._assoc.is_established:
+                self._assoc = _open_find_association(self.source)
+            try:
+                return _c_find(self._assoc, identifier)
+            except DicomNetworkError:
+                if self._assoc.is_established:
+                    self._assoc.abort()
+                self._assoc = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -238,6 +301,7 @@ def c_get(
             f"association to {source.called_ae_title}@{source.host}:{source.port} "
             f"{'rejected' if assoc.is_rejected else 'failed'}"
         )
+    nodelay(assoc)
     final: int | None = None
     counts = {"completed": 0, "failed": 0, "warning": 0}
     failed_uids: tuple[str, ...] = ()

@@ -14,7 +14,9 @@ The suites check what compliance must be able to prove:
   the manifest recorded, keys unique;
 - ``studies``: one patient (PatientID + Issuer, compared as a hash) per study;
 - ``bucket``: the objects listed under the partition's series prefixes equal
-  the migrated count.
+  the migrated count;
+- ``census``: no warning that the census itself may be incomplete (a C-FIND
+  the PACS truncated beyond splitting, counts that disagree).
 
 A file-backed GX context is used so Data Docs are produced; they and GX's own
 validation results are published under the partition's ``_manifests/`` prefix.
@@ -34,7 +36,7 @@ from typing import Any
 import pandas as pd
 import pydicom
 
-from .census import CensusSeries
+from .census import BLOCKING_WARNINGS, CensusSeries
 from .config import ValidationConfig
 from .manifest import manifest_prefix
 from .partition import Partition
@@ -213,6 +215,8 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
         ],
         "studies": [E.ExpectColumnValuesToBeBetween(column="patients", min_value=0, max_value=1)],
         "bucket": [E.ExpectColumnPairValuesToBeEqual(column_A="listed_objects", column_B="migrated")],
+        # E itself must be complete: a census the PACS truncated beyond repair proves nothing.
+        "census": [E.ExpectTableRowCountToEqual(value=0)],
     }
 
 
@@ -280,6 +284,7 @@ def validate_partition(
     settings: ValidationConfig | None = None,
     docs_dir: Path | None = None,
     publish: bool = True,
+    census_warnings: list[str] | None = None,
 ) -> ValidationReport:
     """Run the partition's suites; re-read every migrated object first.
 
@@ -291,6 +296,8 @@ def validate_partition(
     """
     settings = settings or ValidationConfig()
     frames = _frames(store, series, transfer)
+    frames["census"] = pd.DataFrame({"warning": pd.Series(
+        [w for w in (census_warnings or []) if w in BLOCKING_WARNINGS], dtype=object)})
     suites = _suites(partition, len(frames["expected"]), settings)
     name = f"{partition.study_date.isoformat()}.{partition.modality}"
     with tempfile.TemporaryDirectory(prefix="gx-") as tmp:

@@ -112,3 +112,41 @@ def test_dry_run_of_a_partition_from_the_pacs_writes_nothing(pacs, s3_server, bu
     assert report["files"] == 12 and report["would_migrate"] == 12
     assert report["rules"]["mr-station-prefix"] == 12
     assert s3_server.count(bucket) == before
+
+
+def test_incomplete_census_fails_validation(setup):
+    """A census the PACS truncated beyond repair cannot prove a partition."""
+    cfg, store = setup
+    census = take_census(lambda q: find(cfg.source, q), dt.date(2019, 3, 1))
+    p = census.partitions()[0]
+    write_census(store, p, census.for_partition(p))
+    _run(cfg, store, p, "run-w")
+    df = read_transfer(store, p)
+    assert validate_partition(store, p, read_census(store, p), df, publish=False).success
+    report = validate_partition(store, p, read_census(store, p), df, publish=False,
+                                census_warnings=["QUERY_TRUNCATED"])
+    assert not report.success
+    assert [o.label for o in report.failed] == ["census:expect_table_row_count_to_equal()"]
+
+
+def test_no_patient_data_in_logs_at_debug(setup, archive, caplog):
+    """Canary patient names and IDs of the archive never reach a log line, even
+    with every logger (pynetdicom's included) at DEBUG."""
+    import logging
+
+    cfg, store = setup
+    caplog.set_level(logging.DEBUG)
+    for name in ("pynetdicom", "include", "botocore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        census = take_census(lambda q: find(cfg.source, q), dt.date(2019, 3, 1))
+        for p in census.partitions():
+            write_census(store, p, census.for_partition(p))
+            _run(cfg, store, p, "run-canary")
+    finally:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert len(caplog.records) > 50  # DEBUG logging really was on
+    leaked = [t for t in archive.patient_names + archive.patient_ids
+              if t in text or t.replace("^", " ") in text or t.split("^")[0] in text]
+    assert leaked == []

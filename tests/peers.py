@@ -1,0 +1,116 @@
+"""Real DICOM peers for tests: an Orthanc (Debian package `orthanc`) started
+on free loopback ports with its own configuration and storage folder, and a
+generator of many studies on one date."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from include.demo.ports import free_port
+
+
+def require_binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} (Debian package {package}) is required in CI; .ci/run installs it")
+        pytest.skip(f"{name} not installed (Debian package {package})")
+    return path
+
+
+class Orthanc:
+    """One Orthanc process; ``calling_aes`` are registered as DICOM modalities."""
+
+    def __init__(self, folder: Path, calling_aes: dict[str, int] | None = None, **options) -> None:
+        binary = require_binary("Orthanc", "orthanc")
+        self.folder = Path(folder)
+        (self.folder / "db").mkdir(parents=True, exist_ok=True)
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.ae_title = "ORTHANC"
+        config = {
+            "Name": "test-legacy-pacs",
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "Plugins": [],
+            "DicomModalities": {
+                ae.lower(): [ae, "127.0.0.1", port] for ae, port in (calling_aes or {"PACSMIGRATE": 11112}).items()
+            },
+            **options,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = open(self.folder / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([binary, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        for _ in range(100):  # bounded wait, 10 s
+            try:
+                urllib.request.urlopen(f"{self.url}/system", timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not start; see {self.folder / 'orthanc.log'}")
+
+    def upload(self, data: bytes) -> None:
+        req = urllib.request.Request(f"{self.url}/instances", data=data, method="POST",
+                                     headers={"Content-Type": "application/dicom"})
+        urllib.request.urlopen(req, timeout=30).close()
+
+    def upload_folder(self, root: Path) -> int:
+        n = 0
+        for path in sorted(Path(root).rglob("*.dcm")):
+            try:
+                self.upload(path.read_bytes())
+                n += 1
+            except urllib.error.HTTPError:
+                pass  # Orthanc refuses what it cannot parse
+        return n
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def many_studies(root: Path, n: int, date: str = "20190301", same_time: bool = False) -> list[str]:
+    """``n`` one-instance CT studies on one StudyDate, StudyTimes spread over the day."""
+    root.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uids = []
+    for i in range(n):
+        ds = template.copy()
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=["many", date, str(i)])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["many-series", date, str(i)])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["many-sop", date, str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyDate = date
+        seconds = 0 if same_time else (i * 86399) // max(1, n - 1)
+        ds.StudyTime = "083000" if same_time else f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
+        ds.PatientName = f"CANARY^STUDY{i:03d}"
+        ds.PatientID = f"CANARY{i:05d}"
+        ds.save_as(root / f"{i:04d}.dcm", enforce_file_format=True)
+        uids.append(str(ds.StudyInstanceUID))
+    return uids
