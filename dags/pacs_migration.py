@@ -89,7 +89,7 @@ def pacs_migration():
         @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
         def transfer(part: dict[str, str]) -> dict:
             from include.pacs_migration_airflow import object_store, runtime_config
-            from include.pacs_migration.dimse import c_get
+            from include.pacs_migration.dimse import retriever
             from include.pacs_migration.manifest import read_census
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.transfer import transfer_partition
@@ -97,20 +97,21 @@ def pacs_migration():
             cfg = runtime_config()
             store = object_store(cfg)
             p = Partition.from_json(part)
-            counts = transfer_partition(
-                get=lambda q, classes, sink: c_get(cfg.source, q, classes, sink),
-                store=store,
-                partition=p,
-                series=read_census(store, p),
-                staging_root=cfg.staging_dir,
-                run_id=get_current_context()["run_id"],
-                attempts=cfg.source.retrieve_attempts,
-                # never more associations than the pool slots this task holds
-                max_associations=min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
-                upload_threads=cfg.target.upload_threads,
-                ruleset=cfg.ruleset,
-                source_ae=cfg.source.called_ae_title,
-            )
+            with retriever(cfg.source) as get:
+                counts = transfer_partition(
+                    get=get,
+                    store=store,
+                    partition=p,
+                    series=read_census(store, p),
+                    staging_root=cfg.staging_dir,
+                    run_id=get_current_context()["run_id"],
+                    attempts=cfg.source.retrieve_attempts,
+                    # never more associations than the pool slots this task holds
+                    max_associations=min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
+                    upload_threads=cfg.target.upload_threads,
+                    ruleset=cfg.ruleset,
+                    source_ae=cfg.source.called_ae_title,
+                )
             return {"partition": p.key, **counts.to_json()}
 
         @task(retries=0)

@@ -91,7 +91,7 @@ def _dry_run_partition(args: argparse.Namespace, ruleset):
 
     from include.pacs_migration.census import take_census
     from include.pacs_migration.config import SourceConfig
-    from include.pacs_migration.dimse import StagingSink, c_get, find
+    from include.pacs_migration.dimse import FindSession, StagingSink, c_get
     from include.pacs_migration.dryrun import dry_run
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.retrieve import retrieve_partition
@@ -100,7 +100,8 @@ def _dry_run_partition(args: argparse.Namespace, ruleset):
     source = SourceConfig(host=host, port=int(port), called_ae_title=args.called_ae,
                           calling_ae_title=args.calling_ae)
     partition = Partition.parse(args.partition)
-    census = take_census(lambda q: find(source, q), partition.study_date)
+    with FindSession(source) as session:
+        census = take_census(session.find, partition.study_date)
     with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
         sink = StagingSink(Path(tmp))
         retrieve_partition(lambda q, c, s: c_get(source, q, c, s), census.for_partition(partition), sink,

@@ -130,7 +130,11 @@ class SimulatedPACS:
         for sop_class in sop_classes:
             # C-GET: the requestor acts as Storage SCP on this association.
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES, scu_role=False, scp_role=True)
-            ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES[:8])  # for C-MOVE sub-associations
+        # C-MOVE sub-associations: one context per (SOP class, syntax stored), so each
+        # instance goes out in the encoding it is stored in.
+        stored = sorted({(r.attrs["SOPClassUID"], r.transfer_syntax) for r in self.records if r.attrs["SOPClassUID"]})
+        for sop_class, ts in stored[:127]:
+            ae.add_requested_context(sop_class, ts)
         self.ae = ae
         handlers = [
             (evt.EVT_C_FIND, self._on_find),

@@ -52,6 +52,10 @@ class SourceConfig:
     # also learned when the PACS signals truncation).
     find_limit: int | None = None
     census_split_depth: int = 12
+    # C-MOVE: our Storage SCP, registered at the PACS under this AE title and port.
+    move_ae_title: str | None = None  # default: calling_ae_title
+    move_listen_host: str = "0.0.0.0"
+    move_listen_port: int = 11113
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,9 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         max_pdu=_int(src, "source", "max_pdu", 131072, 4096, 2**31 - 1),
         find_limit=_int(src, "source", "find_limit", 0, 1, 10**7) if src.get("find_limit") else None,
         census_split_depth=_int(src, "source", "census_split_depth", 12, 0, 17),
+        move_ae_title=_ae_title(src, "source", "move_ae_title") if src.get("move_ae_title") else None,
+        move_listen_host=_str(src, "source", "move_listen_host", "0.0.0.0"),
+        move_listen_port=_int(src, "source", "move_listen_port", 11113, 1, 65535),
     )
 
     tgt = _section(data, "target")

@@ -7,21 +7,24 @@ pynetdicom would otherwise log query identifiers, which can carry patient data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from .config import SourceConfig
@@ -326,3 +329,119 @@ def c_get(
             assoc.release()
     return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
 
+
+
+class StorageListener:
+    """Our Storage SCP, the destination of C-MOVE: accepts every storage SOP
+    class in every transfer syntax and delivers into the current sink.
+
+    The PACS knows this AE at a fixed host/port, so one listener serves one
+    partition task at a time; what arrives is reconciled against the census by
+    the caller (anything unasked is quarantined ``UNSOLICITED``).
+    """
+
+    def __init__(self, ae_title: str, host: str = "127.0.0.1", port: int = 11112, max_pdu: int = 131072) -> None:
+        ae = AE(ae_title=ae_title)
+        ae.maximum_pdu_size = max_pdu
+        ae.network_timeout = 60
+        ae.dimse_timeout = 60
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.sink: StagingSink | None = None
+        self.active = 0
+        self.last_store = 0.0
+        self._lock = threading.Lock()
+        self.server = ae.start_server(
+            (host, port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_ESTABLISHED, self._on_open),
+                (evt.EVT_RELEASED, self._on_close),
+                (evt.EVT_ABORTED, self._on_close),
+            ],
+        )
+        self.port = self.server.server_address[1]
+
+    def _on_open(self, event: evt.Event) -> None:
+        nodelay(event.assoc)
+        with self._lock:
+            self.active += 1
+
+    def _on_close(self, event: evt.Event) -> None:
+        with self._lock:
+            self.active = max(0, self.active - 1)
+
+    def _on_store(self, event: evt.Event) -> int:
+        sink = self.sink
+        if sink is None:
+            return 0xA801  # no partition is being retrieved: refuse
+        self.last_store = time.monotonic()
+        return sink.handle_store(event)
+
+    def settle(self, quiet: float = 0.5, limit: float = 30.0) -> None:
+        """Wait for stores still in flight after the C-MOVE's final status
+        (some PACS report success before their sub-associations finish)."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = self.active > 0
+            if not busy and time.monotonic() - self.last_store >= quiet:
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+class MoveRetriever:
+    """A :data:`retrieve.GetFn` that retrieves by C-MOVE to ``listener``."""
+
+    def __init__(self, source: SourceConfig, listener: StorageListener, move_ae_title: str) -> None:
+        self.source = source
+        self.listener = listener
+        self.move_ae_title = move_ae_title
+
+    def __call__(self, identifier: Dataset, sop_class_uids: Iterable[str], sink: StagingSink) -> RetrieveOutcome:
+        self.listener.sink = sink
+        ae = _new_ae(self.source)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate(self.source.host, self.source.port, ae_title=self.source.called_ae_title)
+        if not assoc.is_established:
+            raise DicomNetworkError(
+                f"association to {self.source.called_ae_title}@{self.source.host}:{self.source.port} "
+                f"{'rejected' if assoc.is_rejected else 'failed'}"
+            )
+        nodelay(assoc)
+        final: int | None = None
+        counts = {"completed": 0, "failed": 0, "warning": 0}
+        try:
+            for status, _ in assoc.send_c_move(identifier, self.move_ae_title, StudyRootQueryRetrieveInformationModelMove):
+                if not status:
+                    break
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    continue
+                final = code
+                for k in counts:
+                    counts[k] = int(status.get(f"NumberOf{k.capitalize()}Suboperations", 0) or 0)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        self.listener.settle()
+        return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], ())
+
+
+@contextlib.contextmanager
+def retriever(source: SourceConfig) -> Iterator[Callable[[Dataset, Iterable[str], StagingSink], RetrieveOutcome]]:
+    """The retrieve function the configuration asks for: C-GET, or C-MOVE to a
+    Storage SCP listening for the duration of the block."""
+    if source.retrieve_method == "C-MOVE":
+        ae_title = source.move_ae_title or source.calling_ae_title
+        listener = StorageListener(ae_title, source.move_listen_host, source.move_listen_port, source.max_pdu)
+        try:
+            yield MoveRetriever(source, listener, ae_title)
+        finally:
+            listener.stop()
+    else:
+        yield lambda identifier, classes, sink: c_get(source, identifier, classes, sink)
