@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -99,10 +100,9 @@ def _new_ae(source: SourceConfig) -> AE:
     return ae
 
 
-def _open_find_association(source: SourceConfig):
-    ae = _new_ae(source)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title)
+def _associate(ae: AE, source: SourceConfig, **kwargs: Any):
+    """Open an association to the source with TCP_NODELAY, or raise DicomNetworkError."""
+    assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title, **kwargs)
     if not assoc.is_established:
         raise DicomNetworkError(
             f"association to {source.called_ae_title}@{source.host}:{source.port} "
@@ -110,6 +110,12 @@ def _open_find_association(source: SourceConfig):
         )
     nodelay(assoc)
     return assoc
+
+
+def _open_find_association(source: SourceConfig):
+    ae = _new_ae(source)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    return _associate(ae, source)
 
 
 def _c_find(assoc, identifier: Dataset) -> list[Dataset]:
@@ -292,19 +298,7 @@ def c_get(
     for sop_class, ts in storage_contexts(classes):
         ae.add_requested_context(sop_class, ts)
     roles = [build_role(UID(c), scp_role=True) for c in classes]
-    assoc = ae.associate(
-        source.host,
-        source.port,
-        ae_title=source.called_ae_title,
-        ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, sink.handle_store)],
-    )
-    if not assoc.is_established:
-        raise DicomNetworkError(
-            f"association to {source.called_ae_title}@{source.host}:{source.port} "
-            f"{'rejected' if assoc.is_rejected else 'failed'}"
-        )
-    nodelay(assoc)
+    assoc = _associate(ae, source, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, sink.handle_store)])
     final: int | None = None
     counts = {"completed": 0, "failed": 0, "warning": 0}
     failed_uids: tuple[str, ...] = ()
@@ -406,13 +400,7 @@ class MoveRetriever:
         self.listener.sink = sink
         ae = _new_ae(self.source)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate(self.source.host, self.source.port, ae_title=self.source.called_ae_title)
-        if not assoc.is_established:
-            raise DicomNetworkError(
-                f"association to {self.source.called_ae_title}@{self.source.host}:{self.source.port} "
-                f"{'rejected' if assoc.is_rejected else 'failed'}"
-            )
-        nodelay(assoc)
+        assoc = _associate(ae, self.source)
         final: int | None = None
         counts = {"completed": 0, "failed": 0, "warning": 0}
         try:
