@@ -59,6 +59,8 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+            # SQLite behind the API server on a small machine: allow slow answers.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(

@@ -109,6 +109,8 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"],
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        # Two cores shared by five services: give the execution API time to answer.
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
