@@ -70,10 +70,11 @@ class Census:
         query may hide studies of any modality) and its own series'."""
         own = {s.series_instance_uid for s in self.for_partition(partition)}
         studies = {s.study_instance_uid for s in self.for_partition(partition)}
+        placed = {s.study_instance_uid for s in self.series}
         out = []
         for w in self.warnings:
-            if not w.study_instance_uid:
-                out.append(w)
+            if not w.study_instance_uid or w.study_instance_uid not in placed:
+                out.append(w)  # date-wide, or a study whose modality is unknown: any partition
             elif w.series_instance_uid is None and w.study_instance_uid in studies:
                 out.append(w)
             elif w.series_instance_uid in own:
@@ -118,8 +119,9 @@ def _study_query(da: str, time_range: str | None) -> Dataset:
 
 def find_studies(
     find: FindFn, da: str, find_limit: int | None = None, split_depth: int = 12
-) -> tuple[list[str], list[CensusWarning]]:
-    """Study Instance UIDs of one StudyDate, splitting truncated answers.
+) -> tuple[dict[str, int | None], list[CensusWarning]]:
+    """Study Instance UIDs of one StudyDate (with the NumberOfStudyRelatedInstances
+    the PACS reports, if any), splitting truncated answers.
 
     An answer is truncated when the peer says so (0xFE00/0xA700, see
     :class:`dimse.QueryTruncated`) or when it holds as many matches as the
@@ -127,7 +129,7 @@ def find_studies(
     ranges, bisected down to ``split_depth`` levels; a range still truncated at
     the bottom is reported (``QUERY_TRUNCATED``), never silently accepted.
     """
-    found: set[str] = set()
+    found: dict[str, int | None] = {}
     warnings: list[CensusWarning] = []
     cap = find_limit
 
@@ -143,7 +145,10 @@ def find_studies(
                 cap = min(cap or len(answers), len(answers))  # learn the peer's cap
         if cap is not None and len(answers) >= cap:
             truncated = True
-        found.update(str(a.StudyInstanceUID) for a in answers if a.get("StudyInstanceUID"))
+        for a in answers:
+            if a.get("StudyInstanceUID"):
+                raw = a.get("NumberOfStudyRelatedInstances")
+                found[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
         if not truncated:
             return
         if depth >= split_depth or hi <= lo:
@@ -155,7 +160,7 @@ def find_studies(
         run(mid + 1, hi, depth + 1)
 
     run(0, _DAY - 1, 0)
-    return sorted(found), warnings
+    return dict(sorted(found.items())), warnings
 
 
 def _find_all(find: FindFn, q: Dataset, level: str, study_uid: str, series_uid: str | None,
@@ -184,11 +189,11 @@ def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None
         How many times a truncated study query may be bisected by StudyTime.
     """
     da = study_date.strftime("%Y%m%d")
-    study_uids, warnings = find_studies(find, da, find_limit, split_depth)
+    studies, warnings = find_studies(find, da, find_limit, split_depth)
 
     series_out: list[CensusSeries] = []
-
-    for study_uid in study_uids:
+    for study_uid, reported_study in studies.items():
+        first_series = len(series_out)
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = study_uid
@@ -230,4 +235,9 @@ def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None
                     instances=tuple(sorted(seen.values(), key=lambda e: e.sop_instance_uid)),
                 )
             )
+        found_in_study = sum(len(x.instances) for x in series_out[first_series:])
+        if reported_study is not None and reported_study != found_in_study:
+            # Series or image level lost answers: E for this study cannot be trusted.
+            warnings.append(CensusWarning("COUNT_MISMATCH", study_uid, None,
+                                          f"study reports {reported_study}, series/image levels found {found_in_study}"))
     return Census(study_date, tuple(series_out), tuple(warnings))

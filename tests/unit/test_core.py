@@ -166,3 +166,22 @@ def test_missing_and_malformed_uids(keyword):
 def test_uid_conflict_with_census():
     r = normalize(_raw("CT_small.dcm"), expected_sop_instance_uid="1.2.3.4")
     assert r.reason == "UID_CONFLICT"
+
+
+def test_census_warnings_reach_the_partitions_they_threaten():
+    from include.pacs_migration.census import Census, CensusSeries, CensusWarning, ExpectedInstance
+
+    d = dt.date(2019, 3, 1)
+    ct = CensusSeries("1.2.1", "1.2.1.1", "CT", d, 1, (ExpectedInstance("1.2.1.1.1", "1.2.840.10008.5.1.4.1.1.2"),))
+    mr = CensusSeries("1.2.2", "1.2.2.1", "MR", d, 1, (ExpectedInstance("1.2.2.1.1", "1.2.840.10008.5.1.4.1.1.4"),))
+    census = Census(d, (ct, mr), (
+        CensusWarning("QUERY_TRUNCATED", "", None, "date-wide"),
+        CensusWarning("SERIES_LEVEL_TRUNCATED", "1.2.9", None, "a study with no series found: modality unknown"),
+        CensusWarning("IMAGE_LEVEL_TRUNCATED", "1.2.2", "1.2.2.1", "the MR series"),
+        CensusWarning("COUNT_MISMATCH", "1.2.1", None, "the CT study"),
+    ))
+    codes = {p.modality: sorted(w.code for w in census.warnings_for(p)) for p in census.partitions()}
+    assert codes == {
+        "CT": ["COUNT_MISMATCH", "QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED"],
+        "MR": ["IMAGE_LEVEL_TRUNCATED", "QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED"],
+    }
