@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_files
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 SURNAMES = ("ALDERWOOD", "BRIGHTWATER", "CASTELLAN", "DUNMORE", "EVERHART", "FAIRCLOUGH", "GALLOWAY", "HOLLOWAY")
 GIVEN = ("AMELIA", "BASTIAN", "CORDELIA", "DORIAN", "ELOWEN", "FENWICK", "GWENDOLYN", "HORATIO")

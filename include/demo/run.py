@@ -11,12 +11,10 @@ second run sees what the first one wrote (and writes nothing new).
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ import pandas as pd
 
 from include.demo.archive import build_archive
 from include.demo.pacs import SimulatedPACS
+from include.demo.processes import start_airflow, stop_all
 from include.demo.ports import free_port
 from include.demo.s3 import S3Server
 from include.demo.smtp import MailSink
@@ -226,11 +225,8 @@ def main() -> int:
         _airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
                  "--to-date", dates[-1].isoformat(), "--max-active-runs", "2")
         logs = HOME / "service-logs"
-        logs.mkdir()
-        for service in (["api-server"], ["scheduler"], ["dag-processor"]):
-            fh = open(logs / f"{service[0]}.log", "wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *service], env=env, stdout=fh,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+        for service in ("api-server", "scheduler", "dag-processor"):
+            procs.append(start_airflow(service, [service], env, logs))
         deadline = time.monotonic() + TIMEOUT_S
         runs: list[dict] = []
         while time.monotonic() < deadline:
@@ -263,16 +259,7 @@ def main() -> int:
         )
         return 0 if ok else 1
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(procs)
         mail.stop()
         s3.stop()
         pacs.stop()

@@ -16,12 +16,10 @@ import io
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -80,6 +78,7 @@ def _json_lines(text: str) -> list[dict]:
 def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, mail):
     from include.demo.archive import build_archive
     from include.demo.pacs import SimulatedPACS
+    from include.demo.processes import start_airflow, stop_all
     from include.demo.ports import free_port
     from include.pacs_migration.config import TargetConfig
     from include.pacs_migration.manifest import read_transfer
@@ -136,7 +135,6 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
              "--to-date", DATES[-1].isoformat(), "--max-active-runs", "3")
 
     logs = tmp_path / "service-logs"
-    logs.mkdir()
     procs: list[subprocess.Popen] = []
     commands = {
         "api-server": (["api-server"], {}),
@@ -150,9 +148,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     runs: list[dict] = []
     try:
         for name, (args, extra) in commands.items():
-            fh = open(logs / f"{name}.log", "wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env={**env, **extra},
-                                          stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(start_airflow(name, args, {**env, **extra}, logs))
         deadline = time.monotonic() + TIMEOUT_S - 120
         while time.monotonic() < deadline:
             runs = _json_lines(_airflow(env, "dags", "list-runs", "pacs_migration", "-o", "json"))
@@ -171,17 +167,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             cur.execute("SELECT hostname, count(*) FROM task_instance WHERE state = 'success' GROUP BY hostname")
             by_host = dict(cur.fetchall())
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        stop_all(procs)
         pacs.stop()
 
     print(f"\ncelery backfill: {len(runs)} runs, task instances by worker {by_host}, "

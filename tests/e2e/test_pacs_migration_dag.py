@@ -146,7 +146,6 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
     assert tq["reason"] == "PIXEL_LENGTH_MISMATCH" and tq["target"]["quarantine_key"].startswith("quarantine/")
 
     # 3. A re-run writes nothing new and reports the same figures.
-    from airflow.utils.state import DagRunState  # noqa: F401
 
     run2 = _run(dag, DATE)
     assert run2.state == "success"
