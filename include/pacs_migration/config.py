@@ -34,6 +34,19 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS to the source (PS3.15 B.1): the CA that signed the PACS's
+    certificate, and our client certificate and key when the PACS asks for one."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The name the PACS certificate must carry (default: source.host).
+    server_name: str | None = None
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """The legacy PACS and how hard we may use it."""
 
@@ -56,6 +69,14 @@ class SourceConfig:
     move_ae_title: str | None = None  # default: calling_ae_title
     move_listen_host: str = "0.0.0.0"
     move_listen_port: int = 11113
+    # After a C-MOVE's final response, how long to wait for stores still in flight.
+    move_settle_timeout: float = 30.0
+    # Ask only for uncompressed syntaxes (the PACS decompresses); default: as stored.
+    request_uncompressed: bool = False
+    # Attempts to open an association when it is refused transiently or the
+    # connection fails (a permanent rejection is not retried).
+    association_attempts: int = 3
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,10 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         move_ae_title=_ae_title(src, "source", "move_ae_title") if src.get("move_ae_title") else None,
         move_listen_host=_str(src, "source", "move_listen_host", "0.0.0.0"),
         move_listen_port=_int(src, "source", "move_listen_port", 11113, 1, 65535),
+        move_settle_timeout=_float(src, "source", "move_settle_timeout", 30.0, 0.0, 3600),
+        request_uncompressed=_bool(src, "source", "request_uncompressed", False),
+        association_attempts=_int(src, "source", "association_attempts", 3, 1, 20),
+        tls=_tls(src.get("tls"), base_dir),
     )
 
     tgt = _section(data, "target")
@@ -280,6 +305,47 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     return MigrationConfig(
         source=source, target=target, report=report, validation=validation, ruleset=ruleset,
         staging_dir=Path(staging),
+    )
+
+
+def _bool(sec: Mapping[str, Any], path: str, key: str, default: bool) -> bool:
+    value = sec.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}.{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _tls(value: Any, base_dir: Path | None) -> TlsConfig | None:
+    """source.tls: files must exist now, so a typo fails at parse, not mid-night."""
+    if value in (None, False):
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError("source.tls", "must be a mapping (ca_file, cert_file, key_file)")
+
+    def file(key: str, required: bool) -> Path | None:
+        raw = value.get(key)
+        if not raw:
+            if required:
+                raise ConfigError(f"source.tls.{key}", "is required")
+            return None
+        path = Path(str(raw))
+        if not path.is_absolute():
+            path = (base_dir or Path(".")) / path
+        if not path.is_file():
+            raise ConfigError(f"source.tls.{key}", f"{path} is not a readable file")
+        return path
+
+    cert, key = file("cert_file", False), file("key_file", False)
+    if (cert is None) != (key is None):
+        raise ConfigError("source.tls.key_file" if key is None else "source.tls.cert_file",
+                          "cert_file and key_file go together")
+    name = value.get("server_name")
+    return TlsConfig(
+        ca_file=file("ca_file", True),  # type: ignore[arg-type]
+        cert_file=cert,
+        key_file=key,
+        server_name=str(name) if name else None,
+        check_hostname=_bool(value, "source.tls", "check_hostname", True),
     )
 
 

@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,10 +30,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from .config import SourceConfig
+from .config import SourceConfig, TlsConfig
 
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# Received C-STOREs are written to a temporary file fragment by fragment, never
+# held whole in memory; StagingSink moves the file into staging.
+_config.STORE_RECV_CHUNKED_DATASET = True
+_CHUNK = 1 << 20
 # pynetdicom's INFO/DEBUG lines carry AE titles and UIDs, never needed at run time.
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -54,6 +60,7 @@ RETRIEVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
+UNCOMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = RETRIEVE_TRANSFER_SYNTAXES[:3]
 _MAX_CONTEXTS = 127  # PS3.8: odd presentation context IDs 1..255
 
 
@@ -100,16 +107,60 @@ def _new_ae(source: SourceConfig) -> AE:
     return ae
 
 
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A client context that trusts only ``tls.ca_file`` and presents our
+    certificate when one is configured. TLS 1.2 at least (PS3.15 BCP 195)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file and tls.key_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
+
+
+_REJECT_PERMANENT = 0x01
+_REJECT_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+
+
 def _associate(ae: AE, source: SourceConfig, **kwargs: Any):
-    """Open an association to the source with TCP_NODELAY, or raise DicomNetworkError."""
-    assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title, **kwargs)
-    if not assoc.is_established:
-        raise DicomNetworkError(
-            f"association to {source.called_ae_title}@{source.host}:{source.port} "
-            f"{'rejected' if assoc.is_rejected else 'failed'}"
-        )
-    nodelay(assoc)
-    return assoc
+    """Open an association to the source with TCP_NODELAY, or raise DicomNetworkError.
+
+    A transient rejection or a failed connection is retried
+    (``source.association_attempts``, exponential backoff); a permanent
+    rejection (wrong AE title, unsupported context) is not.
+    """
+    peer = f"{source.called_ae_title}@{source.host}:{source.port}"
+    attempts = max(1, source.association_attempts)
+    handlers = list(kwargs.pop("evt_handlers", []))
+    if source.tls is not None:
+        kwargs["tls_args"] = (tls_context(source.tls), source.tls.server_name or source.host)
+    reason = "failed"
+    for attempt in range(attempts):
+        answer: dict[str, Any] = {}
+
+        def on_acse(event: evt.Event, answer: dict[str, Any] = answer) -> None:
+            primitive = event.primitive
+            if getattr(primitive, "result", None) in (0x01, 0x02):
+                answer.update(result=primitive.result, source=primitive.result_source, diagnostic=primitive.diagnostic)
+
+        # max_pdu must be passed here: AE.maximum_pdu_size only applies to an acceptor.
+        assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title, max_pdu=source.max_pdu,
+                             evt_handlers=[*handlers, (evt.EVT_ACSE_RECV, on_acse)], **kwargs)
+        if assoc.is_established:
+            nodelay(assoc)
+            return assoc
+        if assoc.is_rejected:
+            kind = "permanently" if answer.get("result") == _REJECT_PERMANENT else "transiently"
+            reason = (f"rejected {kind} by the {_REJECT_SOURCES.get(answer.get('source', 0), 'peer')}"
+                      f" (reason {answer.get('diagnostic', '?')})")
+            if answer.get("result") == _REJECT_PERMANENT:
+                break
+        else:
+            reason = "failed (no answer, refused connection or TLS handshake)"
+        if attempt + 1 < attempts:
+            log.warning("association to %s %s; attempt %d of %d", peer, reason, attempt + 1, attempts)
+            time.sleep(min(0.5 * 2**attempt, 5.0))
+    raise DicomNetworkError(f"association to {peer} {reason}")
 
 
 def _open_find_association(source: SourceConfig):
@@ -206,42 +257,98 @@ class StagingSink:
     received: dict[str, ReceivedInstance] = field(default_factory=dict)
     duplicates: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pending: set[str] = field(default_factory=set)
     _counter: int = 0
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def store(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, data: bytes) -> int:
-        digest = hashlib.sha256(data).hexdigest()
+    @property
+    def arrivals(self) -> int:
+        """Stores seen so far, duplicates included."""
         with self._lock:
-            if sop_instance_uid in self.received:
+            return len(self.received) + len(self._pending) + self.duplicates
+
+    def _claim(self, sop_instance_uid: str) -> Path | None:
+        """The staging path for a new instance, or None for a duplicate."""
+        with self._lock:
+            if sop_instance_uid in self.received or sop_instance_uid in self._pending:
                 self.duplicates += 1
-                return 0x0000
+                return None
+            self._pending.add(sop_instance_uid)
             self._counter += 1
-            path = self.folder / f"{self._counter:08d}.dcm"
-        tmp = path.with_suffix(".part")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.rename(path)
+            return self.folder / f"{self._counter:08d}.dcm"
+
+    def _commit(self, item: ReceivedInstance) -> None:
         with self._lock:
-            self.received[sop_instance_uid] = ReceivedInstance(
-                sop_instance_uid, sop_class_uid, transfer_syntax, path, digest, len(data)
-            )
+            self._pending.discard(item.sop_instance_uid)
+            self.received[item.sop_instance_uid] = item
+
+    def _release(self, sop_instance_uid: str) -> None:
+        with self._lock:
+            self._pending.discard(sop_instance_uid)
+
+    def store(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, data: bytes) -> int:
+        """Stage an instance held in memory (a Part 10 byte string)."""
+        path = self._claim(sop_instance_uid)
+        if path is None:
+            return 0x0000
+        try:
+            tmp = path.with_suffix(".part")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.rename(path)
+        except BaseException:
+            self._release(sop_instance_uid)
+            raise
+        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path,
+                                      hashlib.sha256(data).hexdigest(), len(data)))
+        return 0x0000
+
+    def store_file(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, source: Path) -> int:
+        """Stage an instance pynetdicom has already written to ``source``
+        (STORE_RECV_CHUNKED_DATASET): hashed in chunks and moved, never loaded
+        whole, so memory stays flat whatever the instance's size."""
+        path = self._claim(sop_instance_uid)
+        if path is None:
+            return 0x0000
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with open(source, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                os.fsync(fh.fileno())
+            try:
+                os.replace(source, path)
+            except OSError:  # another file system: copy, then drop the temporary
+                tmp = path.with_suffix(".part")
+                shutil.copyfile(source, tmp)
+                tmp.rename(path)
+                source.unlink(missing_ok=True)
+        except BaseException:
+            self._release(sop_instance_uid)
+            raise
+        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path,
+                                      digest.hexdigest(), size))
         return 0x0000
 
     def handle_store(self, event: evt.Event) -> int:
         """pynetdicom ``EVT_C_STORE`` handler."""
         try:
-            data = event.encoded_dataset(include_meta=True)
             req = event.request
-            return self.store(
-                str(req.AffectedSOPInstanceUID),
-                str(req.AffectedSOPClassUID),
-                str(event.context.transfer_syntax),
-                data,
-            )
+            uid, cls, ts = str(req.AffectedSOPInstanceUID), str(req.AffectedSOPClassUID), str(
+                event.context.transfer_syntax)
+            chunked = getattr(req, "_dataset_path", None)
+            if isinstance(chunked, Path):
+                # As a C-GET requestor pynetdicom leaves the temporary open: close it.
+                if (handle := getattr(req, "_dataset_file", None)) is not None:
+                    handle.close()
+                return self.store_file(uid, cls, ts, chunked)
+            return self.store(uid, cls, ts, event.encoded_dataset(include_meta=True))
         except Exception:  # never let a handler exception kill the association
             log.exception("failed to stage a received instance")
             return 0xA700  # Out of resources
@@ -258,7 +365,40 @@ class RetrieveOutcome:
     failed_sop_instance_uids: tuple[str, ...]
 
 
-def storage_contexts(sop_class_uids: Iterable[str]) -> list[tuple[str, str]]:
+# Storage SOP classes a modality's series is likely to hold, for sources whose
+# census answers carry no SOP Class UID (DCMTK dcmqrscp, many legacy PACS).
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+LIKELY_STORAGE_CLASSES: dict[str, tuple[str, ...]] = {
+    "CT": ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"),
+    "MR": ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"),
+    "CR": ("1.2.840.10008.5.1.4.1.1.1",),
+    "DX": ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"),
+    "MG": ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.13.1.3"),
+    # Current and retired ultrasound, single and multi-frame.
+    "US": ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
+           "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"),
+    "NM": ("1.2.840.10008.5.1.4.1.1.20",),
+    "PT": ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130"),
+    "XA": ("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.1.1"),
+    "RF": ("1.2.840.10008.5.1.4.1.1.12.2",),
+    "SR": ("1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33"),
+}
+
+
+def likely_storage_classes(modality: str) -> tuple[str, ...]:
+    """Storage SOP classes to propose for a series of ``modality`` whose
+    instances' classes the census could not learn."""
+    return (*LIKELY_STORAGE_CLASSES.get(modality.upper(), ()), _SECONDARY_CAPTURE)
+
+
+def retrieve_syntaxes(uncompressed_only: bool) -> tuple[str, ...]:
+    """What we accept on retrieval: everything as stored, or only uncompressed
+    (the source must then decompress)."""
+    return UNCOMPRESSED_TRANSFER_SYNTAXES if uncompressed_only else RETRIEVE_TRANSFER_SYNTAXES
+
+
+def storage_contexts(sop_class_uids: Iterable[str], syntaxes: tuple[str, ...] = RETRIEVE_TRANSFER_SYNTAXES,
+                     ) -> list[tuple[str, str]]:
     """(SOP class, transfer syntax) pairs to propose for C-GET's C-STOREs.
 
     One context per pair; when many SOP classes would exceed the 127-context
@@ -266,8 +406,8 @@ def storage_contexts(sop_class_uids: Iterable[str]) -> list[tuple[str, str]]:
     """
     classes = sorted(set(sop_class_uids))
     budget = _MAX_CONTEXTS - 1  # one for the Get model itself
-    per_class = max(3, min(len(RETRIEVE_TRANSFER_SYNTAXES), budget // max(1, len(classes))))
-    pairs = [(c, ts) for c in classes for ts in RETRIEVE_TRANSFER_SYNTAXES[:per_class]]
+    per_class = max(min(3, len(syntaxes)), min(len(syntaxes), budget // max(1, len(classes))))
+    pairs = [(c, ts) for c in classes for ts in syntaxes[:per_class]]
     if len(pairs) > budget:
         raise ValueError(f"{len(classes)} SOP classes in one retrieve exceed the presentation-context limit")
     return pairs
@@ -290,7 +430,7 @@ def c_get(
     ae = _new_ae(source)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     classes = sorted(set(sop_class_uids))
-    for sop_class, ts in storage_contexts(classes):
+    for sop_class, ts in storage_contexts(classes, retrieve_syntaxes(source.request_uncompressed)):
         ae.add_requested_context(sop_class, ts)
     roles = [build_role(UID(c), scp_role=True) for c in classes]
     assoc = _associate(ae, source, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, sink.handle_store)])
@@ -329,16 +469,17 @@ class StorageListener:
     the caller (anything unasked is quarantined ``UNSOLICITED``).
     """
 
-    def __init__(self, ae_title: str, host: str = "127.0.0.1", port: int = 11112, max_pdu: int = 131072) -> None:
+    def __init__(self, ae_title: str, host: str = "127.0.0.1", port: int = 11112, max_pdu: int = 131072,
+                 uncompressed_only: bool = False) -> None:
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.network_timeout = 60
         ae.dimse_timeout = 60
+        syntaxes = list(UNCOMPRESSED_TRANSFER_SYNTAXES) if uncompressed_only else ALL_TRANSFER_SYNTAXES
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
         self.sink: StagingSink | None = None
         self.active = 0
-        self.last_store = 0.0
         self._lock = threading.Lock()
         self.server = ae.start_server(
             (host, port),
@@ -365,17 +506,19 @@ class StorageListener:
         sink = self.sink
         if sink is None:
             return 0xA801  # no partition is being retrieved: refuse
-        self.last_store = time.monotonic()
         return sink.handle_store(event)
 
-    def settle(self, quiet: float = 0.5, limit: float = 30.0) -> None:
-        """Wait for stores still in flight after the C-MOVE's final status
-        (some PACS report success before their sub-associations finish)."""
+    def settle(self, sink: StagingSink, expect_arrivals: int, limit: float = 30.0) -> None:
+        """Wait for stores still in flight after the C-MOVE's final response:
+        some PACS report success before their sub-associations finish. Returns
+        once ``sink`` has seen ``expect_arrivals`` stores (duplicates included)
+        and no store association is open, or after ``limit`` seconds. What is
+        still missing then is fetched again by the caller."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             with self._lock:
                 busy = self.active > 0
-            if not busy and time.monotonic() - self.last_store >= quiet:
+            if not busy and sink.arrivals >= expect_arrivals:
                 return
             time.sleep(0.05)
 
@@ -393,6 +536,7 @@ class MoveRetriever:
 
     def __call__(self, identifier: Dataset, sop_class_uids: Iterable[str], sink: StagingSink) -> RetrieveOutcome:
         self.listener.sink = sink
+        before = sink.arrivals
         ae = _new_ae(self.source)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         assoc = _associate(ae, self.source)
@@ -411,7 +555,9 @@ class MoveRetriever:
         finally:
             if assoc.is_established:
                 assoc.release()
-        self.listener.settle()
+        # The peer's counters only tell how long to wait; completion is decided
+        # by reconciling UIDs (retrieve.py).
+        self.listener.settle(sink, before + counts["completed"] + counts["warning"], self.source.move_settle_timeout)
         return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], ())
 
 
@@ -421,7 +567,8 @@ def retriever(source: SourceConfig) -> Iterator[Callable[[Dataset, Iterable[str]
     Storage SCP listening for the duration of the block."""
     if source.retrieve_method == "C-MOVE":
         ae_title = source.move_ae_title or source.calling_ae_title
-        listener = StorageListener(ae_title, source.move_listen_host, source.move_listen_port, source.max_pdu)
+        listener = StorageListener(ae_title, source.move_listen_host, source.move_listen_port, source.max_pdu,
+                                   source.request_uncompressed)
         try:
             yield MoveRetriever(source, listener, ae_title)
         finally:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from .census import CensusSeries
-from .dimse import DicomNetworkError, RetrieveOutcome, StagingSink
+from .dimse import DicomNetworkError, RetrieveOutcome, StagingSink, likely_storage_classes
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def retrieve_series(
 ) -> SeriesRetrieval:
     """Fetch one series until every expected SOP instance is in ``sink``."""
     expected = {i.sop_instance_uid for i in series.instances}
-    classes = sorted({i.sop_class_uid for i in series.instances if i.sop_class_uid})
+    classes = {i.sop_class_uid for i in series.instances if i.sop_class_uid}
+    if len(classes) == 0 or any(not i.sop_class_uid for i in series.instances):
+        classes |= set(likely_storage_classes(series.modality))  # the census could not learn them all
     last_error: str | None = None
     used = 0
     for attempt in range(attempts):
@@ -72,10 +74,10 @@ def retrieve_series(
         used = attempt + 1
         try:
             if attempt == 0:
-                get(_series_query(series), classes, sink)
+                get(_series_query(series), sorted(classes), sink)
             else:
                 for start in range(0, len(missing), _UIDS_PER_REQUEST):
-                    get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), classes, sink)
+                    get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), sorted(classes), sink)
         except DicomNetworkError as exc:
             last_error = str(exc)
             log.warning("retrieve attempt %d of %d for a series failed: %s", used, attempts, exc)
