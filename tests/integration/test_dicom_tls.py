@@ -74,7 +74,7 @@ def test_refused(case, tls_pacs):
     assert time.monotonic() - started < 30  # refused, not hung
     # Orthanc's side names the refusal: each case fails for its own reason.
     reason = {"plaintext": "wrong version number", "untrusted_client": "certificate verify failed",
-              "untrusted_server": "unknown ca", "no_client_cert": "peer did not return a certificate"}[case]
+              "untrusted_server": "tlsv1 alert unknown ca", "no_client_cert": "peer did not return a certificate"}[case]
     log = tls_pacs["orthanc"].folder / "orthanc.log"
     for _ in range(50):  # bounded: 5 s for the log line
         if f"TLS error: {reason}" in log.read_text(errors="replace"):
