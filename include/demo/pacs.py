@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,33 @@ def _matches(value: str, wanted: Any) -> bool:
     return value == w
 
 
+@dataclass
+class Faults:
+    """DICOM-level faults to script into the simulated PACS (tests).
+
+    Counters are consumed as faults fire, so a fault can be transient (the
+    next N times) or, with a large count, persistent.
+    """
+
+    reject_associations: int = 0  # the next N associations: A-ASSOCIATE-RJ transient, local limit exceeded
+    abort_after: int = 0  # on a retrieve, A-ABORT after this many sub-operations ...
+    abort_times: int = 0  # ... for this many retrieve requests
+    stall_seconds: float = 0.0  # on a retrieve, say nothing for this long before the first response ...
+    stall_times: int = 0  # ... for this many retrieve requests
+    withhold: frozenset[str] = frozenset()  # SOP Instance UIDs not sent; the final status is 0xB000 ...
+    withhold_times: int = 0  # ... for this many retrieve requests naming one of them
+    failed_list: bool = True  # whether that 0xB000 names them in a Failed SOP Instance UID List
+    move_success_before_stores: float = 0.0  # C-MOVE: answer success at once, send the stores this late
+
+    def take(self, name: str) -> bool:
+        """Consume one firing of the counted fault ``name``."""
+        left = getattr(self, name)
+        if left > 0:
+            setattr(self, name, left - 1)
+            return True
+        return False
+
+
 class SimulatedPACS:
     """Serve ``archive`` on ``host:port`` as ``ae_title``.
 
@@ -100,6 +128,7 @@ class SimulatedPACS:
         max_associations: int = 8,
         find_limit: int | None = None,
         truncation_status: int = 0x0000,
+        faults: Faults | None = None,
     ) -> None:
         """``find_limit`` caps C-FIND answers, as legacy PACS do; the answer then
         ends with ``truncation_status`` (0x0000: silently, like most)."""
@@ -109,6 +138,12 @@ class SimulatedPACS:
         self.move_destinations = dict(move_destinations or {})
         self.find_limit = find_limit
         self.truncation_status = truncation_status
+        self.faults = faults or Faults()
+        self.max_associations = max_associations
+        self.rejected = 0
+        self.aborted = 0
+        self.stalled = 0
+        self._late_senders: list[threading.Thread] = []
         self.find_requests = 0
         self.records: list[Record] = []
         self.active = 0
@@ -140,6 +175,7 @@ class SimulatedPACS:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_ESTABLISHED, self._on_open),
             (evt.EVT_RELEASED, self._on_close),
             (evt.EVT_ABORTED, self._on_close),
@@ -153,7 +189,18 @@ class SimulatedPACS:
         self.records = records
 
     def stop(self) -> None:
+        for thread in self._late_senders:
+            thread.join(timeout=30)
         self.server.shutdown()
+
+    def _on_connect(self, event: evt.Event) -> None:
+        # pynetdicom rejects (transient, local-limit-exceeded) when its active
+        # acceptors exceed maximum_associations: 0 rejects this one.
+        if self.faults.take("reject_associations"):
+            self.rejected += 1
+            self.ae.maximum_associations = 0
+        else:
+            self.ae.maximum_associations = self.max_associations
 
     # --- association accounting (lets tests assert the concurrency bound)
     def _on_open(self, event: evt.Event) -> None:
@@ -222,23 +269,63 @@ class SimulatedPACS:
             yield ds
 
     def _sub_operations(self, event: evt.Event):
-        """C-GET/C-MOVE tail: the count, then one pending status per instance."""
+        """C-GET/C-MOVE tail: the count, then one pending status per instance,
+        with the scripted faults."""
         _, groups = self._match(event.identifier)
         records = [r for g in groups for r in g]
+        faults = self.faults
+        withheld = [r for r in records if r.attrs["SOPInstanceUID"] in faults.withhold]
+        if not (withheld and faults.take("withhold_times")):
+            withheld = []
+        send = [r for r in records if r not in withheld]
+        if faults.take("stall_times"):
+            self.stalled += 1
+            time.sleep(faults.stall_seconds)  # the requestor's DIMSE timeout fires meanwhile
         yield len(records)
-        for ds in self._datasets(records):
+        for n, ds in enumerate(self._datasets(send)):
             if event.is_cancelled:
                 yield (0xFE00, None)
                 return
+            if n == faults.abort_after and faults.take("abort_times"):
+                self.aborted += 1
+                event.assoc.abort()
+                return
             yield (0xFF00, ds)
+        if withheld:
+            status = Dataset()
+            status.FailedSOPInstanceUIDList = [r.attrs["SOPInstanceUID"] for r in withheld] if faults.failed_list else []
+            yield (0xB000, status)  # warning: some sub-operations failed
 
     def _on_get(self, event: evt.Event):
         yield from self._sub_operations(event)
 
     def _on_move(self, event: evt.Event):
-        dest = self.move_destinations.get(str(event.move_destination).strip())
+        destination = str(event.move_destination).strip()
+        dest = self.move_destinations.get(destination)
         if dest is None:
             yield (None, None)  # unknown destination: 0xA801
             return
+        delay = self.faults.move_success_before_stores
+        if delay:
+            # Answer success with no sub-operations now; deliver later on our own association.
+            _, groups = self._match(event.identifier)
+            records = [r for g in groups for r in g]
+            thread = threading.Thread(target=self._send_late, args=(dest, destination, records, delay), daemon=True)
+            self._late_senders.append(thread)
+            thread.start()
+            yield dest
+            yield 0
+            return
         yield dest
         yield from self._sub_operations(event)
+
+    def _send_late(self, dest: tuple[str, int], ae_title: str, records: list[Record], delay: float) -> None:
+        time.sleep(delay)
+        assoc = self.ae.associate(dest[0], dest[1], ae_title=ae_title)
+        if not assoc.is_established:
+            return
+        try:
+            for ds in self._datasets(records):
+                assoc.send_c_store(ds)
+        finally:
+            assoc.release()

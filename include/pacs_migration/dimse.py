@@ -413,6 +413,15 @@ def storage_contexts(sop_class_uids: Iterable[str], syntaxes: tuple[str, ...] = 
     return pairs
 
 
+def _failed_uids(identifier: Dataset | None) -> tuple[str, ...]:
+    """The Failed SOP Instance UID List of a final response, if the peer sent one."""
+    if identifier is None or "FailedSOPInstanceUIDList" not in identifier:
+        return ()
+    value = identifier.FailedSOPInstanceUIDList
+    values = [value] if isinstance(value, str) else list(value or ())
+    return tuple(str(v) for v in values if v)
+
+
 def c_get(
     source: SourceConfig,
     identifier: Dataset,
@@ -440,7 +449,7 @@ def c_get(
     try:
         for status, ident in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             if not status:
-                break  # timeout/abort: what arrived is reconciled by the caller
+                break  # DIMSE timeout or abort: raised below; what arrived stays in the sink
             code = int(status.Status)
             if on_response:
                 on_response(code)
@@ -450,12 +459,12 @@ def c_get(
             counts["completed"] = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
             counts["failed"] = int(status.get("NumberOfFailedSuboperations", 0) or 0)
             counts["warning"] = int(status.get("NumberOfWarningSuboperations", 0) or 0)
-            if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                value = ident.FailedSOPInstanceUIDList
-                failed_uids = tuple(str(v) for v in (value if isinstance(value, list | tuple) else [value]) if v)
+            failed_uids = _failed_uids(ident)
     finally:
         if assoc.is_established:
             assoc.release()
+    if final is None:
+        raise DicomNetworkError("C-GET ended without a final response (DIMSE timeout or association aborted)")
     return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
 
 
@@ -542,8 +551,10 @@ class MoveRetriever:
         assoc = _associate(ae, self.source)
         final: int | None = None
         counts = {"completed": 0, "failed": 0, "warning": 0}
+        failed_uids: tuple[str, ...] = ()
         try:
-            for status, _ in assoc.send_c_move(identifier, self.move_ae_title, StudyRootQueryRetrieveInformationModelMove):
+            for status, ident in assoc.send_c_move(identifier, self.move_ae_title,
+                                                   StudyRootQueryRetrieveInformationModelMove):
                 if not status:
                     break
                 code = int(status.Status)
@@ -552,13 +563,16 @@ class MoveRetriever:
                 final = code
                 for k in counts:
                     counts[k] = int(status.get(f"NumberOf{k.capitalize()}Suboperations", 0) or 0)
+                failed_uids = _failed_uids(ident)
         finally:
             if assoc.is_established:
                 assoc.release()
         # The peer's counters only tell how long to wait; completion is decided
         # by reconciling UIDs (retrieve.py).
         self.listener.settle(sink, before + counts["completed"] + counts["warning"], self.source.move_settle_timeout)
-        return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], ())
+        if final is None:
+            raise DicomNetworkError("C-MOVE ended without a final response (DIMSE timeout or association aborted)")
+        return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,17 @@ class SeriesRetrieval:
     missing: tuple[str, ...]
     attempts: int
     last_error: str | None
+    # Missing instances the source itself named in a Failed SOP Instance UID List.
+    peer_failed: tuple[str, ...] = ()
+
+    def why_missing(self, sop_instance_uid: str) -> str:
+        """Detail of NOT_RECEIVED for one missing instance: ``source-failed``
+        (the source reported its sub-operation failed), ``network`` (the last
+        attempt broke: rejected, aborted or timed out) or ``not-sent`` (the
+        source finished without sending it)."""
+        if sop_instance_uid in self.peer_failed:
+            return "source-failed"
+        return "network" if self.last_error else "not-sent"
 
 
 def _series_query(series: CensusSeries) -> Dataset:
@@ -66,18 +77,21 @@ def retrieve_series(
     if len(classes) == 0 or any(not i.sop_class_uid for i in series.instances):
         classes |= set(likely_storage_classes(series.modality))  # the census could not learn them all
     last_error: str | None = None
+    peer_failed: set[str] = set()
     used = 0
     for attempt in range(attempts):
         missing = sorted(expected - sink.received.keys())
         if not missing:
             break
         used = attempt + 1
+        last_error = None
         try:
             if attempt == 0:
-                get(_series_query(series), sorted(classes), sink)
+                outcomes = [get(_series_query(series), sorted(classes), sink)]
             else:
-                for start in range(0, len(missing), _UIDS_PER_REQUEST):
-                    get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), sorted(classes), sink)
+                outcomes = [get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), sorted(classes), sink)
+                            for start in range(0, len(missing), _UIDS_PER_REQUEST)]
+            peer_failed = {u for o in outcomes for u in o.failed_sop_instance_uids}
         except DicomNetworkError as exc:
             last_error = str(exc)
             log.warning("retrieve attempt %d of %d for a series failed: %s", used, attempts, exc)
@@ -85,7 +99,8 @@ def retrieve_series(
             time.sleep(min(backoff * 2**attempt, 10.0))
     missing_final = tuple(sorted(expected - sink.received.keys()))
     return SeriesRetrieval(
-        series.series_instance_uid, len(expected), len(expected) - len(missing_final), missing_final, used, last_error
+        series.series_instance_uid, len(expected), len(expected) - len(missing_final), missing_final, used, last_error,
+        tuple(sorted(peer_failed & set(missing_final))),
     )
 
 

@@ -159,7 +159,7 @@ def transfer_partition(
         shutil.rmtree(staging)  # a retried task starts clean
     sink = StagingSink(staging)
     try:
-        retrieve_partition(get, series, sink, attempts, max_associations)
+        retrievals = {r.series_instance_uid: r for r in retrieve_partition(get, series, sink, attempts, max_associations)}
         expected = {
             i.sop_instance_uid: (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
             for s in series
@@ -187,7 +187,8 @@ def transfer_partition(
                             "sop_class_uid": i.sop_class_uid,
                             "in_census": True,
                             "state": InstanceState.UNRESOLVED.value,
-                            "reason": reason(ReasonCode.NOT_RECEIVED),
+                            "reason": reason(ReasonCode.NOT_RECEIVED,
+                                             retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)),
                             "run_id": run_id,
                         }
                     )

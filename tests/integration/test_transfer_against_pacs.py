@@ -93,7 +93,7 @@ def test_unreachable_pacs_ends_unresolved_not_lost(setup, pacs):
     )
     assert counts.unresolved == counts.expected > 0 and counts.migrated == 0
     df = read_transfer(store, p)
-    assert set(df.reason) == {"NOT_RECEIVED"}
+    assert set(df.reason) == {"NOT_RECEIVED:network"}
 
 
 def test_dry_run_of_a_partition_from_the_pacs_writes_nothing(pacs, s3_server, bucket):
