@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean trace
+.PHONY: demo test venv clean trace bench-cget
 
 $(STAMP): requirements.txt constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -21,6 +21,10 @@ demo: $(STAMP)
 ## Run the tests.
 test: $(STAMP)
 	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest
+
+## Benchmark: C-GET throughput from Orthanc, ours beside DCMTK getscu (not part of make test).
+bench-cget: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.cget_throughput
 
 ## Trace one instance of the demo bucket: make trace UID=<SOPInstanceUID>
 trace: $(STAMP)

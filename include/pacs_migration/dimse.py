@@ -249,7 +249,8 @@ class StagingSink:
     """Receives C-STORE sub-operations into a staging folder.
 
     Files are named by arrival order, never by UID: a UID is untrusted input
-    until normalize has validated it. Thread-safe: several associations may
+    until normalize has validated it. No fsync: staging is not the durable
+    copy (S3 is, verified by checksum), and a retried task starts clean. Thread-safe: several associations may
     deliver into one sink.
     """
 
@@ -295,10 +296,7 @@ class StagingSink:
             return 0x0000
         try:
             tmp = path.with_suffix(".part")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            tmp.write_bytes(data)
             tmp.rename(path)
         except BaseException:
             self._release(sop_instance_uid)
@@ -321,7 +319,6 @@ class StagingSink:
                 while chunk := fh.read(_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
-                os.fsync(fh.fileno())
             try:
                 os.replace(source, path)
             except OSError:  # another file system: copy, then drop the temporary
