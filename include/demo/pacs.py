@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
@@ -35,11 +36,13 @@ log = logging.getLogger(__name__)
 _INDEX_KEYS = (
     "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyInstanceUID", "StudyDate",
     "StudyTime", "StudyID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SOPInstanceUID", "SOPClassUID",
-    "InstanceNumber",
+    "InstanceNumber", "SpecificCharacterSet", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
 )
+_INTEGER_VRS = {"US", "UL", "SS", "SL", "IS"}
 _LEVEL_KEYS = {
     "PATIENT": ("PatientID",),
-    "STUDY": ("StudyInstanceUID",),
+    # Like Orthanc: a StudyInstanceUID filed under two patients answers twice.
+    "STUDY": ("StudyInstanceUID", "PatientID"),
     "SERIES": ("StudyInstanceUID", "SeriesInstanceUID"),
     "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
 }
@@ -52,10 +55,24 @@ class Record:
     transfer_syntax: str
 
 
+def _text(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _answer_value(keyword: str, text: str) -> Any:
+    if text and dictionary_VR(keyword) in _INTEGER_VRS:
+        return int(text)
+    return text
+
+
 def _read_record(path: Path) -> Record | None:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        attrs = {k: str(ds.get(k, "") or "") for k in _INDEX_KEYS}
+        attrs = {k: _text(ds.get(k)) for k in _INDEX_KEYS}
     except Exception:
         return None
     if not attrs["SOPInstanceUID"]:
@@ -245,7 +262,9 @@ class SimulatedPACS:
             for elem in identifier:
                 kw = elem.keyword
                 if kw in _INDEX_KEYS:
-                    setattr(rsp, kw, first.attrs[kw])
+                    setattr(rsp, kw, _answer_value(kw, first.attrs[kw]))
+                elif kw == "AvailableTransferSyntaxUID":
+                    rsp.AvailableTransferSyntaxUID = first.transfer_syntax
                 elif kw == "NumberOfStudyRelatedInstances":
                     study = first.attrs["StudyInstanceUID"]
                     rsp.NumberOfStudyRelatedInstances = sum(

@@ -107,48 +107,53 @@ def _tm(seconds: int) -> str:
     return f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
 
 
-def _study_query(da: str, time_range: str | None) -> Dataset:
+def _study_query(da: str, time_range: str | None, extra_keys: tuple[str, ...] = ()) -> Dataset:
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.StudyDate = da
     q.StudyTime = time_range or ""
     q.StudyInstanceUID = ""
     q.NumberOfStudyRelatedInstances = ""
+    for keyword in extra_keys:
+        setattr(q, keyword, "")
     return q
 
 
-def find_studies(
-    find: FindFn, da: str, find_limit: int | None = None, split_depth: int = 12
-) -> tuple[dict[str, int | None], list[CensusWarning]]:
-    """Study Instance UIDs of one StudyDate (with the NumberOfStudyRelatedInstances
-    the PACS reports, if any), splitting truncated answers.
+def find_study_answers(
+    find: FindFn, da: str, find_limit: int | None = None, split_depth: int = 12, extra_keys: tuple[str, ...] = ()
+) -> tuple[list[Dataset], list[CensusWarning]]:
+    """Every study-level answer for one StudyDate, splitting truncated queries.
 
     An answer is truncated when the peer says so (0xFE00/0xA700, see
     :class:`dimse.QueryTruncated`) or when it holds as many matches as the
     configured or learned cap. A truncated query is split into two StudyTime
     ranges, bisected down to ``split_depth`` levels; a range still truncated at
     the bottom is reported (``QUERY_TRUNCATED``), never silently accepted.
+    ``extra_keys`` are asked as return keys (the assessment's quality checks).
     """
-    found: dict[str, int | None] = {}
+    answers_out: dict[tuple[str, str], Dataset] = {}
     warnings: list[CensusWarning] = []
     cap = find_limit
+
+    def keep(answers: list[Dataset]) -> None:
+        # A truncated parent's answers are kept too: a study without StudyTime
+        # matches no StudyTime range. Distinct PatientIDs stay distinct answers.
+        for a in answers:
+            answers_out.setdefault((str(a.get("StudyInstanceUID", "")), str(a.get("PatientID", ""))), a)
 
     def run(lo: int, hi: int, depth: int) -> None:
         nonlocal cap
         time_range = None if (lo, hi) == (0, _DAY - 1) else f"{_tm(lo)}-{_tm(hi)}"
         truncated = False
         try:
-            answers = find(_study_query(da, time_range))
+            answers = find(_study_query(da, time_range, extra_keys))
         except QueryTruncated as exc:
             answers, truncated = exc.answers, True
             if answers:
                 cap = min(cap or len(answers), len(answers))  # learn the peer's cap
         if cap is not None and len(answers) >= cap:
             truncated = True
-        for a in answers:
-            if a.get("StudyInstanceUID"):
-                raw = a.get("NumberOfStudyRelatedInstances")
-                found[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
+        keep(answers)
         if not truncated:
             return
         if depth >= split_depth or hi <= lo:
@@ -160,6 +165,20 @@ def find_studies(
         run(mid + 1, hi, depth + 1)
 
     run(0, _DAY - 1, 0)
+    return list(answers_out.values()), warnings
+
+
+def find_studies(
+    find: FindFn, da: str, find_limit: int | None = None, split_depth: int = 12
+) -> tuple[dict[str, int | None], list[CensusWarning]]:
+    """Study Instance UIDs of one StudyDate, with the NumberOfStudyRelatedInstances
+    the PACS reports (None if not offered); see :func:`find_study_answers`."""
+    answers, warnings = find_study_answers(find, da, find_limit, split_depth)
+    found: dict[str, int | None] = {}
+    for a in answers:
+        if a.get("StudyInstanceUID"):
+            raw = a.get("NumberOfStudyRelatedInstances")
+            found[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
     return dict(sorted(found.items())), warnings
 
 
@@ -188,9 +207,15 @@ def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None
     split_depth : int
         How many times a truncated study query may be bisected by StudyTime.
     """
-    da = study_date.strftime("%Y%m%d")
-    studies, warnings = find_studies(find, da, find_limit, split_depth)
+    studies, warnings = find_studies(find, study_date.strftime("%Y%m%d"), find_limit, split_depth)
+    return census_of_studies(find, study_date, studies, warnings)
 
+
+def census_of_studies(find: FindFn, study_date: dt.date, studies: dict[str, int | None],
+                      warnings: list[CensusWarning]) -> Census:
+    """Series and image levels of ``studies`` (UID -> reported instance count),
+    reconciled against the counts; ``warnings`` so far are carried along."""
+    warnings = list(warnings)
     series_out: list[CensusSeries] = []
     for study_uid, reported_study in studies.items():
         first_series = len(series_out)

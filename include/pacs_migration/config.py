@@ -8,11 +8,13 @@ a :class:`ConfigError` naming the field (``source.port: ...``).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -128,6 +130,65 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class AssessmentConfig:
+    """How the assessment projects the duration, and how much it samples."""
+
+    throughput_mb_s: float = 20.0
+    throughput_instances_s: float = 40.0
+    window_hours: float = 10.0
+    sample_series: int = 2  # per year x modality: image-level answers read for sizes and syntaxes
+    undated_sweep: bool = True  # one universal study query to find studies without a StudyDate
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the plan: study dates (newest first by default) and the
+    modalities it migrates (None: all)."""
+
+    name: str
+    date_from: dt.date | None  # None: ``last_months`` before the night
+    date_to: dt.date | None  # None: the night's date
+    last_months: int | None = None
+    modalities: tuple[str, ...] | None = None
+    newest_first: bool = True
+
+
+@dataclass(frozen=True)
+class Window:
+    """The clinical-quiet window, local time of the hospital; may wrap midnight."""
+
+    start: dt.time
+    end: dt.time
+    timezone: str
+
+    @property
+    def hours(self) -> float:
+        a = self.start.hour * 60 + self.start.minute
+        b = self.end.hour * 60 + self.end.minute
+        return ((b - a) % (24 * 60) or 24 * 60) / 60
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Phased nightly loads: what to move in which order, when, and how much per night."""
+
+    phases: tuple[Phase, ...]
+    window: Window
+    max_partitions: int | None = None
+    max_instances: int | None = None
+    max_bytes: int | None = None
+    max_attempts: int = 3
+    delta_recent_days: int = 30  # done study dates this recent are re-censused every night
+    delta_sweep_per_night: int = 7  # plus this many older done dates, least recently checked first
+
+
+DEFAULT_PLAN = PlanConfig(
+    phases=(Phase("recent", None, None, last_months=24), Phase("all", dt.date(1980, 1, 1), None)),
+    window=Window(dt.time(20, 0), dt.time(6, 0), "UTC"),
+)
+
+
+@dataclass(frozen=True)
 class MigrationConfig:
     source: SourceConfig
     target: TargetConfig
@@ -135,6 +196,8 @@ class MigrationConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ruleset: RuleSet = STRUCTURAL
     staging_dir: Path = field(default_factory=lambda: Path("/tmp/pacs-migration-staging"))
+    assessment: AssessmentConfig = field(default_factory=AssessmentConfig)
+    plan: PlanConfig = DEFAULT_PLAN
 
 
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -302,9 +365,105 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     staging = data.get("staging_dir", "/tmp/pacs-migration-staging")
     if not isinstance(staging, str) or not staging:
         raise ConfigError("staging_dir", "must be a directory path")
+    plan = _plan(data.get("plan"))
+    asm = data.get("assessment") or {}
+    if not isinstance(asm, Mapping):
+        raise ConfigError("assessment", "must be a mapping")
+    assessment = AssessmentConfig(
+        throughput_mb_s=_float(asm, "assessment", "throughput_mb_s", 20.0, 0.001, 1e6),
+        throughput_instances_s=_float(asm, "assessment", "throughput_instances_s", 40.0, 0.001, 1e6),
+        window_hours=plan.window.hours,
+        sample_series=_int(asm, "assessment", "sample_series", 2, 0, 1000),
+        undated_sweep=_bool(asm, "assessment", "undated_sweep", True),
+    )
     return MigrationConfig(
         source=source, target=target, report=report, validation=validation, ruleset=ruleset,
-        staging_dir=Path(staging),
+        staging_dir=Path(staging), assessment=assessment, plan=plan,
+    )
+
+
+def _date(value: Any, path: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError(path, f"must be a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _time(value: Any, path: str) -> dt.time:
+    text = str(value)
+    if isinstance(value, int):  # YAML 1.1 reads 20:00 as sexagesimal 1200
+        text = f"{value // 60:02d}:{value % 60:02d}"
+    try:
+        return dt.time.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(path, f"must be a time HH:MM, got {value!r}") from None
+
+
+def _plan(value: Any) -> PlanConfig:
+    if value is None:
+        return DEFAULT_PLAN
+    if not isinstance(value, Mapping):
+        raise ConfigError("plan", "must be a mapping")
+    win = value.get("window") or {}
+    if not isinstance(win, Mapping):
+        raise ConfigError("plan.window", "must be a mapping with start and end (HH:MM)")
+    tz = str(value.get("timezone", "UTC"))
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("plan.timezone", f"{tz!r} is not an IANA time zone") from None
+    window = Window(_time(win.get("start", "20:00"), "plan.window.start"),
+                    _time(win.get("end", "06:00"), "plan.window.end"), tz)
+    if window.start == window.end:
+        raise ConfigError("plan.window.end", "must differ from plan.window.start")
+    raw_phases = value.get("phases")
+    if not raw_phases or not isinstance(raw_phases, list):
+        raise ConfigError("plan.phases", "at least one phase is required")
+    phases = []
+    for n, ph in enumerate(raw_phases):
+        path = f"plan.phases[{n}]"
+        if not isinstance(ph, Mapping):
+            raise ConfigError(path, "must be a mapping")
+        name = _str(ph, path, "name")
+        last = _int(ph, path, "last_months", 0, 1, 1200) if ph.get("last_months") is not None else None
+        start = _date(ph["from"], f"{path}.from") if ph.get("from") is not None else None
+        end = _date(ph["to"], f"{path}.to") if ph.get("to") is not None else None
+        if (start is None) == (last is None):
+            raise ConfigError(f"{path}.from", "give either from (a date) or last_months")
+        if start and end and end < start:
+            raise ConfigError(f"{path}.to", f"{end} is before {start}")
+        mods = ph.get("modalities", "all")
+        if mods == "all" or mods is None:
+            modalities = None
+        elif isinstance(mods, list) and mods and all(isinstance(m, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", m)
+                                                     for m in mods):
+            modalities = tuple(mods)
+        else:
+            raise ConfigError(f"{path}.modalities", f"must be 'all' or a list of modality codes, got {mods!r}")
+        order = str(ph.get("order", "newest_first"))
+        if order not in ("newest_first", "oldest_first"):
+            raise ConfigError(f"{path}.order", f"must be newest_first or oldest_first, got {order!r}")
+        phases.append(Phase(name, start, end, last, modalities, order == "newest_first"))
+    budget = value.get("budget") or {}
+    if not isinstance(budget, Mapping):
+        raise ConfigError("plan.budget", "must be a mapping")
+
+    def limit(key: str) -> int | None:
+        return _int(budget, "plan.budget", key, 0, 1, 10**15) if budget.get(key) is not None else None
+
+    delta = value.get("delta") or {}
+    if not isinstance(delta, Mapping):
+        raise ConfigError("plan.delta", "must be a mapping")
+    return PlanConfig(
+        phases=tuple(phases), window=window, max_partitions=limit("max_partitions"),
+        max_instances=limit("max_instances"), max_bytes=limit("max_bytes"),
+        max_attempts=_int(value, "plan", "max_attempts", 3, 1, 100),
+        delta_recent_days=_int(delta, "plan.delta", "recent_days", 30, 0, 36500),
+        delta_sweep_per_night=_int(delta, "plan.delta", "sweep_per_night", 7, 0, 100000),
     )
 
 

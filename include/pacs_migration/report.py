@@ -178,3 +178,50 @@ def render_html(run_id: str, study_date: str, figures: list[PartitionFigures], b
         f"<ul>{''.join(details)}</ul>"
         "</body></html>"
     )
+
+
+def render_progress_html(night: dict, results: list[dict], progress: dict, run_id: str, bucket_uri: str) -> str:
+    """The nightly progress e-mail: what tonight did, per unit and partition,
+    what is left and when it should be done (self-contained HTML)."""
+    e = html.escape
+    rows = []
+    for res in results:
+        unit = res["unit"]
+        label = f"{unit['study_date']} {','.join(unit['modalities'] or []) or 'all modalities'} ({unit['phase']}" \
+                f"{', delta check' if unit.get('kind') == 'delta' else ''})"
+        state = res.get("state", "failed")
+        parts = res.get("partitions") or []
+        detail = "; ".join(
+            f"{p['partition']}: {p['action']}" + (f", {p.get('migrated', 0)}/{p.get('expected', 0)} migrated, "
+                                                   f"{p.get('written', 0)} new" if p["action"] != "unchanged" else "")
+            + ("" if p.get("validation_passed") else " &mdash; <b>validation FAILED</b>")
+            for p in parts) or ("not started: the window had closed" if state == "deferred" else
+                                res.get("error", "no partitions"))
+        css = {"done": "pass", "failed": "fail"}.get(state, "")
+        rows.append(f'<tr data-unit="{e(unit["study_date"])}"><td class="k">{e(label)}</td>'
+                    f'<td class="{css}" data-field="state">{e(state)}</td><td data-field="new">{res.get("migrated", 0)}</td>'
+                    f'<td>{res.get("seconds", 0):.0f}</td><td class="k">{detail}</td></tr>')
+    eta = progress
+    planned = f"{len(night.get('units', []))} unit(s) planned; {e(night.get('reason', ''))}"
+    given_up = night.get("given_up") or []
+    return (
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PACS migration: nightly progress</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>Nightly migration &mdash; night of {e(str(night.get('night') or 'n/a'))}</h1>"
+        f'<p class="meta">Run <code>{e(run_id)}</code> &middot; target {e(bucket_uri)} &middot; {planned}</p>'
+        '<table><thead><tr><th class="k">Unit</th><th>State</th><th>New objects</th><th>Seconds</th>'
+        f'<th class="k">Partitions</th></tr></thead><tbody>{"".join(rows) or "<tr><td colspan=5>nothing ran tonight</td></tr>"}'
+        "</tbody></table>"
+        '<h2 style="font-size:15px;margin:18px 0 6px">Progress</h2>'
+        f'<table><tbody><tr><td class="k">Units done</td><td data-field="units_done">{eta["units_done"]}'
+        f' of {eta["units_total"]}</td></tr>'
+        f'<tr><td class="k">Units left</td><td data-field="units_left">{eta["units_left"]}</td></tr>'
+        f'<tr><td class="k">Instances left (estimated)</td><td data-field="instances_left">{eta["instances_left"]:,}</td></tr>'
+        f'<tr><td class="k">Rate</td><td data-field="rate">{eta["rate_instances_s"]:g} instances/s '
+        f'({"measured" if eta["rate_measured"] else "assumed: nothing measured yet"})</td></tr>'
+        f'<tr><td class="k">ETA</td><td data-field="eta">{eta["hours_left"]:.1f} h = {eta["nights_left"]} night(s)'
+        "</td></tr></tbody></table>"
+        + (f"<p>Given up after the maximum attempts (needs a person): {e(', '.join(given_up))}</p>" if given_up else "")
+        + "<p style=\"font-size:13px\">Each migrated partition's validation figures are in its manifests; the "
+        "per-date compliance reports of <code>pacs_migration</code> apply unchanged.</p></body></html>"
+    )

@@ -51,6 +51,27 @@ class PartitionCounts:
         }
 
 
+CARRIED = "carried"  # load_action of a row kept from an earlier run's manifest
+
+
+def plan_resume(series: list[CensusSeries], previous: Any) -> tuple[list[CensusSeries], Any]:
+    """Split a partition's census against its previous transfer manifest:
+    (series to retrieve, rows to carry). A series is retrieved again when any
+    of its instances has no migrated or quarantined row (new at the source,
+    or unresolved before); the rows of every other series are carried, so a
+    delta run moves only what is new and rewrites nothing."""
+    if previous is None or not len(previous):
+        return series, None
+    settled = previous[previous["in_census"] & previous["state"].isin(
+        [InstanceState.MIGRATED.value, InstanceState.QUARANTINED.value])]
+    done = set(settled["sop_instance_uid"])
+    fetch = [s for s in series if any(i.sop_instance_uid not in done for i in s.instances)]
+    fetch_uids = {s.series_instance_uid for s in fetch}
+    wanted = {i.sop_instance_uid for s in series if s.series_instance_uid not in fetch_uids for i in s.instances}
+    carried = settled[settled["sop_instance_uid"].isin(wanted)]
+    return fetch, carried
+
+
 def counts_from_frame(df: Any) -> PartitionCounts:
     """Figures of a transfer manifest; the report and validation use the same."""
     census = df[df["in_census"]]
@@ -147,11 +168,15 @@ def transfer_partition(
     upload_threads: int,
     ruleset: RuleSet = STRUCTURAL,
     source_ae: str | None = None,
+    carried: Any = None,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
     Every instance of the census ends ``migrated``, ``quarantined`` or
     ``unresolved``; instances that arrived unasked are quarantined too.
+    ``series`` are retrieved; ``carried`` (rows of an earlier manifest, for
+    series not retrieved again) join the manifest as they were, with
+    ``load_action`` ``carried`` (see :func:`plan_resume`).
     """
     safe_run = hashlib.sha256(run_id.encode()).hexdigest()[:16]
     staging = staging_root / safe_run / partition.hive_path
@@ -192,6 +217,8 @@ def transfer_partition(
                             "run_id": run_id,
                         }
                     )
+        if carried is not None and len(carried):
+            rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
         df = transfer_frame(sorted(rows, key=lambda r: (not r["in_census"], r["sop_instance_uid"])))
         write_transfer(store, partition, df)
         counts = counts_from_frame(df)

@@ -1,0 +1,93 @@
+"""pacs_assessment: measure the legacy archive before migrating it.
+
+Census only (C-FIND, nothing retrieved) over a range of study dates: studies,
+series, instances and estimated bytes by year x modality, transfer syntaxes
+(sampled), metadata quality findings, projected duration. The dataset lands
+in the bucket under ``_assessment/<from>_<to>/`` (Parquet and CSV; the
+nightly planner reads its by-date figures) and an HTML report with a
+year x modality heat map is e-mailed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from include.pacs_migration_dags import PACS_POOL, send_report
+
+DAG_ID = "pacs_assessment"
+
+
+def _range() -> tuple[dt.date, dt.date]:
+    params = get_current_context()["params"] or {}
+    first, last = dt.date.fromisoformat(params["date_from"]), dt.date.fromisoformat(params["date_to"])
+    if last < first:
+        raise ValueError(f"params.date_to {last} is before params.date_from {first}")
+    return first, last
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=None,
+    start_date=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
+    params={
+        "date_from": Param("2019-03-01", type="string", format="date", description="first StudyDate (YYYY-MM-DD)"),
+        "date_to": Param("2019-03-05", type="string", format="date", description="last StudyDate (YYYY-MM-DD)"),
+    },
+    tags=["pacs", "assessment"],
+    doc_md=__doc__,
+)
+def pacs_assessment():
+    @task(pool=PACS_POOL, pool_slots=1)
+    def assess() -> dict:
+        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration.assessment import assess as assess_archive
+        from include.pacs_migration.assessment import render_assessment_html, write_assessment
+        from include.pacs_migration.dimse import FindSession
+
+        cfg = runtime_config()
+        store = object_store(cfg)
+        first, last = _range()
+        with FindSession(cfg.source) as session:
+            result = assess_archive(session.find, first, last, cfg.assessment, cfg.source.find_limit,
+                                    cfg.source.census_split_depth)
+        where = f"s3://{cfg.target.bucket}/{cfg.target.prefix}_assessment/{first}_{last}/"
+        html = render_assessment_html(
+            result, f"dicom://{cfg.source.host}:{cfg.source.port} AE {cfg.source.called_ae_title}", where)
+        keys = write_assessment(store, result, html)
+        # The summary only: figures and codes, no UIDs or patient data in XCom.
+        return {**result.summary(), "prefix": keys[0].rsplit("/", 1)[0] + "/"}
+
+    @task
+    def report(summary: dict) -> dict:
+        from include.pacs_migration_airflow import object_store, runtime_config
+
+        cfg = runtime_config()
+        store = object_store(cfg)
+        prefix = summary["prefix"]
+        gb = summary["est_bytes"] / 1e9
+        subject = (f"{cfg.report.subject_prefix} Archive assessment {summary['date_from']} to {summary['date_to']}: "
+                   f"{summary['studies']} studies, {summary['instances']} instances, {gb:.1f} GB, "
+                   f"{summary['projection']['nights']} night(s)")
+        with tempfile.TemporaryDirectory() as tmp:
+            files = []
+            for name in ("by_year_modality.csv", "by_date_modality.csv", "findings.csv"):
+                path = Path(tmp) / f"assessment-{summary['date_from']}_{summary['date_to']}-{name}"
+                path.write_bytes(store.get(prefix + name))
+                files.append(str(path))
+            send_report(cfg, subject, store.get(prefix + "report.html").decode(), files)
+        return {"emailed_to": len(cfg.report.recipients)}
+
+    report(assess())
+
+
+pacs_assessment()

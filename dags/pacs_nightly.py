@@ -1,0 +1,154 @@
+"""pacs_nightly: the phased plan, one night at a time.
+
+When the clinical window opens (``plan.window``, the hospital's local time)
+it picks the next units of the plan (``plan.phases``, in order; delta checks
+of migrated dates first) within the night's budgets, migrates them one after
+another, starts nothing once the window has closed, records the night in the
+ledger (``_plan/ledger.json`` in the bucket: failed units are retried on later
+nights up to ``plan.max_attempts``) and e-mails the night's progress and ETA.
+The ``now`` param plans as if it were that time (tests, dry runs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.timetables.trigger import CronTriggerTimetable
+
+from include.pacs_migration_dags import PACS_POOL, associations_per_task, nightly_cron, send_report
+
+DAG_ID = "pacs_nightly"
+ASSOCIATIONS_PER_TASK = associations_per_task()
+CRON, TIMEZONE = nightly_cron()
+
+
+def _now() -> dt.datetime:
+    """The planning clock: ``params.now`` if given, else the wall clock."""
+    override = (get_current_context()["params"] or {}).get("now")
+    if override:
+        value = dt.datetime.fromisoformat(override)
+        if value.tzinfo is None:
+            raise ValueError("params.now needs a UTC offset, e.g. 2019-03-03T21:00:00+01:00")
+        return value
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=CronTriggerTimetable(CRON, timezone=TIMEZONE),
+    start_date=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
+    params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
+    tags=["pacs", "migration", "nightly"],
+    doc_md=__doc__,
+)
+def pacs_nightly():
+    @task
+    def plan() -> list[dict]:
+        """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
+        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration.assessment import read_by_date
+        from include.pacs_migration.plan import LEDGER_KEY, Ledger, select_night
+
+        cfg = runtime_config()
+        store = object_store(cfg)
+        ledger = Ledger.from_bytes(store.get_or_none(store.target.key(LEDGER_KEY)))
+        now = _now()
+        rate = ledger.measured_rate() or cfg.assessment.throughput_instances_s
+        night = select_night(cfg.plan, ledger, now, read_by_date(store), rate)
+        # The migrate tasks check the window on the same clock: wall time shifted like params.now.
+        offset = (now - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        get_current_context()["ti"].xcom_push(key="night", value=night.to_json())
+        end = night.window_end.isoformat() if night.window_end else None
+        return [{"unit": u.to_json(), "window_end": end, "offset": offset} for u in night.units]
+
+    @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK, max_active_tis_per_dagrun=1)
+    def migrate(item: dict) -> dict:
+        from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
+        from include.pacs_migration.dimse import retriever
+        from include.pacs_migration.plan import Unit
+        from include.pacs_migration.steps import migrate_unit
+
+        unit = item["unit"]
+        now = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=item["offset"])
+        if item["window_end"] and now >= dt.datetime.fromisoformat(item["window_end"]):
+            return {"unit": unit, "state": "deferred", "migrated": 0, "seconds": 0}  # no new work after the window
+        cfg = runtime_config()
+        store = object_store(cfg)
+        return migrate_unit(cfg, store, Unit.from_json(unit), get_current_context()["run_id"], DAG_ID,
+                            lambda: retriever(cfg.source), min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
+                            endpoint_of(store), emit_openlineage)
+
+    @task(trigger_rule="all_done")
+    def progress(items: list[dict] | None) -> dict:
+        import tempfile
+        from pathlib import Path
+
+        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration.assessment import read_by_date
+        from include.pacs_migration.plan import LEDGER_KEY, Ledger, NightPlan, Unit, eta, record_night
+        from include.pacs_migration.report import render_progress_html
+
+        ctx = get_current_context()
+        cfg = runtime_config()
+        store = object_store(cfg)
+        key = store.target.key(LEDGER_KEY)
+        ledger = Ledger.from_bytes(store.get_or_none(key))
+        night = ctx["ti"].xcom_pull(task_ids="plan", key="night")
+        if night is None:
+            raise RuntimeError("the plan task left no night plan")
+        units = [i["unit"] for i in items or []]
+        pulled = ctx["ti"].xcom_pull(task_ids="migrate", key="return_value") if units else []
+        if isinstance(pulled, dict):
+            pulled = [pulled]
+        by_key = {Unit.from_json(r["unit"]).key + Unit.from_json(r["unit"]).kind: r for r in (pulled or []) if r}
+        results = []
+        for u in units:  # a unit whose task failed outright left no result: it failed
+            unit = Unit.from_json(u)
+            results.append(by_key.get(unit.key + unit.kind)
+                           or {"unit": u, "state": "failed", "migrated": 0, "seconds": 0, "error": "task failed"})
+        now = _now()
+        night_plan = NightPlan(
+            dt.date.fromisoformat(night["night"]) if night["night"] else None,
+            dt.datetime.fromisoformat(night["window_end"]) if night["window_end"] else None,
+            tuple(Unit.from_json(u) for u in units), night["reason"], night["left"], tuple(night["given_up"]))
+        entry = record_night(ledger, night_plan, results, now, ctx["run_id"])
+        by_date = read_by_date(store)
+        status = eta(cfg.plan, ledger, (night_plan.night or now.date()), by_date, cfg.assessment.throughput_instances_s)
+        entry["progress"] = status
+        store.put(key, ledger.to_bytes(), "application/json")
+        html = render_progress_html(night, results, status, ctx["run_id"],
+                                    f"s3://{cfg.target.bucket}/{cfg.target.prefix}")
+        subject = (f"{cfg.report.subject_prefix} Nightly {night['night'] or now.date().isoformat()}: "
+                   f"{entry['done']} done, {entry['failed']} failed, {entry['deferred']} deferred; "
+                   f"{status['units_left']} unit(s) left, ETA {status['nights_left']} night(s)")
+        with tempfile.TemporaryDirectory() as tmp:
+            ledger_path = Path(tmp) / "ledger.json"
+            ledger_path.write_bytes(ledger.to_bytes())
+            send_report(cfg, subject, html, [str(ledger_path)])
+        return entry
+
+    @task(trigger_rule="all_done", retries=0)
+    def gate(entry: dict) -> None:
+        """Fail the run when a unit failed tonight (it is retried on a later night)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if entry is None:
+            raise AirflowFailException("the night was not recorded")
+        if entry["failed"]:
+            raise AirflowFailException(f"{entry['failed']} unit(s) failed tonight")
+
+    planned = plan()
+    done = migrate.expand(item=planned)
+    entry = progress(planned)
+    done >> entry
+    gate(entry)
+
+
+pacs_nightly()

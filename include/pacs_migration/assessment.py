@@ -1,0 +1,450 @@
+"""Archive assessment: measure the legacy archive before moving it.
+
+Census only (C-FIND, no retrieval) over a range of study dates: studies,
+series, instances and estimated bytes by year x modality (and by date, which
+the nightly planner uses), transfer syntaxes seen in a sample, metadata
+quality findings, and the projected duration at a configured throughput.
+
+Patient identifiers are asked for only to detect a study filed under several
+patients; they are compared and dropped, never stored or reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import html
+import io
+import math
+import re
+import sqlite3
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydicom.charset import python_encoding
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from .census import CensusWarning, FindFn, census_of_studies, find_study_answers
+from .config import AssessmentConfig
+from .dimse import QueryTruncated
+from .report import _CSS
+
+# Typical stored size of one instance, by modality, when the PACS answers no
+# size keys (Rows, Columns, BitsAllocated, NumberOfFrames) for the sample.
+DEFAULT_BYTES_PER_INSTANCE: dict[str, int] = {
+    "CT": 525_000, "MR": 140_000, "CR": 10_500_000, "DX": 10_500_000, "MG": 27_000_000, "US": 650_000,
+    "NM": 260_000, "PT": 70_000, "XA": 9_000_000, "RF": 4_000_000, "OT": 1_000_000, "SC": 1_000_000,
+    "SR": 20_000, "KO": 5_000, "PR": 10_000,
+}
+FALLBACK_BYTES_PER_INSTANCE = 1_000_000
+_HEADER_BYTES = 2_000  # a typical data set without pixel data
+
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
+
+
+class FindingCode(str, Enum):
+    """Metadata quality findings (no patient data in any detail)."""
+
+    UNDATED_STUDY = "UNDATED_STUDY"  # no StudyDate: no date partition will ever reach it
+    CONFLICTING_PATIENT_ID = "CONFLICTING_PATIENT_ID"  # one StudyInstanceUID under several patient IDs
+    DUPLICATE_SOP_INSTANCE_UID = "DUPLICATE_SOP_INSTANCE_UID"  # one SOP Instance UID in several series
+    NONCONFORMANT_DATE = "NONCONFORMANT_DATE"  # StudyDate in an answer is not a valid DA of the queried day
+    NONCONFORMANT_TIME = "NONCONFORMANT_TIME"  # StudyTime is not a valid TM
+    NONCONFORMANT_CHARSET = "NONCONFORMANT_CHARSET"  # SpecificCharacterSet holds an undefined term
+    CENSUS_WARNING = "CENSUS_WARNING"  # truncation or count disagreement the census could not resolve
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: FindingCode
+    study_date: str  # YYYY-MM-DD, or "" for undated
+    study_instance_uid: str
+    detail: str
+
+
+@dataclass
+class _Cell:
+    studies: set[str] = field(default_factory=set)
+    series: int = 0
+    instances: int = 0
+
+
+@dataclass
+class _Sample:
+    series: int = 0
+    instances: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Assessment:
+    date_from: dt.date
+    date_to: dt.date
+    by_date: list[dict[str, Any]]  # study_date, modality, studies, series, instances, est_bytes
+    by_year: list[dict[str, Any]]  # year, modality, studies, series, instances, est_bytes, bytes_basis
+    syntaxes: dict[str, int]  # transfer syntax UID -> sampled instances (empty: the PACS did not say)
+    findings: list[Finding]
+    projection: dict[str, float]
+
+    def totals(self) -> dict[str, int]:
+        return {k: sum(int(r[k]) for r in self.by_year) for k in ("studies", "series", "instances", "est_bytes")}
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = defaultdict(int)
+        for f in self.findings:
+            counts[f.code.value] += 1
+        return {"date_from": self.date_from.isoformat(), "date_to": self.date_to.isoformat(), **self.totals(),
+                "syntaxes": self.syntaxes, "findings": dict(sorted(counts.items())), "projection": self.projection}
+
+
+def _values(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in ([value] if isinstance(value, str) else list(value))]
+
+
+def _check_answers(answers: list[Dataset], da: str, day: str) -> list[Finding]:
+    """Conformance of the study-level answers of one day, and one study under several patients."""
+    out: list[Finding] = []
+    patients: dict[str, set[str]] = defaultdict(set)
+    for a in answers:
+        uid = str(a.get("StudyInstanceUID", "") or "")
+        date = str(a.get("StudyDate", "") or "")
+        if date != da or not _valid_da(date):
+            out.append(Finding(FindingCode.NONCONFORMANT_DATE, day, uid, f"StudyDate of {len(date)} characters, "
+                               f"{'valid' if _valid_da(date) else 'not a valid DA'}"))
+        time = str(a.get("StudyTime", "") or "").strip()
+        if time and not _TM.match(time):
+            out.append(Finding(FindingCode.NONCONFORMANT_TIME, day, uid, "StudyTime is not a valid TM"))
+        charsets = [c.strip() for c in _values(a.get("SpecificCharacterSet")) if c.strip()]
+        bad = [c for c in charsets if c not in python_encoding]
+        if bad:
+            out.append(Finding(FindingCode.NONCONFORMANT_CHARSET, day, uid,
+                               "undefined term(s): " + ", ".join(sorted(set(bad)))[:120]))
+        if "PatientID" in a:
+            patients[uid].add(str(a.PatientID or ""))  # compared here, dropped at return
+    for uid, ids in patients.items():
+        if len(ids) > 1:
+            out.append(Finding(FindingCode.CONFLICTING_PATIENT_ID, day, uid, f"{len(ids)} distinct patient IDs"))
+    return out
+
+
+def _valid_da(value: str) -> bool:
+    if not _DA.match(value):
+        return False
+    try:
+        dt.datetime.strptime(value, "%Y%m%d")
+        return True
+    except ValueError:
+        return False
+
+
+def _sample_series(find: FindFn, study_uid: str, series_uid: str) -> tuple[int, int, dict[str, int]]:
+    """(instances answered with sizes, their estimated bytes, syntaxes seen) of one series."""
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = series_uid
+    q.SOPInstanceUID = ""
+    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
+                    "AvailableTransferSyntaxUID"):
+        setattr(q, keyword, None)
+    try:
+        answers = find(q)
+    except QueryTruncated as exc:
+        answers = exc.answers
+    sized, total = 0, 0
+    syntaxes: dict[str, int] = defaultdict(int)
+    for a in answers:
+        try:
+            rows, cols, bits = int(a.get("Rows") or 0), int(a.get("Columns") or 0), int(a.get("BitsAllocated") or 0)
+            spp, frames = int(a.get("SamplesPerPixel") or 1), int(a.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):
+            rows = 0
+        if rows and cols and bits:
+            sized += 1
+            total += rows * cols * spp * frames * bits // 8 + _HEADER_BYTES
+        for ts in _values(a.get("AvailableTransferSyntaxUID")):
+            if ts:
+                syntaxes[ts] += 1
+    return sized, total, dict(syntaxes)
+
+
+def _undated(find: FindFn) -> tuple[list[Finding], bool]:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyDate = ""
+    q.StudyInstanceUID = ""
+    truncated = False
+    try:
+        answers = find(q)
+    except QueryTruncated as exc:
+        answers, truncated = exc.answers, True
+    out = [Finding(FindingCode.UNDATED_STUDY, "", str(a.get("StudyInstanceUID", "")), "no StudyDate")
+           for a in answers if not str(a.get("StudyDate", "") or "").strip()]
+    return out, truncated
+
+
+def assess(
+    find: FindFn,
+    date_from: dt.date,
+    date_to: dt.date,
+    config: AssessmentConfig = AssessmentConfig(),
+    find_limit: int | None = None,
+    split_depth: int = 12,
+    on_day: Callable[[dt.date], None] | None = None,
+) -> Assessment:
+    """Take the census of every day in ``[date_from, date_to]`` and measure it.
+
+    Duplicate SOP Instance UIDs are found across the whole range in an
+    on-disk SQLite index, so memory does not grow with the archive.
+    """
+    if date_to < date_from:
+        raise ValueError("date_to is before date_from")
+    by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
+    by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
+    samples: dict[tuple[int, str], _Sample] = defaultdict(_Sample)
+    syntaxes: dict[str, int] = defaultdict(int)
+    findings: list[Finding] = []
+    with tempfile.TemporaryDirectory(prefix="assessment-") as tmp:
+        db = sqlite3.connect(Path(tmp) / "sop.sqlite")
+        db.execute("CREATE TABLE sop (uid TEXT, series TEXT, study TEXT, day TEXT)")
+        day = date_from
+        while day <= date_to:
+            if on_day:
+                on_day(day)
+            da, iso = day.strftime("%Y%m%d"), day.isoformat()
+            answers, warnings = find_study_answers(find, da, find_limit, split_depth,
+                                                   extra_keys=("PatientID", "SpecificCharacterSet"))
+            findings.extend(_check_answers(answers, da, iso))
+            studies: dict[str, int | None] = {}
+            for a in answers:
+                if a.get("StudyInstanceUID"):
+                    raw = a.get("NumberOfStudyRelatedInstances")
+                    studies[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
+            census = census_of_studies(find, day, dict(sorted(studies.items())), warnings)
+            findings.extend(_census_finding(iso, w) for w in census.warnings)
+            for s in census.series:
+                for cell in (by_date[(iso, s.modality)], by_year[(day.year, s.modality)]):
+                    cell.studies.add(s.study_instance_uid)
+                    cell.series += 1
+                    cell.instances += len(s.instances)
+                db.executemany("INSERT INTO sop VALUES (?, ?, ?, ?)",
+                               [(i.sop_instance_uid, s.series_instance_uid, s.study_instance_uid, iso)
+                                for i in s.instances])
+                sample = samples[(day.year, s.modality)]
+                if sample.series < config.sample_series and s.instances:
+                    n, size, seen = _sample_series(find, s.study_instance_uid, s.series_instance_uid)
+                    sample.series += 1
+                    sample.instances += n
+                    sample.bytes += size
+                    for ts, count in seen.items():
+                        syntaxes[ts] += count
+            day += dt.timedelta(days=1)
+        db.execute("CREATE INDEX sop_uid ON sop (uid)")
+        for uid, n_series, study, iso in db.execute(
+            "SELECT uid, COUNT(DISTINCT series), MIN(study), MIN(day) FROM sop GROUP BY uid "
+            "HAVING COUNT(DISTINCT series) > 1 ORDER BY uid"
+        ):
+            findings.append(Finding(FindingCode.DUPLICATE_SOP_INSTANCE_UID, iso, study,
+                                    f"SOP Instance UID {uid} in {n_series} series"))
+        db.close()
+    if config.undated_sweep:
+        undated, truncated = _undated(find)
+        findings.extend(undated)
+        if truncated:
+            findings.append(Finding(FindingCode.CENSUS_WARNING, "", "", "undated sweep truncated by the PACS"))
+
+    def bytes_per_instance(year: int, modality: str) -> tuple[int, str]:
+        sample = samples.get((year, modality))
+        if sample and sample.instances:
+            return sample.bytes // sample.instances, "sampled"
+        return DEFAULT_BYTES_PER_INSTANCE.get(modality, FALLBACK_BYTES_PER_INSTANCE), "modality default"
+
+    date_rows = []
+    for (iso, modality), cell in sorted(by_date.items()):
+        per, _ = bytes_per_instance(int(iso[:4]), modality)
+        date_rows.append({"study_date": iso, "modality": modality, "studies": len(cell.studies),
+                          "series": cell.series, "instances": cell.instances, "est_bytes": per * cell.instances})
+    year_rows = []
+    for (year, modality), cell in sorted(by_year.items()):
+        per, basis = bytes_per_instance(year, modality)
+        year_rows.append({"year": year, "modality": modality, "studies": len(cell.studies), "series": cell.series,
+                          "instances": cell.instances, "est_bytes": per * cell.instances,
+                          "bytes_per_instance": per, "bytes_basis": basis})
+    instances = sum(r["instances"] for r in year_rows)
+    est_bytes = sum(r["est_bytes"] for r in year_rows)
+    hours = max(est_bytes / (config.throughput_mb_s * 1e6), instances / config.throughput_instances_s) / 3600
+    # Rounded up to the minute: a projection never reads as zero.
+    projection = {"throughput_mb_s": config.throughput_mb_s,
+                  "throughput_instances_s": config.throughput_instances_s,
+                  "hours": math.ceil(hours * 60) / 60, "window_hours": config.window_hours,
+                  "nights": math.ceil(hours / config.window_hours) if hours else 0}
+    return Assessment(date_from, date_to, date_rows, year_rows, dict(sorted(syntaxes.items())), findings, projection)
+
+
+def _census_finding(iso: str, w: CensusWarning) -> Finding:
+    return Finding(FindingCode.CENSUS_WARNING, iso, w.study_instance_uid, f"{w.code}: {w.detail}")
+
+
+def rows_csv(rows: Iterable[dict[str, Any]]) -> str:
+    rows = list(rows)
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def findings_rows(assessment: Assessment) -> list[dict[str, str]]:
+    return [{"code": f.code.value, "study_date": f.study_date, "study_instance_uid": f.study_instance_uid,
+             "detail": f.detail} for f in assessment.findings]
+
+
+def _gb(n: float) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+
+
+def heatmap_svg(assessment: Assessment) -> str:
+    """Inline SVG: instances per year (rows) x modality (columns), shaded on a
+    log scale, each cell labelled with instances and estimated size."""
+    cells = {(r["year"], r["modality"]): r for r in assessment.by_year}
+    if not cells:
+        return ""
+    years = sorted({y for y, _ in cells}, reverse=True)
+    modalities = sorted({m for _, m in cells})
+    top = max(math.log10(1 + r["instances"]) for r in cells.values()) or 1
+    cw, ch, left, head = 96, 34, 56, 26
+    width, height = left + cw * len(modalities) + 10, head + ch * len(years) + 28
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           'aria-label="instances by year and modality" style="font-family:Arial,Helvetica,sans-serif;font-size:11px">']
+    for j, m in enumerate(modalities):
+        out.append(f'<text x="{left + j * cw + cw / 2}" y="{head - 8}" text-anchor="middle" '
+                   f'font-weight="bold">{html.escape(m)}</text>')
+    for i, y in enumerate(years):
+        top_y = head + i * ch
+        out.append(f'<text x="{left - 8}" y="{top_y + ch / 2 + 4}" text-anchor="end" font-weight="bold">{y}</text>')
+        for j, m in enumerate(modalities):
+            r = cells.get((y, m))
+            x = left + j * cw
+            if r is None:
+                out.append(f'<rect x="{x}" y="{top_y}" width="{cw - 2}" height="{ch - 2}" fill="#f3f5f7"/>')
+                continue
+            t = math.log10(1 + r["instances"]) / top
+            # light to dark blue
+            red, green, blue = (int(235 - t * (235 - 21)), int(242 - t * (242 - 67)), int(250 - t * (250 - 128)))
+            ink = "#ffffff" if t > 0.55 else "#1d2733"
+            out.append(f'<rect x="{x}" y="{top_y}" width="{cw - 2}" height="{ch - 2}" '
+                       f'fill="rgb({red},{green},{blue})" data-cell="{y}/{html.escape(m)}"/>'
+                       f'<text x="{x + cw / 2 - 1}" y="{top_y + 14}" text-anchor="middle" fill="{ink}">'
+                       f'{r["instances"]:,} inst.</text>'
+                       f'<text x="{x + cw / 2 - 1}" y="{top_y + 27}" text-anchor="middle" fill="{ink}">'
+                       f'{_gb(r["est_bytes"])}</text>')
+    out.append(f'<text x="{left}" y="{height - 8}" fill="#5b6673">shade: instances, log scale; '
+               'size: estimated</text></svg>')
+    return "".join(out)
+
+
+def render_assessment_html(assessment: Assessment, source_label: str, bucket_uri: str) -> str:
+    """Self-contained HTML e-mail (inline CSS and SVG, no external assets)."""
+    e = html.escape
+    t = assessment.totals()
+    p = assessment.projection
+    s = assessment.summary()
+    rows = "".join(
+        f'<tr><td class="k">{r["year"]}</td><td class="k">{e(r["modality"])}</td><td>{r["studies"]:,}</td>'
+        f'<td>{r["series"]:,}</td><td>{r["instances"]:,}</td><td>{_gb(r["est_bytes"])}</td>'
+        f'<td class="k">{e(r["bytes_basis"])}</td></tr>'
+        for r in sorted(assessment.by_year, key=lambda r: (-r["year"], r["modality"])))
+    findings = "".join(f"<li><code>{e(code)}</code> &times; {n}</li>" for code, n in s["findings"].items()) \
+        or "<li>none</li>"
+    syntaxes = ", ".join(f"{e(UID(ts).name)} (<code>{e(ts)}</code>) &times; {n}"
+                         for ts, n in assessment.syntaxes.items()) \
+        or "not offered by the PACS in C-FIND answers (AvailableTransferSyntaxUID)"
+    return (
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PACS archive assessment</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>Archive assessment &mdash; {assessment.date_from.isoformat()} to {assessment.date_to.isoformat()}</h1>"
+        f'<p class="meta">Source {e(source_label)} &middot; census only (C-FIND), nothing retrieved &middot; '
+        f"dataset in {e(bucket_uri)}</p>"
+        f'<table><tbody><tr><td class="k">Studies</td><td data-field="studies">{t["studies"]:,}</td></tr>'
+        f'<tr><td class="k">Series</td><td data-field="series">{t["series"]:,}</td></tr>'
+        f'<tr><td class="k">Instances</td><td data-field="instances">{t["instances"]:,}</td></tr>'
+        f'<tr><td class="k">Estimated size</td><td data-field="est_bytes">{_gb(t["est_bytes"])}</td></tr>'
+        f'<tr><td class="k">Projected duration</td><td data-field="hours">{_duration(p["hours"])} at '
+        f'{p["throughput_mb_s"]:g} MB/s or {p["throughput_instances_s"]:g} instances/s (the slower) = '
+        f'{int(p["nights"])} night(s) of {p["window_hours"]:g} h</td></tr></tbody></table>'
+        f'<h2 style="font-size:15px;margin:18px 0 6px">Instances by year and modality</h2>{heatmap_svg(assessment)}'
+        '<h2 style="font-size:15px;margin:18px 0 6px">By year and modality</h2>'
+        '<table><thead><tr><th class="k">Year</th><th class="k">Modality</th><th>Studies</th><th>Series</th>'
+        f'<th>Instances</th><th>Est. size</th><th class="k">Size basis</th></tr></thead><tbody>{rows}</tbody></table>'
+        '<h2 style="font-size:15px;margin:18px 0 6px">Metadata quality findings</h2>'
+        f"<ul>{findings}</ul><p style=\"font-size:13px\">Each finding is listed by study in the attached "
+        "findings.csv (Study Instance UIDs only, no patient data).</p>"
+        f'<h2 style="font-size:15px;margin:18px 0 6px">Transfer syntaxes (sampled)</h2><p style="font-size:13px">'
+        f"{syntaxes}</p></body></html>"
+    )
+
+
+ASSESSMENT_PREFIX = "_assessment/"
+ASSESSED = "*"  # by-date marker: the date was assessed
+
+
+def write_assessment(store: Any, assessment: Assessment, html_report: str | None = None) -> list[str]:
+    """Store the assessment dataset (Parquet and CSV) under
+    ``_assessment/<from>_<to>/``; returns the keys written."""
+    import json
+
+    import pandas as pd
+
+    base = f"{store.target.prefix}{ASSESSMENT_PREFIX}{assessment.date_from.isoformat()}_{assessment.date_to.isoformat()}/"
+    keys = []
+    tables = {"by_year_modality": assessment.by_year, "by_date_modality": assessment.by_date,
+              "findings": findings_rows(assessment)}
+    for name, rows in tables.items():
+        frame = pd.DataFrame(rows)
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        store.put(base + f"{name}.parquet", buf.getvalue(), "application/vnd.apache.parquet")
+        store.put(base + f"{name}.csv", rows_csv(rows).encode(), "text/csv")
+        keys += [base + f"{name}.parquet", base + f"{name}.csv"]
+    store.put(base + "summary.json", json.dumps(assessment.summary(), indent=2).encode(), "application/json")
+    keys.append(base + "summary.json")
+    if html_report is not None:
+        store.put(base + "report.html", html_report.encode(), "text/html")
+        keys.append(base + "report.html")
+    return keys
+
+
+def read_by_date(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
+    """(study date, modality) -> (instances, estimated bytes) from every stored
+    assessment; a later range's figures win where ranges overlap."""
+    import pandas as pd
+
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    keys = sorted(k for k in store.list_keys(f"{store.target.prefix}{ASSESSMENT_PREFIX}")
+                  if k.endswith("/by_date_modality.parquet"))
+    for key in keys:
+        first, last = key.rsplit("/", 2)[-2].split("_")
+        day = dt.date.fromisoformat(first)
+        while day <= dt.date.fromisoformat(last):  # assessed: a date without rows holds no studies
+            out[(day.isoformat(), ASSESSED)] = (0, 0)
+            day += dt.timedelta(days=1)
+        frame = pd.read_parquet(io.BytesIO(store.get(key)))
+        for row in frame.itertuples(index=False):
+            out[(str(row.study_date), str(row.modality))] = (int(row.instances), int(row.est_bytes))
+    return out

@@ -1,0 +1,299 @@
+"""Phased nightly loads: the plan's units in order, the ledger of what each
+night did, and the choice of one night's work inside the clinical window and
+the budgets. Pure: time comes in as an argument, storage through the caller.
+
+A *unit* is one study date with a modality filter (a phase's). Migrating a
+unit censuses the date and moves each matching partition that is not yet
+validated, or whose census changed since (delta sync); nothing already
+migrated is rewritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from .config import Phase, PlanConfig, Window
+
+LEDGER_KEY = "_plan/ledger.json"
+
+
+class UnitState:
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Unit:
+    study_date: dt.date
+    modalities: tuple[str, ...] | None  # None: every modality of the date
+    phase: str
+    kind: str = "phase"  # or "delta": a done date re-censused for new or changed studies
+
+    @property
+    def key(self) -> str:
+        return f"{self.study_date.isoformat()}|{','.join(self.modalities) if self.modalities else '*'}"
+
+    def wants(self, modality: str) -> bool:
+        return self.modalities is None or modality in self.modalities
+
+    def to_json(self) -> dict[str, Any]:
+        return {"study_date": self.study_date.isoformat(), "modalities": list(self.modalities or []) or None,
+                "phase": self.phase, "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Unit:
+        mods = value.get("modalities")
+        return cls(dt.date.fromisoformat(value["study_date"]), tuple(mods) if mods else None, value["phase"],
+                   value.get("kind", "phase"))
+
+
+@dataclass
+class UnitRecord:
+    """What the ledger knows of one unit."""
+
+    state: str = UnitState.PENDING
+    attempts: int = 0
+    phase: str = ""
+    last_run_id: str | None = None
+    instances: int = 0  # migrated by this unit, all nights
+    seconds: float = 0.0  # spent migrating it, all nights
+    finished_at: str | None = None
+    checked_at: str | None = None  # last delta census
+    delta_instances: int = 0  # instances that arrived after the date was done
+
+
+@dataclass
+class Ledger:
+    units: dict[str, UnitRecord] = field(default_factory=dict)
+    nights: list[dict[str, Any]] = field(default_factory=list)
+
+    def get(self, unit: Unit) -> UnitRecord:
+        return self.units.get(unit.key) or UnitRecord(phase=unit.phase)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"units": {k: asdict(v) for k, v in sorted(self.units.items())}, "nights": self.nights},
+                          indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> Ledger:
+        if not data:
+            return cls()
+        raw = json.loads(data)
+        return cls({k: UnitRecord(**v) for k, v in raw.get("units", {}).items()}, list(raw.get("nights", [])))
+
+    def measured_rate(self) -> float | None:
+        """Instances per second over every unit migrated so far."""
+        seconds = sum(r.seconds for r in self.units.values())
+        instances = sum(r.instances + r.delta_instances for r in self.units.values())
+        return instances / seconds if seconds > 0 and instances > 0 else None
+
+
+def _months_before(day: dt.date, months: int) -> dt.date:
+    y, m = divmod(day.year * 12 + day.month - 1 - months, 12)
+    m += 1
+    last = (dt.date(y + (m == 12), m % 12 + 1, 1) - dt.timedelta(days=1)).day
+    return dt.date(y, m, min(day.day, last))
+
+
+def phase_dates(phase: Phase, night: dt.date) -> list[dt.date]:
+    """The phase's study dates, in its order. Dates end the day before the
+    night: today's studies are still arriving (delta sync picks them up)."""
+    start = phase.date_from or _months_before(night, phase.last_months or 0)
+    end = min(phase.date_to or night, night - dt.timedelta(days=1))
+    if end < start:
+        return []
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    return days[::-1] if phase.newest_first else days
+
+
+def plan_units(plan: PlanConfig, night: dt.date) -> list[Unit]:
+    """Every unit of the plan in order; a (date, modalities) pair once, in its first phase."""
+    seen: set[str] = set()
+    out = []
+    for phase in plan.phases:
+        for day in phase_dates(phase, night):
+            unit = Unit(day, phase.modalities, phase.name)
+            if unit.key not in seen:
+                seen.add(unit.key)
+                out.append(unit)
+    return out
+
+
+def window_bounds(now: dt.datetime, window: Window) -> tuple[dt.datetime, dt.datetime] | None:
+    """(start, end) of the window ``now`` is in (aware datetimes in the
+    window's zone), or None outside it."""
+    tz = ZoneInfo(window.timezone)
+    local = now.astimezone(tz)
+    for offset in (0, -1):  # the window that began today, or (wrapping midnight) yesterday
+        day = local.date() + dt.timedelta(days=offset)
+        start = dt.datetime.combine(day, window.start, tz)
+        end = dt.datetime.combine(day if window.end > window.start else day + dt.timedelta(days=1), window.end, tz)
+        if start <= local < end:
+            return start, end
+    return None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    partitions: int
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NightPlan:
+    night: dt.date | None
+    window_end: dt.datetime | None
+    units: tuple[Unit, ...]
+    reason: str  # why the list ends where it does
+    left: int  # phase units still to do after tonight's selection
+    given_up: tuple[str, ...] = ()  # units whose attempts are spent
+
+    def to_json(self) -> dict[str, Any]:
+        return {"night": self.night.isoformat() if self.night else None,
+                "window_end": self.window_end.isoformat() if self.window_end else None,
+                "units": [u.to_json() for u in self.units], "reason": self.reason, "left": self.left,
+                "given_up": list(self.given_up)}
+
+
+def estimate_unit(unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]]) -> Estimate:
+    """From the assessment's by-date figures ((date, modality) -> (instances,
+    bytes); ``(date, "*")`` marks an assessed date); a date no assessment
+    covered counts as one partition of unknown size."""
+    iso = unit.study_date.isoformat()
+    rows = [v for (day, modality), v in by_date.items() if day == iso and modality != "*" and unit.wants(modality)]
+    if not rows:
+        # assessed and empty (the "*" marker), or never assessed: size unknown
+        return Estimate(0, 0, 0) if (iso, "*") in by_date else Estimate(1, 0, 0)
+    return Estimate(len(rows), sum(r[0] for r in rows), sum(r[1] for r in rows))
+
+
+def select_night(
+    plan: PlanConfig,
+    ledger: Ledger,
+    now: dt.datetime,
+    by_date: dict[tuple[str, str], tuple[int, int]] | None = None,
+    rate_instances_s: float = 40.0,
+) -> NightPlan:
+    """Tonight's units, in plan order: delta checks of done dates first, then
+    pending and failed units (attempts left), as long as the night's budgets
+    hold and each unit's projected start is before the window closes.
+
+    The first unit of a night is taken even if it alone exceeds a budget, so
+    a large date can never block the plan.
+    """
+    bounds = window_bounds(now, plan.window)
+    if bounds is None:
+        return NightPlan(None, None, (), f"outside the window {plan.window.start:%H:%M}-{plan.window.end:%H:%M} "
+                         f"{plan.window.timezone}: nothing started", _left(plan, ledger, now.date()))
+    start, end = bounds
+    night = start.date()
+    by_date = by_date or {}
+    units = plan_units(plan, night)
+    delta = _delta_units(plan, ledger, units, night)
+    todo, given_up = [], []
+    for u in units:
+        rec = ledger.get(u)
+        if rec.state == UnitState.DONE:
+            continue
+        if rec.attempts >= plan.max_attempts:
+            given_up.append(u.key)
+            continue
+        todo.append(u)
+    chosen: list[Unit] = []
+    partitions = instances = size = 0
+    elapsed = 0.0
+    reason = "every pending unit fits"
+    for u in delta + todo:
+        est = estimate_unit(u, by_date) if u.kind == "phase" else Estimate(0, 0, 0)
+        projected_start = now + dt.timedelta(seconds=elapsed)
+        if projected_start >= end:
+            reason = "the window closes before the next unit could start"
+            break
+        over = [name for name, used, add, cap in (
+            ("partitions", partitions, est.partitions, plan.max_partitions),
+            ("instances", instances, est.instances, plan.max_instances),
+            ("bytes", size, est.bytes, plan.max_bytes)) if cap is not None and used + add > cap]
+        if over and chosen:
+            reason = f"budget reached: max_{over[0]}"
+            break
+        chosen.append(u)
+        partitions, instances, size = partitions + est.partitions, instances + est.instances, size + est.bytes
+        elapsed += est.instances / rate_instances_s if rate_instances_s > 0 else 0
+    left = len(todo) - sum(1 for u in chosen if u.kind == "phase")
+    return NightPlan(night, end, tuple(chosen), reason, left, tuple(given_up))
+
+
+def _delta_units(plan: PlanConfig, ledger: Ledger, units: list[Unit], night: dt.date) -> list[Unit]:
+    done = [u for u in units if ledger.get(u).state == UnitState.DONE]
+    recent = [u for u in done if u.study_date >= night - dt.timedelta(days=plan.delta_recent_days)]
+    older = sorted((u for u in done if u not in recent),
+                   key=lambda u: (ledger.get(u).checked_at or "", u.study_date))[: plan.delta_sweep_per_night]
+    return [Unit(u.study_date, u.modalities, u.phase, "delta") for u in recent + older]
+
+
+def _left(plan: PlanConfig, ledger: Ledger, night: dt.date) -> int:
+    return sum(1 for u in plan_units(plan, night) if ledger.get(u).state != UnitState.DONE)
+
+
+def record_night(
+    ledger: Ledger, night_plan: NightPlan, results: list[dict[str, Any]], now: dt.datetime, run_id: str
+) -> dict[str, Any]:
+    """Fold tonight's unit results into the ledger; returns the night's entry.
+
+    A result is ``{"unit": Unit.to_json(), "state": "done"|"failed"|"deferred",
+    "migrated": n, "seconds": s, "partitions": [...], "changed": [...]}``.
+    """
+    done = failed = deferred = migrated = 0
+    for res in results:
+        unit = Unit.from_json(res["unit"])
+        rec = ledger.get(unit)
+        rec.phase = rec.phase or unit.phase
+        state = res.get("state")
+        if state == "deferred":
+            deferred += 1
+            continue
+        migrated += int(res.get("migrated", 0))
+        rec.last_run_id = run_id
+        rec.seconds += float(res.get("seconds", 0.0))
+        if unit.kind == "delta":
+            rec.checked_at = now.isoformat()
+            rec.delta_instances += int(res.get("migrated", 0))
+            if state != "done":
+                rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
+                failed += 1
+            else:
+                done += 1
+        elif state == "done":
+            rec.state, rec.finished_at, rec.checked_at = UnitState.DONE, now.isoformat(), now.isoformat()
+            rec.instances += int(res.get("migrated", 0))
+            done += 1
+        else:
+            rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
+            failed += 1
+        ledger.units[unit.key] = rec
+    entry = {"night": night_plan.night.isoformat() if night_plan.night else None, "run_id": run_id,
+             "planned": len(night_plan.units), "done": done, "failed": failed, "deferred": deferred,
+             "migrated": migrated, "reason": night_plan.reason}
+    ledger.nights.append(entry)
+    return entry
+
+
+def eta(plan: PlanConfig, ledger: Ledger, night: dt.date, by_date: dict[tuple[str, str], tuple[int, int]],
+        fallback_rate: float) -> dict[str, Any]:
+    """Units done and left, instances left (estimated), and the ETA at the
+    measured rate (the assessment's throughput until something was measured)."""
+    units = plan_units(plan, night)
+    left = [u for u in units if ledger.get(u).state != UnitState.DONE]
+    left_instances = sum(estimate_unit(u, by_date).instances for u in left)
+    rate = ledger.measured_rate()
+    used = rate or fallback_rate
+    hours = left_instances / used / 3600 if used else 0.0
+    return {"units_total": len(units), "units_done": len(units) - len(left), "units_left": len(left),
+            "instances_left": left_instances, "rate_instances_s": round(used, 2), "rate_measured": rate is not None,
+            "hours_left": round(hours, 2), "nights_left": int(-(-hours // plan.window.hours)) if hours else 0}

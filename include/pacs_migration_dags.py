@@ -1,0 +1,53 @@
+"""What the DAG files share at parse time: the PACS pool and the bits of the
+YAML that shape the DAGs (association slots, the nightly window). Reads one
+small file, no database, no heavy imports: DAG parsing stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Every task that talks to the legacy PACS takes slots of this pool, one per
+# association it may open: the pool's size bounds the PACS's load cluster-wide.
+PACS_POOL = "pacs_source_associations"
+_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
+
+
+def _yaml() -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(_CONFIG.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def associations_per_task() -> int:
+    """source.max_associations: the pool slots of a task that retrieves."""
+    try:
+        return max(1, int((_yaml().get("source") or {}).get("max_associations", 2)))
+    except (TypeError, ValueError):
+        return 2
+
+
+def nightly_cron() -> tuple[str, str]:
+    """(cron, timezone) starting the nightly DAG when the window opens."""
+    plan = _yaml().get("plan") or {}
+    start = str((plan.get("window") or {}).get("start", "20:00"))
+    if start.isdigit():  # YAML 1.1 sexagesimal: 20:00 -> 1200
+        start = f"{int(start) // 60}:{int(start) % 60:02d}"
+    try:
+        hour, minute = (int(x) for x in start.split(":")[:2])
+    except ValueError:
+        hour, minute = 20, 0
+    return f"{minute} {hour} * * *", str(plan.get("timezone", "UTC"))
+
+
+def send_report(cfg: Any, subject: str, html: str, files: list[str]) -> None:
+    """E-mail ``html`` with attachments through the configured SMTP connection."""
+    from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+    with SmtpHook(smtp_conn_id=cfg.report.smtp_connection_id) as hook:
+        hook.send_email_smtp(to=list(cfg.report.recipients), from_email=cfg.report.from_address, subject=subject,
+                             html_content=html, files=files)
