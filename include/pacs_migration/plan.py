@@ -193,6 +193,7 @@ def select_night(
                          f"{plan.window.timezone}: nothing started", _left(plan, ledger, now.date()))
     start, end = bounds
     night = start.date()
+    now = now.astimezone(dt.timezone.utc)  # elapsed time is added in UTC: exact across DST changes
     by_date = by_date or {}
     units = plan_units(plan, night)
     delta = _delta_units(plan, ledger, units, night)
