@@ -35,7 +35,7 @@ def _range() -> tuple[dt.date, dt.date]:
 @dag(
     dag_id=DAG_ID,
     schedule=None,
-    start_date=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},

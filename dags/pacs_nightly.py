@@ -40,7 +40,7 @@ def _now() -> dt.datetime:
 @dag(
     dag_id=DAG_ID,
     schedule=CronTriggerTimetable(CRON, timezone=TIMEZONE),
-    start_date=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
@@ -68,22 +68,37 @@ def pacs_nightly():
         end = night.window_end.isoformat() if night.window_end else None
         return [{"unit": u.to_json(), "window_end": end, "offset": offset} for u in night.units]
 
-    @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK, max_active_tis_per_dagrun=1)
-    def migrate(item: dict) -> dict:
+    @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
+    def migrate(items: list[dict]) -> list[dict]:
+        """Tonight's units one after another, in plan order; none starts once
+        the window has closed (those are ``deferred``, still pending). A unit
+        that breaks is recorded ``failed`` and the night goes on."""
+        import logging
+
         from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
         from include.pacs_migration.dimse import retriever
         from include.pacs_migration.plan import Unit
         from include.pacs_migration.steps import migrate_unit
 
-        unit = item["unit"]
-        now = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=item["offset"])
-        if item["window_end"] and now >= dt.datetime.fromisoformat(item["window_end"]):
-            return {"unit": unit, "state": "deferred", "migrated": 0, "seconds": 0}  # no new work after the window
         cfg = runtime_config()
         store = object_store(cfg)
-        return migrate_unit(cfg, store, Unit.from_json(unit), get_current_context()["run_id"], DAG_ID,
-                            lambda: retriever(cfg.source), min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
-                            endpoint_of(store), emit_openlineage)
+        run_id = get_current_context()["run_id"]
+        results = []
+        for item in items:
+            unit = item["unit"]
+            now = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=item["offset"])
+            if item["window_end"] and now >= dt.datetime.fromisoformat(item["window_end"]):
+                results.append({"unit": unit, "state": "deferred", "migrated": 0, "seconds": 0})
+                continue
+            try:
+                results.append(migrate_unit(
+                    cfg, store, Unit.from_json(unit), run_id, DAG_ID, lambda: retriever(cfg.source),
+                    min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK), endpoint_of(store), emit_openlineage))
+            except Exception as exc:  # the ledger retries it on a later night
+                logging.getLogger(__name__).exception("unit %s failed", Unit.from_json(unit).key)
+                results.append({"unit": unit, "state": "failed", "migrated": 0, "seconds": 0,
+                                "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        return results
 
     @task(trigger_rule="all_done")
     def progress(items: list[dict] | None) -> dict:
@@ -104,12 +119,10 @@ def pacs_nightly():
         if night is None:
             raise RuntimeError("the plan task left no night plan")
         units = [i["unit"] for i in items or []]
-        pulled = ctx["ti"].xcom_pull(task_ids="migrate", key="return_value") if units else []
-        if isinstance(pulled, dict):
-            pulled = [pulled]
-        by_key = {Unit.from_json(r["unit"]).key + Unit.from_json(r["unit"]).kind: r for r in (pulled or []) if r}
+        done = ctx["ti"].xcom_pull(task_ids="migrate") or []  # None when the migrate task failed outright
+        by_key = {Unit.from_json(r["unit"]).key + Unit.from_json(r["unit"]).kind: r for r in done}
         results = []
-        for u in units:  # a unit whose task failed outright left no result: it failed
+        for u in units:  # no result (the migrate task itself failed): the unit failed
             unit = Unit.from_json(u)
             results.append(by_key.get(unit.key + unit.kind)
                            or {"unit": u, "state": "failed", "migrated": 0, "seconds": 0, "error": "task failed"})
@@ -145,9 +158,8 @@ def pacs_nightly():
             raise AirflowFailException(f"{entry['failed']} unit(s) failed tonight")
 
     planned = plan()
-    done = migrate.expand(item=planned)
     entry = progress(planned)
-    done >> entry
+    migrate(planned) >> entry
     gate(entry)
 
 

@@ -251,8 +251,11 @@ def record_night(
     "migrated": n, "seconds": s, "partitions": [...], "changed": [...]}``.
     """
     done = failed = deferred = migrated = 0
+    did = []
     for res in results:
         unit = Unit.from_json(res["unit"])
+        did.append({"unit": unit.key, "kind": unit.kind, "state": res.get("state"), "new_objects": res.get("migrated", 0),
+                    "partitions": {p["partition"]: p["action"] for p in res.get("partitions", [])}})
         rec = ledger.get(unit)
         rec.phase = rec.phase or unit.phase
         state = res.get("state")
@@ -280,7 +283,7 @@ def record_night(
         ledger.units[unit.key] = rec
     entry = {"night": night_plan.night.isoformat() if night_plan.night else None, "run_id": run_id,
              "planned": len(night_plan.units), "done": done, "failed": failed, "deferred": deferred,
-             "migrated": migrated, "reason": night_plan.reason}
+             "migrated": migrated, "reason": night_plan.reason, "units": did}
     ledger.nights.append(entry)
     return entry
 
