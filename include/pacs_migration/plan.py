@@ -161,12 +161,31 @@ class NightPlan:
                 "given_up": list(self.given_up)}
 
 
-def estimate_unit(unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]]) -> Estimate:
+def covered(plan: PlanConfig, ledger: Ledger, night: dt.date) -> dict[dt.date, set[str] | None]:
+    """Per study date, the modalities done units already moved (None: all of them)."""
+    out: dict[dt.date, set[str] | None] = {}
+    for u in plan_units(plan, night):
+        if ledger.get(u).state != UnitState.DONE:
+            continue
+        if u.modalities is None:
+            out[u.study_date] = None
+        elif out.get(u.study_date, set()) is not None:
+            out.setdefault(u.study_date, set()).update(u.modalities)
+    return out
+
+
+def estimate_unit(unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]],
+                  done: dict[dt.date, set[str] | None] | None = None) -> Estimate:
     """From the assessment's by-date figures ((date, modality) -> (instances,
-    bytes); ``(date, "*")`` marks an assessed date); a date no assessment
-    covered counts as one partition of unknown size."""
+    bytes); ``(date, "*")`` marks an assessed date), less the modalities
+    ``done`` units already moved; a date no assessment covered counts as one
+    partition of unknown size."""
     iso = unit.study_date.isoformat()
-    rows = [v for (day, modality), v in by_date.items() if day == iso and modality != "*" and unit.wants(modality)]
+    moved = (done or {}).get(unit.study_date, set())
+    if moved is None:
+        return Estimate(0, 0, 0)
+    rows = [v for (day, modality), v in by_date.items()
+            if day == iso and modality != "*" and unit.wants(modality) and modality not in moved]
     if not rows:
         # assessed and empty (the "*" marker), or never assessed: size unknown
         return Estimate(0, 0, 0) if (iso, "*") in by_date else Estimate(1, 0, 0)
@@ -206,12 +225,13 @@ def select_night(
             given_up.append(u.key)
             continue
         todo.append(u)
+    moved = covered(plan, ledger, night)
     chosen: list[Unit] = []
     partitions = instances = size = 0
     elapsed = 0.0
     reason = "every pending unit fits"
     for u in delta + todo:
-        est = estimate_unit(u, by_date) if u.kind == "phase" else Estimate(0, 0, 0)
+        est = estimate_unit(u, by_date, moved) if u.kind == "phase" else Estimate(0, 0, 0)
         projected_start = now + dt.timedelta(seconds=elapsed)
         if projected_start >= end:
             reason = "the window closes before the next unit could start"
@@ -294,7 +314,8 @@ def eta(plan: PlanConfig, ledger: Ledger, night: dt.date, by_date: dict[tuple[st
     measured rate (the assessment's throughput until something was measured)."""
     units = plan_units(plan, night)
     left = [u for u in units if ledger.get(u).state != UnitState.DONE]
-    left_instances = sum(estimate_unit(u, by_date).instances for u in left)
+    moved = covered(plan, ledger, night)
+    left_instances = sum(estimate_unit(u, by_date, moved).instances for u in left)
     rate = ledger.measured_rate()
     used = rate or fallback_rate
     hours = left_instances / used / 3600 if used else 0.0

@@ -154,15 +154,21 @@ def test_assessment_then_three_nights_with_window_budget_and_delta(nightly_env, 
     assert _objects(s3_server, bucket) == before
     schedule.append(("end of window", entry))
 
-    # Night 2: delta checks of the two migrated dates (unchanged), then the next unit: 2019-03-02, all
-    # modalities; only CR and US move (CT and MR are settled); the budget stops before 2019-03-01.
+    # Night 2: delta checks of the two migrated dates (unchanged), then the two remaining units: with CT
+    # and MR settled only CR and US are left (2 partitions a date), so both fit the budget of 4.
     run = _night(nightly, "2019-03-05T21:00:00+01:00")
     assert run.state == "success"
     ledger = Ledger.from_bytes(store.get(LEDGER_KEY))
     entry = ledger.nights[-1]
-    assert entry["planned"] == 3 and entry["done"] == 3
-    assert ledger.units["2019-03-02|*"].state == "done" and "2019-03-01|*" not in ledger.units
+    assert [(u["unit"], u["kind"], u["state"]) for u in entry["units"]] == [
+        ("2019-03-02|CT,MR", "delta", "done"), ("2019-03-01|CT,MR", "delta", "done"),
+        ("2019-03-02|*", "phase", "done"), ("2019-03-01|*", "phase", "done")]
+    assert entry["units"][2]["partitions"] == {"2019-03-02/CR": "migrated", "2019-03-02/CT": "unchanged",
+                                               "2019-03-02/MR": "unchanged", "2019-03-02/US": "migrated"}
+    assert all(r.state == "done" for r in ledger.units.values()) and len(ledger.units) == 4
     assert _objects(s3_server, bucket).items() >= before.items()  # nothing rewritten
+    msg, html = _last_mail(mail)
+    assert 'data-field="units_left">0<' in html
     schedule.append(("night 2", entry))
 
     # New studies arrive at the legacy PACS for a migrated date.
@@ -180,27 +186,24 @@ def test_assessment_then_three_nights_with_window_budget_and_delta(nightly_env, 
     before = _objects(s3_server, bucket)
     ct1 = read_transfer(store, Partition(DAY1, "CT"))
 
-    # Night 3: the delta check finds the new study on 2019-03-01 and moves only it; then the last unit.
+    # Night 3: only delta checks are left; the one of 2019-03-01 CT+MR finds the new study and moves only it.
     run = _night(nightly, "2019-03-06T21:00:00+01:00")
     assert run.state == "success"
     ledger = Ledger.from_bytes(store.get(LEDGER_KEY))
     entry = ledger.nights[-1]
     after = _objects(s3_server, bucket)
     new = set(after) - set(before)
-    late = {k for k in new if study in k}
-    rest = {key for m in ("CR", "US") for key in read_transfer(store, Partition(DAY1, m)).object_key.dropna()}
-    assert len(late) == 2 and new - late == rest  # the delta, and the last unit's CR and US
+    assert len(new) == 2 and all(study in k for k in new)
     assert {k: after[k] for k in before} == before  # nothing already migrated was rewritten
     ct1_after = read_transfer(store, Partition(DAY1, "CT"))
     assert len(ct1_after) == len(ct1) + 2
     assert set(ct1_after[ct1_after.load_action == "carried"].sop_instance_uid) == set(ct1.sop_instance_uid)
     assert ledger.units["2019-03-01|CT,MR"].delta_instances == 2
-    assert [(u["unit"], u["kind"]) for u in entry["units"]] == [  # in plan order: delta checks first
-        ("2019-03-02|CT,MR", "delta"), ("2019-03-01|CT,MR", "delta"), ("2019-03-02|*", "delta"), ("2019-03-01|*", "phase")]
+    assert [(u["unit"], u["kind"]) for u in entry["units"]] == [  # in plan order
+        ("2019-03-02|CT,MR", "delta"), ("2019-03-01|CT,MR", "delta"), ("2019-03-02|*", "delta"),
+        ("2019-03-01|*", "delta")]
     assert entry["units"][1]["partitions"] == {"2019-03-01/CT": "delta", "2019-03-01/MR": "unchanged"}
-    assert all(r.state == "done" for r in ledger.units.values()) and len(ledger.units) == 4
-    msg, html = _last_mail(mail)
-    assert 'data-field="units_left">0<' in html
+    assert entry["migrated"] == 2
     schedule.append(("night 3", entry))
 
     for path in mail.folder.glob("*.eml"):

@@ -190,3 +190,18 @@ def test_resume_fetches_only_series_with_new_or_unresolved_instances():
     assert [s.series_instance_uid for s in fetch] == ["1.2.3.2", "1.2.3.3"]
     assert sorted(carried.sop_instance_uid) == ["1", "2"]
     assert plan_resume([old], None) == ([old], None)
+
+
+def test_estimates_leave_out_what_done_units_moved():
+    plan = _plan(phases=[{"name": "ct-mr", "from": "2019-01-01", "to": "2019-01-01", "modalities": ["CT", "MR"]},
+                         {"name": "rest", "from": "2019-01-01", "to": "2019-01-01"}], budget={"max_partitions": 2})
+    ledger = Ledger()
+    by_date = _by_date([dt.date(2019, 1, 1)])
+    now = dt.datetime(2019, 3, 3, 21, tzinfo=BXL)
+    first = select_night(plan, ledger, now, by_date)
+    assert [u.phase for u in first.units] == ["ct-mr"]  # CT+MR = 2 partitions, the rest would be 4 more
+    record_night(ledger, first, [{"unit": first.units[0].to_json(), "state": "done", "migrated": 20, "seconds": 1}],
+                 now, "r1")
+    second = select_night(plan, ledger, now + dt.timedelta(days=1), by_date)
+    assert [(u.phase, u.kind) for u in second.units] == [("ct-mr", "delta"), ("rest", "phase")]  # CR+US: 2
+    assert eta(plan, ledger, now.date(), by_date, 1.0)["instances_left"] == 20
