@@ -34,3 +34,22 @@ def test_retries_and_schedule(dagbag):
             continue  # a failed verification must not be retried into a pass
         assert t.retries >= 1, t.task_id
     assert {"census", "report", "gate"} <= {t.task_id for t in dag.tasks}
+
+
+def test_pacs_tasks_take_pool_slots(dagbag):
+    """Every task that talks to the legacy PACS holds slots of its pool."""
+    talks_to_pacs = {("pacs_migration", "census"), ("pacs_migration", "partition.transfer"),
+                     ("pacs_assessment", "assess"), ("pacs_nightly", "migrate")}
+    for dag_id, task_id in talks_to_pacs:
+        task = dagbag.dags[dag_id].get_task(task_id)
+        assert task.pool == "pacs_source_associations" and task.pool_slots >= 1, (dag_id, task_id)
+
+
+def test_nightly_starts_when_the_window_opens(dagbag):
+    from include.pacs_migration_dags import nightly_cron
+
+    dag = dagbag.dags["pacs_nightly"]
+    cron, tz = nightly_cron()
+    assert cron == "0 20 * * *" and tz == "Europe/Brussels"
+    assert dag.max_active_runs == 1 and not dag.catchup
+    assert {t.task_id for t in dag.tasks} == {"plan", "migrate", "progress", "gate"}
