@@ -30,6 +30,16 @@ def require_binary(name: str, package: str) -> str:
     return path
 
 
+def _stop(proc: subprocess.Popen, log) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.close()
+
+
 class Orthanc:
     """One Orthanc process; ``calling_aes`` are registered as DICOM modalities."""
 
@@ -87,13 +97,7 @@ class Orthanc:
         return n
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+        _stop(self.proc, self.log)
 
 
 def many_studies(root: Path, n: int, date: str = "20190301", same_time: bool = False) -> list[str]:
@@ -167,10 +171,4 @@ class Dcmqrscp:
                            check=True, env=self.env, timeout=300, capture_output=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+        _stop(self.proc, self.log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,3 +31,20 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 60) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
+
+
+def airflow_cli(env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    """Run one ``airflow`` CLI command; its stdout, or RuntimeError with its output."""
+    proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def json_rows(text: str) -> list[dict]:
+    """The JSON list an ``airflow ... -o json`` command printed (it may print warnings first)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("[") and not line.startswith("[warning"):
+            return json.loads(line)
+    return []

@@ -24,7 +24,7 @@ import pandas as pd
 
 from include.demo.archive import build_archive
 from include.demo.pacs import SimulatedPACS
-from include.demo.processes import start_airflow, stop_all
+from include.demo.processes import airflow_cli, json_rows, start_airflow, stop_all
 from include.demo.ports import free_port
 from include.demo.s3 import S3Server
 from include.demo.smtp import MailSink
@@ -97,23 +97,6 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
         }
     )
     return env
-
-
-def _airflow(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"airflow {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout
-
-
-def _json_out(text: str) -> list[dict]:
-    # Airflow may print warnings before the JSON document: take the JSON line.
-    for line in reversed(text.splitlines()):
-        if line.startswith("[") and not line.startswith("[warning"):
-            return json.loads(line)
-    return []
 
 
 def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], objects_before: int) -> dict:
@@ -213,16 +196,16 @@ def main() -> int:
               f"S3 at {s3.endpoint_url} ({restored} objects restored); SMTP on {mail.port}", flush=True)
         env = airflow_env(pacs.port, s3.endpoint_url, mail.port, free_port(), staging)
         print("airflow db migrate ...", flush=True)
-        _airflow(env, "db", "migrate", timeout=600)
+        airflow_cli(env, "db", "migrate", timeout=600)
         # Register the DAG and queue the backfill before any service writes to SQLite.
-        _airflow(env, "pools", "set", "pacs_source_associations", "4", "Concurrent associations to the legacy PACS")
-        _airflow(env, "dags", "reserialize")
-        listed = _json_out(_airflow(env, "dags", "list", "-o", "json"))
+        airflow_cli(env, "pools", "set", "pacs_source_associations", "4", "Concurrent associations to the legacy PACS")
+        airflow_cli(env, "dags", "reserialize")
+        listed = json_rows(airflow_cli(env, "dags", "list", "-o", "json"))
         if not any(d.get("dag_id") == DAG_ID for d in listed):
-            raise RuntimeError(f"DAG not registered: {_airflow(env, 'dags', 'list-import-errors')}")
-        _airflow(env, "dags", "unpause", DAG_ID)  # backfill runs stay queued while paused
+            raise RuntimeError(f"DAG not registered: {airflow_cli(env, 'dags', 'list-import-errors')}")
+        airflow_cli(env, "dags", "unpause", DAG_ID)  # backfill runs stay queued while paused
         print("backfill", dates[0], "->", dates[-1], flush=True)
-        _airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
+        airflow_cli(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
                  "--to-date", dates[-1].isoformat(), "--max-active-runs", "2")
         logs = HOME / "service-logs"
         for service in ("api-server", "scheduler", "dag-processor"):
@@ -230,7 +213,7 @@ def main() -> int:
         deadline = time.monotonic() + TIMEOUT_S
         runs: list[dict] = []
         while time.monotonic() < deadline:
-            runs = [r for r in _json_out(_airflow(env, "dags", "list-runs", DAG_ID, "-o", "json"))
+            runs = [r for r in json_rows(airflow_cli(env, "dags", "list-runs", DAG_ID, "-o", "json"))
                     if r.get("logical_date") and dt.date.fromisoformat(r["logical_date"][:10]) in dates]
             done = [r for r in runs if r["state"] in ("success", "failed")]
             print(f"  {len(done)}/{len(dates)} runs finished", flush=True)

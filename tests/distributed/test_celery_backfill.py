@@ -18,7 +18,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -61,24 +60,10 @@ def services():
     admin.close()
 
 
-def _airflow(env, *args, timeout=600) -> str:
-    proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"airflow {args}: {proc.stdout[-1500:]} {proc.stderr[-3000:]}"
-    return proc.stdout
-
-
-def _json_lines(text: str) -> list[dict]:
-    for line in reversed(text.splitlines()):
-        if line.startswith("[") and not line.startswith("[warning"):
-            return json.loads(line)
-    return []
-
-
 def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, mail):
     from include.demo.archive import build_archive
     from include.demo.pacs import SimulatedPACS
-    from include.demo.processes import start_airflow, stop_all
+    from include.demo.processes import airflow_cli, json_rows, start_airflow, stop_all
     from include.demo.ports import free_port
     from include.pacs_migration.config import TargetConfig
     from include.pacs_migration.manifest import read_transfer
@@ -127,11 +112,11 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
         "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(tmp_path / "staging"),
     })
-    _airflow(env, "db", "migrate")
-    _airflow(env, "pools", "set", "pacs_source_associations", str(POOL_SIZE), "legacy PACS associations")
-    _airflow(env, "dags", "reserialize")
-    _airflow(env, "dags", "unpause", "pacs_migration")
-    _airflow(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", DATES[0].isoformat(),
+    airflow_cli(env, "db", "migrate")
+    airflow_cli(env, "pools", "set", "pacs_source_associations", str(POOL_SIZE), "legacy PACS associations")
+    airflow_cli(env, "dags", "reserialize")
+    airflow_cli(env, "dags", "unpause", "pacs_migration")
+    airflow_cli(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", DATES[0].isoformat(),
              "--to-date", DATES[-1].isoformat(), "--max-active-runs", "3")
 
     logs = tmp_path / "service-logs"
@@ -151,7 +136,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             procs.append(start_airflow(name, args, {**env, **extra}, logs))
         deadline = time.monotonic() + TIMEOUT_S - 120
         while time.monotonic() < deadline:
-            runs = _json_lines(_airflow(env, "dags", "list-runs", "pacs_migration", "-o", "json"))
+            runs = json_rows(airflow_cli(env, "dags", "list-runs", "pacs_migration", "-o", "json"))
             if len(runs) == len(DATES) and all(r["state"] in ("success", "failed") for r in runs):
                 break
             dead = [p.args for p in procs if p.poll() is not None]
