@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean trace bench-cget
+.PHONY: demo test venv clean trace bench bench-cget
 
 $(STAMP): requirements.txt constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -21,6 +21,14 @@ demo: $(STAMP)
 ## Run the tests.
 test: $(STAMP)
 	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest
+
+## Benchmark: the pipeline's data path vs getscu + s5cmd/boto3 on the same peers (not part of make test).
+## SCALE=0.1 REPEATS=3 for a quick run; results in benchmarks/results/<date>.{json,md}.
+SCALE ?= 1
+REPEATS ?= 5
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.bench --scale $(SCALE) --repeats $(REPEATS) $(if $(LABEL),--label $(LABEL))
 
 ## Benchmark: C-GET throughput from Orthanc, ours beside DCMTK getscu (not part of make test).
 bench-cget: $(STAMP)

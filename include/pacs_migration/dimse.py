@@ -260,6 +260,8 @@ class StagingSink:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: set[str] = field(default_factory=set)
     _counter: int = 0
+    # Called once per new instance as soon as it is staged (overlaps processing with retrieval).
+    on_received: Callable[[ReceivedInstance], None] | None = None
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -284,6 +286,8 @@ class StagingSink:
         with self._lock:
             self._pending.discard(item.sop_instance_uid)
             self.received[item.sop_instance_uid] = item
+        if self.on_received is not None:
+            self.on_received(item)
 
     def _release(self, sop_instance_uid: str) -> None:
         with self._lock:

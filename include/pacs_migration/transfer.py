@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,26 @@ class PartitionCounts:
 
 
 CARRIED = "carried"  # load_action of a row kept from an earlier run's manifest
+
+
+@dataclass
+class StageTimes:
+    """Where a partition's time went: wall seconds of the retrieve phase, and
+    seconds summed over worker threads for normalize and upload (benchmarks)."""
+
+    retrieve_s: float = 0.0
+    process_s: float = 0.0
+    normalize_s: float = 0.0
+    upload_s: float = 0.0
+    bytes_received: int = 0
+    bytes_stored: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, seconds: float, nbytes: int = 0) -> None:
+        with self._lock:
+            setattr(self, f"{name}_s", getattr(self, f"{name}_s") + seconds)
+            if name == "upload":
+                self.bytes_stored += nbytes
 
 
 def plan_resume(series: list[CensusSeries], previous: Any) -> tuple[list[CensusSeries], Any]:
@@ -105,6 +127,7 @@ def _process(
     run_id: str,
     ruleset: RuleSet,
     source_ae: str | None,
+    times: StageTimes | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Normalize and load one received instance; returns its row and whether an object was created."""
     row: dict[str, Any] = {c: None for c in ("reason", "object_key", "object_sha256", "object_size", "load_action")}
@@ -122,7 +145,10 @@ def _process(
     if expected is None:
         _quarantine(store, partition, row, raw, reason(ReasonCode.UNSOLICITED), run_id)
         return row, False
+    started = time.perf_counter()
     result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
+    if times:
+        times.add("normalize", time.perf_counter() - started)
     row.update(
         transfer_syntax_in=result.transfer_syntax_in,
         transfer_syntax_out=result.transfer_syntax_out,
@@ -137,11 +163,14 @@ def _process(
         _quarantine(store, partition, row, raw, result.reason or reason(ReasonCode.NOT_DICOM), run_id)
         return row, False
     key = instance_key(store.target.prefix, expected[0], expected[1], expected[2])
+    started = time.perf_counter()
     digest = hashlib.sha256(result.data).hexdigest()
     put = store.put_new(
         key, result.data, digest, {"source-sha256": item.sha256, "ruleset": ruleset.label},
         same_if=("source-sha256", "ruleset"),
     )
+    if times:
+        times.add("upload", time.perf_counter() - started, len(result.data))
     if put.outcome is PutOutcome.CONFLICT:
         _quarantine(store, partition, row, raw, reason(ReasonCode.UID_CONFLICT), run_id)
         return row, False
@@ -169,6 +198,7 @@ def transfer_partition(
     ruleset: RuleSet = STRUCTURAL,
     source_ae: str | None = None,
     carried: Any = None,
+    times: StageTimes | None = None,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
@@ -182,25 +212,33 @@ def transfer_partition(
     staging = staging_root / safe_run / partition.hive_path
     if staging.exists():
         shutil.rmtree(staging)  # a retried task starts clean
-    sink = StagingSink(staging)
+    expected = {
+        i.sop_instance_uid: (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
+        for s in series
+        for i in s.instances
+    }
+    # Each instance is normalized and loaded as soon as it is staged, while
+    # the rest of the partition is still arriving.
+    pool = ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix="load")
+    futures = []
+
+    def submit(item: ReceivedInstance) -> None:
+        futures.append(pool.submit(_process, store, partition, expected.get(item.sop_instance_uid), item, run_id,
+                                   ruleset, source_ae, times))
+
+    sink = StagingSink(staging, on_received=submit)
     try:
+        started = time.perf_counter()
         retrievals = {r.series_instance_uid: r for r in retrieve_partition(get, series, sink, attempts, max_associations)}
-        expected = {
-            i.sop_instance_uid: (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
-            for s in series
-            for i in s.instances
-        }
-        received = list(sink.received.values())
-        with ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix="load") as pool:
-            results = list(
-                pool.map(
-                    lambda it: _process(
-                        store, partition, expected.get(it.sop_instance_uid), it, run_id, ruleset, source_ae
-                    ),
-                    received,
-                )
-            )
+        if times:
+            times.retrieve_s += time.perf_counter() - started
+            times.bytes_received += sum(r.size for r in sink.received.values())
+        started = time.perf_counter()
+        pool.shutdown(wait=True)
+        results = [f.result() for f in futures]
         rows = [r for r, _ in results]
+        if times:
+            times.process_s += time.perf_counter() - started
         for s in series:
             for i in s.instances:
                 if i.sop_instance_uid not in sink.received:
@@ -234,4 +272,5 @@ def transfer_partition(
         )
         return counts
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,432 @@
+"""End-to-end throughput of the pipeline's data path against native tools, on
+the same peers, in the same run (issue #8). Not part of ``make test``.
+
+Source: Orthanc (MaximumPduLength 131072) holding the synthetic archive of
+:mod:`benchmarks.archive`. Target: moto's S3 server, a fresh process for every
+measured run.
+
+- reference: DCMTK ``getscu`` (TCP_NODELAY=1, -pdu 131072, one per study, two
+  at once) into a folder, then the better of ``s5cmd cp`` and a threaded boto3
+  upload; and the same overlapped by study. T_reference is the better of the two.
+- pipeline: the partition tasks' data path (``transfer_partition``: C-GET,
+  normalize, write-once upload with checksums), each partition in a fresh
+  worker process (CPU seconds and peak RSS are the worker's).
+
+At least five interleaved repeats; medians and spread; R = T_pipeline /
+T_reference overall and per size tier; per-stage rates; memory scaling of
+one worker at 1x, 2x and 4x partition size. Writes
+``benchmarks/results/<date>.json`` and ``benchmarks/results/<date>.md``.
+
+``make bench`` (or ``python -m benchmarks.bench --scale 1 --repeats 5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(__file__).parent / ".cache"
+RESULTS = Path(__file__).parent / "results"
+MAX_PDU = 131072
+KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Moto:
+    """moto's S3 server as its own process (it must not share our GIL)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(folder / f"moto-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(200):  # bounded: 20 s
+            try:
+                urllib.request.urlopen(self.url, timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto_server did not start")
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="bench", aws_secret_access_key="bench",
+                            config=Config(max_pool_connections=32, retries={"max_attempts": 2}))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def children_usage() -> tuple[float, int]:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+
+
+# --- reference -----------------------------------------------------------------------------------------------
+
+def getscu(port: int, study: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["getscu", "-aet", "PACSMIGRATE", "-aec", "ORTHANC", "-S", "+B", "-pdu", str(MAX_PDU),
+                    "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                    "127.0.0.1", str(port)], check=True, env={**os.environ, "TCP_NODELAY": "1"},
+                   capture_output=True, timeout=1800)
+
+
+def s5cmd_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
+    s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    proc = subprocess.run([s5, "--endpoint-url", moto.url, "--numworkers", "16", "cp", f"{folder}/*",
+                           f"s3://{bucket}/{prefix}"], env={**os.environ, **KEYS}, capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"s5cmd cp {folder}: {proc.stdout[-800:]} {proc.stderr[-800:]}")
+
+
+def boto3_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
+    client = moto.client()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=f"{prefix}{p.relative_to(folder)}",
+                                                  Body=p.read_bytes()), files))
+
+
+def run_reference(port: int, studies: list[str], work: Path, uploader: str, overlapped: bool) -> dict[str, Any]:
+    moto = Moto(work)
+    try:
+        moto.client().create_bucket(Bucket="ref")
+        upload = s5cmd_upload if uploader == "s5cmd" else boto3_upload
+        cpu0, _ = children_usage()
+        t0 = time.perf_counter()
+        if overlapped:
+            def one(study: str) -> None:
+                folder = work / "ref" / study
+                getscu(port, study, folder)
+                upload(folder, moto, "ref", f"{study}/")
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                list(pool.map(one, studies))
+            retrieve = None
+        else:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                list(pool.map(lambda s: getscu(port, s, work / "ref" / s), studies))
+            retrieve = time.perf_counter() - t0
+            upload(work / "ref", moto, "ref", "")
+        seconds = time.perf_counter() - t0
+        cpu1, rss = children_usage()
+        files = sum(1 for p in (work / "ref").rglob("*") if p.is_file())
+        listed = sum(len(page.get("Contents", [])) for page in
+                     moto.client().get_paginator("list_objects_v2").paginate(Bucket="ref"))
+        if files != listed:
+            raise RuntimeError(f"reference: {files} files retrieved, {listed} objects stored")
+        return {"seconds": seconds, "retrieve_s": retrieve, "instances": files, "uploader": uploader,
+                "overlapped": overlapped, "cpu_s_children": cpu1 - cpu0, "max_rss_kb_children": rss}
+    finally:
+        moto.stop()
+        shutil.rmtree(work / "ref", ignore_errors=True)
+
+
+# --- pipeline -------------------------------------------------------------------------------------------------
+
+def run_pipeline(port: int, work: Path, studies: int | None = None, modalities: set[str] | None = None,
+                 verify: bool = False) -> dict[str, Any]:
+    """One measured pipeline run: a fresh moto, each partition in a fresh worker process."""
+    moto = Moto(work)
+    try:
+        moto.client().create_bucket(Bucket="pipeline")
+        t0 = time.perf_counter()
+        args = [sys.executable, "-m", "benchmarks.bench", "worker", "--port", str(port), "--endpoint", moto.url,
+                "--staging", str(work / "staging")]
+        if studies:
+            args += ["--studies", str(studies)]
+        if modalities:
+            args += ["--modalities", ",".join(sorted(modalities))]
+        proc = subprocess.run(args, check=True, capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT)})
+        seconds = time.perf_counter() - t0
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["seconds_with_process_start"] = seconds
+        if verify:
+            result["verified"] = verify_bucket(moto, result["objects"])
+        return result
+    finally:
+        moto.stop()
+
+
+def verify_bucket(moto: Moto, objects: dict[str, str]) -> dict[str, int]:
+    """Every object the manifests name is in S3 with the recorded SHA-256."""
+    client = moto.client()
+    bad = 0
+    for key, sha in objects.items():
+        body = client.get_object(Bucket="pipeline", Key=key)["Body"].read()
+        bad += hashlib.sha256(body).hexdigest() != sha
+    listed = sum(len(page.get("Contents", [])) for page in
+                 client.get_paginator("list_objects_v2").paginate(Bucket="pipeline", Prefix="studies/"))
+    return {"objects": len(objects), "listed": listed, "checksum_failures": bad}
+
+
+def worker(ns: argparse.Namespace) -> int:
+    """The partition tasks' data path, as the DAG runs it, for every partition of the date."""
+    import boto3
+    from botocore.config import Config
+
+    from include.pacs_migration.census import take_census
+    from include.pacs_migration.config import SourceConfig, TargetConfig
+    from include.pacs_migration.dimse import FindSession, c_get
+    from include.pacs_migration.manifest import read_transfer, write_census
+    from include.pacs_migration.store import ObjectStore
+    from include.pacs_migration.transfer import StageTimes, transfer_partition
+
+    from benchmarks.archive import STUDY_DATE
+
+    source = SourceConfig(host="127.0.0.1", port=ns.port, called_ae_title="ORTHANC", calling_ae_title="PACSMIGRATE",
+                          max_pdu=MAX_PDU, acse_timeout=10, dimse_timeout=300, network_timeout=300,
+                          max_associations=ns.associations)
+    target = TargetConfig(bucket="pipeline", upload_threads=ns.upload_threads)
+    client = boto3.client("s3", endpoint_url=ns.endpoint, region_name="us-east-1",
+                          config=Config(max_pool_connections=32, retries={"max_attempts": 3}))
+    store = ObjectStore(client, target)
+    with FindSession(source) as session:
+        census = take_census(session.find, dt.datetime.strptime(STUDY_DATE, "%Y%m%d").date())
+    wanted = set(ns.modalities.split(",")) if ns.modalities else None
+    partitions = [p for p in census.partitions() if not wanted or p.modality in wanted]
+    cpu0 = time.process_time()
+    times = StageTimes()
+    out: dict[str, Any] = {"partitions": {}, "objects": {}}
+    t0 = time.perf_counter()
+    for p in partitions:
+        series = census.for_partition(p)
+        if ns.studies:
+            keep = sorted({s.study_instance_uid for s in series})[: ns.studies]
+            series = [s for s in series if s.study_instance_uid in keep]
+        write_census(store, p, series)
+        started = time.perf_counter()
+        counts = transfer_partition(lambda q, c, s: c_get(source, q, c, s), store, p, series, Path(ns.staging),
+                                    "bench", 3, ns.associations, ns.upload_threads, times=times)
+        out["partitions"][p.key] = {"seconds": time.perf_counter() - started, **counts.to_json()}
+        df = read_transfer(store, p)
+        migrated = df[df.state == "migrated"]
+        out["objects"].update(zip(migrated.object_key, migrated.object_sha256))
+    out["seconds"] = time.perf_counter() - t0
+    out["cpu_s"] = time.process_time() - cpu0
+    out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["stages"] = {k: v for k, v in vars(times).items() if not k.startswith("_")}
+    out["instances"] = sum(v["expected"] for v in out["partitions"].values())
+    out["migrated"] = sum(v["migrated"] for v in out["partitions"].values())
+    print(json.dumps(out))
+    return 0
+
+
+# --- setup, report ------------------------------------------------------------------------------------------
+
+def orthanc_with(archive: Path, info: dict, scale: float):
+    """An Orthanc on cached storage holding the archive (uploaded once per scale)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.peers import Orthanc
+
+    folder = CACHE / f"orthanc-{scale:g}"
+    orthanc = Orthanc(folder, MaximumPduLength=MAX_PDU, StorageCompression=False, MaximumStorageSize=0,
+                      DicomThreadsCount=4)
+    stats = json.loads(urllib.request.urlopen(f"{orthanc.url}/statistics", timeout=30).read())
+    if int(stats["CountInstances"]) != info["instances"]:
+        n = orthanc.upload_folder(archive)
+        if n != info["instances"]:
+            raise RuntimeError(f"Orthanc accepted {n} of {info['instances']} instances")
+    return orthanc
+
+
+def study_modalities(port: int) -> dict[str, str]:
+    """Study Instance UID -> its modality (one per study in this archive)."""
+    from include.pacs_migration.census import take_census
+    from include.pacs_migration.config import SourceConfig
+    from include.pacs_migration.dimse import FindSession
+
+    from benchmarks.archive import STUDY_DATE
+
+    source = SourceConfig(host="127.0.0.1", port=port, called_ae_title="ORTHANC", calling_ae_title="PACSMIGRATE")
+    with FindSession(source) as session:
+        census = take_census(session.find, dt.datetime.strptime(STUDY_DATE, "%Y%m%d").date())
+    return {s.study_instance_uid: s.modality for s in census.series}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="pipeline vs native tools")
+    sub = parser.add_subparsers(dest="cmd")
+    w = sub.add_parser("worker")
+    w.add_argument("--port", type=int, required=True)
+    w.add_argument("--endpoint", required=True)
+    w.add_argument("--staging", required=True)
+    w.add_argument("--studies", type=int)
+    w.add_argument("--modalities")
+    w.add_argument("--associations", type=int, default=2)
+    w.add_argument("--upload-threads", type=int, default=4)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--label", default="")
+    ns = parser.parse_args(argv)
+    if ns.cmd == "worker":
+        return worker(ns)
+
+    from benchmarks.archive import build
+
+    CACHE.mkdir(exist_ok=True)
+    archive = CACHE / f"archive-{ns.scale:g}"
+    info = build(archive, ns.scale)
+    orthanc = orthanc_with(archive, info, ns.scale)
+    try:
+        port = orthanc.dicom_port
+        modality_of = study_modalities(port)
+        studies = sorted(modality_of)
+        with tempfile.TemporaryDirectory(prefix="bench-", dir=CACHE) as tmp:
+            work = Path(tmp)
+            # Pick the better uploader once, on the same files.
+            picks = {u: run_reference(port, studies, work, u, False) for u in ("s5cmd", "boto3")}
+            uploader = min(picks, key=lambda u: picks[u]["seconds"])
+            runs: dict[str, list[dict]] = {"reference_sequential": [], "reference_overlapped": [], "pipeline": []}
+            for r in range(ns.repeats):  # interleaved: drift on a shared machine hits all three alike
+                order = ["pipeline", "reference_sequential", "reference_overlapped"]
+                for name in order[r % 3:] + order[: r % 3]:
+                    if name == "pipeline":
+                        runs[name].append(run_pipeline(port, work, verify=(r == ns.repeats - 1)))
+                    else:
+                        runs[name].append(run_reference(port, studies, work, uploader, name.endswith("overlapped")))
+                    print(f"repeat {r + 1}: {name} {runs[name][-1]['seconds']:.1f} s", file=sys.stderr)
+            # Per size tier: each tier alone, reference and pipeline, interleaved, each `tier_repeats` times.
+            per_tier: dict[str, dict[str, list[float]]] = {}
+            for tier_name, mods in tier_modalities(info).items():
+                tier_studies = [s for s in studies if modality_of[s] in mods]
+                slot = per_tier.setdefault(tier_name, {"reference": [], "pipeline": []})
+                for _ in range(max(1, ns.repeats // 2)):
+                    ref_s = run_reference(port, tier_studies, work, uploader, False)["seconds"]
+                    ref_o = run_reference(port, tier_studies, work, uploader, True)["seconds"]
+                    slot["reference"].append(min(ref_s, ref_o))
+                    slot["pipeline"].append(run_pipeline(port, work, modalities=mods)["seconds"])
+            # Memory scaling: one CT worker over 1, 2 and 4 studies of 300 instances.
+            memory = {}
+            for k in (1, 2, 4):
+                res = run_pipeline(port, work, studies=k, modalities={"CT"})
+                memory[f"{k}x"] = {"instances": res["instances"], "max_rss_kb": res["max_rss_kb"],
+                                   "seconds": res["seconds"]}
+    finally:
+        orthanc.stop()
+    report = summarize(info, runs, picks, uploader, per_tier, memory, ns)
+    RESULTS.mkdir(exist_ok=True)
+    stem = dt.date.today().isoformat() + (f"-{ns.label}" if ns.label else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (RESULTS / f"{stem}.md").write_text(report["markdown"])
+    print(report["markdown"])
+    return 0
+
+
+def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict, memory: dict, ns) -> dict:
+    seq = [r["seconds"] for r in runs["reference_sequential"]]
+    ovl = [r["seconds"] for r in runs["reference_overlapped"]]
+    pipe = [r["seconds"] for r in runs["pipeline"]]
+    t_ref = min(statistics.median(seq), statistics.median(ovl))
+    t_pipe = statistics.median(pipe)
+    mb = info["bytes"] / 1e6
+    n = info["instances"]
+    last = runs["pipeline"][-1]
+    st = last["stages"]
+    stage_rates = {
+        "retrieve": {"seconds": st["retrieve_s"], "instances_per_s": n / st["retrieve_s"],
+                     "mb_per_s": st["bytes_received"] / 1e6 / st["retrieve_s"]},
+        "normalize (thread-seconds)": {"seconds": st["normalize_s"], "instances_per_s": n / st["normalize_s"],
+                                       "mb_per_s": st["bytes_received"] / 1e6 / st["normalize_s"]},
+        "upload (thread-seconds)": {"seconds": st["upload_s"], "instances_per_s": n / st["upload_s"],
+                                    "mb_per_s": st["bytes_stored"] / 1e6 / st["upload_s"]},
+    }
+    tiers = {}
+    for tier_name, slot in per_tier.items():
+        p_secs, r_secs = statistics.median(slot["pipeline"]), statistics.median(slot["reference"])
+        tiers[tier_name] = {"pipeline_s": p_secs, "reference_s": r_secs, "R": p_secs / r_secs,
+                            "pipeline_runs": slot["pipeline"], "reference_runs": slot["reference"]}
+    mem_1x = memory["1x"]["max_rss_kb"]
+    report = {
+        "date": dt.date.today().isoformat(), "label": ns.label, "archive": info, "repeats": ns.repeats,
+        "uploader": uploader, "uploader_trial": {k: v["seconds"] for k, v in picks.items()},
+        "reference_sequential": spread(seq), "reference_overlapped": spread(ovl), "pipeline": spread(pipe),
+        "R": t_pipe / t_ref, "tiers": tiers, "stages": stage_rates,
+        "pipeline_cpu_s": statistics.median(r["cpu_s"] for r in runs["pipeline"]),
+        "pipeline_max_rss_mb": max(r["max_rss_kb"] for r in runs["pipeline"]) / 1024,
+        "reference_cpu_s": statistics.median(r["cpu_s_children"] for r in runs["reference_sequential"]),
+        "memory_scaling": memory,
+        "memory_growth_1x_to_4x": memory["4x"]["max_rss_kb"] / mem_1x - 1,
+        "verified": last.get("verified"), "runs": runs,
+    }
+    rows = [
+        f"# Pipeline vs native tools — {report['date']} {ns.label}".rstrip(),
+        "",
+        f"Archive: {n} instances, {mb:,.0f} MB (scale {ns.scale:g}); Orthanc on loopback, PDU {MAX_PDU}; "
+        f"moto S3 server; {ns.repeats} interleaved repeats; uploader for the reference: {uploader} "
+        f"(trial: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in picks.items()) + ").",
+        "",
+        "| run | median s | min–max s | instances/s | MB/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in (("reference, sequential (getscu then upload)", seq),
+                         ("reference, overlapped by study", ovl), ("pipeline (transfer_partition)", pipe)):
+        med = statistics.median(values)
+        rows.append(f"| {name} | {med:.1f} | {min(values):.1f}–{max(values):.1f} | {n / med:.0f} | {mb / med:.1f} |")
+    rows += ["", f"**R = T_pipeline / T_reference = {report['R']:.2f}** (T_reference = the better median)", "",
+             "| size tier (alone) | instances | MB | pipeline s | reference s | R |", "|---|---|---|---|---|---|"]
+    for tier_name, t in tiers.items():
+        ti = info["tiers"][tier_name]
+        rows.append(f"| {tier_name} | {ti['instances']} | {ti['bytes'] / 1e6:,.0f} | {t['pipeline_s']:.1f} | "
+                    f"{t['reference_s']:.1f} | {t['R']:.2f} |")
+    rows += ["", "| stage (last pipeline run) | seconds | instances/s | MB/s |", "|---|---|---|---|"]
+    for name, s in stage_rates.items():
+        rows.append(f"| {name} | {s['seconds']:.1f} | {s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |")
+    rows += ["", f"CPU seconds: pipeline worker {report['pipeline_cpu_s']:.1f}, reference tools "
+             f"{report['reference_cpu_s']:.1f}. Peak RSS of the pipeline worker: {report['pipeline_max_rss_mb']:.0f} MB.",
+             "", "| CT partition | instances | worker peak RSS MB |", "|---|---|---|"]
+    for k, m in memory.items():
+        rows.append(f"| {k} | {m['instances']} | {m['max_rss_kb'] / 1024:.0f} |")
+    rows.append(f"\nPeak RSS growth 1x→4x: {report['memory_growth_1x_to_4x'] * 100:+.1f}%. "
+                f"Verified (last pipeline run): {report['verified']}.")
+    report["markdown"] = "\n".join(rows) + "\n"
+    return report
+
+
+def tier_modalities(info: dict) -> dict[str, set[str]]:
+    from benchmarks.archive import TIERS
+
+    out = {t: {m.modality for m in TIERS if m.size_tier == t} for t in ("small", "large")}
+    out["compressed"] = {"OT"}
+    return {k: v for k, v in out.items() if k in info["tiers"]}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
