@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from include.pacs_migration_dags import PACS_POOL, send_report
+from include.pacs_migration_dags import PACS_POOL
 
 DAG_ID = "pacs_assessment"
 
@@ -69,7 +69,7 @@ def pacs_assessment():
 
     @task
     def report(summary: dict) -> dict:
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config, send_report
 
         cfg = runtime_config()
         store = object_store(cfg)

@@ -17,7 +17,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import PACS_POOL, associations_per_task, send_report
+from include.pacs_migration_dags import PACS_POOL, associations_per_task
 
 DAG_ID = "pacs_migration"
 ASSOCIATIONS_PER_TASK = associations_per_task()
@@ -109,7 +109,7 @@ def pacs_migration():
 
     @task(trigger_rule="all_done")
     def report() -> dict:
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config, send_report
         from include.pacs_migration.partition import Partition
         from include.pacs_migration.report import (
             data_docs_zip, figures_csv, partition_figures, render_html, subject,

@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import PACS_POOL, associations_per_task, nightly_cron, send_report
+from include.pacs_migration_dags import PACS_POOL, associations_per_task, nightly_cron
 
 DAG_ID = "pacs_nightly"
 ASSOCIATIONS_PER_TASK = associations_per_task()
@@ -105,7 +105,7 @@ def pacs_nightly():
         import tempfile
         from pathlib import Path
 
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config, send_report
         from include.pacs_migration.assessment import read_by_date
         from include.pacs_migration.plan import LEDGER_KEY, Ledger, NightPlan, Unit, eta, record_night
         from include.pacs_migration.report import render_progress_html

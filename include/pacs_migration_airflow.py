@@ -48,6 +48,15 @@ def runtime_config() -> MigrationConfig:
     return load_config(deep_merge(data, overlay), path.parent)
 
 
+def send_report(cfg: MigrationConfig, subject: str, html: str, files: list[str]) -> None:
+    """E-mail ``html`` with attachments through the configured SMTP connection."""
+    from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+    with SmtpHook(smtp_conn_id=cfg.report.smtp_connection_id) as hook:
+        hook.send_email_smtp(to=list(cfg.report.recipients), from_email=cfg.report.from_address, subject=subject,
+                             html_content=html, files=files)
+
+
 def object_store(cfg: MigrationConfig) -> ObjectStore:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 

@@ -42,12 +42,3 @@ def nightly_cron() -> tuple[str, str]:
     except ValueError:
         hour, minute = 20, 0
     return f"{minute} {hour} * * *", str(plan.get("timezone", "UTC"))
-
-
-def send_report(cfg: Any, subject: str, html: str, files: list[str]) -> None:
-    """E-mail ``html`` with attachments through the configured SMTP connection."""
-    from airflow.providers.smtp.hooks.smtp import SmtpHook
-
-    with SmtpHook(smtp_conn_id=cfg.report.smtp_connection_id) as hook:
-        hook.send_email_smtp(to=list(cfg.report.recipients), from_email=cfg.report.from_address, subject=subject,
-                             html_content=html, files=files)

@@ -30,6 +30,21 @@ def require_binary(name: str, package: str) -> str:
     return path
 
 
+def _wait_ready(proc: subprocess.Popen, probe, seconds: float = 10.0) -> bool:
+    """Poll ``probe`` (raises OSError until the peer answers); False if the
+    process died or the bound passed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            probe()
+            return True
+        except OSError:
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.1)
+    return False
+
+
 def _stop(proc: subprocess.Popen, log) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -70,16 +85,9 @@ class Orthanc:
         self.log = open(self.folder / "orthanc.log", "wb")
         self.proc = subprocess.Popen([binary, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.http_port}"
-        for _ in range(100):  # bounded wait, 10 s
-            try:
-                urllib.request.urlopen(f"{self.url}/system", timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not start; see {self.folder / 'orthanc.log'}")
+        if not _wait_ready(self.proc, lambda: urllib.request.urlopen(f"{self.url}/system", timeout=1).close()):
+            self.stop()
+            raise RuntimeError(f"Orthanc did not start; see {self.folder / 'orthanc.log'}")
 
     def upload(self, data: bytes) -> None:
         req = urllib.request.Request(f"{self.url}/instances", data=data, method="POST",
@@ -151,16 +159,9 @@ class Dcmqrscp:
         # association in Debian's DCMTK 3.6.7.
         self.proc = subprocess.Popen([binary, "-c", str(self.config), str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        for _ in range(100):  # bounded wait, 10 s
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"dcmqrscp did not start; see {self.folder / 'dcmqrscp.log'}")
+        if not _wait_ready(self.proc, lambda: socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()):
+            self.stop()
+            raise RuntimeError(f"dcmqrscp did not start; see {self.folder / 'dcmqrscp.log'}")
 
     def load(self, paths: list[Path]) -> None:
         """C-STORE ``paths`` into the archive with ``storescu``."""
