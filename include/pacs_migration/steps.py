@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -140,8 +140,3 @@ def migrate_unit(
     return {"unit": unit.to_json(), "state": "done" if ok else "failed", "migrated": moved,
             "seconds": round(time.monotonic() - started, 3), "partitions": results}
 
-
-def iter_partitions(results: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for res in results:
-        for part in res.get("partitions", []):
-            yield part["partition"], part
