@@ -32,6 +32,7 @@ from pydicom.uid import UID
 
 from .census import CensusWarning, FindFn, census_of_studies, find_study_answers
 from .config import AssessmentConfig
+from .plan import ASSESSED
 from .dimse import QueryTruncated
 from .report import _CSS
 
@@ -401,7 +402,6 @@ def render_assessment_html(assessment: Assessment, source_label: str, bucket_uri
 
 
 ASSESSMENT_PREFIX = "_assessment/"
-ASSESSED = "*"  # by-date marker: the date was assessed
 
 
 def write_assessment(store: Any, assessment: Assessment, html_report: str | None = None) -> list[str]:

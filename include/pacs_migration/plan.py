@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from .config import Phase, PlanConfig, Window
 
 LEDGER_KEY = "_plan/ledger.json"
+ASSESSED = "*"  # by-date estimates: the modality key marking a date the assessment covered
 
 
 class UnitState:
@@ -185,10 +186,10 @@ def estimate_unit(unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]],
     if moved is None:
         return Estimate(0, 0, 0)
     rows = [v for (day, modality), v in by_date.items()
-            if day == iso and modality != "*" and unit.wants(modality) and modality not in moved]
+            if day == iso and modality != ASSESSED and unit.wants(modality) and modality not in moved]
     if not rows:
         # assessed and empty (the "*" marker), or never assessed: size unknown
-        return Estimate(0, 0, 0) if (iso, "*") in by_date else Estimate(1, 0, 0)
+        return Estimate(0, 0, 0) if (iso, ASSESSED) in by_date else Estimate(1, 0, 0)
     return Estimate(len(rows), sum(r[0] for r in rows), sum(r[1] for r in rows))
 
 

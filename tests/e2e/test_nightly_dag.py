@@ -27,6 +27,7 @@ from include.pacs_migration.plan import LEDGER_KEY, Ledger
 from include.pacs_migration.store import ObjectStore
 from tests.conftest import ROOT
 from tests.dags.test_dag_integrity import DAGS
+from tests.e2e.test_pacs_migration_dag import _clear_runs
 
 pytestmark = pytest.mark.e2e
 DAY1, DAY2 = dt.date(2019, 3, 1), dt.date(2019, 3, 2)
@@ -51,19 +52,10 @@ def _dags():
     return bag.dags
 
 
-def _clear(dag_id: str) -> None:
-    from airflow.models import DagRun
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        for r in session.query(DagRun).filter(DagRun.dag_id == dag_id):
-            session.delete(r)
-
-
 def _night(dag, local: str):
     """Run the nightly DAG as if it were ``local`` (Brussels time)."""
     now = dt.datetime.fromisoformat(local)
-    _clear(dag.dag_id)
+    _clear_runs(dag.dag_id)
     return dag.test(logical_date=now.astimezone(dt.timezone.utc), run_conf={"now": now.isoformat()})
 
 
@@ -109,7 +101,7 @@ def test_assessment_then_three_nights_with_window_budget_and_delta(nightly_env, 
 
     # The assessment: dataset in the bucket, report e-mailed with the heat map.
     assessment = dags["pacs_assessment"]
-    _clear(assessment.dag_id)
+    _clear_runs(assessment.dag_id)
     run = assessment.test(run_conf={"date_from": DAY1.isoformat(), "date_to": DAY2.isoformat()})
     assert run.state == "success"
     msg, html = _last_mail(mail)
