@@ -199,11 +199,12 @@ def worker(ns: argparse.Namespace) -> int:
     from botocore.config import Config
 
     from include.pacs_migration.census import take_census
-    from include.pacs_migration.config import SourceConfig, TargetConfig
+    from include.pacs_migration.config import SourceConfig, TargetConfig, load_config, read_yaml
     from include.pacs_migration.dimse import FindSession, c_get
     from include.pacs_migration.manifest import read_transfer, write_census
+    from include.pacs_migration.steps import MIN_INSTANCES_FOR_PROCESSES
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.transfer import StageTimes, transfer_partition
+    from include.pacs_migration.transfer import StageTimes, normalize_processes, transfer_partition
 
     from benchmarks.archive import STUDY_DATE
 
@@ -211,6 +212,13 @@ def worker(ns: argparse.Namespace) -> int:
                           max_pdu=MAX_PDU, acse_timeout=10, dimse_timeout=300, network_timeout=300,
                           max_associations=ns.associations)
     target = TargetConfig(bucket="pipeline", upload_threads=ns.upload_threads)
+    # The rule set and normalize processes the DAG runs with (include/config/migration.yaml).
+    config_path = ROOT / "include" / "config" / "migration.yaml"
+    data = read_yaml(config_path)
+    data["source"] = {**data["source"], "host": "127.0.0.1", "port": ns.port}  # Airflow's connection gives these
+    configured = load_config(data, config_path.parent)
+    ruleset = configured.ruleset
+    processes = configured.normalize_processes if ns.normalize_processes is None else ns.normalize_processes
     client = boto3.client("s3", endpoint_url=ns.endpoint, region_name="us-east-1",
                           config=Config(max_pool_connections=32, retries={"max_attempts": 3}))
     store = ObjectStore(client, target)
@@ -229,12 +237,24 @@ def worker(ns: argparse.Namespace) -> int:
             series = [s for s in series if s.study_instance_uid in keep]
         write_census(store, p, series)
         started = time.perf_counter()
-        counts = transfer_partition(lambda q, c, s: c_get(source, q, c, s), store, p, series, Path(ns.staging),
-                                    "bench", 3, ns.associations, ns.upload_threads, times=times)
+        n = sum(len(s.instances) for s in series)
+        with_processes = processes if n >= MIN_INSTANCES_FOR_PROCESSES else 0
+        normalizer = normalize_processes(with_processes, ruleset, source.called_ae_title)  # per partition, as a task
+        try:
+            counts = transfer_partition(lambda q, c, s: c_get(source, q, c, s), store, p, series, Path(ns.staging),
+                                        "bench", 3, ns.associations, ns.upload_threads, ruleset=ruleset,
+                                        source_ae=source.called_ae_title, times=times, normalizer=normalizer)
+        finally:
+            if normalizer is not None:
+                normalizer.close()
         out["partitions"][p.key] = {"seconds": time.perf_counter() - started, **counts.to_json()}
         df = read_transfer(store, p)
         migrated = df[df.state == "migrated"]
         out["objects"].update(zip(migrated.object_key, migrated.object_sha256))
+        # What normalize did: received transfer syntax -> rewritten or passed through.
+        for ts_in, changed in zip(df.transfer_syntax_in, df.changes):
+            what = f"{ts_in} {'rewritten' if isinstance(changed, str) and changed else 'passed through'}"
+            out.setdefault("normalized", {})[what] = out.setdefault("normalized", {}).get(what, 0) + 1
     out["seconds"] = time.perf_counter() - t0
     out["cpu_s"] = time.process_time() - cpu0
     out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -292,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--modalities")
     w.add_argument("--associations", type=int, default=2)
     w.add_argument("--upload-threads", type=int, default=4)
+    w.add_argument("--normalize-processes", type=int, help="default: as include/config/migration.yaml")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="")

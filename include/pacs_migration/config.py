@@ -195,6 +195,8 @@ class MigrationConfig:
     report: ReportConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ruleset: RuleSet = STRUCTURAL
+    # Processes that normalize beside the task (another core); 0: in its load threads.
+    normalize_processes: int = 1
     staging_dir: Path = field(default_factory=lambda: Path("/tmp/pacs-migration-staging"))
     assessment: AssessmentConfig = field(default_factory=AssessmentConfig)
     plan: PlanConfig = DEFAULT_PLAN
@@ -362,6 +364,7 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
             ruleset = load_ruleset(path)
         except RuleSetError as exc:
             raise ConfigError("normalization.ruleset", str(exc)) from None
+    normalize_processes = _int(norm, "normalization", "processes", 1, 0, 64)
     staging = data.get("staging_dir", "/tmp/pacs-migration-staging")
     if not isinstance(staging, str) or not staging:
         raise ConfigError("staging_dir", "must be a directory path")
@@ -378,7 +381,7 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     )
     return MigrationConfig(
         source=source, target=target, report=report, validation=validation, ruleset=ruleset,
-        staging_dir=Path(staging), assessment=assessment, plan=plan,
+        normalize_processes=normalize_processes, staging_dir=Path(staging), assessment=assessment, plan=plan,
     )
 
 

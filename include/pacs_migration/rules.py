@@ -14,14 +14,15 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.charset import convert_encodings
 from pydicom.config import RAISE
@@ -38,6 +39,10 @@ MAX_LENGTH: dict[str, int] = {
     "SH": 16, "ST": 1024, "TM": 14, "UI": 64, "PN": 64,
 }
 TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "PN", "UC"})
+# Values no rule reads: numbers and bytes are conformant by VR and charset-free.
+# Decoding them (about half of a typical header) only costs time.
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV",
+                        "AT"})
 
 # Retired SOP classes whose IOD lives on under a current class (PS3.4 / PS3.6).
 RETIRED_SOP_CLASSES: dict[str, str] = {
@@ -448,10 +453,8 @@ def _private_tags(rs: RuleSet, ds: Dataset, out: RuleOutcome) -> None:
         out.notes.append(f"private:removed:{removed}")
 
 
-def _over_long(rs: RuleSet, ds: Dataset, out: RuleOutcome) -> None:
-    if rs.over_long is OverLongPolicy.KEEP:
-        return
-    for elem in list(ds):
+def _over_long(rs: RuleSet, ds: Dataset, elems: list[DataElement], out: RuleOutcome) -> None:
+    for elem in elems:
         limit = MAX_LENGTH.get(elem.VR)
         if limit is None or elem.value is None or elem.tag.group == 0x0002:
             continue
@@ -474,8 +477,8 @@ def _over_long(rs: RuleSet, ds: Dataset, out: RuleOutcome) -> None:
         _record(out, ds, elem.tag, "over-long-values", Reason.CORRECT, new if len(new) > 1 else new[0])
 
 
-def _dates(ds: Dataset, out: RuleOutcome) -> None:
-    for elem in list(ds):
+def _dates(ds: Dataset, elems: list[DataElement], out: RuleOutcome) -> None:
+    for elem in elems:
         if elem.VR not in ("DA", "TM") or not elem.value:
             continue
         values = _values(elem.value)
@@ -483,6 +486,49 @@ def _dates(ds: Dataset, out: RuleOutcome) -> None:
         if any(f is not None for f in fixed):
             new = [f if f is not None else v for f, v in zip(fixed, values)]
             _record(out, ds, elem.tag, "dates-times", Reason.CORRECT, new if len(new) > 1 else new[0])
+
+
+def _valued_tags(ds: Dataset) -> list[BaseTag]:
+    """Tags of the top-level elements whose values rules read: numbers, bytes
+    and unknown ``UN`` are conformant by VR and charset-free (about half of a
+    typical header)."""
+    out = []
+    for tag in list(ds.keys()):
+        vr = getattr(ds.get_item(tag), "VR", None)
+        if vr not in BINARY_VRS or (vr == "UN" and tag in DicomDictionary):  # a known UN is retyped on decode
+            out.append(tag)
+    return out
+
+
+def _undecoded(ds: Dataset, tag: BaseTag) -> tuple[str, bytes] | None:
+    """(VR, bytes) of an element pydicom has not decoded yet, when both are known."""
+    item = ds.get_item(tag)
+    if isinstance(item, RawDataElement) and item.VR and isinstance(item.value, bytes):
+        return item.VR, item.value
+    return None
+
+
+def _elements(ds: Dataset, must_read: Callable[[str, bytes], bool]) -> list[DataElement]:
+    """Decoded elements a rule must read: those decoded already, and those
+    still undecoded whose VR and bytes ``must_read`` says can matter.
+    Decoding is most of a rule pass's cost; most values are settled on bytes."""
+    out = []
+    for tag in _valued_tags(ds):
+        raw = _undecoded(ds, tag)
+        if raw is None or must_read(*raw):
+            out.append(ds[tag])
+    return out
+
+
+def _maybe_date_to_fix(vr: str, value: bytes) -> bool:
+    # _normal_date needs one of / . - ; _normal_time needs ':'
+    return (vr == "DA" and (b"/" in value or b"." in value or b"-" in value)) or (vr == "TM" and b":" in value)
+
+
+def _maybe_over_long(vr: str, value: bytes) -> bool:
+    # A value never has more characters than bytes.
+    limit = MAX_LENGTH.get(vr)
+    return limit is not None and len(value) > limit
 
 
 def _raw_text(ds: Dataset) -> list[bytes]:
@@ -530,8 +576,8 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
             ds._read_charset = convert_encodings(wanted)
             out.changes.append(Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT,
                                       old, wanted))
-    for elem in ds:  # decode every value now, with the (repaired) declaration
-        _ = elem.value
+    # Values stay undecoded until read: pydicom decodes them with the declaration
+    # read (repaired above), and re-encodes at write if the declaration changes.
     if rs.reencode_utf8 and _values(ds.get("SpecificCharacterSet")) != ["ISO_IR 192"]:
         old = ds.get("SpecificCharacterSet")
         ds.SpecificCharacterSet = "ISO_IR 192"
@@ -562,8 +608,9 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
         _record(out, ds, Tag("SOPClassUID"), "retired-sop-class", Reason.CORRECT,
                 RETIRED_SOP_CLASSES[str(ds.SOPClassUID)])
     if rs.normalize_dates:
-        _dates(ds, out)
-    _over_long(rs, ds, out)
+        _dates(ds, _elements(ds, _maybe_date_to_fix), out)
+    if rs.over_long is not OverLongPolicy.KEEP:
+        _over_long(rs, ds, _elements(ds, _maybe_over_long), out)
     if out.rejected_by:
         return out
     _private_tags(rs, ds, out)
@@ -585,16 +632,43 @@ def is_conformant(vr: str, value: Any) -> bool:
     return True
 
 
+# (VR, bytes, character set) of values found valid: most repeat from instance to
+# instance of a series (dates, names, descriptions), and validity is a function
+# of exactly these. Bounded: cleared when full.
+_VALID: set[tuple[str, bytes, str]] = set()
+_VALID_MAX = 100_000
+
+
 def first_invalid_value(ds: Dataset) -> str | None:
     """Keyword of the first element (at any depth) whose value is not valid
     for its VR, or None. Meta elements and private elements are not judged."""
-    for elem in ds.iterall():
-        if elem.tag.is_private or elem.tag.group == 0x0002:
+    charset = str(ds.original_character_set or ds._character_set)  # what pydicom decodes with
+    for tag in _valued_tags(ds):
+        unjudged = tag.is_private or tag.group == 0x0002
+        raw = _undecoded(ds, tag)
+        if raw is not None and raw[0] != "SQ" and unjudged:
+            continue
+        seen = (raw[0], raw[1], charset) if raw is not None and raw[0] != "SQ" else None
+        if seen is not None and seen in _VALID:
             continue
         try:
-            value = elem.value
-        except Exception:
+            elem = ds[tag]
+        except Exception:  # a value that does not decode is not valid either
+            if unjudged:
+                continue
+            return keyword_for_tag(tag) or str(tag)
+        if elem.VR == "SQ":  # items are judged, also inside private sequences
+            for item in elem.value or []:
+                found = first_invalid_value(item)
+                if found is not None:
+                    return found
+            continue
+        if unjudged:
+            continue
+        if not is_conformant(elem.VR, elem.value):
             return elem.keyword or str(elem.tag)
-        if not is_conformant(elem.VR, value):
-            return elem.keyword or str(elem.tag)
+        if seen is not None:
+            if len(_VALID) >= _VALID_MAX:
+                _VALID.clear()
+            _VALID.add(seen)
     return None

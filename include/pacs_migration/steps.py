@@ -21,10 +21,12 @@ from .partition import Partition
 from .plan import Unit
 from .retrieve import GetFn
 from .store import ObjectStore
-from .transfer import PartitionCounts, counts_from_frame, plan_resume, transfer_partition
+from .transfer import PartitionCounts, counts_from_frame, normalize_processes, plan_resume, transfer_partition
 from .validate import ValidationReport, validate_partition
 
 CENSUS_SUMMARY = "census.json"
+# Starting a normalize process costs ~0.7 s; it saves ~3 ms of the task's GIL per instance.
+MIN_INSTANCES_FOR_PROCESSES = 200
 RetrieverFactory = Callable[[], AbstractContextManager[GetFn]]
 
 
@@ -59,12 +61,19 @@ def transfer_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition
         except Exception:  # no earlier manifest
             previous = None
         series, carried = plan_resume(series, previous)
-    return transfer_partition(
-        get=get, store=store, partition=partition, series=series, staging_root=cfg.staging_dir, run_id=run_id,
-        attempts=cfg.source.retrieve_attempts, max_associations=max_associations,
-        upload_threads=cfg.target.upload_threads, ruleset=cfg.ruleset, source_ae=cfg.source.called_ae_title,
-        carried=carried,
-    )
+    instances = sum(len(s.instances) for s in series)
+    processes = cfg.normalize_processes if instances >= MIN_INSTANCES_FOR_PROCESSES else 0
+    normalizer = normalize_processes(processes, cfg.ruleset, cfg.source.called_ae_title)
+    try:
+        return transfer_partition(
+            get=get, store=store, partition=partition, series=series, staging_root=cfg.staging_dir, run_id=run_id,
+            attempts=cfg.source.retrieve_attempts, max_associations=max_associations,
+            upload_threads=cfg.target.upload_threads, ruleset=cfg.ruleset, source_ae=cfg.source.called_ae_title,
+            carried=carried, normalizer=normalizer,
+        )
+    finally:
+        if normalizer is not None:
+            normalizer.close()
 
 
 def validate_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str) -> ValidationReport:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import shutil
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from .census import CensusSeries
 from .dimse import ReceivedInstance, StagingSink
 from .manifest import instance_key, quarantine_key, transfer_frame, write_transfer
-from .normalize import normalize
+from .normalize import NormalizeResult, normalize
 from .partition import Partition
 from .reasons import InstanceState, ReasonCode, reason
 from .retrieve import GetFn, retrieve_partition
@@ -119,6 +120,61 @@ def _quarantine(
     row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key)
 
 
+# The rule set of a normalize process, set once by the pool initializer (a
+# crosswalk can be large: it must not be pickled per instance).
+_WORKER_RULES: tuple[RuleSet, str | None] | None = None
+
+
+def _init_normalize_process(ruleset: RuleSet, source_ae: str | None) -> None:
+    global _WORKER_RULES
+    _WORKER_RULES = (ruleset, source_ae)
+
+
+def normalize_staged(path: str, expected: tuple[str, str, str]) -> tuple[NormalizeResult, bool, float]:
+    """Normalize a staged file in a normalize process. Rewritten bytes go to
+    ``<path>.out`` beside it, not through the pipe; returns the result without
+    its data, whether it was rewritten, and the seconds it took."""
+    assert _WORKER_RULES is not None, "normalize process not initialized"
+    started = time.perf_counter()
+    raw = Path(path).read_bytes()
+    result = normalize(raw, expected[2], expected[1], expected[0], *_WORKER_RULES)
+    rewritten = result.data is not None and result.data is not raw
+    if rewritten:
+        Path(path + ".out").write_bytes(result.data)
+    result.data = None
+    return result, rewritten, time.perf_counter() - started
+
+
+class NormalizeProcesses:
+    """Worker processes for normalize: pure Python, so in a thread it holds
+    the GIL that retrieval and uploads need; in a process it uses another
+    core. Spawned, not forked: the task process runs threads. The rule set is
+    sent once per process (a crosswalk can be large), not with each instance."""
+
+    def __init__(self, processes: int, ruleset: RuleSet, source_ae: str | None) -> None:
+        self.ruleset = ruleset
+        self.source_ae = source_ae
+        self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_normalize_process, initargs=(ruleset, source_ae))
+
+    def normalize(self, path: Path, expected: tuple[str, str, str]) -> tuple[NormalizeResult, bool, float]:
+        return self._pool.submit(normalize_staged, str(path), expected).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> NormalizeProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def normalize_processes(processes: int, ruleset: RuleSet, source_ae: str | None) -> NormalizeProcesses | None:
+    """``processes`` normalize processes, or None (0) to normalize in the load threads."""
+    return NormalizeProcesses(processes, ruleset, source_ae) if processes > 0 else None
+
+
 def _process(
     store: ObjectStore,
     partition: Partition,
@@ -128,6 +184,7 @@ def _process(
     ruleset: RuleSet,
     source_ae: str | None,
     times: StageTimes | None = None,
+    normalizer: NormalizeProcesses | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Normalize and load one received instance; returns its row and whether an object was created."""
     row: dict[str, Any] = {c: None for c in ("reason", "object_key", "object_sha256", "object_size", "load_action")}
@@ -141,14 +198,24 @@ def _process(
     )
     if expected is not None:
         row.update(study_instance_uid=expected[0], series_instance_uid=expected[1])
-    raw = item.path.read_bytes()
     if expected is None:
-        _quarantine(store, partition, row, raw, reason(ReasonCode.UNSOLICITED), run_id)
+        _quarantine(store, partition, row, item.path.read_bytes(), reason(ReasonCode.UNSOLICITED), run_id)
         return row, False
-    started = time.perf_counter()
-    result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
+    raw: bytes | None = None
+    if normalizer is None:
+        raw = item.path.read_bytes()
+        started = time.perf_counter()
+        result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
+        elapsed = time.perf_counter() - started
+        data = result.data
+    else:
+        result, rewritten, elapsed = normalizer.normalize(item.path, expected)
+        data = None
+        if result.reason is None:
+            data = item.path.with_name(item.path.name + ".out").read_bytes() if rewritten else \
+                (raw := item.path.read_bytes())
     if times:
-        times.add("normalize", time.perf_counter() - started)
+        times.add("normalize", elapsed)
     row.update(
         transfer_syntax_in=result.transfer_syntax_in,
         transfer_syntax_out=result.transfer_syntax_out,
@@ -159,20 +226,23 @@ def _process(
         pixel_sha256_after=result.pixel_sha256_after,
         changes=";".join(result.changes) or None,
     )
-    if result.reason is not None or result.data is None:
-        _quarantine(store, partition, row, raw, result.reason or reason(ReasonCode.NOT_DICOM), run_id)
+    if result.reason is not None or data is None:
+        _quarantine(store, partition, row, raw if raw is not None else item.path.read_bytes(),
+                    result.reason or reason(ReasonCode.NOT_DICOM), run_id)
         return row, False
     key = instance_key(store.target.prefix, expected[0], expected[1], expected[2])
     started = time.perf_counter()
-    digest = hashlib.sha256(result.data).hexdigest()
+    # Passed through unchanged: the hash taken on arrival is the object's.
+    digest = item.sha256 if data is raw else hashlib.sha256(data).hexdigest()
     put = store.put_new(
-        key, result.data, digest, {"source-sha256": item.sha256, "ruleset": ruleset.label},
+        key, data, digest, {"source-sha256": item.sha256, "ruleset": ruleset.label},
         same_if=("source-sha256", "ruleset"),
     )
     if times:
-        times.add("upload", time.perf_counter() - started, len(result.data))
+        times.add("upload", time.perf_counter() - started, len(data))
     if put.outcome is PutOutcome.CONFLICT:
-        _quarantine(store, partition, row, raw, reason(ReasonCode.UID_CONFLICT), run_id)
+        _quarantine(store, partition, row, raw if raw is not None else item.path.read_bytes(),
+                    reason(ReasonCode.UID_CONFLICT), run_id)
         return row, False
     row.update(
         state=InstanceState.MIGRATED.value,
@@ -199,6 +269,7 @@ def transfer_partition(
     source_ae: str | None = None,
     carried: Any = None,
     times: StageTimes | None = None,
+    normalizer: NormalizeProcesses | None = None,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
@@ -206,8 +277,12 @@ def transfer_partition(
     ``unresolved``; instances that arrived unasked are quarantined too.
     ``series`` are retrieved; ``carried`` (rows of an earlier manifest, for
     series not retrieved again) join the manifest as they were, with
-    ``load_action`` ``carried`` (see :func:`plan_resume`).
+    ``load_action`` ``carried`` (see :func:`plan_resume`). ``normalizer``:
+    normalize processes for the same ``ruleset`` and ``source_ae`` (None:
+    normalize in the load threads).
     """
+    if normalizer is not None and (normalizer.ruleset != ruleset or normalizer.source_ae != source_ae):
+        raise ValueError("normalizer was made for another rule set or source AE")
     safe_run = hashlib.sha256(run_id.encode()).hexdigest()[:16]
     staging = staging_root / safe_run / partition.hive_path
     if staging.exists():
@@ -224,7 +299,7 @@ def transfer_partition(
 
     def submit(item: ReceivedInstance) -> None:
         futures.append(pool.submit(_process, store, partition, expected.get(item.sop_instance_uid), item, run_id,
-                                   ruleset, source_ae, times))
+                                   ruleset, source_ae, times, normalizer))
 
     sink = StagingSink(staging, on_received=submit)
     try:

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from include.pacs_migration.census import take_census
@@ -150,3 +151,52 @@ def test_no_patient_data_in_logs_at_debug(setup, archive, caplog):
     leaked = [t for t in archive.patient_names + archive.patient_ids
               if t in text or t.replace("^", " ") in text or t.split("^")[0] in text]
     assert leaked == []
+
+
+def test_normalize_in_a_process_gives_the_same_manifest(pacs, s3_server, tmp_path):
+    """Normalize in a worker process (the DAG's default, another core) and in
+    the load threads: the same rows, state, reasons and bytes, with the site
+    rule set that rewrites the archive's quirky instances."""
+    from include.pacs_migration.rules import load_ruleset
+    from include.pacs_migration.transfer import normalize_processes
+
+    ruleset = load_ruleset(Path(__file__).resolve().parents[2] / "include/config/rules/site-default.yaml")
+    frames = {}
+    for processes in (0, 1):
+        bucket = f"processes-{processes}"
+        s3_server.create_bucket(bucket)
+        cfg = load_config({
+            "source": {"host": "127.0.0.1", "port": pacs.port, "called_ae_title": "LEGACYPACS",
+                       "calling_ae_title": "PACSMIGRATE", "dimse_timeout": 20, "acse_timeout": 5},
+            "target": {"bucket": bucket}, "report": {"recipients": ["c@example.org"], "from_address": "m@example.org"},
+            "staging_dir": str(tmp_path / f"staging-{processes}"),
+        })
+        store = ObjectStore(s3_server.client(), cfg.target)
+        census = take_census(lambda q: find(cfg.source, q), dt.date(2019, 3, 2))
+        rows = []
+        for p in census.partitions():
+            write_census(store, p, census.for_partition(p))
+            normalizer = normalize_processes(processes, ruleset, "LEGACYPACS")
+            assert (normalizer is None) == (processes == 0)
+            try:
+                transfer_partition(
+                    lambda q, classes, sink: c_get(cfg.source, q, classes, sink), store, p,
+                    read_census(store, p), cfg.staging_dir, "run", 3, 2, 4, ruleset=ruleset, source_ae="LEGACYPACS",
+                    normalizer=normalizer)
+            finally:
+                if normalizer is not None:
+                    normalizer.close()
+            rows.append(read_transfer(store, p))
+        frames[processes] = pd.concat(rows).sort_values("sop_instance_uid").reset_index(drop=True)
+    threads, processes = frames[0], frames[1]
+    assert len(threads) > 20 and (threads.state == "quarantined").sum() >= 1
+    assert (threads.changes.notna()).sum() >= 1  # some instances were rewritten, not only passed through
+    columns = ["sop_instance_uid", "state", "reason", "transfer_syntax_in", "transfer_syntax_out", "changes",
+               "rules_applied", "received_sha256", "pixel_sha256_before", "pixel_sha256_after", "object_size"]
+    pd.testing.assert_frame_equal(threads[columns], processes[columns])
+    unruled = threads.rules_applied.isna()  # rule changes carry their time: bytes differ run to run
+    assert list(threads.object_sha256[unruled]) == list(processes.object_sha256[unruled])
+    with pytest.raises(ValueError, match="another rule set"):
+        with normalize_processes(1, ruleset, "LEGACYPACS") as other:
+            transfer_partition(lambda *a: None, store, census.partitions()[0], [], tmp_path, "x", 1, 1, 1,
+                               normalizer=other)

@@ -230,3 +230,74 @@ def test_dry_run_counts_without_values(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == report.to_json()
     assert "Op^Erator" not in proc.stdout and "CT01" not in proc.stdout
+
+
+# ---- the rule passes decode only what can matter: same verdicts as decoding everything
+
+
+def _decode_everything_verdicts(ds: pydicom.Dataset) -> tuple[str | None, set, set]:
+    """What the rule passes would find if every value were decoded (the slow,
+    obvious way): first invalid value, over-long candidates, dates to fix."""
+    from include.pacs_migration.rules import MAX_LENGTH, _normal_date, _normal_time, _values, is_conformant
+
+    invalid = None
+    for elem in ds.iterall():
+        if elem.tag.is_private or elem.tag.group == 0x0002:
+            continue
+        if not is_conformant(elem.VR, elem.value):
+            invalid = elem.keyword or str(elem.tag)
+            break
+    over_long, dates = set(), set()
+    for elem in ds:
+        limit = MAX_LENGTH.get(elem.VR)
+        values = _values(elem.value) if elem.VR != "SQ" else []
+        if limit is not None and any(len(g) > limit for v in values for g in (v.split("=") if elem.VR == "PN" else [v])):
+            over_long.add(elem.tag)
+        if elem.VR in ("DA", "TM") and any(
+                (_normal_date(v) if elem.VR == "DA" else _normal_time(v)) is not None for v in values):
+            dates.add(elem.tag)
+    return invalid, over_long, dates
+
+
+def _quirky_files() -> list[str]:
+    from pydicom.data import get_testdata_files
+
+    out = []
+    for path in sorted(get_testdata_files()):
+        try:
+            pydicom.dcmread(path, force=True)
+        except Exception:
+            continue
+        out.append(path)
+    return out
+
+
+def test_lazy_rule_passes_agree_with_decoding_everything():
+    """On every pydicom test file that reads (vendor quirks, charsets, bad
+    values), the first invalid value, the over-long values and the dates to fix
+    found from raw bytes are those found by decoding every value; twice, so the
+    cache of values found valid is exercised too."""
+    from include.pacs_migration import rules
+
+    files = _quirky_files()
+    assert len(files) > 100
+    found = {"invalid": 0, "over-long": 0, "dates": 0}
+    rules._VALID.clear()
+    for _round in range(2):
+        for path in files:
+            expected = _decode_everything_verdicts(pydicom.dcmread(path, force=True))
+            ds = pydicom.dcmread(path, force=True)
+            try:
+                got_invalid = rules.first_invalid_value(ds)
+            except Exception as exc:  # the slow way must then have failed too
+                pytest.fail(f"{Path(path).name}: {exc!r}")
+            lazy = pydicom.dcmread(path, force=True)
+            over = {e.tag for e in rules._elements(lazy, rules._maybe_over_long)}
+            dates = {e.tag for e in rules._elements(lazy, rules._maybe_date_to_fix)}
+            assert got_invalid == expected[0], Path(path).name
+            assert expected[1] <= over, Path(path).name
+            assert expected[2] <= dates, Path(path).name
+            found["invalid"] += got_invalid is not None
+            found["over-long"] += bool(expected[1])
+            found["dates"] += bool(expected[2])
+    assert all(found.values()), found  # the corpus holds each kind: the comparison is not vacuous
