@@ -226,7 +226,7 @@ def worker(ns: argparse.Namespace) -> int:
         census = take_census(session.find, dt.datetime.strptime(STUDY_DATE, "%Y%m%d").date())
     wanted = set(ns.modalities.split(",")) if ns.modalities else None
     partitions = [p for p in census.partitions() if not wanted or p.modality in wanted]
-    cpu0 = time.process_time()
+    cpu0, children0 = time.process_time(), children_usage()[0]
     times = StageTimes()
     out: dict[str, Any] = {"partitions": {}, "objects": {}}
     t0 = time.perf_counter()
@@ -256,8 +256,13 @@ def worker(ns: argparse.Namespace) -> int:
             what = f"{ts_in} {'rewritten' if isinstance(changed, str) and changed else 'passed through'}"
             out.setdefault("normalized", {})[what] = out.setdefault("normalized", {}).get(what, 0) + 1
     out["seconds"] = time.perf_counter() - t0
-    out["cpu_s"] = time.process_time() - cpu0
+    # The normalize processes are children of the worker: their CPU counts too.
+    children1, children_rss = children_usage()
+    out["cpu_s_worker"] = time.process_time() - cpu0
+    out["cpu_s_normalize_processes"] = children1 - children0
+    out["cpu_s"] = out["cpu_s_worker"] + out["cpu_s_normalize_processes"]
     out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["max_rss_kb_normalize_process"] = children_rss
     out["stages"] = {k: v for k, v in vars(times).items() if not k.startswith("_")}
     out["instances"] = sum(v["expected"] for v in out["partitions"].values())
     out["migrated"] = sum(v["migrated"] for v in out["partitions"].values())
@@ -316,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="")
+    parser.add_argument("--airflow-scale", type=float, default=0.1,
+                        help="archive scale of the Airflow-overhead runs; 0: skip")
+    parser.add_argument("--airflow-repeats", type=int, default=3)
     ns = parser.parse_args(argv)
     if ns.cmd == "worker":
         return worker(ns)
@@ -359,10 +367,14 @@ def main(argv: list[str] | None = None) -> int:
             for k in (1, 2, 4):
                 res = run_pipeline(port, work, studies=k, modalities={"CT"})
                 memory[f"{k}x"] = {"instances": res["instances"], "max_rss_kb": res["max_rss_kb"],
+                                   "max_rss_kb_normalize_process": res.get("max_rss_kb_normalize_process", 0),
                                    "seconds": res["seconds"]}
     finally:
         orthanc.stop()
-    report = summarize(info, runs, picks, uploader, per_tier, memory, ns)
+    airflow = None
+    if ns.airflow_scale > 0:
+        airflow = measure_airflow(ns.airflow_scale, ns.airflow_repeats)
+    report = summarize(info, runs, picks, uploader, per_tier, memory, ns, airflow)
     RESULTS.mkdir(exist_ok=True)
     stem = dt.date.today().isoformat() + (f"-{ns.label}" if ns.label else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
@@ -371,7 +383,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict, memory: dict, ns) -> dict:
+def measure_airflow(scale: float, repeats: int) -> dict[str, Any]:
+    """Airflow's own overhead on a smaller archive of the same shape (its own Orthanc)."""
+    from benchmarks import airflow_overhead
+    from benchmarks.archive import build
+
+    archive = CACHE / f"archive-{scale:g}"
+    info = build(archive, scale)
+    orthanc = orthanc_with(archive, info, scale)
+    date = dt.datetime.strptime(info["study_date"], "%Y%m%d").date().isoformat()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-airflow-", dir=CACHE) as tmp:
+            result = airflow_overhead.measure(orthanc.dicom_port, date, Path(tmp), repeats, Moto)
+    finally:
+        orthanc.stop()
+    result["archive"] = {k: v for k, v in info.items() if k != "files"}
+    result["markdown"] = airflow_overhead.markdown(result, info)
+    return result
+
+
+def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict, memory: dict, ns,
+              airflow: dict | None = None) -> dict:
     seq = [r["seconds"] for r in runs["reference_sequential"]]
     ovl = [r["seconds"] for r in runs["reference_overlapped"]]
     pipe = [r["seconds"] for r in runs["pipeline"]]
@@ -384,7 +416,7 @@ def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict
     stage_rates = {
         "retrieve": {"seconds": st["retrieve_s"], "instances_per_s": n / st["retrieve_s"],
                      "mb_per_s": st["bytes_received"] / 1e6 / st["retrieve_s"]},
-        "normalize (thread-seconds)": {"seconds": st["normalize_s"], "instances_per_s": n / st["normalize_s"],
+        "normalize (seconds summed over instances)": {"seconds": st["normalize_s"], "instances_per_s": n / st["normalize_s"],
                                        "mb_per_s": st["bytes_received"] / 1e6 / st["normalize_s"]},
         "upload (thread-seconds)": {"seconds": st["upload_s"], "instances_per_s": n / st["upload_s"],
                                     "mb_per_s": st["bytes_stored"] / 1e6 / st["upload_s"]},
@@ -401,10 +433,17 @@ def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict
         "reference_sequential": spread(seq), "reference_overlapped": spread(ovl), "pipeline": spread(pipe),
         "R": t_pipe / t_ref, "tiers": tiers, "stages": stage_rates,
         "pipeline_cpu_s": statistics.median(r["cpu_s"] for r in runs["pipeline"]),
+        "pipeline_cpu_s_normalize_processes": statistics.median(r.get("cpu_s_normalize_processes", 0.0)
+                                                                for r in runs["pipeline"]),
+        "normalize_process_max_rss_mb": max(r.get("max_rss_kb_normalize_process", 0) for r in runs["pipeline"]) / 1024,
+        "normalized": last.get("normalized"), "airflow": airflow,
         "pipeline_max_rss_mb": max(r["max_rss_kb"] for r in runs["pipeline"]) / 1024,
         "reference_cpu_s": statistics.median(r["cpu_s_children"] for r in runs["reference_sequential"]),
         "memory_scaling": memory,
         "memory_growth_1x_to_4x": memory["4x"]["max_rss_kb"] / mem_1x - 1,
+        "memory_growth_1x_to_4x_normalize_process": (memory["4x"].get("max_rss_kb_normalize_process", 0) /
+                                                     memory["1x"].get("max_rss_kb_normalize_process", 0) - 1)
+        if memory["1x"].get("max_rss_kb_normalize_process") else None,
         "verified": last.get("verified"), "runs": runs,
     }
     rows = [
@@ -430,13 +469,23 @@ def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict
     rows += ["", "| stage (last pipeline run) | seconds | instances/s | MB/s |", "|---|---|---|---|"]
     for name, s in stage_rates.items():
         rows.append(f"| {name} | {s['seconds']:.1f} | {s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |")
-    rows += ["", f"CPU seconds: pipeline worker {report['pipeline_cpu_s']:.1f}, reference tools "
-             f"{report['reference_cpu_s']:.1f}. Peak RSS of the pipeline worker: {report['pipeline_max_rss_mb']:.0f} MB.",
-             "", "| CT partition | instances | worker peak RSS MB |", "|---|---|---|"]
+    rows += ["", f"CPU seconds: pipeline {report['pipeline_cpu_s']:.1f} (of which normalize processes "
+             f"{report['pipeline_cpu_s_normalize_processes']:.1f}), reference tools {report['reference_cpu_s']:.1f} "
+             f"(getscu, s5cmd; a boto3 upload runs in the benchmark's own process). Peak RSS of the pipeline worker: "
+             f"{report['pipeline_max_rss_mb']:.0f} MB, of a normalize process: "
+             f"{report['normalize_process_max_rss_mb']:.0f} MB. What normalize did (last run): "
+             + ", ".join(f"{k}: {v}" for k, v in (report["normalized"] or {}).items()) + ".",
+             "", "| CT partition | instances | worker peak RSS MB | normalize process peak RSS MB |",
+             "|---|---|---|---|"]
     for k, m in memory.items():
-        rows.append(f"| {k} | {m['instances']} | {m['max_rss_kb'] / 1024:.0f} |")
-    rows.append(f"\nPeak RSS growth 1x→4x: {report['memory_growth_1x_to_4x'] * 100:+.1f}%. "
+        rows.append(f"| {k} | {m['instances']} | {m['max_rss_kb'] / 1024:.0f} | "
+                    f"{m.get('max_rss_kb_normalize_process', 0) / 1024:.0f} |")
+    growth_np = report["memory_growth_1x_to_4x_normalize_process"]
+    rows.append(f"\nPeak RSS growth 1x→4x: worker {report['memory_growth_1x_to_4x'] * 100:+.1f}%"
+                + (f", normalize process {growth_np * 100:+.1f}%" if growth_np is not None else "") + ". "
                 f"Verified (last pipeline run): {report['verified']}.")
+    if airflow is not None:
+        rows += ["", *airflow["markdown"]]
     report["markdown"] = "\n".join(rows) + "\n"
     return report
 

@@ -54,11 +54,13 @@ def test_config_valid():
         (("target", "sse"), "rot13", "target.sse"),
         (("report", "recipients"), ["not-an-address"], "report.recipients"),
         (("report", "recipients"), [], "report.recipients"),
+        (("normalization", "processes"), -1, "normalization.processes"),
+        (("normalization", "processes"), "two", "normalization.processes"),
     ],
 )
 def test_config_error_names_the_field(path, value, field):
     data = {k: dict(v) for k, v in GOOD.items()}
-    data[path[0]][path[1]] = value
+    data.setdefault(path[0], {})[path[1]] = value
     with pytest.raises(ConfigError) as err:
         load_config(data)
     assert err.value.field == field
@@ -79,6 +81,7 @@ def test_yaml_example_loads_with_connection_values():
     cfg = load_config(deep_merge(read_yaml(path), {"source": {"host": "pacs.local", "port": 104}}), path.parent)
     assert cfg.source.called_ae_title == "LEGACYPACS"
     assert cfg.ruleset.label == "site-default@1"
+    assert cfg.normalize_processes == 1
 
 
 def test_partition_keys():

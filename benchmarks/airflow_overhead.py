@@ -1,0 +1,205 @@
+"""Airflow's own overhead (issue #8, item 3): the same study date moved by the
+``pacs_migration`` DAG under ``dag.test()`` and by the same steps called as
+plain Python, each in a fresh process, against the same Orthanc, a fresh moto
+and a real SMTP sink.
+
+- steps: :func:`include.pacs_migration.steps.migrate_unit` for the date: census,
+  then per partition transfer, validate (GX) and lineage; one process.
+- dag: ``DagBag`` + ``dag.test()`` of ``pacs_migration`` (serial, in-process
+  task runs; a scheduler with an executor would run partitions in parallel).
+  Its task durations come from the run's task instances.
+
+Airflow overhead = T_dag(census, transfer, validate, lineage) - T_steps, split
+into time inside those tasks (task start, config and clients per task, XCom)
+and time between them (parse, scheduling loop, database). The report and gate
+tasks (the e-mail) have no counterpart in the steps run and are shown apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SAME_STEPS = ("census", "transfer", "validate", "lineage")
+
+
+def _env(home: Path, port: int, endpoint: str, bucket: str, mail_port: int, staging: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+        "AIRFLOW_CONN_PACS_SOURCE": json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": port,
+                                                "extra": {"called_ae_title": "ORTHANC",
+                                                          "calling_ae_title": "PACSMIGRATE"}}),
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "bench", "password": "bench",
+                                                "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}}),
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": mail_port,
+                                                 "extra": {"disable_tls": True, "disable_ssl": True}}),
+        "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
+        "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
+        "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(staging),
+        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+        "GX_ANALYTICS_ENABLED": "False",
+    }
+
+
+def prepare_home(home: Path) -> None:
+    """A fresh Airflow home with its database and the PACS pool."""
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    for args in (["db", "migrate"], ["pools", "set", "pacs_source_associations", "4", "legacy PACS"]):
+        subprocess.run([sys.executable, "-m", "airflow", *args], env=env, check=True, capture_output=True,
+                       timeout=900)
+
+
+def run_dag(date: str) -> dict[str, Any]:
+    """In the child process: dag.test() of pacs_migration for ``date``."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    t0 = time.perf_counter()
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {list(bag.import_errors)}")
+    dag = bag.dags["pacs_migration"]
+    parsed = time.perf_counter() - t0
+    day = dt.date.fromisoformat(date)
+    run = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc))
+    seconds = time.perf_counter() - t0
+    tasks: dict[str, float] = {}
+    for ti in run.get_task_instances():
+        name = ti.task_id.split(".")[-1]
+        tasks[name] = tasks.get(name, 0.0) + float(ti.duration or 0.0)
+    return {"state": str(run.state), "seconds": seconds, "parse_s": parsed, "task_s": tasks}
+
+
+def run_steps(date: str, port: int, endpoint: str, bucket: str, staging: str) -> dict[str, Any]:
+    """In the child process: the same steps as plain Python, no Airflow."""
+    t0 = time.perf_counter()  # imports included, as the DAG's first task pays them
+    import boto3
+
+    from include.pacs_migration.config import deep_merge, load_config, read_yaml
+    from include.pacs_migration.dimse import retriever
+    from include.pacs_migration.plan import Unit
+    from include.pacs_migration.steps import migrate_unit
+    from include.pacs_migration.store import ObjectStore
+
+    path = ROOT / "include" / "config" / "migration.yaml"
+    cfg = load_config(deep_merge(read_yaml(path), {
+        "source": {"host": "127.0.0.1", "port": port, "called_ae_title": "ORTHANC", "calling_ae_title": "PACSMIGRATE"},
+        "target": {"bucket": bucket}, "report": {"recipients": ["compliance@hospital.example"]},
+        "staging_dir": staging}), path.parent)
+    store = ObjectStore(boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"), cfg.target)
+    result = migrate_unit(cfg, store, Unit(dt.date.fromisoformat(date), None, "bench"), "bench-steps",
+                          "pacs_migration", lambda: retriever(cfg.source), cfg.source.max_associations, endpoint)
+    return {"state": result["state"], "seconds": time.perf_counter() - t0,
+            "partitions": len(result["partitions"]), "migrated": result["migrated"]}
+
+
+def measure(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -> dict[str, Any]:
+    """Interleaved runs of both; a fresh moto (and bucket) for every run."""
+    from include.demo.smtp import MailSink
+
+    home = work / "airflow-home"
+    prepare_home(home)
+    mail = MailSink(work / "mail")
+    runs: dict[str, list[dict[str, Any]]] = {"dag": [], "steps": []}
+    try:
+        for r in range(repeats):
+            for kind in (("dag", "steps") if r % 2 == 0 else ("steps", "dag")):
+                moto = moto_factory(work)
+                try:
+                    moto.client().create_bucket(Bucket="airflow-bench")
+                    staging = work / "staging-airflow"
+                    env = _env(home, port, moto.url, "airflow-bench", mail.port, staging)
+                    args = [sys.executable, "-m", "benchmarks.airflow_overhead", kind, "--date", date,
+                            "--port", str(port), "--endpoint", moto.url, "--bucket", "airflow-bench",
+                            "--staging", str(staging)]
+                    t0 = time.perf_counter()
+                    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"{kind}: {proc.stderr[-3000:]}")
+                    result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    result["seconds_with_process_start"] = time.perf_counter() - t0
+                    if result["state"] not in ("success", "DagRunState.SUCCESS", "done"):
+                        raise RuntimeError(f"{kind} run ended {result['state']}")
+                    runs[kind].append(result)
+                    print(f"airflow overhead, repeat {r + 1}: {kind} {result['seconds']:.1f} s", file=sys.stderr)
+                finally:
+                    moto.stop()
+    finally:
+        mail.stop()
+    return summarize(runs)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    steps = statistics.median(r["seconds"] for r in runs["steps"])
+    dag_total = statistics.median(r["seconds"] for r in runs["dag"])
+    tasks = {name: statistics.median(r["task_s"].get(name, 0.0) for r in runs["dag"])
+             for name in sorted({n for r in runs["dag"] for n in r["task_s"]})}
+    report_s = sum(v for k, v in tasks.items() if k not in SAME_STEPS)
+    dag_same = dag_total - report_s  # the run without its report and gate tasks
+    inside = sum(tasks.get(k, 0.0) for k in SAME_STEPS)
+    return {
+        "steps_s": steps, "dag_s": dag_total, "dag_same_steps_s": dag_same, "report_and_gate_s": report_s,
+        "task_s": tasks, "parse_s": statistics.median(r["parse_s"] for r in runs["dag"]),
+        "overhead_s": dag_same - steps, "overhead_fraction": (dag_same - steps) / steps,
+        "overhead_inside_tasks_s": inside - steps, "overhead_between_tasks_s": dag_same - inside,
+        "runs": runs,
+    }
+
+
+def markdown(result: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    r = result
+    rows = [
+        f"Airflow's own overhead (study date {info['study_date']}, {info['instances']} instances, "
+        f"{info['bytes'] / 1e6:,.0f} MB, {len(r['runs']['dag'])} interleaved repeats, medians):",
+        "",
+        "| run | seconds |",
+        "|---|---|",
+        f"| the same steps as plain Python (census, transfer, validate, lineage) | {r['steps_s']:.1f} |",
+        f"| `pacs_migration` under `dag.test()`, without report and gate | {r['dag_same_steps_s']:.1f} |",
+        f"| of which inside those tasks | {sum(r['task_s'].get(k, 0) for k in SAME_STEPS):.1f} |",
+        f"| of which between tasks (DAG parse {r['parse_s']:.1f} s, scheduling, database) | "
+        f"{r['overhead_between_tasks_s']:.1f} |",
+        f"| report and gate tasks (e-mail; no counterpart) | {r['report_and_gate_s']:.1f} |",
+        "",
+        f"**Airflow overhead: {r['overhead_s']:+.1f} s ({r['overhead_fraction'] * 100:+.0f} %)**, "
+        f"{r['overhead_inside_tasks_s']:+.1f} s inside tasks, {r['overhead_between_tasks_s']:+.1f} s between them. "
+        "Task seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["task_s"].items()) + ".",
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one side of the Airflow-overhead measurement")
+    parser.add_argument("kind", choices=["dag", "steps"])
+    parser.add_argument("--date", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--staging", required=True)
+    ns = parser.parse_args(argv)
+    if ns.kind == "dag":
+        result = run_dag(ns.date)
+    else:
+        result = run_steps(ns.date, ns.port, ns.endpoint, ns.bucket, ns.staging)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
