@@ -202,7 +202,6 @@ def worker(ns: argparse.Namespace) -> int:
     from include.pacs_migration.config import SourceConfig, TargetConfig, load_config, read_yaml
     from include.pacs_migration.dimse import FindSession, c_get
     from include.pacs_migration.manifest import read_transfer, write_census
-    from include.pacs_migration.steps import MIN_INSTANCES_FOR_PROCESSES
     from include.pacs_migration.store import ObjectStore
     from include.pacs_migration.transfer import StageTimes, normalize_processes, transfer_partition
 
@@ -238,7 +237,7 @@ def worker(ns: argparse.Namespace) -> int:
         write_census(store, p, series)
         started = time.perf_counter()
         n = sum(len(s.instances) for s in series)
-        with_processes = processes if n >= MIN_INSTANCES_FOR_PROCESSES else 0
+        with_processes = processes if n >= configured.normalize_processes_from else 0
         normalizer = normalize_processes(with_processes, ruleset, source.called_ae_title)  # per partition, as a task
         try:
             counts = transfer_partition(lambda q, c, s: c_get(source, q, c, s), store, p, series, Path(ns.staging),

@@ -134,7 +134,8 @@ def normalize_staged(path: str, expected: tuple[str, str, str]) -> tuple[Normali
     """Normalize a staged file in a normalize process. Rewritten bytes go to
     ``<path>.out`` beside it, not through the pipe; returns the result without
     its data, whether it was rewritten, and the seconds it took."""
-    assert _WORKER_RULES is not None, "normalize process not initialized"
+    if _WORKER_RULES is None:
+        raise RuntimeError("normalize process not initialized")
     started = time.perf_counter()
     raw = Path(path).read_bytes()
     result = normalize(raw, expected[2], expected[1], expected[0], *_WORKER_RULES)

@@ -21,6 +21,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -77,6 +78,12 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     s3_server.create_bucket(bucket)
     home = tmp_path / "airflow-home"
     home.mkdir()
+    # Every transfer task normalizes in a spawned process here (default: partitions of 200+ instances), so the
+    # process path runs under real Celery workers and the task supervisor.
+    config = yaml.safe_load((ROOT / "include/config/migration.yaml").read_text())
+    config["normalization"]["ruleset"] = str(ROOT / "include/config" / config["normalization"]["ruleset"])
+    config["normalization"]["processes_from_instances"] = 1
+    (tmp_path / "migration.yaml").write_text(yaml.safe_dump(config))
     api_port = free_port()
     env = dict(os.environ)
     env.update({
@@ -111,6 +118,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
         "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
         "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(tmp_path / "staging"),
+        "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(tmp_path / "migration.yaml"),
     })
     airflow_cli(env, "db", "migrate")
     airflow_cli(env, "pools", "set", "pacs_source_associations", str(POOL_SIZE), "legacy PACS associations")
@@ -162,6 +170,10 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     assert by_host.get("worker-1", 0) > 0 and by_host.get("worker-2", 0) > 0, by_host
     # The pool kept the PACS within its association budget.
     assert 0 < pacs.max_active <= POOL_SIZE, pacs.max_active
+    # The transfer tasks normalized in their spawned processes.
+    task_logs = "\n".join(p.read_text(errors="replace") for p in (home / "logs").rglob("*.log")
+                          if "task_id=partition.transfer" in str(p))
+    assert "normalized in 1 normalize process(es)" in task_logs, f"task logs under {home / 'logs'}"
 
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     figures = {}
