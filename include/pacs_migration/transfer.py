@@ -161,6 +161,20 @@ class NormalizeProcesses:
     def normalize(self, path: Path, expected: tuple[str, str, str]) -> tuple[NormalizeResult, bool, float]:
         return self._pool.submit(normalize_staged, str(path), expected).result()
 
+    def peak_rss_kb(self) -> int:
+        """The largest peak resident set of the live normalize processes (Linux
+        VmHWM; 0 where unknown), for benchmarks and monitoring."""
+        peak = 0
+        for pid in list(getattr(self._pool, "_processes", None) or {}):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        return peak
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
