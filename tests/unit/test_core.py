@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 from include.pacs_migration.config import ConfigError, load_config
 from include.pacs_migration.manifest import instance_key
 from include.pacs_migration.normalize import normalize
+from include.pacs_migration.rules import STRUCTURAL
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.uids import is_valid_uid
 
@@ -188,3 +189,28 @@ def test_census_warnings_reach_the_partitions_they_threaten():
         "CT": ["COUNT_MISMATCH", "QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED"],
         "MR": ["IMAGE_LEVEL_TRUNCATED", "QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED"],
     }
+
+
+def test_normalize_process_matches_in_process_and_fails_fast_when_dead(tmp_path):
+    """A normalize process returns what normalize returns in-process; once it
+    dies, every request fails at once with a clear error (none waits)."""
+    from include.pacs_migration.transfer import NormalizeProcesses
+
+    raw = _raw("CT_small.dcm")
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    path = tmp_path / "00000001.dcm"
+    path.write_bytes(raw)
+    here = normalize(raw, uids[2], uids[1], uids[0])
+    with NormalizeProcesses(1, STRUCTURAL, None) as processes:
+        there, rewritten, seconds = processes.normalize(path, uids)
+        assert (there.reason, there.changes, there.pixel_sha256_after) == (here.reason, here.changes,
+                                                                           here.pixel_sha256_after)
+        assert rewritten == (here.data != raw) and seconds > 0 and there.data is None
+        if rewritten:
+            assert (tmp_path / "00000001.dcm.out").read_bytes() == here.data or here.changes
+        processes._procs[0].kill()
+        processes._procs[0].wait(timeout=10)
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="normalize process .* ended"):
+                processes.normalize(path, uids)
