@@ -88,19 +88,6 @@ class Moto:
         self.log.close()
 
 
-def peak_rss_kb() -> int:
-    """This process's own peak resident set (Linux VmHWM). Not ru_maxrss: a
-    child started by (v)fork + exec inherits its parent's high-water mark there,
-    so every worker would report at least the benchmark process's RSS."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def children_usage() -> tuple[float, int]:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime, ru.ru_maxrss
@@ -216,7 +203,7 @@ def worker(ns: argparse.Namespace) -> int:
     from include.pacs_migration.dimse import FindSession, c_get
     from include.pacs_migration.manifest import read_transfer, write_census
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.transfer import StageTimes, normalize_processes, transfer_partition
+    from include.pacs_migration.transfer import StageTimes, normalize_processes, peak_rss_kb, transfer_partition
 
     from benchmarks.archive import STUDY_DATE
 
@@ -276,7 +263,7 @@ def worker(ns: argparse.Namespace) -> int:
     out["cpu_s_worker"] = time.process_time() - cpu0
     out["cpu_s_normalize_processes"] = children1 - children0
     out["cpu_s"] = out["cpu_s_worker"] + out["cpu_s_normalize_processes"]
-    out["max_rss_kb"] = peak_rss_kb()
+    out["max_rss_kb"] = peak_rss_kb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out.setdefault("max_rss_kb_normalize_process", 0)
     out["stages"] = {k: v for k, v in vars(times).items() if not k.startswith("_")}
     out["instances"] = sum(v["expected"] for v in out["partitions"].values())

@@ -125,6 +125,20 @@ def _quarantine(
     row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key)
 
 
+def peak_rss_kb(pid: int | str = "self") -> int:
+    """Peak resident set of a process as Linux records it for that process
+    (VmHWM; 0 where unknown). Not ru_maxrss: a child started by (v)fork + exec
+    inherits its parent's high-water mark there."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def normalize_staged(path: str, expected: tuple[str, str, str], ruleset: RuleSet,
                      source_ae: str | None) -> tuple[NormalizeResult, bool, float]:
     """Normalize a staged file in a normalize process. Rewritten bytes go to
@@ -217,16 +231,7 @@ class NormalizeProcesses:
     def peak_rss_kb(self) -> int:
         """The largest peak resident set of the normalize processes (Linux
         VmHWM; 0 where unknown), for benchmarks and monitoring."""
-        peak = 0
-        for proc in self._procs:
-            try:
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]))
-        return peak
+        return max((peak_rss_kb(proc.pid) for proc in self._procs), default=0)
 
     def close(self) -> None:
         for proc in self._procs:
