@@ -48,90 +48,78 @@ def _study_date() -> dt.date:
 def pacs_migration():
     @task(pool=PACS_POOL, pool_slots=1)
     def census() -> list[dict[str, str]]:
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
         from include.pacs_migration.steps import record_census, take_date_census
 
-        cfg = runtime_config()
-        store = object_store(cfg)
-        result = take_date_census(cfg, _study_date())
-        for p in result.partitions():
-            record_census(store, result, p)
-        return [p.to_json() for p in result.partitions()]
+        with recorded_failure():
+            cfg = runtime_config()
+            store = object_store(cfg)
+            result = take_date_census(cfg, _study_date())
+            # Each partition travels with its census hash: later tasks refuse any other census.
+            return [{**p.to_json(), "census_sha256": record_census(store, result, p)} for p in result.partitions()]
 
     @task_group
     def partition(part: dict[str, str]):
         @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
         def transfer(part: dict[str, str]) -> dict:
-            from include.pacs_migration_airflow import object_store, runtime_config
+            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
             from include.pacs_migration.dimse import retriever
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import transfer_step
 
-            cfg = runtime_config()
             p = Partition.from_json(part)
-            with retriever(cfg.source) as get:
-                # never more associations than the pool slots this task holds
-                counts = transfer_step(cfg, object_store(cfg), p, get_current_context()["run_id"], get,
-                                       min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK))
+            with recorded_failure(p.key):
+                cfg = runtime_config()
+                with retriever(cfg.source) as get:
+                    # never more associations than the pool slots this task holds
+                    counts = transfer_step(cfg, object_store(cfg), p, get_current_context()["run_id"], get,
+                                           min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
+                                           census_sha256=part["census_sha256"])
             return {"partition": p.key, **counts.to_json()}
 
         @task(retries=0)
         def validate(part: dict[str, str]) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
-            from include.pacs_migration_airflow import object_store, runtime_config
+            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import validate_step
 
-            cfg = runtime_config()
             p = Partition.from_json(part)
-            result = validate_step(cfg, object_store(cfg), p, get_current_context()["run_id"])
-            if not result.success:
-                failed = ", ".join(o.label for o in result.failed)
-                raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
+            with recorded_failure(p.key):
+                cfg = runtime_config()
+                result = validate_step(cfg, object_store(cfg), p, get_current_context()["run_id"],
+                                       part["census_sha256"])
+                if not result.success:
+                    failed = ", ".join(o.label for o in result.failed)
+                    raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
             return {"partition": p.key, "success": True}
 
         @task(trigger_rule="all_done")
         def lineage(part: dict[str, str]) -> str:
-            from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
-            from include.pacs_migration.manifest import LINEAGE, manifest_prefix
+            from include.pacs_migration_airflow import (
+                emit_openlineage, endpoint_of, object_store, recorded_failure, runtime_config,
+            )
+            from include.pacs_migration.manifest import LINEAGE, PartitionManifests
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import lineage_step
 
-            cfg = runtime_config()
-            store = object_store(cfg)
             p = Partition.from_json(part)
-            record = lineage_step(cfg, store, p, get_current_context()["run_id"], DAG_ID, endpoint_of(store))
-            emit_openlineage(record)
-            return manifest_prefix(cfg.target.prefix, p) + LINEAGE
+            with recorded_failure(p.key):
+                cfg = runtime_config()
+                store = object_store(cfg)
+                record = lineage_step(cfg, store, p, get_current_context()["run_id"], DAG_ID, endpoint_of(store))
+                emit_openlineage(record)
+            return PartitionManifests(store, p).key(LINEAGE)
 
         transfer(part) >> validate(part) >> lineage(part)
 
     @task(trigger_rule="all_done")
     def report() -> dict:
-        from include.pacs_migration_airflow import object_store, runtime_config, send_report
-        from include.pacs_migration.partition import Partition
-        from include.pacs_migration.report import (
-            data_docs_zip, figures_csv, partition_figures, render_html, subject,
-        )
+        """Mails this run's figures and verdict, whatever failed before."""
+        from include.pacs_migration_airflow import run_report
 
-        ctx = get_current_context()
-        cfg = runtime_config()
-        store = object_store(cfg)
-        partitions = [Partition.from_json(p) for p in ctx["ti"].xcom_pull(task_ids="census") or []]
-        figures = [partition_figures(store, p, ctx["run_id"]) for p in partitions]
-        study_date = _study_date().isoformat()
-        html = render_html(ctx["run_id"], study_date, figures, f"s3://{cfg.target.bucket}/{cfg.target.prefix}")
-        with tempfile.TemporaryDirectory() as tmp:
-            csv_path = Path(tmp) / f"pacs-migration-{study_date}.csv"
-            csv_path.write_text(figures_csv(figures), encoding="utf-8")
-            files = [str(csv_path)]
-            if partitions:
-                docs = Path(tmp) / f"gx-data-docs-{study_date}.zip"
-                docs.write_bytes(data_docs_zip(store, partitions))
-                files.append(str(docs))
-            send_report(cfg, subject(cfg.report.subject_prefix, study_date, figures), html, files)
-        return {"partitions": len(figures), "emailed_to": len(cfg.report.recipients)}
+        return run_report(DAG_ID, _study_date().isoformat())
 
     @task(trigger_rule="all_done", retries=0)
     def gate() -> None:
@@ -139,20 +127,15 @@ def pacs_migration():
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.pacs_migration_airflow import object_store, runtime_config
-        from include.pacs_migration.manifest import VALIDATION, read_json
+        from include.pacs_migration.manifest import PartitionManifests
         from include.pacs_migration.partition import Partition
 
         ctx = get_current_context()
-        store = object_store(runtime_config())
         parts = ctx["ti"].xcom_pull(task_ids="census")
         if parts is None:
             raise AirflowFailException("census did not complete")
-        bad = []
-        for part in parts:
-            p = Partition.from_json(part)
-            v = read_json(store, p, VALIDATION) or {}
-            if v.get("run_id") != ctx["run_id"] or not v.get("success"):
-                bad.append(p.key)
+        store = object_store(runtime_config())
+        bad = [p.key for p in map(Partition.from_json, parts) if not PartitionManifests(store, p).passed(ctx["run_id"])]
         if bad:
             raise AirflowFailException(f"partitions not validated: {', '.join(bad)}")
 

@@ -5,16 +5,20 @@ Airflow; this module is the only place that joins the two."""
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook, Variable
 
-from include.pacs_migration.config import ConfigError, MigrationConfig, deep_merge, load_config, read_yaml
+from include.pacs_migration.config import ConfigError, MigrationConfig, ReportConfig, deep_merge, load_config, read_yaml
 from include.pacs_migration.store import ObjectStore
+from include.pacs_migration_dags import CONFIG_ENV, config_path
 
-DEFAULT_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
 SOURCE_CONN_ID = "pacs_source"
+FAILURE_KEY = "failure"
 AWS_CONN_ID = "aws_default"
 
 
@@ -27,7 +31,12 @@ def _variable(name: str) -> str | None:
 
 def runtime_config() -> MigrationConfig:
     """YAML + Connection ``pacs_source`` + Variables, validated; fails naming the field."""
-    path = Path(_variable("pacs_migration_config_path") or DEFAULT_CONFIG)
+    path = config_path()
+    stored = _variable("pacs_migration_config_path")
+    if stored and Path(stored) != path:
+        # Only the environment reaches DAG parsing (pool slots, the nightly schedule).
+        raise ConfigError("pacs_migration_config_path", f"set it as the environment variable {CONFIG_ENV}, "
+                          "not in the metadata database: DAG parsing must read the same file as tasks")
     data = read_yaml(path)
     try:
         conn = BaseHook.get_connection(SOURCE_CONN_ID)
@@ -49,12 +58,16 @@ def runtime_config() -> MigrationConfig:
 
 
 def send_report(cfg: MigrationConfig, subject: str, html: str, files: list[str]) -> None:
+    """E-mail ``html`` with attachments to the report's recipients."""
+    send_email(cfg.report, list(cfg.report.recipients), subject, html, files)
+
+
+def send_email(report: ReportConfig, to: list[str], subject: str, html: str, files: list[str]) -> None:
     """E-mail ``html`` with attachments through the configured SMTP connection."""
     from airflow.providers.smtp.hooks.smtp import SmtpHook
 
-    with SmtpHook(smtp_conn_id=cfg.report.smtp_connection_id) as hook:
-        hook.send_email_smtp(to=list(cfg.report.recipients), from_email=cfg.report.from_address, subject=subject,
-                             html_content=html, files=files)
+    with SmtpHook(smtp_conn_id=report.smtp_connection_id) as hook:
+        hook.send_email_smtp(to=to, from_email=report.from_address, subject=subject, html_content=html, files=files)
 
 
 def object_store(cfg: MigrationConfig) -> ObjectStore:
@@ -98,3 +111,91 @@ def emit_openlineage(record: dict[str, Any]) -> bool:
     event = partition_run_event(record, namespace, (namespace, f"{ti.dag_id}.{ti.task_id}", str(parent_id)))
     get_openlineage_listener().adapter.emit(event)
     return True
+
+
+def error_label(exc: BaseException) -> str:
+    """An exception's class (and the config field it names): never its message,
+    which may quote a value."""
+    field = getattr(exc, "field", None)
+    return f"{type(exc).__name__}" + (f" at {field}" if field else "")
+
+
+@contextmanager
+def recorded_failure(partition: str | None = None) -> Iterator[None]:
+    """Run a task body; if it fails, leave the failure in XCom for the report
+    (class and task only) and fail the task. A proof that fails
+    (AirflowFailException) is the verdict, not a task failure."""
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except AirflowFailException:
+        raise
+    except Exception as exc:
+        ti = get_current_context()["ti"]
+        ti.xcom_push(FAILURE_KEY, {"task": ti.task_id, "error": error_label(exc), "partition": partition})
+        raise
+
+
+def fallback_report_config() -> ReportConfig:
+    """Where to send a report when the configuration itself is broken: the
+    recipients Variable or what the YAML's report section holds, leniently."""
+    try:
+        rep = (read_yaml(config_path()) or {}).get("report") or {}
+    except Exception:
+        rep = {}
+    raw = _variable("pacs_migration_recipients") or rep.get("recipients") or []
+    recipients = [r for r in (re.split(r"[,;\s]+", raw) if isinstance(raw, str) else raw) if isinstance(r, str) and r]
+    ops = rep.get("operators") or []
+    return ReportConfig(recipients=tuple(recipients), from_address=str(rep.get("from_address") or
+                                                                       "pacs-migration@localhost"),
+                        smtp_connection_id=str(rep.get("smtp_connection_id") or "smtp_default"),
+                        subject_prefix=str(rep.get("subject_prefix") or "[PACS migration]"),
+                        operators=tuple(o for o in ops if isinstance(o, str)))
+
+
+def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
+    """The report task: this run's figures and verdict, e-mailed whatever
+    happened before (a failed census or a broken config still mail)."""
+    import tempfile
+
+    from airflow.sdk import get_current_context
+
+    from include.pacs_migration.partition import Partition
+    from include.pacs_migration.report import (
+        RunVerdict, TaskFailure, data_docs_zip, figures_csv, partition_figures, render_html, run_verdict, subject,
+    )
+
+    ctx = get_current_context()
+    ti, run_id = ctx["ti"], ctx["run_id"]
+    pulled = ti.xcom_pull(task_ids=["census", "partition.transfer", "partition.validate", "partition.lineage"],
+                          key=FAILURE_KEY) or []
+    failures = tuple(TaskFailure.from_json(f) for f in pulled if isinstance(f, dict))
+    parts = ti.xcom_pull(task_ids="census")
+    census_completed = parts is not None
+    partitions = [Partition.from_json(p) for p in parts or []]
+    try:
+        cfg: MigrationConfig | None = runtime_config()
+        report_cfg = cfg.report
+        store = object_store(cfg)
+        figures = [partition_figures(store, p, run_id) for p in partitions]
+        bucket_uri = f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
+    except Exception as exc:
+        cfg, store, figures, bucket_uri = None, None, [], "(configuration not readable)"
+        failures += (TaskFailure("report", error_label(exc)),)
+        report_cfg = fallback_report_config()
+    verdict = run_verdict(figures, failures, census_completed)
+    html = render_html(run_id, study_date, figures, bucket_uri, failures, census_completed)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / f"pacs-migration-{study_date}.csv"
+        csv_path.write_text(figures_csv(figures), encoding="utf-8")
+        files = [str(csv_path)]
+        if partitions and store is not None:
+            docs = Path(tmp) / f"gx-data-docs-{study_date}.zip"
+            docs.write_bytes(data_docs_zip(store, partitions))
+            files.append(str(docs))
+        to = list(report_cfg.recipients) + ([] if verdict is RunVerdict.PASSED else list(report_cfg.operators))
+        send_email(report_cfg, to, subject(report_cfg.subject_prefix, study_date, figures, failures,
+                                           census_completed), html, files)
+    return {"partitions": len(figures), "verdict": verdict.value, "emailed_to": len(to)}

@@ -4,6 +4,7 @@ small file, no database, no heavy imports: DAG parsing stays fast."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,21 @@ import yaml
 # Every task that talks to the legacy PACS takes slots of this pool, one per
 # association it may open: the pool's size bounds the PACS's load cluster-wide.
 PACS_POOL = "pacs_source_associations"
-_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
+# The site's YAML, for DAG parsing and tasks alike. An environment variable
+# (an Airflow Variable set by environment), so the dag-processor, which reads
+# no Variables from the database at parse time, sees the same file as tasks.
+CONFIG_ENV = "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH"
+
+
+def config_path() -> Path:
+    """The one configuration file: ``$AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH``, or the bundled example."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
 def _yaml() -> dict[str, Any]:
     try:
-        data = yaml.safe_load(_CONFIG.read_text())
+        data = yaml.safe_load(config_path().read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, yaml.YAMLError):
         return {}

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _INDEX_KEYS = (
     "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyInstanceUID", "StudyDate",
-    "StudyTime", "StudyID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SOPInstanceUID", "SOPClassUID",
+    "StudyTime", "StudyID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesTime", "SOPInstanceUID", "SOPClassUID",
     "InstanceNumber", "SpecificCharacterSet", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
 )
 _INTEGER_VRS = {"US", "UL", "SS", "SL", "IS"}
@@ -116,6 +116,9 @@ class Faults:
     withhold_times: int = 0  # ... for this many retrieve requests naming one of them
     failed_list: bool = True  # whether that 0xB000 names them in a Failed SOP Instance UID List
     move_success_before_stores: float = 0.0  # C-MOVE: answer success at once, send the stores this late
+    # C-FIND failures (0xC000), like a PACS with an unreadable stored file:
+    fail_series_find: frozenset[str] = frozenset()  # Study Instance UIDs whose SERIES-level query fails
+    fail_image_find: frozenset[str] = frozenset()  # Series Instance UIDs whose IMAGE-level query fails
 
     def take(self, name: str) -> bool:
         """Consume one firing of the counted fault ``name``."""
@@ -146,14 +149,18 @@ class SimulatedPACS:
         find_limit: int | None = None,
         truncation_status: int = 0x0000,
         faults: Faults | None = None,
+        image_find_limit: int | None = None,
     ) -> None:
-        """``find_limit`` caps C-FIND answers, as legacy PACS do; the answer then
-        ends with ``truncation_status`` (0x0000: silently, like most)."""
+        """``find_limit`` caps C-FIND answers at study and series level,
+        ``image_find_limit`` at image level (default: ``find_limit``), as legacy
+        PACS do; the answer then ends with ``truncation_status`` (0x0000:
+        silently, like most)."""
         self.archive = Path(archive)
         self.host = host
         self.ae_title = ae_title
         self.move_destinations = dict(move_destinations or {})
         self.find_limit = find_limit
+        self.image_find_limit = image_find_limit if image_find_limit is not None else find_limit
         self.truncation_status = truncation_status
         self.faults = faults or Faults()
         self.max_associations = max_associations
@@ -249,9 +256,13 @@ class SimulatedPACS:
         identifier = event.identifier
         level, groups = self._match(identifier)
         self.find_requests += 1
-        truncated = self.find_limit is not None and len(groups) > self.find_limit
+        if self._find_fails(level, identifier):
+            yield (0xC000, None)  # unable to process
+            return
+        limit = self.image_find_limit if level == "IMAGE" else self.find_limit
+        truncated = limit is not None and len(groups) > limit
         if truncated:
-            groups = groups[: self.find_limit]
+            groups = groups[:limit]
         for group in groups:
             if event.is_cancelled:
                 yield (0xFE00, None)
@@ -270,6 +281,10 @@ class SimulatedPACS:
                     rsp.NumberOfStudyRelatedInstances = sum(
                         1 for r in self.records if r.attrs["StudyInstanceUID"] == study
                     )
+                elif kw == "NumberOfStudyRelatedSeries":
+                    study = first.attrs["StudyInstanceUID"]
+                    rsp.NumberOfStudyRelatedSeries = len(
+                        {r.attrs["SeriesInstanceUID"] for r in self.records if r.attrs["StudyInstanceUID"] == study})
                 elif kw == "NumberOfSeriesRelatedInstances":
                     rsp.NumberOfSeriesRelatedInstances = len(group)
                 elif kw == "ModalitiesInStudy":
@@ -278,6 +293,13 @@ class SimulatedPACS:
             yield (0xFF00, rsp)
         if truncated and self.truncation_status:
             yield (self.truncation_status, None)
+
+    def _find_fails(self, level: str, identifier: Dataset) -> bool:
+        if level == "SERIES":
+            return str(identifier.get("StudyInstanceUID", "")) in self.faults.fail_series_find
+        if level == "IMAGE":
+            return str(identifier.get("SeriesInstanceUID", "")) in self.faults.fail_image_find
+        return False
 
     def _datasets(self, records: list[Record]):
         for r in records:

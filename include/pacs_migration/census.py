@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from .dimse import QueryTruncated
+from .dimse import DicomNetworkError, QueryFailed, QueryTruncated
 from .partition import Partition
 
 FindFn = Callable[[Dataset], list[Dataset]]
@@ -37,6 +37,12 @@ class CensusSeries:
     study_date: dt.date
     reported_instances: int | None  # NumberOfSeriesRelatedInstances, if offered
     instances: tuple[ExpectedInstance, ...]
+    # Why ``instances`` may be short of the series (the image-level answer was
+    # capped, or failed): its members are then also those the series-level
+    # retrieval delivers, and ``reported_instances`` says how many to expect.
+    # An empty ``series_instance_uid`` with a gap is a study whose series
+    # could not be listed.
+    census_gap: str | None = None
 
     @property
     def partition(self) -> Partition:
@@ -83,13 +89,17 @@ class Census:
 
 
 # Warnings that mean E may be incomplete: the partition cannot be proven.
+# (A study or series whose query failed is not among them: it is a census gap,
+# unresolved in the transfer manifest unless its retrieval completes it by count.)
 BLOCKING_WARNINGS = frozenset({"QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED", "IMAGE_LEVEL_TRUNCATED", "COUNT_MISMATCH"})
 
 
 def census_hash(series: list[CensusSeries]) -> str:
     """A stable hash of an expected set: what changed at the source changes it."""
     lines = sorted(
-        f"{s.study_instance_uid}|{s.series_instance_uid}|{i.sop_instance_uid}" for s in series for i in s.instances
+        [f"{s.study_instance_uid}|{s.series_instance_uid}|{i.sop_instance_uid}" for s in series for i in s.instances]
+        + [f"{s.study_instance_uid}|{s.series_instance_uid}|gap:{s.census_gap}:{s.reported_instances}"
+           for s in series if s.census_gap]
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -182,18 +192,8 @@ def find_studies(
     return dict(sorted(found.items())), warnings
 
 
-def _find_all(find: FindFn, q: Dataset, level: str, study_uid: str, series_uid: str | None,
-              warnings: list[CensusWarning]) -> list[Dataset]:
-    """A series- or image-level C-FIND; truncation there is reported, not split."""
-    try:
-        return find(q)
-    except QueryTruncated as exc:
-        warnings.append(CensusWarning(f"{level}_LEVEL_TRUNCATED", study_uid, series_uid,
-                                      f"peer stopped after {len(exc.answers)} answers"))
-        return exc.answers
-
-
-def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None, split_depth: int = 12) -> Census:
+def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None, split_depth: int = 12,
+                image_limit: int | None = None) -> Census:
     """C-FIND the whole expected set for ``study_date``.
 
     Parameters
@@ -203,66 +203,153 @@ def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None
     study_date : datetime.date
         The partition date.
     find_limit : int, optional
-        The PACS's known cap on answers per C-FIND.
+        The PACS's known cap on answers per study- or series-level C-FIND.
     split_depth : int
-        How many times a truncated study query may be bisected by StudyTime.
+        How many times a truncated query may be bisected by StudyTime or SeriesTime.
+    image_limit : int, optional
+        The PACS's known cap on answers per image-level C-FIND.
     """
     studies, warnings = find_studies(find, study_date.strftime("%Y%m%d"), find_limit, split_depth)
-    return census_of_studies(find, study_date, studies, warnings)
+    return census_of_studies(find, study_date, studies, warnings, find_limit, split_depth, image_limit)
+
+
+@dataclass
+class _Caps:
+    series: int | None
+    images: int | None
+    split_depth: int
 
 
 def census_of_studies(find: FindFn, study_date: dt.date, studies: dict[str, int | None],
-                      warnings: list[CensusWarning]) -> Census:
+                      warnings: list[CensusWarning], find_limit: int | None = None, split_depth: int = 12,
+                      image_limit: int | None = None) -> Census:
     """Series and image levels of ``studies`` (UID -> reported instance count),
-    reconciled against the counts; ``warnings`` so far are carried along."""
+    reconciled against the counts; ``warnings`` so far are carried along.
+
+    A query that fails for one study or series is confined to it: the study
+    or series gets a ``census_gap`` (``CENSUS_FAILED:<level>``), the rest of
+    the date is unaffected. A capped image-level answer gives the series the
+    gap ``IMAGE_CAPPED``: its members are completed by the retrieval.
+    """
+    caps = _Caps(find_limit, image_limit, split_depth)
     warnings = list(warnings)
     series_out: list[CensusSeries] = []
     for study_uid, reported_study in studies.items():
-        first_series = len(series_out)
-        q = Dataset()
-        q.QueryRetrieveLevel = "SERIES"
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = ""
-        q.Modality = ""
-        q.NumberOfSeriesRelatedInstances = ""
-        for s in sorted(_find_all(find, q, "SERIES", study_uid, None, warnings),
-                        key=lambda d: str(d.get("SeriesInstanceUID", ""))):
-            series_uid = str(s.get("SeriesInstanceUID") or "")
-            if not series_uid:
-                warnings.append(CensusWarning("SERIES_WITHOUT_UID", study_uid, None, "series answer had no UID"))
-                continue
-            qi = Dataset()
-            qi.QueryRetrieveLevel = "IMAGE"
-            qi.StudyInstanceUID = study_uid
-            qi.SeriesInstanceUID = series_uid
-            qi.SOPInstanceUID = ""
-            qi.SOPClassUID = ""
-            seen: dict[str, ExpectedInstance] = {}
-            for i in _find_all(find, qi, "IMAGE", study_uid, series_uid, warnings):
-                sop = str(i.get("SOPInstanceUID") or "")
-                if sop and sop not in seen:
-                    seen[sop] = ExpectedInstance(sop, str(i.get("SOPClassUID") or ""))
-            reported_raw = s.get("NumberOfSeriesRelatedInstances")
-            reported = int(reported_raw) if reported_raw not in (None, "") else None
-            if reported is not None and reported != len(seen):
-                warnings.append(
-                    CensusWarning(
-                        "COUNT_MISMATCH", study_uid, series_uid, f"series reports {reported}, image level found {len(seen)}"
-                    )
-                )
-            series_out.append(
-                CensusSeries(
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    modality=_modality_code(s.get("Modality")),
-                    study_date=study_date,
-                    reported_instances=reported,
-                    instances=tuple(sorted(seen.values(), key=lambda e: e.sop_instance_uid)),
-                )
-            )
-        found_in_study = sum(len(x.instances) for x in series_out[first_series:])
-        if reported_study is not None and reported_study != found_in_study:
-            # Series or image level lost answers: E for this study cannot be trusted.
-            warnings.append(CensusWarning("COUNT_MISMATCH", study_uid, None,
-                                          f"study reports {reported_study}, series/image levels found {found_in_study}"))
+        series_out.extend(_study_series(find, study_date, study_uid, reported_study, caps, warnings))
     return Census(study_date, tuple(series_out), tuple(warnings))
+
+
+def _study_series(find: FindFn, study_date: dt.date, study_uid: str, reported_study: int | None, caps: _Caps,
+                  warnings: list[CensusWarning]) -> list[CensusSeries]:
+    try:
+        answers = _series_answers(find, study_uid, caps, warnings)
+    except (QueryFailed, DicomNetworkError) as exc:
+        # Its modalities are unknown: the study is placed in the date's UNKNOWN partition.
+        warnings.append(CensusWarning("CENSUS_FAILED:SERIES", study_uid, None, _why(exc)))
+        return [CensusSeries(study_uid, "", "UNKNOWN", study_date, reported_study, (), "CENSUS_FAILED:SERIES")]
+    out = []
+    for s in sorted(answers, key=lambda d: str(d.get("SeriesInstanceUID", ""))):
+        series_uid = str(s.get("SeriesInstanceUID") or "")
+        if not series_uid:
+            warnings.append(CensusWarning("SERIES_WITHOUT_UID", study_uid, None, "series answer had no UID"))
+            continue
+        out.append(_series_instances(find, study_date, study_uid, series_uid, s, caps, warnings))
+    found = sum(s.reported_instances if s.census_gap and s.reported_instances is not None else len(s.instances)
+                for s in out)
+    if reported_study is not None and reported_study != found:
+        # Series or image level lost answers: E for this study cannot be trusted.
+        warnings.append(CensusWarning("COUNT_MISMATCH", study_uid, None,
+                                      f"study reports {reported_study}, series/image levels found {found}"))
+    return out
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _series_query(study_uid: str, modality: str = "", time_range: str = "") -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = ""
+    q.Modality = modality
+    q.SeriesTime = time_range
+    q.NumberOfSeriesRelatedInstances = ""
+    return q
+
+
+def _series_answers(find: FindFn, study_uid: str, caps: _Caps, warnings: list[CensusWarning]) -> list[Dataset]:
+    """Every series of a study. A capped answer is split by Modality, then
+    by SeriesTime ranges (bisected); what stays capped is reported
+    ``SERIES_LEVEL_TRUNCATED``."""
+    found: dict[str, Dataset] = {}
+
+    def ask(q: Dataset) -> bool:
+        """Run one query, keep its answers; True when it was capped."""
+        try:
+            answers, capped = find(q), False
+        except QueryTruncated as exc:
+            answers, capped = exc.answers, True
+        for a in answers:
+            found.setdefault(str(a.get("SeriesInstanceUID", "")), a)
+        return capped or (caps.series is not None and len(answers) >= caps.series)
+
+    if ask(_series_query(study_uid)):
+        for modality in _modalities(found):
+            if ask(_series_query(study_uid, modality)):
+                _bisect_series(ask, study_uid, modality, 0, _DAY - 1, 1, caps.split_depth, warnings)
+    return list(found.values())
+
+
+def _bisect_series(ask: Callable[[Dataset], bool], study_uid: str, modality: str, lo: int, hi: int, depth: int,
+                   max_depth: int, warnings: list[CensusWarning]) -> None:
+    if depth > max_depth or hi <= lo:
+        warnings.append(CensusWarning("SERIES_LEVEL_TRUNCATED", study_uid, None,
+                                      f"{modality} series at SeriesTime {_tm(lo)}-{_tm(hi)} still capped"))
+        return
+    mid = (lo + hi) // 2
+    for a, b in ((lo, mid), (mid + 1, hi)):
+        if ask(_series_query(study_uid, modality, f"{_tm(a)}-{_tm(b)}")):
+            _bisect_series(ask, study_uid, modality, a, b, depth + 1, max_depth, warnings)
+
+
+def _modalities(found: dict[str, Dataset]) -> list[str]:
+    return sorted({_modality_code(a.get("Modality")) for a in found.values()})
+
+
+def _series_instances(find: FindFn, study_date: dt.date, study_uid: str, series_uid: str, answer: Dataset,
+                      caps: _Caps, warnings: list[CensusWarning]) -> CensusSeries:
+    """The image level of one series; a cap or a failure there becomes the series' ``census_gap``."""
+    qi = Dataset()
+    qi.QueryRetrieveLevel = "IMAGE"
+    qi.StudyInstanceUID = study_uid
+    qi.SeriesInstanceUID = series_uid
+    qi.SOPInstanceUID = ""
+    qi.SOPClassUID = ""
+    gap: str | None = None
+    try:
+        answers = find(qi)
+        if caps.images is not None and len(answers) >= caps.images:
+            gap = "IMAGE_CAPPED"
+    except QueryTruncated as exc:
+        answers, gap = exc.answers, "IMAGE_CAPPED"
+    except (QueryFailed, DicomNetworkError) as exc:
+        answers, gap = [], "CENSUS_FAILED:IMAGE"
+        warnings.append(CensusWarning("CENSUS_FAILED:IMAGE", study_uid, series_uid, _why(exc)))
+    seen: dict[str, ExpectedInstance] = {}
+    for i in answers:
+        sop = str(i.get("SOPInstanceUID") or "")
+        if sop and sop not in seen:
+            seen[sop] = ExpectedInstance(sop, str(i.get("SOPClassUID") or ""))
+    reported_raw = answer.get("NumberOfSeriesRelatedInstances")
+    reported = int(reported_raw) if reported_raw not in (None, "") else None
+    if gap is None and reported is not None and reported > len(seen):
+        gap = "IMAGE_CAPPED"  # silently capped below the count the PACS itself reports
+    if gap == "IMAGE_CAPPED" and reported is None:
+        warnings.append(CensusWarning("IMAGE_LEVEL_TRUNCATED", study_uid, series_uid,
+                                      f"capped at {len(seen)} answers and no instance count to complete it"))
+    elif gap is None and reported is not None and reported != len(seen):
+        warnings.append(CensusWarning("COUNT_MISMATCH", study_uid, series_uid,
+                                      f"series reports {reported}, image level found {len(seen)}"))
+    return CensusSeries(study_uid, series_uid, _modality_code(answer.get("Modality")), study_date, reported,
+                        tuple(sorted(seen.values(), key=lambda e: e.sop_instance_uid)), gap)

@@ -9,6 +9,7 @@ a :class:`ConfigError` naming the field (``source.port: ...``).
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class SourceConfig:
     # The most answers the PACS returns to one C-FIND (None: unknown; a cap is
     # also learned when the PACS signals truncation).
     find_limit: int | None = None
+    # The cap on image-level answers, when it differs (Orthanc LimitFindInstances).
+    find_limit_instances: int | None = None
     census_split_depth: int = 12
     # C-MOVE: our Storage SCP, registered at the PACS under this AE title and port.
     move_ae_title: str | None = None  # default: calling_ae_title
@@ -104,6 +107,8 @@ class ReportConfig:
     from_address: str
     smtp_connection_id: str = "smtp_default"
     subject_prefix: str = "[PACS migration]"
+    # Also told whenever a run is not PASSED (a task failed, the PACS was unreachable).
+    operators: tuple[str, ...] = ()
 
 
 DEFAULT_ALLOWED_SYNTAXES: tuple[str, ...] = (
@@ -206,6 +211,54 @@ class MigrationConfig:
     plan: PlanConfig = DEFAULT_PLAN
 
 
+# Every key the configuration may hold: anything else is an error naming the
+# nearest valid key (a misspelt section would otherwise fall back to defaults).
+_PHASE_KEYS = {"name": None, "from": None, "to": None, "last_months": None, "modalities": None, "order": None}
+SCHEMA: dict[str, Any] = {
+    "source": {
+        "host": None, "port": None, "called_ae_title": None, "calling_ae_title": None, "max_associations": None,
+        "retrieve_method": None, "retrieve_attempts": None, "acse_timeout": None, "dimse_timeout": None,
+        "network_timeout": None, "max_pdu": None, "find_limit": None, "find_limit_instances": None,
+        "census_split_depth": None, "move_ae_title": None, "move_listen_host": None, "move_listen_port": None,
+        "move_settle_timeout": None, "request_uncompressed": None, "association_attempts": None,
+        "tls": {"ca_file": None, "cert_file": None, "key_file": None, "server_name": None, "check_hostname": None},
+    },
+    "target": {"bucket": None, "prefix": None, "sse": None, "kms_key_id": None, "upload_threads": None},
+    "report": {"recipients": None, "operators": None, "from_address": None, "smtp_connection_id": None,
+               "subject_prefix": None},
+    "normalization": {"ruleset": None, "processes": None, "processes_from_instances": None},
+    "validation": {"max_quarantined_fraction": None, "max_unresolved_fraction": None,
+                   "allowed_transfer_syntaxes": None},
+    "staging_dir": None,
+    "assessment": {"throughput_mb_s": None, "throughput_instances_s": None, "sample_series": None,
+                   "undated_sweep": None},
+    "plan": {
+        "timezone": None, "window": {"start": None, "end": None},
+        "budget": {"max_partitions": None, "max_instances": None, "max_bytes": None},
+        "max_attempts": None, "delta": {"recent_days": None, "sweep_per_night": None}, "phases": [_PHASE_KEYS],
+    },
+}
+
+
+def check_keys(data: Any, schema: Any = None, path: str = "") -> None:
+    """Refuse any key the configuration does not know, naming the nearest one."""
+    schema = SCHEMA if schema is None else schema
+    if isinstance(schema, list) and isinstance(data, list):
+        for n, item in enumerate(data):
+            check_keys(item, schema[0], f"{path}[{n}]")
+        return
+    if not isinstance(schema, dict) or not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1, cutoff=0.6)
+            hint = f"; did you mean {(path + '.' if path else '') + near[0]!r}?" if near else \
+                f"; valid keys here: {', '.join(sorted(schema))}"
+            raise ConfigError(where, f"unknown key{hint}")
+        check_keys(value, schema[key], where)
+
+
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = data.get(name)
     if not isinstance(value, Mapping):
@@ -224,14 +277,10 @@ def _str(sec: Mapping[str, Any], path: str, key: str, default: str | None = None
 
 def _int(sec: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int) -> int:
     value = sec.get(key, default)
-    if isinstance(value, bool):
-        raise ConfigError(f"{path}.{key}", f"must be an integer, got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}.{key}", f"must be an integer, got {value!r}") from None
-    if str(number) != str(value).strip() and not isinstance(value, int):
-        raise ConfigError(f"{path}.{key}", f"must be an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        # Exact types: "8" or true is a mistake to report, not to coerce.
+        raise ConfigError(f"{path}.{key}", f"must be an integer, got {type(value).__name__} {value!r}")
+    number = value
     if not lo <= number <= hi:
         raise ConfigError(f"{path}.{key}", f"must be between {lo} and {hi}, got {number}")
     return number
@@ -239,10 +288,9 @@ def _int(sec: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi:
 
 def _float(sec: Mapping[str, Any], path: str, key: str, default: float, lo: float, hi: float) -> float:
     value = sec.get(key, default)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}.{key}", f"must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{path}.{key}", f"must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
     if not lo <= number <= hi:
         raise ConfigError(f"{path}.{key}", f"must be between {lo} and {hi}, got {number}")
     return number
@@ -271,6 +319,7 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     """
     if not isinstance(data, Mapping):
         raise ConfigError("<root>", "configuration must be a mapping")
+    check_keys(data)
     src = _section(data, "source")
     host = _str(src, "source", "host")
     if any(c.isspace() for c in host):
@@ -291,6 +340,8 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         network_timeout=_float(src, "source", "network_timeout", 120.0, 0.1, 3600),
         max_pdu=_int(src, "source", "max_pdu", 131072, 4096, 2**31 - 1),
         find_limit=_int(src, "source", "find_limit", 0, 1, 10**7) if src.get("find_limit") else None,
+        find_limit_instances=(_int(src, "source", "find_limit_instances", 0, 1, 10**7)
+                              if src.get("find_limit_instances") else None),
         census_split_depth=_int(src, "source", "census_split_depth", 12, 0, 17),
         move_ae_title=_ae_title(src, "source", "move_ae_title") if src.get("move_ae_title") else None,
         move_listen_host=_str(src, "source", "move_listen_host", "0.0.0.0"),
@@ -325,14 +376,9 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     )
 
     rep = _section(data, "report")
-    raw = rep.get("recipients")
-    if isinstance(raw, str):
-        raw = [r for r in re.split(r"[,;\s]+", raw) if r]
-    if not raw or not isinstance(raw, (list, tuple)):
+    raw = _addresses(rep.get("recipients"), "report.recipients")
+    if not raw:
         raise ConfigError("report.recipients", "at least one e-mail address is required")
-    for addr in raw:
-        if not isinstance(addr, str) or not _EMAIL.match(addr):
-            raise ConfigError("report.recipients", f"{addr!r} is not an e-mail address")
     sender = _str(rep, "report", "from_address")
     if not _EMAIL.match(sender):
         raise ConfigError("report.from_address", f"{sender!r} is not an e-mail address")
@@ -341,6 +387,7 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         from_address=sender,
         smtp_connection_id=_str(rep, "report", "smtp_connection_id", "smtp_default"),
         subject_prefix=str(rep.get("subject_prefix", "[PACS migration]")),
+        operators=tuple(_addresses(rep.get("operators"), "report.operators")),
     )
     val = data.get("validation") or {}
     if not isinstance(val, Mapping):
@@ -389,6 +436,20 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         normalize_processes=normalize_processes, normalize_processes_from=normalize_processes_from,
         staging_dir=Path(staging), assessment=assessment, plan=plan,
     )
+
+
+def _addresses(raw: Any, path: str) -> list[str]:
+    """E-mail addresses from a list or a comma/semicolon/space separated string."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = [r for r in re.split(r"[,;\s]+", raw) if r]
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(path, "must be a list of e-mail addresses")
+    for addr in raw:
+        if not isinstance(addr, str) or not _EMAIL.match(addr):
+            raise ConfigError(path, f"{addr!r} is not an e-mail address")
+    return list(raw)
 
 
 def _date(value: Any, path: str) -> dt.date:

@@ -234,7 +234,9 @@ class FindSession:
 
 @dataclass
 class ReceivedInstance:
-    """One instance as it arrived: staged bytes and their hash."""
+    """One instance as it arrived: staged bytes and their hash. ``copy`` is 0
+    for the first arrival of a SOP Instance UID, 1, 2... for later arrivals
+    whose bytes differ (kept: a copy is never dropped)."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -242,6 +244,7 @@ class ReceivedInstance:
     path: Path
     sha256: str
     size: int
+    copy: int = 0
 
 
 @dataclass
@@ -249,18 +252,23 @@ class StagingSink:
     """Receives C-STORE sub-operations into a staging folder.
 
     Files are named by arrival order, never by UID: a UID is untrusted input
-    until normalize has validated it. No fsync: staging is not the durable
-    copy (S3 is, verified by checksum), and a retried task starts clean. Thread-safe: several associations may
-    deliver into one sink.
+    until normalize has validated it. Every arrival is staged and hashed; an
+    identical re-arrival is counted once and its file removed; a different
+    one under the same SOP Instance UID is kept as another copy
+    (``ReceivedInstance.copy``) for the caller to quarantine. No fsync:
+    staging is not the durable copy (S3 is, verified by checksum), and a
+    retried task starts clean. Thread-safe: several associations may deliver
+    into one sink.
     """
 
     folder: Path
     received: dict[str, ReceivedInstance] = field(default_factory=dict)
+    copies: list[ReceivedInstance] = field(default_factory=list)  # differing later arrivals
     duplicates: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _pending: set[str] = field(default_factory=set)
     _counter: int = 0
-    # Called once per new instance as soon as it is staged (overlaps processing with retrieval).
+    # Called once per first arrival or differing copy, as soon as it is staged
+    # (overlaps processing with retrieval).
     on_received: Callable[[ReceivedInstance], None] | None = None
 
     def __post_init__(self) -> None:
@@ -270,40 +278,38 @@ class StagingSink:
     def arrivals(self) -> int:
         """Stores seen so far, duplicates included."""
         with self._lock:
-            return len(self.received) + len(self._pending) + self.duplicates
+            return len(self.received) + len(self.copies) + self.duplicates
 
-    def _claim(self, sop_instance_uid: str) -> Path | None:
-        """The staging path for a new instance, or None for a duplicate."""
+    def _next_path(self) -> Path:
         with self._lock:
-            if sop_instance_uid in self.received or sop_instance_uid in self._pending:
-                self.duplicates += 1
-                return None
-            self._pending.add(sop_instance_uid)
             self._counter += 1
             return self.folder / f"{self._counter:08d}.dcm"
 
     def _commit(self, item: ReceivedInstance) -> None:
         with self._lock:
-            self._pending.discard(item.sop_instance_uid)
-            self.received[item.sop_instance_uid] = item
+            first = self.received.get(item.sop_instance_uid)
+            known = [first, *(c for c in self.copies if c.sop_instance_uid == item.sop_instance_uid)]
+            if first is None:
+                self.received[item.sop_instance_uid] = item
+            elif any(k is not None and k.sha256 == item.sha256 for k in known):
+                self.duplicates += 1
+                item.path.unlink(missing_ok=True)
+                return
+            else:
+                item.copy = len(known)
+                self.copies.append(item)
         if self.on_received is not None:
             self.on_received(item)
 
-    def _release(self, sop_instance_uid: str) -> None:
-        with self._lock:
-            self._pending.discard(sop_instance_uid)
-
     def store(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, data: bytes) -> int:
         """Stage an instance held in memory (a Part 10 byte string)."""
-        path = self._claim(sop_instance_uid)
-        if path is None:
-            return 0x0000
+        path = self._next_path()
+        tmp = path.with_suffix(".part")
         try:
-            tmp = path.with_suffix(".part")
             tmp.write_bytes(data)
             tmp.rename(path)
         except BaseException:
-            self._release(sop_instance_uid)
+            tmp.unlink(missing_ok=True)
             raise
         self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path,
                                       hashlib.sha256(data).hexdigest(), len(data)))
@@ -312,10 +318,9 @@ class StagingSink:
     def store_file(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, source: Path) -> int:
         """Stage an instance pynetdicom has already written to ``source``
         (STORE_RECV_CHUNKED_DATASET): hashed in chunks and moved, never loaded
-        whole, so memory stays flat whatever the instance's size."""
-        path = self._claim(sop_instance_uid)
-        if path is None:
-            return 0x0000
+        whole, so memory stays flat whatever the instance's size. ``source``
+        is gone afterwards, whatever happens."""
+        path = self._next_path()
         try:
             digest = hashlib.sha256()
             size = 0
@@ -329,10 +334,8 @@ class StagingSink:
                 tmp = path.with_suffix(".part")
                 shutil.copyfile(source, tmp)
                 tmp.rename(path)
-                source.unlink(missing_ok=True)
-        except BaseException:
-            self._release(sop_instance_uid)
-            raise
+        finally:
+            source.unlink(missing_ok=True)
         self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path,
                                       digest.hexdigest(), size))
         return 0x0000

@@ -8,13 +8,15 @@ under ``_manifests/date=.../modality=.../`` in the target bucket.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from .census import CensusSeries, ExpectedInstance
+from .census import CensusSeries, ExpectedInstance, census_hash
 from .partition import Partition
 from .store import ObjectStore
 from .uids import is_valid_uid
@@ -23,6 +25,7 @@ CENSUS = "census.parquet"
 TRANSFER = "transfer.parquet"
 VALIDATION = "validation.json"
 LINEAGE = "lineage.json"
+CENSUS_SUMMARY = "census.json"
 
 TRANSFER_COLUMNS: tuple[str, ...] = (
     "study_instance_uid",
@@ -49,6 +52,7 @@ TRANSFER_COLUMNS: tuple[str, ...] = (
     "changes",
     "rules_applied",
     "run_id",
+    "membership",  # "census" (named by C-FIND) or "retrieval" (a capped/failed series' member, named by its C-GET)
 )
 
 
@@ -57,16 +61,7 @@ def instance_key(prefix: str, study_uid: str, series_uid: str, sop_uid: str) -> 
     for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid)):
         if not is_valid_uid(uid):
             raise ValueError(f"{name} is not a valid UID; it cannot be used in a key")
-    return f"{prefix}studies/{study_uid}/series/{series_uid}/instances/{sop_uid}.dcm"
-
-
-def quarantine_key(prefix: str, partition: Partition, sha256_hex: str) -> str:
-    """Quarantined bytes are keyed by their hash: their UIDs are not trusted."""
-    return f"{prefix}quarantine/{partition.hive_path}/{sha256_hex}.dcm"
-
-
-def manifest_prefix(prefix: str, partition: Partition) -> str:
-    return f"{prefix}_manifests/{partition.hive_path}/"
+    return f"{series_prefix(prefix, study_uid, series_uid)}{sop_uid}.dcm"
 
 
 def _parquet(df: pd.DataFrame) -> bytes:
@@ -75,7 +70,164 @@ def _parquet(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def write_census(store: ObjectStore, partition: Partition, series: list[CensusSeries]) -> str:
+class StaleCensus(RuntimeError):
+    """The census manifest is not the census this run took (lost or stale write)."""
+
+
+@dataclass(frozen=True)
+class CensusSummary:
+    """``census.json``: the expected set's hash, its size and the census's warnings (codes only)."""
+
+    census_sha256: str
+    series: int
+    instances: int
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"census_sha256": self.census_sha256, "series": self.series, "instances": self.instances,
+                "warnings": list(self.warnings)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> CensusSummary:
+        return cls(str(value.get("census_sha256", "")), int(value.get("series", 0)), int(value.get("instances", 0)),
+                   tuple(value.get("warnings", ())))
+
+
+_CENSUS_COLUMNS = ["study_instance_uid", "series_instance_uid", "modality", "study_date", "reported_instances",
+                   "expected_instances", "sop_instance_uids", "sop_class_uids", "census_gap"]
+
+
+class PartitionManifests:
+    """The one owner of a partition's keys and manifests: every object key of
+    the partition (instances, quarantine, manifests, GX artifacts) is built
+    here, and every manifest is read and written here.
+
+    "This run's verdict" is :meth:`verdict`: a validation counts only for the
+    run that reached it.
+    """
+
+    def __init__(self, store: ObjectStore, partition: Partition) -> None:
+        self.store = store
+        self.partition = partition
+
+    # --- keys
+    @property
+    def prefix(self) -> str:
+        return f"{self.store.target.prefix}_manifests/{self.partition.hive_path}/"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    @property
+    def quarantine_prefix(self) -> str:
+        return f"{self.store.target.prefix}quarantine/{self.partition.hive_path}/"
+
+    def quarantine_key(self, sha256_hex: str) -> str:
+        """Quarantined bytes are keyed by their hash: their UIDs are not trusted."""
+        return f"{self.quarantine_prefix}{sha256_hex}.dcm"
+
+    def instance_key(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return instance_key(self.store.target.prefix, study_uid, series_uid, sop_uid)
+
+    def series_prefix(self, study_uid: str, series_uid: str) -> str:
+        return series_prefix(self.store.target.prefix, study_uid, series_uid)
+
+    @property
+    def gx_prefix(self) -> str:
+        return self.key("gx/")
+
+    def lineage_run_key(self, run_id: str) -> str:
+        return self.key(f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json")
+
+    # --- census
+    def write_census(self, series: list[CensusSeries], warnings: list[str]) -> CensusSummary:
+        """Write the expected set and its summary, then read both back: a
+        census write that was lost or garbled fails here, not later."""
+        summary = CensusSummary(census_hash(series), len(series), sum(len(s.instances) for s in series),
+                                tuple(warnings))
+        self._put_parquet(CENSUS, _census_frame(series))
+        self.write_json(CENSUS_SUMMARY, summary.to_json())
+        if self.summary() != summary:
+            raise StaleCensus(f"partition {self.partition.key}: the census summary did not read back as written")
+        self.census(summary.census_sha256)
+        return summary
+
+    def census(self, expected_sha256: str | None = None) -> list[CensusSeries]:
+        """The expected set; with ``expected_sha256`` (this run's census hash,
+        carried through XCom) a manifest from another census is refused."""
+        data = self.store.get_or_none(self.key(CENSUS))
+        if data is None:
+            raise StaleCensus(f"partition {self.partition.key}: no census manifest")
+        series = _census_series(pd.read_parquet(io.BytesIO(data)))
+        if expected_sha256 is not None and census_hash(series) != expected_sha256:
+            raise StaleCensus(f"partition {self.partition.key}: the census manifest is not this run's census "
+                              f"(hash {census_hash(series)[:12]}, expected {expected_sha256[:12]})")
+        return series
+
+    def summary(self) -> CensusSummary | None:
+        value = self.read_json(CENSUS_SUMMARY)
+        return None if value is None else CensusSummary.from_json(value)
+
+    # --- transfer
+    def write_transfer(self, df: pd.DataFrame) -> str:
+        return self._put_parquet(TRANSFER, df)
+
+    def transfer(self) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.store.get(self.key(TRANSFER))))
+
+    def transfer_or_none(self) -> pd.DataFrame | None:
+        data = self.store.get_or_none(self.key(TRANSFER))
+        return None if data is None else pd.read_parquet(io.BytesIO(data))
+
+    # --- verdict and lineage
+    def write_verdict(self, verdict: dict[str, Any], run_id: str) -> str:
+        return self.write_json(VALIDATION, {**verdict, "run_id": run_id})
+
+    def latest_verdict(self) -> dict[str, Any] | None:
+        """The last validation, whichever run reached it."""
+        return self.read_json(VALIDATION)
+
+    def verdict(self, run_id: str) -> dict[str, Any] | None:
+        """This run's validation, or None: a previous run's verdict is not this run's."""
+        value = self.read_json(VALIDATION)
+        return value if value is not None and value.get("run_id") == run_id else None
+
+    def passed(self, run_id: str) -> bool:
+        v = self.verdict(run_id)
+        return bool(v and v.get("success"))
+
+    def write_lineage(self, record: dict[str, Any], run_id: str) -> str:
+        self.store.put(self.lineage_run_key(run_id), _json(record), "application/json")
+        return self.write_json(LINEAGE, record)
+
+    def lineage(self) -> dict[str, Any] | None:
+        return self.read_json(LINEAGE)
+
+    # --- plumbing
+    def write_json(self, name: str, value: Any) -> str:
+        key = self.key(name)
+        self.store.put(key, _json(value), "application/json")
+        return key
+
+    def read_json(self, name: str) -> Any | None:
+        data = self.store.get_or_none(self.key(name))
+        return None if data is None else json.loads(data)
+
+    def _put_parquet(self, name: str, df: pd.DataFrame) -> str:
+        key = self.key(name)
+        self.store.put(key, _parquet(df), "application/vnd.apache.parquet")
+        return key
+
+
+def series_prefix(prefix: str, study_uid: str, series_uid: str) -> str:
+    return f"{prefix}studies/{study_uid}/series/{series_uid}/instances/"
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+
+
+def _census_frame(series: list[CensusSeries]) -> pd.DataFrame:
     rows = [
         {
             "study_instance_uid": s.study_instance_uid,
@@ -86,43 +238,29 @@ def write_census(store: ObjectStore, partition: Partition, series: list[CensusSe
             "expected_instances": len(s.instances),
             "sop_instance_uids": [i.sop_instance_uid for i in s.instances],
             "sop_class_uids": [i.sop_class_uid for i in s.instances],
+            "census_gap": s.census_gap,
         }
         for s in series
     ]
-    df = pd.DataFrame(
-        rows,
-        columns=[
-            "study_instance_uid",
-            "series_instance_uid",
-            "modality",
-            "study_date",
-            "reported_instances",
-            "expected_instances",
-            "sop_instance_uids",
-            "sop_class_uids",
-        ],
-    )
-    key = manifest_prefix(store.target.prefix, partition) + CENSUS
-    store.put(key, _parquet(df), "application/vnd.apache.parquet")
-    return key
+    return pd.DataFrame(rows, columns=_CENSUS_COLUMNS)
 
 
-def read_census(store: ObjectStore, partition: Partition) -> list[CensusSeries]:
-    data = store.get(manifest_prefix(store.target.prefix, partition) + CENSUS)
-    df = pd.read_parquet(io.BytesIO(data))
+def _census_series(df: pd.DataFrame) -> list[CensusSeries]:
     out = []
-    for row in df.itertuples(index=False):
-        reported = None if pd.isna(row.reported_instances) else int(row.reported_instances)
+    for row in df.to_dict("records"):
+        reported = row["reported_instances"]
+        gap = row.get("census_gap")
         out.append(
             CensusSeries(
-                study_instance_uid=row.study_instance_uid,
-                series_instance_uid=row.series_instance_uid,
-                modality=row.modality,
-                study_date=dt.date.fromisoformat(row.study_date),
-                reported_instances=reported,
+                study_instance_uid=row["study_instance_uid"],
+                series_instance_uid=row["series_instance_uid"],
+                modality=row["modality"],
+                study_date=dt.date.fromisoformat(row["study_date"]),
+                reported_instances=None if pd.isna(reported) else int(reported),
                 instances=tuple(
-                    ExpectedInstance(str(u), str(c)) for u, c in zip(row.sop_instance_uids, row.sop_class_uids)
+                    ExpectedInstance(str(u), str(c)) for u, c in zip(row["sop_instance_uids"], row["sop_class_uids"])
                 ),
+                census_gap=gap if isinstance(gap, str) and gap else None,
             )
         )
     return out
@@ -136,23 +274,25 @@ def transfer_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def write_transfer(store: ObjectStore, partition: Partition, df: pd.DataFrame) -> str:
-    key = manifest_prefix(store.target.prefix, partition) + TRANSFER
-    store.put(key, _parquet(df), "application/vnd.apache.parquet")
-    return key
+# Short forms for callers holding a store and a partition (tests, tools).
+def write_census(store: ObjectStore, partition: Partition, series: list[CensusSeries]) -> CensusSummary:
+    return PartitionManifests(store, partition).write_census(series, [])
+
+
+def read_census(store: ObjectStore, partition: Partition) -> list[CensusSeries]:
+    return PartitionManifests(store, partition).census()
 
 
 def read_transfer(store: ObjectStore, partition: Partition) -> pd.DataFrame:
-    data = store.get(manifest_prefix(store.target.prefix, partition) + TRANSFER)
-    return pd.read_parquet(io.BytesIO(data))
+    return PartitionManifests(store, partition).transfer()
 
 
-def write_json(store: ObjectStore, partition: Partition, name: str, value: Any) -> str:
-    key = manifest_prefix(store.target.prefix, partition) + name
-    store.put(key, json.dumps(value, indent=2, sort_keys=True, default=str).encode(), "application/json")
-    return key
-
-
-def read_json(store: ObjectStore, partition: Partition, name: str) -> Any | None:
-    data = store.get_or_none(manifest_prefix(store.target.prefix, partition) + name)
-    return None if data is None else json.loads(data)
+def transferred_partitions(store: ObjectStore, study_date: dt.date | None = None) -> list[Partition]:
+    """Partitions with a transfer manifest (of one study date, if given)."""
+    base = f"{store.target.prefix}_manifests/" + (f"date={study_date.isoformat()}/" if study_date else "")
+    found = []
+    for key in store.list_keys(base):
+        if key.endswith("/" + TRANSFER):
+            parts = dict(p.split("=", 1) for p in key[len(store.target.prefix):].split("/")[1:3])
+            found.append(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
+    return sorted(found)

@@ -32,6 +32,9 @@ class ReasonCode(str, Enum):
     RULE_REJECTED = "RULE_REJECTED"
     # unresolved: the source did not deliver the instance within the retry budget
     NOT_RECEIVED = "NOT_RECEIVED"
+    # unresolved: a study's series or a series' instances could not be listed
+    # (``CENSUS_FAILED:SERIES`` / ``CENSUS_FAILED:IMAGE``), so they cannot be named
+    CENSUS_FAILED = "CENSUS_FAILED"
 
 
 def reason(code: ReasonCode, detail: str | None = None) -> str:

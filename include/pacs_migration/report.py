@@ -10,13 +10,43 @@ import io
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import Enum
 
-from .manifest import VALIDATION, manifest_prefix, read_json, read_transfer
+from .manifest import PartitionManifests
 from .partition import Partition
 from .store import ObjectStore
-from .transfer import counts_from_frame
+from .transfer import COUNT_FIELDS, PartitionCounts, counts_from_frame
 
-FIELDS = ("expected", "migrated", "quarantined", "unresolved", "unsolicited", "written")
+FIELDS = COUNT_FIELDS
+
+
+class RunVerdict(str, Enum):
+    """What the report may claim for a run."""
+
+    PASSED = "PASSED"  # every partition of the date validated in this run
+    FAILED = "FAILED"  # a partition was validated and failed
+    INCOMPLETE = "INCOMPLETE"  # something could not be checked: a task failed before its proof
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task of the run that failed: its id, the partition if mapped, the
+    exception class (never its message: it may quote data)."""
+
+    task: str
+    error: str
+    partition: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"task": self.task, "error": self.error, "partition": self.partition}
+
+    @classmethod
+    def from_json(cls, value: dict[str, str | None]) -> TaskFailure:
+        return cls(str(value["task"]), str(value["error"]), value.get("partition"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}{f' [{self.partition}]' if self.partition else ''}: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -31,25 +61,58 @@ class PartitionFigures:
     validation_passed: bool | None
     reasons: dict[str, int] = field(default_factory=dict)
     failed_expectations: tuple[str, ...] = ()
+    census_gaps: tuple[str, ...] = ()  # studies or series the census could not list, by UID
+
+    @classmethod
+    def of(cls, partition: str, c: PartitionCounts, passed: bool | None, failed: tuple[str, ...] = (),
+           gaps: tuple[str, ...] = ()) -> PartitionFigures:
+        return cls(partition, c.expected, c.migrated, c.quarantined, c.unresolved, c.unsolicited, c.written, passed,
+                   dict(c.reasons), failed, gaps)
 
     @property
     def conserved(self) -> bool:
         return self.expected == self.migrated + self.quarantined + self.unresolved
 
 
-def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> PartitionFigures:
-    """Figures of one partition from its manifests, as this run left them."""
+def _gaps(manifests: PartitionManifests) -> tuple[str, ...]:
     try:
-        c = counts_from_frame(read_transfer(store, partition))
-    except Exception:  # transfer never finished: report it, do not hide it
-        return PartitionFigures(partition.key, 0, 0, 0, 0, 0, 0, False, {}, ("transfer:not_completed",))
-    v = read_json(store, partition, VALIDATION) or {}
-    current = v.get("run_id") == run_id
-    failed = tuple(v.get("failed_expectations", [])) if current else ("validation:not_run",)
-    return PartitionFigures(
-        partition.key, c.expected, c.migrated, c.quarantined, c.unresolved, c.unsolicited, c.written,
-        bool(current and v.get("success")), c.reasons, failed,
-    )
+        series = manifests.census()
+    except Exception:  # no census manifest: nothing to name
+        return ()
+    return tuple(f"{s.census_gap} study {s.study_instance_uid}"
+                 + (f" series {s.series_instance_uid}" if s.series_instance_uid else "")
+                 + (f" ({s.reported_instances} instances reported)" if s.reported_instances is not None else "")
+                 for s in series if s.census_gap)
+
+
+def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> PartitionFigures:
+    """Figures of one partition from its manifests, as this run left them. A
+    partition whose transfer did not complete in this run shows the census's
+    Expected, nothing migrated, and says so."""
+    manifests = PartitionManifests(store, partition)
+    verdict = manifests.verdict(run_id)
+    df = manifests.transfer_or_none()
+    if df is None or (verdict is None and not (df["run_id"] == run_id).any()):
+        summary = manifests.summary()
+        expected = summary.instances if summary else 0
+        c = PartitionCounts(expected, 0, 0, 0, 0, 0, {})
+        return PartitionFigures.of(partition.key, c, False, ("transfer:not_completed",), _gaps(manifests))
+    failed = tuple(verdict.get("failed_expectations", [])) if verdict else ("validation:not_run",)
+    return PartitionFigures.of(partition.key, counts_from_frame(df), bool(verdict and verdict.get("success")),
+                               failed, _gaps(manifests))
+
+
+def run_verdict(figures: list[PartitionFigures], failures: tuple[TaskFailure, ...] = (),
+                census_completed: bool = True) -> RunVerdict:
+    """PASSED only when the census completed, no task failed and every
+    partition validated in this run; FAILED when a proof was reached and
+    failed; INCOMPLETE when something could not be checked."""
+    if any(f.validation_passed is False and "validation:not_run" not in f.failed_expectations
+           and "transfer:not_completed" not in f.failed_expectations for f in figures):
+        return RunVerdict.FAILED
+    if not census_completed or failures or not all(f.validation_passed and f.conserved for f in figures):
+        return RunVerdict.INCOMPLETE
+    return RunVerdict.PASSED
 
 
 def data_docs_zip(store: ObjectStore, partitions: list[Partition]) -> bytes:
@@ -57,7 +120,7 @@ def data_docs_zip(store: ObjectStore, partitions: list[Partition]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for p in partitions:
-            base = manifest_prefix(store.target.prefix, p) + "gx/data_docs/"
+            base = PartitionManifests(store, p).gx_prefix + "data_docs/"
             for key in store.list_keys(base):
                 zf.writestr(f"{p.hive_path}/{key[len(base):]}", store.get(key))
     return buf.getvalue()
@@ -101,10 +164,15 @@ def chart_svg(figures: list[PartitionFigures]) -> str:
     return "".join(parts)
 
 
-def subject(prefix: str, study_date: str, figures: list[PartitionFigures]) -> str:
-    ok = all(f.validation_passed for f in figures) and all(f.conserved for f in figures)
-    verdict = "PASSED" if ok else "FAILED"
-    return f"{prefix} StudyDate {study_date}: {len(figures)} partition(s), validation {verdict}"
+def subject(prefix: str, study_date: str, figures: list[PartitionFigures], failures: tuple[TaskFailure, ...] = (),
+            census_completed: bool = True) -> str:
+    verdict = run_verdict(figures, failures, census_completed)
+    text = f"{prefix} StudyDate {study_date}: {len(figures)} partition(s), validation {verdict.value}"
+    if failures:
+        first = failures[0]
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        text += f": {first.task} failed ({first.error}){more}"
+    return text
 
 
 def figures_csv(figures: list[PartitionFigures]) -> str:
@@ -137,16 +205,20 @@ ul{font-size:13px}
 """
 
 
-def render_html(run_id: str, study_date: str, figures: list[PartitionFigures], bucket_uri: str) -> str:
+def render_html(run_id: str, study_date: str, figures: list[PartitionFigures], bucket_uri: str,
+                failures: tuple[TaskFailure, ...] = (), census_completed: bool = True) -> str:
     """Self-contained HTML (inline CSS, no external assets)."""
     e = html.escape
+    verdict = run_verdict(figures, failures, census_completed)
     rows = []
     for f in figures:
-        verdict = "pass" if f.validation_passed else "fail"
+        css = "pass" if f.validation_passed else "fail"
+        not_run = {"validation:not_run", "transfer:not_completed"} & set(f.failed_expectations)
+        label = "PASSED" if f.validation_passed else ("NOT VALIDATED" if not_run else "FAILED")
         cells = "".join(f'<td data-field="{n}">{getattr(f, n)}</td>' for n in FIELDS)
         rows.append(
             f'<tr data-partition="{e(f.partition)}"><td class="k">{e(f.partition)}</td>{cells}'
-            f'<td class="{verdict}" data-field="validation">{"PASSED" if f.validation_passed else "FAILED"}</td></tr>'
+            f'<td class="{css}" data-field="validation">{label}</td></tr>'
         )
     totals = {n: sum(getattr(f, n) for f in figures) for n in FIELDS}
     rows.append(
@@ -162,13 +234,22 @@ def render_html(run_id: str, study_date: str, figures: list[PartitionFigures], b
             )
         for fe in f.failed_expectations:
             details.append(f"<li>{e(f.partition)} failed expectation: <code>{e(fe)}</code></li>")
-    if not figures:
+        for gap in f.census_gaps:
+            details.append(f"<li>{e(f.partition)} census gap: <code>{e(gap)}</code></li>")
+    if not census_completed:
+        details.append("<li>The census did not complete: the expected set of this date is unknown, "
+                       "nothing of it is proven.</li>")
+    elif not figures:
         details.append("<li>The census found no studies for this date.</li>")
+    problems = "".join(f'<li data-failure="{e(x.task)}">{e(x.label)}</li>' for x in failures)
     head = "".join(f"<th>{n.capitalize()}</th>" for n in FIELDS)
     return (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PACS migration report</title>"
         f"<style>{_CSS}</style></head><body>"
         f"<h1>PACS migration report &mdash; StudyDate {e(study_date)}</h1>"
+        f'<p class="verdict" data-field="verdict"><b>Validation {verdict.value}</b></p>'
+        + (f'<h2 style="font-size:15px;margin:12px 0 6px">Tasks that failed</h2><ul>{problems}</ul>' if problems else "")
+        +
         f'<p class="meta">Run <code>{e(run_id)}</code> &middot; target {e(bucket_uri)} &middot; '
         "every expected instance ends migrated, quarantined (original bytes kept, with a reason) or unresolved. "
         "Attached: the figures as CSV and the Great Expectations Data Docs of each partition.</p>"

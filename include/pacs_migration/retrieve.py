@@ -81,7 +81,8 @@ def retrieve_series(
     used = 0
     for attempt in range(attempts):
         missing = sorted(expected - sink.received.keys())
-        if not missing:
+        # A series with a census gap is fetched whole once: the retrieval names its members.
+        if not missing and not (attempt == 0 and series.census_gap):
             break
         used = attempt + 1
         last_error = None
@@ -111,6 +112,8 @@ def retrieve_partition(
     attempts: int,
     max_associations: int,
 ) -> list[SeriesRetrieval]:
-    """Retrieve every series of a partition, at most ``max_associations`` at once."""
+    """Retrieve every series of a partition, at most ``max_associations`` at
+    once (a study whose series could not be listed has none to retrieve)."""
     with ThreadPoolExecutor(max_workers=max_associations, thread_name_prefix="retrieve") as pool:
-        return list(pool.map(lambda s: retrieve_series(get, s, sink, attempts), series))
+        return list(pool.map(lambda s: retrieve_series(get, s, sink, attempts), [s for s in series
+                                                                                   if s.series_instance_uid]))

@@ -6,7 +6,6 @@ them over one study date for the nightly plan."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from .census import Census, census_hash, take_census
 from .config import MigrationConfig
 from .dimse import FindSession
 from .lineage import lineage_record
-from .manifest import LINEAGE, VALIDATION, read_census, read_json, read_transfer, write_census, write_json
+from .manifest import PartitionManifests
 from .partition import Partition
 from .plan import Unit
 from .retrieve import GetFn
@@ -27,41 +26,34 @@ from .validate import ValidationReport, validate_partition
 
 log = logging.getLogger(__name__)
 
-CENSUS_SUMMARY = "census.json"
 RetrieverFactory = Callable[[], AbstractContextManager[GetFn]]
 
 
 def take_date_census(cfg: MigrationConfig, study_date: dt.date) -> Census:
     with FindSession(cfg.source) as session:
-        return take_census(session.find, study_date, cfg.source.find_limit, cfg.source.census_split_depth)
+        return take_census(session.find, study_date, cfg.source.find_limit, cfg.source.census_split_depth,
+                           cfg.source.find_limit_instances)
 
 
 def record_census(store: ObjectStore, census: Census, partition: Partition) -> str:
-    """Write a partition's expected set and its summary (hash, counts, warnings)."""
-    series = census.for_partition(partition)
-    write_census(store, partition, series)
-    digest = census_hash(series)
-    write_json(store, partition, CENSUS_SUMMARY, {
-        "census_sha256": digest,
-        "series": len(series),
-        "instances": sum(len(s.instances) for s in series),
-        "warnings": [w.code for w in census.warnings_for(partition)],
-    })
-    return digest
+    """Write a partition's expected set and its summary (hash, counts,
+    warnings), read back; returns the census hash that travels with the
+    partition (the later steps refuse a manifest with another)."""
+    summary = PartitionManifests(store, partition).write_census(
+        census.for_partition(partition), [w.code for w in census.warnings_for(partition)])
+    return summary.census_sha256
 
 
 def transfer_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, get: GetFn,
-                  max_associations: int, resume: bool = False) -> PartitionCounts:
+                  max_associations: int, resume: bool = False, census_sha256: str | None = None) -> PartitionCounts:
     """Retrieve, normalize and load one partition. ``resume``: retrieve only
-    the series with instances not yet migrated (delta sync), carrying the rest."""
-    series = read_census(store, partition)
+    the series with instances not yet migrated (delta sync), carrying the rest.
+    ``census_sha256``: this run's census (a stale manifest is refused)."""
+    manifests = PartitionManifests(store, partition)
+    series = manifests.census(census_sha256)
     carried = None
     if resume:
-        try:
-            previous = read_transfer(store, partition)
-        except Exception:  # no earlier manifest
-            previous = None
-        series, carried = plan_resume(series, previous)
+        series, carried = plan_resume(series, manifests.transfer_or_none())
     instances = sum(len(s.instances) for s in series)
     processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
     normalizer = normalize_processes(processes, cfg.ruleset, cfg.source.called_ae_title)
@@ -79,38 +71,40 @@ def transfer_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition
             normalizer.close()
 
 
-def validate_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str) -> ValidationReport:
+def validate_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str,
+                  census_sha256: str | None = None) -> ValidationReport:
     """Validate one partition and record the verdict with the run that reached it."""
-    warnings = (read_json(store, partition, CENSUS_SUMMARY) or {}).get("warnings", [])
-    result = validate_partition(store, partition, read_census(store, partition), read_transfer(store, partition),
-                                cfg.validation, census_warnings=warnings)
-    write_json(store, partition, VALIDATION, {**result.to_json(), "run_id": run_id})
+    manifests = PartitionManifests(store, partition)
+    series = manifests.census(census_sha256)
+    summary = manifests.summary()
+    result = validate_partition(store, partition, series, manifests.transfer(), cfg.validation,
+                                census_warnings=list(summary.warnings) if summary else [])
+    manifests.write_verdict(result.to_json(), run_id)
     return result
 
 
 def lineage_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, dag_id: str,
                  endpoint: str | None) -> dict[str, Any]:
     """Build and store the partition's lineage record (this run's, and the latest)."""
-    transfer_df = read_transfer(store, partition)
-    validation = read_json(store, partition, VALIDATION)
-    if validation is not None and validation.get("run_id") != run_id:
-        validation = None  # a previous run's verdict is not this run's
+    manifests = PartitionManifests(store, partition)
+    transfer_df = manifests.transfer()
+    summary = manifests.summary()
     record = lineage_record(
         run_id=run_id, dag_id=dag_id, partition=partition, source=cfg.source,
-        census_sha256=(read_json(store, partition, CENSUS_SUMMARY) or {}).get("census_sha256", ""),
-        counts=counts_from_frame(transfer_df).to_json(), transfer=transfer_df, validation=validation,
+        census_sha256=summary.census_sha256 if summary else "",
+        counts=counts_from_frame(transfer_df).to_json(), transfer=transfer_df, validation=manifests.verdict(run_id),
         bucket=cfg.target.bucket, prefix=cfg.target.prefix, endpoint=endpoint, ruleset=cfg.ruleset,
     )
-    write_json(store, partition, f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json", record)
-    write_json(store, partition, LINEAGE, record)
+    manifests.write_lineage(record, run_id)
     return record
 
 
 def _is_settled(store: ObjectStore, partition: Partition, digest: str) -> bool:
     """Validated, and the source holds exactly what it held then."""
-    summary = read_json(store, partition, CENSUS_SUMMARY) or {}
-    verdict = read_json(store, partition, VALIDATION) or {}
-    return summary.get("census_sha256") == digest and bool(verdict.get("success"))
+    manifests = PartitionManifests(store, partition)
+    summary = manifests.summary()
+    verdict = manifests.latest_verdict() or {}
+    return summary is not None and summary.census_sha256 == digest and bool(verdict.get("success"))
 
 
 def migrate_unit(
@@ -137,11 +131,12 @@ def migrate_unit(
         if _is_settled(store, partition, digest):
             results.append({"partition": partition.key, "action": "unchanged", "validation_passed": True})
             continue
-        had_manifest = read_json(store, partition, CENSUS_SUMMARY) is not None
-        record_census(store, census, partition)
+        had_manifest = PartitionManifests(store, partition).summary() is not None
+        digest = record_census(store, census, partition)
         with retriever() as get:
-            counts = transfer_step(cfg, store, partition, run_id, get, max_associations, resume=had_manifest)
-        report = validate_step(cfg, store, partition, run_id)
+            counts = transfer_step(cfg, store, partition, run_id, get, max_associations, resume=had_manifest,
+                                   census_sha256=digest)
+        report = validate_step(cfg, store, partition, run_id, digest)
         record = lineage_step(cfg, store, partition, run_id, dag_id, endpoint)
         if emit:
             emit(record)
@@ -151,4 +146,3 @@ def migrate_unit(
     ok = all(r["validation_passed"] for r in results)
     return {"unit": unit.to_json(), "state": "done" if ok else "failed", "migrated": moved,
             "seconds": round(time.monotonic() - started, 3), "partitions": results}
-

@@ -24,6 +24,7 @@ class PutOutcome(str, Enum):
     CREATED = "created"
     ALREADY_PRESENT = "already_present"  # same bytes were there: idempotent re-run
     CONFLICT = "conflict"  # different bytes under the same key
+    REPAIRED = "repaired"  # a quarantine object whose bytes no longer matched its hash, rewritten
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ObjectStore:
         sha256_hex: str,
         metadata: dict[str, str] | None = None,
         same_if: tuple[str, ...] = (),
+        writer: str | None = None,
     ) -> PutResult:
         """Write once; never overwrite.
 
@@ -84,8 +86,11 @@ class ObjectStore:
         ``same_if`` is equal (e.g. the source bytes' hash and the rule set: a
         normalized object carries its modification time, so a re-run's bytes
         differ while its meaning does not). Anything else is a ``CONFLICT``.
+        ``writer`` (a tag of the run) is stored with the object: a put whose
+        first response was lost and whose retry finds the object it wrote
+        itself is still ``CREATED``.
         """
-        meta = {"sha256": sha256_hex, **(metadata or {})}
+        meta = {"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})}
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -111,7 +116,29 @@ class ObjectStore:
             bool(same_if) and all(theirs.get(k) is not None and theirs.get(k) == meta.get(k) for k in same_if)
         )
         outcome = PutOutcome.ALREADY_PRESENT if same else PutOutcome.CONFLICT
+        if same and writer and theirs.get("writer") == writer:
+            outcome = PutOutcome.CREATED  # ours: the first response was lost, not the write
         return PutResult(outcome, existing.sha256 or "", existing.size)
+
+    def put_verified(self, key: str, data: bytes, sha256_hex: str, metadata: dict[str, str] | None = None,
+                     writer: str | None = None) -> PutResult:
+        """Write-once for objects keyed by their own SHA-256 (quarantine): an
+        existing object is re-read, and rewritten from ``data`` when its bytes
+        no longer hash to the key (``REPAIRED``): no other content can
+        legitimately live there."""
+        put = self.put_new(key, data, sha256_hex, metadata, writer=writer)
+        if put.outcome is PutOutcome.CREATED:
+            return put
+        stored = self.get_or_none(key)
+        if stored is not None and hashlib.sha256(stored).hexdigest() == sha256_hex:
+            return PutResult(PutOutcome.ALREADY_PRESENT, sha256_hex, len(stored))
+        self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, ContentType="application/dicom",
+            ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+            Metadata={"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})},
+            **self._sse(),
+        )
+        return PutResult(PutOutcome.REPAIRED, sha256_hex, len(data))
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         """Write or replace a manifest-type object (not an instance)."""

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pydicom
 
-from .manifest import LINEAGE, TRANSFER, VALIDATION, read_json
+from .manifest import PartitionManifests, transferred_partitions
 from .partition import Partition
 from .store import ObjectStore
 
@@ -26,15 +26,7 @@ class NotFound(LookupError):
 
 
 def _partitions(store: ObjectStore, study_date: dt.date | None) -> list[Partition]:
-    base = f"{store.target.prefix}_manifests/"
-    if study_date is not None:
-        base += f"date={study_date.isoformat()}/"
-    found = []
-    for key in store.list_keys(base):
-        if key.endswith("/" + TRANSFER):
-            parts = dict(p.split("=", 1) for p in key[len(store.target.prefix) :].split("/")[1:3])
-            found.append(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
-    return sorted(found)
+    return transferred_partitions(store, study_date)
 
 
 def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[str, Any]]:
@@ -78,14 +70,14 @@ def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.dat
         If no transfer manifest holds the SOP Instance UID.
     """
     for p in _partitions(store, study_date):
-        key = f"{store.target.prefix}_manifests/{p.hive_path}/{TRANSFER}"
-        df = pd.read_parquet(io.BytesIO(store.get(key)))
+        manifests = PartitionManifests(store, p)
+        df = manifests.transfer()
         hit = df[df["sop_instance_uid"] == sop_instance_uid]
         if hit.empty:
             continue
         row = {k: (None if pd.isna(v) else v) for k, v in hit.iloc[0].to_dict().items()}
-        lineage = read_json(store, p, LINEAGE) or {}
-        validation = read_json(store, p, VALIDATION) or {}
+        lineage = manifests.lineage() or {}
+        validation = manifests.latest_verdict() or {}
         rs = lineage.get("ruleset") or {}
         label = f"{rs.get('id')}@{rs.get('version')}"
         changes = _changes(store, row, label)

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .census import CensusSeries
+import pydicom
+
+from .census import CensusSeries, ExpectedInstance
 from .dimse import ReceivedInstance, StagingSink
-from .manifest import instance_key, quarantine_key, transfer_frame, write_transfer
+from .manifest import TRANSFER_COLUMNS, PartitionManifests, transfer_frame
 from .normalize import NormalizeResult, normalize
 from .partition import Partition
 from .reasons import InstanceState, ReasonCode, reason
@@ -57,6 +59,20 @@ class PartitionCounts:
             "written": self.written,
             "reasons": dict(self.reasons),
         }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> PartitionCounts:
+        return cls(**{f: int(value.get(f, 0)) for f in COUNT_FIELDS}, reasons=dict(value.get("reasons") or {}))
+
+    @property
+    def conserved(self) -> bool:
+        return self.expected == self.migrated + self.quarantined + self.unresolved
+
+    def summary(self) -> str:
+        return " ".join(f"{f}={getattr(self, f)}" for f in COUNT_FIELDS)
+
+
+COUNT_FIELDS = ("expected", "migrated", "quarantined", "unresolved", "unsolicited", "written")
 
 
 CARRIED = "carried"  # load_action of a row kept from an earlier run's manifest
@@ -93,7 +109,7 @@ def plan_resume(series: list[CensusSeries], previous: Any) -> tuple[list[CensusS
     settled = previous[previous["in_census"] & previous["state"].isin(
         [InstanceState.MIGRATED.value, InstanceState.QUARANTINED.value])]
     done = set(settled["sop_instance_uid"])
-    fetch = [s for s in series if any(i.sop_instance_uid not in done for i in s.instances)]
+    fetch = [s for s in series if s.census_gap or any(i.sop_instance_uid not in done for i in s.instances)]
     fetch_uids = {s.series_instance_uid for s in fetch}
     wanted = {i.sop_instance_uid for s in series if s.series_instance_uid not in fetch_uids for i in s.instances}
     carried = settled[settled["sop_instance_uid"].isin(wanted)]
@@ -111,18 +127,10 @@ def counts_from_frame(df: Any) -> PartitionCounts:
         quarantined=states.get(InstanceState.QUARANTINED.value, 0),
         unresolved=states.get(InstanceState.UNRESOLVED.value, 0),
         unsolicited=int((~df["in_census"]).sum()),
-        written=int((df["load_action"] == PutOutcome.CREATED.value).sum()),
+        written=int(((df["load_action"] == PutOutcome.CREATED.value)
+                     & (df["state"] == InstanceState.MIGRATED.value)).sum()),
         reasons=dict(sorted(reasons.items())),
     )
-
-
-def _quarantine(
-    store: ObjectStore, partition: Partition, row: dict[str, Any], raw: bytes, code: str, run_id: str
-) -> None:
-    digest = row["received_sha256"] or hashlib.sha256(raw).hexdigest()
-    key = quarantine_key(store.target.prefix, partition, digest)
-    store.put_new(key, raw, digest, {"reason": code})
-    row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key)
 
 
 def peak_rss_kb(pid: int | str = "self") -> int:
@@ -262,84 +270,182 @@ def normalize_processes(processes: int, ruleset: RuleSet, source_ae: str | None)
     return NormalizeProcesses(processes, ruleset, source_ae) if processes > 0 else None
 
 
-def _process(
-    store: ObjectStore,
-    partition: Partition,
-    expected: tuple[str, str, str] | None,
-    item: ReceivedInstance,
-    run_id: str,
-    ruleset: RuleSet,
-    source_ae: str | None,
-    times: StageTimes | None = None,
-    normalizer: NormalizeProcesses | None = None,
-) -> tuple[dict[str, Any], bool]:
-    """Normalize and load one received instance; returns its row and whether an object was created."""
-    row: dict[str, Any] = {c: None for c in ("reason", "object_key", "object_sha256", "object_size", "load_action")}
-    row.update(
-        sop_instance_uid=item.sop_instance_uid,
-        sop_class_uid=item.sop_class_uid,
-        in_census=expected is not None,
-        received_sha256=item.sha256,
-        received_size=item.size,
-        run_id=run_id,
-    )
+@dataclass
+class _Load:
+    """What the loads of one partition's transfer share."""
+
+    manifests: PartitionManifests
+    run_id: str
+    ruleset: RuleSet
+    source_ae: str | None
+    times: StageTimes | None = None
+    normalizer: NormalizeProcesses | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.manifests.store
+
+    @property
+    def writer(self) -> str:
+        """The run's tag in object metadata (decides 'created by this run')."""
+        return hashlib.sha256(self.run_id.encode()).hexdigest()[:16]
+
+
+Expected = tuple[str, str, str]  # (study, series, SOP Instance UID)
+
+
+def _row(item: ReceivedInstance, expected: Expected | None, run_id: str, membership: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {c: None for c in TRANSFER_COLUMNS}
+    row.update(sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid,
+               in_census=expected is not None, received_sha256=item.sha256, received_size=item.size,
+               run_id=run_id, membership=membership)
     if expected is not None:
         row.update(study_instance_uid=expected[0], series_instance_uid=expected[1])
-    if expected is None:
-        _quarantine(store, partition, row, item.path.read_bytes(), reason(ReasonCode.UNSOLICITED), run_id)
-        return row, False
-    raw: bytes | None = None
-    if normalizer is None:
+    return row
+
+
+def _quarantine(ctx: _Load, row: dict[str, Any], raw: bytes, code: str) -> None:
+    """Keep the original bytes under their hash; an existing object that no
+    longer matches its hash is rewritten (quarantine is proven like migration)."""
+    digest = row["received_sha256"] or hashlib.sha256(raw).hexdigest()
+    key = ctx.manifests.quarantine_key(digest)
+    put = ctx.store.put_verified(key, raw, digest, {"reason": code}, writer=ctx.writer)
+    row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key, load_action=put.outcome.value)
+
+
+def _normalized(ctx: _Load, expected: Expected, item: ReceivedInstance) -> tuple[NormalizeResult, bytes | None, bytes | None]:
+    """(result, object bytes or None, the raw bytes if read)."""
+    if ctx.normalizer is None:
         raw = item.path.read_bytes()
         started = time.perf_counter()
-        result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
+        result = normalize(raw, expected[2], expected[1], expected[0], ctx.ruleset, ctx.source_ae)
         elapsed = time.perf_counter() - started
         data = result.data
     else:
-        result, rewritten, elapsed = normalizer.normalize(item.path, expected)
+        raw = None
+        result, rewritten, elapsed = ctx.normalizer.normalize(item.path, expected)
         data = None
         if result.reason is None:
             data = item.path.with_name(item.path.name + ".out").read_bytes() if rewritten else \
                 (raw := item.path.read_bytes())
-    if times:
-        times.add("normalize", elapsed)
+    if ctx.times:
+        ctx.times.add("normalize", elapsed)
+    return result, data, raw
+
+
+def _process(ctx: _Load, expected: Expected | None, item: ReceivedInstance,
+             membership: str | None = "census") -> tuple[dict[str, Any], bool]:
+    """Normalize and load one received instance; returns its row and whether this run created an object."""
+    row = _row(item, expected, ctx.run_id, membership if expected else None)
+    if expected is None:
+        _quarantine(ctx, row, item.path.read_bytes(), reason(ReasonCode.UNSOLICITED))
+        return row, False
+    result, data, raw = _normalized(ctx, expected, item)
     row.update(
-        transfer_syntax_in=result.transfer_syntax_in,
-        transfer_syntax_out=result.transfer_syntax_out,
-        study_date=result.study_date,
-        modality=result.modality,
-        patient_key=result.patient_key,
-        pixel_sha256_before=result.pixel_sha256_before,
-        pixel_sha256_after=result.pixel_sha256_after,
+        transfer_syntax_in=result.transfer_syntax_in, transfer_syntax_out=result.transfer_syntax_out,
+        study_date=result.study_date, modality=result.modality, patient_key=result.patient_key,
+        pixel_sha256_before=result.pixel_sha256_before, pixel_sha256_after=result.pixel_sha256_after,
         changes=";".join(result.changes) or None,
     )
     if result.reason is not None or data is None:
-        _quarantine(store, partition, row, raw if raw is not None else item.path.read_bytes(),
-                    result.reason or reason(ReasonCode.NOT_DICOM), run_id)
+        _quarantine(ctx, row, raw if raw is not None else item.path.read_bytes(),
+                    result.reason or reason(ReasonCode.NOT_DICOM))
         return row, False
-    key = instance_key(store.target.prefix, expected[0], expected[1], expected[2])
+    key = ctx.manifests.instance_key(*expected)
     started = time.perf_counter()
     # Passed through unchanged: the hash taken on arrival is the object's.
     digest = item.sha256 if data is raw else hashlib.sha256(data).hexdigest()
-    put = store.put_new(
-        key, data, digest, {"source-sha256": item.sha256, "ruleset": ruleset.label},
-        same_if=("source-sha256", "ruleset"),
-    )
-    if times:
-        times.add("upload", time.perf_counter() - started, len(data))
+    put = ctx.store.put_new(key, data, digest, {"source-sha256": item.sha256, "ruleset": ctx.ruleset.label},
+                            same_if=("source-sha256", "ruleset"), writer=ctx.writer)
+    if ctx.times:
+        ctx.times.add("upload", time.perf_counter() - started, len(data))
     if put.outcome is PutOutcome.CONFLICT:
-        _quarantine(store, partition, row, raw if raw is not None else item.path.read_bytes(),
-                    reason(ReasonCode.UID_CONFLICT), run_id)
+        _quarantine(ctx, row, raw if raw is not None else item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
         return row, False
-    row.update(
-        state=InstanceState.MIGRATED.value,
-        object_key=key,
-        object_sha256=put.sha256,
-        object_size=put.size,
-        load_action=put.outcome.value,
-        rules_applied=";".join(result.rules_applied) or None,
-    )
+    row.update(state=InstanceState.MIGRATED.value, object_key=key, object_sha256=put.sha256, object_size=put.size,
+               load_action=put.outcome.value, rules_applied=";".join(result.rules_applied) or None)
     return row, put.outcome is PutOutcome.CREATED
+
+
+def _header_uids(path: Path) -> tuple[str, str] | None:
+    """(StudyInstanceUID, SeriesInstanceUID) as the staged file states them, or None if unreadable."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    except Exception:
+        return None
+
+
+class _Membership:
+    """Which census series an arrival belongs to. A SOP Instance UID named
+    once by the census belongs to that series; a series with a census gap
+    also owns arrivals whose header places them in it; a UID the census
+    names in two series, or that arrives with different bytes, is held until
+    retrieval ends (it may not go live before its copies are compared)."""
+
+    def __init__(self, series: list[CensusSeries]) -> None:
+        self.named: dict[str, list[Expected]] = {}
+        for s in series:
+            for i in s.instances:
+                self.named.setdefault(i.sop_instance_uid, []).append(
+                    (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid))
+        self.gaps = {(s.study_instance_uid, s.series_instance_uid) for s in series
+                     if s.census_gap and s.series_instance_uid}
+
+    def held(self, item: ReceivedInstance) -> bool:
+        return item.copy > 0 or len(self.named.get(item.sop_instance_uid, ())) > 1
+
+    def place(self, item: ReceivedInstance) -> tuple[Expected | None, str | None]:
+        named = self.named.get(item.sop_instance_uid)
+        if named:
+            return named[0], "census"
+        if self.gaps and (uids := _header_uids(item.path)) in self.gaps:
+            return (*uids, item.sop_instance_uid), "retrieval"
+        return None, None
+
+    def copy_rows(self, ctx: _Load, copies: list[ReceivedInstance]) -> list[dict[str, Any]]:
+        """Resolve held arrivals of one SOP Instance UID: one distinct copy
+        is processed as usual; several are all quarantined ``UID_CONFLICT``,
+        each with the series its header names."""
+        if len(copies) == 1:
+            item = copies[0]
+            uids = _header_uids(item.path)
+            named = self.named.get(item.sop_instance_uid, [])
+            expected = next((e for e in named if uids == e[:2]), named[0] if named else None)
+            return [_process(ctx, expected, item)[0]]
+        rows = []
+        for item in copies:
+            uids = _header_uids(item.path)
+            named = [e for e in self.named.get(item.sop_instance_uid, []) if e[:2] == uids]
+            row = _row(item, named[0] if named else None, ctx.run_id, "census" if named else None)
+            if not named and uids:
+                row.update(study_instance_uid=uids[0], series_instance_uid=uids[1])
+            _quarantine(ctx, row, item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
+            rows.append(row)
+        return rows
+
+
+def _unresolved(series: CensusSeries, sop: ExpectedInstance | None, why: str, run_id: str) -> dict[str, Any]:
+    return {"study_instance_uid": series.study_instance_uid, "series_instance_uid": series.series_instance_uid or None,
+            "sop_instance_uid": sop.sop_instance_uid if sop else None, "sop_class_uid": sop.sop_class_uid if sop else None,
+            "in_census": True, "state": InstanceState.UNRESOLVED.value, "reason": why, "run_id": run_id,
+            "membership": "census"}
+
+
+def _gap_rows(series: CensusSeries, rows: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
+    """Unresolved rows for what a series with a census gap is known to hold
+    but nobody could name: the PACS's count minus the members found, or one
+    row when the count is unknown and the census failed."""
+    members = sum(1 for r in rows if r["in_census"] and r["series_instance_uid"] == series.series_instance_uid
+                  and r["study_instance_uid"] == series.study_instance_uid)
+    failed = (series.census_gap or "").startswith(ReasonCode.CENSUS_FAILED.value)
+    if series.reported_instances is not None:
+        deficit = series.reported_instances - members
+    else:
+        deficit = 1 if failed else 0
+    why = series.census_gap if failed else reason(ReasonCode.NOT_RECEIVED, "not-sent")
+    return [_unresolved(series, None, why or "", run_id) for _ in range(max(0, deficit))]
 
 
 def transfer_partition(
@@ -370,23 +476,23 @@ def transfer_partition(
     """
     if normalizer is not None and (normalizer.ruleset != ruleset or normalizer.source_ae != source_ae):
         raise ValueError("normalizer was made for another rule set or source AE")
-    safe_run = hashlib.sha256(run_id.encode()).hexdigest()[:16]
-    staging = staging_root / safe_run / partition.hive_path
+    ctx = _Load(PartitionManifests(store, partition), run_id, ruleset, source_ae, times, normalizer)
+    staging = staging_root / ctx.writer / partition.hive_path
     if staging.exists():
         shutil.rmtree(staging)  # a retried task starts clean
-    expected = {
-        i.sop_instance_uid: (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
-        for s in series
-        for i in s.instances
-    }
+    members = _Membership(series)
+    held: dict[str, list[ReceivedInstance]] = {}
     # Each instance is normalized and loaded as soon as it is staged, while
     # the rest of the partition is still arriving.
     pool = ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix="load")
     futures = []
 
     def submit(item: ReceivedInstance) -> None:
-        futures.append(pool.submit(_process, store, partition, expected.get(item.sop_instance_uid), item, run_id,
-                                   ruleset, source_ae, times, normalizer))
+        if members.held(item):
+            held.setdefault(item.sop_instance_uid, []).append(item)
+            return
+        expected, membership = members.place(item)
+        futures.append(pool.submit(_process, ctx, expected, item, membership))
 
     sink = StagingSink(staging, on_received=submit)
     try:
@@ -396,42 +502,29 @@ def transfer_partition(
             times.retrieve_s += time.perf_counter() - started
             times.bytes_received += sum(r.size for r in sink.received.values())
         started = time.perf_counter()
+        futures.extend(pool.submit(members.copy_rows, ctx, copies) for copies in held.values())
         pool.shutdown(wait=True)
-        results = [f.result() for f in futures]
-        rows = [r for r, _ in results]
+        rows: list[dict[str, Any]] = []
+        for f in futures:
+            value = f.result()
+            rows.extend(value if isinstance(value, list) else [value[0]])
         if times:
             times.process_s += time.perf_counter() - started
         for s in series:
             for i in s.instances:
                 if i.sop_instance_uid not in sink.received:
-                    rows.append(
-                        {
-                            "study_instance_uid": s.study_instance_uid,
-                            "series_instance_uid": s.series_instance_uid,
-                            "sop_instance_uid": i.sop_instance_uid,
-                            "sop_class_uid": i.sop_class_uid,
-                            "in_census": True,
-                            "state": InstanceState.UNRESOLVED.value,
-                            "reason": reason(ReasonCode.NOT_RECEIVED,
-                                             retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)),
-                            "run_id": run_id,
-                        }
-                    )
+                    rows.append(_unresolved(s, i, reason(ReasonCode.NOT_RECEIVED,
+                                                         retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)),
+                                            run_id))
+            if s.census_gap:
+                rows.extend(_gap_rows(s, rows, run_id))
         if carried is not None and len(carried):
             rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
-        df = transfer_frame(sorted(rows, key=lambda r: (not r["in_census"], r["sop_instance_uid"])))
-        write_transfer(store, partition, df)
+        df = transfer_frame(sorted(rows, key=lambda r: (not r["in_census"], r["sop_instance_uid"] or "",
+                                                        r.get("series_instance_uid") or "")))
+        ctx.manifests.write_transfer(df)
         counts = counts_from_frame(df)
-        log.info(
-            "partition %s: expected=%d migrated=%d quarantined=%d unresolved=%d unsolicited=%d written=%d",
-            partition.key,
-            counts.expected,
-            counts.migrated,
-            counts.quarantined,
-            counts.unresolved,
-            counts.unsolicited,
-            counts.written,
-        )
+        log.info("partition %s: %s", partition.key, counts.summary())
         return counts
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -38,7 +38,7 @@ import pydicom
 
 from .census import BLOCKING_WARNINGS, CensusSeries
 from .config import ValidationConfig
-from .manifest import manifest_prefix
+from .manifest import PartitionManifests
 from .partition import Partition
 from .reasons import InstanceState
 from .store import ObjectStore
@@ -116,42 +116,56 @@ def reread(store: ObjectStore, key: str, sha256_hex: str) -> bool:
     return True
 
 
-def _frames(
-    store: ObjectStore, series: list[CensusSeries], transfer: pd.DataFrame
-) -> dict[str, pd.DataFrame]:
-    expected = pd.DataFrame(
-        [
-            {"sop_instance_uid": i.sop_instance_uid, "series_instance_uid": s.series_instance_uid}
-            for s in series
-            for i in s.instances
-        ],
-        columns=["sop_instance_uid", "series_instance_uid"],
+def _expected_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.DataFrame:
+    """One row per instance of E: every (series, SOP) the census named, every
+    member a capped series' retrieval named, every placeholder of a census gap."""
+    named = pd.DataFrame(
+        [{"series_instance_uid": s.series_instance_uid, "sop_instance_uid": i.sop_instance_uid}
+         for s in series for i in s.instances],
+        columns=["series_instance_uid", "sop_instance_uid"],
     )
-    in_census = transfer[transfer["in_census"]].drop_duplicates("sop_instance_uid")[["sop_instance_uid", "state"]]
-    expected = expected.merge(in_census, on="sop_instance_uid", how="left")
+    rows = transfer[transfer["in_census"]][["series_instance_uid", "sop_instance_uid", "state"]]
+    with_uid = rows[rows["sop_instance_uid"].notna()].drop_duplicates(["series_instance_uid", "sop_instance_uid"])
+    expected = named.merge(with_uid, on=["series_instance_uid", "sop_instance_uid"], how="outer")
+    return pd.concat([expected, rows[rows["sop_instance_uid"].isna()]], ignore_index=True)
 
-    per_series = []
+
+def _series_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    in_census = transfer[transfer["in_census"]]
     for s in series:
-        uids = {i.sop_instance_uid for i in s.instances}
-        states = transfer[transfer["in_census"] & transfer["sop_instance_uid"].isin(uids)]["state"]
-        counts = states.value_counts()
-        row = {
-            "series_instance_uid": s.series_instance_uid,
-            "expected": len(uids),
-            "migrated": int(counts.get(InstanceState.MIGRATED.value, 0)),
-            "quarantined": int(counts.get(InstanceState.QUARANTINED.value, 0)),
-            "unresolved": int(counts.get(InstanceState.UNRESOLVED.value, 0)),
-        }
+        mine = in_census[(in_census["study_instance_uid"] == s.study_instance_uid)
+                         & (in_census["series_instance_uid"].fillna("") == s.series_instance_uid)]
+        counts = mine["state"].value_counts()
+        named = len({i.sop_instance_uid for i in s.instances})
+        # A series with a census gap is proven against the PACS's own count.
+        expected = s.reported_instances if s.census_gap and s.reported_instances is not None else max(named, len(mine))
+        row = {"series_instance_uid": s.series_instance_uid, "expected": expected,
+               **{st.value: int(counts.get(st.value, 0)) for st in InstanceState}}
         row["accounted"] = row["migrated"] + row["quarantined"] + row["unresolved"]
-        per_series.append(row)
-    series_df = pd.DataFrame(
-        per_series, columns=["series_instance_uid", "expected", "migrated", "quarantined", "unresolved", "accounted"]
-    )
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["series_instance_uid", "expected", "migrated", "quarantined", "unresolved",
+                                       "accounted"])
 
+
+def reread_quarantine(store: ObjectStore, key: str, sha256_hex: str) -> bool:
+    """A quarantined object exists and its bytes hash to its key and the manifest."""
+    data = store.get_or_none(key)
+    return data is not None and key.endswith(f"/{sha256_hex}.dcm") and hashlib.sha256(data).hexdigest() == sha256_hex
+
+
+def _frames(
+    store: ObjectStore, partition: Partition, series: list[CensusSeries], transfer: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
+    manifests = PartitionManifests(store, partition)
+    gap = transfer["sop_instance_uid"].isna() & (transfer["state"] == InstanceState.UNRESOLVED.value)
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value].copy()
     pairs = list(zip(migrated["object_key"], migrated["object_sha256"]))
+    quarantined = transfer[transfer["state"] == InstanceState.QUARANTINED.value].copy()
+    qpairs = list(zip(quarantined["quarantine_key"], quarantined["received_sha256"]))
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
         migrated["checksum_verified"] = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
+        quarantined["checksum_verified"] = list(pool.map(lambda p: reread_quarantine(store, p[0], p[1]), qpairs))
 
     received = transfer[transfer["in_census"] & transfer["patient_key"].notna()]
     studies = (
@@ -160,17 +174,20 @@ def _frames(
         else pd.DataFrame({"study_instance_uid": pd.Series(dtype=str), "patients": pd.Series(dtype=int)})
     )
 
-    prefixes = {
-        f"{store.target.prefix}studies/{s.study_instance_uid}/series/{s.series_instance_uid}/instances/"
-        for s in series
-    }
+    prefixes = {manifests.series_prefix(s.study_instance_uid, s.series_instance_uid)
+                for s in series if s.series_instance_uid}
     listed = sum(sum(1 for _ in store.list_keys(p)) for p in sorted(prefixes))
-    bucket = pd.DataFrame([{"listed_objects": listed, "migrated": len(migrated)}])
+    in_quarantine = set(store.list_keys(manifests.quarantine_prefix))
+    recorded = set(quarantined["quarantine_key"].dropna())
+    bucket = pd.DataFrame([{"listed_objects": listed, "migrated": len(migrated),
+                            "quarantine_listed": len(in_quarantine), "quarantine_recorded": len(recorded),
+                            "quarantine_unaccounted": len(in_quarantine ^ recorded)}])
     return {
-        "expected": expected,
-        "series": series_df,
-        "transfer": transfer,
+        "expected": _expected_frame(series, transfer),
+        "series": _series_frame(series, transfer),
+        "transfer": transfer.assign(uid_or_gap=transfer["sop_instance_uid"].where(~gap, transfer["reason"])),
         "migrated": migrated,
+        "quarantined": quarantined,
         "studies": studies,
         "bucket": bucket,
     }
@@ -185,7 +202,8 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
             E.ExpectTableRowCountToEqual(value=n_expected),
             E.ExpectColumnValuesToNotBeNull(column="state"),  # conservation: one end state each
             E.ExpectColumnValuesToBeInSet(column="state", value_set=[s.value for s in InstanceState]),
-            E.ExpectColumnValuesToBeUnique(column="sop_instance_uid"),
+            E.ExpectCompoundColumnsToBeUnique(column_list=["series_instance_uid", "sop_instance_uid"],
+                                              ignore_row_if="any_value_is_missing"),
             E.ExpectColumnValuesToNotBeInSet(
                 column="state", value_set=[InstanceState.UNRESOLVED.value], mostly=1 - settings.max_unresolved_fraction
             ),
@@ -198,8 +216,14 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
         "series": [E.ExpectColumnPairValuesToBeEqual(column_A="expected", column_B="accounted")],
         "transfer": [
             E.ExpectTableRowCountToBeBetween(min_value=n_expected),
-            E.ExpectColumnValuesToNotBeNull(column="sop_instance_uid"),
-            E.ExpectColumnValuesToBeUnique(column="sop_instance_uid"),
+            # A SOP Instance UID on every row but what a census gap could not name (unresolved).
+            E.ExpectColumnValuesToNotBeNull(column="uid_or_gap"),
+            E.ExpectCompoundColumnsToBeUnique(column_list=["series_instance_uid", "sop_instance_uid", "received_sha256"],
+                                              ignore_row_if="any_value_is_missing"),
+        ],
+        "quarantined": [
+            E.ExpectColumnValuesToNotBeNull(column="reason"),
+            E.ExpectColumnValuesToBeInSet(column="checksum_verified", value_set=[True]),
         ],
         "migrated": [
             E.ExpectColumnValuesToBeInSet(column="study_date", value_set=[partition.dicom_date]),
@@ -214,7 +238,11 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
             E.ExpectColumnValuesToNotBeNull(column="object_sha256"),
         ],
         "studies": [E.ExpectColumnValuesToBeBetween(column="patients", min_value=0, max_value=1)],
-        "bucket": [E.ExpectColumnPairValuesToBeEqual(column_A="listed_objects", column_B="migrated")],
+        "bucket": [
+            E.ExpectColumnPairValuesToBeEqual(column_A="listed_objects", column_B="migrated"),
+            E.ExpectColumnPairValuesToBeEqual(column_A="quarantine_listed", column_B="quarantine_recorded"),
+            E.ExpectColumnValuesToBeBetween(column="quarantine_unaccounted", min_value=0, max_value=0),
+        ],
         # E itself must be complete: a census the PACS truncated beyond repair proves nothing.
         "census": [E.ExpectTableRowCountToEqual(value=0)],
     }
@@ -245,6 +273,7 @@ def _gx_run(
                     batch=batch_name,
                     expectation=r.expectation_config.type,
                     column=r.expectation_config.kwargs.get("column")
+                    or "|".join(r.expectation_config.kwargs.get("column_list") or ())
                     or "|".join(
                         str(r.expectation_config.kwargs[k])
                         for k in ("column_A", "column_B")
@@ -262,7 +291,7 @@ def _gx_run(
 
 def _publish(store: ObjectStore, partition: Partition, root: Path) -> list[str]:
     """Upload GX's validation results and Data Docs beside the manifests."""
-    base = manifest_prefix(store.target.prefix, partition) + "gx/"
+    base = PartitionManifests(store, partition).gx_prefix
     keys = []
     uncommitted = root / "gx" / "uncommitted"
     for folder, dest in ((uncommitted / "validations", "validations/"), (uncommitted / "data_docs" / "local_site", "data_docs/")):
@@ -295,7 +324,7 @@ def validate_partition(
         folder when not given. Published to the bucket when ``publish``.
     """
     settings = settings or ValidationConfig()
-    frames = _frames(store, series, transfer)
+    frames = _frames(store, partition, series, transfer)
     frames["census"] = pd.DataFrame({"warning": pd.Series(
         [w for w in (census_warnings or []) if w in BLOCKING_WARNINGS], dtype=object)})
     suites = _suites(partition, len(frames["expected"]), settings)
@@ -304,7 +333,7 @@ def validate_partition(
         root = docs_dir or Path(tmp)
         outcomes = _gx_run(root, frames, suites, name)
         artifacts = _publish(store, partition, root) if publish else []
-    verified = frames["migrated"]["checksum_verified"]
+    verified = pd.concat([frames["migrated"]["checksum_verified"], frames["quarantined"]["checksum_verified"]])
     failures = int((~verified.astype(bool)).sum())
     report = ValidationReport(
         partition=partition,
