@@ -173,3 +173,31 @@ class Dcmqrscp:
 
     def stop(self) -> None:
         _stop(self.proc, self.log)
+
+
+def series_study(root: Path, series: int, per_series: list[int] | None = None, date: str = "20190301",
+                 modality: str = "CT", tag: str = "big") -> dict[str, list[str]]:
+    """One study of ``series`` series (SeriesTimes spread over the day) holding
+    ``per_series[i]`` tiny instances each (8x8 pixels); returns series UID -> SOP UIDs."""
+    root.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    template.Rows = template.Columns = 8
+    template.PixelData = bytes(8 * 8 * 2)
+    template.Modality = modality
+    template.StudyInstanceUID = generate_uid(entropy_srcs=[tag, date])
+    template.StudyDate, template.StudyTime = date, "101010"
+    out: dict[str, list[str]] = {}
+    for s in range(series):
+        series_uid = generate_uid(entropy_srcs=[tag, date, "series", str(s)])
+        seconds = (s * 86399) // max(1, series - 1)
+        out[series_uid] = []
+        for i in range((per_series or [1] * series)[s]):
+            ds = template.copy()
+            ds.SeriesInstanceUID = series_uid
+            ds.SeriesTime = f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
+            ds.SeriesNumber, ds.InstanceNumber = s + 1, i + 1
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[tag, date, str(s), str(i)])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(root / f"{s:03d}-{i:05d}.dcm", enforce_file_format=True)
+            out[series_uid].append(str(ds.SOPInstanceUID))
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -256,25 +257,52 @@ def _crosswalk(raw: Any, base: Path) -> Crosswalk | None:
     if on_missing not in ("keep", "quarantine"):
         raise RuleSetError(f"crosswalk.on_missing: must be keep or quarantine, got {on_missing!r}")
     path = (base / raw["file"]).resolve()
+    encoding = str(raw.get("encoding", "utf-8"))
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            need = {"old_patient_id", "new_patient_id"}
-            if not reader.fieldnames or not need <= set(reader.fieldnames):
-                raise RuleSetError(f"crosswalk.file: {path.name} needs columns {sorted(need)} "
-                                   "(optional: old_issuer, new_issuer)")
-            table: dict[tuple[str, str], tuple[str, str]] = {}
-            for n, row in enumerate(reader, start=2):
-                old = (row["old_patient_id"].strip(), (row.get("old_issuer") or "").strip())
-                new = (row["new_patient_id"].strip(), (row.get("new_issuer") or "").strip())
-                if not old[0] or not new[0]:
-                    raise RuleSetError(f"crosswalk.file: {path.name} line {n}: empty patient ID")
-                if old in table and table[old] != new:
-                    raise RuleSetError(f"crosswalk.file: {path.name} line {n}: conflicting mapping")
-                table[old] = new
+        text = path.read_bytes().decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+                                        else encoding)
     except FileNotFoundError:
         raise RuleSetError(f"crosswalk.file: {path} not found") from None
-    return Crosswalk(table, on_missing)
+    except LookupError:
+        raise RuleSetError(f"crosswalk.encoding: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RuleSetError(f"crosswalk.file: {path.name} line {line}: not valid {encoding} "
+                           "(declare the file's encoding, e.g. crosswalk.encoding: latin-1)") from None
+    return Crosswalk(_crosswalk_table(text, path.name), on_missing)
+
+
+def _crosswalk_table(text: str, name: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """Rows of the crosswalk CSV; errors name the file, line and column."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader, [])]
+    need = ("old_patient_id", "new_patient_id")
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise RuleSetError(f"crosswalk.file: {name} line 1: missing column(s) {missing} in header {header} "
+                           "(columns: old_patient_id, old_issuer, new_patient_id, new_issuer)")
+    col = {h: n for n, h in enumerate(header)}
+    table: dict[tuple[str, str], tuple[str, str]] = {}
+    for row in reader:
+        n = reader.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise RuleSetError(f"crosswalk.file: {name} line {n}: {len(row)} columns, the header has {len(header)}")
+
+        def cell(column: str, row: list[str] = row) -> str:
+            return row[col[column]].strip() if column in col else ""
+
+        old, new = (cell("old_patient_id"), cell("old_issuer")), (cell("new_patient_id"), cell("new_issuer"))
+        for column, value in (("old_patient_id", old[0]), ("new_patient_id", new[0])):
+            if not value:
+                raise RuleSetError(f"crosswalk.file: {name} line {n} column {col[column] + 1} ({column}): empty")
+        if old in table and table[old] != new:
+            raise RuleSetError(f"crosswalk.file: {name} line {n}: conflicting mapping for an old_patient_id "
+                               "mapped differently on an earlier line")
+        table[old] = new
+    return table
+
 
 
 def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:

@@ -84,6 +84,8 @@ class ValidationReport:
     reread_objects: int
     reread_failures: int
     artifacts: tuple[str, ...] = ()  # object keys of published GX results and Data Docs
+    quarantine_rereads: int = 0  # quarantined objects re-read (proven like migrated ones)
+    quarantine_failures: int = 0
 
     @property
     def failed(self) -> list[ExpectationOutcome]:
@@ -95,6 +97,8 @@ class ValidationReport:
             "success": self.success,
             "reread_objects": self.reread_objects,
             "reread_failures": self.reread_failures,
+            "quarantine_rereads": self.quarantine_rereads,
+            "quarantine_failures": self.quarantine_failures,
             "failed_expectations": [o.label for o in self.failed],
             "expectations": [o.to_json() for o in self.outcomes],
             "artifacts": list(self.artifacts),
@@ -333,7 +337,8 @@ def validate_partition(
         root = docs_dir or Path(tmp)
         outcomes = _gx_run(root, frames, suites, name)
         artifacts = _publish(store, partition, root) if publish else []
-    verified = pd.concat([frames["migrated"]["checksum_verified"], frames["quarantined"]["checksum_verified"]])
+    verified = frames["migrated"]["checksum_verified"]
+    quarantine = frames["quarantined"]["checksum_verified"]
     failures = int((~verified.astype(bool)).sum())
     report = ValidationReport(
         partition=partition,
@@ -342,6 +347,8 @@ def validate_partition(
         reread_objects=len(verified),
         reread_failures=failures,
         artifacts=tuple(artifacts),
+        quarantine_rereads=len(quarantine),
+        quarantine_failures=int((~quarantine.astype(bool)).sum()),
     )
     log.info(
         "partition %s validation %s (%d objects re-read, %d failed)",
