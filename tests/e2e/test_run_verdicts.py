@@ -1,0 +1,77 @@
+"""Issue 13.1: the report never claims more than was checked. Each task of
+pacs_migration is failed in turn (dag.test, in-process, so the step the task
+calls is replaced by one that raises); the mail must not say PASSED, must
+name the task and the error class, and must not carry the error's message."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import json
+
+import pytest
+
+from tests.e2e.test_pacs_migration_dag import _dag, _mail_parts, _run
+
+pytestmark = pytest.mark.e2e
+DATE = dt.date(2019, 3, 1)
+CANARY = "CANARY^SECRET-MESSAGE"
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError(CANARY)
+
+
+@pytest.mark.parametrize("step, task", [
+    ("take_date_census", "census"),
+    ("transfer_step", "transfer"),
+    ("validate_step", "validate"),
+    ("lineage_step", "lineage"),
+])
+def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connections, monkeypatch, step, task):
+    from include.pacs_migration import steps
+
+    monkeypatch.setattr(steps, step, _boom)
+    run = _run(_dag(), DATE)
+    assert run.state == "failed"
+    mails = airflow_connections["mail"].messages()
+    assert len(mails) == 1
+    msg, html, _ = _mail_parts(mails[0])
+    assert "PASSED" not in msg["Subject"]
+    assert "validation INCOMPLETE" in msg["Subject"], msg["Subject"]
+    assert f"{task} failed (RuntimeError)" in msg["Subject"]
+    assert f'data-failure="{task}"' in html
+    assert CANARY not in str(msg) + html
+    if task == "census":
+        assert "The census did not complete" in html and "found no studies" not in html
+
+
+def test_unreachable_pacs_still_mails_incomplete(airflow_db, airflow_connections, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PACS_SOURCE", json.dumps(
+        {"conn_type": "generic", "host": "127.0.0.1", "port": 9,  # discard: nothing listens
+         "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}))
+    run = _run(_dag(), DATE)
+    assert run.state == "failed"
+    msg = email.message_from_bytes(airflow_connections["mail"].messages()[-1].read_bytes())
+    assert msg["Subject"].endswith("validation INCOMPLETE: census failed (DicomNetworkError)"), msg["Subject"]
+
+
+def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_connections, tmp_path,
+                                                            monkeypatch):
+    from include.pacs_migration.config import read_yaml
+    import yaml
+
+    from include.pacs_migration_dags import DEFAULT_CONFIG
+
+    data = read_yaml(DEFAULT_CONFIG)
+    data["normalisation"] = data.pop("normalization")  # misspelt: must not fall back to defaults silently
+    data["report"]["operators"] = ["pacs-team@hospital.example"]
+    path = tmp_path / "migration.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (tmp_path / "rules").symlink_to(DEFAULT_CONFIG.parent / "rules")
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(path))
+    run = _run(_dag(), DATE)
+    assert run.state == "failed"
+    msg, html, _ = _mail_parts(airflow_connections["mail"].messages()[-1])
+    assert "validation INCOMPLETE: census failed (ConfigError at normalisation)" in msg["Subject"]
+    assert "compliance@hospital.example" in msg["To"] and "pacs-team@hospital.example" in msg["To"]
