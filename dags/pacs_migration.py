@@ -123,10 +123,10 @@ def pacs_migration():
 
     @task(trigger_rule="all_done", retries=0)
     def gate() -> None:
-        """Fail the run unless every partition passed this run's validation."""
+        """Fail the run unless every partition passed this run's validation and no task failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, run_failures, runtime_config
         from include.pacs_migration.manifest import PartitionManifests
         from include.pacs_migration.partition import Partition
 
@@ -134,6 +134,8 @@ def pacs_migration():
         parts = ctx["ti"].xcom_pull(task_ids="census")
         if parts is None:
             raise AirflowFailException("census did not complete")
+        if failures := run_failures(ctx["ti"]):
+            raise AirflowFailException(f"tasks failed: {'; '.join(f.label for f in failures)}")
         store = object_store(runtime_config())
         bad = [p.key for p in map(Partition.from_json, parts) if not PartitionManifests(store, p).passed(ctx["run_id"])]
         if bad:

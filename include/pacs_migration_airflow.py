@@ -138,6 +138,17 @@ def recorded_failure(partition: str | None = None) -> Iterator[None]:
         raise
 
 
+FAILING_TASKS = ("census", "partition.transfer", "partition.validate", "partition.lineage")
+
+
+def run_failures(ti: Any) -> tuple[Any, ...]:
+    """The task failures of this run that :func:`recorded_failure` left in XCom."""
+    from include.pacs_migration.report import TaskFailure
+
+    pulled = ti.xcom_pull(task_ids=list(FAILING_TASKS), key=FAILURE_KEY) or []
+    return tuple(TaskFailure.from_json(f) for f in pulled if isinstance(f, dict))
+
+
 def fallback_report_config() -> ReportConfig:
     """Where to send a report when the configuration itself is broken: the
     recipients Variable or what the YAML's report section holds, leniently."""
@@ -169,9 +180,7 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
 
     ctx = get_current_context()
     ti, run_id = ctx["ti"], ctx["run_id"]
-    pulled = ti.xcom_pull(task_ids=["census", "partition.transfer", "partition.validate", "partition.lineage"],
-                          key=FAILURE_KEY) or []
-    failures = tuple(TaskFailure.from_json(f) for f in pulled if isinstance(f, dict))
+    failures = run_failures(ti)
     parts = ti.xcom_pull(task_ids="census")
     census_completed = parts is not None
     partitions = [Partition.from_json(p) for p in parts or []]

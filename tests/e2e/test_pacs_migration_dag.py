@@ -194,7 +194,8 @@ def test_corrupted_and_missing_objects_fail_validation(airflow_db, airflow_conne
     assert "checksum_verified" in html and "listed_objects" in html
 
 
-def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connections, archive, tmp_path, monkeypatch):
+def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connections, archive, tmp_path, monkeypatch,
+                                                     s3_server):
     """The source holds one SOP Instance UID in two series: validation must say so."""
     from include.demo.pacs import SimulatedPACS
 
@@ -216,4 +217,10 @@ def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connect
     assert run.state == "failed"
     msg, html, csv_text = _mail_parts(airflow_connections["mail"].messages()[-1])
     assert "FAILED" in msg["Subject"]
-    assert "expected:expect_column_values_to_be_unique(sop_instance_uid)" in _failed_labels(csv_text)["2019-03-01/CR"]
+    assert "expected:expect_column_values_to_not_be_in_set(state)" in _failed_labels(csv_text)["2019-03-01/CR"]
+    # Both copies kept (issue 13.4): quarantined UID_CONFLICT, each with its series.
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=airflow_connections["bucket"]))
+    df = read_transfer(store, Partition(dt.date(2019, 3, 1), "CR"))
+    rows = df[df["sop_instance_uid"] == str(twin.SOPInstanceUID)]
+    assert set(rows["reason"]) == {"UID_CONFLICT"} and set(rows["series_instance_uid"]) == {
+        str(twin.SeriesInstanceUID), str(pydicom.dcmread(root / "CR00" / "s1" / "0001.dcm").SeriesInstanceUID)}
