@@ -111,8 +111,9 @@ def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], obje
         if p.study_date not in dates:
             continue
         manifests = PartitionManifests(store, p)
-        c = counts_from_frame(manifests.transfer())
-        run_id = str(manifests.transfer()["run_id"].dropna().max())
+        df = manifests.transfer()
+        c = counts_from_frame(df)
+        run_id = str(df["run_id"].dropna().max())
         # A verdict counts only for the run that reached it (the demo's last run of this date).
         rows.append({"partition": p.key, **c.to_json(), "validation_passed": manifests.passed(run_id)})
     objects = s3.count(BUCKET, "studies/")

@@ -173,7 +173,10 @@ class PartitionManifests:
         return self._put_parquet(TRANSFER, df)
 
     def transfer(self) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.store.get(self.key(TRANSFER))))
+        df = self.transfer_or_none()
+        if df is None:
+            raise FileNotFoundError(f"partition {self.partition.key}: no transfer manifest")
+        return df
 
     def transfer_or_none(self) -> pd.DataFrame | None:
         data = self.store.get_or_none(self.key(TRANSFER))
