@@ -203,7 +203,9 @@ def worker(ns: argparse.Namespace) -> int:
     from include.pacs_migration.dimse import FindSession, c_get
     from include.pacs_migration.manifest import read_transfer, write_census
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.transfer import StageTimes, normalize_processes, peak_rss_kb, transfer_partition
+    from include.pacs_migration.counts import StageTimes
+    from include.pacs_migration.normalize_processes import normalize_processes, peak_rss_kb
+    from include.pacs_migration.transfer import transfer_partition
 
     from benchmarks.archive import STUDY_DATE
 

@@ -103,7 +103,7 @@ def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], obje
     from include.pacs_migration.config import TargetConfig
     from include.pacs_migration.manifest import PartitionManifests, transferred_partitions
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.transfer import counts_from_frame
+    from include.pacs_migration.counts import counts_from_frame
 
     store = ObjectStore(s3.client(), TargetConfig(bucket=BUCKET))
     rows = []

@@ -53,6 +53,7 @@ TRANSFER_COLUMNS: tuple[str, ...] = (
     "rules_applied",
     "run_id",
     "membership",  # "census" (named by C-FIND) or "retrieval" (a capped/failed series' member, named by its C-GET)
+    "findings",  # ';'-joined: reported, not changed (INCONSISTENT_PATIENT under the flag policy, charset:...)
 )
 
 
@@ -180,7 +181,11 @@ class PartitionManifests:
 
     def transfer_or_none(self) -> pd.DataFrame | None:
         data = self.store.get_or_none(self.key(TRANSFER))
-        return None if data is None else pd.read_parquet(io.BytesIO(data))
+        if data is None:
+            return None
+        df = pd.read_parquet(io.BytesIO(data))
+        # A manifest written before a column existed reads with it empty.
+        return df.reindex(columns=[*TRANSFER_COLUMNS, *(c for c in df.columns if c not in TRANSFER_COLUMNS)])
 
     # --- verdict and lineage
     def write_verdict(self, verdict: dict[str, Any], run_id: str) -> str:

@@ -67,6 +67,7 @@ class NormalizeResult:
     pixel_sha256_after: str | None = None
     changes: list[str] = field(default_factory=list)
     rules_applied: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # reported; the instance is not changed for them
 
     @property
     def quarantined(self) -> bool:
@@ -247,19 +248,22 @@ def record_original_attributes(
                 item = Dataset()
                 item.SelectorAttribute = c.tag
                 item.SelectorValueNumber = 0
-                item.SelectorAttributeVR = vr
                 data = raw.encode(charset, "replace")
                 item.NonconformingDataElementValue = data + (b"\x00" if len(data) % 2 else b"")
                 nonconforming.append(item)
-        item = Dataset()
-        item.ModifiedAttributesSequence = [modified] if len(modified) else []
-        if nonconforming:
-            item.NonconformingModifiedAttributesSequence = nonconforming
-        item.AttributeModificationDateTime = when
-        item.ModifyingSystem = f"pacs-migration {ruleset.label}"[:64]
-        item.SourceOfPreviousValues = (source_ae or "")[:64]
-        item.ReasonForTheAttributeModification = why.value
-        items.append(item)
+        # Modified Attributes Sequence: Type 1, exactly one item (empty when
+        # every old value was nonconforming); one nonconforming value per
+        # Original Attributes item (dciodvfy's reading of the module).
+        for n, bad in enumerate(nonconforming or [None]):
+            item = Dataset()
+            item.ModifiedAttributesSequence = [modified if n == 0 else Dataset()]
+            if bad is not None:
+                item.NonconformingModifiedAttributesSequence = [bad]
+            item.AttributeModificationDateTime = when
+            item.ModifyingSystem = f"pacs-migration {ruleset.label}"[:64]
+            item.SourceOfPreviousValues = (source_ae or "")[:64]
+            item.ReasonForTheAttributeModification = why.value
+            items.append(item)
     ds.OriginalAttributesSequence = items
 
 
@@ -347,7 +351,6 @@ def normalize(
     result.series_instance_uid = str(ds.SeriesInstanceUID)
     result.study_date = str(ds.get("StudyDate", "") or "")
     result.modality = str(ds.get("Modality", "") or "")
-    result.patient_key = patient_key(ds)
     for expected, actual in (
         (expected_sop_instance_uid, result.sop_instance_uid),
         (expected_series_instance_uid, result.series_instance_uid),
@@ -379,6 +382,8 @@ def normalize(
         result.reason = reason(ReasonCode.RULE_REJECTED, outcome.rejected_by)
         return result
     result.rules_applied = sorted({c.rule_id for c in outcome.changes})
+    result.findings = list(outcome.findings)
+    result.patient_key = patient_key(ds)  # the patient the object will name (after a crosswalk)
     result.sop_class_uid = str(ds.SOPClassUID)
 
     meta = getattr(ds, "file_meta", None)
@@ -416,6 +421,8 @@ def normalize(
         result.changes.append(f"un:retyped:{len(un_known)}")
     if encoding_mismatch:
         result.changes.append("encoding:implicit-vr-body-rewritten-explicit")
+        for elem in ds.iterall():
+            _ = elem.value  # read as implicit VR: decode now, or the explicit writer gets raw bytes
     result.changes.extend(f"rule:{c.rule_id}:{c.keyword}" for c in outcome.changes)
     result.changes.extend(outcome.notes)
     if outcome.changes:

@@ -8,14 +8,16 @@ import csv
 import html
 import io
 import zipfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
+from .counts import COUNT_FIELDS, PartitionCounts, counts_from_frame
 from .manifest import PartitionManifests
 from .partition import Partition
+from .reasons import ReasonCode
 from .store import ObjectStore
-from .transfer import COUNT_FIELDS, PartitionCounts, counts_from_frame
 
 FIELDS = COUNT_FIELDS
 
@@ -62,12 +64,15 @@ class PartitionFigures:
     reasons: dict[str, int] = field(default_factory=dict)
     failed_expectations: tuple[str, ...] = ()
     census_gaps: tuple[str, ...] = ()  # studies or series the census could not list, by UID
+    inconsistent_patients: tuple[str, ...] = ()  # "<study UID> quarantined|flagged": more than one patient
+    findings: dict[str, int] = field(default_factory=dict)  # e.g. charset:undeclared-non-ascii -> instances
 
     @classmethod
     def of(cls, partition: str, c: PartitionCounts, passed: bool | None, failed: tuple[str, ...] = (),
-           gaps: tuple[str, ...] = ()) -> PartitionFigures:
+           gaps: tuple[str, ...] = (), inconsistent: tuple[str, ...] = (),
+           findings: dict[str, int] | None = None) -> PartitionFigures:
         return cls(partition, c.expected, c.migrated, c.quarantined, c.unresolved, c.unsolicited, c.written, passed,
-                   dict(c.reasons), failed, gaps)
+                   dict(c.reasons), failed, gaps, inconsistent, dict(findings or {}))
 
     @property
     def conserved(self) -> bool:
@@ -85,6 +90,20 @@ def _gaps(manifests: PartitionManifests) -> tuple[str, ...]:
                  for s in series if s.census_gap)
 
 
+def _inconsistent(df: Any) -> tuple[str, ...]:
+    """Studies naming more than one patient, by UID, with what became of them."""
+    code = ReasonCode.INCONSISTENT_PATIENT.value
+    quarantined = set(df.loc[df["reason"] == code, "study_instance_uid"].dropna())
+    flagged = set(df.loc[df["findings"].fillna("").str.contains(code, regex=False), "study_instance_uid"].dropna())
+    return tuple([f"{uid} quarantined" for uid in sorted(quarantined)]
+                 + [f"{uid} flagged (migrated)" for uid in sorted(flagged - quarantined)])
+
+
+def _findings(df: Any) -> dict[str, int]:
+    found = Counter(f for v in df["findings"].dropna() for f in str(v).split(";") if f)
+    return dict(sorted(found.items()))
+
+
 def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> PartitionFigures:
     """Figures of one partition from its manifests, as this run left them. A
     partition whose transfer did not complete in this run shows the census's
@@ -99,7 +118,7 @@ def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> 
         return PartitionFigures.of(partition.key, c, False, ("transfer:not_completed",), _gaps(manifests))
     failed = tuple(verdict.get("failed_expectations", [])) if verdict else ("validation:not_run",)
     return PartitionFigures.of(partition.key, counts_from_frame(df), bool(verdict and verdict.get("success")),
-                               failed, _gaps(manifests))
+                               failed, _gaps(manifests), _inconsistent(df), _findings(df))
 
 
 def run_verdict(figures: list[PartitionFigures], failures: tuple[TaskFailure, ...] = (),
@@ -178,7 +197,8 @@ def subject(prefix: str, study_date: str, figures: list[PartitionFigures], failu
 def figures_csv(figures: list[PartitionFigures]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["partition", *FIELDS, "validation_passed", "reasons", "failed_expectations"])
+    w.writerow(["partition", *FIELDS, "validation_passed", "reasons", "failed_expectations", "census_gaps",
+                "inconsistent_patients"])
     for f in figures:
         w.writerow(
             [
@@ -187,6 +207,8 @@ def figures_csv(figures: list[PartitionFigures]) -> str:
                 f.validation_passed,
                 ";".join(f"{k}={v}" for k, v in f.reasons.items()),
                 ";".join(f.failed_expectations),
+                ";".join(f.census_gaps),
+                ";".join(f.inconsistent_patients),
             ]
         )
     return buf.getvalue()
@@ -236,6 +258,11 @@ def render_html(run_id: str, study_date: str, figures: list[PartitionFigures], b
             details.append(f"<li>{e(f.partition)} failed expectation: <code>{e(fe)}</code></li>")
         for gap in f.census_gaps:
             details.append(f"<li>{e(f.partition)} census gap: <code>{e(gap)}</code></li>")
+        if f.findings:
+            details.append(f"<li>{e(f.partition)} findings (reported, not changed): "
+                           + ", ".join(f"{e(k)} &times; {v}" for k, v in f.findings.items()) + "</li>")
+        for study in f.inconsistent_patients:
+            details.append(f"<li>{e(f.partition)} study naming more than one patient: <code>{e(study)}</code></li>")
     if not census_completed:
         details.append("<li>The census did not complete: the expected set of this date is unknown, "
                        "nothing of it is proven.</li>")

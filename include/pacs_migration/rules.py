@@ -78,6 +78,19 @@ class OverLongPolicy(str, Enum):
     KEEP = "keep"  # leave as received (the structural rules alone)
 
 
+class PatientPolicy(str, Enum):
+    """What happens to a study whose instances name more than one patient."""
+
+    QUARANTINE = "quarantine"  # INCONSISTENT_PATIENT: nothing of the study goes live
+    FLAG = "flag"  # migrate as received, name the study in the report
+
+
+# Declarations ``character_set.assume`` may name for undeclared non-ASCII bytes
+# (single-byte sets: every byte decodes, so nothing is lost).
+ASSUMABLE_CHARSETS = ("ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
+                      "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203")
+
+
 class InvalidValuePolicy(str, Enum):
     QUARANTINE = "quarantine"  # RULE_REJECTED:invalid-values; write a rule to repair, then re-run
     KEEP = "keep"  # migrate as received (not strictly conformant)
@@ -145,7 +158,9 @@ class RuleSet:
     normalize_dates: bool = True
     repair_character_set: bool = True
     reencode_utf8: bool = False
+    assume_character_set: str | None = None  # for undeclared non-ASCII bytes that are not UTF-8
     crosswalk: Crosswalk | None = None
+    inconsistent_patient: PatientPolicy = PatientPolicy.QUARANTINE
 
     @property
     def label(self) -> str:
@@ -170,6 +185,7 @@ class Change:
 class RuleOutcome:
     changes: list[Change] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # non-attribute changes, e.g. private:removed:12
+    findings: list[str] = field(default_factory=list)  # reported, nothing changed (e.g. charset:undeclared)
     rejected_by: str | None = None  # rule id when the instance must be quarantined
 
 
@@ -342,6 +358,17 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
     except ValueError:
         raise RuleSetError("invalid_values: must be quarantine or keep") from None
     charset = data.get("character_set") or {}
+    if not isinstance(charset, dict):
+        raise RuleSetError("character_set: must be a mapping (repair, reencode_utf8, assume)")
+    if unknown_charset := set(charset) - {"repair", "reencode_utf8", "assume"}:
+        raise RuleSetError(f"character_set: unknown field(s) {sorted(unknown_charset)}")
+    assume = charset.get("assume")
+    if assume is not None and assume not in ASSUMABLE_CHARSETS:
+        raise RuleSetError(f"character_set.assume: must be one of {list(ASSUMABLE_CHARSETS)}, not {assume!r}")
+    try:
+        patients = PatientPolicy(str(data.get("inconsistent_patient", "quarantine")))
+    except ValueError:
+        raise RuleSetError("inconsistent_patient: must be quarantine or flag") from None
     flags = {}
     for name, key, default in (("map_retired_sop_classes", "retired_sop_classes", True),
                                ("normalize_dates", "normalize_dates", True)):
@@ -356,13 +383,14 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
         flags[name] = value
     unknown = set(data) - {"id", "version", "description", "rules", "private_tags", "over_long_values",
                            "character_set", "retired_sop_classes", "normalize_dates", "crosswalk",
-                           "invalid_values"}
+                           "invalid_values", "inconsistent_patient"}
     if unknown:
         raise RuleSetError(f"<root>: unknown field(s) {sorted(unknown)}")
     return RuleSet(
         id=rid, version=str(version), rules=rules, private_policy=policy,
         keep_creators=frozenset(c.strip() for c in creators), over_long=over_long, invalid_values=invalid,
-        crosswalk=_crosswalk(data.get("crosswalk"), base), **flags,
+        crosswalk=_crosswalk(data.get("crosswalk"), base), assume_character_set=assume,
+        inconsistent_patient=patients, **flags,
     )
 
 
@@ -591,12 +619,20 @@ def repair_character_set(ds: Dataset, raw_text: list[bytes]) -> str | None:
     return None
 
 
+def undeclared_non_ascii(ds: Dataset, raw_text: list[bytes]) -> bool:
+    """Non-ASCII text bytes with no declaration (or ISO_IR 6) to read them by."""
+    return _values(ds.get("SpecificCharacterSet")) in ([], [""], ["ISO_IR 6"]) and any(
+        c > 0x7F for b in raw_text for c in b)
+
+
 def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> RuleOutcome:
     """Apply a rule set to ``ds`` in place; return what changed."""
     out = RuleOutcome()
-    raw_text = _raw_text(ds) if rs.repair_character_set else []
-    if rs.repair_character_set:
-        wanted = repair_character_set(ds, raw_text)
+    raw_text = _raw_text(ds)
+    if rs.repair_character_set or rs.assume_character_set:
+        wanted = repair_character_set(ds, raw_text) if rs.repair_character_set else None
+        if wanted is None and rs.assume_character_set and undeclared_non_ascii(ds, raw_text):
+            wanted = rs.assume_character_set  # the site's legacy charset (e.g. Latin-1)
         if wanted is not None:
             old = ds.get("SpecificCharacterSet")
             ds.SpecificCharacterSet = wanted
@@ -604,6 +640,8 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
             ds._read_charset = convert_encodings(wanted)
             out.changes.append(Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT,
                                       old, wanted))
+    if undeclared_non_ascii(ds, raw_text):
+        out.findings.append("charset:undeclared-non-ascii")  # no option covers it: reported, kept as is
     # Values stay undecoded until read: pydicom decodes them with the declaration
     # read (repaired above), and re-encodes at write if the declaration changes.
     if rs.reencode_utf8 and _values(ds.get("SpecificCharacterSet")) != ["ISO_IR 192"]:

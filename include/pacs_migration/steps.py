@@ -21,7 +21,9 @@ from .partition import Partition
 from .plan import Unit
 from .retrieve import GetFn
 from .store import ObjectStore
-from .transfer import PartitionCounts, counts_from_frame, normalize_processes, plan_resume, transfer_partition
+from .counts import PartitionCounts, counts_from_frame
+from .normalize_processes import normalize_processes
+from .transfer import plan_resume, transfer_partition
 from .validate import ValidationReport, validate_partition
 
 log = logging.getLogger(__name__)

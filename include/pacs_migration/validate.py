@@ -12,7 +12,7 @@ The suites check what compliance must be able to prove:
 - ``migrated``: StudyDate and Modality equal the partition's, SOP Instance UIDs
   well formed, transfer syntax allowed, every object re-read with the SHA-256
   the manifest recorded, keys unique;
-- ``studies``: one patient (PatientID + Issuer, compared as a hash) per study;
+- ``studies``: one patient (PatientID + Issuer, compared as a hash) per study among live objects;
 - ``bucket``: the objects listed under the partition's series prefixes equal
   the migrated count;
 - ``census``: no warning that the census itself may be incomplete (a C-FIND
@@ -40,7 +40,7 @@ from .census import BLOCKING_WARNINGS, CensusSeries
 from .config import ValidationConfig
 from .manifest import PartitionManifests
 from .partition import Partition
-from .reasons import InstanceState
+from .reasons import InstanceState, ReasonCode
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,10 @@ def _frames(
         migrated["checksum_verified"] = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
         quarantined["checksum_verified"] = list(pool.map(lambda p: reread_quarantine(store, p[0], p[1]), qpairs))
 
-    received = transfer[transfer["in_census"] & transfer["patient_key"].notna()]
+    # Live objects name one patient per study; a study flagged INCONSISTENT_PATIENT
+    # was migrated by policy and is named in the report instead.
+    flagged = transfer["findings"].fillna("").str.contains(ReasonCode.INCONSISTENT_PATIENT.value, regex=False)
+    received = migrated[migrated["patient_key"].notna() & ~flagged.loc[migrated.index]]
     studies = (
         received.groupby("study_instance_uid")["patient_key"].nunique().rename("patients").reset_index()
         if len(received)

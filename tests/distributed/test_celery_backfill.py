@@ -70,7 +70,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     from include.pacs_migration.manifest import read_transfer
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.transfer import counts_from_frame
+    from include.pacs_migration.counts import counts_from_frame
 
     archive = build_archive(tmp_path / "archive", DATES[0], len(DATES))
     pacs = SimulatedPACS(archive.root, max_associations=32)

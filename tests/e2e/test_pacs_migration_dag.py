@@ -22,7 +22,7 @@ from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.manifest import read_transfer
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
-from include.pacs_migration.transfer import counts_from_frame
+from include.pacs_migration.counts import counts_from_frame
 from tests.conftest import OPENLINEAGE_FILE
 from tests.s3_faults import S3FaultProxy
 

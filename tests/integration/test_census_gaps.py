@@ -13,7 +13,8 @@ from include.pacs_migration.dimse import FindSession, c_get
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
-from include.pacs_migration.transfer import counts_from_frame, transfer_partition
+from include.pacs_migration.counts import counts_from_frame
+from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from tests.peers import Orthanc, series_study
 

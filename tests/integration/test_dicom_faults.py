@@ -19,7 +19,8 @@ from include.pacs_migration.dimse import DicomNetworkError, FindSession, MoveRet
 from include.pacs_migration.manifest import read_census, read_transfer, write_census
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
-from include.pacs_migration.transfer import PartitionCounts, transfer_partition
+from include.pacs_migration.counts import PartitionCounts
+from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 
 DATE = dt.date(2019, 3, 1)

@@ -200,3 +200,56 @@ def test_a_partition_whose_transfer_failed_shows_the_census_expected(s3_server, 
     f = partition_figures(store, CT, "run-x")
     assert (f.expected, f.migrated, f.validation_passed) == (3, 0, False)
     assert f.failed_expectations == ("transfer:not_completed",)
+
+
+def _two_patient_archive(root):
+    """Two CT studies of 2019-03-01: "one" names one patient; "mixed" names
+    another patient in its second series (a misfiled series)."""
+    series_study(root, 2, [30, 30], tag="one")  # keeps the quarantined fraction under 10 %
+    mixed = series_study(root / "mixed", 2, [3, 2], tag="mixed")
+    second = sorted(mixed)[1]
+    for path in (root / "mixed").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.SeriesInstanceUID == second:
+            ds.PatientID = "CANARY-OTHER-PATIENT"
+            ds.save_as(path, enforce_file_format=True)
+    return str(pydicom.dcmread(next((root / "mixed").glob("*.dcm"))).StudyInstanceUID)
+
+
+@pytest.mark.parametrize("policy", ["quarantine", "flag"])
+def test_a_study_naming_two_patients(tmp_path, s3_server, bucket, policy):
+    """Point 8: by default nothing of the study goes live (INCONSISTENT_PATIENT,
+    named in the report by Study Instance UID); under ``flag`` it migrates and
+    is named. The other study of the partition migrates either way."""
+    from include.pacs_migration.rules import PatientPolicy, RuleSet
+
+    mixed = _two_patient_archive(tmp_path / "a")
+    ruleset = RuleSet(id="t", version="1", inconsistent_patient=PatientPolicy(policy))
+    pacs = SimulatedPACS(tmp_path / "a")
+    store = _store(s3_server, bucket)
+    m = PartitionManifests(store, CT)
+    try:
+        with FindSession(_source(pacs.port)) as session:
+            census = take_census(session.find, DATE)
+        m.write_census(census.for_partition(CT), [])
+        transfer_partition(lambda q, c, s: c_get(_source(pacs.port), q, c, s), store, CT, m.census(),
+                           tmp_path / "staging", "patients-run", 3, 2, 4, ruleset=ruleset)
+    finally:
+        pacs.stop()
+    df = m.transfer()
+    study = df[df["study_instance_uid"] == mixed]
+    assert len(study) == 5 and len(df) == 65
+    if policy == "quarantine":
+        assert set(study["reason"]) == {"INCONSISTENT_PATIENT"} and set(study["state"]) == {"quarantined"}
+        assert s3_server.count(bucket, f"studies/{mixed}") == 0
+        assert s3_server.count(bucket, "studies/") == 60 and s3_server.count(bucket, "quarantine/") == 5
+    else:
+        assert set(study["state"]) == {"migrated"} and set(study["findings"]) == {"INCONSISTENT_PATIENT"}
+        assert s3_server.count(bucket, "studies/") == 65
+    assert df[df["study_instance_uid"] != mixed]["state"].eq("migrated").all()
+    report = _validate(store, CT)
+    assert report.success, [o.label for o in report.failed]
+    figures = partition_figures(store, CT, "patients-run")
+    named = "quarantined" if policy == "quarantine" else "flagged (migrated)"
+    assert figures.inconsistent_patients == (f"{mixed} {named}",)
+    assert b"CANARY" not in store.get(m.key("transfer.parquet"))  # the manifest holds a hash, not the ID

@@ -139,7 +139,7 @@ def test_no_patient_data_in_logs_at_debug(setup, archive, caplog, capfd, process
     import logging
 
     from include.pacs_migration.rules import load_ruleset
-    from include.pacs_migration.transfer import normalize_processes
+    from include.pacs_migration.normalize_processes import normalize_processes
 
     cfg, store = setup
     ruleset = load_ruleset(Path(__file__).resolve().parents[2] / "include/config/rules/site-default.yaml")
@@ -170,7 +170,7 @@ def test_normalize_in_a_process_gives_the_same_manifest(pacs, s3_server, tmp_pat
     the load threads: the same rows, state, reasons and bytes, with the site
     rule set that rewrites the archive's quirky instances."""
     from include.pacs_migration.rules import load_ruleset
-    from include.pacs_migration.transfer import normalize_processes
+    from include.pacs_migration.normalize_processes import normalize_processes
 
     ruleset = load_ruleset(Path(__file__).resolve().parents[2] / "include/config/rules/site-default.yaml")
     frames = {}

@@ -194,7 +194,7 @@ def test_census_warnings_reach_the_partitions_they_threaten():
 def test_normalize_process_matches_in_process_and_fails_fast_when_dead(tmp_path):
     """A normalize process returns what normalize returns in-process; once it
     dies, every request fails at once with a clear error (none waits)."""
-    from include.pacs_migration.transfer import NormalizeProcesses
+    from include.pacs_migration.normalize_processes import NormalizeProcesses
 
     raw = _raw("CT_small.dcm")
     ds = pydicom.dcmread(io.BytesIO(raw))

@@ -54,3 +54,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
     data = out.read_bytes()
     assert png_size(data) == (900, 600)
     assert len(data) > 10_000  # a rendered page, not a blank canvas
+
+
+def test_findings_and_inconsistent_studies_are_named_in_the_report():
+    from include.pacs_migration.counts import PartitionCounts
+    from include.pacs_migration.report import PartitionFigures, render_html
+
+    f = PartitionFigures.of("2019-03-01/CT", PartitionCounts(10, 5, 5, 0, 0, 5, {"INCONSISTENT_PATIENT": 5}), True,
+                            inconsistent=("1.2.3 quarantined",), findings={"charset:undeclared-non-ascii": 2})
+    html = render_html("r", "2019-03-01", [f], "s3://b")
+    assert "study naming more than one patient: <code>1.2.3 quarantined</code>" in html
+    assert "charset:undeclared-non-ascii &times; 2" in html

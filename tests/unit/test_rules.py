@@ -301,3 +301,62 @@ def test_lazy_rule_passes_agree_with_decoding_everything():
             found["over-long"] += bool(expected[1])
             found["dates"] += bool(expected[2])
     assert all(found.values()), found  # the corpus holds each kind: the comparison is not vacuous
+
+
+def _undeclared_latin1() -> bytes:
+    """An undeclared Latin-1 name, the usual legacy case (not valid UTF-8)."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jürgen"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    assert "Müller".encode("latin-1") in raw
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    del ds.SpecificCharacterSet  # values stay raw Latin-1 bytes, now undeclared
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert "SpecificCharacterSet" not in pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    return buf.getvalue()
+
+
+def test_assume_character_set_declares_and_records_it():
+    """Point 9: ``character_set.assume`` declares the site's legacy charset
+    for undeclared non-ASCII bytes; the absent declaration is recorded."""
+    raw = _undeclared_latin1()
+    result = normalize(raw, ruleset=_ruleset(character_set={"assume": "ISO_IR 100"}))
+    out = _out(result)
+    assert out.SpecificCharacterSet == "ISO_IR 100" and str(out.PatientName) == "Müller^Jürgen"
+    old, item = _original(out, "SpecificCharacterSet")
+    assert old in (None, "") and item.ReasonForTheAttributeModification == "CORRECT"
+    assert result.findings == [] and "rule:character-set:SpecificCharacterSet" in result.changes
+
+
+def test_undeclared_non_ascii_no_option_covers_is_reported():
+    raw = _undeclared_latin1()
+    result = normalize(raw, ruleset=_ruleset())  # repair only: Latin-1 bytes are not UTF-8
+    assert result.reason is None and result.findings == ["charset:undeclared-non-ascii"]
+    assert result.data == raw  # kept as received, but not silently
+    assert normalize(_file(), ruleset=_ruleset()).findings == []  # plain ASCII: nothing to report
+
+
+@pytest.mark.parametrize(("charset", "message"), [
+    ({"assume": "latin-1"}, r"character_set\.assume: must be one of"),
+    ({"asume": "ISO_IR 100"}, r"character_set: unknown field"),
+])
+def test_character_set_options_are_checked(charset, message):
+    with pytest.raises(RuleSetError, match=message):
+        _ruleset(character_set=charset)
+
+
+def test_only_nonconforming_old_values_leave_one_empty_modified_item():
+    """Point 9: the Modified Attributes Sequence (Type 1) is never empty; each
+    nonconforming old value sits in its own Original Attributes item."""
+    out = _out(normalize(_file(StudyDate="2019/03/01", StudyTime="12:30:45"), ruleset=_ruleset()))
+    items = [i for i in out.OriginalAttributesSequence if "NonconformingModifiedAttributesSequence" in i]
+    assert len(items) == 2
+    for item in items:
+        assert len(item.ModifiedAttributesSequence) == 1 and len(item.ModifiedAttributesSequence[0]) == 0
+        assert len(item.NonconformingModifiedAttributesSequence) == 1
+        assert "SelectorAttributeVR" not in item.NonconformingModifiedAttributesSequence[0]
+    assert _original(out, "StudyDate")[0] == "2019/03/01" and _original(out, "StudyTime")[0] == "12:30:45"
