@@ -5,18 +5,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean trace bench bench-cget
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 ## Run the demo: a real migration of a synthetic archive through Airflow (scheduler + backfill).
 demo: $(STAMP)
-	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m include.demo.run
+	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m demo.run
 
 ## Run the tests.
 test: $(STAMP)
@@ -36,7 +36,7 @@ bench-cget: $(STAMP)
 
 ## Trace one instance of the demo bucket: make trace UID=<SOPInstanceUID>
 trace: $(STAMP)
-	@PYTHONPATH=$(CURDIR) AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing $(PY) -m include.demo.trace $(UID)
+	@PYTHONPATH=$(CURDIR) AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing $(PY) -m demo.trace $(UID)
 
 clean:
 	rm -rf .airflow demo-output .demo

@@ -41,17 +41,36 @@ def _env(home: Path, port: int, endpoint: str, bucket: str, mail_port: int, stag
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__OPENLINEAGE__DISABLED": "True",
-        "AIRFLOW_CONN_PACS_SOURCE": json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": port,
-                                                "extra": {"called_ae_title": "ORTHANC",
-                                                          "calling_ae_title": "PACSMIGRATE"}}),
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "bench", "password": "bench",
-                                                "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}}),
-        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": mail_port,
-                                                 "extra": {"disable_tls": True, "disable_ssl": True}}),
+        "AIRFLOW_CONN_PACS_SOURCE": json.dumps(
+            {
+                "conn_type": "generic",
+                "host": "127.0.0.1",
+                "port": port,
+                "extra": {"called_ae_title": "ORTHANC", "calling_ae_title": "PACSMIGRATE"},
+            }
+        ),
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "bench",
+                "password": "bench",
+                "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
+        ),
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": mail_port,
+                "extra": {"disable_tls": True, "disable_ssl": True},
+            }
+        ),
         "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
         "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
         "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(staging),
-        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "GX_ANALYTICS_ENABLED": "False",
     }
 
@@ -62,8 +81,7 @@ def prepare_home(home: Path) -> None:
     home.mkdir(parents=True)
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     for args in (["db", "migrate"], ["pools", "set", "pacs_source_associations", "4", "legacy PACS"]):
-        subprocess.run([sys.executable, "-m", "airflow", *args], env=env, check=True, capture_output=True,
-                       timeout=900)
+        subprocess.run([sys.executable, "-m", "airflow", *args], env=env, check=True, capture_output=True, timeout=900)
 
 
 def run_dag(date: str) -> dict[str, Any]:
@@ -77,7 +95,7 @@ def run_dag(date: str) -> dict[str, Any]:
     dag = bag.dags["pacs_migration"]
     parsed = time.perf_counter() - t0
     day = dt.date.fromisoformat(date)
-    run = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc))
+    run = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC))
     seconds = time.perf_counter() - t0
     tasks: dict[str, float] = {}
     for ti in run.get_task_instances():
@@ -98,20 +116,45 @@ def run_steps(date: str, port: int, endpoint: str, bucket: str, staging: str) ->
     from include.pacs_migration.store import ObjectStore
 
     path = ROOT / "include" / "config" / "migration.yaml"
-    cfg = load_config(deep_merge(read_yaml(path), {
-        "source": {"host": "127.0.0.1", "port": port, "called_ae_title": "ORTHANC", "calling_ae_title": "PACSMIGRATE"},
-        "target": {"bucket": bucket}, "report": {"recipients": ["compliance@hospital.example"]},
-        "staging_dir": staging}), path.parent)
+    cfg = load_config(
+        deep_merge(
+            read_yaml(path),
+            {
+                "source": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "called_ae_title": "ORTHANC",
+                    "calling_ae_title": "PACSMIGRATE",
+                },
+                "target": {"bucket": bucket},
+                "report": {"recipients": ["compliance@hospital.example"]},
+                "staging_dir": staging,
+            },
+        ),
+        path.parent,
+    )
     store = ObjectStore(boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"), cfg.target)
-    result = migrate_unit(cfg, store, Unit(dt.date.fromisoformat(date), None, "bench"), "bench-steps",
-                          "pacs_migration", lambda: retriever(cfg.source), cfg.source.max_associations, endpoint)
-    return {"state": result["state"], "seconds": time.perf_counter() - t0,
-            "partitions": len(result["partitions"]), "migrated": result["migrated"]}
+    result = migrate_unit(
+        cfg,
+        store,
+        Unit(dt.date.fromisoformat(date), None, "bench"),
+        "bench-steps",
+        "pacs_migration",
+        lambda: retriever(cfg.source),
+        cfg.source.max_associations,
+        endpoint,
+    )
+    return {
+        "state": result["state"],
+        "seconds": time.perf_counter() - t0,
+        "partitions": len(result["partitions"]),
+        "migrated": result["migrated"],
+    }
 
 
 def measure(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -> dict[str, Any]:
     """Interleaved runs of both; a fresh moto (and bucket) for every run."""
-    from include.demo.smtp import MailSink
+    from peers.smtp import MailSink
 
     home = work / "airflow-home"
     prepare_home(home)
@@ -119,15 +162,28 @@ def measure(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -
     runs: dict[str, list[dict[str, Any]]] = {"dag": [], "steps": []}
     try:
         for r in range(repeats):
-            for kind in (("dag", "steps") if r % 2 == 0 else ("steps", "dag")):
+            for kind in ("dag", "steps") if r % 2 == 0 else ("steps", "dag"):
                 moto = moto_factory(work)
                 try:
                     moto.client().create_bucket(Bucket="airflow-bench")
                     staging = work / "staging-airflow"
                     env = _env(home, port, moto.url, "airflow-bench", mail.port, staging)
-                    args = [sys.executable, "-m", "benchmarks.airflow_overhead", kind, "--date", date,
-                            "--port", str(port), "--endpoint", moto.url, "--bucket", "airflow-bench",
-                            "--staging", str(staging)]
+                    args = [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.airflow_overhead",
+                        kind,
+                        "--date",
+                        date,
+                        "--port",
+                        str(port),
+                        "--endpoint",
+                        moto.url,
+                        "--bucket",
+                        "airflow-bench",
+                        "--staging",
+                        str(staging),
+                    ]
                     t0 = time.perf_counter()
                     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
                     if proc.returncode != 0:
@@ -148,16 +204,24 @@ def measure(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     steps = statistics.median(r["seconds"] for r in runs["steps"])
     dag_total = statistics.median(r["seconds"] for r in runs["dag"])
-    tasks = {name: statistics.median(r["task_s"].get(name, 0.0) for r in runs["dag"])
-             for name in sorted({n for r in runs["dag"] for n in r["task_s"]})}
+    tasks = {
+        name: statistics.median(r["task_s"].get(name, 0.0) for r in runs["dag"])
+        for name in sorted({n for r in runs["dag"] for n in r["task_s"]})
+    }
     report_s = sum(v for k, v in tasks.items() if k not in SAME_STEPS)
     dag_same = dag_total - report_s  # the run without its report and gate tasks
     inside = sum(tasks.get(k, 0.0) for k in SAME_STEPS)
     return {
-        "steps_s": steps, "dag_s": dag_total, "dag_same_steps_s": dag_same, "report_and_gate_s": report_s,
-        "task_s": tasks, "parse_s": statistics.median(r["parse_s"] for r in runs["dag"]),
-        "overhead_s": dag_same - steps, "overhead_fraction": (dag_same - steps) / steps,
-        "overhead_inside_tasks_s": inside - steps, "overhead_between_tasks_s": dag_same - inside,
+        "steps_s": steps,
+        "dag_s": dag_total,
+        "dag_same_steps_s": dag_same,
+        "report_and_gate_s": report_s,
+        "task_s": tasks,
+        "parse_s": statistics.median(r["parse_s"] for r in runs["dag"]),
+        "overhead_s": dag_same - steps,
+        "overhead_fraction": (dag_same - steps) / steps,
+        "overhead_inside_tasks_s": inside - steps,
+        "overhead_between_tasks_s": dag_same - inside,
         "runs": runs,
     }
 
@@ -193,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", required=True)
     parser.add_argument("--staging", required=True)
     ns = parser.parse_args(argv)
-    if ns.kind == "dag":
-        result = run_dag(ns.date)
-    else:
-        result = run_steps(ns.date, ns.port, ns.endpoint, ns.bucket, ns.staging)
+    result = run_dag(ns.date) if ns.kind == "dag" else run_steps(ns.date, ns.port, ns.endpoint, ns.bucket, ns.staging)
     print(json.dumps(result))
     return 0
 

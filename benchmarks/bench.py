@@ -60,9 +60,12 @@ class Moto:
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(folder / f"moto-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                                      "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(folder / f"moto-{self.port}.log", "wb")  # noqa: SIM115 - the server's log, closed in stop()
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(200):  # bounded: 20 s
             try:
                 urllib.request.urlopen(self.url, timeout=1).close()
@@ -75,9 +78,14 @@ class Moto:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="bench", aws_secret_access_key="bench",
-                            config=Config(max_pool_connections=32, retries={"max_attempts": 2}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+            config=Config(max_pool_connections=32, retries={"max_attempts": 2}),
+        )
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -95,19 +103,45 @@ def children_usage() -> tuple[float, int]:
 
 # --- reference -----------------------------------------------------------------------------------------------
 
+
 def getscu(port: int, study: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["getscu", "-aet", "PACSMIGRATE", "-aec", "ORTHANC", "-S", "+B", "-pdu", str(MAX_PDU),
-                    "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-                    "127.0.0.1", str(port)], check=True, env={**os.environ, "TCP_NODELAY": "1"},
-                   capture_output=True, timeout=1800)
+    subprocess.run(
+        [
+            "getscu",
+            "-aet",
+            "PACSMIGRATE",
+            "-aec",
+            "ORTHANC",
+            "-S",
+            "+B",
+            "-pdu",
+            str(MAX_PDU),
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "127.0.0.1",
+            str(port),
+        ],
+        check=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        timeout=1800,
+    )
 
 
 def s5cmd_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
     s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-    proc = subprocess.run([s5, "--endpoint-url", moto.url, "--numworkers", "16", "cp", f"{folder}/*",
-                           f"s3://{bucket}/{prefix}"], env={**os.environ, **KEYS}, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [s5, "--endpoint-url", moto.url, "--numworkers", "16", "cp", f"{folder}/*", f"s3://{bucket}/{prefix}"],
+        env={**os.environ, **KEYS},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"s5cmd cp {folder}: {proc.stdout[-800:]} {proc.stderr[-800:]}")
 
@@ -116,8 +150,12 @@ def boto3_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
     client = moto.client()
     files = [p for p in folder.rglob("*") if p.is_file()]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=f"{prefix}{p.relative_to(folder)}",
-                                                  Body=p.read_bytes()), files))
+        list(
+            pool.map(
+                lambda p: client.put_object(Bucket=bucket, Key=f"{prefix}{p.relative_to(folder)}", Body=p.read_bytes()),
+                files,
+            )
+        )
 
 
 def run_reference(port: int, studies: list[str], work: Path, uploader: str, overlapped: bool) -> dict[str, Any]:
@@ -128,10 +166,12 @@ def run_reference(port: int, studies: list[str], work: Path, uploader: str, over
         cpu0, _ = children_usage()
         t0 = time.perf_counter()
         if overlapped:
+
             def one(study: str) -> None:
                 folder = work / "ref" / study
                 getscu(port, study, folder)
                 upload(folder, moto, "ref", f"{study}/")
+
             with ThreadPoolExecutor(max_workers=2) as pool:
                 list(pool.map(one, studies))
             retrieve = None
@@ -143,12 +183,21 @@ def run_reference(port: int, studies: list[str], work: Path, uploader: str, over
         seconds = time.perf_counter() - t0
         cpu1, rss = children_usage()
         files = sum(1 for p in (work / "ref").rglob("*") if p.is_file())
-        listed = sum(len(page.get("Contents", [])) for page in
-                     moto.client().get_paginator("list_objects_v2").paginate(Bucket="ref"))
+        listed = sum(
+            len(page.get("Contents", []))
+            for page in moto.client().get_paginator("list_objects_v2").paginate(Bucket="ref")
+        )
         if files != listed:
             raise RuntimeError(f"reference: {files} files retrieved, {listed} objects stored")
-        return {"seconds": seconds, "retrieve_s": retrieve, "instances": files, "uploader": uploader,
-                "overlapped": overlapped, "cpu_s_children": cpu1 - cpu0, "max_rss_kb_children": rss}
+        return {
+            "seconds": seconds,
+            "retrieve_s": retrieve,
+            "instances": files,
+            "uploader": uploader,
+            "overlapped": overlapped,
+            "cpu_s_children": cpu1 - cpu0,
+            "max_rss_kb_children": rss,
+        }
     finally:
         moto.stop()
         shutil.rmtree(work / "ref", ignore_errors=True)
@@ -156,21 +205,39 @@ def run_reference(port: int, studies: list[str], work: Path, uploader: str, over
 
 # --- pipeline -------------------------------------------------------------------------------------------------
 
-def run_pipeline(port: int, work: Path, studies: int | None = None, modalities: set[str] | None = None,
-                 verify: bool = False) -> dict[str, Any]:
+
+def run_pipeline(
+    port: int, work: Path, studies: int | None = None, modalities: set[str] | None = None, verify: bool = False
+) -> dict[str, Any]:
     """One measured pipeline run: a fresh moto, each partition in a fresh worker process."""
     moto = Moto(work)
     try:
         moto.client().create_bucket(Bucket="pipeline")
         t0 = time.perf_counter()
-        args = [sys.executable, "-m", "benchmarks.bench", "worker", "--port", str(port), "--endpoint", moto.url,
-                "--staging", str(work / "staging")]
+        args = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "worker",
+            "--port",
+            str(port),
+            "--endpoint",
+            moto.url,
+            "--staging",
+            str(work / "staging"),
+        ]
         if studies:
             args += ["--studies", str(studies)]
         if modalities:
             args += ["--modalities", ",".join(sorted(modalities))]
-        proc = subprocess.run(args, check=True, capture_output=True, text=True, timeout=3600,
-                              env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            args,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT)},
+        )
         seconds = time.perf_counter() - t0
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["seconds_with_process_start"] = seconds
@@ -188,8 +255,10 @@ def verify_bucket(moto: Moto, objects: dict[str, str]) -> dict[str, int]:
     for key, sha in objects.items():
         body = client.get_object(Bucket="pipeline", Key=key)["Body"].read()
         bad += hashlib.sha256(body).hexdigest() != sha
-    listed = sum(len(page.get("Contents", [])) for page in
-                 client.get_paginator("list_objects_v2").paginate(Bucket="pipeline", Prefix="studies/"))
+    listed = sum(
+        len(page.get("Contents", []))
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket="pipeline", Prefix="studies/")
+    )
     return {"objects": len(objects), "listed": listed, "checksum_failures": bad}
 
 
@@ -198,20 +267,27 @@ def worker(ns: argparse.Namespace) -> int:
     import boto3
     from botocore.config import Config
 
+    from benchmarks.archive import STUDY_DATE
     from include.pacs_migration.census import take_census
     from include.pacs_migration.config import SourceConfig, TargetConfig, load_config, read_yaml
+    from include.pacs_migration.counts import StageTimes
     from include.pacs_migration.dimse import FindSession, c_get
     from include.pacs_migration.manifest import read_transfer, write_census
-    from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.counts import StageTimes
     from include.pacs_migration.normalize_processes import normalize_processes, peak_rss_kb
+    from include.pacs_migration.store import ObjectStore
     from include.pacs_migration.transfer import transfer_partition
 
-    from benchmarks.archive import STUDY_DATE
-
-    source = SourceConfig(host="127.0.0.1", port=ns.port, called_ae_title="ORTHANC", calling_ae_title="PACSMIGRATE",
-                          max_pdu=MAX_PDU, acse_timeout=10, dimse_timeout=300, network_timeout=300,
-                          max_associations=ns.associations)
+    source = SourceConfig(
+        host="127.0.0.1",
+        port=ns.port,
+        called_ae_title="ORTHANC",
+        calling_ae_title="PACSMIGRATE",
+        max_pdu=MAX_PDU,
+        acse_timeout=10,
+        dimse_timeout=300,
+        network_timeout=300,
+        max_associations=ns.associations,
+    )
     target = TargetConfig(bucket="pipeline", upload_threads=ns.upload_threads)
     # The rule set and normalize processes the DAG runs with (include/config/migration.yaml).
     config_path = ROOT / "include" / "config" / "migration.yaml"
@@ -220,8 +296,12 @@ def worker(ns: argparse.Namespace) -> int:
     configured = load_config(data, config_path.parent)
     ruleset = configured.ruleset
     processes = configured.normalize_processes if ns.normalize_processes is None else ns.normalize_processes
-    client = boto3.client("s3", endpoint_url=ns.endpoint, region_name="us-east-1",
-                          config=Config(max_pool_connections=32, retries={"max_attempts": 3}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=ns.endpoint,
+        region_name="us-east-1",
+        config=Config(max_pool_connections=32, retries={"max_attempts": 3}),
+    )
     store = ObjectStore(client, target)
     with FindSession(source) as session:
         census = take_census(session.find, dt.datetime.strptime(STUDY_DATE, "%Y%m%d").date())
@@ -242,21 +322,34 @@ def worker(ns: argparse.Namespace) -> int:
         with_processes = processes if n >= configured.normalize_processes_from else 0
         normalizer = normalize_processes(with_processes, ruleset, source.called_ae_title)  # per partition, as a task
         try:
-            counts = transfer_partition(lambda q, c, s: c_get(source, q, c, s), store, p, series, Path(ns.staging),
-                                        "bench", 3, ns.associations, ns.upload_threads, ruleset=ruleset,
-                                        source_ae=source.called_ae_title, times=times, normalizer=normalizer)
+            counts = transfer_partition(
+                lambda q, c, s: c_get(source, q, c, s),
+                store,
+                p,
+                series,
+                Path(ns.staging),
+                "bench",
+                3,
+                ns.associations,
+                ns.upload_threads,
+                ruleset=ruleset,
+                source_ae=source.called_ae_title,
+                times=times,
+                normalizer=normalizer,
+            )
         finally:
             if normalizer is not None:
                 # Read from the process itself: a rusage figure would count the worker's pages at fork.
-                out["max_rss_kb_normalize_process"] = max(out.get("max_rss_kb_normalize_process", 0),
-                                                          normalizer.peak_rss_kb())
+                out["max_rss_kb_normalize_process"] = max(
+                    out.get("max_rss_kb_normalize_process", 0), normalizer.peak_rss_kb()
+                )
                 normalizer.close()
         out["partitions"][p.key] = {"seconds": time.perf_counter() - started, **counts.to_json()}
         df = read_transfer(store, p)
         migrated = df[df.state == "migrated"]
-        out["objects"].update(zip(migrated.object_key, migrated.object_sha256))
+        out["objects"].update(zip(migrated.object_key, migrated.object_sha256, strict=True))
         # What normalize did: received transfer syntax -> rewritten or passed through.
-        for ts_in, changed in zip(df.transfer_syntax_in, df.changes):
+        for ts_in, changed in zip(df.transfer_syntax_in, df.changes, strict=True):
             what = f"{ts_in} {'rewritten' if isinstance(changed, str) and changed else 'passed through'}"
             out.setdefault("normalized", {})[what] = out.setdefault("normalized", {}).get(what, 0) + 1
     out["seconds"] = time.perf_counter() - t0
@@ -276,14 +369,16 @@ def worker(ns: argparse.Namespace) -> int:
 
 # --- setup, report ------------------------------------------------------------------------------------------
 
+
 def orthanc_with(archive: Path, info: dict, scale: float):
     """An Orthanc on cached storage holding the archive (uploaded once per scale)."""
     sys.path.insert(0, str(ROOT))
     from tests.peers import Orthanc
 
     folder = CACHE / f"orthanc-{scale:g}"
-    orthanc = Orthanc(folder, MaximumPduLength=MAX_PDU, StorageCompression=False, MaximumStorageSize=0,
-                      DicomThreadsCount=4)
+    orthanc = Orthanc(
+        folder, MaximumPduLength=MAX_PDU, StorageCompression=False, MaximumStorageSize=0, DicomThreadsCount=4
+    )
     stats = json.loads(urllib.request.urlopen(f"{orthanc.url}/statistics", timeout=30).read())
     if int(stats["CountInstances"]) != info["instances"]:
         n = orthanc.upload_folder(archive)
@@ -294,11 +389,10 @@ def orthanc_with(archive: Path, info: dict, scale: float):
 
 def study_modalities(port: int) -> dict[str, str]:
     """Study Instance UID -> its modality (one per study in this archive)."""
+    from benchmarks.archive import STUDY_DATE
     from include.pacs_migration.census import take_census
     from include.pacs_migration.config import SourceConfig
     from include.pacs_migration.dimse import FindSession
-
-    from benchmarks.archive import STUDY_DATE
 
     source = SourceConfig(host="127.0.0.1", port=port, called_ae_title="ORTHANC", calling_ae_title="PACSMIGRATE")
     with FindSession(source) as session:
@@ -325,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="")
-    parser.add_argument("--airflow-scale", type=float, default=0.1,
-                        help="archive scale of the Airflow-overhead runs; 0: skip")
+    parser.add_argument(
+        "--airflow-scale", type=float, default=0.1, help="archive scale of the Airflow-overhead runs; 0: skip"
+    )
     parser.add_argument("--airflow-repeats", type=int, default=3)
     parser.add_argument("--memory-only", action="store_true", help="only the memory-scaling runs")
     ns = parser.parse_args(argv)
@@ -353,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {"reference_sequential": [], "reference_overlapped": [], "pipeline": []}
             for r in range(ns.repeats):  # interleaved: drift on a shared machine hits all three alike
                 order = ["pipeline", "reference_sequential", "reference_overlapped"]
-                for name in order[r % 3:] + order[: r % 3]:
+                for name in order[r % 3 :] + order[: r % 3]:
                     if name == "pipeline":
                         runs[name].append(run_pipeline(port, work, verify=(r == ns.repeats - 1)))
                     else:
@@ -390,31 +485,43 @@ def memory_scaling(port: int, work: Path, repeats: int = 2) -> dict[str, Any]:
     memory = {}
     for k in (1, 2, 4):
         runs = [run_pipeline(port, work, studies=k, modalities={"CT"}) for _ in range(repeats)]
-        memory[f"{k}x"] = {"instances": runs[0]["instances"], "max_rss_kb": max(r["max_rss_kb"] for r in runs),
-                           "max_rss_kb_normalize_process": max(r["max_rss_kb_normalize_process"] for r in runs),
-                           "seconds": statistics.median(r["seconds"] for r in runs)}
+        memory[f"{k}x"] = {
+            "instances": runs[0]["instances"],
+            "max_rss_kb": max(r["max_rss_kb"] for r in runs),
+            "max_rss_kb_normalize_process": max(r["max_rss_kb_normalize_process"] for r in runs),
+            "seconds": statistics.median(r["seconds"] for r in runs),
+        }
     return memory
 
 
 def _memory_rows(memory: dict[str, Any]) -> tuple[list[str], float, float | None]:
     rows = ["| CT partition | instances | worker peak RSS MB | normalize process peak RSS MB |", "|---|---|---|---|"]
     for k, m in memory.items():
-        rows.append(f"| {k} | {m['instances']} | {m['max_rss_kb'] / 1024:.0f} | "
-                    f"{m['max_rss_kb_normalize_process'] / 1024:.0f} |")
+        rows.append(
+            f"| {k} | {m['instances']} | {m['max_rss_kb'] / 1024:.0f} | "
+            f"{m['max_rss_kb_normalize_process'] / 1024:.0f} |"
+        )
     growth = memory["4x"]["max_rss_kb"] / memory["1x"]["max_rss_kb"] - 1
     np_1x = memory["1x"]["max_rss_kb_normalize_process"]
     growth_np = memory["4x"]["max_rss_kb_normalize_process"] / np_1x - 1 if np_1x else None
-    rows.append(f"\nPeak RSS growth 1x→4x: worker {growth * 100:+.1f}%"
-                + (f", normalize process {growth_np * 100:+.1f}%" if growth_np is not None else "") + ".")
+    rows.append(
+        f"\nPeak RSS growth 1x→4x: worker {growth * 100:+.1f}%"
+        + (f", normalize process {growth_np * 100:+.1f}%" if growth_np is not None else "")
+        + "."
+    )
     return rows, growth, growth_np
 
 
 def memory_only(info: dict, memory: dict[str, Any], ns) -> int:
     rows, growth, growth_np = _memory_rows(memory)
-    report = {"date": dt.date.today().isoformat(), "archive": {k: v for k, v in info.items() if k != "files"},
-              "memory_scaling": memory, "memory_growth_1x_to_4x": growth,
-              "memory_growth_1x_to_4x_normalize_process": growth_np,
-              "markdown": "\n".join([f"# Memory scaling — {dt.date.today().isoformat()}", "", *rows]) + "\n"}
+    report = {
+        "date": dt.date.today().isoformat(),
+        "archive": {k: v for k, v in info.items() if k != "files"},
+        "memory_scaling": memory,
+        "memory_growth_1x_to_4x": growth,
+        "memory_growth_1x_to_4x_normalize_process": growth_np,
+        "markdown": "\n".join([f"# Memory scaling — {dt.date.today().isoformat()}", "", *rows]) + "\n",
+    }
     stem = dt.date.today().isoformat() + "-memory" + (f"-{ns.label}" if ns.label else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
@@ -442,8 +549,18 @@ def measure_airflow(scale: float, repeats: int) -> dict[str, Any]:
     return result
 
 
-def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict, memory: dict, ns,
-              airflow: dict | None = None) -> dict:
+def _run_summaries(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each run's figures without its per-object and per-partition maps
+    (object key -> SHA-256: megabytes per run, and no use once verified)."""
+    return {
+        name: [{k: (len(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rs]
+        for name, rs in runs.items()
+    }
+
+
+def summarize(
+    info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict, memory: dict, ns, airflow: dict | None = None
+) -> dict:
     seq = [r["seconds"] for r in runs["reference_sequential"]]
     ovl = [r["seconds"] for r in runs["reference_overlapped"]]
     pipe = [r["seconds"] for r in runs["pipeline"]]
@@ -454,34 +571,59 @@ def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict
     last = runs["pipeline"][-1]
     st = last["stages"]
     stage_rates = {
-        "retrieve": {"seconds": st["retrieve_s"], "instances_per_s": n / st["retrieve_s"],
-                     "mb_per_s": st["bytes_received"] / 1e6 / st["retrieve_s"]},
-        "normalize (seconds summed over instances)": {"seconds": st["normalize_s"], "instances_per_s": n / st["normalize_s"],
-                                       "mb_per_s": st["bytes_received"] / 1e6 / st["normalize_s"]},
-        "upload (thread-seconds)": {"seconds": st["upload_s"], "instances_per_s": n / st["upload_s"],
-                                    "mb_per_s": st["bytes_stored"] / 1e6 / st["upload_s"]},
+        "retrieve": {
+            "seconds": st["retrieve_s"],
+            "instances_per_s": n / st["retrieve_s"],
+            "mb_per_s": st["bytes_received"] / 1e6 / st["retrieve_s"],
+        },
+        "normalize (seconds summed over instances)": {
+            "seconds": st["normalize_s"],
+            "instances_per_s": n / st["normalize_s"],
+            "mb_per_s": st["bytes_received"] / 1e6 / st["normalize_s"],
+        },
+        "upload (thread-seconds)": {
+            "seconds": st["upload_s"],
+            "instances_per_s": n / st["upload_s"],
+            "mb_per_s": st["bytes_stored"] / 1e6 / st["upload_s"],
+        },
     }
     tiers = {}
     for tier_name, slot in per_tier.items():
         p_secs, r_secs = statistics.median(slot["pipeline"]), statistics.median(slot["reference"])
-        tiers[tier_name] = {"pipeline_s": p_secs, "reference_s": r_secs, "R": p_secs / r_secs,
-                            "pipeline_runs": slot["pipeline"], "reference_runs": slot["reference"]}
+        tiers[tier_name] = {
+            "pipeline_s": p_secs,
+            "reference_s": r_secs,
+            "R": p_secs / r_secs,
+            "pipeline_runs": slot["pipeline"],
+            "reference_runs": slot["reference"],
+        }
     report = {
-        "date": dt.date.today().isoformat(), "label": ns.label, "archive": info, "repeats": ns.repeats,
-        "uploader": uploader, "uploader_trial": {k: v["seconds"] for k, v in picks.items()},
-        "reference_sequential": spread(seq), "reference_overlapped": spread(ovl), "pipeline": spread(pipe),
-        "R": t_pipe / t_ref, "tiers": tiers, "stages": stage_rates,
+        "date": dt.date.today().isoformat(),
+        "label": ns.label,
+        "archive": info,
+        "repeats": ns.repeats,
+        "uploader": uploader,
+        "uploader_trial": {k: v["seconds"] for k, v in picks.items()},
+        "reference_sequential": spread(seq),
+        "reference_overlapped": spread(ovl),
+        "pipeline": spread(pipe),
+        "R": t_pipe / t_ref,
+        "tiers": tiers,
+        "stages": stage_rates,
         "pipeline_cpu_s": statistics.median(r["cpu_s"] for r in runs["pipeline"]),
-        "pipeline_cpu_s_normalize_processes": statistics.median(r.get("cpu_s_normalize_processes", 0.0)
-                                                                for r in runs["pipeline"]),
+        "pipeline_cpu_s_normalize_processes": statistics.median(
+            r.get("cpu_s_normalize_processes", 0.0) for r in runs["pipeline"]
+        ),
         "normalize_process_max_rss_mb": max(r.get("max_rss_kb_normalize_process", 0) for r in runs["pipeline"]) / 1024,
-        "normalized": last.get("normalized"), "airflow": airflow,
+        "normalized": last.get("normalized"),
+        "airflow": airflow,
         "pipeline_max_rss_mb": max(r["max_rss_kb"] for r in runs["pipeline"]) / 1024,
         "reference_cpu_s": statistics.median(r["cpu_s_children"] for r in runs["reference_sequential"]),
         "memory_scaling": memory,
         "memory_growth_1x_to_4x": _memory_rows(memory)[1],
         "memory_growth_1x_to_4x_normalize_process": _memory_rows(memory)[2],
-        "verified": last.get("verified"), "runs": runs,
+        "verified": last.get("verified"),
+        "runs": _run_summaries(runs),
     }
     rows = [
         f"# Pipeline vs native tools — {report['date']} {ns.label}".rstrip(),
@@ -493,26 +635,40 @@ def summarize(info: dict, runs: dict, picks: dict, uploader: str, per_tier: dict
         "| run | median s | min–max s | instances/s | MB/s |",
         "|---|---|---|---|---|",
     ]
-    for name, values in (("reference, sequential (getscu then upload)", seq),
-                         ("reference, overlapped by study", ovl), ("pipeline (transfer_partition)", pipe)):
+    for name, values in (
+        ("reference, sequential (getscu then upload)", seq),
+        ("reference, overlapped by study", ovl),
+        ("pipeline (transfer_partition)", pipe),
+    ):
         med = statistics.median(values)
         rows.append(f"| {name} | {med:.1f} | {min(values):.1f}–{max(values):.1f} | {n / med:.0f} | {mb / med:.1f} |")
-    rows += ["", f"**R = T_pipeline / T_reference = {report['R']:.2f}** (T_reference = the better median)", "",
-             "| size tier (alone) | instances | MB | pipeline s | reference s | R |", "|---|---|---|---|---|---|"]
+    rows += [
+        "",
+        f"**R = T_pipeline / T_reference = {report['R']:.2f}** (T_reference = the better median)",
+        "",
+        "| size tier (alone) | instances | MB | pipeline s | reference s | R |",
+        "|---|---|---|---|---|---|",
+    ]
     for tier_name, t in tiers.items():
         ti = info["tiers"][tier_name]
-        rows.append(f"| {tier_name} | {ti['instances']} | {ti['bytes'] / 1e6:,.0f} | {t['pipeline_s']:.1f} | "
-                    f"{t['reference_s']:.1f} | {t['R']:.2f} |")
+        rows.append(
+            f"| {tier_name} | {ti['instances']} | {ti['bytes'] / 1e6:,.0f} | {t['pipeline_s']:.1f} | "
+            f"{t['reference_s']:.1f} | {t['R']:.2f} |"
+        )
     rows += ["", "| stage (last pipeline run) | seconds | instances/s | MB/s |", "|---|---|---|---|"]
     for name, s in stage_rates.items():
         rows.append(f"| {name} | {s['seconds']:.1f} | {s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |")
-    rows += ["", f"CPU seconds: pipeline {report['pipeline_cpu_s']:.1f} (of which normalize processes "
-             f"{report['pipeline_cpu_s_normalize_processes']:.1f}), reference tools {report['reference_cpu_s']:.1f} "
-             f"(getscu, s5cmd; a boto3 upload runs in the benchmark's own process). Peak RSS of the pipeline worker: "
-             f"{report['pipeline_max_rss_mb']:.0f} MB, of a normalize process: "
-             f"{report['normalize_process_max_rss_mb']:.0f} MB. What normalize did (last run): "
-             + ", ".join(f"{k}: {v}" for k, v in (report["normalized"] or {}).items()) + ".",
-             ""]
+    rows += [
+        "",
+        f"CPU seconds: pipeline {report['pipeline_cpu_s']:.1f} (of which normalize processes "
+        f"{report['pipeline_cpu_s_normalize_processes']:.1f}), reference tools {report['reference_cpu_s']:.1f} "
+        f"(getscu, s5cmd; a boto3 upload runs in the benchmark's own process). Peak RSS of the pipeline worker: "
+        f"{report['pipeline_max_rss_mb']:.0f} MB, of a normalize process: "
+        f"{report['normalize_process_max_rss_mb']:.0f} MB. What normalize did (last run): "
+        + ", ".join(f"{k}: {v}" for k, v in (report["normalized"] or {}).items())
+        + ".",
+        "",
+    ]
     memory_rows, _, _ = _memory_rows(memory)
     rows += [*memory_rows, f"Verified (last pipeline run): {report['verified']}."]
     if airflow is not None:

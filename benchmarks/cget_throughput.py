@@ -88,9 +88,31 @@ def run_getscu(orthanc: Orthanc, study_uids: list[str], out: Path, associations:
     def one(study: str) -> None:
         folder = out / study
         folder.mkdir(parents=True)
-        subprocess.run([getscu, "-aet", "PACSMIGRATE", "-aec", orthanc.ae_title, "-S", "+B", "-pdu", str(MAX_PDU),
-                        "-od", str(folder), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-                        "127.0.0.1", str(orthanc.dicom_port)], check=True, env=env, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                getscu,
+                "-aet",
+                "PACSMIGRATE",
+                "-aec",
+                orthanc.ae_title,
+                "-S",
+                "+B",
+                "-pdu",
+                str(MAX_PDU),
+                "-od",
+                str(folder),
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "127.0.0.1",
+                str(orthanc.dicom_port),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=600,
+        )
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=associations) as pool:
@@ -116,9 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         orthanc = Orthanc(tmp / "orthanc", MaximumPduLength=MAX_PDU)
         try:
             orthanc.upload_folder(tmp / "data")
-            source = SourceConfig(host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.ae_title,
-                                  calling_ae_title="PACSMIGRATE", max_pdu=MAX_PDU, acse_timeout=10,
-                                  dimse_timeout=120, network_timeout=120, max_associations=args.associations)
+            source = SourceConfig(
+                host="127.0.0.1",
+                port=orthanc.dicom_port,
+                called_ae_title=orthanc.ae_title,
+                calling_ae_title="PACSMIGRATE",
+                max_pdu=MAX_PDU,
+                acse_timeout=10,
+                dimse_timeout=120,
+                network_timeout=120,
+                max_associations=args.associations,
+            )
             runs: dict[str, list[dict[str, float]]] = {"pipeline": [], "getscu": []}
             for r in range(args.repeats):  # interleaved, so drift on a shared machine hits both
                 order = ("pipeline", "getscu") if r % 2 == 0 else ("getscu", "pipeline")
@@ -130,28 +160,43 @@ def main(argv: list[str] | None = None) -> int:
                         seconds, count, size = run_getscu(orthanc, study_uids, out, args.associations)
                     if count != n:
                         raise SystemExit(f"{tool}: received {count} of {n}")
-                    runs[tool].append({"seconds": seconds, "instances_per_s": count / seconds,
-                                       "mb_per_s": size / seconds / 1e6})
+                    runs[tool].append(
+                        {"seconds": seconds, "instances_per_s": count / seconds, "mb_per_s": size / seconds / 1e6}
+                    )
                     shutil.rmtree(out)
         finally:
             orthanc.stop()
 
-    summary = {tool: {k: statistics.median(x[k] for x in rs) for k in rs[0]} | {
-        "seconds_min": min(x["seconds"] for x in rs), "seconds_max": max(x["seconds"] for x in rs)}
-        for tool, rs in runs.items()}
+    summary = {
+        tool: {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+        | {"seconds_min": min(x["seconds"] for x in rs), "seconds_max": max(x["seconds"] for x in rs)}
+        for tool, rs in runs.items()
+    }
     ratio = summary["pipeline"]["seconds"] / summary["getscu"]["seconds"]
-    result = {"date": dt.date.today().isoformat(), "instances": n, "bytes": data_bytes, "max_pdu": MAX_PDU,
-              "associations": args.associations, "repeats": args.repeats, "runs": runs, "median": summary,
-              "ratio_pipeline_to_getscu_time": ratio}
+    result = {
+        "date": dt.date.today().isoformat(),
+        "instances": n,
+        "bytes": data_bytes,
+        "max_pdu": MAX_PDU,
+        "associations": args.associations,
+        "repeats": args.repeats,
+        "runs": runs,
+        "median": summary,
+        "ratio_pipeline_to_getscu_time": ratio,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"cget-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"C-GET from Orthanc, {n} CT instances, {data_bytes / 1e6:.0f} MB, {args.associations} associations, "
-          f"median of {args.repeats} interleaved repeats\n")
+    print(
+        f"C-GET from Orthanc, {n} CT instances, {data_bytes / 1e6:.0f} MB, {args.associations} associations, "
+        f"median of {args.repeats} interleaved repeats\n"
+    )
     print("| tool | seconds (min-max) | instances/s | MB/s |\n|---|---|---|---|")
     for tool, s in summary.items():
-        print(f"| {tool} | {s['seconds']:.2f} ({s['seconds_min']:.2f}-{s['seconds_max']:.2f}) | "
-              f"{s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |")
+        print(
+            f"| {tool} | {s['seconds']:.2f} ({s['seconds_min']:.2f}-{s['seconds_max']:.2f}) | "
+            f"{s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |"
+        )
     print(f"\nR = T_pipeline / T_getscu = {ratio:.2f}   ({path})")
     return 0
 

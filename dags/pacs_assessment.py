@@ -35,7 +35,7 @@ def _range() -> tuple[dt.date, dt.date]:
 @dag(
     dag_id=DAG_ID,
     schedule=None,
-    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
@@ -49,20 +49,22 @@ def _range() -> tuple[dt.date, dt.date]:
 def pacs_assessment():
     @task(pool=PACS_POOL, pool_slots=1)
     def assess() -> dict:
-        from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.assessment import assess as assess_archive
         from include.pacs_migration.assessment import render_assessment_html, write_assessment
         from include.pacs_migration.dimse import FindSession
+        from include.pacs_migration_airflow import object_store, runtime_config
 
         cfg = runtime_config()
         store = object_store(cfg)
         first, last = _range()
         with FindSession(cfg.source) as session:
-            result = assess_archive(session.find, first, last, cfg.assessment, cfg.source.find_limit,
-                                    cfg.source.census_split_depth)
+            result = assess_archive(
+                session.find, first, last, cfg.assessment, cfg.source.find_limit, cfg.source.census_split_depth
+            )
         where = f"s3://{cfg.target.bucket}/{cfg.target.prefix}_assessment/{first}_{last}/"
         html = render_assessment_html(
-            result, f"dicom://{cfg.source.host}:{cfg.source.port} AE {cfg.source.called_ae_title}", where)
+            result, f"dicom://{cfg.source.host}:{cfg.source.port} AE {cfg.source.called_ae_title}", where
+        )
         keys = write_assessment(store, result, html)
         # The summary only: figures and codes, no UIDs or patient data in XCom.
         return {**result.summary(), "prefix": keys[0].rsplit("/", 1)[0] + "/"}
@@ -75,9 +77,11 @@ def pacs_assessment():
         store = object_store(cfg)
         prefix = summary["prefix"]
         gb = summary["est_bytes"] / 1e9
-        subject = (f"{cfg.report.subject_prefix} Archive assessment {summary['date_from']} to {summary['date_to']}: "
-                   f"{summary['studies']} studies, {summary['instances']} instances, {gb:.1f} GB, "
-                   f"{summary['projection']['nights']} night(s)")
+        subject = (
+            f"{cfg.report.subject_prefix} Archive assessment {summary['date_from']} to {summary['date_to']}: "
+            f"{summary['studies']} studies, {summary['instances']} instances, {gb:.1f} GB, "
+            f"{summary['projection']['nights']} night(s)"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             files = []
             for name in ("by_year_modality.csv", "by_date_modality.csv", "findings.csv"):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import tempfile
-from pathlib import Path
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -37,19 +35,23 @@ def _study_date() -> dt.date:
 @dag(
     dag_id=DAG_ID,
     schedule=CronTriggerTimetable("0 0 * * *", timezone="UTC"),
-    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=2,
     default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
-    params={"study_date": Param(None, type=["null", "string"], format="date", description="YYYY-MM-DD; default: the logical date")},
+    params={
+        "study_date": Param(
+            None, type=["null", "string"], format="date", description="YYYY-MM-DD; default: the logical date"
+        )
+    },
     tags=["pacs", "migration"],
     doc_md=__doc__,
 )
 def pacs_migration():
     @task(pool=PACS_POOL, pool_slots=1)
     def census() -> list[dict[str, str]]:
-        from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
         from include.pacs_migration.steps import record_census, take_date_census
+        from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
 
         with recorded_failure():
             cfg = runtime_config()
@@ -62,34 +64,41 @@ def pacs_migration():
     def partition(part: dict[str, str]):
         @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
         def transfer(part: dict[str, str]) -> dict:
-            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
             from include.pacs_migration.dimse import retriever
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import transfer_step
+            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 cfg = runtime_config()
                 with retriever(cfg.source) as get:
                     # never more associations than the pool slots this task holds
-                    counts = transfer_step(cfg, object_store(cfg), p, get_current_context()["run_id"], get,
-                                           min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
-                                           census_sha256=part["census_sha256"])
+                    counts = transfer_step(
+                        cfg,
+                        object_store(cfg),
+                        p,
+                        get_current_context()["run_id"],
+                        get,
+                        min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
+                        census_sha256=part["census_sha256"],
+                    )
             return {"partition": p.key, **counts.to_json()}
 
         @task(retries=0)
         def validate(part: dict[str, str]) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
-            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import validate_step
+            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 cfg = runtime_config()
-                result = validate_step(cfg, object_store(cfg), p, get_current_context()["run_id"],
-                                       part["census_sha256"])
+                result = validate_step(
+                    cfg, object_store(cfg), p, get_current_context()["run_id"], part["census_sha256"]
+                )
                 if not result.success:
                     failed = ", ".join(o.label for o in result.failed)
                     raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
@@ -97,12 +106,16 @@ def pacs_migration():
 
         @task(trigger_rule="all_done")
         def lineage(part: dict[str, str]) -> str:
-            from include.pacs_migration_airflow import (
-                emit_openlineage, endpoint_of, object_store, recorded_failure, runtime_config,
-            )
             from include.pacs_migration.manifest import LINEAGE, PartitionManifests
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import lineage_step
+            from include.pacs_migration_airflow import (
+                emit_openlineage,
+                endpoint_of,
+                object_store,
+                recorded_failure,
+                runtime_config,
+            )
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
@@ -126,9 +139,9 @@ def pacs_migration():
         """Fail the run unless every partition passed this run's validation and no task failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from include.pacs_migration_airflow import object_store, run_failures, runtime_config
         from include.pacs_migration.manifest import PartitionManifests
         from include.pacs_migration.partition import Partition
+        from include.pacs_migration_airflow import object_store, run_failures, runtime_config
 
         ctx = get_current_context()
         parts = ctx["ti"].xcom_pull(task_ids="census")

@@ -34,13 +34,13 @@ def _now() -> dt.datetime:
         if value.tzinfo is None:
             raise ValueError("params.now needs a UTC offset, e.g. 2019-03-03T21:00:00+01:00")
         return value
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dag(
     dag_id=DAG_ID,
     schedule=CronTriggerTimetable(CRON, timezone=TIMEZONE),
-    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
@@ -52,9 +52,9 @@ def pacs_nightly():
     @task
     def plan() -> list[dict]:
         """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
-        from include.pacs_migration_airflow import object_store, runtime_config
         from include.pacs_migration.assessment import read_by_date
         from include.pacs_migration.plan import LEDGER_KEY, Ledger, select_night
+        from include.pacs_migration_airflow import object_store, runtime_config
 
         cfg = runtime_config()
         store = object_store(cfg)
@@ -63,7 +63,7 @@ def pacs_nightly():
         rate = ledger.measured_rate() or cfg.assessment.throughput_instances_s
         night = select_night(cfg.plan, ledger, now, read_by_date(store), rate)
         # The migrate tasks check the window on the same clock: wall time shifted like params.now.
-        offset = (now - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        offset = (now - dt.datetime.now(dt.UTC)).total_seconds()
         get_current_context()["ti"].xcom_push(key="night", value=night.to_json())
         end = night.window_end.isoformat() if night.window_end else None
         return [{"unit": u.to_json(), "window_end": end, "offset": offset} for u in night.units]
@@ -75,10 +75,10 @@ def pacs_nightly():
         that breaks is recorded ``failed`` and the night goes on."""
         import logging
 
-        from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
         from include.pacs_migration.dimse import retriever
         from include.pacs_migration.plan import Unit
         from include.pacs_migration.steps import migrate_unit
+        from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
 
         cfg = runtime_config()
         store = object_store(cfg)
@@ -86,18 +86,35 @@ def pacs_nightly():
         results = []
         for item in items:
             unit = item["unit"]
-            now = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=item["offset"])
+            now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=item["offset"])
             if item["window_end"] and now >= dt.datetime.fromisoformat(item["window_end"]):
                 results.append({"unit": unit, "state": "deferred", "migrated": 0, "seconds": 0})
                 continue
             try:
-                results.append(migrate_unit(
-                    cfg, store, Unit.from_json(unit), run_id, DAG_ID, lambda: retriever(cfg.source),
-                    min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK), endpoint_of(store), emit_openlineage))
+                results.append(
+                    migrate_unit(
+                        cfg,
+                        store,
+                        Unit.from_json(unit),
+                        run_id,
+                        DAG_ID,
+                        lambda: retriever(cfg.source),
+                        min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
+                        endpoint_of(store),
+                        emit_openlineage,
+                    )
+                )
             except Exception as exc:  # the ledger retries it on a later night
                 logging.getLogger(__name__).exception("unit %s failed", Unit.from_json(unit).key)
-                results.append({"unit": unit, "state": "failed", "migrated": 0, "seconds": 0,
-                                "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                results.append(
+                    {
+                        "unit": unit,
+                        "state": "failed",
+                        "migrated": 0,
+                        "seconds": 0,
+                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                    }
+                )
         return results
 
     @task(trigger_rule="all_done")
@@ -105,10 +122,10 @@ def pacs_nightly():
         import tempfile
         from pathlib import Path
 
-        from include.pacs_migration_airflow import object_store, runtime_config, send_report
         from include.pacs_migration.assessment import read_by_date
         from include.pacs_migration.plan import LEDGER_KEY, Ledger, NightPlan, Unit, eta, record_night
         from include.pacs_migration.report import render_progress_html
+        from include.pacs_migration_airflow import object_store, runtime_config, send_report
 
         ctx = get_current_context()
         cfg = runtime_config()
@@ -124,23 +141,32 @@ def pacs_nightly():
         results = []
         for u in units:  # no result (the migrate task itself failed): the unit failed
             unit = Unit.from_json(u)
-            results.append(by_key.get(unit.key + unit.kind)
-                           or {"unit": u, "state": "failed", "migrated": 0, "seconds": 0, "error": "task failed"})
+            results.append(
+                by_key.get(unit.key + unit.kind)
+                or {"unit": u, "state": "failed", "migrated": 0, "seconds": 0, "error": "task failed"}
+            )
         now = _now()
         night_plan = NightPlan(
             dt.date.fromisoformat(night["night"]) if night["night"] else None,
             dt.datetime.fromisoformat(night["window_end"]) if night["window_end"] else None,
-            tuple(Unit.from_json(u) for u in units), night["reason"], night["left"], tuple(night["given_up"]))
+            tuple(Unit.from_json(u) for u in units),
+            night["reason"],
+            night["left"],
+            tuple(night["given_up"]),
+        )
         entry = record_night(ledger, night_plan, results, now, ctx["run_id"])
         by_date = read_by_date(store)
         status = eta(cfg.plan, ledger, (night_plan.night or now.date()), by_date, cfg.assessment.throughput_instances_s)
         entry["progress"] = status
         store.put(key, ledger.to_bytes(), "application/json")
-        html = render_progress_html(night, results, status, ctx["run_id"],
-                                    f"s3://{cfg.target.bucket}/{cfg.target.prefix}")
-        subject = (f"{cfg.report.subject_prefix} Nightly {night['night'] or now.date().isoformat()}: "
-                   f"{entry['done']} done, {entry['failed']} failed, {entry['deferred']} deferred; "
-                   f"{status['units_left']} unit(s) left, ETA {status['nights_left']} night(s)")
+        html = render_progress_html(
+            night, results, status, ctx["run_id"], f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
+        )
+        subject = (
+            f"{cfg.report.subject_prefix} Nightly {night['night'] or now.date().isoformat()}: "
+            f"{entry['done']} done, {entry['failed']} failed, {entry['deferred']} deferred; "
+            f"{status['units_left']} unit(s) left, ETA {status['nights_left']} night(s)"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             ledger_path = Path(tmp) / "ledger.json"
             ledger_path.write_bytes(ledger.to_bytes())

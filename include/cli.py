@@ -97,15 +97,19 @@ def _dry_run_partition(args: argparse.Namespace, ruleset):
     from include.pacs_migration.retrieve import retrieve_partition
 
     host, _, port = args.pacs.rpartition(":")
-    source = SourceConfig(host=host, port=int(port), called_ae_title=args.called_ae,
-                          calling_ae_title=args.calling_ae)
+    source = SourceConfig(host=host, port=int(port), called_ae_title=args.called_ae, calling_ae_title=args.calling_ae)
     partition = Partition.parse(args.partition)
     with FindSession(source) as session:
         census = take_census(session.find, partition.study_date)
     with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
         sink = StagingSink(Path(tmp))
-        retrieve_partition(lambda q, c, s: c_get(source, q, c, s), census.for_partition(partition), sink,
-                           source.retrieve_attempts, source.max_associations)
+        retrieve_partition(
+            lambda q, c, s: c_get(source, q, c, s),
+            census.for_partition(partition),
+            sink,
+            source.retrieve_attempts,
+            source.max_associations,
+        )
         return dry_run((r.path.read_bytes() for r in sink.received.values()), ruleset, args.called_ae)
 
 

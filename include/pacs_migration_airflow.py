@@ -35,8 +35,11 @@ def runtime_config() -> MigrationConfig:
     stored = _variable("pacs_migration_config_path")
     if stored and Path(stored) != path:
         # Only the environment reaches DAG parsing (pool slots, the nightly schedule).
-        raise ConfigError("pacs_migration_config_path", f"set it as the environment variable {CONFIG_ENV}, "
-                          "not in the metadata database: DAG parsing must read the same file as tasks")
+        raise ConfigError(
+            "pacs_migration_config_path",
+            f"set it as the environment variable {CONFIG_ENV}, "
+            "not in the metadata database: DAG parsing must read the same file as tasks",
+        )
     data = read_yaml(path)
     try:
         conn = BaseHook.get_connection(SOURCE_CONN_ID)
@@ -159,11 +162,13 @@ def fallback_report_config() -> ReportConfig:
     raw = _variable("pacs_migration_recipients") or rep.get("recipients") or []
     recipients = [r for r in (re.split(r"[,;\s]+", raw) if isinstance(raw, str) else raw) if isinstance(r, str) and r]
     ops = rep.get("operators") or []
-    return ReportConfig(recipients=tuple(recipients), from_address=str(rep.get("from_address") or
-                                                                       "pacs-migration@localhost"),
-                        smtp_connection_id=str(rep.get("smtp_connection_id") or "smtp_default"),
-                        subject_prefix=str(rep.get("subject_prefix") or "[PACS migration]"),
-                        operators=tuple(o for o in ops if isinstance(o, str)))
+    return ReportConfig(
+        recipients=tuple(recipients),
+        from_address=str(rep.get("from_address") or "pacs-migration@localhost"),
+        smtp_connection_id=str(rep.get("smtp_connection_id") or "smtp_default"),
+        subject_prefix=str(rep.get("subject_prefix") or "[PACS migration]"),
+        operators=tuple(o for o in ops if isinstance(o, str)),
+    )
 
 
 def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
@@ -175,7 +180,14 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
 
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.report import (
-        RunVerdict, TaskFailure, data_docs_zip, figures_csv, partition_figures, render_html, run_verdict, subject,
+        RunVerdict,
+        TaskFailure,
+        data_docs_zip,
+        figures_csv,
+        partition_figures,
+        render_html,
+        run_verdict,
+        subject,
     )
 
     ctx = get_current_context()
@@ -205,6 +217,11 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
             docs.write_bytes(data_docs_zip(store, partitions))
             files.append(str(docs))
         to = list(report_cfg.recipients) + ([] if verdict is RunVerdict.PASSED else list(report_cfg.operators))
-        send_email(report_cfg, to, subject(report_cfg.subject_prefix, study_date, figures, failures,
-                                           census_completed), html, files)
+        send_email(
+            report_cfg,
+            to,
+            subject(report_cfg.subject_prefix, study_date, figures, failures, census_completed),
+            html,
+            files,
+        )
     return {"partitions": len(figures), "verdict": verdict.value, "emailed_to": len(to)}

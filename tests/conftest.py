@@ -46,7 +46,7 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pacs(archive):
-    from include.demo.pacs import SimulatedPACS
+    from peers.pacs import SimulatedPACS
 
     server = SimulatedPACS(archive.root)
     yield server
@@ -55,7 +55,7 @@ def pacs(archive):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    from include.demo.s3 import S3Server
+    from peers.s3 import S3Server
 
     server = S3Server()
     yield server
@@ -72,7 +72,7 @@ def bucket(s3_server, request):
 
 @pytest.fixture
 def mail(tmp_path):
-    from include.demo.smtp import MailSink
+    from peers.smtp import MailSink
 
     sink = MailSink(tmp_path / "mail")
     yield sink
@@ -83,13 +83,19 @@ def mail(tmp_path):
 def airflow_db():
     """`airflow db migrate` once per session (dag.test() needs it)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], env=dict(os.environ), capture_output=True, text=True,
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "-m", "airflow", "pools", "set", "pacs_source_associations", "4", "legacy PACS"],
-        env=dict(os.environ), capture_output=True, text=True, timeout=300,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _HOME
@@ -100,18 +106,36 @@ def airflow_connections(pacs, s3_server, bucket, mail, tmp_path, monkeypatch):
     """Point the DAG's Connections and Variables at this test's peers."""
     monkeypatch.setenv(
         "AIRFLOW_CONN_PACS_SOURCE",
-        json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": pacs.port,
-                    "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}),
+        json.dumps(
+            {
+                "conn_type": "generic",
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+            }
+        ),
     )
     monkeypatch.setenv(
         "AIRFLOW_CONN_AWS_DEFAULT",
-        json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-                    "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}}),
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"},
+            }
+        ),
     )
     monkeypatch.setenv(
         "AIRFLOW_CONN_SMTP_DEFAULT",
-        json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": mail.port,
-                    "extra": {"disable_tls": True, "disable_ssl": True}}),
+        json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": mail.port,
+                "extra": {"disable_tls": True, "disable_ssl": True},
+            }
+        ),
     )
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_BUCKET", bucket)
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS", "compliance@hospital.example")

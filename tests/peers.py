@@ -18,7 +18,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from include.demo.ports import free_port
+from peers.ports import free_port
 
 
 def require_binary(name: str, package: str) -> str:
@@ -82,7 +82,7 @@ class Orthanc:
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
-        self.log = open(self.folder / "orthanc.log", "wb")
+        self.log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([binary, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.http_port}"
         if not _wait_ready(self.proc, lambda: urllib.request.urlopen(f"{self.url}/system", timeout=1).close()):
@@ -90,8 +90,9 @@ class Orthanc:
             raise RuntimeError(f"Orthanc did not start; see {self.folder / 'orthanc.log'}")
 
     def upload(self, data: bytes) -> None:
-        req = urllib.request.Request(f"{self.url}/instances", data=data, method="POST",
-                                     headers={"Content-Type": "application/dicom"})
+        req = urllib.request.Request(
+            f"{self.url}/instances", data=data, method="POST", headers={"Content-Type": "application/dicom"}
+        )
         urllib.request.urlopen(req, timeout=30).close()
 
     def upload_folder(self, root: Path) -> int:
@@ -134,16 +135,14 @@ class Dcmqrscp:
     with its own configuration and index folder, filled over C-STORE by
     ``storescu``. ``move_destinations`` are its HostTable (C-MOVE targets)."""
 
-    def __init__(self, folder: Path, move_destinations: dict[str, int] | None = None,
-                 max_pdu: int = 65536) -> None:
+    def __init__(self, folder: Path, move_destinations: dict[str, int] | None = None, max_pdu: int = 65536) -> None:
         binary = require_binary("dcmqrscp", "dcmtk")
         self.folder = Path(folder)
         db = self.folder / "db"
         db.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.ae_title = "DCMQRSCP"
-        hosts = "\n".join(f"{ae.lower()} = ({ae}, 127.0.0.1, {port})"
-                          for ae, port in (move_destinations or {}).items())
+        hosts = "\n".join(f"{ae.lower()} = ({ae}, 127.0.0.1, {port})" for ae, port in (move_destinations or {}).items())
         config = (
             f"NetworkTCPPort = {self.port}\nMaxPDUSize = {max_pdu}\nMaxAssociations = 16\n"
             f"HostTable BEGIN\n{hosts}\nHostTable END\n"
@@ -152,13 +151,14 @@ class Dcmqrscp:
         )
         self.config = self.folder / "dcmqrscp.cfg"
         self.config.write_text(config)
-        self.log = open(self.folder / "dcmqrscp.log", "wb")
+        self.log = open(self.folder / "dcmqrscp.log", "wb")  # noqa: SIM115 - closed in stop()
         # TCP_NODELAY=1: DCMTK is ~30x slower on loopback without it.
         self.env = {**os.environ, "TCP_NODELAY": "1"}
         # Default fork mode: --single-process segfaults after the first
         # association in Debian's DCMTK 3.6.7.
-        self.proc = subprocess.Popen([binary, "-c", str(self.config), str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.config), str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=self.env
+        )
         if not _wait_ready(self.proc, lambda: socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()):
             self.stop()
             raise RuntimeError(f"dcmqrscp did not start; see {self.folder / 'dcmqrscp.log'}")
@@ -167,16 +167,36 @@ class Dcmqrscp:
         """C-STORE ``paths`` into the archive with ``storescu``."""
         storescu = require_binary("storescu", "dcmtk")
         for start in range(0, len(paths), 200):  # bounded command lines
-            subprocess.run([storescu, "-aec", self.ae_title, "-aet", "LOADER", "-xs",
-                            "127.0.0.1", str(self.port), *map(str, paths[start:start + 200])],
-                           check=True, env=self.env, timeout=300, capture_output=True)
+            subprocess.run(
+                [
+                    storescu,
+                    "-aec",
+                    self.ae_title,
+                    "-aet",
+                    "LOADER",
+                    "-xs",
+                    "127.0.0.1",
+                    str(self.port),
+                    *map(str, paths[start : start + 200]),
+                ],
+                check=True,
+                env=self.env,
+                timeout=300,
+                capture_output=True,
+            )
 
     def stop(self) -> None:
         _stop(self.proc, self.log)
 
 
-def series_study(root: Path, series: int, per_series: list[int] | None = None, date: str = "20190301",
-                 modality: str = "CT", tag: str = "big") -> dict[str, list[str]]:
+def series_study(
+    root: Path,
+    series: int,
+    per_series: list[int] | None = None,
+    date: str = "20190301",
+    modality: str = "CT",
+    tag: str = "big",
+) -> dict[str, list[str]]:
     """One study of ``series`` series (SeriesTimes spread over the day) holding
     ``per_series[i]`` tiny instances each (8x8 pixels); returns series UID -> SOP UIDs."""
     root.mkdir(parents=True, exist_ok=True)

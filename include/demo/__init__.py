@@ -1,0 +1,1 @@
+"""The demo archive (also seeded into Orthanc by docker-compose)."""

@@ -68,7 +68,7 @@ def build_archive(
     for d in range(days):
         date = first_date + dt.timedelta(days=d)
         da = date.strftime("%Y%m%d")
-        for modality, (tfiles, n_studies, n_series, n_inst) in PLAN.items():
+        for modality, (_tfiles, n_studies, n_series, n_inst) in PLAN.items():
             for st in range(n_studies):
                 patient_no += 1
                 name = names[(patient_no - 1) % len(names)]
@@ -86,7 +86,9 @@ def build_archive(
                         sop_uid = generate_uid(entropy_srcs=[series_uid, str(i)])
                         ds.PatientName = name
                         ds.PatientID = pid
-                        ds.PatientBirthDate = f"{rng.randrange(1930, 2010)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+                        ds.PatientBirthDate = (
+                            f"{rng.randrange(1930, 2010)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+                        )
                         ds.AccessionNumber = f"ACC{rng.randrange(10**8):08d}"
                         summary.birth_dates.append(ds.PatientBirthDate)
                         summary.accession_numbers.append(ds.AccessionNumber)
@@ -126,7 +128,11 @@ def build_archive(
                         summary.instances += 1
                         key = f"{date.isoformat()}/{modality}"
                         summary.by_partition[key] = summary.by_partition.get(key, 0) + 1
-    manifest = {k: v for k, v in summary.__dict__.items() if k not in ("patient_names", "patient_ids", "birth_dates", "accession_numbers", "root")}
+    manifest = {
+        k: v
+        for k, v in summary.__dict__.items()
+        if k not in ("patient_names", "patient_ids", "birth_dates", "accession_numbers", "root")
+    }
     (root / "archive.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return summary
 

@@ -15,8 +15,12 @@ from include.demo.archive import build_archive
 def seed(base_url: str, archive: Path) -> int:
     sent = 0
     for path in sorted(archive.rglob("*.dcm")):
-        req = urllib.request.Request(f"{base_url}/instances", data=path.read_bytes(), method="POST",
-                                     headers={"Content-Type": "application/dicom"})
+        req = urllib.request.Request(
+            f"{base_url}/instances",
+            data=path.read_bytes(),
+            method="POST",
+            headers={"Content-Type": "application/dicom"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as rsp:
                 sent += rsp.status == 200

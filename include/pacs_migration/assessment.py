@@ -32,16 +32,28 @@ from pydicom.uid import UID
 
 from .census import CensusWarning, FindFn, census_of_studies, find_study_answers
 from .config import AssessmentConfig
-from .plan import ASSESSED
 from .dimse import QueryTruncated
-from .report import _CSS
+from .plan import ASSESSED
+from .templates import render, svg
 
 # Typical stored size of one instance, by modality, when the PACS answers no
 # size keys (Rows, Columns, BitsAllocated, NumberOfFrames) for the sample.
 DEFAULT_BYTES_PER_INSTANCE: dict[str, int] = {
-    "CT": 525_000, "MR": 140_000, "CR": 10_500_000, "DX": 10_500_000, "MG": 27_000_000, "US": 650_000,
-    "NM": 260_000, "PT": 70_000, "XA": 9_000_000, "RF": 4_000_000, "OT": 1_000_000, "SC": 1_000_000,
-    "SR": 20_000, "KO": 5_000, "PR": 10_000,
+    "CT": 525_000,
+    "MR": 140_000,
+    "CR": 10_500_000,
+    "DX": 10_500_000,
+    "MG": 27_000_000,
+    "US": 650_000,
+    "NM": 260_000,
+    "PT": 70_000,
+    "XA": 9_000_000,
+    "RF": 4_000_000,
+    "OT": 1_000_000,
+    "SC": 1_000_000,
+    "SR": 20_000,
+    "KO": 5_000,
+    "PR": 10_000,
 }
 FALLBACK_BYTES_PER_INSTANCE = 1_000_000
 _HEADER_BYTES = 2_000  # a typical data set without pixel data
@@ -101,8 +113,14 @@ class Assessment:
         counts: dict[str, int] = defaultdict(int)
         for f in self.findings:
             counts[f.code.value] += 1
-        return {"date_from": self.date_from.isoformat(), "date_to": self.date_to.isoformat(), **self.totals(),
-                "syntaxes": self.syntaxes, "findings": dict(sorted(counts.items())), "projection": self.projection}
+        return {
+            "date_from": self.date_from.isoformat(),
+            "date_to": self.date_to.isoformat(),
+            **self.totals(),
+            "syntaxes": self.syntaxes,
+            "findings": dict(sorted(counts.items())),
+            "projection": self.projection,
+        }
 
 
 def _values(value: Any) -> list[str]:
@@ -119,16 +137,28 @@ def _check_answers(answers: list[Dataset], da: str, day: str) -> list[Finding]:
         uid = str(a.get("StudyInstanceUID", "") or "")
         date = str(a.get("StudyDate", "") or "")
         if date != da or not _valid_da(date):
-            out.append(Finding(FindingCode.NONCONFORMANT_DATE, day, uid, f"StudyDate of {len(date)} characters, "
-                               f"{'valid' if _valid_da(date) else 'not a valid DA'}"))
+            out.append(
+                Finding(
+                    FindingCode.NONCONFORMANT_DATE,
+                    day,
+                    uid,
+                    f"StudyDate of {len(date)} characters, {'valid' if _valid_da(date) else 'not a valid DA'}",
+                )
+            )
         time = str(a.get("StudyTime", "") or "").strip()
         if time and not _TM.match(time):
             out.append(Finding(FindingCode.NONCONFORMANT_TIME, day, uid, "StudyTime is not a valid TM"))
         charsets = [c.strip() for c in _values(a.get("SpecificCharacterSet")) if c.strip()]
         bad = [c for c in charsets if c not in python_encoding]
         if bad:
-            out.append(Finding(FindingCode.NONCONFORMANT_CHARSET, day, uid,
-                               "undefined term(s): " + ", ".join(sorted(set(bad)))[:120]))
+            out.append(
+                Finding(
+                    FindingCode.NONCONFORMANT_CHARSET,
+                    day,
+                    uid,
+                    "undefined term(s): " + ", ".join(sorted(set(bad)))[:120],
+                )
+            )
         if "PatientID" in a:
             patients[uid].add(str(a.PatientID or ""))  # compared here, dropped at return
     for uid, ids in patients.items():
@@ -154,8 +184,14 @@ def _sample_series(find: FindFn, study_uid: str, series_uid: str) -> tuple[int, 
     q.StudyInstanceUID = study_uid
     q.SeriesInstanceUID = series_uid
     q.SOPInstanceUID = ""
-    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
-                    "AvailableTransferSyntaxUID"):
+    for keyword in (
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "SamplesPerPixel",
+        "NumberOfFrames",
+        "AvailableTransferSyntaxUID",
+    ):
         setattr(q, keyword, None)
     try:
         answers = find(q)
@@ -188,8 +224,11 @@ def _undated(find: FindFn) -> tuple[list[Finding], bool]:
         answers = find(q)
     except QueryTruncated as exc:
         answers, truncated = exc.answers, True
-    out = [Finding(FindingCode.UNDATED_STUDY, "", str(a.get("StudyInstanceUID", "")), "no StudyDate")
-           for a in answers if not str(a.get("StudyDate", "") or "").strip()]
+    out = [
+        Finding(FindingCode.UNDATED_STUDY, "", str(a.get("StudyInstanceUID", "")), "no StudyDate")
+        for a in answers
+        if not str(a.get("StudyDate", "") or "").strip()
+    ]
     return out, truncated
 
 
@@ -197,7 +236,7 @@ def assess(
     find: FindFn,
     date_from: dt.date,
     date_to: dt.date,
-    config: AssessmentConfig = AssessmentConfig(),
+    config: AssessmentConfig | None = None,
     find_limit: int | None = None,
     split_depth: int = 12,
     on_day: Callable[[dt.date], None] | None = None,
@@ -209,6 +248,7 @@ def assess(
     """
     if date_to < date_from:
         raise ValueError("date_to is before date_from")
+    config = config or AssessmentConfig()
     by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
     by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
     samples: dict[tuple[int, str], _Sample] = defaultdict(_Sample)
@@ -222,8 +262,9 @@ def assess(
             if on_day:
                 on_day(day)
             da, iso = day.strftime("%Y%m%d"), day.isoformat()
-            answers, warnings = find_study_answers(find, da, find_limit, split_depth,
-                                                   extra_keys=("PatientID", "SpecificCharacterSet"))
+            answers, warnings = find_study_answers(
+                find, da, find_limit, split_depth, extra_keys=("PatientID", "SpecificCharacterSet")
+            )
             findings.extend(_check_answers(answers, da, iso))
             studies: dict[str, int | None] = {}
             for a in answers:
@@ -237,9 +278,10 @@ def assess(
                     cell.studies.add(s.study_instance_uid)
                     cell.series += 1
                     cell.instances += len(s.instances)
-                db.executemany("INSERT INTO sop VALUES (?, ?, ?, ?)",
-                               [(i.sop_instance_uid, s.series_instance_uid, s.study_instance_uid, iso)
-                                for i in s.instances])
+                db.executemany(
+                    "INSERT INTO sop VALUES (?, ?, ?, ?)",
+                    [(i.sop_instance_uid, s.series_instance_uid, s.study_instance_uid, iso) for i in s.instances],
+                )
                 sample = samples[(day.year, s.modality)]
                 if sample.series < config.sample_series and s.instances:
                     n, size, seen = _sample_series(find, s.study_instance_uid, s.series_instance_uid)
@@ -254,8 +296,11 @@ def assess(
             "SELECT uid, COUNT(DISTINCT series), MIN(study), MIN(day) FROM sop GROUP BY uid "
             "HAVING COUNT(DISTINCT series) > 1 ORDER BY uid"
         ):
-            findings.append(Finding(FindingCode.DUPLICATE_SOP_INSTANCE_UID, iso, study,
-                                    f"SOP Instance UID {uid} in {n_series} series"))
+            findings.append(
+                Finding(
+                    FindingCode.DUPLICATE_SOP_INSTANCE_UID, iso, study, f"SOP Instance UID {uid} in {n_series} series"
+                )
+            )
         db.close()
     if config.undated_sweep:
         undated, truncated = _undated(find)
@@ -272,22 +317,42 @@ def assess(
     date_rows = []
     for (iso, modality), cell in sorted(by_date.items()):
         per, _ = bytes_per_instance(int(iso[:4]), modality)
-        date_rows.append({"study_date": iso, "modality": modality, "studies": len(cell.studies),
-                          "series": cell.series, "instances": cell.instances, "est_bytes": per * cell.instances})
+        date_rows.append(
+            {
+                "study_date": iso,
+                "modality": modality,
+                "studies": len(cell.studies),
+                "series": cell.series,
+                "instances": cell.instances,
+                "est_bytes": per * cell.instances,
+            }
+        )
     year_rows = []
     for (year, modality), cell in sorted(by_year.items()):
         per, basis = bytes_per_instance(year, modality)
-        year_rows.append({"year": year, "modality": modality, "studies": len(cell.studies), "series": cell.series,
-                          "instances": cell.instances, "est_bytes": per * cell.instances,
-                          "bytes_per_instance": per, "bytes_basis": basis})
+        year_rows.append(
+            {
+                "year": year,
+                "modality": modality,
+                "studies": len(cell.studies),
+                "series": cell.series,
+                "instances": cell.instances,
+                "est_bytes": per * cell.instances,
+                "bytes_per_instance": per,
+                "bytes_basis": basis,
+            }
+        )
     instances = sum(r["instances"] for r in year_rows)
     est_bytes = sum(r["est_bytes"] for r in year_rows)
     hours = max(est_bytes / (config.throughput_mb_s * 1e6), instances / config.throughput_instances_s) / 3600
     # Rounded up to the minute: a projection never reads as zero.
-    projection = {"throughput_mb_s": config.throughput_mb_s,
-                  "throughput_instances_s": config.throughput_instances_s,
-                  "hours": math.ceil(hours * 60) / 60, "window_hours": config.window_hours,
-                  "nights": math.ceil(hours / config.window_hours) if hours else 0}
+    projection = {
+        "throughput_mb_s": config.throughput_mb_s,
+        "throughput_instances_s": config.throughput_instances_s,
+        "hours": math.ceil(hours * 60) / 60,
+        "window_hours": config.window_hours,
+        "nights": math.ceil(hours / config.window_hours) if hours else 0,
+    }
     return Assessment(date_from, date_to, date_rows, year_rows, dict(sorted(syntaxes.items())), findings, projection)
 
 
@@ -306,8 +371,15 @@ def rows_csv(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def findings_rows(assessment: Assessment) -> list[dict[str, str]]:
-    return [{"code": f.code.value, "study_date": f.study_date, "study_instance_uid": f.study_instance_uid,
-             "detail": f.detail} for f in assessment.findings]
+    return [
+        {
+            "code": f.code.value,
+            "study_date": f.study_date,
+            "study_instance_uid": f.study_instance_uid,
+            "detail": f.detail,
+        }
+        for f in assessment.findings
+    ]
 
 
 def _gb(n: float) -> str:
@@ -331,11 +403,15 @@ def heatmap_svg(assessment: Assessment) -> str:
     top = max(math.log10(1 + r["instances"]) for r in cells.values()) or 1
     cw, ch, left, head = 96, 34, 56, 26
     width, height = left + cw * len(modalities) + 10, head + ch * len(years) + 28
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           'aria-label="instances by year and modality" style="font-family:Arial,Helvetica,sans-serif;font-size:11px">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        'aria-label="instances by year and modality" style="font-family:Arial,Helvetica,sans-serif;font-size:11px">'
+    ]
     for j, m in enumerate(modalities):
-        out.append(f'<text x="{left + j * cw + cw / 2}" y="{head - 8}" text-anchor="middle" '
-                   f'font-weight="bold">{html.escape(m)}</text>')
+        out.append(
+            f'<text x="{left + j * cw + cw / 2}" y="{head - 8}" text-anchor="middle" '
+            f'font-weight="bold">{html.escape(m)}</text>'
+        )
     for i, y in enumerate(years):
         top_y = head + i * ch
         out.append(f'<text x="{left - 8}" y="{top_y + ch / 2 + 4}" text-anchor="end" font-weight="bold">{y}</text>')
@@ -349,55 +425,35 @@ def heatmap_svg(assessment: Assessment) -> str:
             # light to dark blue
             red, green, blue = (int(235 - t * (235 - 21)), int(242 - t * (242 - 67)), int(250 - t * (250 - 128)))
             ink = "#ffffff" if t > 0.55 else "#1d2733"
-            out.append(f'<rect x="{x}" y="{top_y}" width="{cw - 2}" height="{ch - 2}" '
-                       f'fill="rgb({red},{green},{blue})" data-cell="{y}/{html.escape(m)}"/>'
-                       f'<text x="{x + cw / 2 - 1}" y="{top_y + 14}" text-anchor="middle" fill="{ink}">'
-                       f'{r["instances"]:,} inst.</text>'
-                       f'<text x="{x + cw / 2 - 1}" y="{top_y + 27}" text-anchor="middle" fill="{ink}">'
-                       f'{_gb(r["est_bytes"])}</text>')
-    out.append(f'<text x="{left}" y="{height - 8}" fill="#5b6673">shade: instances, log scale; '
-               'size: estimated</text></svg>')
+            out.append(
+                f'<rect x="{x}" y="{top_y}" width="{cw - 2}" height="{ch - 2}" '
+                f'fill="rgb({red},{green},{blue})" data-cell="{y}/{html.escape(m)}"/>'
+                f'<text x="{x + cw / 2 - 1}" y="{top_y + 14}" text-anchor="middle" fill="{ink}">'
+                f"{r['instances']:,} inst.</text>"
+                f'<text x="{x + cw / 2 - 1}" y="{top_y + 27}" text-anchor="middle" fill="{ink}">'
+                f"{_gb(r['est_bytes'])}</text>"
+            )
+    out.append(
+        f'<text x="{left}" y="{height - 8}" fill="#5b6673">shade: instances, log scale; size: estimated</text></svg>'
+    )
     return "".join(out)
 
 
 def render_assessment_html(assessment: Assessment, source_label: str, bucket_uri: str) -> str:
     """Self-contained HTML e-mail (inline CSS and SVG, no external assets)."""
-    e = html.escape
-    t = assessment.totals()
-    p = assessment.projection
-    s = assessment.summary()
-    rows = "".join(
-        f'<tr><td class="k">{r["year"]}</td><td class="k">{e(r["modality"])}</td><td>{r["studies"]:,}</td>'
-        f'<td>{r["series"]:,}</td><td>{r["instances"]:,}</td><td>{_gb(r["est_bytes"])}</td>'
-        f'<td class="k">{e(r["bytes_basis"])}</td></tr>'
-        for r in sorted(assessment.by_year, key=lambda r: (-r["year"], r["modality"])))
-    findings = "".join(f"<li><code>{e(code)}</code> &times; {n}</li>" for code, n in s["findings"].items()) \
-        or "<li>none</li>"
-    syntaxes = ", ".join(f"{e(UID(ts).name)} (<code>{e(ts)}</code>) &times; {n}"
-                         for ts, n in assessment.syntaxes.items()) \
-        or "not offered by the PACS in C-FIND answers (AvailableTransferSyntaxUID)"
-    return (
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PACS archive assessment</title>"
-        f"<style>{_CSS}</style></head><body>"
-        f"<h1>Archive assessment &mdash; {assessment.date_from.isoformat()} to {assessment.date_to.isoformat()}</h1>"
-        f'<p class="meta">Source {e(source_label)} &middot; census only (C-FIND), nothing retrieved &middot; '
-        f"dataset in {e(bucket_uri)}</p>"
-        f'<table><tbody><tr><td class="k">Studies</td><td data-field="studies">{t["studies"]:,}</td></tr>'
-        f'<tr><td class="k">Series</td><td data-field="series">{t["series"]:,}</td></tr>'
-        f'<tr><td class="k">Instances</td><td data-field="instances">{t["instances"]:,}</td></tr>'
-        f'<tr><td class="k">Estimated size</td><td data-field="est_bytes">{_gb(t["est_bytes"])}</td></tr>'
-        f'<tr><td class="k">Projected duration</td><td data-field="hours">{_duration(p["hours"])} at '
-        f'{p["throughput_mb_s"]:g} MB/s or {p["throughput_instances_s"]:g} instances/s (the slower) = '
-        f'{int(p["nights"])} night(s) of {p["window_hours"]:g} h</td></tr></tbody></table>'
-        f'<h2 style="font-size:15px;margin:18px 0 6px">Instances by year and modality</h2>{heatmap_svg(assessment)}'
-        '<h2 style="font-size:15px;margin:18px 0 6px">By year and modality</h2>'
-        '<table><thead><tr><th class="k">Year</th><th class="k">Modality</th><th>Studies</th><th>Series</th>'
-        f'<th>Instances</th><th>Est. size</th><th class="k">Size basis</th></tr></thead><tbody>{rows}</tbody></table>'
-        '<h2 style="font-size:15px;margin:18px 0 6px">Metadata quality findings</h2>'
-        f"<ul>{findings}</ul><p style=\"font-size:13px\">Each finding is listed by study in the attached "
-        "findings.csv (Study Instance UIDs only, no patient data).</p>"
-        f'<h2 style="font-size:15px;margin:18px 0 6px">Transfer syntaxes (sampled)</h2><p style="font-size:13px">'
-        f"{syntaxes}</p></body></html>"
+    return render(
+        "assessment.html.j2",
+        a=assessment,
+        source_label=source_label,
+        bucket_uri=bucket_uri,
+        t=assessment.totals(),
+        p=assessment.projection,
+        findings=assessment.summary()["findings"],
+        rows=sorted(assessment.by_year, key=lambda r: (-r["year"], r["modality"])),
+        syntaxes=[(ts, UID(ts).name, n) for ts, n in assessment.syntaxes.items()],
+        heatmap=svg(heatmap_svg(assessment)),
+        gb=_gb,
+        duration=_duration,
     )
 
 
@@ -411,10 +467,15 @@ def write_assessment(store: Any, assessment: Assessment, html_report: str | None
 
     import pandas as pd
 
-    base = f"{store.target.prefix}{ASSESSMENT_PREFIX}{assessment.date_from.isoformat()}_{assessment.date_to.isoformat()}/"
+    base = (
+        f"{store.target.prefix}{ASSESSMENT_PREFIX}{assessment.date_from.isoformat()}_{assessment.date_to.isoformat()}/"
+    )
     keys = []
-    tables = {"by_year_modality": assessment.by_year, "by_date_modality": assessment.by_date,
-              "findings": findings_rows(assessment)}
+    tables = {
+        "by_year_modality": assessment.by_year,
+        "by_date_modality": assessment.by_date,
+        "findings": findings_rows(assessment),
+    }
     for name, rows in tables.items():
         frame = pd.DataFrame(rows)
         buf = io.BytesIO()
@@ -436,8 +497,11 @@ def read_by_date(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
     import pandas as pd
 
     out: dict[tuple[str, str], tuple[int, int]] = {}
-    keys = sorted(k for k in store.list_keys(f"{store.target.prefix}{ASSESSMENT_PREFIX}")
-                  if k.endswith("/by_date_modality.parquet"))
+    keys = sorted(
+        k
+        for k in store.list_keys(f"{store.target.prefix}{ASSESSMENT_PREFIX}")
+        if k.endswith("/by_date_modality.parquet")
+    )
     for key in keys:
         first, last = key.rsplit("/", 2)[-2].split("_")
         day = dt.date.fromisoformat(first)

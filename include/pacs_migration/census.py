@@ -81,9 +81,7 @@ class Census:
         for w in self.warnings:
             if not w.study_instance_uid or w.study_instance_uid not in placed:
                 out.append(w)  # date-wide, or a study whose modality is unknown: any partition
-            elif w.series_instance_uid is None and w.study_instance_uid in studies:
-                out.append(w)
-            elif w.series_instance_uid in own:
+            elif w.series_instance_uid is None and w.study_instance_uid in studies or w.series_instance_uid in own:
                 out.append(w)
         return out
 
@@ -98,8 +96,11 @@ def census_hash(series: list[CensusSeries]) -> str:
     """A stable hash of an expected set: what changed at the source changes it."""
     lines = sorted(
         [f"{s.study_instance_uid}|{s.series_instance_uid}|{i.sop_instance_uid}" for s in series for i in s.instances]
-        + [f"{s.study_instance_uid}|{s.series_instance_uid}|gap:{s.census_gap}:{s.reported_instances}"
-           for s in series if s.census_gap]
+        + [
+            f"{s.study_instance_uid}|{s.series_instance_uid}|gap:{s.census_gap}:{s.reported_instances}"
+            for s in series
+            if s.census_gap
+        ]
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -167,8 +168,14 @@ def find_study_answers(
         if not truncated:
             return
         if depth >= split_depth or hi <= lo:
-            warnings.append(CensusWarning("QUERY_TRUNCATED", "", None,
-                                          f"StudyTime {time_range or 'any'} still truncated at {len(answers)} answers"))
+            warnings.append(
+                CensusWarning(
+                    "QUERY_TRUNCATED",
+                    "",
+                    None,
+                    f"StudyTime {time_range or 'any'} still truncated at {len(answers)} answers",
+                )
+            )
             return
         mid = (lo + hi) // 2
         run(lo, mid, depth + 1)
@@ -192,8 +199,13 @@ def find_studies(
     return dict(sorted(found.items())), warnings
 
 
-def take_census(find: FindFn, study_date: dt.date, find_limit: int | None = None, split_depth: int = 12,
-                image_limit: int | None = None) -> Census:
+def take_census(
+    find: FindFn,
+    study_date: dt.date,
+    find_limit: int | None = None,
+    split_depth: int = 12,
+    image_limit: int | None = None,
+) -> Census:
     """C-FIND the whole expected set for ``study_date``.
 
     Parameters
@@ -220,9 +232,15 @@ class _Caps:
     split_depth: int
 
 
-def census_of_studies(find: FindFn, study_date: dt.date, studies: dict[str, int | None],
-                      warnings: list[CensusWarning], find_limit: int | None = None, split_depth: int = 12,
-                      image_limit: int | None = None) -> Census:
+def census_of_studies(
+    find: FindFn,
+    study_date: dt.date,
+    studies: dict[str, int | None],
+    warnings: list[CensusWarning],
+    find_limit: int | None = None,
+    split_depth: int = 12,
+    image_limit: int | None = None,
+) -> Census:
     """Series and image levels of ``studies`` (UID -> reported instance count),
     reconciled against the counts; ``warnings`` so far are carried along.
 
@@ -239,8 +257,14 @@ def census_of_studies(find: FindFn, study_date: dt.date, studies: dict[str, int 
     return Census(study_date, tuple(series_out), tuple(warnings))
 
 
-def _study_series(find: FindFn, study_date: dt.date, study_uid: str, reported_study: int | None, caps: _Caps,
-                  warnings: list[CensusWarning]) -> list[CensusSeries]:
+def _study_series(
+    find: FindFn,
+    study_date: dt.date,
+    study_uid: str,
+    reported_study: int | None,
+    caps: _Caps,
+    warnings: list[CensusWarning],
+) -> list[CensusSeries]:
     try:
         answers = _series_answers(find, study_uid, caps, warnings)
     except (QueryFailed, DicomNetworkError) as exc:
@@ -254,12 +278,16 @@ def _study_series(find: FindFn, study_date: dt.date, study_uid: str, reported_st
             warnings.append(CensusWarning("SERIES_WITHOUT_UID", study_uid, None, "series answer had no UID"))
             continue
         out.append(_series_instances(find, study_date, study_uid, series_uid, s, caps, warnings))
-    found = sum(s.reported_instances if s.census_gap and s.reported_instances is not None else len(s.instances)
-                for s in out)
+    found = sum(
+        s.reported_instances if s.census_gap and s.reported_instances is not None else len(s.instances) for s in out
+    )
     if reported_study is not None and reported_study != found:
         # Series or image level lost answers: E for this study cannot be trusted.
-        warnings.append(CensusWarning("COUNT_MISMATCH", study_uid, None,
-                                      f"study reports {reported_study}, series/image levels found {found}"))
+        warnings.append(
+            CensusWarning(
+                "COUNT_MISMATCH", study_uid, None, f"study reports {reported_study}, series/image levels found {found}"
+            )
+        )
     return out
 
 
@@ -301,11 +329,25 @@ def _series_answers(find: FindFn, study_uid: str, caps: _Caps, warnings: list[Ce
     return list(found.values())
 
 
-def _bisect_series(ask: Callable[[Dataset], bool], study_uid: str, modality: str, lo: int, hi: int, depth: int,
-                   max_depth: int, warnings: list[CensusWarning]) -> None:
+def _bisect_series(
+    ask: Callable[[Dataset], bool],
+    study_uid: str,
+    modality: str,
+    lo: int,
+    hi: int,
+    depth: int,
+    max_depth: int,
+    warnings: list[CensusWarning],
+) -> None:
     if depth > max_depth or hi <= lo:
-        warnings.append(CensusWarning("SERIES_LEVEL_TRUNCATED", study_uid, None,
-                                      f"{modality} series at SeriesTime {_tm(lo)}-{_tm(hi)} still capped"))
+        warnings.append(
+            CensusWarning(
+                "SERIES_LEVEL_TRUNCATED",
+                study_uid,
+                None,
+                f"{modality} series at SeriesTime {_tm(lo)}-{_tm(hi)} still capped",
+            )
+        )
         return
     mid = (lo + hi) // 2
     for a, b in ((lo, mid), (mid + 1, hi)):
@@ -317,8 +359,15 @@ def _modalities(found: dict[str, Dataset]) -> list[str]:
     return sorted({_modality_code(a.get("Modality")) for a in found.values()})
 
 
-def _series_instances(find: FindFn, study_date: dt.date, study_uid: str, series_uid: str, answer: Dataset,
-                      caps: _Caps, warnings: list[CensusWarning]) -> CensusSeries:
+def _series_instances(
+    find: FindFn,
+    study_date: dt.date,
+    study_uid: str,
+    series_uid: str,
+    answer: Dataset,
+    caps: _Caps,
+    warnings: list[CensusWarning],
+) -> CensusSeries:
     """The image level of one series; a cap or a failure there becomes the series' ``census_gap``."""
     qi = Dataset()
     qi.QueryRetrieveLevel = "IMAGE"
@@ -346,10 +395,26 @@ def _series_instances(find: FindFn, study_date: dt.date, study_uid: str, series_
     if gap is None and reported is not None and reported > len(seen):
         gap = "IMAGE_CAPPED"  # silently capped below the count the PACS itself reports
     if gap == "IMAGE_CAPPED" and reported is None:
-        warnings.append(CensusWarning("IMAGE_LEVEL_TRUNCATED", study_uid, series_uid,
-                                      f"capped at {len(seen)} answers and no instance count to complete it"))
+        warnings.append(
+            CensusWarning(
+                "IMAGE_LEVEL_TRUNCATED",
+                study_uid,
+                series_uid,
+                f"capped at {len(seen)} answers and no instance count to complete it",
+            )
+        )
     elif gap is None and reported is not None and reported != len(seen):
-        warnings.append(CensusWarning("COUNT_MISMATCH", study_uid, series_uid,
-                                      f"series reports {reported}, image level found {len(seen)}"))
-    return CensusSeries(study_uid, series_uid, _modality_code(answer.get("Modality")), study_date, reported,
-                        tuple(sorted(seen.values(), key=lambda e: e.sop_instance_uid)), gap)
+        warnings.append(
+            CensusWarning(
+                "COUNT_MISMATCH", study_uid, series_uid, f"series reports {reported}, image level found {len(seen)}"
+            )
+        )
+    return CensusSeries(
+        study_uid,
+        series_uid,
+        _modality_code(answer.get("Modality")),
+        study_date,
+        reported,
+        tuple(sorted(seen.values(), key=lambda e: e.sop_instance_uid)),
+        gap,
+    )

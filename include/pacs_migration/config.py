@@ -216,26 +216,56 @@ class MigrationConfig:
 _PHASE_KEYS = {"name": None, "from": None, "to": None, "last_months": None, "modalities": None, "order": None}
 SCHEMA: dict[str, Any] = {
     "source": {
-        "host": None, "port": None, "called_ae_title": None, "calling_ae_title": None, "max_associations": None,
-        "retrieve_method": None, "retrieve_attempts": None, "acse_timeout": None, "dimse_timeout": None,
-        "network_timeout": None, "max_pdu": None, "find_limit": None, "find_limit_instances": None,
-        "census_split_depth": None, "move_ae_title": None, "move_listen_host": None, "move_listen_port": None,
-        "move_settle_timeout": None, "request_uncompressed": None, "association_attempts": None,
+        "host": None,
+        "port": None,
+        "called_ae_title": None,
+        "calling_ae_title": None,
+        "max_associations": None,
+        "retrieve_method": None,
+        "retrieve_attempts": None,
+        "acse_timeout": None,
+        "dimse_timeout": None,
+        "network_timeout": None,
+        "max_pdu": None,
+        "find_limit": None,
+        "find_limit_instances": None,
+        "census_split_depth": None,
+        "move_ae_title": None,
+        "move_listen_host": None,
+        "move_listen_port": None,
+        "move_settle_timeout": None,
+        "request_uncompressed": None,
+        "association_attempts": None,
         "tls": {"ca_file": None, "cert_file": None, "key_file": None, "server_name": None, "check_hostname": None},
     },
     "target": {"bucket": None, "prefix": None, "sse": None, "kms_key_id": None, "upload_threads": None},
-    "report": {"recipients": None, "operators": None, "from_address": None, "smtp_connection_id": None,
-               "subject_prefix": None},
+    "report": {
+        "recipients": None,
+        "operators": None,
+        "from_address": None,
+        "smtp_connection_id": None,
+        "subject_prefix": None,
+    },
     "normalization": {"ruleset": None, "processes": None, "processes_from_instances": None},
-    "validation": {"max_quarantined_fraction": None, "max_unresolved_fraction": None,
-                   "allowed_transfer_syntaxes": None},
+    "validation": {
+        "max_quarantined_fraction": None,
+        "max_unresolved_fraction": None,
+        "allowed_transfer_syntaxes": None,
+    },
     "staging_dir": None,
-    "assessment": {"throughput_mb_s": None, "throughput_instances_s": None, "sample_series": None,
-                   "undated_sweep": None},
+    "assessment": {
+        "throughput_mb_s": None,
+        "throughput_instances_s": None,
+        "sample_series": None,
+        "undated_sweep": None,
+    },
     "plan": {
-        "timezone": None, "window": {"start": None, "end": None},
+        "timezone": None,
+        "window": {"start": None, "end": None},
         "budget": {"max_partitions": None, "max_instances": None, "max_bytes": None},
-        "max_attempts": None, "delta": {"recent_days": None, "sweep_per_night": None}, "phases": [_PHASE_KEYS],
+        "max_attempts": None,
+        "delta": {"recent_days": None, "sweep_per_night": None},
+        "phases": [_PHASE_KEYS],
     },
 }
 
@@ -253,8 +283,11 @@ def check_keys(data: Any, schema: Any = None, path: str = "") -> None:
         where = f"{path}.{key}" if path else str(key)
         if key not in schema:
             near = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1, cutoff=0.6)
-            hint = f"; did you mean {(path + '.' if path else '') + near[0]!r}?" if near else \
-                f"; valid keys here: {', '.join(sorted(schema))}"
+            hint = (
+                f"; did you mean {(path + '.' if path else '') + near[0]!r}?"
+                if near
+                else f"; valid keys here: {', '.join(sorted(schema))}"
+            )
             raise ConfigError(where, f"unknown key{hint}")
         check_keys(value, schema[key], where)
 
@@ -340,8 +373,9 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         network_timeout=_float(src, "source", "network_timeout", 120.0, 0.1, 3600),
         max_pdu=_int(src, "source", "max_pdu", 131072, 4096, 2**31 - 1),
         find_limit=_int(src, "source", "find_limit", 0, 1, 10**7) if src.get("find_limit") else None,
-        find_limit_instances=(_int(src, "source", "find_limit_instances", 0, 1, 10**7)
-                              if src.get("find_limit_instances") else None),
+        find_limit_instances=(
+            _int(src, "source", "find_limit_instances", 0, 1, 10**7) if src.get("find_limit_instances") else None
+        ),
         census_split_depth=_int(src, "source", "census_split_depth", 12, 0, 17),
         move_ae_title=_ae_title(src, "source", "move_ae_title") if src.get("move_ae_title") else None,
         move_listen_host=_str(src, "source", "move_listen_host", "0.0.0.0"),
@@ -432,9 +466,16 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
         undated_sweep=_bool(asm, "assessment", "undated_sweep", True),
     )
     return MigrationConfig(
-        source=source, target=target, report=report, validation=validation, ruleset=ruleset,
-        normalize_processes=normalize_processes, normalize_processes_from=normalize_processes_from,
-        staging_dir=Path(staging), assessment=assessment, plan=plan,
+        source=source,
+        target=target,
+        report=report,
+        validation=validation,
+        ruleset=ruleset,
+        normalize_processes=normalize_processes,
+        normalize_processes_from=normalize_processes_from,
+        staging_dir=Path(staging),
+        assessment=assessment,
+        plan=plan,
     )
 
 
@@ -486,8 +527,9 @@ def _plan(value: Any) -> PlanConfig:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError("plan.timezone", f"{tz!r} is not an IANA time zone") from None
-    window = Window(_time(win.get("start", "20:00"), "plan.window.start"),
-                    _time(win.get("end", "06:00"), "plan.window.end"), tz)
+    window = Window(
+        _time(win.get("start", "20:00"), "plan.window.start"), _time(win.get("end", "06:00"), "plan.window.end"), tz
+    )
     if window.start == window.end:
         raise ConfigError("plan.window.end", "must differ from plan.window.start")
     raw_phases = value.get("phases")
@@ -509,8 +551,11 @@ def _plan(value: Any) -> PlanConfig:
         mods = ph.get("modalities", "all")
         if mods == "all" or mods is None:
             modalities = None
-        elif isinstance(mods, list) and mods and all(isinstance(m, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", m)
-                                                     for m in mods):
+        elif (
+            isinstance(mods, list)
+            and mods
+            and all(isinstance(m, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", m) for m in mods)
+        ):
             modalities = tuple(mods)
         else:
             raise ConfigError(f"{path}.modalities", f"must be 'all' or a list of modality codes, got {mods!r}")
@@ -529,8 +574,11 @@ def _plan(value: Any) -> PlanConfig:
     if not isinstance(delta, Mapping):
         raise ConfigError("plan.delta", "must be a mapping")
     return PlanConfig(
-        phases=tuple(phases), window=window, max_partitions=limit("max_partitions"),
-        max_instances=limit("max_instances"), max_bytes=limit("max_bytes"),
+        phases=tuple(phases),
+        window=window,
+        max_partitions=limit("max_partitions"),
+        max_instances=limit("max_instances"),
+        max_bytes=limit("max_bytes"),
         max_attempts=_int(value, "plan", "max_attempts", 3, 1, 100),
         delta_recent_days=_int(delta, "plan.delta", "recent_days", 30, 0, 36500),
         delta_sweep_per_night=_int(delta, "plan.delta", "sweep_per_night", 7, 0, 100000),
@@ -566,8 +614,9 @@ def _tls(value: Any, base_dir: Path | None) -> TlsConfig | None:
 
     cert, key = file("cert_file", False), file("key_file", False)
     if (cert is None) != (key is None):
-        raise ConfigError("source.tls.key_file" if key is None else "source.tls.cert_file",
-                          "cert_file and key_file go together")
+        raise ConfigError(
+            "source.tls.key_file" if key is None else "source.tls.cert_file", "cert_file and key_file go together"
+        )
     name = value.get("server_name")
     return TlsConfig(
         ca_file=file("ca_file", True),  # type: ignore[arg-type]

@@ -59,8 +59,9 @@ def counts_from_frame(df: Any) -> PartitionCounts:
         quarantined=states.get(InstanceState.QUARANTINED.value, 0),
         unresolved=states.get(InstanceState.UNRESOLVED.value, 0),
         unsolicited=int((~df["in_census"]).sum()),
-        written=int(((df["load_action"] == PutOutcome.CREATED.value)
-                     & (df["state"] == InstanceState.MIGRATED.value)).sum()),
+        written=int(
+            ((df["load_action"] == PutOutcome.CREATED.value) & (df["state"] == InstanceState.MIGRATED.value)).sum()
+        ),
         reasons=dict(sorted(reasons.items())),
     )
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -91,10 +91,8 @@ TRUNCATION_STATUSES = (0xFE00, 0xA700)
 def nodelay(assoc) -> None:
     """TCP_NODELAY on the association's socket: DIMSE sends small writes that
     Nagle's algorithm would hold back for a delayed ACK (~40 ms each)."""
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass
 
 
 def _new_ae(source: SourceConfig) -> AE:
@@ -144,15 +142,23 @@ def _associate(ae: AE, source: SourceConfig, **kwargs: Any):
                 answer.update(result=primitive.result, source=primitive.result_source, diagnostic=primitive.diagnostic)
 
         # max_pdu must be passed here: AE.maximum_pdu_size only applies to an acceptor.
-        assoc = ae.associate(source.host, source.port, ae_title=source.called_ae_title, max_pdu=source.max_pdu,
-                             evt_handlers=[*handlers, (evt.EVT_ACSE_RECV, on_acse)], **kwargs)
+        assoc = ae.associate(
+            source.host,
+            source.port,
+            ae_title=source.called_ae_title,
+            max_pdu=source.max_pdu,
+            evt_handlers=[*handlers, (evt.EVT_ACSE_RECV, on_acse)],
+            **kwargs,
+        )
         if assoc.is_established:
             nodelay(assoc)
             return assoc
         if assoc.is_rejected:
             kind = "permanently" if answer.get("result") == _REJECT_PERMANENT else "transiently"
-            reason = (f"rejected {kind} by the {_REJECT_SOURCES.get(answer.get('source', 0), 'peer')}"
-                      f" (reason {answer.get('diagnostic', '?')})")
+            reason = (
+                f"rejected {kind} by the {_REJECT_SOURCES.get(answer.get('source', 0), 'peer')}"
+                f" (reason {answer.get('diagnostic', '?')})"
+            )
             if answer.get("result") == _REJECT_PERMANENT:
                 break
         else:
@@ -311,8 +317,11 @@ class StagingSink:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path,
-                                      hashlib.sha256(data).hexdigest(), len(data)))
+        self._commit(
+            ReceivedInstance(
+                sop_instance_uid, sop_class_uid, transfer_syntax, path, hashlib.sha256(data).hexdigest(), len(data)
+            )
+        )
         return 0x0000
 
     def store_file(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, source: Path) -> int:
@@ -336,16 +345,18 @@ class StagingSink:
                 tmp.rename(path)
         finally:
             source.unlink(missing_ok=True)
-        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path,
-                                      digest.hexdigest(), size))
+        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path, digest.hexdigest(), size))
         return 0x0000
 
     def handle_store(self, event: evt.Event) -> int:
         """pynetdicom ``EVT_C_STORE`` handler."""
         try:
             req = event.request
-            uid, cls, ts = str(req.AffectedSOPInstanceUID), str(req.AffectedSOPClassUID), str(
-                event.context.transfer_syntax)
+            uid, cls, ts = (
+                str(req.AffectedSOPInstanceUID),
+                str(req.AffectedSOPClassUID),
+                str(event.context.transfer_syntax),
+            )
             chunked = getattr(req, "_dataset_path", None)
             if isinstance(chunked, Path):
                 # As a C-GET requestor pynetdicom leaves the temporary open: close it.
@@ -379,8 +390,12 @@ LIKELY_STORAGE_CLASSES: dict[str, tuple[str, ...]] = {
     "DX": ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"),
     "MG": ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.13.1.3"),
     # Current and retired ultrasound, single and multi-frame.
-    "US": ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
-           "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"),
+    "US": (
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.5.1.4.1.1.3.1",
+        "1.2.840.10008.5.1.4.1.1.6",
+        "1.2.840.10008.5.1.4.1.1.3",
+    ),
     "NM": ("1.2.840.10008.5.1.4.1.1.20",),
     "PT": ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130"),
     "XA": ("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.1.1"),
@@ -401,8 +416,10 @@ def retrieve_syntaxes(uncompressed_only: bool) -> tuple[str, ...]:
     return UNCOMPRESSED_TRANSFER_SYNTAXES if uncompressed_only else RETRIEVE_TRANSFER_SYNTAXES
 
 
-def storage_contexts(sop_class_uids: Iterable[str], syntaxes: tuple[str, ...] = RETRIEVE_TRANSFER_SYNTAXES,
-                     ) -> list[tuple[str, str]]:
+def storage_contexts(
+    sop_class_uids: Iterable[str],
+    syntaxes: tuple[str, ...] = RETRIEVE_TRANSFER_SYNTAXES,
+) -> list[tuple[str, str]]:
     """(SOP class, transfer syntax) pairs to propose for C-GET's C-STOREs.
 
     One context per pair; when many SOP classes would exceed the 127-context
@@ -472,7 +489,6 @@ def c_get(
     return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
 
 
-
 class StorageListener:
     """Our Storage SCP, the destination of C-MOVE: accepts every storage SOP
     class in every transfer syntax and delivers into the current sink.
@@ -482,8 +498,14 @@ class StorageListener:
     the caller (anything unasked is quarantined ``UNSOLICITED``).
     """
 
-    def __init__(self, ae_title: str, host: str = "127.0.0.1", port: int = 11112, max_pdu: int = 131072,
-                 uncompressed_only: bool = False) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        max_pdu: int = 131072,
+        uncompressed_only: bool = False,
+    ) -> None:
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.network_timeout = 60
@@ -557,8 +579,9 @@ class MoveRetriever:
         counts = {"completed": 0, "failed": 0, "warning": 0}
         failed_uids: tuple[str, ...] = ()
         try:
-            for status, ident in assoc.send_c_move(identifier, self.move_ae_title,
-                                                   StudyRootQueryRetrieveInformationModelMove):
+            for status, ident in assoc.send_c_move(
+                identifier, self.move_ae_title, StudyRootQueryRetrieveInformationModelMove
+            ):
                 if not status:
                     break
                 code = int(status.Status)
@@ -585,8 +608,9 @@ def retriever(source: SourceConfig) -> Iterator[Callable[[Dataset, Iterable[str]
     Storage SCP listening for the duration of the block."""
     if source.retrieve_method == "C-MOVE":
         ae_title = source.move_ae_title or source.calling_ae_title
-        listener = StorageListener(ae_title, source.move_listen_host, source.move_listen_port, source.max_pdu,
-                                   source.request_uncompressed)
+        listener = StorageListener(
+            ae_title, source.move_listen_host, source.move_listen_port, source.max_pdu, source.request_uncompressed
+        )
         try:
             yield MoveRetriever(source, listener, ae_title)
         finally:

@@ -51,10 +51,16 @@ class DryRunReport:
         }
 
     def render(self) -> str:
-        lines = [f"rule set {self.ruleset}: {self.files} instance(s), {self.would_migrate} would migrate, "
-                 f"{sum(self.would_quarantine.values())} would be quarantined"]
-        for title, counter in (("quarantine reason", self.would_quarantine), ("rule", self.rules),
-                               ("attribute changed", self.attributes), ("structural change", self.structural)):
+        lines = [
+            f"rule set {self.ruleset}: {self.files} instance(s), {self.would_migrate} would migrate, "
+            f"{sum(self.would_quarantine.values())} would be quarantined"
+        ]
+        for title, counter in (
+            ("quarantine reason", self.would_quarantine),
+            ("rule", self.rules),
+            ("attribute changed", self.attributes),
+            ("structural change", self.structural),
+        ):
             for key, n in sorted(counter.items()):
                 lines.append(f"  {title:<18} {key:<48} {n}")
         return "\n".join(lines)

@@ -28,7 +28,7 @@ def _rule_counts(transfer: pd.DataFrame) -> dict[str, int]:
 
 def checksum_summary(transfer: pd.DataFrame) -> dict[str, Any]:
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value]
-    lines = sorted(f"{k} {s}" for k, s in zip(migrated["object_key"], migrated["object_sha256"]))
+    lines = sorted(f"{k} {s}" for k, s in zip(migrated["object_key"], migrated["object_sha256"], strict=True))
     return {
         "algorithm": "SHA-256",
         "objects": len(lines),
@@ -57,7 +57,7 @@ def lineage_record(
     changed = transfer["changes"].dropna()
     return {
         "schema": "pacs-migration/lineage/1",
-        "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "recorded_at": dt.datetime.now(dt.UTC).isoformat(),
         "run_id": run_id,
         "dag_id": dag_id,
         "partition": partition.key,

@@ -80,9 +80,15 @@ class Prepared:
 
 def row_for(item: ReceivedInstance, expected: Expected | None, run_id: str, membership: str | None) -> Row:
     row: Row = {c: None for c in TRANSFER_COLUMNS}
-    row.update(sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid,
-               in_census=expected is not None, received_sha256=item.sha256, received_size=item.size,
-               run_id=run_id, membership=membership)
+    row.update(
+        sop_instance_uid=item.sop_instance_uid,
+        sop_class_uid=item.sop_class_uid,
+        in_census=expected is not None,
+        received_sha256=item.sha256,
+        received_size=item.size,
+        run_id=run_id,
+        membership=membership,
+    )
     if expected is not None:
         row.update(study_instance_uid=expected[0], series_instance_uid=expected[1])
     return row
@@ -97,8 +103,9 @@ def quarantine(ctx: LoadContext, row: Row, raw: bytes, code: str) -> None:
     row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key, load_action=put.outcome.value)
 
 
-def _normalized(ctx: LoadContext, expected: Expected, item: ReceivedInstance,
-                spill: bool) -> tuple[NormalizeResult, bytes | None, Path | None]:
+def _normalized(
+    ctx: LoadContext, expected: Expected, item: ReceivedInstance, spill: bool
+) -> tuple[NormalizeResult, bytes | None, Path | None]:
     """(result, rewritten bytes in memory, rewritten bytes on disk); neither
     when the received bytes pass unchanged. ``spill``: keep them on disk."""
     out_path = item.path.with_name(item.path.name + ".out")
@@ -120,8 +127,9 @@ def _normalized(ctx: LoadContext, expected: Expected, item: ReceivedInstance,
     return result, data, out
 
 
-def prepare(ctx: LoadContext, expected: Expected | None, item: ReceivedInstance, membership: str | None,
-            spill: bool = False) -> Row | Prepared:
+def prepare(
+    ctx: LoadContext, expected: Expected | None, item: ReceivedInstance, membership: str | None, spill: bool = False
+) -> Row | Prepared:
     """Normalize one arrival: its final row when quarantined, else what will migrate."""
     row = row_for(item, expected, ctx.run_id, membership if expected else None)
     if expected is None:
@@ -129,10 +137,15 @@ def prepare(ctx: LoadContext, expected: Expected | None, item: ReceivedInstance,
         return row
     result, data, out = _normalized(ctx, expected, item, spill)
     row.update(
-        transfer_syntax_in=result.transfer_syntax_in, transfer_syntax_out=result.transfer_syntax_out,
-        study_date=result.study_date, modality=result.modality, patient_key=result.patient_key,
-        pixel_sha256_before=result.pixel_sha256_before, pixel_sha256_after=result.pixel_sha256_after,
-        changes=";".join(result.changes) or None, findings=";".join(result.findings) or None,
+        transfer_syntax_in=result.transfer_syntax_in,
+        transfer_syntax_out=result.transfer_syntax_out,
+        study_date=result.study_date,
+        modality=result.modality,
+        patient_key=result.patient_key,
+        pixel_sha256_before=result.pixel_sha256_before,
+        pixel_sha256_after=result.pixel_sha256_after,
+        changes=";".join(result.changes) or None,
+        findings=";".join(result.findings) or None,
         rules_applied=";".join(result.rules_applied) or None,
     )
     if result.reason is not None:
@@ -147,23 +160,35 @@ def load(ctx: LoadContext, p: Prepared) -> Row:
     data, digest = p.object_bytes()
     key = ctx.manifests.instance_key(*p.expected)
     started = time.perf_counter()
-    put = ctx.store.put_new(key, data, digest, {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label},
-                            same_if=("source-sha256", "ruleset"), writer=ctx.writer)
+    put = ctx.store.put_new(
+        key,
+        data,
+        digest,
+        {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label},
+        same_if=("source-sha256", "ruleset"),
+        writer=ctx.writer,
+    )
     if ctx.times:
         ctx.times.add("upload", time.perf_counter() - started, len(data))
     if put.outcome is PutOutcome.CONFLICT:
         quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
         return p.row
-    p.row.update(state=InstanceState.MIGRATED.value, object_key=key, object_sha256=put.sha256,
-                 object_size=put.size, load_action=put.outcome.value)
+    p.row.update(
+        state=InstanceState.MIGRATED.value,
+        object_key=key,
+        object_sha256=put.sha256,
+        object_size=put.size,
+        load_action=put.outcome.value,
+    )
     return p.row
 
 
 def header_uids(path: Path) -> tuple[str, str] | None:
     """(StudyInstanceUID, SeriesInstanceUID) as the staged file states them, or None if unreadable."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, force=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+        )
         return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     except Exception:
         return None
@@ -181,9 +206,11 @@ class Membership:
         for s in series:
             for i in s.instances:
                 self.named.setdefault(i.sop_instance_uid, []).append(
-                    (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid))
-        self.gaps = {(s.study_instance_uid, s.series_instance_uid) for s in series
-                     if s.census_gap and s.series_instance_uid}
+                    (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
+                )
+        self.gaps = {
+            (s.study_instance_uid, s.series_instance_uid) for s in series if s.census_gap and s.series_instance_uid
+        }
 
     def held(self, item: ReceivedInstance) -> bool:
         return item.copy > 0 or len(self.named.get(item.sop_instance_uid, ())) > 1
@@ -200,8 +227,12 @@ class Membership:
             return (*uids, item.sop_instance_uid), "retrieval"
         return None, None
 
-    def resolve_copies(self, ctx: LoadContext, copies: list[ReceivedInstance],
-                       prepared: Callable[[Expected | None, ReceivedInstance], list[Row]]) -> list[Row]:
+    def resolve_copies(
+        self,
+        ctx: LoadContext,
+        copies: list[ReceivedInstance],
+        prepared: Callable[[Expected | None, ReceivedInstance], list[Row]],
+    ) -> list[Row]:
         """Resolve held arrivals of one SOP Instance UID: one distinct copy
         goes on as usual (``prepared``); several are all quarantined
         ``UID_CONFLICT``, each with the series its header names."""
@@ -292,22 +323,31 @@ def flag_inconsistent(rows: list[Row], policy: PatientPolicy) -> None:
 
 
 def unresolved(series: CensusSeries, sop: ExpectedInstance | None, why: str, run_id: str) -> Row:
-    return {"study_instance_uid": series.study_instance_uid, "series_instance_uid": series.series_instance_uid or None,
-            "sop_instance_uid": sop.sop_instance_uid if sop else None, "sop_class_uid": sop.sop_class_uid if sop else None,
-            "in_census": True, "state": InstanceState.UNRESOLVED.value, "reason": why, "run_id": run_id,
-            "membership": "census"}
+    return {
+        "study_instance_uid": series.study_instance_uid,
+        "series_instance_uid": series.series_instance_uid or None,
+        "sop_instance_uid": sop.sop_instance_uid if sop else None,
+        "sop_class_uid": sop.sop_class_uid if sop else None,
+        "in_census": True,
+        "state": InstanceState.UNRESOLVED.value,
+        "reason": why,
+        "run_id": run_id,
+        "membership": "census",
+    }
 
 
 def gap_rows(series: CensusSeries, rows: list[Row], run_id: str) -> list[Row]:
     """Unresolved rows for what a series with a census gap is known to hold
     but nobody could name: the PACS's count minus the members found, or one
     row when the count is unknown and the census failed."""
-    members = sum(1 for r in rows if r["in_census"] and r["series_instance_uid"] == series.series_instance_uid
-                  and r["study_instance_uid"] == series.study_instance_uid)
+    members = sum(
+        1
+        for r in rows
+        if r["in_census"]
+        and r["series_instance_uid"] == series.series_instance_uid
+        and r["study_instance_uid"] == series.study_instance_uid
+    )
     failed = (series.census_gap or "").startswith(ReasonCode.CENSUS_FAILED.value)
-    if series.reported_instances is not None:
-        deficit = series.reported_instances - members
-    else:
-        deficit = 1 if failed else 0
+    deficit = series.reported_instances - members if series.reported_instances is not None else 1 if failed else 0
     why = series.census_gap if failed else reason(ReasonCode.NOT_RECEIVED, "not-sent")
     return [unresolved(series, None, why or "", run_id) for _ in range(max(0, deficit))]

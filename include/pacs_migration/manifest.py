@@ -85,17 +85,34 @@ class CensusSummary:
     warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"census_sha256": self.census_sha256, "series": self.series, "instances": self.instances,
-                "warnings": list(self.warnings)}
+        return {
+            "census_sha256": self.census_sha256,
+            "series": self.series,
+            "instances": self.instances,
+            "warnings": list(self.warnings),
+        }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> CensusSummary:
-        return cls(str(value.get("census_sha256", "")), int(value.get("series", 0)), int(value.get("instances", 0)),
-                   tuple(value.get("warnings", ())))
+        return cls(
+            str(value.get("census_sha256", "")),
+            int(value.get("series", 0)),
+            int(value.get("instances", 0)),
+            tuple(value.get("warnings", ())),
+        )
 
 
-_CENSUS_COLUMNS = ["study_instance_uid", "series_instance_uid", "modality", "study_date", "reported_instances",
-                   "expected_instances", "sop_instance_uids", "sop_class_uids", "census_gap"]
+_CENSUS_COLUMNS = [
+    "study_instance_uid",
+    "series_instance_uid",
+    "modality",
+    "study_date",
+    "reported_instances",
+    "expected_instances",
+    "sop_instance_uids",
+    "sop_class_uids",
+    "census_gap",
+]
 
 
 class PartitionManifests:
@@ -144,8 +161,9 @@ class PartitionManifests:
     def write_census(self, series: list[CensusSeries], warnings: list[str]) -> CensusSummary:
         """Write the expected set and its summary, then read both back: a
         census write that was lost or garbled fails here, not later."""
-        summary = CensusSummary(census_hash(series), len(series), sum(len(s.instances) for s in series),
-                                tuple(warnings))
+        summary = CensusSummary(
+            census_hash(series), len(series), sum(len(s.instances) for s in series), tuple(warnings)
+        )
         self._put_parquet(CENSUS, _census_frame(series))
         self.write_json(CENSUS_SUMMARY, summary.to_json())
         if self.summary() != summary:
@@ -161,8 +179,10 @@ class PartitionManifests:
             raise StaleCensus(f"partition {self.partition.key}: no census manifest")
         series = _census_series(pd.read_parquet(io.BytesIO(data)))
         if expected_sha256 is not None and census_hash(series) != expected_sha256:
-            raise StaleCensus(f"partition {self.partition.key}: the census manifest is not this run's census "
-                              f"(hash {census_hash(series)[:12]}, expected {expected_sha256[:12]})")
+            raise StaleCensus(
+                f"partition {self.partition.key}: the census manifest is not this run's census "
+                f"(hash {census_hash(series)[:12]}, expected {expected_sha256[:12]})"
+            )
         return series
 
     def summary(self) -> CensusSummary | None:
@@ -266,7 +286,8 @@ def _census_series(df: pd.DataFrame) -> list[CensusSeries]:
                 study_date=dt.date.fromisoformat(row["study_date"]),
                 reported_instances=None if pd.isna(reported) else int(reported),
                 instances=tuple(
-                    ExpectedInstance(str(u), str(c)) for u, c in zip(row["sop_instance_uids"], row["sop_class_uids"])
+                    ExpectedInstance(str(u), str(c))
+                    for u, c in zip(row["sop_instance_uids"], row["sop_class_uids"], strict=True)
                 ),
                 census_gap=gap if isinstance(gap, str) and gap else None,
             )
@@ -301,6 +322,6 @@ def transferred_partitions(store: ObjectStore, study_date: dt.date | None = None
     found = []
     for key in store.list_keys(base):
         if key.endswith("/" + TRANSFER):
-            parts = dict(p.split("=", 1) for p in key[len(store.target.prefix):].split("/")[1:3])
+            parts = dict(p.split("=", 1) for p in key[len(store.target.prefix) :].split("/")[1:3])
             found.append(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
     return sorted(found)

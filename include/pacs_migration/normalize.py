@@ -26,11 +26,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
 )
 
 from .reasons import ReasonCode, reason
@@ -226,7 +226,7 @@ def record_original_attributes(
     Sequence (0400,0561), one item per reason (PS3.3 C.12.1.1.9). Old values
     that were not valid for their VR go to the Nonconforming Modified
     Attributes Sequence as their bytes, so the object stays conformant."""
-    when = (modified_at or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%d%H%M%S.%f%z")
+    when = (modified_at or dt.datetime.now(dt.UTC)).strftime("%Y%m%d%H%M%S.%f%z")
     items = list(ds.get("OriginalAttributesSequence", []) or [])
     charset = _values_charset(ds)
     for why in Reason:
@@ -374,7 +374,8 @@ def normalize(
     # Findings that call for a rewrite even of an explicit VR little endian file.
     group_lengths = [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002]
     un_known = [
-        t for t in ds.keys()
+        t
+        for t in ds.keys()
         if not t.is_private and getattr(ds.get_item(t), "VR", None) == "UN" and t in DicomDictionary
     ]
     outcome = apply_ruleset(ruleset, ds, source_ae)
@@ -394,7 +395,12 @@ def normalize(
         and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID
     )
     rewrite = (
-        ts_in in _REWRITE_SYNTAXES or not meta_ok or group_lengths or un_known or outcome.changes or outcome.notes
+        ts_in in _REWRITE_SYNTAXES
+        or not meta_ok
+        or group_lengths
+        or un_known
+        or outcome.changes
+        or outcome.notes
         or encoding_mismatch
     )
     if not rewrite:
@@ -459,4 +465,3 @@ def normalize(
     result.data = data
     result.transfer_syntax_out = ts_out
     return result
-

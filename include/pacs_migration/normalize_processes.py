@@ -3,6 +3,7 @@ the GIL that retrieval and uploads need."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -31,8 +32,9 @@ def peak_rss_kb(pid: int | str = "self") -> int:
     return 0
 
 
-def normalize_staged(path: str, expected: tuple[str, str, str], ruleset: RuleSet,
-                     source_ae: str | None) -> tuple[NormalizeResult, bool, float]:
+def normalize_staged(
+    path: str, expected: tuple[str, str, str], ruleset: RuleSet, source_ae: str | None
+) -> tuple[NormalizeResult, bool, float]:
     """Normalize a staged file in a normalize process. Rewritten bytes go to
     ``<path>.out`` beside it, not through the pipe; returns the result without
     its data, whether it was rewritten, and the seconds it took."""
@@ -98,8 +100,9 @@ class NormalizeProcesses:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             for _ in range(processes):
-                proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+                )
                 self._procs.append(proc)
                 _send(proc.stdin, (ruleset, source_ae))
                 self._idle.put(proc)
@@ -128,10 +131,8 @@ class NormalizeProcesses:
     def close(self) -> None:
         for proc in self._procs:
             if proc.stdin and not proc.stdin.closed:
-                try:
+                with contextlib.suppress(OSError):
                     proc.stdin.close()  # end of requests: the process returns
-                except OSError:
-                    pass
         for proc in self._procs:
             try:
                 proc.wait(timeout=30)

@@ -40,8 +40,19 @@ class PacsMigrationRunFacet(RunFacet):
     failedExpectations: list[str] = attr.field(factory=list)  # noqa: N815
     reasons: dict[str, int] = attr.field(factory=dict)
     _additional_skip_redact: ClassVar[list[str]] = [
-        "partition", "expected", "migrated", "quarantined", "unresolved", "unsolicited", "written",
-        "censusSha256", "rulesetId", "rulesetVersion", "validationSuccess", "failedExpectations", "reasons",
+        "partition",
+        "expected",
+        "migrated",
+        "quarantined",
+        "unresolved",
+        "unsolicited",
+        "written",
+        "censusSha256",
+        "rulesetId",
+        "rulesetVersion",
+        "validationSuccess",
+        "failedExpectations",
+        "reasons",
     ]
 
     @staticmethod
@@ -66,13 +77,13 @@ def partition_run_event(
     parent : (namespace, job name, run id), optional
         The Airflow task run this partition run belongs to.
     """
-    now = event_time or dt.datetime.now(dt.timezone.utc)
+    now = event_time or dt.datetime.now(dt.UTC)
     counts = record["counts"]
     src = record["source"]["uri"]  # dicom://host:port/AE
     src_namespace, _, ae = src.rpartition("/")
     bucket_uri = record["target"]["uri"]  # s3://bucket/prefix
-    bucket_ns = "s3://" + bucket_uri[len("s3://"):].split("/", 1)[0]
-    prefix = bucket_uri[len(bucket_ns) + 1:]
+    bucket_ns = "s3://" + bucket_uri[len("s3://") :].split("/", 1)[0]
+    prefix = bucket_uri[len(bucket_ns) + 1 :]
     partition = record["partition"]
     date_s, modality = partition.split("/")
     validation = record.get("validation") or {}

@@ -43,14 +43,22 @@ class Unit:
         return self.modalities is None or modality in self.modalities
 
     def to_json(self) -> dict[str, Any]:
-        return {"study_date": self.study_date.isoformat(), "modalities": list(self.modalities or []) or None,
-                "phase": self.phase, "kind": self.kind}
+        return {
+            "study_date": self.study_date.isoformat(),
+            "modalities": list(self.modalities or []) or None,
+            "phase": self.phase,
+            "kind": self.kind,
+        }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Unit:
         mods = value.get("modalities")
-        return cls(dt.date.fromisoformat(value["study_date"]), tuple(mods) if mods else None, value["phase"],
-                   value.get("kind", "phase"))
+        return cls(
+            dt.date.fromisoformat(value["study_date"]),
+            tuple(mods) if mods else None,
+            value["phase"],
+            value.get("kind", "phase"),
+        )
 
 
 @dataclass
@@ -77,8 +85,9 @@ class Ledger:
         return self.units.get(unit.key) or UnitRecord(phase=unit.phase)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"units": {k: asdict(v) for k, v in sorted(self.units.items())}, "nights": self.nights},
-                          indent=1).encode()
+        return json.dumps(
+            {"units": {k: asdict(v) for k, v in sorted(self.units.items())}, "nights": self.nights}, indent=1
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> Ledger:
@@ -156,10 +165,14 @@ class NightPlan:
     given_up: tuple[str, ...] = ()  # units whose attempts are spent
 
     def to_json(self) -> dict[str, Any]:
-        return {"night": self.night.isoformat() if self.night else None,
-                "window_end": self.window_end.isoformat() if self.window_end else None,
-                "units": [u.to_json() for u in self.units], "reason": self.reason, "left": self.left,
-                "given_up": list(self.given_up)}
+        return {
+            "night": self.night.isoformat() if self.night else None,
+            "window_end": self.window_end.isoformat() if self.window_end else None,
+            "units": [u.to_json() for u in self.units],
+            "reason": self.reason,
+            "left": self.left,
+            "given_up": list(self.given_up),
+        }
 
 
 def covered(plan: PlanConfig, ledger: Ledger, night: dt.date) -> dict[dt.date, set[str] | None]:
@@ -175,8 +188,9 @@ def covered(plan: PlanConfig, ledger: Ledger, night: dt.date) -> dict[dt.date, s
     return out
 
 
-def estimate_unit(unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]],
-                  done: dict[dt.date, set[str] | None] | None = None) -> Estimate:
+def estimate_unit(
+    unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]], done: dict[dt.date, set[str] | None] | None = None
+) -> Estimate:
     """From the assessment's by-date figures ((date, modality) -> (instances,
     bytes); ``(date, "*")`` marks an assessed date), less the modalities
     ``done`` units already moved; a date no assessment covered counts as one
@@ -185,8 +199,11 @@ def estimate_unit(unit: Unit, by_date: dict[tuple[str, str], tuple[int, int]],
     moved = (done or {}).get(unit.study_date, set())
     if moved is None:
         return Estimate(0, 0, 0)
-    rows = [v for (day, modality), v in by_date.items()
-            if day == iso and modality != ASSESSED and unit.wants(modality) and modality not in moved]
+    rows = [
+        v
+        for (day, modality), v in by_date.items()
+        if day == iso and modality != ASSESSED and unit.wants(modality) and modality not in moved
+    ]
     if not rows:
         # assessed and empty (the "*" marker), or never assessed: size unknown
         return Estimate(0, 0, 0) if (iso, ASSESSED) in by_date else Estimate(1, 0, 0)
@@ -209,11 +226,17 @@ def select_night(
     """
     bounds = window_bounds(now, plan.window)
     if bounds is None:
-        return NightPlan(None, None, (), f"outside the window {plan.window.start:%H:%M}-{plan.window.end:%H:%M} "
-                         f"{plan.window.timezone}: nothing started", _left(plan, ledger, now.date()))
+        return NightPlan(
+            None,
+            None,
+            (),
+            f"outside the window {plan.window.start:%H:%M}-{plan.window.end:%H:%M} "
+            f"{plan.window.timezone}: nothing started",
+            _left(plan, ledger, now.date()),
+        )
     start, end = bounds
     night = start.date()
-    now = now.astimezone(dt.timezone.utc)  # elapsed time is added in UTC: exact across DST changes
+    now = now.astimezone(dt.UTC)  # elapsed time is added in UTC: exact across DST changes
     by_date = by_date or {}
     units = plan_units(plan, night)
     delta = _delta_units(plan, ledger, units, night)
@@ -237,10 +260,15 @@ def select_night(
         if projected_start >= end:
             reason = "the window closes before the next unit could start"
             break
-        over = [name for name, used, add, cap in (
-            ("partitions", partitions, est.partitions, plan.max_partitions),
-            ("instances", instances, est.instances, plan.max_instances),
-            ("bytes", size, est.bytes, plan.max_bytes)) if cap is not None and used + add > cap]
+        over = [
+            name
+            for name, used, add, cap in (
+                ("partitions", partitions, est.partitions, plan.max_partitions),
+                ("instances", instances, est.instances, plan.max_instances),
+                ("bytes", size, est.bytes, plan.max_bytes),
+            )
+            if cap is not None and used + add > cap
+        ]
         if over and chosen:
             reason = f"budget reached: max_{over[0]}"
             break
@@ -254,8 +282,9 @@ def select_night(
 def _delta_units(plan: PlanConfig, ledger: Ledger, units: list[Unit], night: dt.date) -> list[Unit]:
     done = [u for u in units if ledger.get(u).state == UnitState.DONE]
     recent = [u for u in done if u.study_date >= night - dt.timedelta(days=plan.delta_recent_days)]
-    older = sorted((u for u in done if u not in recent),
-                   key=lambda u: (ledger.get(u).checked_at or "", u.study_date))[: plan.delta_sweep_per_night]
+    older = sorted((u for u in done if u not in recent), key=lambda u: (ledger.get(u).checked_at or "", u.study_date))[
+        : plan.delta_sweep_per_night
+    ]
     return [Unit(u.study_date, u.modalities, u.phase, "delta") for u in recent + older]
 
 
@@ -275,8 +304,15 @@ def record_night(
     did = []
     for res in results:
         unit = Unit.from_json(res["unit"])
-        did.append({"unit": unit.key, "kind": unit.kind, "state": res.get("state"), "new_objects": res.get("migrated", 0),
-                    "partitions": {p["partition"]: p["action"] for p in res.get("partitions", [])}})
+        did.append(
+            {
+                "unit": unit.key,
+                "kind": unit.kind,
+                "state": res.get("state"),
+                "new_objects": res.get("migrated", 0),
+                "partitions": {p["partition"]: p["action"] for p in res.get("partitions", [])},
+            }
+        )
         rec = ledger.get(unit)
         rec.phase = rec.phase or unit.phase
         state = res.get("state")
@@ -302,15 +338,28 @@ def record_night(
             rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
             failed += 1
         ledger.units[unit.key] = rec
-    entry = {"night": night_plan.night.isoformat() if night_plan.night else None, "run_id": run_id,
-             "planned": len(night_plan.units), "done": done, "failed": failed, "deferred": deferred,
-             "migrated": migrated, "reason": night_plan.reason, "units": did}
+    entry = {
+        "night": night_plan.night.isoformat() if night_plan.night else None,
+        "run_id": run_id,
+        "planned": len(night_plan.units),
+        "done": done,
+        "failed": failed,
+        "deferred": deferred,
+        "migrated": migrated,
+        "reason": night_plan.reason,
+        "units": did,
+    }
     ledger.nights.append(entry)
     return entry
 
 
-def eta(plan: PlanConfig, ledger: Ledger, night: dt.date, by_date: dict[tuple[str, str], tuple[int, int]],
-        fallback_rate: float) -> dict[str, Any]:
+def eta(
+    plan: PlanConfig,
+    ledger: Ledger,
+    night: dt.date,
+    by_date: dict[tuple[str, str], tuple[int, int]],
+    fallback_rate: float,
+) -> dict[str, Any]:
     """Units done and left, instances left (estimated), and the ETA at the
     measured rate (the assessment's throughput until something was measured)."""
     units = plan_units(plan, night)
@@ -320,6 +369,13 @@ def eta(plan: PlanConfig, ledger: Ledger, night: dt.date, by_date: dict[tuple[st
     rate = ledger.measured_rate()
     used = rate or fallback_rate
     hours = left_instances / used / 3600 if used else 0.0
-    return {"units_total": len(units), "units_done": len(units) - len(left), "units_left": len(left),
-            "instances_left": left_instances, "rate_instances_s": round(used, 2), "rate_measured": rate is not None,
-            "hours_left": round(hours, 2), "nights_left": int(-(-hours // plan.window.hours)) if hours else 0}
+    return {
+        "units_total": len(units),
+        "units_done": len(units) - len(left),
+        "units_left": len(left),
+        "instances_left": left_instances,
+        "rate_instances_s": round(used, 2),
+        "rate_measured": rate is not None,
+        "hours_left": round(hours, 2),
+        "nights_left": int(-(-hours // plan.window.hours)) if hours else 0,
+    }

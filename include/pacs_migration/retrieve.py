@@ -90,8 +90,10 @@ def retrieve_series(
             if attempt == 0:
                 outcomes = [get(_series_query(series), sorted(classes), sink)]
             else:
-                outcomes = [get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), sorted(classes), sink)
-                            for start in range(0, len(missing), _UIDS_PER_REQUEST)]
+                outcomes = [
+                    get(_image_query(series, missing[start : start + _UIDS_PER_REQUEST]), sorted(classes), sink)
+                    for start in range(0, len(missing), _UIDS_PER_REQUEST)
+                ]
             peer_failed = {u for o in outcomes for u in o.failed_sop_instance_uids}
         except DicomNetworkError as exc:
             last_error = str(exc)
@@ -100,7 +102,12 @@ def retrieve_series(
             time.sleep(min(backoff * 2**attempt, 10.0))
     missing_final = tuple(sorted(expected - sink.received.keys()))
     return SeriesRetrieval(
-        series.series_instance_uid, len(expected), len(expected) - len(missing_final), missing_final, used, last_error,
+        series.series_instance_uid,
+        len(expected),
+        len(expected) - len(missing_final),
+        missing_final,
+        used,
+        last_error,
         tuple(sorted(peer_failed & set(missing_final))),
     )
 

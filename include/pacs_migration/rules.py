@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydicom.charset import convert_encodings
+from pydicom.config import RAISE
 from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.charset import convert_encodings
-from pydicom.config import RAISE
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
@@ -36,14 +36,25 @@ PROTECTED = frozenset({"SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"
 
 # PS3.5 Table 6.2-1: maximum length of one value, in characters.
 MAX_LENGTH: dict[str, int] = {
-    "AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64, "LT": 10240,
-    "SH": 16, "ST": 1024, "TM": 14, "UI": 64, "PN": 64,
+    "AE": 16,
+    "AS": 4,
+    "CS": 16,
+    "DA": 8,
+    "DS": 16,
+    "DT": 26,
+    "IS": 12,
+    "LO": 64,
+    "LT": 10240,
+    "SH": 16,
+    "ST": 1024,
+    "TM": 14,
+    "UI": 64,
+    "PN": 64,
 }
 TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "PN", "UC"})
 # Values no rule reads: numbers and bytes are conformant by VR and charset-free.
 # Decoding them (about half of a typical header) only costs time.
-BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV",
-                        "AT"})
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"})
 
 # Retired SOP classes whose IOD lives on under a current class (PS3.4 / PS3.6).
 RETIRED_SOP_CLASSES: dict[str, str] = {
@@ -87,8 +98,19 @@ class PatientPolicy(str, Enum):
 
 # Declarations ``character_set.assume`` may name for undeclared non-ASCII bytes
 # (single-byte sets: every byte decodes, so nothing is lost).
-ASSUMABLE_CHARSETS = ("ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
-                      "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203")
+ASSUMABLE_CHARSETS = (
+    "ISO_IR 100",
+    "ISO_IR 101",
+    "ISO_IR 109",
+    "ISO_IR 110",
+    "ISO_IR 126",
+    "ISO_IR 127",
+    "ISO_IR 138",
+    "ISO_IR 144",
+    "ISO_IR 148",
+    "ISO_IR 166",
+    "ISO_IR 203",
+)
 
 
 class InvalidValuePolicy(str, Enum):
@@ -189,9 +211,15 @@ class RuleOutcome:
     rejected_by: str | None = None  # rule id when the instance must be quarantined
 
 
-STRUCTURAL = RuleSet(id="structural", version="1", over_long=OverLongPolicy.KEEP,
-                     invalid_values=InvalidValuePolicy.KEEP, map_retired_sop_classes=False,
-                     normalize_dates=False, repair_character_set=False)
+STRUCTURAL = RuleSet(
+    id="structural",
+    version="1",
+    over_long=OverLongPolicy.KEEP,
+    invalid_values=InvalidValuePolicy.KEEP,
+    map_retired_sop_classes=False,
+    normalize_dates=False,
+    repair_character_set=False,
+)
 
 
 # ---------------------------------------------------------------- loading
@@ -260,8 +288,15 @@ def _rule(raw: Any, index: int) -> Rule:
     unknown = set(raw) - {"id", "action", "tag", "value", "pattern", "replacement", "when", "description"}
     if unknown:
         raise RuleSetError(f"{where}: unknown field(s) {sorted(unknown)}")
-    return Rule(rid, action, tag, None if value is None else str(value), pattern, replacement,
-                _conditions(raw.get("when"), where))
+    return Rule(
+        rid,
+        action,
+        tag,
+        None if value is None else str(value),
+        pattern,
+        replacement,
+        _conditions(raw.get("when"), where),
+    )
 
 
 def _crosswalk(raw: Any, base: Path) -> Crosswalk | None:
@@ -275,16 +310,19 @@ def _crosswalk(raw: Any, base: Path) -> Crosswalk | None:
     path = (base / raw["file"]).resolve()
     encoding = str(raw.get("encoding", "utf-8"))
     try:
-        text = path.read_bytes().decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8")
-                                        else encoding)
+        text = path.read_bytes().decode(
+            "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+        )
     except FileNotFoundError:
         raise RuleSetError(f"crosswalk.file: {path} not found") from None
     except LookupError:
         raise RuleSetError(f"crosswalk.encoding: unknown encoding {encoding!r}") from None
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise RuleSetError(f"crosswalk.file: {path.name} line {line}: not valid {encoding} "
-                           "(declare the file's encoding, e.g. crosswalk.encoding: latin-1)") from None
+        raise RuleSetError(
+            f"crosswalk.file: {path.name} line {line}: not valid {encoding} "
+            "(declare the file's encoding, e.g. crosswalk.encoding: latin-1)"
+        ) from None
     return Crosswalk(_crosswalk_table(text, path.name), on_missing)
 
 
@@ -295,8 +333,10 @@ def _crosswalk_table(text: str, name: str) -> dict[tuple[str, str], tuple[str, s
     need = ("old_patient_id", "new_patient_id")
     missing = [c for c in need if c not in header]
     if missing:
-        raise RuleSetError(f"crosswalk.file: {name} line 1: missing column(s) {missing} in header {header} "
-                           "(columns: old_patient_id, old_issuer, new_patient_id, new_issuer)")
+        raise RuleSetError(
+            f"crosswalk.file: {name} line 1: missing column(s) {missing} in header {header} "
+            "(columns: old_patient_id, old_issuer, new_patient_id, new_issuer)"
+        )
     col = {h: n for n, h in enumerate(header)}
     table: dict[tuple[str, str], tuple[str, str]] = {}
     for row in reader:
@@ -314,11 +354,12 @@ def _crosswalk_table(text: str, name: str) -> dict[tuple[str, str], tuple[str, s
             if not value:
                 raise RuleSetError(f"crosswalk.file: {name} line {n} column {col[column] + 1} ({column}): empty")
         if old in table and table[old] != new:
-            raise RuleSetError(f"crosswalk.file: {name} line {n}: conflicting mapping for an old_patient_id "
-                               "mapped differently on an earlier line")
+            raise RuleSetError(
+                f"crosswalk.file: {name} line {n}: conflicting mapping for an old_patient_id "
+                "mapped differently on an earlier line"
+            )
         table[old] = new
     return table
-
 
 
 def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
@@ -370,8 +411,10 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
     except ValueError:
         raise RuleSetError("inconsistent_patient: must be quarantine or flag") from None
     flags = {}
-    for name, key, default in (("map_retired_sop_classes", "retired_sop_classes", True),
-                               ("normalize_dates", "normalize_dates", True)):
+    for name, key, default in (
+        ("map_retired_sop_classes", "retired_sop_classes", True),
+        ("normalize_dates", "normalize_dates", True),
+    ):
         value = data.get(key, default)
         if not isinstance(value, bool):
             raise RuleSetError(f"{key}: must be true or false")
@@ -381,16 +424,34 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
         if not isinstance(value, bool):
             raise RuleSetError(f"character_set.{key}: must be true or false")
         flags[name] = value
-    unknown = set(data) - {"id", "version", "description", "rules", "private_tags", "over_long_values",
-                           "character_set", "retired_sop_classes", "normalize_dates", "crosswalk",
-                           "invalid_values", "inconsistent_patient"}
+    unknown = set(data) - {
+        "id",
+        "version",
+        "description",
+        "rules",
+        "private_tags",
+        "over_long_values",
+        "character_set",
+        "retired_sop_classes",
+        "normalize_dates",
+        "crosswalk",
+        "invalid_values",
+        "inconsistent_patient",
+    }
     if unknown:
         raise RuleSetError(f"<root>: unknown field(s) {sorted(unknown)}")
     return RuleSet(
-        id=rid, version=str(version), rules=rules, private_policy=policy,
-        keep_creators=frozenset(c.strip() for c in creators), over_long=over_long, invalid_values=invalid,
-        crosswalk=_crosswalk(data.get("crosswalk"), base), assume_character_set=assume,
-        inconsistent_patient=patients, **flags,
+        id=rid,
+        version=str(version),
+        rules=rules,
+        private_policy=policy,
+        keep_creators=frozenset(c.strip() for c in creators),
+        over_long=over_long,
+        invalid_values=invalid,
+        crosswalk=_crosswalk(data.get("crosswalk"), base),
+        assume_character_set=assume,
+        inconsistent_patient=patients,
+        **flags,
     )
 
 
@@ -434,12 +495,14 @@ def _normal_time(value: str) -> str | None:
     return f"{m[1]}{m[2]}{m[3] or ''}{m[4] or ''}"
 
 
-def _record(out: RuleOutcome, ds: Dataset, tag: BaseTag, rule_id: str, reason: Reason, new: Any,
-            delete: bool = False) -> None:
+def _record(
+    out: RuleOutcome, ds: Dataset, tag: BaseTag, rule_id: str, reason: Reason, new: Any, delete: bool = False
+) -> None:
     elem = ds[tag]
     old = elem.value
-    out.changes.append(Change(tag, keyword_for_tag(tag) or str(tag), rule_id, reason, old, None if delete else new,
-                              delete))
+    out.changes.append(
+        Change(tag, keyword_for_tag(tag) or str(tag), rule_id, reason, old, None if delete else new, delete)
+    )
     if delete:
         del ds[tag]
     else:
@@ -472,8 +535,9 @@ def _site_rule(rule: Rule, ds: Dataset, out: RuleOutcome) -> None:
         else:
             vr = dictionary_VR(rule.tag) if not rule.tag.is_private else "LO"
             ds.add_new(rule.tag, vr, rule.value)
-            out.changes.append(Change(rule.tag, keyword_for_tag(rule.tag) or str(rule.tag), rule.id, Reason.COERCE,
-                                      None, rule.value))
+            out.changes.append(
+                Change(rule.tag, keyword_for_tag(rule.tag) or str(rule.tag), rule.id, Reason.COERCE, None, rule.value)
+            )
         return
     if not present or ds[rule.tag].VR == "SQ":
         return
@@ -540,7 +604,7 @@ def _dates(ds: Dataset, elems: list[DataElement], out: RuleOutcome) -> None:
         values = _values(elem.value)
         fixed = [(_normal_date(v) if elem.VR == "DA" else _normal_time(v)) for v in values]
         if any(f is not None for f in fixed):
-            new = [f if f is not None else v for f, v in zip(fixed, values)]
+            new = [f if f is not None else v for f, v in zip(fixed, values, strict=True)]
             _record(out, ds, elem.tag, "dates-times", Reason.CORRECT, new if len(new) > 1 else new[0])
 
 
@@ -622,7 +686,8 @@ def repair_character_set(ds: Dataset, raw_text: list[bytes]) -> str | None:
 def undeclared_non_ascii(ds: Dataset, raw_text: list[bytes]) -> bool:
     """Non-ASCII text bytes with no declaration (or ISO_IR 6) to read them by."""
     return _values(ds.get("SpecificCharacterSet")) in ([], [""], ["ISO_IR 6"]) and any(
-        c > 0x7F for b in raw_text for c in b)
+        c > 0x7F for b in raw_text for c in b
+    )
 
 
 def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> RuleOutcome:
@@ -638,8 +703,9 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
             ds.SpecificCharacterSet = wanted
             # pydicom decodes not-yet-read values with the charset it read: correct that too.
             ds._read_charset = convert_encodings(wanted)
-            out.changes.append(Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT,
-                                      old, wanted))
+            out.changes.append(
+                Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT, old, wanted)
+            )
     if undeclared_non_ascii(ds, raw_text):
         out.findings.append("charset:undeclared-non-ascii")  # no option covers it: reported, kept as is
     # Values stay undecoded until read: pydicom decodes them with the declaration
@@ -647,8 +713,9 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
     if rs.reencode_utf8 and _values(ds.get("SpecificCharacterSet")) != ["ISO_IR 192"]:
         old = ds.get("SpecificCharacterSet")
         ds.SpecificCharacterSet = "ISO_IR 192"
-        out.changes.append(Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT,
-                                  old, "ISO_IR 192"))
+        out.changes.append(
+            Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT, old, "ISO_IR 192")
+        )
     if rs.crosswalk is not None and "PatientID" in ds:
         pid, issuer = str(ds.PatientID or ""), str(ds.get("IssuerOfPatientID", "") or "")
         hit = rs.crosswalk.lookup(pid, issuer)
@@ -663,16 +730,18 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
                         _record(out, ds, Tag("IssuerOfPatientID"), "crosswalk", Reason.COERCE, hit[1])
                 else:
                     ds.IssuerOfPatientID = hit[1]
-                    out.changes.append(Change(Tag("IssuerOfPatientID"), "IssuerOfPatientID", "crosswalk",
-                                              Reason.COERCE, None, hit[1]))
+                    out.changes.append(
+                        Change(Tag("IssuerOfPatientID"), "IssuerOfPatientID", "crosswalk", Reason.COERCE, None, hit[1])
+                    )
     for rule in rs.rules:
         if rule.applies(ds, source_ae):
             _site_rule(rule, ds, out)
             if out.rejected_by:
                 return out
     if rs.map_retired_sop_classes and str(ds.get("SOPClassUID", "")) in RETIRED_SOP_CLASSES:
-        _record(out, ds, Tag("SOPClassUID"), "retired-sop-class", Reason.CORRECT,
-                RETIRED_SOP_CLASSES[str(ds.SOPClassUID)])
+        _record(
+            out, ds, Tag("SOPClassUID"), "retired-sop-class", Reason.CORRECT, RETIRED_SOP_CLASSES[str(ds.SOPClassUID)]
+        )
     if rs.normalize_dates:
         _dates(ds, _elements(ds, _maybe_date_to_fix), out)
     if rs.over_long is not OverLongPolicy.KEEP:
@@ -687,8 +756,25 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
 
 def is_conformant(vr: str, value: Any) -> bool:
     """True when ``value`` is valid for ``vr`` (PS3.5 6.2) by pydicom's strict check."""
-    if value is None or vr in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "US", "SS", "UL", "SL", "FL", "FD",
-                               "SV", "UV", "AT"):
+    if value is None or vr in (
+        "SQ",
+        "OB",
+        "OW",
+        "OF",
+        "OD",
+        "OL",
+        "OV",
+        "UN",
+        "US",
+        "SS",
+        "UL",
+        "SL",
+        "FL",
+        "FD",
+        "SV",
+        "UV",
+        "AT",
+    ):
         return True
     try:
         for v in _values(value) if vr != "PN" else [value] if not isinstance(value, (list, tuple)) else value:

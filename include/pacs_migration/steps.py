@@ -14,15 +14,15 @@ from typing import Any
 
 from .census import Census, census_hash, take_census
 from .config import MigrationConfig
+from .counts import PartitionCounts, counts_from_frame
 from .dimse import FindSession
 from .lineage import lineage_record
 from .manifest import PartitionManifests
+from .normalize_processes import normalize_processes
 from .partition import Partition
 from .plan import Unit
 from .retrieve import GetFn
 from .store import ObjectStore
-from .counts import PartitionCounts, counts_from_frame
-from .normalize_processes import normalize_processes
 from .transfer import plan_resume, transfer_partition
 from .validate import ValidationReport, validate_partition
 
@@ -33,8 +33,13 @@ RetrieverFactory = Callable[[], AbstractContextManager[GetFn]]
 
 def take_date_census(cfg: MigrationConfig, study_date: dt.date) -> Census:
     with FindSession(cfg.source) as session:
-        return take_census(session.find, study_date, cfg.source.find_limit, cfg.source.census_split_depth,
-                           cfg.source.find_limit_instances)
+        return take_census(
+            session.find,
+            study_date,
+            cfg.source.find_limit,
+            cfg.source.census_split_depth,
+            cfg.source.find_limit_instances,
+        )
 
 
 def record_census(store: ObjectStore, census: Census, partition: Partition) -> str:
@@ -42,12 +47,21 @@ def record_census(store: ObjectStore, census: Census, partition: Partition) -> s
     warnings), read back; returns the census hash that travels with the
     partition (the later steps refuse a manifest with another)."""
     summary = PartitionManifests(store, partition).write_census(
-        census.for_partition(partition), [w.code for w in census.warnings_for(partition)])
+        census.for_partition(partition), [w.code for w in census.warnings_for(partition)]
+    )
     return summary.census_sha256
 
 
-def transfer_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, get: GetFn,
-                  max_associations: int, resume: bool = False, census_sha256: str | None = None) -> PartitionCounts:
+def transfer_step(
+    cfg: MigrationConfig,
+    store: ObjectStore,
+    partition: Partition,
+    run_id: str,
+    get: GetFn,
+    max_associations: int,
+    resume: bool = False,
+    census_sha256: str | None = None,
+) -> PartitionCounts:
     """Retrieve, normalize and load one partition. ``resume``: retrieve only
     the series with instances not yet migrated (delta sync), carrying the rest.
     ``census_sha256``: this run's census (a stale manifest is refused)."""
@@ -59,43 +73,72 @@ def transfer_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition
     instances = sum(len(s.instances) for s in series)
     processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
     normalizer = normalize_processes(processes, cfg.ruleset, cfg.source.called_ae_title)
-    log.info("partition %s: %d instances to retrieve, normalized in %s", partition.key, instances,
-             f"{processes} normalize process(es)" if processes else "the load threads")
+    log.info(
+        "partition %s: %d instances to retrieve, normalized in %s",
+        partition.key,
+        instances,
+        f"{processes} normalize process(es)" if processes else "the load threads",
+    )
     try:
         return transfer_partition(
-            get=get, store=store, partition=partition, series=series, staging_root=cfg.staging_dir, run_id=run_id,
-            attempts=cfg.source.retrieve_attempts, max_associations=max_associations,
-            upload_threads=cfg.target.upload_threads, ruleset=cfg.ruleset, source_ae=cfg.source.called_ae_title,
-            carried=carried, normalizer=normalizer,
+            get=get,
+            store=store,
+            partition=partition,
+            series=series,
+            staging_root=cfg.staging_dir,
+            run_id=run_id,
+            attempts=cfg.source.retrieve_attempts,
+            max_associations=max_associations,
+            upload_threads=cfg.target.upload_threads,
+            ruleset=cfg.ruleset,
+            source_ae=cfg.source.called_ae_title,
+            carried=carried,
+            normalizer=normalizer,
         )
     finally:
         if normalizer is not None:
             normalizer.close()
 
 
-def validate_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str,
-                  census_sha256: str | None = None) -> ValidationReport:
+def validate_step(
+    cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, census_sha256: str | None = None
+) -> ValidationReport:
     """Validate one partition and record the verdict with the run that reached it."""
     manifests = PartitionManifests(store, partition)
     series = manifests.census(census_sha256)
     summary = manifests.summary()
-    result = validate_partition(store, partition, series, manifests.transfer(), cfg.validation,
-                                census_warnings=list(summary.warnings) if summary else [])
+    result = validate_partition(
+        store,
+        partition,
+        series,
+        manifests.transfer(),
+        cfg.validation,
+        census_warnings=list(summary.warnings) if summary else [],
+    )
     manifests.write_verdict(result.to_json(), run_id)
     return result
 
 
-def lineage_step(cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, dag_id: str,
-                 endpoint: str | None) -> dict[str, Any]:
+def lineage_step(
+    cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, dag_id: str, endpoint: str | None
+) -> dict[str, Any]:
     """Build and store the partition's lineage record (this run's, and the latest)."""
     manifests = PartitionManifests(store, partition)
     transfer_df = manifests.transfer()
     summary = manifests.summary()
     record = lineage_record(
-        run_id=run_id, dag_id=dag_id, partition=partition, source=cfg.source,
+        run_id=run_id,
+        dag_id=dag_id,
+        partition=partition,
+        source=cfg.source,
         census_sha256=summary.census_sha256 if summary else "",
-        counts=counts_from_frame(transfer_df).to_json(), transfer=transfer_df, validation=manifests.verdict(run_id),
-        bucket=cfg.target.bucket, prefix=cfg.target.prefix, endpoint=endpoint, ruleset=cfg.ruleset,
+        counts=counts_from_frame(transfer_df).to_json(),
+        transfer=transfer_df,
+        validation=manifests.verdict(run_id),
+        bucket=cfg.target.bucket,
+        prefix=cfg.target.prefix,
+        endpoint=endpoint,
+        ruleset=cfg.ruleset,
     )
     manifests.write_lineage(record, run_id)
     return record
@@ -136,15 +179,27 @@ def migrate_unit(
         had_manifest = PartitionManifests(store, partition).summary() is not None
         digest = record_census(store, census, partition)
         with retriever() as get:
-            counts = transfer_step(cfg, store, partition, run_id, get, max_associations, resume=had_manifest,
-                                   census_sha256=digest)
+            counts = transfer_step(
+                cfg, store, partition, run_id, get, max_associations, resume=had_manifest, census_sha256=digest
+            )
         report = validate_step(cfg, store, partition, run_id, digest)
         record = lineage_step(cfg, store, partition, run_id, dag_id, endpoint)
         if emit:
             emit(record)
         moved += counts.written
-        results.append({"partition": partition.key, "action": "delta" if had_manifest else "migrated",
-                        "validation_passed": report.success, **counts.to_json()})
+        results.append(
+            {
+                "partition": partition.key,
+                "action": "delta" if had_manifest else "migrated",
+                "validation_passed": report.success,
+                **counts.to_json(),
+            }
+        )
     ok = all(r["validation_passed"] for r in results)
-    return {"unit": unit.to_json(), "state": "done" if ok else "failed", "migrated": moved,
-            "seconds": round(time.monotonic() - started, 3), "partitions": results}
+    return {
+        "unit": unit.to_json(),
+        "state": "done" if ok else "failed",
+        "migrated": moved,
+        "seconds": round(time.monotonic() - started, 3),
+        "partitions": results,
+    }

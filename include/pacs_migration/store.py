@@ -120,8 +120,9 @@ class ObjectStore:
             outcome = PutOutcome.CREATED  # ours: the first response was lost, not the write
         return PutResult(outcome, existing.sha256 or "", existing.size)
 
-    def put_verified(self, key: str, data: bytes, sha256_hex: str, metadata: dict[str, str] | None = None,
-                     writer: str | None = None) -> PutResult:
+    def put_verified(
+        self, key: str, data: bytes, sha256_hex: str, metadata: dict[str, str] | None = None, writer: str | None = None
+    ) -> PutResult:
         """Write-once for objects keyed by their own SHA-256 (quarantine): an
         existing object is re-read, and rewritten from ``data`` when its bytes
         no longer hash to the key (``REPAIRED``): no other content can
@@ -133,7 +134,10 @@ class ObjectStore:
         if stored is not None and hashlib.sha256(stored).hexdigest() == sha256_hex:
             return PutResult(PutOutcome.ALREADY_PRESENT, sha256_hex, len(stored))
         self.client.put_object(
-            Bucket=self.bucket, Key=key, Body=data, ContentType="application/dicom",
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType="application/dicom",
             ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
             Metadata={"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})},
             **self._sse(),

@@ -43,8 +43,15 @@ def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[s
             rule_of[keyword] = rule_id
             continue
         old, sep, new = detail.partition("->")
-        out.append({"rule_set": label, "rule": "structural", "change": what,
-                    "old": old if sep else None, "new": new if sep else detail or None})
+        out.append(
+            {
+                "rule_set": label,
+                "rule": "structural",
+                "change": what,
+                "old": old if sep else None,
+                "new": new if sep else detail or None,
+            }
+        )
     if rule_of and row.get("object_key"):
         ds = pydicom.dcmread(io.BytesIO(store.get(row["object_key"])), stop_before_pixels=True)
         for item in ds.get("OriginalAttributesSequence", []) or []:
@@ -54,10 +61,16 @@ def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[s
                     if kw not in rule_of:
                         continue  # recorded by an earlier system, not by us
                     new = ds.get(elem.tag)
-                    out.append({"rule_set": label, "rule": rule_of[kw], "change": kw,
-                                "reason": str(item.get("ReasonForTheAttributeModification", "")),
-                                "old": None if elem.value in (None, "") else str(elem.value),
-                                "new": None if new is None else str(new.value)})
+                    out.append(
+                        {
+                            "rule_set": label,
+                            "rule": rule_of[kw],
+                            "change": kw,
+                            "reason": str(item.get("ReasonForTheAttributeModification", "")),
+                            "old": None if elem.value in (None, "") else str(elem.value),
+                            "new": None if new is None else str(new.value),
+                        }
+                    )
     return out
 
 
@@ -91,15 +104,27 @@ def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.dat
             "census_sha256": lineage.get("census_sha256"),
             "study_instance_uid": row.get("study_instance_uid"),
             "series_instance_uid": row.get("series_instance_uid"),
-            "received": {"sha256": row.get("received_sha256"), "bytes": row.get("received_size"),
-                         "transfer_syntax": row.get("transfer_syntax_in")},
+            "received": {
+                "sha256": row.get("received_sha256"),
+                "bytes": row.get("received_size"),
+                "transfer_syntax": row.get("transfer_syntax_in"),
+            },
             "rules_applied": changes,
             "pixel_data_sha256": {"before": row.get("pixel_sha256_before"), "after": row.get("pixel_sha256_after")},
-            "target": {"bucket": store.bucket, "key": row.get("object_key"), "sha256": row.get("object_sha256"),
-                       "bytes": row.get("object_size"), "transfer_syntax": row.get("transfer_syntax_out"),
-                       "load_action": row.get("load_action"), "quarantine_key": row.get("quarantine_key")},
-            "validation": {"success": validation.get("success"), "run_id": validation.get("run_id"),
-                           "failed_expectations": validation.get("failed_expectations", [])},
+            "target": {
+                "bucket": store.bucket,
+                "key": row.get("object_key"),
+                "sha256": row.get("object_sha256"),
+                "bytes": row.get("object_size"),
+                "transfer_syntax": row.get("transfer_syntax_out"),
+                "load_action": row.get("load_action"),
+                "quarantine_key": row.get("quarantine_key"),
+            },
+            "validation": {
+                "success": validation.get("success"),
+                "run_id": validation.get("run_id"),
+                "failed_expectations": validation.get("failed_expectations", []),
+            },
         }
     raise NotFound(f"SOP Instance UID {sop_instance_uid} is in no transfer manifest of s3://{store.bucket}")
 
@@ -127,7 +152,8 @@ def render_trace(t: dict[str, Any]) -> str:
     tg = t["target"]
     if tg["key"]:
         lines.append(f"target            s3://{tg['bucket']}/{tg['key']}")
-        lines.append(f"                  {tg['bytes']} bytes, sha256 {tg['sha256']}, {tg['transfer_syntax']}, {tg['load_action']}")
+        detail = f"{tg['bytes']} bytes, sha256 {tg['sha256']}, {tg['transfer_syntax']}, {tg['load_action']}"
+        lines.append(f"                  {detail}")
     if tg["quarantine_key"]:
         lines.append(f"quarantined at    s3://{tg['bucket']}/{tg['quarantine_key']}")
     v = t["validation"]

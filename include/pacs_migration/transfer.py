@@ -53,8 +53,9 @@ def plan_resume(series: list[CensusSeries], previous: Any) -> tuple[list[CensusS
     delta run moves only what is new and rewrites nothing."""
     if previous is None or not len(previous):
         return series, None
-    settled = previous[previous["in_census"] & previous["state"].isin(
-        [InstanceState.MIGRATED.value, InstanceState.QUARANTINED.value])]
+    settled = previous[
+        previous["in_census"] & previous["state"].isin([InstanceState.MIGRATED.value, InstanceState.QUARANTINED.value])
+    ]
     done = set(settled["sop_instance_uid"])
     fetch = [s for s in series if s.census_gap or any(i.sop_instance_uid not in done for i in s.instances)]
     fetch_uids = {s.series_instance_uid for s in fetch}
@@ -99,8 +100,12 @@ def transfer_partition(
     sink = StagingSink(staging, on_received=pipeline.arrived)
     try:
         started = time.perf_counter()
-        retrievals = {r.series_instance_uid: r for r in retrieve_partition(
-            get, series, sink, attempts, max_associations, on_series_done=pipeline.series_done)}
+        retrievals = {
+            r.series_instance_uid: r
+            for r in retrieve_partition(
+                get, series, sink, attempts, max_associations, on_series_done=pipeline.series_done
+            )
+        }
         if times:
             times.retrieve_s += time.perf_counter() - started
             times.bytes_received += sum(r.size for r in sink.received.values())
@@ -118,8 +123,12 @@ def transfer_partition(
         if carried is not None and len(carried):
             rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
         flag_inconsistent(rows, ruleset.inconsistent_patient)
-        df = transfer_frame(sorted(rows, key=lambda r: (not r["in_census"], r["sop_instance_uid"] or "",
-                                                        r.get("series_instance_uid") or "")))
+        df = transfer_frame(
+            sorted(
+                rows,
+                key=lambda r: (not r["in_census"], r["sop_instance_uid"] or "", r.get("series_instance_uid") or ""),
+            )
+        )
         ctx.manifests.write_transfer(df)
         counts = counts_from_frame(df)
         log.info("partition %s: %s", partition.key, counts.summary())
@@ -148,7 +157,11 @@ class _LoadPipeline:
         if self.members.held(item):
             with self.lock:
                 copies = self.held.setdefault(item.sop_instance_uid, [])
-                if not copies and self.hold is not None and (study := self.members.study_of_held(item.sop_instance_uid)):
+                if (
+                    not copies
+                    and self.hold is not None
+                    and (study := self.members.study_of_held(item.sop_instance_uid))
+                ):
                     self.hold.arriving(study)  # the copies settle as one arrival
                 copies.append(item)
             return
@@ -164,8 +177,9 @@ class _LoadPipeline:
             if released:
                 self.futures.append(self.pool.submit(settle, self.ctx, released, inconsistent))
 
-    def _one(self, expected: Expected | None, item: ReceivedInstance, membership: str | None,
-             study: str | None = None) -> list[Row]:
+    def _one(
+        self, expected: Expected | None, item: ReceivedInstance, membership: str | None, study: str | None = None
+    ) -> list[Row]:
         prepared = prepare(self.ctx, expected, item, membership, spill=self.hold is not None)
         row = prepared.row if isinstance(prepared, Prepared) else prepared
         study = study or (expected[0] if expected else None)

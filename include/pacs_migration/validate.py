@@ -124,8 +124,11 @@ def _expected_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.Da
     """One row per instance of E: every (series, SOP) the census named, every
     member a capped series' retrieval named, every placeholder of a census gap."""
     named = pd.DataFrame(
-        [{"series_instance_uid": s.series_instance_uid, "sop_instance_uid": i.sop_instance_uid}
-         for s in series for i in s.instances],
+        [
+            {"series_instance_uid": s.series_instance_uid, "sop_instance_uid": i.sop_instance_uid}
+            for s in series
+            for i in s.instances
+        ],
         columns=["series_instance_uid", "sop_instance_uid"],
     )
     rows = transfer[transfer["in_census"]][["series_instance_uid", "sop_instance_uid", "state"]]
@@ -138,18 +141,24 @@ def _series_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.Data
     rows = []
     in_census = transfer[transfer["in_census"]]
     for s in series:
-        mine = in_census[(in_census["study_instance_uid"] == s.study_instance_uid)
-                         & (in_census["series_instance_uid"].fillna("") == s.series_instance_uid)]
+        mine = in_census[
+            (in_census["study_instance_uid"] == s.study_instance_uid)
+            & (in_census["series_instance_uid"].fillna("") == s.series_instance_uid)
+        ]
         counts = mine["state"].value_counts()
         named = len({i.sop_instance_uid for i in s.instances})
         # A series with a census gap is proven against the PACS's own count.
         expected = s.reported_instances if s.census_gap and s.reported_instances is not None else max(named, len(mine))
-        row = {"series_instance_uid": s.series_instance_uid, "expected": expected,
-               **{st.value: int(counts.get(st.value, 0)) for st in InstanceState}}
+        row = {
+            "series_instance_uid": s.series_instance_uid,
+            "expected": expected,
+            **{st.value: int(counts.get(st.value, 0)) for st in InstanceState},
+        }
         row["accounted"] = row["migrated"] + row["quarantined"] + row["unresolved"]
         rows.append(row)
-    return pd.DataFrame(rows, columns=["series_instance_uid", "expected", "migrated", "quarantined", "unresolved",
-                                       "accounted"])
+    return pd.DataFrame(
+        rows, columns=["series_instance_uid", "expected", "migrated", "quarantined", "unresolved", "accounted"]
+    )
 
 
 def reread_quarantine(store: ObjectStore, key: str, sha256_hex: str) -> bool:
@@ -164,9 +173,9 @@ def _frames(
     manifests = PartitionManifests(store, partition)
     gap = transfer["sop_instance_uid"].isna() & (transfer["state"] == InstanceState.UNRESOLVED.value)
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value].copy()
-    pairs = list(zip(migrated["object_key"], migrated["object_sha256"]))
+    pairs = list(zip(migrated["object_key"], migrated["object_sha256"], strict=True))
     quarantined = transfer[transfer["state"] == InstanceState.QUARANTINED.value].copy()
-    qpairs = list(zip(quarantined["quarantine_key"], quarantined["received_sha256"]))
+    qpairs = list(zip(quarantined["quarantine_key"], quarantined["received_sha256"], strict=True))
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
         migrated["checksum_verified"] = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
         quarantined["checksum_verified"] = list(pool.map(lambda p: reread_quarantine(store, p[0], p[1]), qpairs))
@@ -181,14 +190,23 @@ def _frames(
         else pd.DataFrame({"study_instance_uid": pd.Series(dtype=str), "patients": pd.Series(dtype=int)})
     )
 
-    prefixes = {manifests.series_prefix(s.study_instance_uid, s.series_instance_uid)
-                for s in series if s.series_instance_uid}
+    prefixes = {
+        manifests.series_prefix(s.study_instance_uid, s.series_instance_uid) for s in series if s.series_instance_uid
+    }
     listed = sum(sum(1 for _ in store.list_keys(p)) for p in sorted(prefixes))
     in_quarantine = set(store.list_keys(manifests.quarantine_prefix))
     recorded = set(quarantined["quarantine_key"].dropna())
-    bucket = pd.DataFrame([{"listed_objects": listed, "migrated": len(migrated),
-                            "quarantine_listed": len(in_quarantine), "quarantine_recorded": len(recorded),
-                            "quarantine_unaccounted": len(in_quarantine ^ recorded)}])
+    bucket = pd.DataFrame(
+        [
+            {
+                "listed_objects": listed,
+                "migrated": len(migrated),
+                "quarantine_listed": len(in_quarantine),
+                "quarantine_recorded": len(recorded),
+                "quarantine_unaccounted": len(in_quarantine ^ recorded),
+            }
+        ]
+    )
     return {
         "expected": _expected_frame(series, transfer),
         "series": _series_frame(series, transfer),
@@ -209,8 +227,9 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
             E.ExpectTableRowCountToEqual(value=n_expected),
             E.ExpectColumnValuesToNotBeNull(column="state"),  # conservation: one end state each
             E.ExpectColumnValuesToBeInSet(column="state", value_set=[s.value for s in InstanceState]),
-            E.ExpectCompoundColumnsToBeUnique(column_list=["series_instance_uid", "sop_instance_uid"],
-                                              ignore_row_if="any_value_is_missing"),
+            E.ExpectCompoundColumnsToBeUnique(
+                column_list=["series_instance_uid", "sop_instance_uid"], ignore_row_if="any_value_is_missing"
+            ),
             E.ExpectColumnValuesToNotBeInSet(
                 column="state", value_set=[InstanceState.UNRESOLVED.value], mostly=1 - settings.max_unresolved_fraction
             ),
@@ -225,8 +244,10 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
             E.ExpectTableRowCountToBeBetween(min_value=n_expected),
             # A SOP Instance UID on every row but what a census gap could not name (unresolved).
             E.ExpectColumnValuesToNotBeNull(column="uid_or_gap"),
-            E.ExpectCompoundColumnsToBeUnique(column_list=["series_instance_uid", "sop_instance_uid", "received_sha256"],
-                                              ignore_row_if="any_value_is_missing"),
+            E.ExpectCompoundColumnsToBeUnique(
+                column_list=["series_instance_uid", "sop_instance_uid", "received_sha256"],
+                ignore_row_if="any_value_is_missing",
+            ),
         ],
         "quarantined": [
             E.ExpectColumnValuesToNotBeNull(column="reason"),
@@ -301,7 +322,10 @@ def _publish(store: ObjectStore, partition: Partition, root: Path) -> list[str]:
     base = PartitionManifests(store, partition).gx_prefix
     keys = []
     uncommitted = root / "gx" / "uncommitted"
-    for folder, dest in ((uncommitted / "validations", "validations/"), (uncommitted / "data_docs" / "local_site", "data_docs/")):
+    for folder, dest in (
+        (uncommitted / "validations", "validations/"),
+        (uncommitted / "data_docs" / "local_site", "data_docs/"),
+    ):
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
             rel = path.relative_to(folder).as_posix()
             if any(rel.startswith(s) for s in _DOCS_SKIP):
@@ -332,8 +356,9 @@ def validate_partition(
     """
     settings = settings or ValidationConfig()
     frames = _frames(store, partition, series, transfer)
-    frames["census"] = pd.DataFrame({"warning": pd.Series(
-        [w for w in (census_warnings or []) if w in BLOCKING_WARNINGS], dtype=object)})
+    frames["census"] = pd.DataFrame(
+        {"warning": pd.Series([w for w in (census_warnings or []) if w in BLOCKING_WARNINGS], dtype=object)}
+    )
     suites = _suites(partition, len(frames["expected"]), settings)
     name = f"{partition.study_date.isoformat()}.{partition.modality}"
     with tempfile.TemporaryDirectory(prefix="gx-") as tmp:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file, get_testdata_files
@@ -61,7 +62,7 @@ def _save(ds: pydicom.Dataset) -> bytes:
 def mutants() -> list[Case]:
     out: list[Case] = []
     for base in ("CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "rtplan.dcm"):
-        raw = open(get_testdata_file(base), "rb").read()
+        raw = Path(get_testdata_file(base)).read_bytes()
         ds0 = pydicom.dcmread(io.BytesIO(raw))
         # Truncation at several offsets: inside the meta, the header, the pixel data, the last bytes.
         for frac in (0.02, 0.25, 0.5, 0.9):

@@ -66,10 +66,8 @@ def dciodvfy_messages(data: bytes, tmp: Path) -> set[str]:
     """dciodvfy's distinct "Error" and "Warning" lines for one file."""
     path = tmp / "check.dcm"
     path.write_bytes(data)
-    proc = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, errors="replace",
-                          timeout=60)
-    return {line.strip() for line in (proc.stdout + proc.stderr).splitlines()
-            if line.startswith(("Error", "Warning"))}
+    proc = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
+    return {line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("Error", "Warning"))}
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +125,11 @@ RULESET_ALLOWED = {"1.2.840.10008.1.2.1"}
 def test_corpus_summary(capsys):
     """Print the table the closing note quotes (runs last in this module)."""
     with capsys.disabled():
-        print(f"\ncorpus: {len(CASES)} files; outcomes: {dict(sorted(SUMMARY.items()))}; "
-              f"dciodvfy over {DCIODVFY['files']} migrated files: distinct messages before {DCIODVFY['before']} "
-              f"-> after {DCIODVFY['after']}, new {DCIODVFY['new']} (errors {DCIODVFY['errors_before']} -> "
-              f"{DCIODVFY['errors_after']}); inputs dciodvfy could not read, compared with a plain re-encoding: "
-              f"{DCIODVFY['baseline_reencoded']}")
+        print(
+            f"\ncorpus: {len(CASES)} files; outcomes: {dict(sorted(SUMMARY.items()))}; "
+            f"dciodvfy over {DCIODVFY['files']} migrated files: distinct messages before {DCIODVFY['before']} "
+            f"-> after {DCIODVFY['after']}, new {DCIODVFY['new']} (errors {DCIODVFY['errors_before']} -> "
+            f"{DCIODVFY['errors_after']}); inputs dciodvfy could not read, compared with a plain re-encoding: "
+            f"{DCIODVFY['baseline_reencoded']}"
+        )
     assert sum(SUMMARY.values()) in (0, len(CASES))

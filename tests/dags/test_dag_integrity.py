@@ -38,8 +38,12 @@ def test_retries_and_schedule(dagbag):
 
 def test_pacs_tasks_take_pool_slots(dagbag):
     """Every task that talks to the legacy PACS holds slots of its pool."""
-    talks_to_pacs = {("pacs_migration", "census"), ("pacs_migration", "partition.transfer"),
-                     ("pacs_assessment", "assess"), ("pacs_nightly", "migrate")}
+    talks_to_pacs = {
+        ("pacs_migration", "census"),
+        ("pacs_migration", "partition.transfer"),
+        ("pacs_assessment", "assess"),
+        ("pacs_nightly", "migrate"),
+    }
     for dag_id, task_id in talks_to_pacs:
         task = dagbag.dags[dag_id].get_task(task_id)
         assert task.pool == "pacs_source_associations" and task.pool_slots >= 1, (dag_id, task_id)

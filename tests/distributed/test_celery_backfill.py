@@ -63,14 +63,14 @@ def services():
 
 def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, mail):
     from include.demo.archive import build_archive
-    from include.demo.pacs import SimulatedPACS
-    from include.demo.processes import airflow_cli, json_rows, start_airflow, stop_all
-    from include.demo.ports import free_port
     from include.pacs_migration.config import TargetConfig
+    from include.pacs_migration.counts import counts_from_frame
     from include.pacs_migration.manifest import read_transfer
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.counts import counts_from_frame
+    from peers.pacs import SimulatedPACS
+    from peers.ports import free_port
+    from peers.processes import airflow_cli, json_rows, start_airflow, stop_all
 
     archive = build_archive(tmp_path / "archive", DATES[0], len(DATES))
     pacs = SimulatedPACS(archive.root, max_associations=32)
@@ -86,46 +86,77 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     (tmp_path / "migration.yaml").write_text(yaml.safe_dump(config))
     api_port = free_port()
     env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "8",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.distributed.hostname.worker_hostname",
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services["dsn"],
-        "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"],
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
-        # Two cores shared by five services: give the execution API time to answer.
-        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
-        "AIRFLOW__OPENLINEAGE__DISABLED": "True",
-        "PYTHONPATH": str(ROOT),
-        "GX_ANALYTICS_ENABLED": "False",
-        "AIRFLOW_CONN_PACS_SOURCE": json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": pacs.port,
-            "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}),
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-            "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}}),
-        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": mail.port,
-            "extra": {"disable_tls": True, "disable_ssl": True}}),
-        "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
-        "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
-        "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(tmp_path / "staging"),
-        "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(tmp_path / "migration.yaml"),
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.distributed.hostname.worker_hostname",
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services["dsn"],
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"],
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+            # Two cores shared by five services: give the execution API time to answer.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+            "AIRFLOW__OPENLINEAGE__DISABLED": "True",
+            "PYTHONPATH": str(ROOT),
+            "GX_ANALYTICS_ENABLED": "False",
+            "AIRFLOW_CONN_PACS_SOURCE": json.dumps(
+                {
+                    "conn_type": "generic",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                    "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+                }
+            ),
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+                {
+                    "conn_type": "aws",
+                    "login": "testing",
+                    "password": "testing",
+                    "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"},
+                }
+            ),
+            "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(
+                {
+                    "conn_type": "smtp",
+                    "host": "127.0.0.1",
+                    "port": mail.port,
+                    "extra": {"disable_tls": True, "disable_ssl": True},
+                }
+            ),
+            "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
+            "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
+            "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(tmp_path / "staging"),
+            "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(tmp_path / "migration.yaml"),
+        }
+    )
     airflow_cli(env, "db", "migrate")
     airflow_cli(env, "pools", "set", "pacs_source_associations", str(POOL_SIZE), "legacy PACS associations")
     airflow_cli(env, "dags", "reserialize")
     airflow_cli(env, "dags", "unpause", "pacs_migration")
-    airflow_cli(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", DATES[0].isoformat(),
-             "--to-date", DATES[-1].isoformat(), "--max-active-runs", "3")
+    airflow_cli(
+        env,
+        "backfill",
+        "create",
+        "--dag-id",
+        "pacs_migration",
+        "--from-date",
+        DATES[0].isoformat(),
+        "--to-date",
+        DATES[-1].isoformat(),
+        "--max-active-runs",
+        "3",
+    )
 
     logs = tmp_path / "service-logs"
     procs: list[subprocess.Popen] = []
@@ -133,10 +164,14 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         "api-server": (["api-server"], {}),
         "scheduler": (["scheduler"], {}),
         "dag-processor": (["dag-processor"], {}),
-        "worker-1": (["celery", "worker", "--celery-hostname", "worker-1@%h", "--skip-serve-logs"],
-                     {"PACS_WORKER_NAME": "worker-1"}),
-        "worker-2": (["celery", "worker", "--celery-hostname", "worker-2@%h", "--skip-serve-logs"],
-                     {"PACS_WORKER_NAME": "worker-2"}),
+        "worker-1": (
+            ["celery", "worker", "--celery-hostname", "worker-1@%h", "--skip-serve-logs"],
+            {"PACS_WORKER_NAME": "worker-1"},
+        ),
+        "worker-2": (
+            ["celery", "worker", "--celery-hostname", "worker-2@%h", "--skip-serve-logs"],
+            {"PACS_WORKER_NAME": "worker-2"},
+        ),
     }
     runs: list[dict] = []
     try:
@@ -163,16 +198,19 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         stop_all(procs)
         pacs.stop()
 
-    print(f"\ncelery backfill: {len(runs)} runs, task instances by worker {by_host}, "
-          f"max concurrent PACS associations {pacs.max_active} (pool {POOL_SIZE})")
+    print(
+        f"\ncelery backfill: {len(runs)} runs, task instances by worker {by_host}, "
+        f"max concurrent PACS associations {pacs.max_active} (pool {POOL_SIZE})"
+    )
     assert {r["state"] for r in runs} == {"success"}, runs
     # Both workers executed tasks.
     assert by_host.get("worker-1", 0) > 0 and by_host.get("worker-2", 0) > 0, by_host
     # The pool kept the PACS within its association budget.
     assert 0 < pacs.max_active <= POOL_SIZE, pacs.max_active
     # The transfer tasks normalized in their spawned processes.
-    task_logs = "\n".join(p.read_text(errors="replace") for p in (home / "logs").rglob("*.log")
-                          if "task_id=partition.transfer" in str(p))
+    task_logs = "\n".join(
+        p.read_text(errors="replace") for p in (home / "logs").rglob("*.log") if "task_id=partition.transfer" in str(p)
+    )
     assert "normalized in 1 normalize process(es)" in task_logs, f"task logs under {home / 'logs'}"
 
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
@@ -182,7 +220,9 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         df = read_transfer(store, p)
         c = counts_from_frame(df)
         assert c.expected == expected and c.expected == c.migrated + c.quarantined + c.unresolved  # 1
-        for obj_key, sha in zip(df[df.state == "migrated"].object_key, df[df.state == "migrated"].object_sha256):
+        for obj_key, sha in zip(
+            df[df.state == "migrated"].object_key, df[df.state == "migrated"].object_sha256, strict=True
+        ):
             assert hashlib.sha256(store.get(obj_key)).hexdigest() == sha  # 2
         figures[key] = c
     assert s3_server.count(bucket, "studies/") == sum(c.migrated for c in figures.values())  # 3
@@ -197,6 +237,9 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
                 for row in csv.DictReader(io.StringIO(part.get_payload(decode=True).decode())):
                     c = figures[row["partition"]]
                     assert (int(row["expected"]), int(row["migrated"]), int(row["quarantined"])) == (
-                        c.expected, c.migrated, c.quarantined)
+                        c.expected,
+                        c.migrated,
+                        c.quarantined,
+                    )
                     seen.add(row["partition"])
     assert seen == set(figures)

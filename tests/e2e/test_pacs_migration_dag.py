@@ -19,10 +19,10 @@ import pydicom
 import pytest
 
 from include.pacs_migration.config import TargetConfig
+from include.pacs_migration.counts import counts_from_frame
 from include.pacs_migration.manifest import read_transfer
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
-from include.pacs_migration.counts import counts_from_frame
 from tests.conftest import OPENLINEAGE_FILE
 from tests.s3_faults import S3FaultProxy
 
@@ -42,7 +42,7 @@ def _dag():
 
 def _run(dag, date: dt.date):
     _clear_runs(dag.dag_id)
-    return dag.test(logical_date=dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc))
+    return dag.test(logical_date=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC))
 
 
 def _mail_parts(path):
@@ -77,7 +77,9 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
         assert c.expected == archive.by_partition[p.key]
         assert c.expected == c.migrated + c.quarantined + c.unresolved
         # 2. No loss: every migrated object re-reads with its checksum.
-        for key, sha in zip(df[df.state == "migrated"].object_key, df[df.state == "migrated"].object_sha256):
+        for key, sha in zip(
+            df[df.state == "migrated"].object_key, df[df.state == "migrated"].object_sha256, strict=True
+        ):
             assert hashlib.sha256(store.get(key)).hexdigest() == sha
         figures[p.key] = c
     assert sum(c.quarantined for c in figures.values()) == 1  # the truncated one
@@ -94,7 +96,10 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
     for key, c in figures.items():
         for field in ("expected", "migrated", "quarantined", "unresolved", "written"):
             assert int(rows[key][field]) == getattr(c, field), (key, field)
-            assert f'data-field="{field}">{getattr(c, field)}<' in html.split(f'data-partition="{key}"')[1].split("</tr>")[0]
+            assert (
+                f'data-field="{field}">{getattr(c, field)}<'
+                in html.split(f'data-partition="{key}"')[1].split("</tr>")[0]
+            )
     # 4. No patient data in the mail (names, IDs, birth dates, accession numbers
     # planted by the generator), decoded.
     decoded = str(msg) + html + csv_text
@@ -117,19 +122,30 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
 
     # OpenLineage: one event per partition, through the provider's file transport.
     events = [json.loads(line) for line in OPENLINEAGE_FILE.read_text().splitlines() if line.strip()]
-    ours = {e["run"]["facets"]["pacsMigration"]["partition"]: e for e in events
-            if "pacsMigration" in e["run"].get("facets", {}) and e["outputs"][0]["namespace"] == f"s3://{bucket}"}
+    ours = {
+        e["run"]["facets"]["pacsMigration"]["partition"]: e
+        for e in events
+        if "pacsMigration" in e["run"].get("facets", {}) and e["outputs"][0]["namespace"] == f"s3://{bucket}"
+    }
     assert set(ours) == set(figures)
     for key, event in ours.items():
         facet = event["run"]["facets"]["pacsMigration"]
         assert event["eventType"] == "COMPLETE"
-        assert event["inputs"][0] == {**event["inputs"][0], "namespace": f"dicom://127.0.0.1:{pacs.port}",
-                                      "name": "LEGACYPACS"}
+        assert event["inputs"][0] == {
+            **event["inputs"][0],
+            "namespace": f"dicom://127.0.0.1:{pacs.port}",
+            "name": "LEGACYPACS",
+        }
         assert (facet["expected"], facet["migrated"], facet["quarantined"]) == (
-            figures[key].expected, figures[key].migrated, figures[key].quarantined)
+            figures[key].expected,
+            figures[key].migrated,
+            figures[key].quarantined,
+        )
         assert event["run"]["facets"]["parent"]["job"]["name"] == "pacs_migration.partition.lineage"
-    assert any(e["job"]["name"].startswith("pacs_migration.") and "pacsMigration" not in e["run"].get("facets", {})
-               for e in events)  # the provider's own task events
+    assert any(
+        e["job"]["name"].startswith("pacs_migration.") and "pacsMigration" not in e["run"].get("facets", {})
+        for e in events
+    )  # the provider's own task events
 
     # trace answers for a migrated instance that a rule changed, and a quarantined one.
     from include.pacs_migration.trace import trace_instance
@@ -138,7 +154,9 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
     changed = mr[mr.changes.notna()].iloc[0]
     t = trace_instance(store, changed.sop_instance_uid)
     assert t["state"] == "migrated" and t["target"]["key"] == changed.object_key
-    assert t["rules_applied"][0]["change"] == "transfer_syntax" and t["rules_applied"][0]["new"] == "1.2.840.10008.1.2.1"
+    assert (
+        t["rules_applied"][0]["change"] == "transfer_syntax" and t["rules_applied"][0]["new"] == "1.2.840.10008.1.2.1"
+    )
     assert t["source"]["uri"] == f"dicom://127.0.0.1:{pacs.port}/LEGACYPACS" and t["validation"]["success"] is True
     ct = read_transfer(store, Partition(DATE, "CT"))
     bad = ct[ct.state == "quarantined"].iloc[0]
@@ -154,7 +172,10 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
         again = counts_from_frame(read_transfer(store, p))
         assert again.written == 0
         assert (again.expected, again.migrated, again.quarantined) == (
-            figures[p.key].expected, figures[p.key].migrated, figures[p.key].quarantined)
+            figures[p.key].expected,
+            figures[p.key].migrated,
+            figures[p.key].quarantined,
+        )
     assert len(mail.messages()) == 2
 
 
@@ -169,8 +190,10 @@ def _clear_runs(dag_id: str) -> None:
 
 
 def _failed_labels(csv_text: str) -> dict[str, list[str]]:
-    return {r["partition"]: [x for x in r["failed_expectations"].split(";") if x]
-            for r in csv.DictReader(io.StringIO(csv_text))}
+    return {
+        r["partition"]: [x for x in r["failed_expectations"].split(";") if x]
+        for r in csv.DictReader(io.StringIO(csv_text))
+    }
 
 
 def test_corrupted_and_missing_objects_fail_validation(airflow_db, airflow_connections, s3_server, monkeypatch):
@@ -178,9 +201,17 @@ def test_corrupted_and_missing_objects_fail_validation(airflow_db, airflow_conne
     mail = airflow_connections["mail"]
     proxy = S3FaultProxy(s3_server.endpoint_url, corrupt_nth=2, drop_nth=5)
     try:
-        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
-            {"conn_type": "aws", "login": "testing", "password": "testing",
-             "extra": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"}}))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_AWS_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "aws",
+                    "login": "testing",
+                    "password": "testing",
+                    "extra": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"},
+                }
+            ),
+        )
         run = _run(_dag(), dt.date(2019, 3, 1))
     finally:
         proxy.stop()
@@ -194,10 +225,11 @@ def test_corrupted_and_missing_objects_fail_validation(airflow_db, airflow_conne
     assert "checksum_verified" in html and "listed_objects" in html
 
 
-def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connections, archive, tmp_path, monkeypatch,
-                                                     s3_server):
+def test_duplicate_sop_instance_uid_fails_validation(
+    airflow_db, airflow_connections, archive, tmp_path, monkeypatch, s3_server
+):
     """The source holds one SOP Instance UID in two series: validation must say so."""
-    from include.demo.pacs import SimulatedPACS
+    from peers.pacs import SimulatedPACS
 
     root = tmp_path / "dup-archive"
     shutil.copytree(archive.root / "20190301" / "CR00", root / "CR00")
@@ -208,9 +240,17 @@ def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connect
     twin.save_as(root / "CR01" / "s1" / "0099.dcm")  # same SOP Instance UID, another series
     pacs = SimulatedPACS(root)
     try:
-        monkeypatch.setenv("AIRFLOW_CONN_PACS_SOURCE", json.dumps(
-            {"conn_type": "generic", "host": "127.0.0.1", "port": pacs.port,
-             "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PACS_SOURCE",
+            json.dumps(
+                {
+                    "conn_type": "generic",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                    "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+                }
+            ),
+        )
         run = _run(_dag(), dt.date(2019, 3, 1))
     finally:
         pacs.stop()
@@ -223,4 +263,6 @@ def test_duplicate_sop_instance_uid_fails_validation(airflow_db, airflow_connect
     df = read_transfer(store, Partition(dt.date(2019, 3, 1), "CR"))
     rows = df[df["sop_instance_uid"] == str(twin.SOPInstanceUID)]
     assert set(rows["reason"]) == {"UID_CONFLICT"} and set(rows["series_instance_uid"]) == {
-        str(twin.SeriesInstanceUID), str(pydicom.dcmread(root / "CR00" / "s1" / "0001.dcm").SeriesInstanceUID)}
+        str(twin.SeriesInstanceUID),
+        str(pydicom.dcmread(root / "CR00" / "s1" / "0001.dcm").SeriesInstanceUID),
+    }

@@ -22,12 +22,15 @@ def _boom(*args, **kwargs):
     raise RuntimeError(CANARY)
 
 
-@pytest.mark.parametrize("step, task", [
-    ("take_date_census", "census"),
-    ("transfer_step", "transfer"),
-    ("validate_step", "validate"),
-    ("lineage_step", "lineage"),
-])
+@pytest.mark.parametrize(
+    "step, task",
+    [
+        ("take_date_census", "census"),
+        ("transfer_step", "transfer"),
+        ("validate_step", "validate"),
+        ("lineage_step", "lineage"),
+    ],
+)
 def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connections, monkeypatch, step, task):
     from include.pacs_migration import steps
 
@@ -51,20 +54,27 @@ def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connec
 
 
 def test_unreachable_pacs_still_mails_incomplete(airflow_db, airflow_connections, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_PACS_SOURCE", json.dumps(
-        {"conn_type": "generic", "host": "127.0.0.1", "port": 9,  # discard: nothing listens
-         "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PACS_SOURCE",
+        json.dumps(
+            {
+                "conn_type": "generic",
+                "host": "127.0.0.1",
+                "port": 9,  # discard: nothing listens
+                "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+            }
+        ),
+    )
     run = _run(_dag(), DATE)
     assert run.state == "failed"
     msg = email.message_from_bytes(airflow_connections["mail"].messages()[-1].read_bytes())
     assert msg["Subject"].endswith("validation INCOMPLETE: census failed (DicomNetworkError)"), msg["Subject"]
 
 
-def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_connections, tmp_path,
-                                                            monkeypatch):
-    from include.pacs_migration.config import read_yaml
+def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_connections, tmp_path, monkeypatch):
     import yaml
 
+    from include.pacs_migration.config import read_yaml
     from include.pacs_migration_dags import DEFAULT_CONFIG
 
     data = read_yaml(DEFAULT_CONFIG)

@@ -14,7 +14,6 @@ import pytest
 from pydicom.uid import generate_uid
 
 from include.demo.archive import build_archive
-from include.demo.pacs import SimulatedPACS
 from include.pacs_migration.assessment import (
     FindingCode,
     assess,
@@ -27,14 +26,19 @@ from include.pacs_migration.assessment import (
 from include.pacs_migration.config import AssessmentConfig, SourceConfig, TargetConfig
 from include.pacs_migration.dimse import find
 from include.pacs_migration.store import ObjectStore
+from peers.pacs import SimulatedPACS
 
 DAY = dt.date(2019, 3, 1)
 
 
 def _plant(root: Path) -> dict[str, str]:
     files = sorted((root / DAY.strftime("%Y%m%d")).rglob("*.dcm"))
-    ct = [p for p in files if getattr(pydicom.dcmread(p, stop_before_pixels=True, force=True), "file_meta", None)
-          and pydicom.dcmread(p, stop_before_pixels=True, force=True).get("Modality") == "CT"]
+    ct = [
+        p
+        for p in files
+        if getattr(pydicom.dcmread(p, stop_before_pixels=True, force=True), "file_meta", None)
+        and pydicom.dcmread(p, stop_before_pixels=True, force=True).get("Modality") == "CT"
+    ]
     planted = {}
     # 1. the same study filed under another patient ID
     ds = pydicom.dcmread(ct[0])
@@ -72,10 +76,15 @@ def planted_pacs(tmp_path_factory):
 
 def test_assessment_figures_and_findings(planted_pacs, s3_server, bucket):
     archive, planted, pacs = planted_pacs
-    source = SourceConfig(host="127.0.0.1", port=pacs.port, called_ae_title="LEGACYPACS",
-                          calling_ae_title="PACSMIGRATE")
-    result = assess(lambda q: find(source, q), DAY - dt.timedelta(days=1), DAY + dt.timedelta(days=2),
-                    AssessmentConfig(throughput_instances_s=0.01, window_hours=10))
+    source = SourceConfig(
+        host="127.0.0.1", port=pacs.port, called_ae_title="LEGACYPACS", calling_ae_title="PACSMIGRATE"
+    )
+    result = assess(
+        lambda q: find(source, q),
+        DAY - dt.timedelta(days=1),
+        DAY + dt.timedelta(days=2),
+        AssessmentConfig(throughput_instances_s=0.01, window_hours=10),
+    )
     by = {(r["year"], r["modality"]): r for r in result.by_year}
     # +1 conflict copy, +1 duplicate copy, +1 charset study; the undated study is on no date
     assert sum(r["instances"] for r in result.by_year) == archive.instances + 3
@@ -107,4 +116,5 @@ def test_assessment_figures_and_findings(planted_pacs, s3_server, bucket):
     estimates = read_by_date(ObjectStore(s3_server.client(), TargetConfig(bucket=bucket)))
     assert estimates[((DAY - dt.timedelta(days=1)).isoformat(), "*")] == (0, 0)  # assessed, empty
     assert estimates[(DAY.isoformat(), "CT")][0] == by[(2019, "CT")]["instances"] - sum(
-        r["instances"] for r in result.by_date if r["modality"] == "CT" and r["study_date"] != DAY.isoformat())
+        r["instances"] for r in result.by_date if r["modality"] == "CT" and r["study_date"] != DAY.isoformat()
+    )

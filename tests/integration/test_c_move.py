@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 
-from include.demo.pacs import SimulatedPACS
-from include.demo.ports import free_port
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
 from include.pacs_migration.dimse import FindSession, MoveRetriever, StorageListener
 from include.pacs_migration.manifest import read_census, write_census
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
+from peers.pacs import SimulatedPACS
+from peers.ports import free_port
 from tests.peers import Orthanc
 
 DATE = dt.date(2019, 3, 1)
@@ -25,8 +25,9 @@ def _migrate_all(source, listener, store, tmp_path, archive) -> int:
     total = 0
     for p in census.partitions():
         write_census(store, p, census.for_partition(p))
-        counts = transfer_partition(retriever, store, p, read_census(store, p), tmp_path / "staging", "move-run",
-                                    3, 1, 4)
+        counts = transfer_partition(
+            retriever, store, p, read_census(store, p), tmp_path / "staging", "move-run", 3, 1, 4
+        )
         assert counts.expected == archive.by_partition[p.key]
         assert counts.expected == counts.migrated + counts.quarantined + counts.unresolved
         assert counts.unresolved == 0 and counts.unsolicited == 0
@@ -38,8 +39,13 @@ def test_c_move_from_simulated_pacs(archive, s3_server, bucket, tmp_path):
     listener = StorageListener("PACSMIGRATE", port=free_port())
     pacs = SimulatedPACS(archive.root, move_destinations={"PACSMIGRATE": ("127.0.0.1", listener.port)})
     try:
-        source = SourceConfig(host="127.0.0.1", port=pacs.port, called_ae_title="LEGACYPACS",
-                              calling_ae_title="PACSMIGRATE", retrieve_method="C-MOVE")
+        source = SourceConfig(
+            host="127.0.0.1",
+            port=pacs.port,
+            called_ae_title="LEGACYPACS",
+            calling_ae_title="PACSMIGRATE",
+            retrieve_method="C-MOVE",
+        )
         store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
         total = _migrate_all(source, listener, store, tmp_path, archive)
     finally:
@@ -53,8 +59,13 @@ def test_c_move_from_orthanc(archive, s3_server, bucket, tmp_path):
     orthanc = Orthanc(tmp_path / "orthanc", calling_aes={"PACSMIGRATE": listener.port})
     try:
         orthanc.upload_folder(archive.root / "20190301")
-        source = SourceConfig(host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.ae_title,
-                              calling_ae_title="PACSMIGRATE", retrieve_method="C-MOVE")
+        source = SourceConfig(
+            host="127.0.0.1",
+            port=orthanc.dicom_port,
+            called_ae_title=orthanc.ae_title,
+            calling_ae_title="PACSMIGRATE",
+            retrieve_method="C-MOVE",
+        )
         store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
         total = _migrate_all(source, listener, store, tmp_path, archive)
     finally:

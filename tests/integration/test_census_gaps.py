@@ -6,16 +6,15 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from include.demo.pacs import Faults, SimulatedPACS
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
 from include.pacs_migration.dimse import FindSession, c_get
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
-from include.pacs_migration.counts import counts_from_frame
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from peers.pacs import Faults, SimulatedPACS
 from tests.peers import Orthanc, series_study
 
 DATE = dt.date(2019, 3, 1)
@@ -23,8 +22,15 @@ CT = Partition(DATE, "CT")
 
 
 def _source(port: int, called: str = "LEGACYPACS") -> SourceConfig:
-    return SourceConfig(host="127.0.0.1", port=port, called_ae_title=called, calling_ae_title="PACSMIGRATE",
-                        acse_timeout=5, dimse_timeout=30, network_timeout=30)
+    return SourceConfig(
+        host="127.0.0.1",
+        port=port,
+        called_ae_title=called,
+        calling_ae_title="PACSMIGRATE",
+        acse_timeout=5,
+        dimse_timeout=30,
+        network_timeout=30,
+    )
 
 
 def _migrate(source: SourceConfig, store: ObjectStore, census, staging: Path, run_id: str = "gap-run"):
@@ -33,11 +39,13 @@ def _migrate(source: SourceConfig, store: ObjectStore, census, staging: Path, ru
     for p in census.partitions():
         manifests = PartitionManifests(store, p)
         manifests.write_census(census.for_partition(p), [w.code for w in census.warnings_for(p)])
-        counts = transfer_partition(lambda q, c, s: c_get(source, q, c, s), store, p, manifests.census(), staging,
-                                    run_id, 3, 2, 4)
+        counts = transfer_partition(
+            lambda q, c, s: c_get(source, q, c, s), store, p, manifests.census(), staging, run_id, 3, 2, 4
+        )
         df = manifests.transfer()
-        report = validate_partition(store, p, manifests.census(), df, publish=False,
-                                    census_warnings=list(manifests.summary().warnings))
+        report = validate_partition(
+            store, p, manifests.census(), df, publish=False, census_warnings=list(manifests.summary().warnings)
+        )
         out[p.key] = (counts, report, df)
     return out
 
@@ -59,7 +67,12 @@ def test_series_and_image_caps_on_the_simulated_pacs(tmp_path, s3_server, bucket
         pacs.stop()
     expected = sum(len(v) for v in truth.values())
     assert (counts.expected, counts.migrated, counts.quarantined, counts.unresolved, counts.unsolicited) == (
-        expected, expected, 0, 0, 0)
+        expected,
+        expected,
+        0,
+        0,
+        0,
+    )
     assert report.success, [o.label for o in report.failed]
     assert (df["membership"] == "retrieval").sum() == 1500
     assert set(df["sop_instance_uid"]) == {u for v in truth.values() for u in v}
@@ -90,8 +103,9 @@ def test_image_query_failure_is_confined_to_its_series(tmp_path, s3_server, buck
     truth = series_study(tmp_path / "all" / "a", 3, [4, 4, 4])
     mr = series_study(tmp_path / "all" / "b", 1, [3], modality="MR", tag="mr")
     bad_series = sorted(truth)[1]
-    faults = Faults(fail_image_find=frozenset({bad_series}), withhold=frozenset({truth[bad_series][0]}),
-                    withhold_times=100)
+    faults = Faults(
+        fail_image_find=frozenset({bad_series}), withhold=frozenset({truth[bad_series][0]}), withhold_times=100
+    )
     pacs = SimulatedPACS(tmp_path / "all", faults=faults)
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     try:

@@ -7,18 +7,25 @@ import datetime as dt
 
 import pytest
 
-from include.demo.pacs import SimulatedPACS
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig
 from include.pacs_migration.dimse import FindSession, find
+from peers.pacs import SimulatedPACS
 from tests.peers import Orthanc, many_studies
 
 DATE = dt.date(2019, 3, 1)
 
 
 def _source(port: int, called: str) -> SourceConfig:
-    return SourceConfig(host="127.0.0.1", port=port, called_ae_title=called, calling_ae_title="PACSMIGRATE",
-                        acse_timeout=5, dimse_timeout=20, network_timeout=20)
+    return SourceConfig(
+        host="127.0.0.1",
+        port=port,
+        called_ae_title=called,
+        calling_ae_title="PACSMIGRATE",
+        acse_timeout=5,
+        dimse_timeout=20,
+        network_timeout=20,
+    )
 
 
 @pytest.mark.parametrize(("status", "configured"), [(0x0000, 5), (0xA700, None), (0xFE00, None)])

@@ -10,7 +10,6 @@ import hashlib
 
 import pytest
 
-from include.demo.ports import free_port
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
 from include.pacs_migration.dimse import FindSession, MoveRetriever, StorageListener, c_get
@@ -18,6 +17,7 @@ from include.pacs_migration.manifest import read_census, read_transfer, write_ce
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from peers.ports import free_port
 from tests.peers import Dcmqrscp
 
 DATE = dt.date(2019, 3, 1)
@@ -30,9 +30,17 @@ def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
     try:
         paths = sorted((archive.root / DATE.strftime("%Y%m%d")).rglob("*.dcm"))
         qr.load(paths)
-        source = SourceConfig(host="127.0.0.1", port=qr.port, called_ae_title=qr.ae_title,
-                              calling_ae_title="PACSMIGRATE", retrieve_method=method,
-                              acse_timeout=5, dimse_timeout=30, network_timeout=30, move_settle_timeout=10)
+        source = SourceConfig(
+            host="127.0.0.1",
+            port=qr.port,
+            called_ae_title=qr.ae_title,
+            calling_ae_title="PACSMIGRATE",
+            retrieve_method=method,
+            acse_timeout=5,
+            dimse_timeout=30,
+            network_timeout=30,
+            move_settle_timeout=10,
+        )
         with FindSession(source) as session:
             census = take_census(session.find, DATE)
         assert not census.warnings
@@ -43,20 +51,20 @@ def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
         assert all(not i.sop_class_uid for s in census.series for i in s.instances)
         assert all(s.reported_instances is None for s in census.series)
 
-        get = MoveRetriever(source, listener, "PACSMIGRATE") if listener else (
-            lambda q, c, s: c_get(source, q, c, s))
+        get = MoveRetriever(source, listener, "PACSMIGRATE") if listener else (lambda q, c, s: c_get(source, q, c, s))
         store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
         total = 0
         for p in census.partitions():
             write_census(store, p, census.for_partition(p))
-            counts = transfer_partition(get, store, p, read_census(store, p), tmp_path / "staging", "dcmqrscp-run",
-                                        3, 2, 4)
+            counts = transfer_partition(
+                get, store, p, read_census(store, p), tmp_path / "staging", "dcmqrscp-run", 3, 2, 4
+            )
             assert counts.expected == expected[p.key]
             assert counts.migrated == counts.expected and counts.unresolved == 0 and counts.unsolicited == 0
             df = read_transfer(store, p)
             report = validate_partition(store, p, read_census(store, p), df, publish=False)
             assert report.success, [o.label for o in report.failed]
-            for key, sha in zip(df.object_key, df.object_sha256):
+            for key, sha in zip(df.object_key, df.object_sha256, strict=True):
                 assert hashlib.sha256(store.get(key)).hexdigest() == sha
             total += counts.migrated
         assert s3_server.count(bucket, "studies/") == total == len(paths)

@@ -11,17 +11,17 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from include.demo.pacs import Faults, SimulatedPACS
-from include.demo.ports import free_port
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
+from include.pacs_migration.counts import PartitionCounts
 from include.pacs_migration.dimse import DicomNetworkError, FindSession, MoveRetriever, StorageListener, c_get, find
 from include.pacs_migration.manifest import read_census, read_transfer, write_census
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
-from include.pacs_migration.counts import PartitionCounts
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from peers.pacs import Faults, SimulatedPACS
+from peers.ports import free_port
 
 DATE = dt.date(2019, 3, 1)
 CT = Partition(DATE, "CT")
@@ -29,20 +29,32 @@ BOUND = 60  # seconds: no case may take longer
 
 
 def _source(port: int, **kw) -> SourceConfig:
-    return SourceConfig(**{"host": "127.0.0.1", "port": port, "called_ae_title": "LEGACYPACS",
-                           "calling_ae_title": "PACSMIGRATE", "acse_timeout": 2, "dimse_timeout": 1.0,
-                           "network_timeout": 5, "move_settle_timeout": 2, **kw})
+    return SourceConfig(
+        **{
+            "host": "127.0.0.1",
+            "port": port,
+            "called_ae_title": "LEGACYPACS",
+            "calling_ae_title": "PACSMIGRATE",
+            "acse_timeout": 2,
+            "dimse_timeout": 1.0,
+            "network_timeout": 5,
+            "move_settle_timeout": 2,
+            **kw,
+        }
+    )
 
 
-def _migrate(pacs: SimulatedPACS, source: SourceConfig, store: ObjectStore, tmp_path, get=None,
-             attempts: int = 3) -> tuple[PartitionCounts, float]:
+def _migrate(
+    pacs: SimulatedPACS, source: SourceConfig, store: ObjectStore, tmp_path, get=None, attempts: int = 3
+) -> tuple[PartitionCounts, float]:
     started = time.monotonic()
     with FindSession(source) as session:
         census = take_census(session.find, DATE)
     write_census(store, CT, census.for_partition(CT))
     get = get or (lambda q, c, s: c_get(source, q, c, s))
-    counts = transfer_partition(get, store, CT, read_census(store, CT), tmp_path / "staging", "fault-run",
-                                attempts, 1, 2)
+    counts = transfer_partition(
+        get, store, CT, read_census(store, CT), tmp_path / "staging", "fault-run", attempts, 1, 2
+    )
     elapsed = time.monotonic() - started
     assert elapsed < BOUND
     assert counts.expected == counts.migrated + counts.quarantined + counts.unresolved
@@ -142,8 +154,7 @@ def test_warning_b000_transient_converges(failed_list, archive, store, s3_server
 @pytest.mark.parametrize("failed_list", [True, False], ids=["with-failed-list", "without-failed-list"])
 def test_warning_b000_persistent_names_the_unresolved(failed_list, archive, store, s3_server, bucket, tmp_path):
     withhold = frozenset(_ct_uids(archive)[:2])
-    pacs = SimulatedPACS(archive.root, faults=Faults(withhold=withhold, withhold_times=10**6,
-                                                     failed_list=failed_list))
+    pacs = SimulatedPACS(archive.root, faults=Faults(withhold=withhold, withhold_times=10**6, failed_list=failed_list))
     try:
         counts, _ = _migrate(pacs, _source(pacs.port), store, tmp_path)
     finally:
@@ -161,8 +172,11 @@ def test_warning_b000_persistent_names_the_unresolved(failed_list, archive, stor
 
 def test_c_move_success_before_stores_arrive(archive, store, s3_server, bucket, tmp_path):
     listener = StorageListener("PACSMIGRATE", port=free_port())
-    pacs = SimulatedPACS(archive.root, move_destinations={"PACSMIGRATE": ("127.0.0.1", listener.port)},
-                         faults=Faults(move_success_before_stores=1.0))
+    pacs = SimulatedPACS(
+        archive.root,
+        move_destinations={"PACSMIGRATE": ("127.0.0.1", listener.port)},
+        faults=Faults(move_success_before_stores=1.0),
+    )
     try:
         source = _source(pacs.port, retrieve_method="C-MOVE")
         counts, _ = _migrate(pacs, source, store, tmp_path, get=MoveRetriever(source, listener, "PACSMIGRATE"))

@@ -9,7 +9,6 @@ import hashlib
 import pydicom
 import pytest
 
-from include.demo.pacs import SimulatedPACS
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
 from include.pacs_migration.dimse import FindSession, StagingSink, c_get
@@ -19,6 +18,7 @@ from include.pacs_migration.report import partition_figures
 from include.pacs_migration.store import ObjectStore, PutOutcome
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from peers.pacs import SimulatedPACS
 from tests.peers import series_study
 
 DATE = dt.date(2019, 3, 1)
@@ -26,8 +26,15 @@ CT = Partition(DATE, "CT")
 
 
 def _source(port: int) -> SourceConfig:
-    return SourceConfig(host="127.0.0.1", port=port, called_ae_title="LEGACYPACS", calling_ae_title="PACSMIGRATE",
-                        acse_timeout=5, dimse_timeout=30, network_timeout=30)
+    return SourceConfig(
+        host="127.0.0.1",
+        port=port,
+        called_ae_title="LEGACYPACS",
+        calling_ae_title="PACSMIGRATE",
+        acse_timeout=5,
+        dimse_timeout=30,
+        network_timeout=30,
+    )
 
 
 def _store(s3_server, bucket) -> ObjectStore:
@@ -36,8 +43,9 @@ def _store(s3_server, bucket) -> ObjectStore:
 
 def _transfer(port, store, partition, staging, run_id="proof-run"):
     m = PartitionManifests(store, partition)
-    transfer_partition(lambda q, c, s: c_get(_source(port), q, c, s), store, partition, m.census(), staging,
-                       run_id, 3, 2, 4)
+    transfer_partition(
+        lambda q, c, s: c_get(_source(port), q, c, s), store, partition, m.census(), staging, run_id, 3, 2, 4
+    )
     return m.transfer()
 
 
@@ -104,7 +112,8 @@ def test_quarantine_is_proven_and_repaired(tmp_path, s3_server, bucket, archive,
     stray = PartitionManifests(store, p).quarantine_key("0" * 64)
     s3_server.client().put_object(Bucket=bucket, Key=stray, Body=b"stray")
     assert "bucket:expect_column_values_to_be_between(quarantine_unaccounted)" in [
-        o.label for o in _validate(store, p).failed]
+        o.label for o in _validate(store, p).failed
+    ]
 
 
 class _LosingCensusWrites:
@@ -159,8 +168,9 @@ class _LosingResponses:
             self.lost += 1
             from botocore.exceptions import ClientError
 
-            raise ClientError({"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}},
-                              "PutObject")  # as a retry after a lost response would see it
+            raise ClientError(
+                {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject"
+            )  # as a retry after a lost response would see it
         return rsp
 
     def __getattr__(self, name):
@@ -184,18 +194,30 @@ def test_written_counts_objects_whose_response_was_lost(tmp_path, s3_server, buc
         pacs.stop()
     assert client.lost == 2
     assert (first.written, first.migrated) == (4, 4) and again.written == 0
-    assert store.put_new("studies/x.dcm", b"a", hashlib.sha256(b"a").hexdigest(), writer="w1").outcome \
+    assert (
+        store.put_new("studies/x.dcm", b"a", hashlib.sha256(b"a").hexdigest(), writer="w1").outcome
         is PutOutcome.CREATED
-    assert store.put_new("studies/x.dcm", b"a", hashlib.sha256(b"a").hexdigest(), writer="w2").outcome \
+    )
+    assert (
+        store.put_new("studies/x.dcm", b"a", hashlib.sha256(b"a").hexdigest(), writer="w2").outcome
         is PutOutcome.ALREADY_PRESENT
+    )
 
 
 def test_a_partition_whose_transfer_failed_shows_the_census_expected(s3_server, bucket):
     from include.pacs_migration.census import CensusSeries, ExpectedInstance
 
     store = _store(s3_server, bucket)
-    series = [CensusSeries("1.2.3", "1.2.3.4", "CT", DATE, 3,
-                           tuple(ExpectedInstance(f"1.2.3.4.{i}", "1.2.840.10008.5.1.4.1.1.2") for i in range(3)))]
+    series = [
+        CensusSeries(
+            "1.2.3",
+            "1.2.3.4",
+            "CT",
+            DATE,
+            3,
+            tuple(ExpectedInstance(f"1.2.3.4.{i}", "1.2.840.10008.5.1.4.1.1.2") for i in range(3)),
+        )
+    ]
     PartitionManifests(store, CT).write_census(series, [])
     f = partition_figures(store, CT, "run-x")
     assert (f.expected, f.migrated, f.validation_passed) == (3, 0, False)
@@ -232,8 +254,18 @@ def test_a_study_naming_two_patients(tmp_path, s3_server, bucket, policy):
         with FindSession(_source(pacs.port)) as session:
             census = take_census(session.find, DATE)
         m.write_census(census.for_partition(CT), [])
-        transfer_partition(lambda q, c, s: c_get(_source(pacs.port), q, c, s), store, CT, m.census(),
-                           tmp_path / "staging", "patients-run", 3, 2, 4, ruleset=ruleset)
+        transfer_partition(
+            lambda q, c, s: c_get(_source(pacs.port), q, c, s),
+            store,
+            CT,
+            m.census(),
+            tmp_path / "staging",
+            "patients-run",
+            3,
+            2,
+            4,
+            ruleset=ruleset,
+        )
     finally:
         pacs.stop()
     df = m.transfer()

@@ -65,8 +65,16 @@ def compressed_pacs(tmp_path_factory):
 
 
 def _source(orthanc: Orthanc, **kw) -> SourceConfig:
-    return SourceConfig(host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.ae_title,
-                        calling_ae_title="PACSMIGRATE", acse_timeout=5, dimse_timeout=30, network_timeout=30, **kw)
+    return SourceConfig(
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        called_ae_title=orthanc.ae_title,
+        calling_ae_title="PACSMIGRATE",
+        acse_timeout=5,
+        dimse_timeout=30,
+        network_timeout=30,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("ts", list(FILES), ids=[FILES[t] for t in FILES])
@@ -88,8 +96,12 @@ def test_request_uncompressed_never_receives_compressed(ts, compressed_pacs, tmp
     orthanc, stored = compressed_pacs
     original = stored[ts]
     sink = StagingSink(tmp_path / "staging")
-    c_get(_source(orthanc, request_uncompressed=True), _study_query(original.StudyInstanceUID),
-          [original.SOPClassUID], sink)
+    c_get(
+        _source(orthanc, request_uncompressed=True),
+        _study_query(original.StudyInstanceUID),
+        [original.SOPClassUID],
+        sink,
+    )
     got = sink.received.get(original.SOPInstanceUID)
     print(f"{FILES[ts]} stored {ts}: received {got.transfer_syntax_uid if got else 'nothing (sub-operation failed)'}")
     if got is None:
@@ -100,8 +112,9 @@ def test_request_uncompressed_never_receives_compressed(ts, compressed_pacs, tmp
     assert got.transfer_syntax_uid in UNCOMPRESSED_TRANSFER_SYNTAXES
     received = pydicom.dcmread(got.path)
     frames = int(original.get("NumberOfFrames", 1) or 1)
-    assert len(received.PixelData) >= (original.Rows * original.Columns * original.SamplesPerPixel
-                                       * original.BitsAllocated // 8 * frames)
+    assert len(received.PixelData) >= (
+        original.Rows * original.Columns * original.SamplesPerPixel * original.BitsAllocated // 8 * frames
+    )
     if ts == RLELossless:  # decodable here: lossless means identical pixels
         assert np.array_equal(received.pixel_array, original.pixel_array)
 

@@ -30,12 +30,15 @@ def test_bundled_config_is_valid():
     assert load_config(_base(), CONFIG_DIR).ruleset.id != "structural"
 
 
-@pytest.mark.parametrize("path, wrong, near", [
-    ((), "normalisation", "normalization"),
-    ((), "validaton", "validation"),
-    (("source",), "max_asociations", "source.max_associations"),
-    (("plan", "window"), "strat", "plan.window.start"),
-])
+@pytest.mark.parametrize(
+    "path, wrong, near",
+    [
+        ((), "normalisation", "normalization"),
+        ((), "validaton", "validation"),
+        (("source",), "max_asociations", "source.max_associations"),
+        (("plan", "window"), "strat", "plan.window.start"),
+    ],
+)
 def test_unknown_key_names_the_nearest(path, wrong, near):
     data = _base()
     section = data
@@ -53,12 +56,15 @@ def test_unknown_key_inside_a_list_item():
     assert _error(data).field == "plan.phases[0].modalitys"
 
 
-@pytest.mark.parametrize("section, key, value", [
-    ("validation", "max_quarantined_fraction", True),
-    ("target", "upload_threads", "8"),
-    ("source", "max_associations", 2.5),
-    ("source", "port", "104"),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("validation", "max_quarantined_fraction", True),
+        ("target", "upload_threads", "8"),
+        ("source", "max_associations", 2.5),
+        ("source", "port", "104"),
+    ],
+)
 def test_types_are_exact(section, key, value):
     data = copy.deepcopy(_base())
     data[section][key] = value

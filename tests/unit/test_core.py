@@ -15,8 +15,8 @@ from pydicom.data import get_testdata_file
 from include.pacs_migration.config import ConfigError, load_config
 from include.pacs_migration.manifest import instance_key
 from include.pacs_migration.normalize import normalize
-from include.pacs_migration.rules import STRUCTURAL
 from include.pacs_migration.partition import Partition
+from include.pacs_migration.rules import STRUCTURAL
 from include.pacs_migration.uids import is_valid_uid
 
 GOOD = {
@@ -178,12 +178,16 @@ def test_census_warnings_reach_the_partitions_they_threaten():
     d = dt.date(2019, 3, 1)
     ct = CensusSeries("1.2.1", "1.2.1.1", "CT", d, 1, (ExpectedInstance("1.2.1.1.1", "1.2.840.10008.5.1.4.1.1.2"),))
     mr = CensusSeries("1.2.2", "1.2.2.1", "MR", d, 1, (ExpectedInstance("1.2.2.1.1", "1.2.840.10008.5.1.4.1.1.4"),))
-    census = Census(d, (ct, mr), (
-        CensusWarning("QUERY_TRUNCATED", "", None, "date-wide"),
-        CensusWarning("SERIES_LEVEL_TRUNCATED", "1.2.9", None, "a study with no series found: modality unknown"),
-        CensusWarning("IMAGE_LEVEL_TRUNCATED", "1.2.2", "1.2.2.1", "the MR series"),
-        CensusWarning("COUNT_MISMATCH", "1.2.1", None, "the CT study"),
-    ))
+    census = Census(
+        d,
+        (ct, mr),
+        (
+            CensusWarning("QUERY_TRUNCATED", "", None, "date-wide"),
+            CensusWarning("SERIES_LEVEL_TRUNCATED", "1.2.9", None, "a study with no series found: modality unknown"),
+            CensusWarning("IMAGE_LEVEL_TRUNCATED", "1.2.2", "1.2.2.1", "the MR series"),
+            CensusWarning("COUNT_MISMATCH", "1.2.1", None, "the CT study"),
+        ),
+    )
     codes = {p.modality: sorted(w.code for w in census.warnings_for(p)) for p in census.partitions()}
     assert codes == {
         "CT": ["COUNT_MISMATCH", "QUERY_TRUNCATED", "SERIES_LEVEL_TRUNCATED"],
@@ -204,8 +208,11 @@ def test_normalize_process_matches_in_process_and_fails_fast_when_dead(tmp_path)
     here = normalize(raw, uids[2], uids[1], uids[0])
     with NormalizeProcesses(1, STRUCTURAL, None) as processes:
         there, rewritten, seconds = processes.normalize(path, uids)
-        assert (there.reason, there.changes, there.pixel_sha256_after) == (here.reason, here.changes,
-                                                                           here.pixel_sha256_after)
+        assert (there.reason, there.changes, there.pixel_sha256_after) == (
+            here.reason,
+            here.changes,
+            here.pixel_sha256_after,
+        )
         assert rewritten == (here.data != raw) and seconds > 0 and there.data is None
         if rewritten:
             assert (tmp_path / "00000001.dcm.out").read_bytes() == here.data or here.changes

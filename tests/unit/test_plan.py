@@ -27,8 +27,11 @@ from include.pacs_migration.plan import (
 from include.pacs_migration.transfer import plan_resume
 
 BXL = ZoneInfo("Europe/Brussels")
-BASE = {"source": {"host": "pacs", "port": 104, "called_ae_title": "A", "calling_ae_title": "B"},
-        "target": {"bucket": "b-1"}, "report": {"recipients": ["c@example.org"], "from_address": "m@example.org"}}
+BASE = {
+    "source": {"host": "pacs", "port": 104, "called_ae_title": "A", "calling_ae_title": "B"},
+    "target": {"bucket": "b-1"},
+    "report": {"recipients": ["c@example.org"], "from_address": "m@example.org"},
+}
 
 
 def _plan(**overrides):
@@ -74,13 +77,20 @@ def test_phases_in_order_each_pair_once():
     assert len({u.key for u in units}) == len(units)
 
 
-@pytest.mark.parametrize("local,inside", [
-    ("2019-03-03T19:59:59", False), ("2019-03-03T20:00:00", True), ("2019-03-03T23:59:00", True),
-    ("2019-03-04T00:30:00", True), ("2019-03-04T05:59:59", True), ("2019-03-04T06:00:00", False),
-    ("2019-03-04T14:00:00", False),
-])
+@pytest.mark.parametrize(
+    "local,inside",
+    [
+        ("2019-03-03T19:59:59", False),
+        ("2019-03-03T20:00:00", True),
+        ("2019-03-03T23:59:00", True),
+        ("2019-03-04T00:30:00", True),
+        ("2019-03-04T05:59:59", True),
+        ("2019-03-04T06:00:00", False),
+        ("2019-03-04T14:00:00", False),
+    ],
+)
 def test_window_wraps_midnight_in_local_time(local, inside):
-    now = dt.datetime.fromisoformat(local).replace(tzinfo=BXL).astimezone(dt.timezone.utc)
+    now = dt.datetime.fromisoformat(local).replace(tzinfo=BXL).astimezone(dt.UTC)
     bounds = window_bounds(now, _plan().window)
     assert (bounds is not None) == inside
     if bounds:
@@ -92,7 +102,7 @@ def test_window_across_dst_change_is_local():
     now = dt.datetime(2019, 10, 27, 4, 30, tzinfo=BXL)
     start, end = window_bounds(now, _plan().window)
     assert end == dt.datetime(2019, 10, 27, 6, 0, tzinfo=BXL)
-    utc = dt.timezone.utc
+    utc = dt.UTC
     assert end.astimezone(utc) - start.astimezone(utc) == dt.timedelta(hours=11)  # one hour longer that night
 
 
@@ -111,15 +121,18 @@ def test_outside_window_starts_nothing():
 
 
 def test_budget_and_order():
-    plan = _plan(phases=[{"name": "ct-mr", "from": "2019-01-01", "to": "2019-01-03", "modalities": ["CT", "MR"]},
-                         {"name": "rest", "from": "2019-01-01", "to": "2019-01-03"}])
+    plan = _plan(
+        phases=[
+            {"name": "ct-mr", "from": "2019-01-01", "to": "2019-01-03", "modalities": ["CT", "MR"]},
+            {"name": "rest", "from": "2019-01-01", "to": "2019-01-03"},
+        ]
+    )
     by_date = _by_date([dt.date(2019, 1, d) for d in (1, 2, 3)])
     night = select_night(plan, Ledger(), dt.datetime(2019, 3, 3, 21, tzinfo=BXL), by_date)
     assert [(u.study_date.day, u.modalities) for u in night.units] == [(3, ("CT", "MR")), (2, ("CT", "MR"))]
     assert night.reason == "budget reached: max_partitions"
     # max_instances binds first when tighter
-    plan2 = _plan(phases=[{"name": "all", "from": "2019-01-01", "to": "2019-01-03"}],
-                  budget={"max_instances": 85})
+    plan2 = _plan(phases=[{"name": "all", "from": "2019-01-01", "to": "2019-01-03"}], budget={"max_instances": 85})
     night2 = select_night(plan2, Ledger(), dt.datetime(2019, 3, 3, 21, tzinfo=BXL), by_date)
     assert len(night2.units) == 2 and night2.reason == "budget reached: max_instances"
 
@@ -145,8 +158,10 @@ def test_failed_units_retried_until_attempts_spent_and_delta_checks_first():
     now = dt.datetime(2019, 3, 3, 21, tzinfo=BXL)
     first = select_night(plan, ledger, now)
     assert [u.study_date.day for u in first.units] == [2, 1]
-    results = [{"unit": first.units[0].to_json(), "state": "done", "migrated": 40, "seconds": 4.0},
-               {"unit": first.units[1].to_json(), "state": "failed", "migrated": 0, "seconds": 1.0}]
+    results = [
+        {"unit": first.units[0].to_json(), "state": "done", "migrated": 40, "seconds": 4.0},
+        {"unit": first.units[1].to_json(), "state": "failed", "migrated": 0, "seconds": 1.0},
+    ]
     entry = record_night(ledger, first, results, now, "run-1")
     assert entry["done"] == 1 and entry["failed"] == 1
     assert ledger.measured_rate() == pytest.approx(40 / 5)
@@ -162,8 +177,13 @@ def test_eta_from_measured_rate():
     ledger = Ledger()
     u = Unit(dt.date(2019, 3, 2), None, "all")
     night = NightPlan(dt.date(2019, 3, 3), None, (u,), "", 1)
-    record_night(ledger, night, [{"unit": u.to_json(), "state": "done", "migrated": 100, "seconds": 10}],
-                 dt.datetime(2019, 3, 3, 22, tzinfo=BXL), "r")
+    record_night(
+        ledger,
+        night,
+        [{"unit": u.to_json(), "state": "done", "migrated": 100, "seconds": 10}],
+        dt.datetime(2019, 3, 3, 22, tzinfo=BXL),
+        "r",
+    )
     status = eta(plan, ledger, dt.date(2019, 3, 3), _by_date([dt.date(2019, 3, 1)], per_modality=9000), 1.0)
     assert status["units_done"] == 1 and status["units_left"] == 1
     assert status["instances_left"] == 36000 and status["rate_instances_s"] == 10 and status["rate_measured"]
@@ -179,13 +199,15 @@ def test_resume_fetches_only_series_with_new_or_unresolved_instances():
     old = _series("1.2.3.1", ["1", "2"])
     grown = _series("1.2.3.2", ["3", "4"])  # "4" arrived after the first run
     retry = _series("1.2.3.3", ["5"])  # unresolved last time
-    previous = pd.DataFrame([
-        {"sop_instance_uid": "1", "in_census": True, "state": "migrated", "series_instance_uid": "1.2.3.1"},
-        {"sop_instance_uid": "2", "in_census": True, "state": "quarantined", "series_instance_uid": "1.2.3.1"},
-        {"sop_instance_uid": "3", "in_census": True, "state": "migrated", "series_instance_uid": "1.2.3.2"},
-        {"sop_instance_uid": "5", "in_census": True, "state": "unresolved", "series_instance_uid": "1.2.3.3"},
-        {"sop_instance_uid": "9", "in_census": False, "state": "quarantined", "series_instance_uid": "1.2.3.9"},
-    ])
+    previous = pd.DataFrame(
+        [
+            {"sop_instance_uid": "1", "in_census": True, "state": "migrated", "series_instance_uid": "1.2.3.1"},
+            {"sop_instance_uid": "2", "in_census": True, "state": "quarantined", "series_instance_uid": "1.2.3.1"},
+            {"sop_instance_uid": "3", "in_census": True, "state": "migrated", "series_instance_uid": "1.2.3.2"},
+            {"sop_instance_uid": "5", "in_census": True, "state": "unresolved", "series_instance_uid": "1.2.3.3"},
+            {"sop_instance_uid": "9", "in_census": False, "state": "quarantined", "series_instance_uid": "1.2.3.9"},
+        ]
+    )
     fetch, carried = plan_resume([old, grown, retry], previous)
     assert [s.series_instance_uid for s in fetch] == ["1.2.3.2", "1.2.3.3"]
     assert sorted(carried.sop_instance_uid) == ["1", "2"]
@@ -193,15 +215,21 @@ def test_resume_fetches_only_series_with_new_or_unresolved_instances():
 
 
 def test_estimates_leave_out_what_done_units_moved():
-    plan = _plan(phases=[{"name": "ct-mr", "from": "2019-01-01", "to": "2019-01-01", "modalities": ["CT", "MR"]},
-                         {"name": "rest", "from": "2019-01-01", "to": "2019-01-01"}], budget={"max_partitions": 2})
+    plan = _plan(
+        phases=[
+            {"name": "ct-mr", "from": "2019-01-01", "to": "2019-01-01", "modalities": ["CT", "MR"]},
+            {"name": "rest", "from": "2019-01-01", "to": "2019-01-01"},
+        ],
+        budget={"max_partitions": 2},
+    )
     ledger = Ledger()
     by_date = _by_date([dt.date(2019, 1, 1)])
     now = dt.datetime(2019, 3, 3, 21, tzinfo=BXL)
     first = select_night(plan, ledger, now, by_date)
     assert [u.phase for u in first.units] == ["ct-mr"]  # CT+MR = 2 partitions, the rest would be 4 more
-    record_night(ledger, first, [{"unit": first.units[0].to_json(), "state": "done", "migrated": 20, "seconds": 1}],
-                 now, "r1")
+    record_night(
+        ledger, first, [{"unit": first.units[0].to_json(), "state": "done", "migrated": 20, "seconds": 1}], now, "r1"
+    )
     second = select_night(plan, ledger, now + dt.timedelta(days=1), by_date)
     assert [(u.phase, u.kind) for u in second.units] == [("ct-mr", "delta"), ("rest", "phase")]  # CR+US: 2
     assert eta(plan, ledger, now.date(), by_date, 1.0)["instances_left"] == 20

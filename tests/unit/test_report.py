@@ -9,14 +9,24 @@ import re
 
 import pytest
 
-from include.demo.render import chromium_binary, png_size, render_html_to_png
+from demo.render import chromium_binary, png_size, render_html_to_png
 from include.pacs_migration.report import PartitionFigures, chart_svg, figures_csv, render_html, subject
 
 FIGURES = [
     PartitionFigures("2019-03-02/CR", 6, 6, 0, 0, 0, 6, True),
     PartitionFigures("2019-03-02/CT", 24, 23, 1, 0, 0, 23, True, {"PIXEL_LENGTH_MISMATCH": 1}),
-    PartitionFigures("2019-03-02/MR", 12, 10, 0, 2, 0, 10, False, {"NOT_RECEIVED": 2},
-                     ("expected:expect_column_values_to_not_be_in_set(state)",)),
+    PartitionFigures(
+        "2019-03-02/MR",
+        12,
+        10,
+        0,
+        2,
+        0,
+        10,
+        False,
+        {"NOT_RECEIVED": 2},
+        ("expected:expect_column_values_to_not_be_in_set(state)",),
+    ),
 ]
 
 
@@ -60,8 +70,13 @@ def test_findings_and_inconsistent_studies_are_named_in_the_report():
     from include.pacs_migration.counts import PartitionCounts
     from include.pacs_migration.report import PartitionFigures, render_html
 
-    f = PartitionFigures.of("2019-03-01/CT", PartitionCounts(10, 5, 5, 0, 0, 5, {"INCONSISTENT_PATIENT": 5}), True,
-                            inconsistent=("1.2.3 quarantined",), findings={"charset:undeclared-non-ascii": 2})
+    f = PartitionFigures.of(
+        "2019-03-01/CT",
+        PartitionCounts(10, 5, 5, 0, 0, 5, {"INCONSISTENT_PATIENT": 5}),
+        True,
+        inconsistent=("1.2.3 quarantined",),
+        findings={"charset:undeclared-non-ascii": 2},
+    )
     html = render_html("r", "2019-03-01", [f], "s3://b")
     assert "study naming more than one patient: <code>1.2.3 quarantined</code>" in html
     assert "charset:undeclared-non-ascii &times; 2" in html

@@ -57,21 +57,46 @@ def test_shipped_rule_sets_validate():
     ("data", "message"),
     [
         ({"id": "t"}, "^version"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "paint", "tag": "StationName"}]},
-         "rule 'r1'.action"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "StationNam", "value": "x"}]},
-         "rule 'r1'.tag"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "SOPInstanceUID", "value": "1"}]},
-         "rule 'r1'.tag: SOPInstanceUID may not be changed"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "regex", "tag": "StationName", "pattern": "(",
-                                               "replacement": ""}]}, "rule 'r1'.pattern"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "StationName"}]},
-         "rule 'r1'.value"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "delete", "tag": "StationName",
-                                               "when": {"Modalty": "CT"}}]}, "rule 'r1'.when.Modalty"),
-        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "delete", "tag": "StationName"},
-                                              {"id": "r1", "action": "delete", "tag": "StationName"}]},
-         "duplicate rule id"),
+        (
+            {"id": "t", "version": 1, "rules": [{"id": "r1", "action": "paint", "tag": "StationName"}]},
+            "rule 'r1'.action",
+        ),
+        (
+            {"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "StationNam", "value": "x"}]},
+            "rule 'r1'.tag",
+        ),
+        (
+            {"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "SOPInstanceUID", "value": "1"}]},
+            "rule 'r1'.tag: SOPInstanceUID may not be changed",
+        ),
+        (
+            {
+                "id": "t",
+                "version": 1,
+                "rules": [{"id": "r1", "action": "regex", "tag": "StationName", "pattern": "(", "replacement": ""}],
+            },
+            "rule 'r1'.pattern",
+        ),
+        ({"id": "t", "version": 1, "rules": [{"id": "r1", "action": "set", "tag": "StationName"}]}, "rule 'r1'.value"),
+        (
+            {
+                "id": "t",
+                "version": 1,
+                "rules": [{"id": "r1", "action": "delete", "tag": "StationName", "when": {"Modalty": "CT"}}],
+            },
+            "rule 'r1'.when.Modalty",
+        ),
+        (
+            {
+                "id": "t",
+                "version": 1,
+                "rules": [
+                    {"id": "r1", "action": "delete", "tag": "StationName"},
+                    {"id": "r1", "action": "delete", "tag": "StationName"},
+                ],
+            },
+            "duplicate rule id",
+        ),
         ({"id": "t", "version": 1, "private_tags": {"policy": "keep_listed"}}, "private_tags.keep_creators"),
         ({"id": "t", "version": 1, "crosswalk": {"file": "missing.csv"}}, "crosswalk.file"),
         ({"id": "t", "version": 1, "colour": "blue"}, "unknown field"),
@@ -83,18 +108,35 @@ def test_invalid_rule_sets_fail_naming_rule_and_field(data, message):
 
 
 def test_set_prefix_suffix_regex_delete_with_conditions():
-    rs = _ruleset(rules=[
-        {"id": "inst", "action": "set", "tag": "InstitutionName", "value": "St Elsewhere"},
-        {"id": "ct-station", "when": {"Modality": "CT", "StationName": "re:.*"}, "action": "prefix",
-         "tag": "StationName", "value": "SE-"},
-        {"id": "mr-only", "when": {"Modality": "MR"}, "action": "set", "tag": "StudyDescription", "value": "MR"},
-        {"id": "acc", "when": {"source_ae": "re:LEGACY.*"}, "action": "suffix", "tag": "AccessionNumber",
-         "value": "-L"},
-        {"id": "proto", "action": "regex", "tag": "ProtocolName", "pattern": "\\s+", "replacement": "_"},
-        {"id": "op", "action": "delete", "tag": "OperatorsName"},
-    ])
-    raw = _file(StationName="CT01", AccessionNumber="A1", ProtocolName="head  routine", OperatorsName="Op^Erator",
-                StudyDescription="orig")
+    rs = _ruleset(
+        rules=[
+            {"id": "inst", "action": "set", "tag": "InstitutionName", "value": "St Elsewhere"},
+            {
+                "id": "ct-station",
+                "when": {"Modality": "CT", "StationName": "re:.*"},
+                "action": "prefix",
+                "tag": "StationName",
+                "value": "SE-",
+            },
+            {"id": "mr-only", "when": {"Modality": "MR"}, "action": "set", "tag": "StudyDescription", "value": "MR"},
+            {
+                "id": "acc",
+                "when": {"source_ae": "re:LEGACY.*"},
+                "action": "suffix",
+                "tag": "AccessionNumber",
+                "value": "-L",
+            },
+            {"id": "proto", "action": "regex", "tag": "ProtocolName", "pattern": "\\s+", "replacement": "_"},
+            {"id": "op", "action": "delete", "tag": "OperatorsName"},
+        ]
+    )
+    raw = _file(
+        StationName="CT01",
+        AccessionNumber="A1",
+        ProtocolName="head  routine",
+        OperatorsName="Op^Erator",
+        StudyDescription="orig",
+    )
     result = normalize(raw, ruleset=rs, source_ae="LEGACYPACS")
     out = _out(result)
     assert out.InstitutionName == "St Elsewhere"
@@ -123,8 +165,9 @@ def test_reject_rule_quarantines():
 
 def test_crosswalk_maps_patient_id_and_issuer(tmp_path):
     (tmp_path / "cw.csv").write_text("old_patient_id,old_issuer,new_patient_id,new_issuer\nOLD1,,MPI-9,HOSP\n")
-    rs = parse_ruleset({"id": "t", "version": "1", "crosswalk": {"file": "cw.csv", "on_missing": "quarantine"}},
-                       tmp_path)
+    rs = parse_ruleset(
+        {"id": "t", "version": "1", "crosswalk": {"file": "cw.csv", "on_missing": "quarantine"}}, tmp_path
+    )
     out = _out(normalize(_file(PatientID="OLD1"), ruleset=rs))
     assert (out.PatientID, out.IssuerOfPatientID) == ("MPI-9", "HOSP")
     old, item = _original(out, "PatientID")
@@ -191,7 +234,7 @@ def test_character_set_repair_and_reencode():
     result = normalize(buf.getvalue(), ruleset=_ruleset(character_set={"reencode_utf8": True}))
     out = _out(result)
     assert out.SpecificCharacterSet == "ISO_IR 192" and str(out.PatientName) == "Müller^Jürgen"
-    assert "Müller".encode("utf-8") in result.data
+    assert "Müller".encode() in result.data
 
 
 def test_invalid_values_quarantined_by_default_kept_on_request():
@@ -212,8 +255,11 @@ def test_dry_run_counts_without_values(tmp_path):
 
     from include.pacs_migration.dryrun import dry_run
 
-    files = [_file(PatientID="OLD1", StationName="CT01", OperatorsName="Op^Erator"), _file(PatientID="TEST9"),
-             b"not dicom"]
+    files = [
+        _file(PatientID="OLD1", StationName="CT01", OperatorsName="Op^Erator"),
+        _file(PatientID="TEST9"),
+        b"not dicom",
+    ]
     for i, data in enumerate(files):
         (tmp_path / f"{i}.dcm").write_bytes(data)
     rs = load_ruleset(RULES / "example-site.yaml")
@@ -223,9 +269,21 @@ def test_dry_run_counts_without_values(tmp_path):
     assert report.rules["drop-operator"] == 1 and report.attributes["institution-name:InstitutionName"] == 1
     # The CLI says the same, and prints no attribute values.
     proc = subprocess.run(
-        [sys.executable, "-m", "include.cli", "dry-run", "--rules", str(RULES / "example-site.yaml"),
-         "--source-ae", "LEGACYPACS", "--json", str(tmp_path)],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+        [
+            sys.executable,
+            "-m",
+            "include.cli",
+            "dry-run",
+            "--rules",
+            str(RULES / "example-site.yaml"),
+            "--source-ae",
+            "LEGACYPACS",
+            "--json",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == report.to_json()
@@ -251,10 +309,13 @@ def _decode_everything_verdicts(ds: pydicom.Dataset) -> tuple[str | None, set, s
     for elem in ds:
         limit = MAX_LENGTH.get(elem.VR)
         values = _values(elem.value) if elem.VR != "SQ" else []
-        if limit is not None and any(len(g) > limit for v in values for g in (v.split("=") if elem.VR == "PN" else [v])):
+        if limit is not None and any(
+            len(g) > limit for v in values for g in (v.split("=") if elem.VR == "PN" else [v])
+        ):
             over_long.add(elem.tag)
         if elem.VR in ("DA", "TM") and any(
-                (_normal_date(v) if elem.VR == "DA" else _normal_time(v)) is not None for v in values):
+            (_normal_date(v) if elem.VR == "DA" else _normal_time(v)) is not None for v in values
+        ):
             dates.add(elem.tag)
     return invalid, over_long, dates
 
@@ -340,10 +401,13 @@ def test_undeclared_non_ascii_no_option_covers_is_reported():
     assert normalize(_file(), ruleset=_ruleset()).findings == []  # plain ASCII: nothing to report
 
 
-@pytest.mark.parametrize(("charset", "message"), [
-    ({"assume": "latin-1"}, r"character_set\.assume: must be one of"),
-    ({"asume": "ISO_IR 100"}, r"character_set: unknown field"),
-])
+@pytest.mark.parametrize(
+    ("charset", "message"),
+    [
+        ({"assume": "latin-1"}, r"character_set\.assume: must be one of"),
+        ({"asume": "ISO_IR 100"}, r"character_set: unknown field"),
+    ],
+)
 def test_character_set_options_are_checked(charset, message):
     with pytest.raises(RuleSetError, match=message):
         _ruleset(character_set=charset)

@@ -23,13 +23,13 @@ from pathlib import Path
 import pandas as pd
 
 from include.demo.archive import build_archive
-from include.demo.pacs import SimulatedPACS
-from include.demo.processes import airflow_cli, json_rows, start_airflow, stop_all
-from include.demo.ports import free_port
-from include.demo.s3 import S3Server
-from include.demo.smtp import MailSink
+from peers.pacs import SimulatedPACS
+from peers.ports import free_port
+from peers.processes import airflow_cli, json_rows, start_airflow, stop_all
+from peers.s3 import S3Server
+from peers.smtp import MailSink
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STATE = ROOT / ".demo"
 HOME = ROOT / ".airflow"
 OUT = ROOT / "demo-output"
@@ -101,9 +101,9 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
 
 def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], objects_before: int) -> dict:
     from include.pacs_migration.config import TargetConfig
+    from include.pacs_migration.counts import counts_from_frame
     from include.pacs_migration.manifest import PartitionManifests, transferred_partitions
     from include.pacs_migration.store import ObjectStore
-    from include.pacs_migration.counts import counts_from_frame
 
     store = ObjectStore(s3.client(), TargetConfig(bucket=BUCKET))
     rows = []
@@ -161,8 +161,16 @@ def print_table(summary: dict, runs: list[dict], wall: float) -> None:
     print()
     listed = ", ".join(f"{r['logical_date'][:10]}={r['state']}" for r in runs)
     print(f"runs: {listed}")
-    for k in ("partitions", "expected", "migrated", "quarantined", "unresolved", "validation_passed",
-              "objects_in_bucket", "new_objects_this_run"):
+    for k in (
+        "partitions",
+        "expected",
+        "migrated",
+        "quarantined",
+        "unresolved",
+        "validation_passed",
+        "objects_in_bucket",
+        "new_objects_this_run",
+    ):
         print(f"{k:>22}: {summary[k]}")
     print(f"{'emails':>22}: {len(summary['emails'])} in {OUT / 'emails'}")
     print(f"{'wall time':>22}: {wall:.0f} s")
@@ -189,8 +197,11 @@ def main() -> int:
         s3.create_bucket(BUCKET)
         restored = s3.restore(BUCKET, STATE / "s3-snapshot")
         objects_before = s3.count(BUCKET, "studies/")
-        print(f"simulated PACS on 127.0.0.1:{pacs.port} ({len(pacs.records)} instances); "
-              f"S3 at {s3.endpoint_url} ({restored} objects restored); SMTP on {mail.port}", flush=True)
+        print(
+            f"simulated PACS on 127.0.0.1:{pacs.port} ({len(pacs.records)} instances); "
+            f"S3 at {s3.endpoint_url} ({restored} objects restored); SMTP on {mail.port}",
+            flush=True,
+        )
         env = airflow_env(pacs.port, s3.endpoint_url, mail.port, free_port(), staging)
         print("airflow db migrate ...", flush=True)
         airflow_cli(env, "db", "migrate", timeout=600)
@@ -202,16 +213,30 @@ def main() -> int:
             raise RuntimeError(f"DAG not registered: {airflow_cli(env, 'dags', 'list-import-errors')}")
         airflow_cli(env, "dags", "unpause", DAG_ID)  # backfill runs stay queued while paused
         print("backfill", dates[0], "->", dates[-1], flush=True)
-        airflow_cli(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", dates[0].isoformat(),
-                 "--to-date", dates[-1].isoformat(), "--max-active-runs", "2")
+        airflow_cli(
+            env,
+            "backfill",
+            "create",
+            "--dag-id",
+            DAG_ID,
+            "--from-date",
+            dates[0].isoformat(),
+            "--to-date",
+            dates[-1].isoformat(),
+            "--max-active-runs",
+            "2",
+        )
         logs = HOME / "service-logs"
         for service in ("api-server", "scheduler", "dag-processor"):
             procs.append(start_airflow(service, [service], env, logs))
         deadline = time.monotonic() + TIMEOUT_S
         runs: list[dict] = []
         while time.monotonic() < deadline:
-            runs = [r for r in json_rows(airflow_cli(env, "dags", "list-runs", DAG_ID, "-o", "json"))
-                    if r.get("logical_date") and dt.date.fromisoformat(r["logical_date"][:10]) in dates]
+            runs = [
+                r
+                for r in json_rows(airflow_cli(env, "dags", "list-runs", DAG_ID, "-o", "json"))
+                if r.get("logical_date") and dt.date.fromisoformat(r["logical_date"][:10]) in dates
+            ]
             done = [r for r in runs if r["state"] in ("success", "failed")]
             print(f"  {len(done)}/{len(dates)} runs finished", flush=True)
             if len(done) == len(dates) and len(runs) == len(dates):

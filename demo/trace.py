@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from include.demo.run import BUCKET, STATE
-from include.demo.s3 import S3Server
+from demo.run import BUCKET, STATE
+from peers.s3 import S3Server
 
 
 def main(argv: list[str]) -> int:
@@ -21,8 +21,19 @@ def main(argv: list[str]) -> int:
             return 2
         from include.cli import main as cli
 
-        return cli(["trace", argv[0], "--bucket", BUCKET, "--endpoint-url", s3.endpoint_url,
-                    "--region", "us-east-1", *argv[1:]])
+        return cli(
+            [
+                "trace",
+                argv[0],
+                "--bucket",
+                BUCKET,
+                "--endpoint-url",
+                s3.endpoint_url,
+                "--region",
+                "us-east-1",
+                *argv[1:],
+            ]
+        )
     finally:
         s3.stop()
 

@@ -1,6 +1,6 @@
 """Render a report e-mail's HTML to PNG with headless Chromium.
 
-`python -m include.demo.render demo-output/emails/mail-0002.eml docs/report-example.png`
+`python -m demo.render demo-output/emails/mail-0002.eml docs/report-example.png`
 """
 
 from __future__ import annotations
@@ -58,9 +58,17 @@ def render_html_to_png(html: str, out: Path, width: int = 980, height: int = 760
         out = Path(out).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={width},{height}",
-             f"--screenshot={out}", page.as_uri()],
-            capture_output=True, text=True, timeout=timeout,
+            [
+                binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={width},{height}",
+                f"--screenshot={out}",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}")

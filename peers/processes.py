@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,18 +14,17 @@ from pathlib import Path
 def start_airflow(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
     """`python -m airflow <args>` in its own session, output to ``logs/<name>.log``."""
     logs.mkdir(parents=True, exist_ok=True)
-    fh = open(logs / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env, stdout=fh,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    fh = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it open
+    return subprocess.Popen(
+        [sys.executable, "-m", "airflow", *args], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop_all(procs: list[subprocess.Popen], timeout: float = 60) -> None:
     """SIGTERM every process group, then SIGKILL what is still there after ``timeout``."""
     for p in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     for p in procs:
         try:
             p.wait(timeout=timeout)
@@ -35,8 +35,9 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 60) -> None:
 
 def airflow_cli(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     """Run one ``airflow`` CLI command; its stdout, or RuntimeError with its output."""
-    proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"airflow {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 from moto.server import ThreadedMotoServer
 
-from include.demo.ports import free_port
+from peers.ports import free_port
 
 
 class S3Server:
@@ -49,8 +49,14 @@ class S3Server:
                 rsp = c.get_object(Bucket=bucket, Key=obj["Key"])
                 name = f"{len(index):08d}.bin"
                 (folder / name).write_bytes(rsp["Body"].read())
-                index.append({"key": obj["Key"], "file": name, "metadata": rsp.get("Metadata", {}),
-                              "content_type": rsp.get("ContentType", "binary/octet-stream")})
+                index.append(
+                    {
+                        "key": obj["Key"],
+                        "file": name,
+                        "metadata": rsp.get("Metadata", {}),
+                        "content_type": rsp.get("ContentType", "binary/octet-stream"),
+                    }
+                )
         (folder / "index.json").write_text(json.dumps(index))
 
     def restore(self, bucket: str, folder: Path) -> int:
@@ -60,8 +66,13 @@ class S3Server:
         c = self.client()
         index = json.loads(index_file.read_text())
         for item in index:
-            c.put_object(Bucket=bucket, Key=item["key"], Body=(folder / item["file"]).read_bytes(),
-                         Metadata=item["metadata"], ContentType=item["content_type"])
+            c.put_object(
+                Bucket=bucket,
+                Key=item["key"],
+                Body=(folder / item["file"]).read_bytes(),
+                Metadata=item["metadata"],
+                ContentType=item["content_type"],
+            )
         return len(index)
 
     def stop(self) -> None:

@@ -34,9 +34,27 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 log = logging.getLogger(__name__)
 
 _INDEX_KEYS = (
-    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyInstanceUID", "StudyDate",
-    "StudyTime", "StudyID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesTime", "SOPInstanceUID", "SOPClassUID",
-    "InstanceNumber", "SpecificCharacterSet", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesTime",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "SpecificCharacterSet",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
 )
 _INTEGER_VRS = {"US", "UL", "SS", "SL", "IS"}
 _LEVEL_KEYS = {
@@ -180,9 +198,12 @@ class SimulatedPACS:
         ae.network_timeout = 60
         ae.dimse_timeout = 60
         for model in (
-            StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind,
-            StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet,
-            StudyRootQueryRetrieveInformationModelMove, PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelMove,
         ):
             ae.add_supported_context(model)
         sop_classes = sorted({r.attrs["SOPClassUID"] for r in self.records if r.attrs["SOPClassUID"]})
@@ -284,7 +305,8 @@ class SimulatedPACS:
                 elif kw == "NumberOfStudyRelatedSeries":
                     study = first.attrs["StudyInstanceUID"]
                     rsp.NumberOfStudyRelatedSeries = len(
-                        {r.attrs["SeriesInstanceUID"] for r in self.records if r.attrs["StudyInstanceUID"] == study})
+                        {r.attrs["SeriesInstanceUID"] for r in self.records if r.attrs["StudyInstanceUID"] == study}
+                    )
                 elif kw == "NumberOfSeriesRelatedInstances":
                     rsp.NumberOfSeriesRelatedInstances = len(group)
                 elif kw == "ModalitiesInStudy":
@@ -334,7 +356,9 @@ class SimulatedPACS:
             yield (0xFF00, ds)
         if withheld:
             status = Dataset()
-            status.FailedSOPInstanceUIDList = [r.attrs["SOPInstanceUID"] for r in withheld] if faults.failed_list else []
+            status.FailedSOPInstanceUIDList = (
+                [r.attrs["SOPInstanceUID"] for r in withheld] if faults.failed_list else []
+            )
             yield (0xB000, status)  # warning: some sub-operations failed
 
     def _on_get(self, event: evt.Event):

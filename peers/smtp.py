@@ -29,7 +29,7 @@ class MailSink:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if port == 0:
-            from include.demo.ports import free_port
+            from peers.ports import free_port
 
             port = free_port()
         self.controller = Controller(_KeepAsEml(self.folder), hostname=host, port=port)
