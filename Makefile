@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean trace bench bench-cget
+.PHONY: demo test lint venv clean trace bench bench-cget
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -21,6 +21,12 @@ demo: $(STAMP)
 ## Run the tests.
 test: $(STAMP)
 	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest
+
+## Lint: ruff (rules and format) over the repository, mypy over the core. CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 ## Benchmark: the pipeline's data path vs getscu + s5cmd/boto3 on the same peers (not part of make test).
 ## SCALE=0.1 REPEATS=3 for a quick run; results in benchmarks/results/<date>.{json,md}.

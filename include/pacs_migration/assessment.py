@@ -327,7 +327,7 @@ def assess(
                 "est_bytes": per * cell.instances,
             }
         )
-    year_rows = []
+    year_rows: list[dict[str, Any]] = []
     for (year, modality), cell in sorted(by_year.items()):
         per, basis = bytes_per_instance(year, modality)
         year_rows.append(

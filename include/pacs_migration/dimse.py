@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
-from pynetdicom.sop_class import (
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import: mypy cannot see them
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -137,7 +138,7 @@ def _associate(ae: AE, source: SourceConfig, **kwargs: Any):
         answer: dict[str, Any] = {}
 
         def on_acse(event: evt.Event, answer: dict[str, Any] = answer) -> None:
-            primitive = event.primitive
+            primitive: Any = getattr(event, "primitive", None)  # set on ACSE events only
             if getattr(primitive, "result", None) in (0x01, 0x02):
                 answer.update(result=primitive.result, source=primitive.result_source, diagnostic=primitive.diagnostic)
 
@@ -351,7 +352,7 @@ class StagingSink:
     def handle_store(self, event: evt.Event) -> int:
         """pynetdicom ``EVT_C_STORE`` handler."""
         try:
-            req = event.request
+            req = cast(C_STORE, event.request)
             uid, cls, ts = (
                 str(req.AffectedSOPInstanceUID),
                 str(req.AffectedSOPClassUID),
@@ -512,11 +513,11 @@ class StorageListener:
         ae.dimse_timeout = 60
         syntaxes = list(UNCOMPRESSED_TRANSFER_SYNTAXES) if uncompressed_only else ALL_TRANSFER_SYNTAXES
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+            ae.add_supported_context(cast(str, cx.abstract_syntax), syntaxes)
         self.sink: StagingSink | None = None
         self.active = 0
         self._lock = threading.Lock()
-        self.server = ae.start_server(
+        server = ae.start_server(
             (host, port),
             block=False,
             evt_handlers=[
@@ -526,7 +527,9 @@ class StorageListener:
                 (evt.EVT_ABORTED, self._on_close),
             ],
         )
-        self.port = self.server.server_address[1]
+        assert server is not None  # block=False returns the server
+        self.server = server
+        self.port = server.server_address[1]
 
     def _on_open(self, event: evt.Event) -> None:
         nodelay(event.assoc)

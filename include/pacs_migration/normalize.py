@@ -27,6 +27,7 @@ from pydicom.filereader import _read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -436,7 +437,7 @@ def normalize(
     new_meta = FileMetaDataset()
     new_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     new_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    new_meta.TransferSyntaxUID = ts_out
+    new_meta.TransferSyntaxUID = UID(ts_out)
     new_meta.FileMetaInformationVersion = b"\x00\x01"
     new_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     if meta is not None and "SourceApplicationEntityTitle" in meta:

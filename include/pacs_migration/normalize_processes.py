@@ -42,7 +42,7 @@ def normalize_staged(
     raw = Path(path).read_bytes()
     result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
     rewritten = result.data is not None and result.data is not raw
-    if rewritten:
+    if result.data is not None and rewritten:
         Path(path + ".out").write_bytes(result.data)
     result.data = None
     return result, rewritten, time.perf_counter() - started

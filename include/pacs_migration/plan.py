@@ -183,8 +183,8 @@ def covered(plan: PlanConfig, ledger: Ledger, night: dt.date) -> dict[dt.date, s
             continue
         if u.modalities is None:
             out[u.study_date] = None
-        elif out.get(u.study_date, set()) is not None:
-            out.setdefault(u.study_date, set()).update(u.modalities)
+        elif (done := out.setdefault(u.study_date, set())) is not None:
+            done.update(u.modalities)
     return out
 
 

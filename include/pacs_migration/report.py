@@ -209,10 +209,10 @@ def chart_svg(figures: list[PartitionFigures]) -> str:
         )
     y = 30
     for modality in sorted(per):
-        x = left
+        x: float = left
         parts.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end">{html.escape(modality)}</text>')
         for value, color in zip(per[modality], colors, strict=True):
-            w = bar_w * value / top
+            w: float = bar_w * value / top
             if w > 0:
                 parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h}" fill="{color}"/>')
             x += w

@@ -229,8 +229,8 @@ def _tag(value: Any, where: str) -> BaseTag:
     if isinstance(value, str) and re.fullmatch(r"\(?[0-9A-Fa-f]{4},\s*[0-9A-Fa-f]{4}\)?", value.strip()):
         g, e = re.findall(r"[0-9A-Fa-f]{4}", value)
         return Tag(int(g, 16), int(e, 16))
-    if isinstance(value, str) and tag_for_keyword(value) is not None:
-        return Tag(tag_for_keyword(value))
+    if isinstance(value, str) and (known := tag_for_keyword(value)) is not None:
+        return Tag(known)
     raise RuleSetError(f"{where}.tag: {value!r} is neither a DICOM keyword nor (gggg,eeee)")
 
 

@@ -149,7 +149,7 @@ def _series_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.Data
         named = len({i.sop_instance_uid for i in s.instances})
         # A series with a census gap is proven against the PACS's own count.
         expected = s.reported_instances if s.census_gap and s.reported_instances is not None else max(named, len(mine))
-        row = {
+        row: dict[str, Any] = {
             "series_instance_uid": s.series_instance_uid,
             "expected": expected,
             **{st.value: int(counts.get(st.value, 0)) for st in InstanceState},
@@ -294,6 +294,8 @@ def _gx_run(
         )
         result = definition.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
         for r in result.results:
+            if r.expectation_config is None:
+                continue  # GX always sets it on a result of a suite run
             res = r.result or {}
             observed = res.get("observed_value")
             outcomes.append(
