@@ -22,6 +22,9 @@ from include.pacs_migration.trace import NotFound, render_trace, trace_instance
 
 
 def main(argv: list[str] | None = None) -> int:
+    from include.pacs_migration.logs import configure_logging
+
+    configure_logging()
     ap = argparse.ArgumentParser(prog="pacs-migration")
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trace", help="trace one instance: source, rules applied, target, checksum, validation")

@@ -14,6 +14,7 @@ from typing import Any
 from airflow.sdk import BaseHook, Variable
 
 from include.pacs_migration.config import ConfigError, MigrationConfig, ReportConfig, deep_merge, load_config, read_yaml
+from include.pacs_migration.logs import configure_logging
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration_dags import CONFIG_ENV, config_path
 
@@ -131,6 +132,7 @@ def recorded_failure(partition: str | None = None) -> Iterator[None]:
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
+    configure_logging()
     try:
         yield
     except AirflowFailException:

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import: mypy cannot see them
     StudyRootQueryRetrieveInformationModelFind,
@@ -32,15 +32,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 )
 
 from .config import SourceConfig, TlsConfig
+from .logs import configure_logging
 
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-# Received C-STOREs are written to a temporary file fragment by fragment, never
-# held whole in memory; StagingSink moves the file into staging.
-_config.STORE_RECV_CHUNKED_DATASET = True
 _CHUNK = 1 << 20
-# pynetdicom's INFO/DEBUG lines carry AE titles and UIDs, never needed at run time.
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +122,7 @@ def _associate(ae: AE, source: SourceConfig, **kwargs: Any):
     (``source.association_attempts``, exponential backoff); a permanent
     rejection (wrong AE title, unsupported context) is not.
     """
+    configure_logging()  # before any association: no identifiers in logs, streamed receive
     peer = f"{source.called_ae_title}@{source.host}:{source.port}"
     attempts = max(1, source.association_attempts)
     handlers = list(kwargs.pop("evt_handlers", []))
@@ -507,6 +502,7 @@ class StorageListener:
         max_pdu: int = 131072,
         uncompressed_only: bool = False,
     ) -> None:
+        configure_logging()
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.network_timeout = 60

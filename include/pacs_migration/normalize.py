@@ -23,7 +23,6 @@ from pydicom.datadict import DicomDictionary, dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -129,17 +128,29 @@ def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_de
 
 
 def _dataset_offset(raw: bytes) -> tuple[int, str | None]:
-    """Offset of the dataset after the file meta, and the meta's transfer syntax."""
-    if len(raw) >= 132 and raw[128:132] == b"DICM":
-        fp = io.BytesIO(raw)
-        fp.seek(132)
-        try:
-            meta = _read_file_meta_info(fp)
-        except Exception as exc:
-            raise _Truncated(f"file meta unreadable: {exc}") from exc
-        ts = meta.get("TransferSyntaxUID")
-        return fp.tell(), (str(ts) if ts else None)
-    return 0, None
+    """Offset of the dataset after the file meta, and the meta's transfer syntax.
+    The meta (group 0002) is explicit VR little endian (PS3.10 7.1); a meta
+    written implicit is read as such."""
+    if len(raw) < 132 or raw[128:132] != b"DICM":
+        return 0, None
+    pos, ts = 132, None
+    while pos + 8 <= len(raw) and struct.unpack_from("<H", raw, pos)[0] == 0x0002:
+        element = struct.unpack_from("<H", raw, pos + 2)[0]
+        vr = raw[pos + 4 : pos + 6]
+        if not vr.isalpha():
+            length, header = struct.unpack_from("<L", raw, pos + 4)[0], 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > len(raw):
+                raise _Truncated("file meta cut")
+            length, header = struct.unpack_from("<L", raw, pos + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", raw, pos + 6)[0], 8
+        if length == _UNDEFINED or pos + header + length > len(raw):
+            raise _Truncated(f"file meta element (0002,{element:04X}) runs past the end")
+        if element == 0x0010:
+            ts = raw[pos + header : pos + header + length].rstrip(b"\x00 ").decode("ascii", "replace") or None
+        pos += header + length
+    return pos, ts
 
 
 def check_structure(raw: bytes, transfer_syntax: str, offset: int) -> None:

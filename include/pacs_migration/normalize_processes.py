@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .logs import configure_logging
 from .normalize import NormalizeResult, normalize
 from .rules import RuleSet
 
@@ -69,6 +70,7 @@ def serve_normalize() -> None:
     """A normalize process's loop (``python -m include.pacs_migration.normalize_processes``):
     the rule set once, then (path, expected) requests until the pipe closes.
     Replies on the original stdout; anything printed goes to stderr."""
+    configure_logging()
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr
     ruleset, source_ae = _receive(requests)

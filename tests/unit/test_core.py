@@ -7,6 +7,7 @@ import hashlib
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -221,3 +222,42 @@ def test_normalize_process_matches_in_process_and_fails_fast_when_dead(tmp_path)
         for _ in range(2):
             with pytest.raises(RuntimeError, match="normalize process .* ended"):
                 processes.normalize(path, uids)
+
+
+def test_no_value_reaches_a_log_or_warning_after_configure_logging(caplog, recwarn):
+    """pydicom's default WARN validation logs the offending value (here a
+    birth date and a name); configure_logging() silences it (values are
+    validated by our rules instead)."""
+    import io
+    import logging
+    import warnings
+
+    import pydicom
+    from pydicom import config as pydicom_config
+    from pydicom.data import get_testdata_file
+
+    from include.pacs_migration.logs import configure_logging
+    from include.pacs_migration.normalize import normalize
+    from include.pacs_migration.rules import load_ruleset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test's own writing of bad values
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.PatientBirthDate = "1950.07.14"  # invalid DA
+        ds.PatientName = "CANARY^" + "X" * 70  # over-long PN
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+    recwarn.clear()
+    caplog.clear()
+    before = pydicom_config.settings.reading_validation_mode
+    filters = warnings.filters[:]
+    try:
+        caplog.set_level(logging.DEBUG)
+        configure_logging()
+        ruleset = load_ruleset(Path(__file__).resolve().parents[2] / "include/config/rules/site-default.yaml")
+        normalize(buf.getvalue(), ruleset=ruleset)
+    finally:
+        pydicom_config.settings.reading_validation_mode = before
+        warnings.filters[:] = filters
+    text = "\n".join(r.getMessage() for r in caplog.records) + "\n".join(str(w.message) for w in recwarn)
+    assert "1950.07.14" not in text and "CANARY" not in text

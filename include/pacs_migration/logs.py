@@ -1,0 +1,28 @@
+"""What a process of the pipeline sets before it touches DICOM: no patient
+data in logs, received C-STOREs streamed to disk. Called explicitly (the
+Airflow glue, the CLI, each normalize process, and before any association),
+never as a side effect of an import."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from pydicom import config as pydicom_config
+from pynetdicom import _config as pynetdicom_config  # pynetdicom's documented settings module
+
+
+def configure_logging() -> None:
+    """Idempotent."""
+    # pynetdicom logs the identifiers of every C-FIND/C-GET unless told not to,
+    # and its INFO/DEBUG lines carry AE titles and UIDs never needed at run time.
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Received C-STOREs are written to a temporary file fragment by fragment,
+    # never held whole in memory; the staging sink moves the file into staging.
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    # pydicom's WARN validation logs and warns with the offending value (a
+    # birth date, a name). Our rules validate values themselves (rules.py).
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
