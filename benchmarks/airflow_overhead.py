@@ -110,9 +110,8 @@ def run_steps(date: str, port: int, endpoint: str, bucket: str, staging: str) ->
     import boto3
 
     from include.pacs_migration.config import deep_merge, load_config, read_yaml
-    from include.pacs_migration.dimse import retriever
     from include.pacs_migration.plan import Unit
-    from include.pacs_migration.steps import migrate_unit
+    from include.pacs_migration.steps import Services, migrate_unit
     from include.pacs_migration.store import ObjectStore
 
     path = ROOT / "include" / "config" / "migration.yaml"
@@ -134,21 +133,13 @@ def run_steps(date: str, port: int, endpoint: str, bucket: str, staging: str) ->
         path.parent,
     )
     store = ObjectStore(boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"), cfg.target)
-    result = migrate_unit(
-        cfg,
-        store,
-        Unit(dt.date.fromisoformat(date), None, "bench"),
-        "bench-steps",
-        "pacs_migration",
-        lambda: retriever(cfg.source),
-        cfg.source.max_associations,
-        endpoint,
-    )
+    services = Services(cfg, store, cfg.source.max_associations, endpoint)
+    result = migrate_unit(services, Unit(dt.date.fromisoformat(date), None, "bench"), "bench-steps", "pacs_migration")
     return {
-        "state": result["state"],
+        "state": result.state.value,
         "seconds": time.perf_counter() - t0,
-        "partitions": len(result["partitions"]),
-        "migrated": result["migrated"],
+        "partitions": len(result.partitions),
+        "migrated": result.migrated,
     }
 
 

@@ -51,38 +51,27 @@ def pacs_migration():
     @task(pool=PACS_POOL, pool_slots=1)
     def census() -> list[dict[str, str]]:
         from include.pacs_migration.steps import record_census, take_date_census
-        from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
+        from include.pacs_migration_airflow import recorded_failure, services
 
         with recorded_failure():
-            cfg = runtime_config()
-            store = object_store(cfg)
-            result = take_date_census(cfg, _study_date())
+            io = services()
+            result = take_date_census(io, _study_date())
             # Each partition travels with its census hash: later tasks refuse any other census.
-            return [{**p.to_json(), "census_sha256": record_census(store, result, p)} for p in result.partitions()]
+            return [{**p.to_json(), "census_sha256": record_census(io, result, p)} for p in result.partitions()]
 
     @task_group
     def partition(part: dict[str, str]):
         @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
         def transfer(part: dict[str, str]) -> dict:
-            from include.pacs_migration.dimse import retriever
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import transfer_step
-            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
+            from include.pacs_migration_airflow import recorded_failure, services
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
-                cfg = runtime_config()
-                with retriever(cfg.source) as get:
-                    # never more associations than the pool slots this task holds
-                    counts = transfer_step(
-                        cfg,
-                        object_store(cfg),
-                        p,
-                        get_current_context()["run_id"],
-                        get,
-                        min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
-                        census_sha256=part["census_sha256"],
-                    )
+                # never more associations than the pool slots this task holds
+                io = services(ASSOCIATIONS_PER_TASK)
+                counts = transfer_step(io, p, get_current_context()["run_id"], census_sha256=part["census_sha256"])
             return {"partition": p.key, **counts.to_json()}
 
         @task(retries=0)
@@ -91,14 +80,11 @@ def pacs_migration():
 
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import validate_step
-            from include.pacs_migration_airflow import object_store, recorded_failure, runtime_config
+            from include.pacs_migration_airflow import recorded_failure, services
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
-                cfg = runtime_config()
-                result = validate_step(
-                    cfg, object_store(cfg), p, get_current_context()["run_id"], part["census_sha256"]
-                )
+                result = validate_step(services(), p, get_current_context()["run_id"], part["census_sha256"])
                 if not result.success:
                     failed = ", ".join(o.label for o in result.failed)
                     raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
@@ -106,24 +92,16 @@ def pacs_migration():
 
         @task(trigger_rule="all_done")
         def lineage(part: dict[str, str]) -> str:
-            from include.pacs_migration.manifest import LINEAGE, PartitionManifests
+            from include.pacs_migration.manifest import LINEAGE
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import lineage_step
-            from include.pacs_migration_airflow import (
-                emit_openlineage,
-                endpoint_of,
-                object_store,
-                recorded_failure,
-                runtime_config,
-            )
+            from include.pacs_migration_airflow import recorded_failure, services
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
-                cfg = runtime_config()
-                store = object_store(cfg)
-                record = lineage_step(cfg, store, p, get_current_context()["run_id"], DAG_ID, endpoint_of(store))
-                emit_openlineage(record)
-            return PartitionManifests(store, p).key(LINEAGE)
+                io = services()
+                lineage_step(io, p, get_current_context()["run_id"], DAG_ID)
+            return io.manifests(p).key(LINEAGE)
 
         transfer(part) >> validate(part) >> lineage(part)
 

@@ -75,46 +75,25 @@ def pacs_nightly():
         that breaks is recorded ``failed`` and the night goes on."""
         import logging
 
-        from include.pacs_migration.dimse import retriever
-        from include.pacs_migration.plan import Unit
+        from include.pacs_migration.plan import Unit, UnitResult
         from include.pacs_migration.steps import migrate_unit
-        from include.pacs_migration_airflow import emit_openlineage, endpoint_of, object_store, runtime_config
+        from include.pacs_migration_airflow import configure_logging, error_label, services
 
-        cfg = runtime_config()
-        store = object_store(cfg)
+        configure_logging()
+        io = services(ASSOCIATIONS_PER_TASK)
         run_id = get_current_context()["run_id"]
         results = []
         for item in items:
-            unit = item["unit"]
+            unit = Unit.from_json(item["unit"])
             now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=item["offset"])
             if item["window_end"] and now >= dt.datetime.fromisoformat(item["window_end"]):
-                results.append({"unit": unit, "state": "deferred", "migrated": 0, "seconds": 0})
+                results.append(UnitResult.deferred(unit).to_json())
                 continue
             try:
-                results.append(
-                    migrate_unit(
-                        cfg,
-                        store,
-                        Unit.from_json(unit),
-                        run_id,
-                        DAG_ID,
-                        lambda: retriever(cfg.source),
-                        min(cfg.source.max_associations, ASSOCIATIONS_PER_TASK),
-                        endpoint_of(store),
-                        emit_openlineage,
-                    )
-                )
+                results.append(migrate_unit(io, unit, run_id, DAG_ID).to_json())
             except Exception as exc:  # the ledger retries it on a later night
-                logging.getLogger(__name__).exception("unit %s failed", Unit.from_json(unit).key)
-                results.append(
-                    {
-                        "unit": unit,
-                        "state": "failed",
-                        "migrated": 0,
-                        "seconds": 0,
-                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
-                    }
-                )
+                logging.getLogger(__name__).error("unit %s failed: %s", unit.key, error_label(exc))
+                results.append(UnitResult.failed(unit, error_label(exc)).to_json())
         return results
 
     @task(trigger_rule="all_done")
@@ -123,7 +102,7 @@ def pacs_nightly():
         from pathlib import Path
 
         from include.pacs_migration.assessment import read_by_date
-        from include.pacs_migration.plan import LEDGER_KEY, Ledger, NightPlan, Unit, eta, record_night
+        from include.pacs_migration.plan import LEDGER_KEY, Ledger, NightPlan, UnitResult, eta, record_night
         from include.pacs_migration.report import render_progress_html
         from include.pacs_migration_airflow import object_store, runtime_config, send_report
 
@@ -135,25 +114,12 @@ def pacs_nightly():
         night = ctx["ti"].xcom_pull(task_ids="plan", key="night")
         if night is None:
             raise RuntimeError("the plan task left no night plan")
-        units = [i["unit"] for i in items or []]
+        night_plan = NightPlan.from_json(night)
         done = ctx["ti"].xcom_pull(task_ids="migrate") or []  # None when the migrate task failed outright
-        by_key = {Unit.from_json(r["unit"]).key + Unit.from_json(r["unit"]).kind: r for r in done}
-        results = []
-        for u in units:  # no result (the migrate task itself failed): the unit failed
-            unit = Unit.from_json(u)
-            results.append(
-                by_key.get(unit.key + unit.kind)
-                or {"unit": u, "state": "failed", "migrated": 0, "seconds": 0, "error": "task failed"}
-            )
+        by_unit = {(r.unit.key, r.unit.kind): r for r in map(UnitResult.from_json, done)}
+        # No result (the migrate task itself failed): the unit failed.
+        results = [by_unit.get((u.key, u.kind)) or UnitResult.failed(u, "task failed") for u in night_plan.units]
         now = _now()
-        night_plan = NightPlan(
-            dt.date.fromisoformat(night["night"]) if night["night"] else None,
-            dt.datetime.fromisoformat(night["window_end"]) if night["window_end"] else None,
-            tuple(Unit.from_json(u) for u in units),
-            night["reason"],
-            night["left"],
-            tuple(night["given_up"]),
-        )
         entry = record_night(ledger, night_plan, results, now, ctx["run_id"])
         by_date = read_by_date(store)
         status = eta(cfg.plan, ledger, (night_plan.night or now.date()), by_date, cfg.assessment.throughput_instances_s)

@@ -15,6 +15,7 @@ from airflow.sdk import BaseHook, Variable
 
 from include.pacs_migration.config import ConfigError, MigrationConfig, ReportConfig, deep_merge, load_config, read_yaml
 from include.pacs_migration.logs import configure_logging
+from include.pacs_migration.steps import Services
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration_dags import CONFIG_ENV, config_path
 
@@ -79,6 +80,14 @@ def object_store(cfg: MigrationConfig) -> ObjectStore:
 
     client = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
     return ObjectStore(client, cfg.target)
+
+
+def services(max_associations: int = 1, cfg: MigrationConfig | None = None) -> Services:
+    """Every I/O the steps use, from this deployment's config, Connections and
+    OpenLineage transport. ``max_associations``: the PACS pool slots the task holds."""
+    cfg = cfg or runtime_config()
+    store = object_store(cfg)
+    return Services(cfg, store, max_associations, endpoint_of(store), emit_openlineage)
 
 
 def endpoint_of(store: ObjectStore) -> str | None:

@@ -12,7 +12,8 @@ import pandas as pd
 
 from . import __version__
 from .config import SourceConfig
-from .partition import Partition
+from .counts import PartitionCounts
+from .manifest import PartitionManifests
 from .reasons import InstanceState
 from .rules import STRUCTURAL, RuleSet
 
@@ -41,18 +42,17 @@ def lineage_record(
     *,
     run_id: str,
     dag_id: str,
-    partition: Partition,
+    manifests: PartitionManifests,
     source: SourceConfig,
     census_sha256: str,
-    counts: dict[str, Any],
+    counts: PartitionCounts,
     transfer: pd.DataFrame,
     validation: dict[str, Any] | None,
-    bucket: str,
-    prefix: str,
     endpoint: str | None,
     ruleset: RuleSet = STRUCTURAL,
 ) -> dict[str, Any]:
     """Build the record; it carries UIDs and hashes, never patient attributes."""
+    partition, target = manifests.partition, manifests.store.target
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value]
     changed = transfer["changes"].dropna()
     return {
@@ -74,9 +74,10 @@ def lineage_record(
             "instances_changed": int(len(changed)),
             "rules_applied": _rule_counts(transfer),
         },
-        "counts": counts,
+        "counts": counts.to_json(),
         "target": {
-            "uri": f"s3://{bucket}/{prefix}",
+            "uri": f"s3://{target.bucket}/{target.prefix}",
+            "datasets": {"objects": manifests.objects_dataset, "manifests": manifests.manifests_dataset},
             "endpoint": endpoint,
             "keys": sorted(migrated["object_key"].tolist()),
             "quarantine_keys": sorted(transfer["quarantine_key"].dropna().tolist()),

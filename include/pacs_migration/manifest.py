@@ -154,6 +154,15 @@ class PartitionManifests:
     def gx_prefix(self) -> str:
         return self.key("gx/")
 
+    @property
+    def objects_dataset(self) -> str:
+        """The migrated objects as one dataset (OpenLineage's name for them)."""
+        return f"{self.store.target.prefix}{STUDIES}"
+
+    @property
+    def manifests_dataset(self) -> str:
+        return self.prefix.rstrip("/")
+
     def lineage_run_key(self, run_id: str) -> str:
         return self.key(f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json")
 
@@ -247,8 +256,11 @@ class PartitionManifests:
         return key
 
 
+STUDIES = "studies"  # the migrated objects' top folder
+
+
 def series_prefix(prefix: str, study_uid: str, series_uid: str) -> str:
-    return f"{prefix}studies/{study_uid}/series/{series_uid}/instances/"
+    return f"{prefix}{STUDIES}/{study_uid}/series/{series_uid}/instances/"
 
 
 def _json(value: Any) -> bytes:

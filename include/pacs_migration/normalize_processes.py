@@ -125,6 +125,10 @@ class NormalizeProcesses:
             raise RuntimeError(f"normalize failed: {value}")
         return value
 
+    @property
+    def count(self) -> int:
+        return len(self._procs)
+
     def peak_rss_kb(self) -> int:
         """The largest peak resident set of the normalize processes (Linux
         VmHWM; 0 where unknown), for benchmarks and monitoring."""

@@ -18,6 +18,8 @@ from openlineage.client.facet_v2 import output_statistics_output_dataset, parent
 from openlineage.client.generated.base import RunFacet
 from openlineage.client.uuid import generate_static_uuid
 
+from .counts import COUNT_FIELDS, PartitionCounts
+
 PRODUCER = "https://github.com/pacs-migration/pacs-migration"
 FACET_SCHEMA = "https://github.com/pacs-migration/pacs-migration/blob/main/docs/openlineage-facet.json"
 
@@ -60,6 +62,36 @@ class PacsMigrationRunFacet(RunFacet):
         return FACET_SCHEMA
 
 
+def _facet(record: dict[str, Any]) -> PacsMigrationRunFacet:
+    counts = PartitionCounts.from_json(record["counts"])
+    validation = record.get("validation") or {}
+    return PacsMigrationRunFacet(
+        partition=record["partition"],
+        **{f: getattr(counts, f) for f in COUNT_FIELDS},
+        censusSha256=record["census_sha256"],
+        rulesetId=record["ruleset"]["id"],
+        rulesetVersion=str(record["ruleset"]["version"]),
+        validationSuccess=validation.get("success"),
+        failedExpectations=list(validation.get("failed_expectations", [])),
+        reasons=dict(counts.reasons),
+        producer=PRODUCER,
+    )
+
+
+def _outputs(record: dict[str, Any]) -> list[OutputDataset]:
+    """The partition's objects (with output statistics) and its manifests, named as the record says."""
+    counts = PartitionCounts.from_json(record["counts"])
+    bucket_ns = "s3://" + record["target"]["uri"][len("s3://") :].split("/", 1)[0]
+    datasets = record["target"]["datasets"]
+    statistics = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+        rowCount=counts.migrated, size=record["checksums"]["bytes"], fileCount=counts.written
+    )
+    return [
+        OutputDataset(namespace=bucket_ns, name=datasets["objects"], outputFacets={"outputStatistics": statistics}),
+        OutputDataset(namespace=bucket_ns, name=datasets["manifests"]),
+    ]
+
+
 def partition_run_event(
     record: dict[str, Any],
     namespace: str,
@@ -78,50 +110,15 @@ def partition_run_event(
         The Airflow task run this partition run belongs to.
     """
     now = event_time or dt.datetime.now(dt.UTC)
-    counts = record["counts"]
-    src = record["source"]["uri"]  # dicom://host:port/AE
-    src_namespace, _, ae = src.rpartition("/")
-    bucket_uri = record["target"]["uri"]  # s3://bucket/prefix
-    bucket_ns = "s3://" + bucket_uri[len("s3://") :].split("/", 1)[0]
-    prefix = bucket_uri[len(bucket_ns) + 1 :]
-    partition = record["partition"]
-    date_s, modality = partition.split("/")
+    src_namespace, _, ae = record["source"]["uri"].rpartition("/")  # dicom://host:port/AE
     validation = record.get("validation") or {}
-    facets: dict[str, RunFacet] = {
-        "pacsMigration": PacsMigrationRunFacet(
-            partition=partition,
-            expected=counts["expected"],
-            migrated=counts["migrated"],
-            quarantined=counts["quarantined"],
-            unresolved=counts["unresolved"],
-            unsolicited=counts["unsolicited"],
-            written=counts["written"],
-            censusSha256=record["census_sha256"],
-            rulesetId=record["ruleset"]["id"],
-            rulesetVersion=str(record["ruleset"]["version"]),
-            validationSuccess=validation.get("success"),
-            failedExpectations=list(validation.get("failed_expectations", [])),
-            reasons=dict(counts.get("reasons", {})),
-            producer=PRODUCER,
-        )
-    }
+    facets: dict[str, RunFacet] = {"pacsMigration": _facet(record)}
     if parent is not None:
         facets["parent"] = parent_run.ParentRunFacet(
             run=parent_run.Run(runId=parent[2]), job=parent_run.Job(namespace=parent[0], name=parent[1])
         )
-    run_id = generate_static_uuid(now, f"{record['run_id']}|{partition}".encode())
-    outputs = [
-        OutputDataset(
-            namespace=bucket_ns,
-            name=f"{prefix}studies",
-            outputFacets={
-                "outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                    rowCount=counts["migrated"], size=record["checksums"]["bytes"], fileCount=counts["written"]
-                )
-            },
-        ),
-        OutputDataset(namespace=bucket_ns, name=f"{prefix}_manifests/date={date_s}/modality={modality}"),
-    ]
+    run_id = generate_static_uuid(now, f"{record['run_id']}|{record['partition']}".encode())
+    outputs = _outputs(record)
     state = RunState.FAIL if validation.get("success") is False else RunState.COMPLETE
     return RunEvent(
         eventType=state,

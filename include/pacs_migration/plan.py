@@ -13,19 +13,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from .config import Phase, PlanConfig, Window
+from .counts import PartitionCounts
 
 LEDGER_KEY = "_plan/ledger.json"
 ASSESSED = "*"  # by-date estimates: the modality key marking a date the assessment covered
 
 
-class UnitState:
+class UnitState(str, Enum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+    DEFERRED = "deferred"  # tonight's result only: not started, the window had closed (still pending)
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,82 @@ class Unit:
         )
 
 
+class PartitionAction(str, Enum):
+    UNCHANGED = "unchanged"  # validated before, the source holds what it held then
+    MIGRATED = "migrated"
+    DELTA = "delta"  # migrated before; only series with new instances retrieved
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    """What one unit did to one of its partitions."""
+
+    partition: str
+    action: PartitionAction
+    validation_passed: bool
+    counts: PartitionCounts | None = None  # None when unchanged
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"partition": self.partition, "action": self.action.value, "validation_passed": self.validation_passed}
+        return {**out, **(self.counts.to_json() if self.counts else {})}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> PartitionResult:
+        counted = "expected" in value
+        return cls(
+            value["partition"],
+            PartitionAction(value["action"]),
+            bool(value.get("validation_passed")),
+            PartitionCounts.from_json(value) if counted else None,
+        )
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What migrating one unit did tonight (XCom, the ledger, the progress mail)."""
+
+    unit: Unit
+    state: UnitState
+    migrated: int = 0  # objects created
+    seconds: float = 0.0
+    partitions: tuple[PartitionResult, ...] = ()
+    error: str | None = None  # the exception's class, never its message
+
+    @classmethod
+    def deferred(cls, unit: Unit) -> UnitResult:
+        return cls(unit, UnitState.DEFERRED)
+
+    @classmethod
+    def failed(cls, unit: Unit, error: str) -> UnitResult:
+        return cls(unit, UnitState.FAILED, error=error)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit.to_json(),
+            "state": self.state.value,
+            "migrated": self.migrated,
+            "seconds": self.seconds,
+            "partitions": [p.to_json() for p in self.partitions],
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> UnitResult:
+        return cls(
+            Unit.from_json(value["unit"]),
+            UnitState(value.get("state", UnitState.FAILED.value)),
+            int(value.get("migrated", 0)),
+            float(value.get("seconds", 0.0)),
+            tuple(PartitionResult.from_json(p) for p in value.get("partitions") or ()),
+            value.get("error"),
+        )
+
+
 @dataclass
 class UnitRecord:
     """What the ledger knows of one unit."""
 
-    state: str = UnitState.PENDING
+    state: UnitState = UnitState.PENDING
     attempts: int = 0
     phase: str = ""
     last_run_id: str | None = None
@@ -94,7 +168,11 @@ class Ledger:
         if not data:
             return cls()
         raw = json.loads(data)
-        return cls({k: UnitRecord(**v) for k, v in raw.get("units", {}).items()}, list(raw.get("nights", [])))
+        units = {
+            k: UnitRecord(**{**v, "state": UnitState(v.get("state", "pending"))})
+            for k, v in raw.get("units", {}).items()
+        }
+        return cls(units, list(raw.get("nights", [])))
 
     def measured_rate(self) -> float | None:
         """Instances per second over every unit migrated so far."""
@@ -173,6 +251,17 @@ class NightPlan:
             "left": self.left,
             "given_up": list(self.given_up),
         }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> NightPlan:
+        return cls(
+            dt.date.fromisoformat(value["night"]) if value.get("night") else None,
+            dt.datetime.fromisoformat(value["window_end"]) if value.get("window_end") else None,
+            tuple(Unit.from_json(u) for u in value.get("units", [])),
+            value.get("reason", ""),
+            int(value.get("left", 0)),
+            tuple(value.get("given_up", ())),
+        )
 
 
 def covered(plan: PlanConfig, ledger: Ledger, night: dt.date) -> dict[dt.date, set[str] | None]:
@@ -293,64 +382,56 @@ def _left(plan: PlanConfig, ledger: Ledger, night: dt.date) -> int:
 
 
 def record_night(
-    ledger: Ledger, night_plan: NightPlan, results: list[dict[str, Any]], now: dt.datetime, run_id: str
+    ledger: Ledger, night_plan: NightPlan, results: list[UnitResult], now: dt.datetime, run_id: str
 ) -> dict[str, Any]:
-    """Fold tonight's unit results into the ledger; returns the night's entry.
-
-    A result is ``{"unit": Unit.to_json(), "state": "done"|"failed"|"deferred",
-    "migrated": n, "seconds": s, "partitions": [...], "changed": [...]}``.
-    """
-    done = failed = deferred = migrated = 0
+    """Fold tonight's unit results into the ledger; returns the night's entry."""
+    tally = {UnitState.DONE: 0, UnitState.FAILED: 0, UnitState.DEFERRED: 0}
     did = []
     for res in results:
-        unit = Unit.from_json(res["unit"])
         did.append(
             {
-                "unit": unit.key,
-                "kind": unit.kind,
-                "state": res.get("state"),
-                "new_objects": res.get("migrated", 0),
-                "partitions": {p["partition"]: p["action"] for p in res.get("partitions", [])},
+                "unit": res.unit.key,
+                "kind": res.unit.kind,
+                "state": res.state.value,
+                "new_objects": res.migrated,
+                "partitions": {p.partition: p.action.value for p in res.partitions},
             }
         )
-        rec = ledger.get(unit)
-        rec.phase = rec.phase or unit.phase
-        state = res.get("state")
-        if state == "deferred":
-            deferred += 1
-            continue
-        migrated += int(res.get("migrated", 0))
-        rec.last_run_id = run_id
-        rec.seconds += float(res.get("seconds", 0.0))
-        if unit.kind == "delta":
-            rec.checked_at = now.isoformat()
-            rec.delta_instances += int(res.get("migrated", 0))
-            if state != "done":
-                rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
-                failed += 1
-            else:
-                done += 1
-        elif state == "done":
-            rec.state, rec.finished_at, rec.checked_at = UnitState.DONE, now.isoformat(), now.isoformat()
-            rec.instances += int(res.get("migrated", 0))
-            done += 1
-        else:
-            rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
-            failed += 1
-        ledger.units[unit.key] = rec
+        tally[_fold(ledger, res, now, run_id)] += 1
     entry = {
         "night": night_plan.night.isoformat() if night_plan.night else None,
         "run_id": run_id,
         "planned": len(night_plan.units),
-        "done": done,
-        "failed": failed,
-        "deferred": deferred,
-        "migrated": migrated,
+        "done": tally[UnitState.DONE],
+        "failed": tally[UnitState.FAILED],
+        "deferred": tally[UnitState.DEFERRED],
+        "migrated": sum(r.migrated for r in results if r.state is not UnitState.DEFERRED),
         "reason": night_plan.reason,
         "units": did,
     }
     ledger.nights.append(entry)
     return entry
+
+
+def _fold(ledger: Ledger, res: UnitResult, now: dt.datetime, run_id: str) -> UnitState:
+    """One result into its unit's record; returns how it counts tonight."""
+    unit, rec = res.unit, ledger.get(res.unit)
+    rec.phase = rec.phase or unit.phase
+    if res.state is UnitState.DEFERRED:
+        return UnitState.DEFERRED
+    rec.last_run_id = run_id
+    rec.seconds += res.seconds
+    ledger.units[unit.key] = rec
+    if unit.kind == "delta":
+        rec.checked_at = now.isoformat()
+        rec.delta_instances += res.migrated
+    if res.state is not UnitState.DONE:
+        rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
+        return UnitState.FAILED
+    if unit.kind != "delta":
+        rec.state, rec.finished_at, rec.checked_at = UnitState.DONE, now.isoformat(), now.isoformat()
+        rec.instances += res.migrated
+    return UnitState.DONE
 
 
 def eta(

@@ -16,6 +16,7 @@ from typing import Any
 from .counts import COUNT_FIELDS, PartitionCounts, counts_from_frame
 from .manifest import PartitionManifests
 from .partition import Partition
+from .plan import UnitResult, UnitState
 from .reasons import ReasonCode
 from .store import ObjectStore
 from .templates import render, svg
@@ -54,15 +55,12 @@ class TaskFailure:
 
 @dataclass(frozen=True)
 class PartitionFigures:
+    """One partition's line of the report: its counts (``expected``,
+    ``migrated``... read through), this run's verdict and what to name."""
+
     partition: str
-    expected: int
-    migrated: int
-    quarantined: int
-    unresolved: int
-    unsolicited: int
-    written: int
+    counts: PartitionCounts
     validation_passed: bool | None
-    reasons: dict[str, int] = field(default_factory=dict)
     failed_expectations: tuple[str, ...] = ()
     census_gaps: tuple[str, ...] = ()  # studies or series the census could not list, by UID
     inconsistent_patients: tuple[str, ...] = ()  # "<study UID> quarantined|flagged": more than one patient
@@ -79,25 +77,20 @@ class PartitionFigures:
         inconsistent: tuple[str, ...] = (),
         findings: dict[str, int] | None = None,
     ) -> PartitionFigures:
-        return cls(
-            partition,
-            c.expected,
-            c.migrated,
-            c.quarantined,
-            c.unresolved,
-            c.unsolicited,
-            c.written,
-            passed,
-            dict(c.reasons),
-            failed,
-            gaps,
-            inconsistent,
-            dict(findings or {}),
-        )
+        return cls(partition, c, passed, failed, gaps, inconsistent, dict(findings or {}))
+
+    def __getattr__(self, name: str) -> int:
+        if name in COUNT_FIELDS:
+            return int(getattr(self.counts, name))
+        raise AttributeError(name)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        return self.counts.reasons
 
     @property
     def conserved(self) -> bool:
-        return self.expected == self.migrated + self.quarantined + self.unresolved
+        return self.counts.conserved
 
 
 def _gaps(manifests: PartitionManifests) -> tuple[str, ...]:
@@ -301,30 +294,26 @@ def render_html(
     )
 
 
-def render_progress_html(night: dict, results: list[dict], progress: dict, run_id: str, bucket_uri: str) -> str:
+def render_progress_html(night: dict, results: list[UnitResult], progress: dict, run_id: str, bucket_uri: str) -> str:
     """The nightly progress e-mail: what tonight did, per unit and partition,
     what is left and when it should be done (self-contained HTML)."""
     units = []
     for res in results:
-        unit = res["unit"]
-        state = res.get("state", "failed")
-        delta = ", delta check" if unit.get("kind") == "delta" else ""
+        unit = res.unit
+        delta = ", delta check" if unit.kind == "delta" else ""
+        modalities = ",".join(unit.modalities or []) or "all modalities"
         units.append(
             {
-                "study_date": unit["study_date"],
-                "label": f"{unit['study_date']} {','.join(unit['modalities'] or []) or 'all modalities'} "
-                f"({unit['phase']}{delta})",
-                "state": state,
-                "css": {"done": "pass", "failed": "fail"}.get(state, ""),
-                "migrated": res.get("migrated", 0),
-                "seconds": res.get("seconds", 0),
-                "partitions": [
-                    {"migrated": 0, "expected": 0, "written": 0, "validation_passed": False, **p}
-                    for p in res.get("partitions") or []
-                ],
+                "study_date": unit.study_date.isoformat(),
+                "label": f"{unit.study_date.isoformat()} {modalities} ({unit.phase}{delta})",
+                "state": res.state.value,
+                "css": {UnitState.DONE: "pass", UnitState.FAILED: "fail"}.get(res.state, ""),
+                "migrated": res.migrated,
+                "seconds": res.seconds,
+                "partitions": [p.to_json() | {"counted": p.counts is not None} for p in res.partitions],
                 "empty": "not started: the window had closed"
-                if state == "deferred"
-                else res.get("error", "no partitions"),
+                if res.state is UnitState.DEFERRED
+                else (res.error or "no partitions"),
             }
         )
     return render(

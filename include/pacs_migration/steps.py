@@ -1,7 +1,8 @@
 """The pipeline's steps, one function each, shared by the DAGs
 (``pacs_migration`` runs them as separate tasks, ``pacs_nightly`` per unit):
 census, transfer, validate, lineage, and :func:`migrate_unit`, which chains
-them over one study date for the nightly plan."""
+them over one study date for the nightly plan. Every I/O comes in through
+:class:`Services`, built once by the Airflow glue (tests and tools build their own)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,18 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 from .census import Census, census_hash, take_census
 from .config import MigrationConfig
 from .counts import PartitionCounts, counts_from_frame
-from .dimse import FindSession
+from .dimse import FindSession, retriever
 from .lineage import lineage_record
 from .manifest import PartitionManifests
-from .normalize_processes import normalize_processes
+from .normalize_processes import NormalizeProcesses, normalize_processes
 from .partition import Partition
-from .plan import Unit
+from .plan import PartitionAction, PartitionResult, Unit, UnitResult, UnitState
 from .retrieve import GetFn
 from .store import ObjectStore
 from .transfer import plan_resume, transfer_partition
@@ -29,177 +31,164 @@ from .validate import ValidationReport, validate_partition
 log = logging.getLogger(__name__)
 
 RetrieverFactory = Callable[[], AbstractContextManager[GetFn]]
+FindFactory = Callable[[], AbstractContextManager[Any]]  # yields an object with .find(identifier)
 
 
-def take_date_census(cfg: MigrationConfig, study_date: dt.date) -> Census:
-    with FindSession(cfg.source) as session:
+@dataclass(frozen=True)
+class Services:
+    """What the steps read, write and talk to."""
+
+    config: MigrationConfig
+    store: ObjectStore
+    max_associations: int  # this task's share of the PACS pool
+    endpoint: str | None = None  # the S3 endpoint, for lineage
+    emit: Callable[[dict[str, Any]], Any] | None = None  # lineage events (OpenLineage)
+    retriever: RetrieverFactory | None = None  # default: C-GET or C-MOVE as configured
+    finder: FindFactory | None = None  # default: a C-FIND session to the source
+    clock: Callable[[], float] = field(default=time.monotonic)
+
+    def retrieve(self) -> AbstractContextManager[GetFn]:
+        return self.retriever() if self.retriever else retriever(self.config.source)
+
+    def find_session(self) -> AbstractContextManager[Any]:
+        return self.finder() if self.finder else FindSession(self.config.source)
+
+    def normalizer(self, instances: int) -> NormalizeProcesses | None:
+        """Normalize processes for a partition of ``instances`` (None: normalize in the load threads)."""
+        cfg = self.config
+        processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
+        return normalize_processes(processes, cfg.ruleset, cfg.source.called_ae_title)
+
+    def manifests(self, partition: Partition) -> PartitionManifests:
+        return PartitionManifests(self.store, partition)
+
+
+def take_date_census(services: Services, study_date: dt.date) -> Census:
+    source = services.config.source
+    with services.find_session() as session:
         return take_census(
-            session.find,
-            study_date,
-            cfg.source.find_limit,
-            cfg.source.census_split_depth,
-            cfg.source.find_limit_instances,
+            session.find, study_date, source.find_limit, source.census_split_depth, source.find_limit_instances
         )
 
 
-def record_census(store: ObjectStore, census: Census, partition: Partition) -> str:
+def record_census(services: Services, census: Census, partition: Partition) -> str:
     """Write a partition's expected set and its summary (hash, counts,
     warnings), read back; returns the census hash that travels with the
     partition (the later steps refuse a manifest with another)."""
-    summary = PartitionManifests(store, partition).write_census(
+    summary = services.manifests(partition).write_census(
         census.for_partition(partition), [w.code for w in census.warnings_for(partition)]
     )
     return summary.census_sha256
 
 
 def transfer_step(
-    cfg: MigrationConfig,
-    store: ObjectStore,
-    partition: Partition,
-    run_id: str,
-    get: GetFn,
-    max_associations: int,
-    resume: bool = False,
-    census_sha256: str | None = None,
+    services: Services, partition: Partition, run_id: str, resume: bool = False, census_sha256: str | None = None
 ) -> PartitionCounts:
     """Retrieve, normalize and load one partition. ``resume``: retrieve only
     the series with instances not yet migrated (delta sync), carrying the rest.
     ``census_sha256``: this run's census (a stale manifest is refused)."""
-    manifests = PartitionManifests(store, partition)
+    cfg, manifests = services.config, services.manifests(partition)
     series = manifests.census(census_sha256)
     carried = None
     if resume:
         series, carried = plan_resume(series, manifests.transfer_or_none())
     instances = sum(len(s.instances) for s in series)
-    processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
-    normalizer = normalize_processes(processes, cfg.ruleset, cfg.source.called_ae_title)
-    log.info(
-        "partition %s: %d instances to retrieve, normalized in %s",
-        partition.key,
-        instances,
-        f"{processes} normalize process(es)" if processes else "the load threads",
-    )
+    normalizer = services.normalizer(instances)
+    where = f"{normalizer.count} normalize process(es)" if normalizer else "the load threads"
+    log.info("partition %s: %d instances to retrieve, normalized in %s", partition.key, instances, where)
     try:
-        return transfer_partition(
-            get=get,
-            store=store,
-            partition=partition,
-            series=series,
-            staging_root=cfg.staging_dir,
-            run_id=run_id,
-            attempts=cfg.source.retrieve_attempts,
-            max_associations=max_associations,
-            upload_threads=cfg.target.upload_threads,
-            ruleset=cfg.ruleset,
-            source_ae=cfg.source.called_ae_title,
-            carried=carried,
-            normalizer=normalizer,
-        )
+        with services.retrieve() as get:
+            return transfer_partition(
+                get=get,
+                store=services.store,
+                partition=partition,
+                series=series,
+                staging_root=cfg.staging_dir,
+                run_id=run_id,
+                attempts=cfg.source.retrieve_attempts,
+                max_associations=min(cfg.source.max_associations, services.max_associations),
+                upload_threads=cfg.target.upload_threads,
+                ruleset=cfg.ruleset,
+                source_ae=cfg.source.called_ae_title,
+                carried=carried,
+                normalizer=normalizer,
+            )
     finally:
         if normalizer is not None:
             normalizer.close()
 
 
 def validate_step(
-    cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, census_sha256: str | None = None
+    services: Services, partition: Partition, run_id: str, census_sha256: str | None = None
 ) -> ValidationReport:
     """Validate one partition and record the verdict with the run that reached it."""
-    manifests = PartitionManifests(store, partition)
+    manifests = services.manifests(partition)
     series = manifests.census(census_sha256)
     summary = manifests.summary()
     result = validate_partition(
-        store,
+        services.store,
         partition,
         series,
         manifests.transfer(),
-        cfg.validation,
+        services.config.validation,
         census_warnings=list(summary.warnings) if summary else [],
     )
     manifests.write_verdict(result.to_json(), run_id)
     return result
 
 
-def lineage_step(
-    cfg: MigrationConfig, store: ObjectStore, partition: Partition, run_id: str, dag_id: str, endpoint: str | None
-) -> dict[str, Any]:
-    """Build and store the partition's lineage record (this run's, and the latest)."""
-    manifests = PartitionManifests(store, partition)
+def lineage_step(services: Services, partition: Partition, run_id: str, dag_id: str) -> dict[str, Any]:
+    """Build and store the partition's lineage record (this run's, and the latest); emit it."""
+    manifests = services.manifests(partition)
     transfer_df = manifests.transfer()
     summary = manifests.summary()
     record = lineage_record(
         run_id=run_id,
         dag_id=dag_id,
-        partition=partition,
-        source=cfg.source,
+        manifests=manifests,
+        source=services.config.source,
         census_sha256=summary.census_sha256 if summary else "",
-        counts=counts_from_frame(transfer_df).to_json(),
+        counts=counts_from_frame(transfer_df),
         transfer=transfer_df,
         validation=manifests.verdict(run_id),
-        bucket=cfg.target.bucket,
-        prefix=cfg.target.prefix,
-        endpoint=endpoint,
-        ruleset=cfg.ruleset,
+        endpoint=services.endpoint,
+        ruleset=services.config.ruleset,
     )
     manifests.write_lineage(record, run_id)
+    if services.emit:
+        services.emit(record)
     return record
 
 
-def _is_settled(store: ObjectStore, partition: Partition, digest: str) -> bool:
+def _is_settled(manifests: PartitionManifests, digest: str) -> bool:
     """Validated, and the source holds exactly what it held then."""
-    manifests = PartitionManifests(store, partition)
     summary = manifests.summary()
     verdict = manifests.latest_verdict() or {}
     return summary is not None and summary.census_sha256 == digest and bool(verdict.get("success"))
 
 
-def migrate_unit(
-    cfg: MigrationConfig,
-    store: ObjectStore,
-    unit: Unit,
-    run_id: str,
-    dag_id: str,
-    retriever: RetrieverFactory,
-    max_associations: int,
-    endpoint: str | None = None,
-    emit: Callable[[dict[str, Any]], Any] | None = None,
-) -> dict[str, Any]:
+def migrate_unit(services: Services, unit: Unit, run_id: str, dag_id: str) -> UnitResult:
     """Census one study date and move each of the unit's partitions that is
     not settled: new, failed before, or changed at the source since (delta
     sync: only the series with new instances are retrieved; nothing already
-    migrated is rewritten). Returns the unit's result for the ledger."""
-    started = time.monotonic()
-    census = take_date_census(cfg, unit.study_date)
-    results: list[dict[str, Any]] = []
+    migrated is rewritten)."""
+    started = services.clock()
+    census = take_date_census(services, unit.study_date)
+    results: list[PartitionResult] = []
     moved = 0
     for partition in (p for p in census.partitions() if unit.wants(p.modality)):
-        digest = census_hash(census.for_partition(partition))
-        if _is_settled(store, partition, digest):
-            results.append({"partition": partition.key, "action": "unchanged", "validation_passed": True})
+        manifests = services.manifests(partition)
+        if _is_settled(manifests, census_hash(census.for_partition(partition))):
+            results.append(PartitionResult(partition.key, PartitionAction.UNCHANGED, True))
             continue
-        had_manifest = PartitionManifests(store, partition).summary() is not None
-        digest = record_census(store, census, partition)
-        with retriever() as get:
-            counts = transfer_step(
-                cfg, store, partition, run_id, get, max_associations, resume=had_manifest, census_sha256=digest
-            )
-        report = validate_step(cfg, store, partition, run_id, digest)
-        record = lineage_step(cfg, store, partition, run_id, dag_id, endpoint)
-        if emit:
-            emit(record)
+        had_manifest = manifests.summary() is not None
+        digest = record_census(services, census, partition)
+        counts = transfer_step(services, partition, run_id, resume=had_manifest, census_sha256=digest)
+        report = validate_step(services, partition, run_id, digest)
+        lineage_step(services, partition, run_id, dag_id)
         moved += counts.written
-        results.append(
-            {
-                "partition": partition.key,
-                "action": "delta" if had_manifest else "migrated",
-                "validation_passed": report.success,
-                **counts.to_json(),
-            }
-        )
-    ok = all(r["validation_passed"] for r in results)
-    return {
-        "unit": unit.to_json(),
-        "state": "done" if ok else "failed",
-        "migrated": moved,
-        "seconds": round(time.monotonic() - started, 3),
-        "partitions": results,
-    }
+        action = PartitionAction.DELTA if had_manifest else PartitionAction.MIGRATED
+        results.append(PartitionResult(partition.key, action, report.success, counts))
+    ok = all(r.validation_passed for r in results)
+    state = UnitState.DONE if ok else UnitState.FAILED
+    return UnitResult(unit, state, moved, round(services.clock() - started, 3), tuple(results))

@@ -5,6 +5,7 @@ and resume of a partition (only series with new instances are fetched)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -16,6 +17,7 @@ from include.pacs_migration.plan import (
     Ledger,
     NightPlan,
     Unit,
+    UnitResult,
     UnitState,
     eta,
     phase_dates,
@@ -162,12 +164,14 @@ def test_failed_units_retried_until_attempts_spent_and_delta_checks_first():
         {"unit": first.units[0].to_json(), "state": "done", "migrated": 40, "seconds": 4.0},
         {"unit": first.units[1].to_json(), "state": "failed", "migrated": 0, "seconds": 1.0},
     ]
-    entry = record_night(ledger, first, results, now, "run-1")
+    entry = record_night(ledger, first, [UnitResult.from_json(r) for r in results], now, "run-1")
     assert entry["done"] == 1 and entry["failed"] == 1
     assert ledger.measured_rate() == pytest.approx(40 / 5)
     second = select_night(plan, ledger, now + dt.timedelta(days=1))
     assert [(u.study_date.day, u.kind) for u in second.units] == [(2, "delta"), (1, "phase")]
-    record_night(ledger, second, [{"unit": second.units[1].to_json(), "state": "failed"}], now, "run-2")
+    record_night(
+        ledger, second, [UnitResult.from_json({"unit": second.units[1].to_json(), "state": "failed"})], now, "run-2"
+    )
     third = select_night(plan, ledger, now + dt.timedelta(days=2))
     assert [u.kind for u in third.units] == ["delta"] and third.given_up == ("2019-03-01|*",)
 
@@ -180,7 +184,7 @@ def test_eta_from_measured_rate():
     record_night(
         ledger,
         night,
-        [{"unit": u.to_json(), "state": "done", "migrated": 100, "seconds": 10}],
+        [UnitResult.from_json({"unit": u.to_json(), "state": "done", "migrated": 100, "seconds": 10})],
         dt.datetime(2019, 3, 3, 22, tzinfo=BXL),
         "r",
     )
@@ -228,8 +232,36 @@ def test_estimates_leave_out_what_done_units_moved():
     first = select_night(plan, ledger, now, by_date)
     assert [u.phase for u in first.units] == ["ct-mr"]  # CT+MR = 2 partitions, the rest would be 4 more
     record_night(
-        ledger, first, [{"unit": first.units[0].to_json(), "state": "done", "migrated": 20, "seconds": 1}], now, "r1"
+        ledger,
+        first,
+        [UnitResult.from_json({"unit": first.units[0].to_json(), "state": "done", "migrated": 20, "seconds": 1})],
+        now,
+        "r1",
     )
     second = select_night(plan, ledger, now + dt.timedelta(days=1), by_date)
     assert [(u.phase, u.kind) for u in second.units] == [("ct-mr", "delta"), ("rest", "phase")]  # CR+US: 2
     assert eta(plan, ledger, now.date(), by_date, 1.0)["instances_left"] == 20
+
+
+def test_unit_results_and_night_plans_cross_xcom_typed():
+    """A result crosses XCom as JSON and comes back equal, in every state the
+    code uses (``deferred`` included); a failure keeps the error class only."""
+    from include.pacs_migration.counts import PartitionCounts
+    from include.pacs_migration.plan import PartitionAction, PartitionResult, UnitState
+
+    u = Unit(dt.date(2019, 3, 2), ("CT",), "p1", "delta")
+    done = UnitResult(
+        u,
+        UnitState.DONE,
+        3,
+        1.5,
+        (
+            PartitionResult("2019-03-02/CT", PartitionAction.DELTA, True, PartitionCounts(3, 3, 0, 0, 0, 3, {})),
+            PartitionResult("2019-03-02/MR", PartitionAction.UNCHANGED, True),
+        ),
+    )
+    for result in (done, UnitResult.deferred(u), UnitResult.failed(u, "DicomNetworkError")):
+        assert UnitResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    night = NightPlan(dt.date(2019, 3, 3), dt.datetime(2019, 3, 4, 6, tzinfo=BXL), (u,), "budget", 4, ("x",))
+    assert NightPlan.from_json(json.loads(json.dumps(night.to_json()))) == night
+    assert {s.value for s in UnitState} >= {"pending", "done", "failed", "deferred"}

@@ -10,21 +10,16 @@ import re
 import pytest
 
 from demo.render import chromium_binary, png_size, render_html_to_png
+from include.pacs_migration.counts import PartitionCounts
 from include.pacs_migration.report import PartitionFigures, chart_svg, figures_csv, render_html, subject
 
 FIGURES = [
-    PartitionFigures("2019-03-02/CR", 6, 6, 0, 0, 0, 6, True),
-    PartitionFigures("2019-03-02/CT", 24, 23, 1, 0, 0, 23, True, {"PIXEL_LENGTH_MISMATCH": 1}),
-    PartitionFigures(
+    PartitionFigures.of("2019-03-02/CR", PartitionCounts(6, 6, 0, 0, 0, 6, {}), True),
+    PartitionFigures.of("2019-03-02/CT", PartitionCounts(24, 23, 1, 0, 0, 23, {"PIXEL_LENGTH_MISMATCH": 1}), True),
+    PartitionFigures.of(
         "2019-03-02/MR",
-        12,
-        10,
-        0,
-        2,
-        0,
-        10,
+        PartitionCounts(12, 10, 0, 2, 0, 10, {"NOT_RECEIVED": 2}),
         False,
-        {"NOT_RECEIVED": 2},
         ("expected:expect_column_values_to_not_be_in_set(state)",),
     ),
 ]
