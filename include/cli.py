@@ -44,9 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--called-ae", default=None)
     d.add_argument("--calling-ae", default="PACSMIGRATE")
     d.add_argument("--partition", default=None, help="YYYY-MM-DD/MODALITY, with --pacs")
+    c = sub.add_parser(
+        "check-config", help="validate the YAML, rule set, crosswalk and TLS files; optionally the peers"
+    )
+    c.add_argument(
+        "config", type=Path, nargs="?", default=None, help="default: $AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH"
+    )
+    c.add_argument("--host", default=None, help="the PACS host (else a placeholder: it comes from the Connection)")
+    c.add_argument("--port", type=int, default=None)
+    c.add_argument("--echo", action="store_true", help="C-ECHO the PACS (needs --host and --port)")
+    c.add_argument("--head-bucket", action="store_true", help="HEAD the bucket (AWS credentials from the environment)")
+    c.add_argument("--endpoint-url", default=None)
     args = ap.parse_args(argv)
     if args.command == "dry-run":
         return _dry_run(args)
+    if args.command == "check-config":
+        return _check_config(args)
 
     import boto3
 
@@ -59,6 +72,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2, default=str) if args.json else render_trace(result))
     return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from include.pacs_migration.check import check_config
+    from include.pacs_migration.dimse import echo
+    from include.pacs_migration_dags import config_path
+
+    if args.echo and not (args.host and args.port):
+        print("--echo needs --host and --port (in Airflow they come from the pacs_source Connection)", file=sys.stderr)
+        return 2
+    overrides = {"source": {k: v for k, v in (("host", args.host), ("port", args.port)) if v}}
+
+    def head(cfg):
+        import boto3
+
+        boto3.client("s3", endpoint_url=args.endpoint_url).head_bucket(Bucket=cfg.target.bucket)
+
+    checks = check_config(
+        args.config or config_path(),
+        overrides,
+        echo=(lambda cfg: echo(cfg.source)) if args.echo else None,
+        head_bucket=head if args.head_bucket else None,
+    )
+    for check in checks:
+        print(check.line())
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def _files(paths: list[Path]):

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field, TypeAdapter, ValidationError
+
+from include.pacs_migration.config import PlanConfig, SourceConfig
 
 # Every task that talks to the legacy PACS takes slots of this pool, one per
 # association it may open: the pool's size bounds the PACS's load cluster-wide.
@@ -34,21 +37,20 @@ def _yaml() -> dict[str, Any]:
 
 
 def associations_per_task() -> int:
-    """source.max_associations: the pool slots of a task that retrieves."""
+    """source.max_associations: the pool slots of a task that retrieves. An
+    invalid value falls back to the default here; the tasks fail on it, naming it."""
+    field = SourceConfig.model_fields["max_associations"]
+    value = (_yaml().get("source") or {}).get("max_associations", field.default)
     try:
-        return max(1, int((_yaml().get("source") or {}).get("max_associations", 2)))
-    except (TypeError, ValueError):
-        return 2
+        return int(TypeAdapter(Annotated[int, Field(strict=True), *field.metadata]).validate_python(value))
+    except ValidationError:
+        return int(field.default)
 
 
 def nightly_cron() -> tuple[str, str]:
     """(cron, timezone) starting the nightly DAG when the window opens."""
-    plan = _yaml().get("plan") or {}
-    start = str((plan.get("window") or {}).get("start", "20:00"))
-    if start.isdigit():  # YAML 1.1 sexagesimal: 20:00 -> 1200
-        start = f"{int(start) // 60}:{int(start) % 60:02d}"
     try:
-        hour, minute = (int(x) for x in start.split(":")[:2])
-    except ValueError:
-        hour, minute = 20, 0
-    return f"{minute} {hour} * * *", str(plan.get("timezone", "UTC"))
+        plan = PlanConfig.model_validate(_yaml().get("plan") or {})
+    except ValidationError:
+        plan = PlanConfig()  # the tasks fail on it, naming the field
+    return f"{plan.window.start.minute} {plan.window.start.hour} * * *", plan.timezone

@@ -1,9 +1,13 @@
-"""Migration configuration: plain, validated, immutable.
+"""Migration configuration: declared once, validated, immutable.
 
-The YAML file under ``include/config/`` holds the non-secret settings; the DAG
-layer overlays what comes from Airflow Connections and Variables and hands the
-merged mapping to :func:`load_config`. Any bad or missing value fails fast with
-a :class:`ConfigError` naming the field (``source.port: ...``).
+Each section of the YAML is a pydantic model below, field for field: its
+type, its default and its bounds are written once, here. Unknown keys are
+errors naming the nearest valid key; types are exact (``"8"`` is not an
+integer, ``true`` is not a fraction). The YAML under ``include/config/``
+holds the non-secret settings; the Airflow glue overlays what comes from
+Connections and Variables and hands the merged mapping to :func:`load_config`.
+Any bad or missing value fails with a :class:`ConfigError` naming the field
+(``source.port: ...``).
 """
 
 from __future__ import annotations
@@ -12,14 +16,26 @@ import datetime as dt
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from .rules import STRUCTURAL, RuleSet, RuleSetError, load_ruleset
+if TYPE_CHECKING:
+    from .rules import RuleSet
 
 
 class ConfigError(ValueError):
@@ -30,85 +46,203 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
-RETRIEVE_METHODS = ("C-GET", "C-MOVE")
-SSE_MODES = ("AES256", "aws:kms", "none")
 _EMAIL = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
-@dataclass(frozen=True)
-class TlsConfig:
-    """DICOM TLS to the source (PS3.15 B.1): the CA that signed the PACS's
-    certificate, and our client certificate and key when the PACS asks for one."""
+# ---------------------------------------------------------------- value types
 
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    # The name the PACS certificate must carry (default: source.host).
-    server_name: str | None = None
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    # PS3.5: AE is at most 16 characters, no backslash or control characters.
+    if not value or len(value) > 16 or "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+    return value
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """E-mail addresses from a list or a comma/semicolon/space separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [r for r in re.split(r"[,;\s]+", value) if r]
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of e-mail addresses")
+    for addr in value:
+        if not isinstance(addr, str) or not _EMAIL.match(addr):
+            raise ValueError(f"{addr!r} is not an e-mail address")
+    return tuple(value)
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is required")
+    return value.strip()
+
+
+def _time(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 20:00 as sexagesimal 1200
+        return f"{value // 60:02d}:{value % 60:02d}"
+    return value
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Text = Annotated[str, AfterValidator(_non_blank)]
+Email = Annotated[str, AfterValidator(_email)]
+Addresses = Annotated[tuple[str, ...], BeforeValidator(_addresses)]
+LaxPath = Annotated[Path, Field(strict=False)]
+LaxDate = Annotated[dt.date, Field(strict=False)]
+ClockTime = Annotated[dt.time, BeforeValidator(_time), Field(strict=False)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    """Exact types, unknown keys refused, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """A relative path in the config is relative to the config file."""
+    base = (info.context or {}).get("base_dir") or Path(".")
+    return path if path.is_absolute() else Path(base) / path
+
+
+# ---------------------------------------------------------------- sections
+
+
+class TlsConfig(Section):
+    """DICOM TLS to the source (PS3.15 B.1): the CA that signed the PACS's
+    certificate, and our client certificate and key when the PACS asks for one.
+    The files must exist now, so a typo fails at parse, not mid-night."""
+
+    ca_file: LaxPath
+    cert_file: LaxPath | None = None
+    key_file: LaxPath | None = None
+    server_name: str | None = None  # the name the PACS certificate must carry (default: source.host)
     check_hostname: bool = True
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
 
-@dataclass(frozen=True)
-class SourceConfig:
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise _FieldError(
+                "key_file" if self.key_file is None else "cert_file", "cert_file and key_file go together"
+            )
+        return self
+
+
+class SourceConfig(Section):
     """The legacy PACS and how hard we may use it."""
 
-    host: str
-    port: int
-    called_ae_title: str
-    calling_ae_title: str
-    max_associations: int = 2
-    retrieve_method: str = "C-GET"
-    retrieve_attempts: int = 3
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 120.0
-    network_timeout: float = 120.0
-    max_pdu: int = 131072
+    host: Text
+    port: int = Field(ge=1, le=65535)
+    called_ae_title: AETitle
+    calling_ae_title: AETitle
+    max_associations: int = Field(2, ge=1, le=64)
+    retrieve_method: Literal["C-GET", "C-MOVE"] = "C-GET"
+    retrieve_attempts: int = Field(3, ge=1, le=20)
+    acse_timeout: float = Field(30.0, ge=0.1, le=3600)
+    dimse_timeout: float = Field(120.0, ge=0.1, le=3600)
+    network_timeout: float = Field(120.0, ge=0.1, le=3600)
+    max_pdu: int = Field(131072, ge=4096, le=2**31 - 1)
     # The most answers the PACS returns to one C-FIND (None: unknown; a cap is
     # also learned when the PACS signals truncation).
-    find_limit: int | None = None
+    find_limit: int | None = Field(None, ge=1, le=10**7)
     # The cap on image-level answers, when it differs (Orthanc LimitFindInstances).
-    find_limit_instances: int | None = None
-    census_split_depth: int = 12
+    find_limit_instances: int | None = Field(None, ge=1, le=10**7)
+    census_split_depth: int = Field(12, ge=0, le=17)
     # C-MOVE: our Storage SCP, registered at the PACS under this AE title and port.
-    move_ae_title: str | None = None  # default: calling_ae_title
-    move_listen_host: str = "0.0.0.0"
-    move_listen_port: int = 11113
+    move_ae_title: AETitle | None = None  # default: calling_ae_title
+    move_listen_host: Text = "0.0.0.0"
+    move_listen_port: int = Field(11113, ge=1, le=65535)
     # After a C-MOVE's final response, how long to wait for stores still in flight.
-    move_settle_timeout: float = 30.0
+    move_settle_timeout: float = Field(30.0, ge=0.0, le=3600)
     # Ask only for uncompressed syntaxes (the PACS decompresses); default: as stored.
     request_uncompressed: bool = False
     # Attempts to open an association when it is refused transiently or the
     # connection fails (a permanent rejection is not retried).
-    association_attempts: int = 3
+    association_attempts: int = Field(3, ge=1, le=20)
     tls: TlsConfig | None = None
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a host name")
+        return value
 
-@dataclass(frozen=True)
-class TargetConfig:
+    @field_validator("retrieve_method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+
+class TargetConfig(Section):
     """The S3 bucket the archive moves to."""
 
-    bucket: str
+    bucket: Text
     prefix: str = ""
-    sse: str = "AES256"
+    sse: Literal["AES256", "aws:kms", "none"] = "AES256"
     kms_key_id: str | None = None
-    upload_threads: int = 4
+    upload_threads: int = Field(4, ge=1, le=64)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not _BUCKET.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not a valid S3 bucket name")
+        return value
+
+    @field_validator("prefix", mode="before")
+    @classmethod
+    def _prefix(cls, value: Any) -> Any:
+        if value is None:
+            return ""
+        if not isinstance(value, str) or value.startswith("/") or ".." in value.split("/"):
+            raise ValueError(f"{value!r} must be a relative key prefix without '..'")
+        return value if not value or value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _kms(self) -> TargetConfig:
+        if self.sse == "aws:kms" and not self.kms_key_id:
+            raise _FieldError("kms_key_id", "is required when target.sse is aws:kms")
+        return self
 
     def key(self, relative: str) -> str:
         """An object key under the configured prefix."""
         return f"{self.prefix}{relative}"
 
 
-@dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(Section):
     """Who receives the validation report, and from whom."""
 
-    recipients: tuple[str, ...]
-    from_address: str
-    smtp_connection_id: str = "smtp_default"
+    recipients: Addresses = Field(min_length=1)
+    from_address: Email
+    smtp_connection_id: Text = "smtp_default"
     subject_prefix: str = "[PACS migration]"
     # Also told whenever a run is not PASSED (a task failed, the PACS was unreachable).
-    operators: tuple[str, ...] = ()
+    operators: Addresses = ()
 
 
 DEFAULT_ALLOWED_SYNTAXES: tuple[str, ...] = (
@@ -123,48 +257,109 @@ DEFAULT_ALLOWED_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.91",
     "1.2.840.10008.1.2.5",
 )
+TransferSyntaxUID = Annotated[str, Field(pattern=r"^[0-9.]{3,64}$")]
 
 
-@dataclass(frozen=True)
-class ValidationConfig:
+class ValidationConfig(Section):
     """Thresholds of the per-partition suite."""
 
-    max_quarantined_fraction: float = 0.10
-    max_unresolved_fraction: float = 0.0
-    allowed_transfer_syntaxes: tuple[str, ...] = DEFAULT_ALLOWED_SYNTAXES
+    max_quarantined_fraction: Fraction = 0.10
+    max_unresolved_fraction: Fraction = 0.0
+    allowed_transfer_syntaxes: Annotated[tuple[TransferSyntaxUID, ...], BeforeValidator(_tuple)] = Field(
+        DEFAULT_ALLOWED_SYNTAXES, min_length=1
+    )
 
 
-@dataclass(frozen=True)
-class AssessmentConfig:
+class NormalizationConfig(Section):
+    """The site's rule set and where normalize runs."""
+
+    ruleset: LaxPath | None = None  # relative to the config file
+    # Processes that normalize beside a transfer task (another core); 0: in its
+    # load threads. Only for partitions of at least processes_from_instances:
+    # starting a process costs ~0.7 s, it saves ~3 ms of the task's GIL per instance.
+    processes: int = Field(1, ge=0, le=64)
+    processes_from_instances: int = Field(200, ge=1, le=10**9)
+    _rules: Any = PrivateAttr(default=None)  # the loaded RuleSet (rules.py is imported only to load one)
+
+    @field_validator("ruleset")
+    @classmethod
+    def _path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _load(self) -> NormalizationConfig:
+        if self.ruleset is not None:
+            from .rules import RuleSetError, load_ruleset
+
+            try:
+                self._rules = load_ruleset(self.ruleset)
+            except RuleSetError as exc:
+                raise _FieldError("ruleset", str(exc)) from None
+        return self
+
+    @property
+    def rules(self) -> RuleSet:
+        from .rules import STRUCTURAL
+
+        return self._rules or STRUCTURAL
+
+
+class AssessmentConfig(Section):
     """How the assessment projects the duration, and how much it samples."""
 
-    throughput_mb_s: float = 20.0
-    throughput_instances_s: float = 40.0
-    window_hours: float = 10.0
-    sample_series: int = 2  # per year x modality: image-level answers read for sizes and syntaxes
+    throughput_mb_s: float = Field(20.0, ge=0.001, le=1e6)
+    throughput_instances_s: float = Field(40.0, ge=0.001, le=1e6)
+    window_hours: float = Field(10.0, gt=0)  # derived from plan.window, not set in the YAML
+    sample_series: int = Field(2, ge=0, le=1000)  # per year x modality: image-level answers read
     undated_sweep: bool = True  # one universal study query to find studies without a StudyDate
 
 
-@dataclass(frozen=True)
-class Phase:
+class Phase(Section):
     """One phase of the plan: study dates (newest first by default) and the
     modalities it migrates (None: all)."""
 
-    name: str
-    date_from: dt.date | None  # None: ``last_months`` before the night
-    date_to: dt.date | None  # None: the night's date
-    last_months: int | None = None
-    modalities: tuple[str, ...] | None = None
-    newest_first: bool = True
+    name: Text
+    date_from: LaxDate | None = Field(None, alias="from")  # None: ``last_months`` before the night
+    date_to: LaxDate | None = Field(None, alias="to")  # None: the night's date
+    last_months: int | None = Field(None, ge=1, le=1200)
+    modalities: tuple[Annotated[str, Field(pattern=r"^[A-Z0-9_]{1,16}$")], ...] | None = None
+    order: Literal["newest_first", "oldest_first"] = "newest_first"
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modalities(cls, value: Any) -> Any:
+        if value in ("all", None):
+            return None
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"must be 'all' or a list of modality codes, got {value!r}")
+        return tuple(value)
+
+    @model_validator(mode="after")
+    def _dates(self) -> Phase:
+        if (self.date_from is None) == (self.last_months is None):
+            raise _FieldError("from", "give either from (a date) or last_months")
+        if self.date_from and self.date_to and self.date_to < self.date_from:
+            raise _FieldError("to", f"{self.date_to} is before {self.date_from}")
+        return self
+
+    @property
+    def newest_first(self) -> bool:
+        return self.order == "newest_first"
 
 
-@dataclass(frozen=True)
-class Window:
-    """The clinical-quiet window, local time of the hospital; may wrap midnight."""
+class Window(Section):
+    """The clinical-quiet window, local time of the hospital (``plan.timezone``,
+    copied in); may wrap midnight."""
 
-    start: dt.time
-    end: dt.time
-    timezone: str
+    start: ClockTime = dt.time(20, 0)
+    end: ClockTime = dt.time(6, 0)
+    timezone: str = "UTC"  # not a YAML key here: plan.timezone
+
+    @model_validator(mode="after")
+    def _differ(self) -> Window:
+        if self.start == self.end:
+            raise _FieldError("end", "must differ from plan.window.start")
+        return self
 
     @property
     def hours(self) -> float:
@@ -173,168 +368,186 @@ class Window:
         return ((b - a) % (24 * 60) or 24 * 60) / 60
 
 
-@dataclass(frozen=True)
-class PlanConfig:
+class Budget(Section):
+    """Per night; a key left out is no limit."""
+
+    max_partitions: int | None = Field(None, ge=1, le=10**15)
+    max_instances: int | None = Field(None, ge=1, le=10**15)
+    max_bytes: int | None = Field(None, ge=1, le=10**15)
+
+
+class Delta(Section):
+    recent_days: int = Field(30, ge=0, le=36500)  # done study dates this recent are re-censused every night
+    sweep_per_night: int = Field(7, ge=0, le=100000)  # plus this many older ones, least recently checked first
+
+
+def _default_phases() -> tuple[Phase, ...]:
+    return (Phase(name="recent", last_months=24), Phase(name="all", date_from=dt.date(1980, 1, 1)))
+
+
+class PlanConfig(Section):
     """Phased nightly loads: what to move in which order, when, and how much per night."""
 
-    phases: tuple[Phase, ...]
-    window: Window
-    max_partitions: int | None = None
-    max_instances: int | None = None
-    max_bytes: int | None = None
-    max_attempts: int = 3
-    delta_recent_days: int = 30  # done study dates this recent are re-censused every night
-    delta_sweep_per_night: int = 7  # plus this many older done dates, least recently checked first
+    timezone: str = "UTC"
+    window: Window = Field(default_factory=Window)
+    budget: Budget = Field(default_factory=Budget)
+    max_attempts: int = Field(3, ge=1, le=100)
+    delta: Delta = Field(default_factory=Delta)
+    phases: Annotated[tuple[Phase, ...], BeforeValidator(_tuple)] = Field(default_factory=_default_phases, min_length=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone") from None
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window_zone(cls, data: Any) -> Any:
+        """The window is local time of plan.timezone."""
+        if not isinstance(data, Mapping):
+            return data
+        window = data.get("window", {})
+        if isinstance(window, Mapping):
+            if "timezone" in window:
+                raise _FieldError("window.timezone", "unknown key; did you mean 'plan.timezone'?")
+            data = {**data, "window": {**window, "timezone": data.get("timezone", "UTC")}}
+        return data
+
+    @property
+    def max_partitions(self) -> int | None:
+        return self.budget.max_partitions
+
+    @property
+    def max_instances(self) -> int | None:
+        return self.budget.max_instances
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self.budget.max_bytes
+
+    @property
+    def delta_recent_days(self) -> int:
+        return self.delta.recent_days
+
+    @property
+    def delta_sweep_per_night(self) -> int:
+        return self.delta.sweep_per_night
 
 
-DEFAULT_PLAN = PlanConfig(
-    phases=(Phase("recent", None, None, last_months=24), Phase("all", dt.date(1980, 1, 1), None)),
-    window=Window(dt.time(20, 0), dt.time(6, 0), "UTC"),
-)
+DEFAULT_PLAN = PlanConfig()
 
 
-@dataclass(frozen=True)
-class MigrationConfig:
+class MigrationConfig(Section):
+    """The whole file."""
+
     source: SourceConfig
     target: TargetConfig
     report: ReportConfig
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    ruleset: RuleSet = STRUCTURAL
-    # Processes that normalize beside a transfer task (another core); 0: in its
-    # load threads. Only for partitions of at least normalize_processes_from
-    # instances: starting a process costs ~0.7 s, it saves ~3 ms of the task's GIL
-    # per instance.
-    normalize_processes: int = 1
-    normalize_processes_from: int = 200
-    staging_dir: Path = field(default_factory=lambda: Path("/tmp/pacs-migration-staging"))
-    assessment: AssessmentConfig = field(default_factory=AssessmentConfig)
-    plan: PlanConfig = DEFAULT_PLAN
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    staging_dir: LaxPath = Path("/tmp/pacs-migration-staging")
+    assessment: AssessmentConfig = Field(default_factory=AssessmentConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, data: Any) -> Any:
+        """assessment.window_hours follows plan.window; it is not a YAML key."""
+        assessment = data.get("assessment") if isinstance(data, Mapping) else None
+        if isinstance(assessment, Mapping) and "window_hours" in assessment:
+            raise _FieldError("assessment.window_hours", "unknown key; it follows plan.window")
+        return data
+
+    @model_validator(mode="after")
+    def _window_hours(self) -> MigrationConfig:
+        hours = self.plan.window.hours
+        if self.assessment.window_hours != hours:
+            object.__setattr__(self, "assessment", self.assessment.model_copy(update={"window_hours": hours}))
+        return self
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.normalization.rules
+
+    @property
+    def normalize_processes(self) -> int:
+        return self.normalization.processes
+
+    @property
+    def normalize_processes_from(self) -> int:
+        return self.normalization.processes_from_instances
 
 
-# Every key the configuration may hold: anything else is an error naming the
-# nearest valid key (a misspelt section would otherwise fall back to defaults).
-_PHASE_KEYS = {"name": None, "from": None, "to": None, "last_months": None, "modalities": None, "order": None}
-SCHEMA: dict[str, Any] = {
-    "source": {
-        "host": None,
-        "port": None,
-        "called_ae_title": None,
-        "calling_ae_title": None,
-        "max_associations": None,
-        "retrieve_method": None,
-        "retrieve_attempts": None,
-        "acse_timeout": None,
-        "dimse_timeout": None,
-        "network_timeout": None,
-        "max_pdu": None,
-        "find_limit": None,
-        "find_limit_instances": None,
-        "census_split_depth": None,
-        "move_ae_title": None,
-        "move_listen_host": None,
-        "move_listen_port": None,
-        "move_settle_timeout": None,
-        "request_uncompressed": None,
-        "association_attempts": None,
-        "tls": {"ca_file": None, "cert_file": None, "key_file": None, "server_name": None, "check_hostname": None},
-    },
-    "target": {"bucket": None, "prefix": None, "sse": None, "kms_key_id": None, "upload_threads": None},
-    "report": {
-        "recipients": None,
-        "operators": None,
-        "from_address": None,
-        "smtp_connection_id": None,
-        "subject_prefix": None,
-    },
-    "normalization": {"ruleset": None, "processes": None, "processes_from_instances": None},
-    "validation": {
-        "max_quarantined_fraction": None,
-        "max_unresolved_fraction": None,
-        "allowed_transfer_syntaxes": None,
-    },
-    "staging_dir": None,
-    "assessment": {
-        "throughput_mb_s": None,
-        "throughput_instances_s": None,
-        "sample_series": None,
-        "undated_sweep": None,
-    },
-    "plan": {
-        "timezone": None,
-        "window": {"start": None, "end": None},
-        "budget": {"max_partitions": None, "max_instances": None, "max_bytes": None},
-        "max_attempts": None,
-        "delta": {"recent_days": None, "sweep_per_night": None},
-        "phases": [_PHASE_KEYS],
-    },
-}
+# ---------------------------------------------------------------- loading
 
 
-def check_keys(data: Any, schema: Any = None, path: str = "") -> None:
-    """Refuse any key the configuration does not know, naming the nearest one."""
-    schema = SCHEMA if schema is None else schema
-    if isinstance(schema, list) and isinstance(data, list):
-        for n, item in enumerate(data):
-            check_keys(item, schema[0], f"{path}[{n}]")
-        return
-    if not isinstance(schema, dict) or not isinstance(data, Mapping):
-        return
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in schema:
-            near = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1, cutoff=0.6)
-            hint = (
-                f"; did you mean {(path + '.' if path else '') + near[0]!r}?"
-                if near
-                else f"; valid keys here: {', '.join(sorted(schema))}"
-            )
-            raise ConfigError(where, f"unknown key{hint}")
-        check_keys(value, schema[key], where)
+class _FieldError(ValueError):
+    """A cross-field check that names its field (relative to the model)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
 
 
-def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = data.get(name)
-    if not isinstance(value, Mapping):
-        raise ConfigError(name, "missing section (a mapping is required)")
-    return value
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _str(sec: Mapping[str, Any], path: str, key: str, default: str | None = None) -> str:
-    value = sec.get(key, default)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ConfigError(f"{path}.{key}", "is required")
-    if not isinstance(value, str):
-        raise ConfigError(f"{path}.{key}", f"must be a string, got {type(value).__name__}")
-    return value.strip()
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model at a location (for the nearest-key hint)."""
+    model: Any = MigrationConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        if part not in fields:
+            return None
+        ann = fields[part].annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner and getattr(ann, "__args__", None):  # tuple[Phase, ...]
+            inner = [a for a in ann.__args__ if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
 
 
-def _int(sec: Mapping[str, Any], path: str, key: str, default: int, lo: int, hi: int) -> int:
-    value = sec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        # Exact types: "8" or true is a mistake to report, not to coerce.
-        raise ConfigError(f"{path}.{key}", f"must be an integer, got {type(value).__name__} {value!r}")
-    number = value
-    if not lo <= number <= hi:
-        raise ConfigError(f"{path}.{key}", f"must be between {lo} and {hi}, got {number}")
-    return number
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _float(sec: Mapping[str, Any], path: str, key: str, default: float, lo: float, hi: float) -> float:
-    value = sec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{path}.{key}", f"must be a number, got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not lo <= number <= hi:
-        raise ConfigError(f"{path}.{key}", f"must be between {lo} and {hi}, got {number}")
-    return number
-
-
-def _ae_title(sec: Mapping[str, Any], path: str, key: str) -> str:
-    value = _str(sec, path, key)
-    # PS3.5: AE is at most 16 characters, no backslash or control characters.
-    if len(value) > 16 or "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
-        raise ConfigError(f"{path}.{key}", f"{value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
-    return value
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The first error, as ``<field>: <what is wrong>``."""
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p)))
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, _FieldError):
+        return ConfigError(_path((*loc, cause.field_name)), str(cause))
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = _keys(model) if model else []
+        near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        parent = _path(loc[:-1])
+        hint = (
+            f"; did you mean {(parent + '.' if parent else '') + near[0]!r}?"
+            if near
+            else (f"; valid keys here: {', '.join(sorted(known))}" if known else "")
+        )
+        return ConfigError(_path(loc), f"unknown key{hint}")
+    if err["type"] == "missing":
+        return ConfigError(_path(loc), "is required" if len(loc) > 1 else "missing section (a mapping is required)")
+    message = str(cause) if isinstance(cause, ValueError) else err["msg"]
+    if err["type"].endswith("_type") or err["type"] in ("int_from_float",):
+        message += f", got {type(err.get('input')).__name__} {err.get('input')!r}"
+    return ConfigError(_path(loc) or "<root>", message.removeprefix("Value error, "))
 
 
 def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> MigrationConfig:
@@ -343,7 +556,7 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     Parameters
     ----------
     base_dir : Path, optional
-        Where relative paths in the config (the rule set) are resolved.
+        Where relative paths in the config (the rule set, TLS files) are resolved.
 
     Raises
     ------
@@ -352,283 +565,10 @@ def load_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Migrat
     """
     if not isinstance(data, Mapping):
         raise ConfigError("<root>", "configuration must be a mapping")
-    check_keys(data)
-    src = _section(data, "source")
-    host = _str(src, "source", "host")
-    if any(c.isspace() for c in host):
-        raise ConfigError("source.host", f"{host!r} is not a host name")
-    method = _str(src, "source", "retrieve_method", "C-GET").upper()
-    if method not in RETRIEVE_METHODS:
-        raise ConfigError("source.retrieve_method", f"must be one of {RETRIEVE_METHODS}, got {method!r}")
-    source = SourceConfig(
-        host=host,
-        port=_int(src, "source", "port", 0, 1, 65535) if "port" in src else _missing("source.port"),
-        called_ae_title=_ae_title(src, "source", "called_ae_title"),
-        calling_ae_title=_ae_title(src, "source", "calling_ae_title"),
-        max_associations=_int(src, "source", "max_associations", 2, 1, 64),
-        retrieve_method=method,
-        retrieve_attempts=_int(src, "source", "retrieve_attempts", 3, 1, 20),
-        acse_timeout=_float(src, "source", "acse_timeout", 30.0, 0.1, 3600),
-        dimse_timeout=_float(src, "source", "dimse_timeout", 120.0, 0.1, 3600),
-        network_timeout=_float(src, "source", "network_timeout", 120.0, 0.1, 3600),
-        max_pdu=_int(src, "source", "max_pdu", 131072, 4096, 2**31 - 1),
-        find_limit=_int(src, "source", "find_limit", 0, 1, 10**7) if src.get("find_limit") else None,
-        find_limit_instances=(
-            _int(src, "source", "find_limit_instances", 0, 1, 10**7) if src.get("find_limit_instances") else None
-        ),
-        census_split_depth=_int(src, "source", "census_split_depth", 12, 0, 17),
-        move_ae_title=_ae_title(src, "source", "move_ae_title") if src.get("move_ae_title") else None,
-        move_listen_host=_str(src, "source", "move_listen_host", "0.0.0.0"),
-        move_listen_port=_int(src, "source", "move_listen_port", 11113, 1, 65535),
-        move_settle_timeout=_float(src, "source", "move_settle_timeout", 30.0, 0.0, 3600),
-        request_uncompressed=_bool(src, "source", "request_uncompressed", False),
-        association_attempts=_int(src, "source", "association_attempts", 3, 1, 20),
-        tls=_tls(src.get("tls"), base_dir),
-    )
-
-    tgt = _section(data, "target")
-    bucket = _str(tgt, "target", "bucket")
-    if not _BUCKET.match(bucket) or ".." in bucket:
-        raise ConfigError("target.bucket", f"{bucket!r} is not a valid S3 bucket name")
-    prefix = tgt.get("prefix") or ""
-    if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
-        raise ConfigError("target.prefix", f"{prefix!r} must be a relative key prefix without '..'")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    sse = str(tgt.get("sse", "AES256"))
-    if sse not in SSE_MODES:
-        raise ConfigError("target.sse", f"must be one of {SSE_MODES}, got {sse!r}")
-    kms_key_id = tgt.get("kms_key_id")
-    if sse == "aws:kms" and not kms_key_id:
-        raise ConfigError("target.kms_key_id", "is required when target.sse is aws:kms")
-    target = TargetConfig(
-        bucket=bucket,
-        prefix=prefix,
-        sse=sse,
-        kms_key_id=str(kms_key_id) if kms_key_id else None,
-        upload_threads=_int(tgt, "target", "upload_threads", 4, 1, 64),
-    )
-
-    rep = _section(data, "report")
-    raw = _addresses(rep.get("recipients"), "report.recipients")
-    if not raw:
-        raise ConfigError("report.recipients", "at least one e-mail address is required")
-    sender = _str(rep, "report", "from_address")
-    if not _EMAIL.match(sender):
-        raise ConfigError("report.from_address", f"{sender!r} is not an e-mail address")
-    report = ReportConfig(
-        recipients=tuple(raw),
-        from_address=sender,
-        smtp_connection_id=_str(rep, "report", "smtp_connection_id", "smtp_default"),
-        subject_prefix=str(rep.get("subject_prefix", "[PACS migration]")),
-        operators=tuple(_addresses(rep.get("operators"), "report.operators")),
-    )
-    val = data.get("validation") or {}
-    if not isinstance(val, Mapping):
-        raise ConfigError("validation", "must be a mapping")
-    syntaxes = val.get("allowed_transfer_syntaxes", DEFAULT_ALLOWED_SYNTAXES)
-    if not isinstance(syntaxes, (list, tuple)) or not syntaxes:
-        raise ConfigError("validation.allowed_transfer_syntaxes", "must be a non-empty list of UIDs")
-    for uid in syntaxes:
-        if not isinstance(uid, str) or not re.fullmatch(r"[0-9.]{3,64}", uid):
-            raise ConfigError("validation.allowed_transfer_syntaxes", f"{uid!r} is not a transfer syntax UID")
-    validation = ValidationConfig(
-        max_quarantined_fraction=_float(val, "validation", "max_quarantined_fraction", 0.10, 0.0, 1.0),
-        max_unresolved_fraction=_float(val, "validation", "max_unresolved_fraction", 0.0, 0.0, 1.0),
-        allowed_transfer_syntaxes=tuple(syntaxes),
-    )
-    norm = data.get("normalization") or {}
-    if not isinstance(norm, Mapping):
-        raise ConfigError("normalization", "must be a mapping")
-    ruleset = STRUCTURAL
-    if norm.get("ruleset"):
-        path = Path(str(norm["ruleset"]))
-        if not path.is_absolute():
-            path = (base_dir or Path(".")) / path
-        try:
-            ruleset = load_ruleset(path)
-        except RuleSetError as exc:
-            raise ConfigError("normalization.ruleset", str(exc)) from None
-    normalize_processes = _int(norm, "normalization", "processes", 1, 0, 64)
-    normalize_processes_from = _int(norm, "normalization", "processes_from_instances", 200, 1, 10**9)
-    staging = data.get("staging_dir", "/tmp/pacs-migration-staging")
-    if not isinstance(staging, str) or not staging:
-        raise ConfigError("staging_dir", "must be a directory path")
-    plan = _plan(data.get("plan"))
-    asm = data.get("assessment") or {}
-    if not isinstance(asm, Mapping):
-        raise ConfigError("assessment", "must be a mapping")
-    assessment = AssessmentConfig(
-        throughput_mb_s=_float(asm, "assessment", "throughput_mb_s", 20.0, 0.001, 1e6),
-        throughput_instances_s=_float(asm, "assessment", "throughput_instances_s", 40.0, 0.001, 1e6),
-        window_hours=plan.window.hours,
-        sample_series=_int(asm, "assessment", "sample_series", 2, 0, 1000),
-        undated_sweep=_bool(asm, "assessment", "undated_sweep", True),
-    )
-    return MigrationConfig(
-        source=source,
-        target=target,
-        report=report,
-        validation=validation,
-        ruleset=ruleset,
-        normalize_processes=normalize_processes,
-        normalize_processes_from=normalize_processes_from,
-        staging_dir=Path(staging),
-        assessment=assessment,
-        plan=plan,
-    )
-
-
-def _addresses(raw: Any, path: str) -> list[str]:
-    """E-mail addresses from a list or a comma/semicolon/space separated string."""
-    if raw is None:
-        return []
-    if isinstance(raw, str):
-        raw = [r for r in re.split(r"[,;\s]+", raw) if r]
-    if not isinstance(raw, (list, tuple)):
-        raise ConfigError(path, "must be a list of e-mail addresses")
-    for addr in raw:
-        if not isinstance(addr, str) or not _EMAIL.match(addr):
-            raise ConfigError(path, f"{addr!r} is not an e-mail address")
-    return list(raw)
-
-
-def _date(value: Any, path: str) -> dt.date:
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
     try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        raise ConfigError(path, f"must be a date YYYY-MM-DD, got {value!r}") from None
-
-
-def _time(value: Any, path: str) -> dt.time:
-    text = str(value)
-    if isinstance(value, int):  # YAML 1.1 reads 20:00 as sexagesimal 1200
-        text = f"{value // 60:02d}:{value % 60:02d}"
-    try:
-        return dt.time.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(path, f"must be a time HH:MM, got {value!r}") from None
-
-
-def _plan(value: Any) -> PlanConfig:
-    if value is None:
-        return DEFAULT_PLAN
-    if not isinstance(value, Mapping):
-        raise ConfigError("plan", "must be a mapping")
-    win = value.get("window") or {}
-    if not isinstance(win, Mapping):
-        raise ConfigError("plan.window", "must be a mapping with start and end (HH:MM)")
-    tz = str(value.get("timezone", "UTC"))
-    try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError("plan.timezone", f"{tz!r} is not an IANA time zone") from None
-    window = Window(
-        _time(win.get("start", "20:00"), "plan.window.start"), _time(win.get("end", "06:00"), "plan.window.end"), tz
-    )
-    if window.start == window.end:
-        raise ConfigError("plan.window.end", "must differ from plan.window.start")
-    raw_phases = value.get("phases")
-    if not raw_phases or not isinstance(raw_phases, list):
-        raise ConfigError("plan.phases", "at least one phase is required")
-    phases = []
-    for n, ph in enumerate(raw_phases):
-        path = f"plan.phases[{n}]"
-        if not isinstance(ph, Mapping):
-            raise ConfigError(path, "must be a mapping")
-        name = _str(ph, path, "name")
-        last = _int(ph, path, "last_months", 0, 1, 1200) if ph.get("last_months") is not None else None
-        start = _date(ph["from"], f"{path}.from") if ph.get("from") is not None else None
-        end = _date(ph["to"], f"{path}.to") if ph.get("to") is not None else None
-        if (start is None) == (last is None):
-            raise ConfigError(f"{path}.from", "give either from (a date) or last_months")
-        if start and end and end < start:
-            raise ConfigError(f"{path}.to", f"{end} is before {start}")
-        mods = ph.get("modalities", "all")
-        if mods == "all" or mods is None:
-            modalities = None
-        elif (
-            isinstance(mods, list)
-            and mods
-            and all(isinstance(m, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", m) for m in mods)
-        ):
-            modalities = tuple(mods)
-        else:
-            raise ConfigError(f"{path}.modalities", f"must be 'all' or a list of modality codes, got {mods!r}")
-        order = str(ph.get("order", "newest_first"))
-        if order not in ("newest_first", "oldest_first"):
-            raise ConfigError(f"{path}.order", f"must be newest_first or oldest_first, got {order!r}")
-        phases.append(Phase(name, start, end, last, modalities, order == "newest_first"))
-    budget = value.get("budget") or {}
-    if not isinstance(budget, Mapping):
-        raise ConfigError("plan.budget", "must be a mapping")
-
-    def limit(key: str) -> int | None:
-        return _int(budget, "plan.budget", key, 0, 1, 10**15) if budget.get(key) is not None else None
-
-    delta = value.get("delta") or {}
-    if not isinstance(delta, Mapping):
-        raise ConfigError("plan.delta", "must be a mapping")
-    return PlanConfig(
-        phases=tuple(phases),
-        window=window,
-        max_partitions=limit("max_partitions"),
-        max_instances=limit("max_instances"),
-        max_bytes=limit("max_bytes"),
-        max_attempts=_int(value, "plan", "max_attempts", 3, 1, 100),
-        delta_recent_days=_int(delta, "plan.delta", "recent_days", 30, 0, 36500),
-        delta_sweep_per_night=_int(delta, "plan.delta", "sweep_per_night", 7, 0, 100000),
-    )
-
-
-def _bool(sec: Mapping[str, Any], path: str, key: str, default: bool) -> bool:
-    value = sec.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}.{key}", f"must be true or false, got {value!r}")
-    return value
-
-
-def _tls(value: Any, base_dir: Path | None) -> TlsConfig | None:
-    """source.tls: files must exist now, so a typo fails at parse, not mid-night."""
-    if value in (None, False):
-        return None
-    if not isinstance(value, Mapping):
-        raise ConfigError("source.tls", "must be a mapping (ca_file, cert_file, key_file)")
-
-    def file(key: str, required: bool) -> Path | None:
-        raw = value.get(key)
-        if not raw:
-            if required:
-                raise ConfigError(f"source.tls.{key}", "is required")
-            return None
-        path = Path(str(raw))
-        if not path.is_absolute():
-            path = (base_dir or Path(".")) / path
-        if not path.is_file():
-            raise ConfigError(f"source.tls.{key}", f"{path} is not a readable file")
-        return path
-
-    cert, key = file("cert_file", False), file("key_file", False)
-    if (cert is None) != (key is None):
-        raise ConfigError(
-            "source.tls.key_file" if key is None else "source.tls.cert_file", "cert_file and key_file go together"
-        )
-    name = value.get("server_name")
-    return TlsConfig(
-        ca_file=file("ca_file", True),  # type: ignore[arg-type]
-        cert_file=cert,
-        key_file=key,
-        server_name=str(name) if name else None,
-        check_hostname=_bool(value, "source.tls", "check_hostname", True),
-    )
-
-
-def _missing(name: str) -> int:
-    raise ConfigError(name, "is required")
+        return MigrationConfig.model_validate(dict(data), context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise _config_error(exc) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from .config import SourceConfig, TlsConfig
 from .logs import configure_logging
 
 _CHUNK = 1 << 20
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,27 @@ def _open_find_association(source: SourceConfig):
     ae = _new_ae(source)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     return _associate(ae, source)
+
+
+def echo(source: SourceConfig) -> int:
+    """C-ECHO the source (association, TLS, AE titles); returns the status (0x0000: success).
+
+    Raises
+    ------
+    DicomNetworkError
+        When no association could be made.
+    """
+    ae = _new_ae(source)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    assoc = _associate(ae, source)
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise DicomNetworkError("C-ECHO got no response (timeout or abort)")
+        return int(status.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 def _c_find(assoc, identifier: Dataset) -> list[Dataset]:

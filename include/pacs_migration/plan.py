@@ -319,8 +319,8 @@ def select_night(
             None,
             None,
             (),
-            f"outside the window {plan.window.start:%H:%M}-{plan.window.end:%H:%M} "
-            f"{plan.window.timezone}: nothing started",
+            f"outside the window {plan.window.start:%H:%M}-{plan.window.end:%H:%M} {plan.window.timezone}: "
+            "nothing started",
             _left(plan, ledger, now.date()),
         )
     start, end = bounds

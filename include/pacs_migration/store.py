@@ -65,7 +65,7 @@ class ObjectStore:
     def _sse(self) -> dict[str, str]:
         if self.target.sse == "none":
             return {}
-        args = {"ServerSideEncryption": self.target.sse}
+        args: dict[str, str] = {"ServerSideEncryption": self.target.sse}
         if self.target.sse == "aws:kms" and self.target.kms_key_id:
             args["SSEKMSKeyId"] = self.target.kms_key_id
         return args
