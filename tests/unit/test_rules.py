@@ -296,7 +296,8 @@ def test_dry_run_counts_without_values(tmp_path):
 def _decode_everything_verdicts(ds: pydicom.Dataset) -> tuple[str | None, set, set]:
     """What the rule passes would find if every value were decoded (the slow,
     obvious way): first invalid value, over-long candidates, dates to fix."""
-    from include.pacs_migration.rules import MAX_LENGTH, _normal_date, _normal_time, _values, is_conformant
+    from include.pacs_migration.rules import MAX_LENGTH, is_conformant
+    from include.pacs_migration.rules.apply import _normal_date, _normal_time, _values
 
     invalid = None
     for elem in ds.iterall():
@@ -338,7 +339,7 @@ def test_lazy_rule_passes_agree_with_decoding_everything():
     values), the first invalid value, the over-long values and the dates to fix
     found from raw bytes are those found by decoding every value; twice, so the
     cache of values found valid is exercised too."""
-    from include.pacs_migration import rules
+    from include.pacs_migration.rules import apply as rules
 
     files = _quirky_files()
     assert len(files) > 100

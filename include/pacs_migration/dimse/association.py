@@ -1,0 +1,149 @@
+"""Associations to the legacy PACS: one per call, every timeout set, TCP_NODELAY,
+DICOM TLS, bounded retries of transient rejections; the errors the client raises; C-ECHO."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+
+from ..config import SourceConfig, TlsConfig
+from ..logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
+
+class DicomNetworkError(RuntimeError):
+    """The association could not be made or broke; worth a retry."""
+
+
+class QueryFailed(RuntimeError):
+    """The peer answered a C-FIND with a failure status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"C-FIND failed with status 0x{status:04X}")
+        self.status = status
+
+
+class QueryTruncated(QueryFailed):
+    """The peer stopped answering early (0xFE00 cancel, 0xA700 out of resources):
+    ``answers`` holds what came before. The caller splits the query."""
+
+    def __init__(self, status: int, answers: list[Dataset]) -> None:
+        super().__init__(status)
+        self.answers = answers
+
+
+TRUNCATION_STATUSES = (0xFE00, 0xA700)
+
+
+def nodelay(assoc) -> None:
+    """TCP_NODELAY on the association's socket: DIMSE sends small writes that
+    Nagle's algorithm would hold back for a delayed ACK (~40 ms each)."""
+    with contextlib.suppress(AttributeError, OSError):
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def new_ae(source: SourceConfig) -> AE:
+    ae = AE(ae_title=source.calling_ae_title)
+    ae.acse_timeout = source.acse_timeout
+    ae.dimse_timeout = source.dimse_timeout
+    ae.network_timeout = source.network_timeout
+    ae.connection_timeout = source.acse_timeout
+    ae.maximum_pdu_size = source.max_pdu
+    return ae
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A client context that trusts only ``tls.ca_file`` and presents our
+    certificate when one is configured. TLS 1.2 at least (PS3.15 BCP 195)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file and tls.key_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
+
+
+_REJECT_PERMANENT = 0x01
+_REJECT_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+
+
+def associate(ae: AE, source: SourceConfig, **kwargs: Any):
+    """Open an association to the source with TCP_NODELAY, or raise DicomNetworkError.
+
+    A transient rejection or a failed connection is retried
+    (``source.association_attempts``, exponential backoff); a permanent
+    rejection (wrong AE title, unsupported context) is not.
+    """
+    configure_logging()  # before any association: no identifiers in logs, streamed receive
+    peer = f"{source.called_ae_title}@{source.host}:{source.port}"
+    attempts = max(1, source.association_attempts)
+    handlers = list(kwargs.pop("evt_handlers", []))
+    if source.tls is not None:
+        kwargs["tls_args"] = (tls_context(source.tls), source.tls.server_name or source.host)
+    reason = "failed"
+    for attempt in range(attempts):
+        answer: dict[str, Any] = {}
+
+        def on_acse(event: evt.Event, answer: dict[str, Any] = answer) -> None:
+            primitive: Any = getattr(event, "primitive", None)  # set on ACSE events only
+            if getattr(primitive, "result", None) in (0x01, 0x02):
+                answer.update(result=primitive.result, source=primitive.result_source, diagnostic=primitive.diagnostic)
+
+        # max_pdu must be passed here: AE.maximum_pdu_size only applies to an acceptor.
+        assoc = ae.associate(
+            source.host,
+            source.port,
+            ae_title=source.called_ae_title,
+            max_pdu=source.max_pdu,
+            evt_handlers=[*handlers, (evt.EVT_ACSE_RECV, on_acse)],
+            **kwargs,
+        )
+        if assoc.is_established:
+            nodelay(assoc)
+            return assoc
+        if assoc.is_rejected:
+            kind = "permanently" if answer.get("result") == _REJECT_PERMANENT else "transiently"
+            reason = (
+                f"rejected {kind} by the {_REJECT_SOURCES.get(answer.get('source', 0), 'peer')}"
+                f" (reason {answer.get('diagnostic', '?')})"
+            )
+            if answer.get("result") == _REJECT_PERMANENT:
+                break
+        else:
+            reason = "failed (no answer, refused connection or TLS handshake)"
+        if attempt + 1 < attempts:
+            log.warning("association to %s %s; attempt %d of %d", peer, reason, attempt + 1, attempts)
+            time.sleep(min(0.5 * 2**attempt, 5.0))
+    raise DicomNetworkError(f"association to {peer} {reason}")
+
+
+def echo(source: SourceConfig) -> int:
+    """C-ECHO the source (association, TLS, AE titles); returns the status (0x0000: success).
+
+    Raises
+    ------
+    DicomNetworkError
+        When no association could be made.
+    """
+    ae = new_ae(source)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    assoc = associate(ae, source)
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise DicomNetworkError("C-ECHO got no response (timeout or abort)")
+        return int(status.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -1,0 +1,152 @@
+"""Where retrieved instances land: staged by arrival order, hashed, copies kept."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+
+log = logging.getLogger(__name__)
+
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class ReceivedInstance:
+    """One instance as it arrived: staged bytes and their hash. ``copy`` is 0
+    for the first arrival of a SOP Instance UID, 1, 2... for later arrivals
+    whose bytes differ (kept: a copy is never dropped)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    sha256: str
+    size: int
+    copy: int = 0
+
+
+@dataclass
+class StagingSink:
+    """Receives C-STORE sub-operations into a staging folder.
+
+    Files are named by arrival order, never by UID: a UID is untrusted input
+    until normalize has validated it. Every arrival is staged and hashed; an
+    identical re-arrival is counted once and its file removed; a different
+    one under the same SOP Instance UID is kept as another copy
+    (``ReceivedInstance.copy``) for the caller to quarantine. No fsync:
+    staging is not the durable copy (S3 is, verified by checksum), and a
+    retried task starts clean. Thread-safe: several associations may deliver
+    into one sink.
+    """
+
+    folder: Path
+    received: dict[str, ReceivedInstance] = field(default_factory=dict)
+    copies: list[ReceivedInstance] = field(default_factory=list)  # differing later arrivals
+    duplicates: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _counter: int = 0
+    # Called once per first arrival or differing copy, as soon as it is staged
+    # (overlaps processing with retrieval).
+    on_received: Callable[[ReceivedInstance], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def arrivals(self) -> int:
+        """Stores seen so far, duplicates included."""
+        with self._lock:
+            return len(self.received) + len(self.copies) + self.duplicates
+
+    def _next_path(self) -> Path:
+        with self._lock:
+            self._counter += 1
+            return self.folder / f"{self._counter:08d}.dcm"
+
+    def _commit(self, item: ReceivedInstance) -> None:
+        with self._lock:
+            first = self.received.get(item.sop_instance_uid)
+            known = [first, *(c for c in self.copies if c.sop_instance_uid == item.sop_instance_uid)]
+            if first is None:
+                self.received[item.sop_instance_uid] = item
+            elif any(k is not None and k.sha256 == item.sha256 for k in known):
+                self.duplicates += 1
+                item.path.unlink(missing_ok=True)
+                return
+            else:
+                item.copy = len(known)
+                self.copies.append(item)
+        if self.on_received is not None:
+            self.on_received(item)
+
+    def store(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, data: bytes) -> int:
+        """Stage an instance held in memory (a Part 10 byte string)."""
+        path = self._next_path()
+        tmp = path.with_suffix(".part")
+        try:
+            tmp.write_bytes(data)
+            tmp.rename(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._commit(
+            ReceivedInstance(
+                sop_instance_uid, sop_class_uid, transfer_syntax, path, hashlib.sha256(data).hexdigest(), len(data)
+            )
+        )
+        return 0x0000
+
+    def store_file(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, source: Path) -> int:
+        """Stage an instance pynetdicom has already written to ``source``
+        (STORE_RECV_CHUNKED_DATASET): hashed in chunks and moved, never loaded
+        whole, so memory stays flat whatever the instance's size. ``source``
+        is gone afterwards, whatever happens."""
+        path = self._next_path()
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with open(source, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+            try:
+                os.replace(source, path)
+            except OSError:  # another file system: copy, then drop the temporary
+                tmp = path.with_suffix(".part")
+                shutil.copyfile(source, tmp)
+                tmp.rename(path)
+        finally:
+            source.unlink(missing_ok=True)
+        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path, digest.hexdigest(), size))
+        return 0x0000
+
+    def handle_store(self, event: evt.Event) -> int:
+        """pynetdicom ``EVT_C_STORE`` handler."""
+        try:
+            req = cast(C_STORE, event.request)
+            uid, cls, ts = (
+                str(req.AffectedSOPInstanceUID),
+                str(req.AffectedSOPClassUID),
+                str(event.context.transfer_syntax),
+            )
+            chunked = getattr(req, "_dataset_path", None)
+            if isinstance(chunked, Path):
+                # As a C-GET requestor pynetdicom leaves the temporary open: close it.
+                if (handle := getattr(req, "_dataset_file", None)) is not None:
+                    handle.close()
+                return self.store_file(uid, cls, ts, chunked)
+            return self.store(uid, cls, ts, event.encoded_dataset(include_meta=True))
+        except Exception:  # never let a handler exception kill the association
+            log.exception("failed to stage a received instance")
+            return 0xA700  # Out of resources
