@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import pydicom
 from pydicom.datadict import DicomDictionary, dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -34,7 +34,7 @@ from pydicom.uid import (
 )
 
 from .reasons import ReasonCode, reason
-from .rules import STRUCTURAL, Change, Reason, RuleSet, apply_ruleset, is_conformant
+from .rules import STRUCTURAL, Change, Reason, RuleOutcome, RuleSet, apply_ruleset, is_conformant
 from .uids import is_valid_uid
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -288,6 +288,107 @@ def _values_charset(ds: Dataset) -> str:
         return "latin_1"
 
 
+class _Quarantine(Exception):
+    """A step found the instance cannot migrate: ``reason`` is its code."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Read:
+    """A received instance, parsed: what the later steps work on."""
+
+    raw: bytes
+    ds: Dataset
+    offset: int  # where the dataset starts (after the file meta)
+    meta_ts: str | None  # the file meta's transfer syntax, if any
+    ts_in: str
+    encoding_mismatch: bool  # an implicit VR body under an explicit transfer syntax
+
+
+def _read(raw: bytes) -> _Read:
+    """Step 1: structure. Truncation, garbage and an unreadable encoding quarantine."""
+    try:
+        offset, meta_ts = _dataset_offset(raw)
+    except _Truncated:
+        raise _Quarantine(reason(ReasonCode.TRUNCATED)) from None
+    if offset == 0 and not _looks_like_dataset(raw):
+        raise _Quarantine(reason(ReasonCode.NOT_DICOM))
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+    except (EOFError, struct.error):
+        raise _Quarantine(reason(ReasonCode.TRUNCATED)) from None
+    except Exception:  # InvalidDicomError and the many types pydicom raises on garbage
+        raise _Quarantine(reason(ReasonCode.NOT_DICOM)) from None
+    if len(ds) == 0:
+        raise _Quarantine(reason(ReasonCode.NOT_DICOM))
+    implicit, little = ds.original_encoding
+    if meta_ts:
+        ts_in = meta_ts
+    elif implicit is None:
+        raise _Quarantine(reason(ReasonCode.NOT_DICOM))
+    else:
+        ts_in = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    body_vr = raw[offset + 4 : offset + 6]
+    mismatch = ts_in != ImplicitVRLittleEndian and len(body_vr) == 2 and not body_vr.isalpha()
+    return _Read(raw, ds, offset, meta_ts, ts_in, mismatch)
+
+
+def _check_identity(read: _Read, result: NormalizeResult, expected: tuple[str | None, str | None, str | None]) -> None:
+    """Step 2: the key UIDs are present, well formed, and the ones the census expects."""
+    try:
+        check_structure(read.raw, read.ts_in, read.offset)
+    except (_Truncated, struct.error):
+        raise _Quarantine(reason(ReasonCode.TRUNCATED)) from None
+    ds = read.ds
+    for keyword in REQUIRED_UIDS:
+        try:
+            value = ds.get(keyword)
+        except Exception:
+            value = None
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            raise _Quarantine(reason(ReasonCode.MISSING_UID, keyword))
+        if not is_valid_uid(text):
+            raise _Quarantine(reason(ReasonCode.BAD_UID_SYNTAX, keyword))
+    result.sop_instance_uid = str(ds.SOPInstanceUID)
+    result.sop_class_uid = str(ds.SOPClassUID)
+    result.study_instance_uid = str(ds.StudyInstanceUID)
+    result.series_instance_uid = str(ds.SeriesInstanceUID)
+    result.study_date = str(ds.get("StudyDate", "") or "")
+    result.modality = str(ds.get("Modality", "") or "")
+    actual = (result.sop_instance_uid, result.series_instance_uid, result.study_instance_uid)
+    if any(e is not None and e != a for e, a in zip(expected, actual, strict=True)):
+        raise _Quarantine(reason(ReasonCode.UID_CONFLICT))
+
+
+def _check_pixels(read: _Read, result: NormalizeResult) -> None:
+    """Step 3: native pixel data holds the bytes its attributes declare; its hash."""
+    ds = read.ds
+    if read.ts_in in _NATIVE_SYNTAXES and "PixelData" in ds:
+        want = _expected_pixel_bytes(ds)
+        have = len(ds["PixelData"].value or b"")
+        if "YBR_FULL_422" in str(ds.get("PhotometricInterpretation", "")) and want:
+            want = want * 2 // 3  # 4:2:2 subsampled native data
+        if want is not None and have < want:  # trailing padding is tolerated
+            raise _Quarantine(reason(ReasonCode.PIXEL_LENGTH_MISMATCH))
+    result.pixel_sha256_before = _pixel_hash(ds, read.ts_in == ExplicitVRBigEndian)
+
+
+def _apply_rules(read: _Read, result: NormalizeResult, ruleset: RuleSet, source_ae: str | None) -> RuleOutcome:
+    """Step 4: the rule set, in place; a rejecting rule quarantines."""
+    outcome = apply_ruleset(ruleset, read.ds, source_ae)
+    if outcome.rejected_by:
+        raise _Quarantine(reason(ReasonCode.RULE_REJECTED, outcome.rejected_by))
+    result.rules_applied = sorted({c.rule_id for c in outcome.changes})
+    result.sop_class_uid = str(read.ds.SOPClassUID)
+    result.findings = list(outcome.findings)
+    result.patient_key = patient_key(read.ds)  # the patient the object will name (after a crosswalk)
+    return outcome
+
+
 def normalize(
     raw: bytes,
     expected_sop_instance_uid: str | None = None,
@@ -297,7 +398,8 @@ def normalize(
     source_ae: str | None = None,
     modified_at: dt.datetime | None = None,
 ) -> NormalizeResult:
-    """Normalize one instance's bytes.
+    """Normalize one instance's bytes: read, check identity, check pixels,
+    apply the rules, then pass through unchanged or rewrite.
 
     Parameters
     ----------
@@ -310,134 +412,95 @@ def normalize(
     source_ae : str, optional
         The source's AE title, for rule conditions and provenance.
     """
+    result = NormalizeResult(reason=None)
     try:
-        offset, meta_ts = _dataset_offset(raw)
-    except _Truncated:
-        return NormalizeResult(reason(ReasonCode.TRUNCATED))
-    if offset == 0 and not _looks_like_dataset(raw):
-        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
-    try:
-        ds = pydicom.dcmread(io.BytesIO(raw), force=True)
-    except (InvalidDicomError, EOFError, struct.error) as exc:
-        code = ReasonCode.TRUNCATED if isinstance(exc, (EOFError, struct.error)) else ReasonCode.NOT_DICOM
-        return NormalizeResult(reason(code))
-    except Exception:  # pydicom raises many types on garbage
-        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
-    if len(ds) == 0:
-        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
-
-    implicit, little = ds.original_encoding
-    if meta_ts:
-        ts_in = meta_ts
-    elif implicit is None:
-        return NormalizeResult(reason(ReasonCode.NOT_DICOM))
-    else:
-        ts_in = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    result = NormalizeResult(reason=None, transfer_syntax_in=ts_in)
-    body_vr = raw[offset + 4 : offset + 6]
-    encoding_mismatch = ts_in != ImplicitVRLittleEndian and len(body_vr) == 2 and not body_vr.isalpha()
-    try:
-        check_structure(raw, ts_in, offset)
-    except _Truncated:
-        result.reason = reason(ReasonCode.TRUNCATED)
-        return result
-    except struct.error:
-        result.reason = reason(ReasonCode.TRUNCATED)
-        return result
-
-    for keyword in REQUIRED_UIDS:
-        try:
-            value = ds.get(keyword)
-        except Exception:
-            value = None
-        text = str(value).strip() if value is not None else ""
-        if not text:
-            result.reason = reason(ReasonCode.MISSING_UID, keyword)
+        read = _read(raw)
+        result.transfer_syntax_in = read.ts_in
+        _check_identity(
+            read, result, (expected_sop_instance_uid, expected_series_instance_uid, expected_study_instance_uid)
+        )
+        _check_pixels(read, result)
+        findings = _structural_findings(read.ds)  # before the rules change the dataset
+        outcome = _apply_rules(read, result, ruleset, source_ae)
+        if not _needs_rewrite(read, findings, outcome):
+            result.data, result.transfer_syntax_out = raw, read.ts_in
+            result.pixel_sha256_after = result.pixel_sha256_before
             return result
-        if not is_valid_uid(text):
-            result.reason = reason(ReasonCode.BAD_UID_SYNTAX, keyword)
-            return result
-    result.sop_instance_uid = str(ds.SOPInstanceUID)
-    result.sop_class_uid = str(ds.SOPClassUID)
-    result.study_instance_uid = str(ds.StudyInstanceUID)
-    result.series_instance_uid = str(ds.SeriesInstanceUID)
-    result.study_date = str(ds.get("StudyDate", "") or "")
-    result.modality = str(ds.get("Modality", "") or "")
-    for expected, actual in (
-        (expected_sop_instance_uid, result.sop_instance_uid),
-        (expected_series_instance_uid, result.series_instance_uid),
-        (expected_study_instance_uid, result.study_instance_uid),
-    ):
-        if expected is not None and expected != actual:
-            result.reason = reason(ReasonCode.UID_CONFLICT)
-            return result
+        _rewrite(read, result, findings, outcome, ruleset, source_ae, modified_at)
+    except _Quarantine as q:
+        result.reason, result.data = q.reason, None
+    return result
 
-    big_endian = ts_in == ExplicitVRBigEndian
-    if ts_in in _NATIVE_SYNTAXES and "PixelData" in ds:
-        want = _expected_pixel_bytes(ds)
-        have = len(ds["PixelData"].value or b"")
-        if "YBR_FULL_422" in str(ds.get("PhotometricInterpretation", "")) and want:
-            want = want * 2 // 3  # 4:2:2 subsampled native data
-        if want is not None and have < want:  # trailing padding is tolerated
-            result.reason = reason(ReasonCode.PIXEL_LENGTH_MISMATCH)
-            return result
-    result.pixel_sha256_before = _pixel_hash(ds, big_endian)
 
-    # Findings that call for a rewrite even of an explicit VR little endian file.
-    group_lengths = [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002]
-    un_known = [
-        t
-        for t in ds.keys()
-        if not t.is_private and getattr(ds.get_item(t), "VR", None) == "UN" and t in DicomDictionary
-    ]
-    outcome = apply_ruleset(ruleset, ds, source_ae)
-    if outcome.rejected_by:
-        result.reason = reason(ReasonCode.RULE_REJECTED, outcome.rejected_by)
-        return result
-    result.rules_applied = sorted({c.rule_id for c in outcome.changes})
-    result.findings = list(outcome.findings)
-    result.patient_key = patient_key(ds)  # the patient the object will name (after a crosswalk)
-    result.sop_class_uid = str(ds.SOPClassUID)
+@dataclass
+class _Findings:
+    """What calls for a rewrite even of an explicit VR little endian file."""
 
-    meta = getattr(ds, "file_meta", None)
-    meta_ok = (
-        meta_ts is not None
-        and meta is not None
-        and meta.get("MediaStorageSOPClassUID") == ds.SOPClassUID
-        and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID
+    group_lengths: list[BaseTag]
+    un_known: list[BaseTag]  # standard attributes sent as UN
+
+
+def _structural_findings(ds: Dataset) -> _Findings:
+    return _Findings(
+        [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002],
+        [
+            t
+            for t in ds.keys()
+            if not t.is_private and getattr(ds.get_item(t), "VR", None) == "UN" and t in DicomDictionary
+        ],
     )
-    rewrite = (
-        ts_in in _REWRITE_SYNTAXES
-        or not meta_ok
-        or group_lengths
-        or un_known
+
+
+def _meta_ok(read: _Read) -> bool:
+    meta = getattr(read.ds, "file_meta", None)
+    return (
+        read.meta_ts is not None
+        and meta is not None
+        and meta.get("MediaStorageSOPClassUID") == read.ds.SOPClassUID
+        and meta.get("MediaStorageSOPInstanceUID") == read.ds.SOPInstanceUID
+    )
+
+
+def _needs_rewrite(read: _Read, findings: _Findings, outcome: RuleOutcome) -> bool:
+    return bool(
+        read.ts_in in _REWRITE_SYNTAXES
+        or not _meta_ok(read)
+        or findings.group_lengths
+        or findings.un_known
         or outcome.changes
         or outcome.notes
-        or encoding_mismatch
+        or read.encoding_mismatch
     )
-    if not rewrite:
-        result.data = raw
-        result.transfer_syntax_out = ts_in
-        result.pixel_sha256_after = result.pixel_sha256_before
-        return result
 
-    # Rewrite as explicit VR little endian with fresh, consistent file meta.
+
+def _rewrite(
+    read: _Read,
+    result: NormalizeResult,
+    findings: _Findings,
+    outcome: RuleOutcome,
+    ruleset: RuleSet,
+    source_ae: str | None,
+    modified_at: dt.datetime | None,
+) -> None:
+    """Step 5: explicit VR little endian with fresh, consistent file meta; every
+    change listed in ``result.changes`` and recorded in the Original Attributes Sequence."""
+    ds, ts_in = read.ds, read.ts_in
     ts_out = ExplicitVRLittleEndian if ts_in in _NATIVE_SYNTAXES else ts_in
-    if meta_ts is None:
+    if read.meta_ts is None:
         result.changes.append("file_meta:created")
-    elif not meta_ok:
+    elif not _meta_ok(read):
         result.changes.append("file_meta:rebuilt")
     if ts_out != ts_in:
         result.changes.append(f"transfer_syntax:{ts_in}->{ts_out}")
-    if big_endian:
+    if ts_in == ExplicitVRBigEndian:
         _swap_binary_vrs(ds)
-    for tag in group_lengths:
+    for tag in findings.group_lengths:
         del ds[tag]
-    if group_lengths:
-        result.changes.append(f"group_length:removed:{len(group_lengths)}")
-    if un_known:
-        result.changes.append(f"un:retyped:{len(un_known)}")
-    if encoding_mismatch:
+    if findings.group_lengths:
+        result.changes.append(f"group_length:removed:{len(findings.group_lengths)}")
+    if findings.un_known:
+        result.changes.append(f"un:retyped:{len(findings.un_known)}")
+    if read.encoding_mismatch:
         result.changes.append("encoding:implicit-vr-body-rewritten-explicit")
         for elem in ds.iterall():
             _ = elem.value  # read as implicit VR: decode now, or the explicit writer gets raw bytes
@@ -445,35 +508,36 @@ def normalize(
     result.changes.extend(outcome.notes)
     if outcome.changes:
         record_original_attributes(ds, outcome.changes, ruleset, source_ae, modified_at)
+    data = _write(ds, ts_out, getattr(ds, "file_meta", None))
+    # Our own output must read back, and carry the same pixel values.
+    result.pixel_sha256_after = _pixel_hash(pydicom.dcmread(io.BytesIO(data)), big_endian=False)
+    if result.pixel_sha256_after != result.pixel_sha256_before and not any(
+        c.tag == 0x7FE00010 for c in outcome.changes
+    ):
+        raise AssertionError("normalization altered pixel data without a rule")
+    result.data, result.transfer_syntax_out = data, ts_out
+
+
+def _write(ds: Dataset, ts_out: str, old_meta: Dataset | None) -> bytes:
+    """Part 10 bytes of ``ds``: preamble, file meta with its group length, dataset."""
     new_meta = FileMetaDataset()
     new_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     new_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     new_meta.TransferSyntaxUID = UID(ts_out)
     new_meta.FileMetaInformationVersion = b"\x00\x01"
     new_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    if meta is not None and "SourceApplicationEntityTitle" in meta:
-        new_meta.SourceApplicationEntityTitle = meta.SourceApplicationEntityTitle
+    if old_meta is not None and "SourceApplicationEntityTitle" in old_meta:
+        new_meta.SourceApplicationEntityTitle = old_meta.SourceApplicationEntityTitle
     ds.file_meta = new_meta
     ds.preamble = b"\x00" * 128
     out = io.BytesIO()
     try:
         pydicom.dcmwrite(out, ds, implicit_vr=False, little_endian=True, force_encoding=True)
     except Exception:
-        result.reason = reason(ReasonCode.NOT_DICOM)
-        return result
+        raise _Quarantine(reason(ReasonCode.NOT_DICOM)) from None
     # force_encoding writes the meta without its group length: write it properly.
     body_at, _ = _dataset_offset(out.getvalue())
     meta_buf = DicomBytesIO()
     meta_buf.is_little_endian, meta_buf.is_implicit_VR = True, False
     write_file_meta_info(meta_buf, new_meta, enforce_standard=True)
-    data = b"\x00" * 128 + b"DICM" + meta_buf.getvalue() + out.getvalue()[body_at:]
-    # Our own output must read back, and carry the same pixel values.
-    check = pydicom.dcmread(io.BytesIO(data))
-    result.pixel_sha256_after = _pixel_hash(check, big_endian=False)
-    if result.pixel_sha256_after != result.pixel_sha256_before and not any(
-        c.tag == 0x7FE00010 for c in outcome.changes
-    ):
-        raise AssertionError("normalization altered pixel data without a rule")
-    result.data = data
-    result.transfer_syntax_out = ts_out
-    return result
+    return b"\x00" * 128 + b"DICM" + meta_buf.getvalue() + out.getvalue()[body_at:]
