@@ -30,7 +30,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from .census import CensusWarning, FindFn, census_of_studies, find_study_answers
+from .census import CensusSeries, CensusWarning, FindFn, census_of_studies, find_study_answers
 from .config import AssessmentConfig
 from .dimse import QueryTruncated
 from .plan import ASSESSED
@@ -232,6 +232,114 @@ def _undated(find: FindFn) -> tuple[list[Finding], bool]:
     return out, truncated
 
 
+class _Tally:
+    """What the assessment accumulates day by day. SOP Instance UIDs go to an
+    on-disk SQLite index (duplicates across the range), so memory does not
+    grow with the archive."""
+
+    def __init__(self, find: FindFn, config: AssessmentConfig, folder: Path) -> None:
+        self.find, self.config = find, config
+        self.by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
+        self.by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
+        self.samples: dict[tuple[int, str], _Sample] = defaultdict(_Sample)
+        self.syntaxes: dict[str, int] = defaultdict(int)
+        self.findings: list[Finding] = []
+        self.db = sqlite3.connect(folder / "sop.sqlite")
+        self.db.execute("CREATE TABLE sop (uid TEXT, series TEXT, study TEXT, day TEXT)")
+
+    def day(self, day: dt.date, find_limit: int | None, split_depth: int) -> None:
+        da, iso = day.strftime("%Y%m%d"), day.isoformat()
+        answers, warnings = find_study_answers(
+            self.find, da, find_limit, split_depth, extra_keys=("PatientID", "SpecificCharacterSet")
+        )
+        self.findings.extend(_check_answers(answers, da, iso))
+        studies: dict[str, int | None] = {}
+        for a in answers:
+            if a.get("StudyInstanceUID"):
+                raw = a.get("NumberOfStudyRelatedInstances")
+                studies[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
+        census = census_of_studies(self.find, day, dict(sorted(studies.items())), warnings)
+        self.findings.extend(_census_finding(iso, w) for w in census.warnings)
+        for s in census.series:
+            self._series(day, s)
+
+    def _series(self, day: dt.date, s: CensusSeries) -> None:
+        iso = day.isoformat()
+        for cell in (self.by_date[(iso, s.modality)], self.by_year[(day.year, s.modality)]):
+            cell.studies.add(s.study_instance_uid)
+            cell.series += 1
+            cell.instances += len(s.instances)
+        self.db.executemany(
+            "INSERT INTO sop VALUES (?, ?, ?, ?)",
+            [(i.sop_instance_uid, s.series_instance_uid, s.study_instance_uid, iso) for i in s.instances],
+        )
+        sample = self.samples[(day.year, s.modality)]
+        if sample.series < self.config.sample_series and s.instances:
+            n, size, seen = _sample_series(self.find, s.study_instance_uid, s.series_instance_uid)
+            sample.series, sample.instances, sample.bytes = sample.series + 1, sample.instances + n, sample.bytes + size
+            for ts, count in seen.items():
+                self.syntaxes[ts] += count
+
+    def duplicates(self) -> None:
+        self.db.execute("CREATE INDEX sop_uid ON sop (uid)")
+        for uid, n_series, study, iso in self.db.execute(
+            "SELECT uid, COUNT(DISTINCT series), MIN(study), MIN(day) FROM sop GROUP BY uid "
+            "HAVING COUNT(DISTINCT series) > 1 ORDER BY uid"
+        ):
+            detail = f"SOP Instance UID {uid} in {n_series} series"
+            self.findings.append(Finding(FindingCode.DUPLICATE_SOP_INSTANCE_UID, iso, study, detail))
+        self.db.close()
+
+    def bytes_per_instance(self, year: int, modality: str) -> tuple[int, str]:
+        sample = self.samples.get((year, modality))
+        if sample and sample.instances:
+            return sample.bytes // sample.instances, "sampled"
+        return DEFAULT_BYTES_PER_INSTANCE.get(modality, FALLBACK_BYTES_PER_INSTANCE), "modality default"
+
+    def _row(self, cell: _Cell, per: int) -> dict[str, Any]:
+        return {
+            "studies": len(cell.studies),
+            "series": cell.series,
+            "instances": cell.instances,
+            "est_bytes": per * cell.instances,
+        }
+
+    def date_rows(self) -> list[dict[str, Any]]:
+        return [
+            {"study_date": iso, "modality": m, **self._row(cell, self.bytes_per_instance(int(iso[:4]), m)[0])}
+            for (iso, m), cell in sorted(self.by_date.items())
+        ]
+
+    def year_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for (year, modality), cell in sorted(self.by_year.items()):
+            per, basis = self.bytes_per_instance(year, modality)
+            rows.append(
+                {
+                    "year": year,
+                    "modality": modality,
+                    **self._row(cell, per),
+                    "bytes_per_instance": per,
+                    "bytes_basis": basis,
+                }
+            )
+        return rows
+
+
+def _projection(config: AssessmentConfig, year_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How long the migration should take at the configured rates (the slower counts)."""
+    instances = sum(r["instances"] for r in year_rows)
+    est_bytes = sum(r["est_bytes"] for r in year_rows)
+    hours = max(est_bytes / (config.throughput_mb_s * 1e6), instances / config.throughput_instances_s) / 3600
+    return {
+        "throughput_mb_s": config.throughput_mb_s,
+        "throughput_instances_s": config.throughput_instances_s,
+        "hours": math.ceil(hours * 60) / 60,  # rounded up to the minute: a projection never reads as zero
+        "window_hours": config.window_hours,
+        "nights": math.ceil(hours / config.window_hours) if hours else 0,
+    }
+
+
 def assess(
     find: FindFn,
     date_from: dt.date,
@@ -241,119 +349,34 @@ def assess(
     split_depth: int = 12,
     on_day: Callable[[dt.date], None] | None = None,
 ) -> Assessment:
-    """Take the census of every day in ``[date_from, date_to]`` and measure it.
-
-    Duplicate SOP Instance UIDs are found across the whole range in an
-    on-disk SQLite index, so memory does not grow with the archive.
-    """
+    """Take the census of every day in ``[date_from, date_to]`` and measure it."""
     if date_to < date_from:
         raise ValueError("date_to is before date_from")
     config = config or AssessmentConfig()
-    by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
-    by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
-    samples: dict[tuple[int, str], _Sample] = defaultdict(_Sample)
-    syntaxes: dict[str, int] = defaultdict(int)
-    findings: list[Finding] = []
     with tempfile.TemporaryDirectory(prefix="assessment-") as tmp:
-        db = sqlite3.connect(Path(tmp) / "sop.sqlite")
-        db.execute("CREATE TABLE sop (uid TEXT, series TEXT, study TEXT, day TEXT)")
+        tally = _Tally(find, config, Path(tmp))
         day = date_from
         while day <= date_to:
             if on_day:
                 on_day(day)
-            da, iso = day.strftime("%Y%m%d"), day.isoformat()
-            answers, warnings = find_study_answers(
-                find, da, find_limit, split_depth, extra_keys=("PatientID", "SpecificCharacterSet")
-            )
-            findings.extend(_check_answers(answers, da, iso))
-            studies: dict[str, int | None] = {}
-            for a in answers:
-                if a.get("StudyInstanceUID"):
-                    raw = a.get("NumberOfStudyRelatedInstances")
-                    studies[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
-            census = census_of_studies(find, day, dict(sorted(studies.items())), warnings)
-            findings.extend(_census_finding(iso, w) for w in census.warnings)
-            for s in census.series:
-                for cell in (by_date[(iso, s.modality)], by_year[(day.year, s.modality)]):
-                    cell.studies.add(s.study_instance_uid)
-                    cell.series += 1
-                    cell.instances += len(s.instances)
-                db.executemany(
-                    "INSERT INTO sop VALUES (?, ?, ?, ?)",
-                    [(i.sop_instance_uid, s.series_instance_uid, s.study_instance_uid, iso) for i in s.instances],
-                )
-                sample = samples[(day.year, s.modality)]
-                if sample.series < config.sample_series and s.instances:
-                    n, size, seen = _sample_series(find, s.study_instance_uid, s.series_instance_uid)
-                    sample.series += 1
-                    sample.instances += n
-                    sample.bytes += size
-                    for ts, count in seen.items():
-                        syntaxes[ts] += count
+            tally.day(day, find_limit, split_depth)
             day += dt.timedelta(days=1)
-        db.execute("CREATE INDEX sop_uid ON sop (uid)")
-        for uid, n_series, study, iso in db.execute(
-            "SELECT uid, COUNT(DISTINCT series), MIN(study), MIN(day) FROM sop GROUP BY uid "
-            "HAVING COUNT(DISTINCT series) > 1 ORDER BY uid"
-        ):
-            findings.append(
-                Finding(
-                    FindingCode.DUPLICATE_SOP_INSTANCE_UID, iso, study, f"SOP Instance UID {uid} in {n_series} series"
-                )
-            )
-        db.close()
+        tally.duplicates()
     if config.undated_sweep:
         undated, truncated = _undated(find)
-        findings.extend(undated)
+        tally.findings.extend(undated)
         if truncated:
-            findings.append(Finding(FindingCode.CENSUS_WARNING, "", "", "undated sweep truncated by the PACS"))
-
-    def bytes_per_instance(year: int, modality: str) -> tuple[int, str]:
-        sample = samples.get((year, modality))
-        if sample and sample.instances:
-            return sample.bytes // sample.instances, "sampled"
-        return DEFAULT_BYTES_PER_INSTANCE.get(modality, FALLBACK_BYTES_PER_INSTANCE), "modality default"
-
-    date_rows = []
-    for (iso, modality), cell in sorted(by_date.items()):
-        per, _ = bytes_per_instance(int(iso[:4]), modality)
-        date_rows.append(
-            {
-                "study_date": iso,
-                "modality": modality,
-                "studies": len(cell.studies),
-                "series": cell.series,
-                "instances": cell.instances,
-                "est_bytes": per * cell.instances,
-            }
-        )
-    year_rows: list[dict[str, Any]] = []
-    for (year, modality), cell in sorted(by_year.items()):
-        per, basis = bytes_per_instance(year, modality)
-        year_rows.append(
-            {
-                "year": year,
-                "modality": modality,
-                "studies": len(cell.studies),
-                "series": cell.series,
-                "instances": cell.instances,
-                "est_bytes": per * cell.instances,
-                "bytes_per_instance": per,
-                "bytes_basis": basis,
-            }
-        )
-    instances = sum(r["instances"] for r in year_rows)
-    est_bytes = sum(r["est_bytes"] for r in year_rows)
-    hours = max(est_bytes / (config.throughput_mb_s * 1e6), instances / config.throughput_instances_s) / 3600
-    # Rounded up to the minute: a projection never reads as zero.
-    projection = {
-        "throughput_mb_s": config.throughput_mb_s,
-        "throughput_instances_s": config.throughput_instances_s,
-        "hours": math.ceil(hours * 60) / 60,
-        "window_hours": config.window_hours,
-        "nights": math.ceil(hours / config.window_hours) if hours else 0,
-    }
-    return Assessment(date_from, date_to, date_rows, year_rows, dict(sorted(syntaxes.items())), findings, projection)
+            tally.findings.append(Finding(FindingCode.CENSUS_WARNING, "", "", "undated sweep truncated by the PACS"))
+    year_rows = tally.year_rows()
+    return Assessment(
+        date_from,
+        date_to,
+        tally.date_rows(),
+        year_rows,
+        dict(sorted(tally.syntaxes.items())),
+        tally.findings,
+        _projection(config, year_rows),
+    )
 
 
 def _census_finding(iso: str, w: CensusWarning) -> Finding:

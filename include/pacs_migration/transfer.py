@@ -113,13 +113,7 @@ def transfer_partition(
         rows = pipeline.finish()
         if times:
             times.process_s += time.perf_counter() - started
-        for s in series:
-            for i in s.instances:
-                if i.sop_instance_uid not in sink.received:
-                    why = retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)
-                    rows.append(unresolved(s, i, reason(ReasonCode.NOT_RECEIVED, why), run_id))
-            if s.census_gap:
-                rows.extend(gap_rows(s, rows, run_id))
+        rows.extend(_missing_rows(series, rows, sink, retrievals, run_id))
         if carried is not None and len(carried):
             rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
         flag_inconsistent(rows, ruleset.inconsistent_patient)
@@ -136,6 +130,22 @@ def transfer_partition(
     finally:
         pipeline.close()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _missing_rows(
+    series: list[CensusSeries], rows: list[Row], sink: StagingSink, retrievals: dict[str, Any], run_id: str
+) -> list[Row]:
+    """Unresolved rows: each census instance that never arrived (with why), and
+    what a series with a census gap is known to hold but nobody named."""
+    out: list[Row] = []
+    for s in series:
+        for i in s.instances:
+            if i.sop_instance_uid not in sink.received:
+                why = retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)
+                out.append(unresolved(s, i, reason(ReasonCode.NOT_RECEIVED, why), run_id))
+        if s.census_gap:
+            out.extend(gap_rows(s, rows + out, run_id))
+    return out
 
 
 class _LoadPipeline:

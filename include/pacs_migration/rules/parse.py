@@ -7,8 +7,9 @@ import csv
 import io
 import re
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
@@ -28,6 +29,8 @@ from .model import (
     RuleSet,
     RuleSetError,
 )
+
+E = TypeVar("E", bound=Enum)
 
 
 def _tag(value: Any, where: str) -> BaseTag:
@@ -167,69 +170,8 @@ def _crosswalk_table(text: str, name: str) -> dict[tuple[str, str], tuple[str, s
     return table
 
 
-def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
-    """Validate a rule-set mapping (as read from YAML)."""
-    if not isinstance(data, Mapping):
-        raise RuleSetError("<root>: a rule set is a mapping")
-    rid = data.get("id")
-    if not isinstance(rid, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", rid):
-        raise RuleSetError(f"id: a short identifier is required, got {rid!r}")
-    version = data.get("version")
-    if version is None or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,32}", str(version)):
-        raise RuleSetError("version: is required (e.g. 1 or 2024.1)")
-    raw_rules = data.get("rules") or []
-    if not isinstance(raw_rules, list):
-        raise RuleSetError("rules: must be a list")
-    rules = tuple(_rule(r, i) for i, r in enumerate(raw_rules))
-    ids = [r.id for r in rules]
-    if len(ids) != len(set(ids)):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise RuleSetError(f"rules: duplicate rule id(s) {dup}")
-    private = data.get("private_tags") or {}
-    try:
-        policy = PrivatePolicy(str(private.get("policy", "keep")))
-    except ValueError:
-        raise RuleSetError(f"private_tags.policy: must be one of {[p.value for p in PrivatePolicy]}") from None
-    creators = private.get("keep_creators") or []
-    if not isinstance(creators, list) or not all(isinstance(c, str) for c in creators):
-        raise RuleSetError("private_tags.keep_creators: must be a list of private creator strings")
-    if policy is PrivatePolicy.KEEP_LISTED and not creators:
-        raise RuleSetError("private_tags.keep_creators: required when policy is keep_listed")
-    try:
-        over_long = OverLongPolicy(str(data.get("over_long_values", "truncate")))
-    except ValueError:
-        raise RuleSetError("over_long_values: must be truncate, quarantine or keep") from None
-    try:
-        invalid = InvalidValuePolicy(str(data.get("invalid_values", "quarantine")))
-    except ValueError:
-        raise RuleSetError("invalid_values: must be quarantine or keep") from None
-    charset = data.get("character_set") or {}
-    if not isinstance(charset, dict):
-        raise RuleSetError("character_set: must be a mapping (repair, reencode_utf8, assume)")
-    if unknown_charset := set(charset) - {"repair", "reencode_utf8", "assume"}:
-        raise RuleSetError(f"character_set: unknown field(s) {sorted(unknown_charset)}")
-    assume = charset.get("assume")
-    if assume is not None and assume not in ASSUMABLE_CHARSETS:
-        raise RuleSetError(f"character_set.assume: must be one of {list(ASSUMABLE_CHARSETS)}, not {assume!r}")
-    try:
-        patients = PatientPolicy(str(data.get("inconsistent_patient", "quarantine")))
-    except ValueError:
-        raise RuleSetError("inconsistent_patient: must be quarantine or flag") from None
-    flags = {}
-    for name, key, default in (
-        ("map_retired_sop_classes", "retired_sop_classes", True),
-        ("normalize_dates", "normalize_dates", True),
-    ):
-        value = data.get(key, default)
-        if not isinstance(value, bool):
-            raise RuleSetError(f"{key}: must be true or false")
-        flags[name] = value
-    for name, key, default in (("repair_character_set", "repair", True), ("reencode_utf8", "reencode_utf8", False)):
-        value = charset.get(key, default)
-        if not isinstance(value, bool):
-            raise RuleSetError(f"character_set.{key}: must be true or false")
-        flags[name] = value
-    unknown = set(data) - {
+_ROOT_KEYS = frozenset(
+    {
         "id",
         "version",
         "description",
@@ -243,20 +185,88 @@ def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
         "invalid_values",
         "inconsistent_patient",
     }
-    if unknown:
+)
+
+
+def _policy(data: Mapping[str, Any], key: str, enum: type[E], default: str) -> E:
+    try:
+        return enum(str(data.get(key, default)))
+    except ValueError:
+        raise RuleSetError(f"{key}: must be one of {[m.value for m in enum]}") from None
+
+
+def _flag(data: Mapping[str, Any], key: str, default: bool, where: str = "") -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise RuleSetError(f"{where}{key}: must be true or false")
+    return value
+
+
+def _site_rules(data: Mapping[str, Any]) -> tuple[Rule, ...]:
+    raw_rules = data.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise RuleSetError("rules: must be a list")
+    rules = tuple(_rule(r, i) for i, r in enumerate(raw_rules))
+    ids = [r.id for r in rules]
+    if len(ids) != len(set(ids)):
+        raise RuleSetError(f"rules: duplicate rule id(s) {sorted({i for i in ids if ids.count(i) > 1})}")
+    return rules
+
+
+def _private(data: Mapping[str, Any]) -> dict[str, Any]:
+    private = data.get("private_tags") or {}
+    try:
+        policy = PrivatePolicy(str(private.get("policy", "keep")))
+    except ValueError:
+        raise RuleSetError(f"private_tags.policy: must be one of {[p.value for p in PrivatePolicy]}") from None
+    creators = private.get("keep_creators") or []
+    if not isinstance(creators, list) or not all(isinstance(c, str) for c in creators):
+        raise RuleSetError("private_tags.keep_creators: must be a list of private creator strings")
+    if policy is PrivatePolicy.KEEP_LISTED and not creators:
+        raise RuleSetError("private_tags.keep_creators: required when policy is keep_listed")
+    return {"private_policy": policy, "keep_creators": frozenset(c.strip() for c in creators)}
+
+
+def _charset(data: Mapping[str, Any]) -> dict[str, Any]:
+    charset = data.get("character_set") or {}
+    if not isinstance(charset, dict):
+        raise RuleSetError("character_set: must be a mapping (repair, reencode_utf8, assume)")
+    if unknown := set(charset) - {"repair", "reencode_utf8", "assume"}:
+        raise RuleSetError(f"character_set: unknown field(s) {sorted(unknown)}")
+    assume = charset.get("assume")
+    if assume is not None and assume not in ASSUMABLE_CHARSETS:
+        raise RuleSetError(f"character_set.assume: must be one of {list(ASSUMABLE_CHARSETS)}, not {assume!r}")
+    return {
+        "repair_character_set": _flag(charset, "repair", True, "character_set."),
+        "reencode_utf8": _flag(charset, "reencode_utf8", False, "character_set."),
+        "assume_character_set": assume,
+    }
+
+
+def parse_ruleset(data: Any, base: Path = Path(".")) -> RuleSet:
+    """Validate a rule-set mapping (as read from YAML)."""
+    if not isinstance(data, Mapping):
+        raise RuleSetError("<root>: a rule set is a mapping")
+    if unknown := set(data) - _ROOT_KEYS:
         raise RuleSetError(f"<root>: unknown field(s) {sorted(unknown)}")
+    rid = data.get("id")
+    if not isinstance(rid, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", rid):
+        raise RuleSetError(f"id: a short identifier is required, got {rid!r}")
+    version = data.get("version")
+    if version is None or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,32}", str(version)):
+        raise RuleSetError("version: is required (e.g. 1 or 2024.1)")
     return RuleSet(
         id=rid,
         version=str(version),
-        rules=rules,
-        private_policy=policy,
-        keep_creators=frozenset(c.strip() for c in creators),
-        over_long=over_long,
-        invalid_values=invalid,
+        rules=_site_rules(data),
+        **_private(data),
+        over_long=_policy(data, "over_long_values", OverLongPolicy, "truncate"),
+        invalid_values=_policy(data, "invalid_values", InvalidValuePolicy, "quarantine"),
+        inconsistent_patient=_policy(data, "inconsistent_patient", PatientPolicy, "quarantine"),
+        map_retired_sop_classes=_flag(data, "retired_sop_classes", True),
+        normalize_dates=_flag(data, "normalize_dates", True),
+        **_charset(data),
         crosswalk=_crosswalk(data.get("crosswalk"), base),
-        assume_character_set=assume,
-        inconsistent_patient=patients,
-        **flags,
     )
 
 
