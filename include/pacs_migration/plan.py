@@ -325,47 +325,50 @@ def select_night(
         )
     start, end = bounds
     night = start.date()
-    now = now.astimezone(dt.UTC)  # elapsed time is added in UTC: exact across DST changes
-    by_date = by_date or {}
     units = plan_units(plan, night)
-    delta = _delta_units(plan, ledger, units, night)
-    todo, given_up = [], []
-    for u in units:
-        rec = ledger.get(u)
-        if rec.state == UnitState.DONE:
-            continue
-        if rec.attempts >= plan.max_attempts:
-            given_up.append(u.key)
-            continue
-        todo.append(u)
+    todo = [u for u in units if ledger.get(u).state != UnitState.DONE]
+    given_up = tuple(u.key for u in todo if ledger.get(u).attempts >= plan.max_attempts)
+    todo = [u for u in todo if u.key not in given_up]
+    budget = _Budget(plan, end, now.astimezone(dt.UTC), rate_instances_s)  # elapsed time added in UTC: exact across DST
     moved = covered(plan, ledger, night)
     chosen: list[Unit] = []
-    partitions = instances = size = 0
-    elapsed = 0.0
     reason = "every pending unit fits"
-    for u in delta + todo:
-        est = estimate_unit(u, by_date, moved) if u.kind == "phase" else Estimate(0, 0, 0)
-        projected_start = now + dt.timedelta(seconds=elapsed)
-        if projected_start >= end:
-            reason = "the window closes before the next unit could start"
-            break
-        over = [
-            name
-            for name, used, add, cap in (
-                ("partitions", partitions, est.partitions, plan.max_partitions),
-                ("instances", instances, est.instances, plan.max_instances),
-                ("bytes", size, est.bytes, plan.max_bytes),
-            )
-            if cap is not None and used + add > cap
-        ]
-        if over and chosen:
-            reason = f"budget reached: max_{over[0]}"
+    for u in _delta_units(plan, ledger, units, night) + todo:
+        est = estimate_unit(u, by_date or {}, moved) if u.kind == "phase" else Estimate(0, 0, 0)
+        stop = budget.refuses(est, first=not chosen)
+        if stop:
+            reason = stop
             break
         chosen.append(u)
-        partitions, instances, size = partitions + est.partitions, instances + est.instances, size + est.bytes
-        elapsed += est.instances / rate_instances_s if rate_instances_s > 0 else 0
+        budget.take(est)
     left = len(todo) - sum(1 for u in chosen if u.kind == "phase")
-    return NightPlan(night, end, tuple(chosen), reason, left, tuple(given_up))
+    return NightPlan(night, end, tuple(chosen), reason, left, given_up)
+
+
+class _Budget:
+    """What tonight has taken so far, against the plan's caps and the window's end."""
+
+    def __init__(self, plan: PlanConfig, end: dt.datetime, now: dt.datetime, rate_instances_s: float) -> None:
+        self.caps = {"partitions": plan.max_partitions, "instances": plan.max_instances, "bytes": plan.max_bytes}
+        self.used = {"partitions": 0, "instances": 0, "bytes": 0}
+        self.end, self.now, self.rate, self.elapsed = end, now, rate_instances_s, 0.0
+
+    def refuses(self, est: Estimate, first: bool) -> str | None:
+        """Why the next unit may not start, or None. The first unit of a night
+        is taken even if it alone exceeds a budget: a large date never blocks the plan."""
+        if self.now + dt.timedelta(seconds=self.elapsed) >= self.end:
+            return "the window closes before the next unit could start"
+        add = {"partitions": est.partitions, "instances": est.instances, "bytes": est.bytes}
+        over = [k for k, cap in self.caps.items() if cap is not None and self.used[k] + add[k] > cap]
+        return f"budget reached: max_{over[0]}" if over and not first else None
+
+    def take(self, est: Estimate) -> None:
+        self.used = {
+            "partitions": self.used["partitions"] + est.partitions,
+            "instances": self.used["instances"] + est.instances,
+            "bytes": self.used["bytes"] + est.bytes,
+        }
+        self.elapsed += est.instances / self.rate if self.rate > 0 else 0
 
 
 def _delta_units(plan: PlanConfig, ledger: Ledger, units: list[Unit], night: dt.date) -> list[Unit]:
