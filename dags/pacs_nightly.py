@@ -52,16 +52,11 @@ def pacs_nightly():
     @task
     def plan() -> list[dict]:
         """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
-        from include.pacs_migration.assessment import read_by_date
-        from include.pacs_migration.plan import LEDGER_KEY, Ledger, select_night
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration.nightly import plan_night
+        from include.pacs_migration_airflow import services
 
-        cfg = runtime_config()
-        store = object_store(cfg)
-        ledger = Ledger.from_bytes(store.get_or_none(store.target.key(LEDGER_KEY)))
         now = _now()
-        rate = ledger.measured_rate() or cfg.assessment.throughput_instances_s
-        night = select_night(cfg.plan, ledger, now, read_by_date(store), rate)
+        night = plan_night(services(), now)
         # The migrate tasks check the window on the same clock: wall time shifted like params.now.
         offset = (now - dt.datetime.now(dt.UTC)).total_seconds()
         get_current_context()["ti"].xcom_push(key="night", value=night.to_json())
@@ -98,19 +93,15 @@ def pacs_nightly():
 
     @task(trigger_rule="all_done")
     def progress(items: list[dict] | None) -> dict:
+        """Tonight into the ledger, and the progress mail (the units are the night plan's)."""
         import tempfile
         from pathlib import Path
 
-        from include.pacs_migration.assessment import read_by_date
-        from include.pacs_migration.plan import LEDGER_KEY, Ledger, NightPlan, UnitResult, eta, record_night
-        from include.pacs_migration.report import render_progress_html
-        from include.pacs_migration_airflow import object_store, runtime_config, send_report
+        from include.pacs_migration.nightly import record_progress
+        from include.pacs_migration.plan import NightPlan, UnitResult
+        from include.pacs_migration_airflow import send_report, services
 
         ctx = get_current_context()
-        cfg = runtime_config()
-        store = object_store(cfg)
-        key = store.target.key(LEDGER_KEY)
-        ledger = Ledger.from_bytes(store.get_or_none(key))
         night = ctx["ti"].xcom_pull(task_ids="plan", key="night")
         if night is None:
             raise RuntimeError("the plan task left no night plan")
@@ -119,25 +110,13 @@ def pacs_nightly():
         by_unit = {(r.unit.key, r.unit.kind): r for r in map(UnitResult.from_json, done)}
         # No result (the migrate task itself failed): the unit failed.
         results = [by_unit.get((u.key, u.kind)) or UnitResult.failed(u, "task failed") for u in night_plan.units]
-        now = _now()
-        entry = record_night(ledger, night_plan, results, now, ctx["run_id"])
-        by_date = read_by_date(store)
-        status = eta(cfg.plan, ledger, (night_plan.night or now.date()), by_date, cfg.assessment.throughput_instances_s)
-        entry["progress"] = status
-        store.put(key, ledger.to_bytes(), "application/json")
-        html = render_progress_html(
-            night, results, status, ctx["run_id"], f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
-        )
-        subject = (
-            f"{cfg.report.subject_prefix} Nightly {night['night'] or now.date().isoformat()}: "
-            f"{entry['done']} done, {entry['failed']} failed, {entry['deferred']} deferred; "
-            f"{status['units_left']} unit(s) left, ETA {status['nights_left']} night(s)"
-        )
+        io = services()
+        progress = record_progress(io, night_plan, results, _now(), ctx["run_id"])
         with tempfile.TemporaryDirectory() as tmp:
             ledger_path = Path(tmp) / "ledger.json"
-            ledger_path.write_bytes(ledger.to_bytes())
-            send_report(cfg, subject, html, [str(ledger_path)])
-        return entry
+            ledger_path.write_bytes(progress.ledger)
+            send_report(io.config, progress.subject, progress.html, [str(ledger_path)])
+        return progress.entry
 
     @task(trigger_rule="all_done", retries=0)
     def gate(entry: dict) -> None:

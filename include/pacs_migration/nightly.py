@@ -1,0 +1,57 @@
+"""The nightly plan's two ends, for ``pacs_nightly``: choose tonight's units,
+and fold tonight's results into the ledger, with the progress mail's subject
+and body. Storage through :class:`steps.Services`; time comes in as an argument."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from .assessment import read_by_date
+from .plan import LEDGER_KEY, Ledger, NightPlan, UnitResult, eta, record_night, select_night
+from .report import render_progress_html
+from .steps import Services
+
+
+def _ledger(services: Services) -> Ledger:
+    return Ledger.from_bytes(services.store.get_or_none(services.store.target.key(LEDGER_KEY)))
+
+
+def plan_night(services: Services, now: dt.datetime) -> NightPlan:
+    """Tonight's units, at the measured rate (the assessment's until something was measured)."""
+    cfg, ledger = services.config, _ledger(services)
+    rate = ledger.measured_rate() or cfg.assessment.throughput_instances_s
+    return select_night(cfg.plan, ledger, now, read_by_date(services.store), rate)
+
+
+@dataclass(frozen=True)
+class NightProgress:
+    entry: dict[str, Any]  # the ledger's entry for tonight, with the ETA
+    subject: str
+    html: str
+    ledger: bytes  # attached to the mail
+
+
+def record_progress(
+    services: Services, night: NightPlan, results: list[UnitResult], now: dt.datetime, run_id: str
+) -> NightProgress:
+    """Fold tonight's results into the ledger (stored) and say what is left."""
+    cfg, store = services.config, services.store
+    ledger = _ledger(services)
+    entry = record_night(ledger, night, results, now, run_id)
+    status = eta(
+        cfg.plan, ledger, night.night or now.date(), read_by_date(store), cfg.assessment.throughput_instances_s
+    )
+    entry["progress"] = status
+    data = ledger.to_bytes()
+    store.put(store.target.key(LEDGER_KEY), data, "application/json")
+    html = render_progress_html(
+        night.to_json(), results, status, run_id, f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
+    )
+    subject = (
+        f"{cfg.report.subject_prefix} Nightly {night.night.isoformat() if night.night else now.date().isoformat()}: "
+        f"{entry['done']} done, {entry['failed']} failed, {entry['deferred']} deferred; "
+        f"{status['units_left']} unit(s) left, ETA {status['nights_left']} night(s)"
+    )
+    return NightProgress(entry, subject, html, data)
