@@ -30,8 +30,9 @@ from .normalize_processes import NormalizeProcesses
 from .reasons import InstanceState, ReasonCode, reason
 from .rules import PatientPolicy, RuleSet
 from .store import ObjectStore, PutOutcome
+from .uids import InstanceUIDs
 
-Expected = tuple[str, str, str]  # (study, series, SOP Instance UID)
+Expected = InstanceUIDs  # (study, series, SOP Instance UID), as the census names it
 Row = dict[str, Any]
 
 
@@ -112,7 +113,7 @@ def _normalized(
     if ctx.normalizer is None:
         raw = item.path.read_bytes()
         started = time.perf_counter()
-        result = normalize(raw, expected[2], expected[1], expected[0], ctx.ruleset, ctx.source_ae)
+        result = normalize(raw, expected, ctx.ruleset, ctx.source_ae)
         elapsed = time.perf_counter() - started
         data = result.data if result.data is not raw else None
         out = None
@@ -206,7 +207,7 @@ class Membership:
         for s in series:
             for i in s.instances:
                 self.named.setdefault(i.sop_instance_uid, []).append(
-                    (s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
+                    InstanceUIDs(s.study_instance_uid, s.series_instance_uid, i.sop_instance_uid)
                 )
         self.gaps = {
             (s.study_instance_uid, s.series_instance_uid) for s in series if s.census_gap and s.series_instance_uid
@@ -224,7 +225,7 @@ class Membership:
         if named:
             return named[0], "census"
         if self.gaps and (uids := header_uids(item.path)) in self.gaps:
-            return (*uids, item.sop_instance_uid), "retrieval"
+            return InstanceUIDs(*uids, item.sop_instance_uid), "retrieval"
         return None, None
 
     def resolve_copies(

@@ -35,7 +35,7 @@ from pydicom.uid import (
 
 from .reasons import ReasonCode, reason
 from .rules import STRUCTURAL, Change, Reason, RuleOutcome, RuleSet, apply_ruleset, is_conformant
-from .uids import is_valid_uid
+from .uids import InstanceUIDs, is_valid_uid
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _REWRITE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
@@ -336,7 +336,7 @@ def _read(raw: bytes) -> _Read:
     return _Read(raw, ds, offset, meta_ts, ts_in, mismatch)
 
 
-def _check_identity(read: _Read, result: NormalizeResult, expected: tuple[str | None, str | None, str | None]) -> None:
+def _check_identity(read: _Read, result: NormalizeResult, expected: InstanceUIDs | None) -> None:
     """Step 2: the key UIDs are present, well formed, and the ones the census expects."""
     try:
         check_structure(read.raw, read.ts_in, read.offset)
@@ -359,8 +359,8 @@ def _check_identity(read: _Read, result: NormalizeResult, expected: tuple[str | 
     result.series_instance_uid = str(ds.SeriesInstanceUID)
     result.study_date = str(ds.get("StudyDate", "") or "")
     result.modality = str(ds.get("Modality", "") or "")
-    actual = (result.sop_instance_uid, result.series_instance_uid, result.study_instance_uid)
-    if any(e is not None and e != a for e, a in zip(expected, actual, strict=True)):
+    actual = InstanceUIDs(result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid)
+    if expected is not None and expected != actual:
         raise _Quarantine(reason(ReasonCode.UID_CONFLICT))
 
 
@@ -391,9 +391,7 @@ def _apply_rules(read: _Read, result: NormalizeResult, ruleset: RuleSet, source_
 
 def normalize(
     raw: bytes,
-    expected_sop_instance_uid: str | None = None,
-    expected_series_instance_uid: str | None = None,
-    expected_study_instance_uid: str | None = None,
+    expected: InstanceUIDs | None = None,
     ruleset: RuleSet = STRUCTURAL,
     source_ae: str | None = None,
     modified_at: dt.datetime | None = None,
@@ -405,8 +403,8 @@ def normalize(
     ----------
     raw : bytes
         The instance as received (Part 10 or a bare dataset).
-    expected_* : str, optional
-        The UIDs the census expects for it; a disagreement is ``UID_CONFLICT``.
+    expected : InstanceUIDs, optional
+        The UIDs the census expects for it (study, series, SOP); a disagreement is ``UID_CONFLICT``.
     ruleset : RuleSet
         Site rules and policies (:mod:`rules`); the structural rules always apply.
     source_ae : str, optional
@@ -416,9 +414,7 @@ def normalize(
     try:
         read = _read(raw)
         result.transfer_syntax_in = read.ts_in
-        _check_identity(
-            read, result, (expected_sop_instance_uid, expected_series_instance_uid, expected_study_instance_uid)
-        )
+        _check_identity(read, result, expected)
         _check_pixels(read, result)
         findings = _structural_findings(read.ds)  # before the rules change the dataset
         outcome = _apply_rules(read, result, ruleset, source_ae)

@@ -17,6 +17,7 @@ from typing import Any
 from .logs import configure_logging
 from .normalize import NormalizeResult, normalize
 from .rules import RuleSet
+from .uids import InstanceUIDs
 
 
 def peak_rss_kb(pid: int | str = "self") -> int:
@@ -34,14 +35,14 @@ def peak_rss_kb(pid: int | str = "self") -> int:
 
 
 def normalize_staged(
-    path: str, expected: tuple[str, str, str], ruleset: RuleSet, source_ae: str | None
+    path: str, expected: InstanceUIDs, ruleset: RuleSet, source_ae: str | None
 ) -> tuple[NormalizeResult, bool, float]:
     """Normalize a staged file in a normalize process. Rewritten bytes go to
     ``<path>.out`` beside it, not through the pipe; returns the result without
     its data, whether it was rewritten, and the seconds it took."""
     started = time.perf_counter()
     raw = Path(path).read_bytes()
-    result = normalize(raw, expected[2], expected[1], expected[0], ruleset, source_ae)
+    result = normalize(raw, expected, ruleset, source_ae)
     rewritten = result.data is not None and result.data is not raw
     if result.data is not None and rewritten:
         Path(path + ".out").write_bytes(result.data)
@@ -112,7 +113,7 @@ class NormalizeProcesses:
             self.close()
             raise
 
-    def normalize(self, path: Path, expected: tuple[str, str, str]) -> tuple[NormalizeResult, bool, float]:
+    def normalize(self, path: Path, expected: InstanceUIDs) -> tuple[NormalizeResult, bool, float]:
         proc = self._idle.get(timeout=3600)  # bounded: one instance never takes an hour
         try:
             _send(proc.stdin, (str(path), expected))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
@@ -11,3 +12,11 @@ def is_valid_uid(value: object) -> bool:
     """True for a conformant UID: at most 64 chars, digits and dots, no
     leading zeros in a component, at least two components."""
     return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+
+
+class InstanceUIDs(NamedTuple):
+    """An instance's place in the hierarchy, in one order everywhere: (study, series, SOP)."""
+
+    study: str
+    series: str
+    sop: str

@@ -18,7 +18,7 @@ from include.pacs_migration.manifest import instance_key
 from include.pacs_migration.normalize import normalize
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.rules import STRUCTURAL
-from include.pacs_migration.uids import is_valid_uid
+from include.pacs_migration.uids import InstanceUIDs, is_valid_uid
 
 GOOD = {
     "source": {"host": "127.0.0.1", "port": 11112, "called_ae_title": "PACS", "calling_ae_title": "MIG"},
@@ -169,7 +169,8 @@ def test_missing_and_malformed_uids(keyword):
 
 
 def test_uid_conflict_with_census():
-    r = normalize(_raw("CT_small.dcm"), expected_sop_instance_uid="1.2.3.4")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    r = normalize(_raw("CT_small.dcm"), InstanceUIDs(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "1.2.3.4"))
     assert r.reason == "UID_CONFLICT"
 
 
@@ -203,10 +204,10 @@ def test_normalize_process_matches_in_process_and_fails_fast_when_dead(tmp_path)
 
     raw = _raw("CT_small.dcm")
     ds = pydicom.dcmread(io.BytesIO(raw))
-    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    uids = InstanceUIDs(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     path = tmp_path / "00000001.dcm"
     path.write_bytes(raw)
-    here = normalize(raw, uids[2], uids[1], uids[0])
+    here = normalize(raw, uids)
     with NormalizeProcesses(1, STRUCTURAL, None) as processes:
         there, rewritten, seconds = processes.normalize(path, uids)
         assert (there.reason, there.changes, there.pixel_sha256_after) == (
