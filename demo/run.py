@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from include.demo.archive import build_archive
+from include.pacs_migration.manifest import STUDIES
 from peers.pacs import SimulatedPACS
 from peers.ports import free_port
 from peers.processes import airflow_cli, json_rows, start_airflow, stop_all
@@ -116,7 +117,7 @@ def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], obje
         run_id = str(df["run_id"].dropna().max())
         # A verdict counts only for the run that reached it (the demo's last run of this date).
         rows.append({"partition": p.key, **c.to_json(), "validation_passed": manifests.passed(run_id)})
-    objects = s3.count(BUCKET, "studies/")
+    objects = s3.count(BUCKET, STUDIES + "/")
     total = lambda f: sum(r[f] for r in rows)  # noqa: E731
     return {
         "partitions": len(rows),
@@ -196,7 +197,7 @@ def main() -> int:
     try:
         s3.create_bucket(BUCKET)
         restored = s3.restore(BUCKET, STATE / "s3-snapshot")
-        objects_before = s3.count(BUCKET, "studies/")
+        objects_before = s3.count(BUCKET, STUDIES + "/")
         print(
             f"simulated PACS on 127.0.0.1:{pacs.port} ({len(pacs.records)} instances); "
             f"S3 at {s3.endpoint_url} ({restored} objects restored); SMTP on {mail.port}",
