@@ -95,15 +95,13 @@ def test_partition_conserves_rereads_and_is_idempotent(setup, s3_server, bucket)
 
 def test_unreachable_pacs_ends_unresolved_not_lost(setup, pacs):
     """A source that refuses every association: each instance ends unresolved, named."""
-    from dataclasses import replace
-
     from peers.ports import free_port
 
     cfg, store = setup
     census = take_census(lambda q: find(cfg.source, q), dt.date(2019, 3, 1))
     p = census.partitions()[0]
     write_census(store, p, census.for_partition(p))
-    dead = replace(cfg.source, port=free_port(), acse_timeout=1.0)
+    dead = cfg.source.model_copy(update={"port": free_port(), "acse_timeout": 1.0})
     counts = transfer_partition(
         lambda q, classes, sink: c_get(dead, q, classes, sink),
         store,
