@@ -132,7 +132,8 @@ def run_steps(date: str, port: int, endpoint: str, bucket: str, staging: str) ->
         ),
         path.parent,
     )
-    store = ObjectStore(boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"), cfg.target)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=cfg.target.client_config())
+    store = ObjectStore(client, cfg.target)
     services = Services(cfg, store, cfg.source.max_associations, endpoint)
     result = migrate_unit(services, Unit(dt.date.fromisoformat(date), None, "bench"), "bench-steps", "pacs_migration")
     return {

@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
 
-    client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region)
-    store = ObjectStore(client, TargetConfig(bucket=args.bucket, prefix=args.prefix))
+    target = TargetConfig(bucket=args.bucket, prefix=args.prefix)
+    client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region, config=target.client_config())
+    store = ObjectStore(client, target)
     try:
         result = trace_instance(store, args.sop_instance_uid, args.study_date)
     except NotFound as exc:
@@ -87,7 +88,8 @@ def _check_config(args: argparse.Namespace) -> int:
     def head(cfg):
         import boto3
 
-        boto3.client("s3", endpoint_url=args.endpoint_url).head_bucket(Bucket=cfg.target.bucket)
+        client = boto3.client("s3", endpoint_url=args.endpoint_url, config=cfg.target.client_config())
+        client.head_bucket(Bucket=cfg.target.bucket)
 
     checks = check_config(
         args.config or config_path(),

@@ -78,7 +78,7 @@ def send_email(report: ReportConfig, to: list[str], subject: str, html: str, fil
 def object_store(cfg: MigrationConfig) -> ObjectStore:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    client = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
+    client = S3Hook(aws_conn_id=AWS_CONN_ID, config=cfg.target.client_config()).get_conn()
     return ObjectStore(client, cfg.target)
 
 

@@ -2,8 +2,10 @@
 
 S3 itself is real (moto over HTTP); the proxy only misbehaves on the instance
 uploads it is told to: it corrupts the stored bytes (moto, like a faulty disk,
-does not verify the checksum) or acknowledges a PUT without storing it. The
-pipeline's verification must catch both.
+does not verify the checksum) or acknowledges a PUT without storing it (the
+pipeline's verification must catch both); or it throttles: every
+``throttle_every``-th key written gets ``throttle_times`` 503 SlowDown answers
+before its PUT goes through.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
 
 
 class S3FaultProxy:
-    def __init__(self, upstream: str, corrupt_nth: int | None = None, drop_nth: int | None = None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        corrupt_nth: int | None = None,
+        drop_nth: int | None = None,
+        throttle_every: int | None = None,
+        throttle_times: int = 4,
+    ) -> None:
         self.upstream = urlsplit(upstream)
+        self.throttle_every, self.throttle_times = throttle_every, throttle_times
+        self.keys_put: dict[str, int] = {}  # key -> 503s answered so far (throttled keys only)
+        self.throttled = 0
         self.corrupt_nth = corrupt_nth
         self.drop_nth = drop_nth
         self.instance_puts = 0
@@ -37,6 +49,14 @@ class S3FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 path = self.path.split("?", 1)[0]
+                if self.command == "PUT" and proxy._throttle(path):
+                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 if self.command == "PUT" and "/instances/" in path:
                     with proxy._lock:
                         proxy.instance_puts += 1
@@ -73,6 +93,19 @@ class S3FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _throttle(self, path: str) -> bool:
+        if not self.throttle_every:
+            return False
+        with self._lock:
+            if path not in self.keys_put:
+                n = len(self.keys_put) + 1
+                self.keys_put[path] = 0 if n % self.throttle_every == 0 else -1
+            if self.keys_put[path] < 0 or self.keys_put[path] >= self.throttle_times:
+                return False
+            self.keys_put[path] += 1
+            self.throttled += 1
+            return True
 
     def stop(self) -> None:
         self.server.shutdown()

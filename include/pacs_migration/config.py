@@ -206,6 +206,11 @@ class TargetConfig(Section):
     sse: Literal["AES256", "aws:kms", "none"] = "AES256"
     kms_key_id: str | None = None
     upload_threads: int = Field(4, ge=1, le=64)
+    # Attempts per S3 request (botocore adaptive mode: throttling, 5xx, resets),
+    # and the client's timeouts: an outage fails in bounded time, naming S3.
+    retry_attempts: int = Field(10, ge=1, le=50)
+    connect_timeout: float = Field(10.0, gt=0, le=600)
+    read_timeout: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("bucket")
     @classmethod
@@ -232,6 +237,17 @@ class TargetConfig(Section):
     def key(self, relative: str) -> str:
         """An object key under the configured prefix."""
         return f"{self.prefix}{relative}"
+
+    def client_config(self) -> Any:
+        """botocore settings for every S3 client of the pipeline: botocore's
+        default (3 attempts) turns a throttling burst into a failed task."""
+        from botocore.config import Config
+
+        return Config(
+            retries={"mode": "adaptive", "max_attempts": self.retry_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
 
 
 class ReportConfig(Section):

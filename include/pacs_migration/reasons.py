@@ -35,6 +35,8 @@ class ReasonCode(str, Enum):
     # unresolved: a study's series or a series' instances could not be listed
     # (``CENSUS_FAILED:SERIES`` / ``CENSUS_FAILED:IMAGE``), so they cannot be named
     CENSUS_FAILED = "CENSUS_FAILED"
+    # unresolved: the worker's staging disk filled up before the instance could be staged
+    STAGING_FULL = "STAGING_FULL"
 
 
 def reason(code: ReasonCode, detail: str | None = None) -> str:

@@ -84,6 +84,8 @@ def retrieve_series(
         # A series with a census gap is fetched whole once: the retrieval names its members.
         if not missing and not (attempt == 0 and series.census_gap):
             break
+        if sink.out_of_space():
+            break  # STAGING_FULL: the source is not at fault, asking again would only wait
         used = attempt + 1
         last_error = None
         try:

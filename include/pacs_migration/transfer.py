@@ -37,6 +37,7 @@ from .partition import Partition
 from .reasons import InstanceState, ReasonCode, reason
 from .retrieve import GetFn, retrieve_partition
 from .rules import STRUCTURAL, PatientPolicy, RuleSet
+from .staging import attempt_folder
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -93,47 +94,69 @@ def transfer_partition(
     if normalizer is not None and (normalizer.ruleset != ruleset or normalizer.source_ae != source_ae):
         raise ValueError("normalizer was made for another rule set or source AE")
     ctx = LoadContext(PartitionManifests(store, partition), run_id, ruleset, source_ae, times, normalizer)
-    staging = staging_root / ctx.writer / partition.hive_path
-    if staging.exists():
-        shutil.rmtree(staging)  # a retried task starts clean
     pipeline = _LoadPipeline(ctx, series, upload_threads)
-    sink = StagingSink(staging, on_received=pipeline.arrived)
     try:
-        started = time.perf_counter()
-        retrievals = {
-            r.series_instance_uid: r
-            for r in retrieve_partition(
+        with attempt_folder(staging_root, partition.hive_path, ctx.writer) as staging:
+            sink = StagingSink(staging, on_received=pipeline.arrived)
+            started = time.perf_counter()
+            retrieved = retrieve_partition(
                 get, series, sink, attempts, max_associations, on_series_done=pipeline.series_done
             )
-        }
-        if times:
-            times.retrieve_s += time.perf_counter() - started
-            times.bytes_received += sum(r.size for r in sink.received.values())
-        started = time.perf_counter()
-        rows = pipeline.finish()
-        if times:
-            times.process_s += time.perf_counter() - started
-        rows.extend(_missing_rows(series, rows, sink, retrievals, run_id))
-        if carried is not None and len(carried):
-            rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
-        flag_inconsistent(rows, ruleset.inconsistent_patient)
-        df = transfer_frame(
-            sorted(
-                rows,
-                key=lambda r: (not r["in_census"], r["sop_instance_uid"] or "", r.get("series_instance_uid") or ""),
-            )
-        )
-        ctx.manifests.write_transfer(df)
-        counts = counts_from_frame(df)
-        log.info("partition %s: %s", partition.key, counts.summary())
-        return counts
+            if times:
+                times.retrieve_s += time.perf_counter() - started
+                times.bytes_received += sum(r.size for r in sink.received.values())
+            started = time.perf_counter()
+            rows = pipeline.finish()
+            if times:
+                times.process_s += time.perf_counter() - started
+            full = _staging_full(sink, staging, partition, series)
+        rows.extend(_missing_rows(series, rows, sink, {r.series_instance_uid: r for r in retrieved}, run_id, full))
     finally:
         pipeline.close()
-        shutil.rmtree(staging, ignore_errors=True)
+    if carried is not None and len(carried):
+        rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
+    flag_inconsistent(rows, ruleset.inconsistent_patient)
+    df = transfer_frame(
+        sorted(
+            rows, key=lambda r: (not r["in_census"], r["sop_instance_uid"] or "", r.get("series_instance_uid") or "")
+        )
+    )
+    ctx.manifests.write_transfer(df)
+    counts = counts_from_frame(df)
+    log.info("partition %s: %s", partition.key, counts.summary())
+    return counts
+
+
+def _row_order(r: Row) -> tuple[bool, str, str]:
+    return not r["in_census"], r["sop_instance_uid"] or "", r.get("series_instance_uid") or ""
+
+
+def _staging_full(sink: StagingSink, staging: Path, partition: Partition, series: list[CensusSeries]) -> bool:
+    """Did the staging disk fill up? Then what is missing is STAGING_FULL, not the source's fault."""
+    if not sink.out_of_space():
+        return False
+    free = shutil.disk_usage(staging).free
+    staged = sum(r.size for r in sink.received.values())
+    log.error(
+        "partition %s: staging %s is full (%d bytes free) after %d of %d instances (%d bytes); "
+        "give staging_dir more room than the largest partition",
+        partition.key,
+        staging,
+        free,
+        len(sink.received),
+        sum(len(s.instances) for s in series),
+        staged,
+    )
+    return True
 
 
 def _missing_rows(
-    series: list[CensusSeries], rows: list[Row], sink: StagingSink, retrievals: dict[str, Any], run_id: str
+    series: list[CensusSeries],
+    rows: list[Row],
+    sink: StagingSink,
+    retrievals: dict[str, Any],
+    run_id: str,
+    staging_full: bool = False,
 ) -> list[Row]:
     """Unresolved rows: each census instance that never arrived (with why), and
     what a series with a census gap is known to hold but nobody named."""
@@ -142,7 +165,8 @@ def _missing_rows(
         for i in s.instances:
             if i.sop_instance_uid not in sink.received:
                 why = retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)
-                out.append(unresolved(s, i, reason(ReasonCode.NOT_RECEIVED, why), run_id))
+                code = reason(ReasonCode.STAGING_FULL) if staging_full else reason(ReasonCode.NOT_RECEIVED, why)
+                out.append(unresolved(s, i, code, run_id))
         if s.census_gap:
             out.extend(gap_rows(s, rows + out, run_id))
     return out

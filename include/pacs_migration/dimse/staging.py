@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 _CHUNK = 1 << 20
+MIN_FREE_BYTES = 1 << 20  # below this the staging disk counts as full
 
 
 @dataclass
@@ -54,6 +56,7 @@ class StagingSink:
     received: dict[str, ReceivedInstance] = field(default_factory=dict)
     copies: list[ReceivedInstance] = field(default_factory=list)  # differing later arrivals
     duplicates: int = 0
+    full: bool = False  # a store failed for lack of disk space (ENOSPC)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _counter: int = 0
     # Called once per first arrival or differing copy, as soon as it is staged
@@ -62,6 +65,13 @@ class StagingSink:
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def out_of_space(self) -> bool:
+        """A store failed for lack of space, or less than 1 MiB is free: asking for more is pointless."""
+        try:
+            return self.full or shutil.disk_usage(self.folder).free < MIN_FREE_BYTES
+        except OSError:
+            return self.full
 
     @property
     def arrivals(self) -> int:
@@ -147,6 +157,13 @@ class StagingSink:
                     handle.close()
                 return self.store_file(uid, cls, ts, chunked)
             return self.store(uid, cls, ts, event.encoded_dataset(include_meta=True))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self.full = True
+                log.error("staging is full: an instance could not be staged")
+                return 0xA700  # Out of resources
+            log.exception("failed to stage a received instance")
+            return 0xA700
         except Exception:  # never let a handler exception kill the association
             log.exception("failed to stage a received instance")
             return 0xA700  # Out of resources

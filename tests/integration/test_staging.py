@@ -1,0 +1,117 @@
+"""Nothing left on disk (issue 15.3): staging keyed by partition and swept of
+what dead attempts left; pynetdicom's streamed-receive temporaries inside the
+attempt's folder; a full staging disk reported as STAGING_FULL. Real peers:
+the simulated PACS, moto's S3 server; a real small tmpfs for the full disk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from include.pacs_migration.census import take_census
+from include.pacs_migration.config import SourceConfig, TargetConfig
+from include.pacs_migration.dimse import FindSession, c_get
+from include.pacs_migration.manifest import PartitionManifests
+from include.pacs_migration.partition import Partition
+from include.pacs_migration.store import ObjectStore
+from include.pacs_migration.transfer import transfer_partition
+
+DATE = dt.date(2019, 3, 1)
+CT = Partition(DATE, "CT")
+
+
+def _source(port: int) -> SourceConfig:
+    return SourceConfig(
+        host="127.0.0.1",
+        port=port,
+        called_ae_title="LEGACYPACS",
+        calling_ae_title="PACSMIGRATE",
+        acse_timeout=5,
+        dimse_timeout=30,
+        network_timeout=30,
+    )
+
+
+def _transfer(pacs, s3_server, bucket, staging_root: Path, run_id: str = "staging-run", dimse_timeout: float = 30):
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
+    m = PartitionManifests(store, CT)
+    with FindSession(_source(pacs.port)) as session:
+        census = take_census(session.find, DATE)
+    m.write_census(census.for_partition(CT), [])
+    source = _source(pacs.port).model_copy(update={"dimse_timeout": dimse_timeout})
+    counts = transfer_partition(
+        lambda q, c, s: c_get(source, q, c, s), store, CT, m.census(), staging_root, run_id, 2, 2, 4
+    )
+    return counts, m.transfer()
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_what_a_dead_attempt_left_is_swept(pacs, s3_server, bucket, tmp_path):
+    """A killed attempt's staged files (patient data) are removed by the next
+    attempt on the worker, whatever its run id; the attempt leaves nothing."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / "staging" / CT.hive_path / "0123456789abcdef"
+    left.mkdir(parents=True)
+    (left / ".owner").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": time.time()}))
+    (left / "00000001.dcm").write_bytes(b"a staged instance with a name inside")
+    other = tmp_path / "staging" / "date=2019-03-02" / "modality=MR" / "fedcba9876543210"
+    other.mkdir(parents=True)  # no marker, an hour old: a crash before the marker was written
+    (other / "00000001.dcm").write_bytes(b"x")
+    os.utime(other, (time.time() - 3600, time.time() - 3600))
+    counts, _ = _transfer(pacs, s3_server, bucket, tmp_path / "staging")
+    assert counts.migrated == counts.expected > 0
+    assert _files(tmp_path / "staging") == []
+
+
+def test_streamed_receive_writes_inside_staging(pacs, s3_server, bucket, tmp_path, monkeypatch):
+    """pynetdicom's temporary files of streamed C-STOREs are created inside the
+    attempt's staging folder, never in the system temp dir."""
+    import pynetdicom.dimse_messages as dimse_messages
+
+    made: list[str] = []
+    real = dimse_messages.NamedTemporaryFile
+
+    def spy(*args, **kwargs):
+        handle = real(*args, **kwargs)
+        made.append(handle.name)
+        return handle
+
+    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", spy)
+    counts, _ = _transfer(pacs, s3_server, bucket, tmp_path / "staging")
+    assert counts.migrated > 0 and len(made) >= counts.migrated
+    assert all(Path(name).is_relative_to(tmp_path / "staging") for name in made), made[:3]
+    assert not any(Path(name).exists() for name in made) and _files(tmp_path / "staging") == []
+    assert tempfile.gettempdir() != str(tmp_path / "staging")  # restored after the transfer
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: room for a few CT instances of the archive, not 24."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs (root) is required in CI")
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_staging_disk_is_staging_full(pacs, s3_server, bucket, small_disk):
+    counts, df = _transfer(pacs, s3_server, bucket, small_disk, dimse_timeout=5)  # a receive cut by ENOSPC stalls
+    missing = df[df["state"] == "unresolved"]
+    assert len(missing) > 0 and set(missing["reason"]) == {"STAGING_FULL"}
+    assert counts.migrated + counts.unresolved + counts.quarantined == counts.expected
+    assert _files(small_disk) == []  # and the attempt cleaned up after itself
