@@ -44,6 +44,11 @@ _NATIVE_SYNTAXES = _REWRITE_SYNTAXES | {ExplicitVRLittleEndian}
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _UNDEFINED = 0xFFFFFFFF
+# Bounds on hostile input (each a quarantine, never a failed partition): nesting
+# of sequences (real objects rarely pass 10), and what a deflated dataset may inflate to.
+NESTING_LIMIT = 64
+INFLATE_LIMIT_BYTES = 1 << 30
+INFLATE_RATIO_LIMIT = 200
 
 
 @dataclass
@@ -78,10 +83,12 @@ class _Truncated(Exception):
     pass
 
 
-def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_delimiter: bool) -> int:
+def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_delimiter: bool, depth: int = 0) -> int:
     """Walk data elements from ``pos``; raise :class:`_Truncated` if any
     declared length runs past the end. Returns the position after the last
     element (or after the delimiter when ``until_delimiter``)."""
+    if depth > NESTING_LIMIT:
+        raise _Quarantine(reason(ReasonCode.NESTING_LIMIT))
     e = "<" if little else ">"
     while pos < end:
         if pos + 8 > end:
@@ -95,7 +102,7 @@ def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_de
                     return pos
                 continue
             if length == _UNDEFINED:
-                pos = _walk(buf, pos, end, implicit, little, until_delimiter=True)
+                pos = _walk(buf, pos, end, implicit, little, True, depth + 1)
             else:
                 if pos + length > end:
                     raise _Truncated(f"item at byte {pos} runs past the end")
@@ -117,7 +124,7 @@ def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_de
         if length == _UNDEFINED:
             # PS3.5 6.2.2: an undefined-length UN holds implicit VR items.
             inner_implicit = implicit or buf[pos - 8 : pos - 6] == b"UN"
-            pos = _walk(buf, pos, end, inner_implicit, little, until_delimiter=True)
+            pos = _walk(buf, pos, end, inner_implicit, little, True, depth + 1)
         else:
             if pos + length > end:
                 raise _Truncated(f"element ({group:04X},{elem:04X}) declares {length} bytes, {end - pos} remain")
@@ -153,14 +160,25 @@ def _dataset_offset(raw: bytes) -> tuple[int, str | None]:
     return pos, ts
 
 
+def inflate(data: bytes) -> bytes:
+    """A deflated dataset, inflated within bounds: an instance may not inflate
+    past ``INFLATE_LIMIT_BYTES`` nor ``INFLATE_RATIO_LIMIT`` times its size."""
+    limit = min(INFLATE_LIMIT_BYTES, max(len(data) * INFLATE_RATIO_LIMIT, 1 << 20))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise _Truncated(f"deflated stream broken: {exc}") from exc
+    if len(out) > limit:
+        raise _Quarantine(reason(ReasonCode.DECOMPRESSION_LIMIT))
+    return out
+
+
 def check_structure(raw: bytes, transfer_syntax: str, offset: int) -> None:
     """Raise :class:`_Truncated` when an element's declared length runs past EOF."""
     body = raw
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            body = raw[:offset] + zlib.decompress(raw[offset:], -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise _Truncated(f"deflated stream broken: {exc}") from exc
+        body = raw[:offset] + inflate(raw[offset:])
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     vr = body[offset + 4 : offset + 6]
@@ -316,8 +334,12 @@ def _read(raw: bytes) -> _Read:
         raise _Quarantine(reason(ReasonCode.TRUNCATED)) from None
     if offset == 0 and not _looks_like_dataset(raw):
         raise _Quarantine(reason(ReasonCode.NOT_DICOM))
+    if meta_ts == DeflatedExplicitVRLittleEndian:
+        inflate(raw[offset:])  # bounded, before pydicom inflates it whole
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+    except RecursionError:
+        raise _Quarantine(reason(ReasonCode.NESTING_LIMIT)) from None
     except (EOFError, struct.error):
         raise _Quarantine(reason(ReasonCode.TRUNCATED)) from None
     except Exception:  # InvalidDicomError and the many types pydicom raises on garbage
@@ -425,6 +447,8 @@ def normalize(
         _rewrite(read, result, findings, outcome, ruleset, source_ae, modified_at)
     except _Quarantine as q:
         result.reason, result.data = q.reason, None
+    except RecursionError:  # deeper than pydicom can follow, wherever it is met
+        result.reason, result.data = reason(ReasonCode.NESTING_LIMIT), None
     return result
 
 

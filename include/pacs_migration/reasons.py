@@ -30,6 +30,9 @@ class ReasonCode(str, Enum):
     INCONSISTENT_PATIENT = "INCONSISTENT_PATIENT"
     UNSOLICITED = "UNSOLICITED"
     RULE_REJECTED = "RULE_REJECTED"
+    # hostile or broken input beyond the pipeline's bounds
+    DECOMPRESSION_LIMIT = "DECOMPRESSION_LIMIT"  # a deflated dataset inflating past its limits
+    NESTING_LIMIT = "NESTING_LIMIT"  # sequences nested deeper than any real object
     # unresolved: the source did not deliver the instance within the retry budget
     NOT_RECEIVED = "NOT_RECEIVED"
     # unresolved: a study's series or a series' instances could not be listed

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,5 +98,59 @@ def mutants() -> list[Case]:
             out.append(Case(f"{base}:UN-for-LO", _save(ds), None))
         # Not DICOM at all.
     out.append(Case("garbage", os.urandom(4096), "NOT_DICOM|TRUNCATED"))
+    out.append(Case("deflate-bomb", deflate_bomb(), "DECOMPRESSION_LIMIT"))
+    out.append(Case("nested-3000", deeply_nested(3000), "NESTING_LIMIT"))
+    out.append(Case("nested-12", deeply_nested(12), None))  # deep as a real SR tree, within the bound: migrates
     out.append(Case("empty", b"", "NOT_DICOM|TRUNCATED"))
     return out
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH", *tag) + vr + b"\x00\x00" + struct.pack("<L", len(value)) + value
+    return struct.pack("<HH", *tag) + vr + struct.pack("<H", len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    data = value.encode()
+    return data + (b"\x00" if len(data) % 2 else b"")
+
+
+def _part10(body: bytes, transfer_syntax: str, sop_uid: str) -> bytes:
+    sop_class = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    meta = (
+        _element((0x0002, 0x0001), b"OB", b"\x00\x01")
+        + _element((0x0002, 0x0002), b"UI", _uid(sop_class))
+        + _element((0x0002, 0x0003), b"UI", _uid(sop_uid))
+        + _element((0x0002, 0x0010), b"UI", _uid(transfer_syntax))
+    )
+    group_length = _element((0x0002, 0x0000), b"UL", struct.pack("<L", len(meta)))
+    return b"\x00" * 128 + b"DICM" + group_length + meta + body
+
+
+def _identity(sop_uid: str) -> bytes:
+    return (
+        _element((0x0008, 0x0016), b"UI", _uid("1.2.840.10008.5.1.4.1.1.7"))
+        + _element((0x0008, 0x0018), b"UI", _uid(sop_uid))
+        + _element((0x0008, 0x0060), b"CS", b"OT")
+        + _element((0x0020, 0x000D), b"UI", _uid("1.2.3.4.5"))
+        + _element((0x0020, 0x000E), b"UI", _uid("1.2.3.4.5.6"))
+    )
+
+
+def deflate_bomb(inflated: int = 64 << 20) -> bytes:
+    """A deflated instance of ~64 KiB that inflates to 64 MiB (a zero-filled OB)."""
+    body = _identity("1.2.3.4.5.6.7") + struct.pack("<HH", 0x0009, 0x0010) + b"LO" + struct.pack("<H", 4) + b"BOMB"
+    body += struct.pack("<HH", 0x0009, 0x1000) + b"OB\x00\x00" + struct.pack("<L", inflated)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(body) + packer.compress(bytes(inflated)) + packer.flush()
+    return _part10(deflated, "1.2.840.10008.1.2.1.99", "1.2.3.4.5.6.7")
+
+
+def deeply_nested(levels: int) -> bytes:
+    """Sequences nested ``levels`` deep (undefined lengths), explicit VR little endian."""
+    open_ = struct.pack("<HH", 0x0040, 0xA730) + b"SQ\x00\x00" + struct.pack("<L", 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    close = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    body = _identity("1.2.3.4.5.6.8") + (open_ + item) * levels + close * levels
+    return _part10(body, "1.2.840.10008.1.2.1", "1.2.3.4.5.6.8")
