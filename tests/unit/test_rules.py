@@ -425,3 +425,39 @@ def test_only_nonconforming_old_values_leave_one_empty_modified_item():
         assert len(item.NonconformingModifiedAttributesSequence) == 1
         assert "SelectorAttributeVR" not in item.NonconformingModifiedAttributesSequence[0]
     assert _original(out, "StudyDate")[0] == "2019/03/01" and _original(out, "StudyTime")[0] == "12:30:45"
+
+
+def test_rule_regexes_run_in_linear_time():
+    """Issue 15.5: a catastrophic pattern against a hostile value finishes at
+    once (RE2); with a backtracking engine it would not finish (bounded here by
+    a subprocess timeout)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import io, pydicom; from pydicom.data import get_testdata_file; from pathlib import Path\n"
+        "from include.pacs_migration.normalize import normalize\n"
+        "from include.pacs_migration.rules import parse_ruleset\n"
+        "rs = parse_ruleset({'id': 't', 'version': '1', 'rules': [{'id': 'evil', 'action': 'set', 'tag': 'StationName',"
+        " 'value': 'X', 'when': {'StationName': 're:(a+)+$'}}]}, Path('.'))\n"
+        "ds = pydicom.dcmread(get_testdata_file('CT_small.dcm')); ds.StationName = 'a' * 40 + '!'\n"
+        "buf = io.BytesIO(); ds.save_as(buf, enforce_file_format=True)\n"
+        "print(normalize(buf.getvalue(), ruleset=rs).reason)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-500:]
+
+
+def test_a_pattern_re2_cannot_run_names_the_rule():
+    with pytest.raises(RuleSetError, match=r"rule 'backref'.pattern: .*RE2"):
+        _ruleset(
+            rules=[{"id": "backref", "action": "regex", "tag": "StationName", "pattern": r"(CT)\1", "replacement": "x"}]
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -110,7 +109,7 @@ class Reason(str, Enum):
 class Condition:
     attribute: str  # a DICOM keyword, or "source_ae"
     equals: str | None = None
-    pattern: re.Pattern[str] | None = None
+    pattern: Any = None  # a compiled RE2 pattern
 
     def matches(self, ds: Dataset, source_ae: str | None) -> bool:
         if self.attribute == "source_ae":
@@ -129,7 +128,7 @@ class Rule:
     action: Action
     tag: BaseTag | None
     value: str | None = None
-    pattern: re.Pattern[str] | None = None
+    pattern: Any = None  # a compiled RE2 pattern (regex action)
     replacement: str | None = None
     when: tuple[Condition, ...] = ()
 

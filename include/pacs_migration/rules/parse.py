@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import re2
 import yaml
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.tag import BaseTag, Tag
@@ -42,13 +43,19 @@ def _tag(value: Any, where: str) -> BaseTag:
     raise RuleSetError(f"{where}.tag: {value!r} is neither a DICOM keyword nor (gggg,eeee)")
 
 
-def _regex(value: Any, where: str) -> re.Pattern[str]:
+def _regex(value: Any, where: str) -> Any:
+    """A site rule's regular expression, compiled by RE2: matching takes time
+    linear in the value, so no pattern can stall normalize on a hostile value
+    (Python's ``re`` backtracks). RE2 has no backreferences or lookaround."""
     if not isinstance(value, str):
         raise RuleSetError(f"{where}: a regular expression (string) is required")
     try:
-        return re.compile(value)
-    except re.error as exc:
-        raise RuleSetError(f"{where}: invalid regular expression: {exc}") from None
+        return re2.compile(value)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise RuleSetError(
+            f"{where}: invalid regular expression for RE2 (no backreferences or lookaround): {detail}"
+        ) from None
 
 
 def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
