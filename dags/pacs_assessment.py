@@ -19,7 +19,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from include.pacs_migration_dags import PACS_POOL
+from include.pacs_migration_dags import PACS_POOL, task_timeouts
+
+TIMEOUTS = task_timeouts()
 
 DAG_ID = "pacs_assessment"
 
@@ -47,7 +49,7 @@ def _range() -> tuple[dt.date, dt.date]:
     doc_md=__doc__,
 )
 def pacs_assessment():
-    @task(pool=PACS_POOL, pool_slots=1)
+    @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["transfer"])
     def assess() -> dict:
         from include.pacs_migration.assessment import assess as assess_archive
         from include.pacs_migration.assessment import render_assessment_html, write_assessment
@@ -69,7 +71,7 @@ def pacs_assessment():
         # The summary only: figures and codes, no UIDs or patient data in XCom.
         return {**result.summary(), "prefix": keys[0].rsplit("/", 1)[0] + "/"}
 
-    @task
+    @task(execution_timeout=TIMEOUTS["report"])
     def report(summary: dict) -> dict:
         from include.pacs_migration_airflow import object_store, runtime_config, send_report
 

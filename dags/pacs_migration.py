@@ -15,10 +15,11 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import PACS_POOL, associations_per_task
+from include.pacs_migration_dags import PACS_POOL, associations_per_task, task_timeouts
 
 DAG_ID = "pacs_migration"
 ASSOCIATIONS_PER_TASK = associations_per_task()
+TIMEOUTS = task_timeouts()
 
 
 def _study_date() -> dt.date:
@@ -48,7 +49,7 @@ def _study_date() -> dt.date:
     doc_md=__doc__,
 )
 def pacs_migration():
-    @task(pool=PACS_POOL, pool_slots=1)
+    @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["census"])
     def census() -> list[dict[str, str]]:
         from include.pacs_migration.steps import record_census, take_date_census
         from include.pacs_migration_airflow import recorded_failure, services
@@ -61,7 +62,7 @@ def pacs_migration():
 
     @task_group
     def partition(part: dict[str, str]):
-        @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
+        @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK, execution_timeout=TIMEOUTS["transfer"])
         def transfer(part: dict[str, str]) -> dict:
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import transfer_step
@@ -74,7 +75,7 @@ def pacs_migration():
                 counts = transfer_step(io, p, get_current_context()["run_id"], census_sha256=part["census_sha256"])
             return {"partition": p.key, **counts.to_json()}
 
-        @task(retries=0)
+        @task(retries=0, execution_timeout=TIMEOUTS["validate"])
         def validate(part: dict[str, str]) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
@@ -90,7 +91,7 @@ def pacs_migration():
                     raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
             return {"partition": p.key, "success": True}
 
-        @task(trigger_rule="all_done")
+        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
         def lineage(part: dict[str, str]) -> str:
             from include.pacs_migration.manifest import LINEAGE
             from include.pacs_migration.partition import Partition
@@ -105,14 +106,14 @@ def pacs_migration():
 
         transfer(part) >> validate(part) >> lineage(part)
 
-    @task(trigger_rule="all_done")
+    @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
     def report() -> dict:
         """Mails this run's figures and verdict, whatever failed before."""
         from include.pacs_migration_airflow import run_report
 
         return run_report(DAG_ID, _study_date().isoformat())
 
-    @task(trigger_rule="all_done", retries=0)
+    @task(trigger_rule="all_done", retries=0, execution_timeout=TIMEOUTS["report"])
     def gate() -> None:
         """Fail the run unless every partition passed this run's validation and no task failed."""
         from airflow.sdk.exceptions import AirflowFailException

@@ -19,10 +19,11 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import PACS_POOL, associations_per_task, nightly_cron
+from include.pacs_migration_dags import PACS_POOL, associations_per_task, nightly_cron, task_timeouts
 
 DAG_ID = "pacs_nightly"
 ASSOCIATIONS_PER_TASK = associations_per_task()
+TIMEOUTS = task_timeouts()
 CRON, TIMEZONE = nightly_cron()
 
 
@@ -49,7 +50,7 @@ def _now() -> dt.datetime:
     doc_md=__doc__,
 )
 def pacs_nightly():
-    @task
+    @task(execution_timeout=TIMEOUTS["report"])
     def plan() -> list[dict]:
         """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
         from include.pacs_migration.nightly import plan_night
@@ -63,7 +64,7 @@ def pacs_nightly():
         end = night.window_end.isoformat() if night.window_end else None
         return [{"unit": u.to_json(), "window_end": end, "offset": offset} for u in night.units]
 
-    @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK)
+    @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK, execution_timeout=TIMEOUTS["transfer"])
     def migrate(items: list[dict]) -> list[dict]:
         """Tonight's units one after another, in plan order; none starts once
         the window has closed (those are ``deferred``, still pending). A unit
@@ -91,7 +92,7 @@ def pacs_nightly():
                 results.append(UnitResult.failed(unit, error_label(exc)).to_json())
         return results
 
-    @task(trigger_rule="all_done")
+    @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
     def progress(items: list[dict] | None) -> dict:
         """Tonight into the ledger, and the progress mail (the units are the night plan's)."""
         import tempfile
@@ -118,7 +119,7 @@ def pacs_nightly():
             send_report(io.config, progress.subject, progress.html, [str(ledger_path)])
         return progress.entry
 
-    @task(trigger_rule="all_done", retries=0)
+    @task(trigger_rule="all_done", retries=0, execution_timeout=TIMEOUTS["report"])
     def gate(entry: dict) -> None:
         """Fail the run when a unit failed tonight (it is retried on a later night)."""
         from airflow.sdk.exceptions import AirflowFailException

@@ -4,6 +4,7 @@ small file, no database, no heavy imports: DAG parsing stays fast."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from include.pacs_migration.config import PlanConfig, SourceConfig
+from include.pacs_migration.config import PlanConfig, SourceConfig, TimeoutsConfig
 
 # Every task that talks to the legacy PACS takes slots of this pool, one per
 # association it may open: the pool's size bounds the PACS's load cluster-wide.
@@ -54,3 +55,15 @@ def nightly_cron() -> tuple[str, str]:
     except ValidationError:
         plan = PlanConfig()  # the tasks fail on it, naming the field
     return f"{plan.window.start.minute} {plan.window.start.hour} * * *", plan.timezone
+
+
+def task_timeouts() -> dict[str, dt.timedelta]:
+    """``timeouts``: each kind of task's execution_timeout (the models' defaults if the file has none or a bad one)."""
+    try:
+        timeouts = TimeoutsConfig.model_validate(_yaml().get("timeouts") or {})
+    except ValidationError:
+        timeouts = TimeoutsConfig()  # the tasks fail on it, naming the field
+    return {
+        kind: dt.timedelta(minutes=getattr(timeouts, f"{kind}_minutes"))
+        for kind in ("census", "transfer", "validate", "report")
+    }

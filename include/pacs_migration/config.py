@@ -457,6 +457,16 @@ class PlanConfig(Section):
 DEFAULT_PLAN = PlanConfig()
 
 
+class TimeoutsConfig(Section):
+    """Each task's execution_timeout, in minutes: a stalled peer or a hostile
+    object can never hold a worker and a pool slot for ever."""
+
+    census_minutes: int = Field(60, ge=1, le=24 * 60)  # the date's C-FINDs
+    transfer_minutes: int = Field(360, ge=1, le=7 * 24 * 60)  # one partition (a nightly unit: one date)
+    validate_minutes: int = Field(60, ge=1, le=24 * 60)  # re-reads every object of a partition
+    report_minutes: int = Field(15, ge=1, le=24 * 60)  # lineage, report, gate, the nightly plan and progress
+
+
 class MigrationConfig(Section):
     """The whole file."""
 
@@ -468,6 +478,7 @@ class MigrationConfig(Section):
     staging_dir: LaxPath = Path("/tmp/pacs-migration-staging")
     assessment: AssessmentConfig = Field(default_factory=AssessmentConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -3,6 +3,7 @@ retries, and its file stem is its dag_id."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,16 @@ def test_nightly_starts_when_the_window_opens(dagbag):
     assert cron == "0 20 * * *" and tz == "Europe/Brussels"
     assert dag.max_active_runs == 1 and not dag.catchup
     assert {t.task_id for t in dag.tasks} == {"plan", "migrate", "progress", "gate"}
+
+
+def test_every_task_has_an_execution_timeout_from_the_config(dagbag):
+    """Issue 15.5: no task can hold a worker and a pool slot for ever; the
+    bounds come from the config's ``timeouts`` (the models' defaults here)."""
+    from include.pacs_migration.config import TimeoutsConfig
+
+    bounds = {dt.timedelta(minutes=m) for m in TimeoutsConfig().model_dump().values()}
+    for dag in dagbag.dags.values():
+        for t in dag.tasks:
+            assert t.execution_timeout in bounds, (dag.dag_id, t.task_id, t.execution_timeout)
+    transfer = dagbag.dags["pacs_migration"].get_task("partition.transfer")
+    assert transfer.execution_timeout == dt.timedelta(minutes=TimeoutsConfig().transfer_minutes)
