@@ -52,13 +52,14 @@ def pacs_migration():
     @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["census"])
     def census() -> list[dict[str, str]]:
         from include.pacs_migration.steps import record_census, take_date_census
-        from include.pacs_migration_airflow import recorded_failure, services
+        from include.pacs_migration_airflow import date_held, recorded_failure, services
 
         with recorded_failure():
             io = services()
-            result = take_date_census(io, _study_date())
-            # Each partition travels with its census hash: later tasks refuse any other census.
-            return [{**p.to_json(), "census_sha256": record_census(io, result, p)} for p in result.partitions()]
+            with date_held(io, _study_date()):  # one writer per date: a second run waits, then fails naming us
+                result = take_date_census(io, _study_date())
+                # Each partition travels with its census hash: later tasks refuse any other census.
+                return [{**p.to_json(), "census_sha256": record_census(io, result, p)} for p in result.partitions()]
 
     @task_group
     def partition(part: dict[str, str]):
@@ -66,13 +67,15 @@ def pacs_migration():
         def transfer(part: dict[str, str]) -> dict:
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import transfer_step
-            from include.pacs_migration_airflow import recorded_failure, services
+            from include.pacs_migration_airflow import date_held, recorded_failure, services
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 # never more associations than the pool slots this task holds
                 io = services(ASSOCIATIONS_PER_TASK)
-                counts = transfer_step(io, p, get_current_context()["run_id"], census_sha256=part["census_sha256"])
+                with date_held(io, p.study_date):
+                    run_id = get_current_context()["run_id"]
+                    counts = transfer_step(io, p, run_id, census_sha256=part["census_sha256"])
             return {"partition": p.key, **counts.to_json()}
 
         @task(retries=0, execution_timeout=TIMEOUTS["validate"])
@@ -81,11 +84,13 @@ def pacs_migration():
 
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import validate_step
-            from include.pacs_migration_airflow import recorded_failure, services
+            from include.pacs_migration_airflow import date_held, recorded_failure, services
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
-                result = validate_step(services(), p, get_current_context()["run_id"], part["census_sha256"])
+                io = services()
+                with date_held(io, p.study_date):
+                    result = validate_step(io, p, get_current_context()["run_id"], part["census_sha256"])
                 if not result.success:
                     failed = ", ".join(o.label for o in result.failed)
                     raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
@@ -96,12 +101,13 @@ def pacs_migration():
             from include.pacs_migration.manifest import LINEAGE
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import lineage_step
-            from include.pacs_migration_airflow import recorded_failure, services
+            from include.pacs_migration_airflow import date_held, recorded_failure, services
 
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 io = services()
-                lineage_step(io, p, get_current_context()["run_id"], DAG_ID)
+                with date_held(io, p.study_date):
+                    lineage_step(io, p, get_current_context()["run_id"], DAG_ID)
             return io.manifests(p).key(LINEAGE)
 
         transfer(part) >> validate(part) >> lineage(part)
@@ -118,18 +124,18 @@ def pacs_migration():
         """Fail the run unless every partition passed this run's validation and no task failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from include.pacs_migration.manifest import PartitionManifests
         from include.pacs_migration.partition import Partition
-        from include.pacs_migration_airflow import object_store, run_failures, runtime_config
+        from include.pacs_migration_airflow import release_date, run_failures, services
 
         ctx = get_current_context()
+        io = services()
+        release_date(io, _study_date())  # the run is over, whatever it proved
         parts = ctx["ti"].xcom_pull(task_ids="census")
         if parts is None:
             raise AirflowFailException("census did not complete")
         if failures := run_failures(ctx["ti"]):
             raise AirflowFailException(f"tasks failed: {'; '.join(f.label for f in failures)}")
-        store = object_store(runtime_config())
-        bad = [p.key for p in map(Partition.from_json, parts) if not PartitionManifests(store, p).passed(ctx["run_id"])]
+        bad = [p.key for p in map(Partition.from_json, parts) if not io.manifests(p).passed(ctx["run_id"])]
         if bad:
             raise AirflowFailException(f"partitions not validated: {', '.join(bad)}")
 

@@ -86,7 +86,11 @@ def pacs_nightly():
                 results.append(UnitResult.deferred(unit).to_json())
                 continue
             try:
-                results.append(migrate_unit(io, unit, run_id, DAG_ID).to_json())
+                lease = io.lease(unit.study_date, f"{DAG_ID}/{run_id}")  # one writer per date (LeaseHeld: retried)
+                try:
+                    results.append(migrate_unit(io, unit, run_id, DAG_ID).to_json())
+                finally:
+                    lease.release()
             except Exception as exc:  # the ledger retries it on a later night
                 logging.getLogger(__name__).error("unit %s failed: %s", unit.key, error_label(exc))
                 results.append(UnitResult.failed(unit, error_label(exc)).to_json())

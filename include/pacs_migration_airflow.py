@@ -90,6 +90,27 @@ def services(max_associations: int = 1, cfg: MigrationConfig | None = None) -> S
     return Services(cfg, store, max_associations, endpoint_of(store), emit_openlineage)
 
 
+@contextmanager
+def date_held(io: Services, study_date: Any) -> Iterator[None]:
+    """The task works on ``study_date`` under its run's lease (taken or taken
+    again; renewed while the task runs, kept for the run's next task)."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    with io.lease(study_date, f"{ctx['dag'].dag_id}/{ctx['run_id']}"):
+        yield
+
+
+def release_date(io: Services, study_date: Any) -> None:
+    """The run is over: give the date back (if the run still holds it)."""
+    from airflow.sdk import get_current_context
+
+    from include.pacs_migration.lease import DateLease
+
+    ctx = get_current_context()
+    DateLease(io.store, study_date, f"{ctx['dag'].dag_id}/{ctx['run_id']}").release()
+
+
 def endpoint_of(store: ObjectStore) -> str | None:
     return getattr(store.client.meta, "endpoint_url", None)
 

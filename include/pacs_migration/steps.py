@@ -18,6 +18,7 @@ from .census import Census, census_hash, take_census
 from .config import MigrationConfig
 from .counts import PartitionCounts, counts_from_frame
 from .dimse import FindSession, retriever
+from .lease import DateLease
 from .lineage import lineage_record
 from .manifest import PartitionManifests
 from .normalize_processes import NormalizeProcesses, normalize_processes
@@ -61,6 +62,11 @@ class Services:
 
     def manifests(self, partition: Partition) -> PartitionManifests:
         return PartitionManifests(self.store, partition)
+
+    def lease(self, study_date: dt.date, holder: str) -> DateLease:
+        """Take (or take again, as the same holder) the date's lease; see :mod:`lease`."""
+        t = self.config.timeouts
+        return DateLease(self.store, study_date, holder, t.lease_ttl_seconds).acquire(t.lease_wait_seconds)
 
 
 def take_date_census(services: Services, study_date: dt.date) -> Census:
