@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 _CHUNK = 1 << 20
-MIN_FREE_BYTES = 1 << 20  # below this the staging disk counts as full
+MIN_FREE_BYTES = 256 << 10  # below this the staging disk counts as full
 
 
 @dataclass
