@@ -24,7 +24,7 @@ import pydicom
 from .census import CensusSeries, ExpectedInstance
 from .counts import StageTimes
 from .dimse import ReceivedInstance
-from .manifest import TRANSFER_COLUMNS, PartitionManifests
+from .manifest import TRANSFER_COLUMNS, PartitionManifests, writer_tag
 from .normalize import NormalizeResult, normalize
 from .normalize_processes import NormalizeProcesses
 from .reasons import InstanceState, ReasonCode, reason
@@ -54,7 +54,7 @@ class LoadContext:
     @property
     def writer(self) -> str:
         """The run's tag in object metadata (decides 'created by this run')."""
-        return hashlib.sha256(self.run_id.encode()).hexdigest()[:16]
+        return writer_tag(self.run_id)
 
 
 @dataclass

@@ -75,6 +75,15 @@ class StaleCensus(RuntimeError):
     """The census manifest is not the census this run took (lost or stale write)."""
 
 
+class StaleManifest(RuntimeError):
+    """The transfer manifest was written by another run (e.g. a killed run's late PUT)."""
+
+
+def writer_tag(run_id: str) -> str:
+    """A run's tag in object metadata (no run id, which may name a person, in S3 metadata)."""
+    return hashlib.sha256(run_id.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CensusSummary:
     """``census.json``: the expected set's hash, its size and the census's warnings (codes only)."""
@@ -199,10 +208,21 @@ class PartitionManifests:
         return None if value is None else CensusSummary.from_json(value)
 
     # --- transfer
-    def write_transfer(self, df: pd.DataFrame) -> str:
-        return self._put_parquet(TRANSFER, df)
+    def write_transfer(self, df: pd.DataFrame, run_id: str | None = None) -> str:
+        """The transfer manifest, tagged with the run that wrote it."""
+        key = self.key(TRANSFER)
+        self.store.put(
+            key, _parquet(df), "application/vnd.apache.parquet", {"writer": writer_tag(run_id)} if run_id else None
+        )
+        return key
 
-    def transfer(self) -> pd.DataFrame:
+    def transfer(self, run_id: str | None = None) -> pd.DataFrame:
+        """The transfer manifest; with ``run_id``, only if that run wrote it
+        (a killed run's PUT landing late must not be validated as this run's)."""
+        if run_id is not None:
+            stored = self.store.head(self.key(TRANSFER))
+            if stored is not None and (stored.metadata or {}).get("writer") != writer_tag(run_id):
+                raise StaleManifest(f"partition {self.partition.key}: the transfer manifest was written by another run")
         df = self.transfer_or_none()
         if df is None:
             raise FileNotFoundError(f"partition {self.partition.key}: no transfer manifest")

@@ -135,7 +135,7 @@ def validate_step(
         services.store,
         partition,
         series,
-        manifests.transfer(),
+        manifests.transfer(run_id),
         services.config.validation,
         census_warnings=list(summary.warnings) if summary else [],
     )
@@ -146,7 +146,7 @@ def validate_step(
 def lineage_step(services: Services, partition: Partition, run_id: str, dag_id: str) -> dict[str, Any]:
     """Build and store the partition's lineage record (this run's, and the latest); emit it."""
     manifests = services.manifests(partition)
-    transfer_df = manifests.transfer()
+    transfer_df = manifests.transfer(run_id)
     summary = manifests.summary()
     record = lineage_record(
         run_id=run_id,

@@ -144,7 +144,7 @@ class ObjectStore:
         )
         return PutResult(PutOutcome.REPAIRED, sha256_hex, len(data))
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
         """Write or replace a manifest-type object (not an instance)."""
         digest = hashlib.sha256(data).digest()
         self.client.put_object(
@@ -153,7 +153,7 @@ class ObjectStore:
             Body=data,
             ContentType=content_type,
             ChecksumSHA256=base64.b64encode(digest).decode(),
-            Metadata={"sha256": digest.hex()},
+            Metadata={"sha256": digest.hex(), **(metadata or {})},
             **self._sse(),
         )
 

@@ -121,7 +121,7 @@ def transfer_partition(
             rows, key=lambda r: (not r["in_census"], r["sop_instance_uid"] or "", r.get("series_instance_uid") or "")
         )
     )
-    ctx.manifests.write_transfer(df)
+    ctx.manifests.write_transfer(df, run_id)
     counts = counts_from_frame(df)
     log.info("partition %s: %s", partition.key, counts.summary())
     return counts

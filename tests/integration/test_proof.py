@@ -285,3 +285,23 @@ def test_a_study_naming_two_patients(tmp_path, s3_server, bucket, policy):
     named = "quarantined" if policy == "quarantine" else "flagged (migrated)"
     assert figures.inconsistent_patients == (f"{mixed} {named}",)
     assert b"CANARY" not in store.get(m.key("transfer.parquet"))  # the manifest holds a hash, not the ID
+
+
+def test_a_late_manifest_put_is_not_this_runs(tmp_path, s3_server, bucket):
+    """Issue 15.1: a killed run's transfer-manifest PUT landing after the re-run
+    wrote its own: validation and lineage of the re-run refuse it (StaleManifest)
+    instead of proving the killed run's rows; the next attempt rewrites it."""
+    import pandas as pd
+
+    from include.pacs_migration.manifest import StaleManifest, transfer_frame
+
+    store = _store(s3_server, bucket)
+    m = PartitionManifests(store, CT)
+    m.write_transfer(transfer_frame([]), "rerun")
+    assert m.transfer("rerun").empty
+    m.write_transfer(transfer_frame([]), "killed-run")  # the late PUT
+    with pytest.raises(StaleManifest, match="written by another run"):
+        m.transfer("rerun")
+    assert isinstance(m.transfer(), pd.DataFrame)  # readers that do not prove a run still read it
+    m.write_transfer(transfer_frame([]), "rerun")
+    assert m.transfer("rerun").empty
