@@ -172,6 +172,8 @@ def load(ctx: LoadContext, p: Prepared) -> Row:
     if ctx.times:
         ctx.times.add("upload", time.perf_counter() - started, len(data))
     if put.outcome is PutOutcome.CONFLICT:
+        if _source_changed(ctx, key, p):
+            return p.row
         quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
         return p.row
     p.row.update(
@@ -182,6 +184,27 @@ def load(ctx: LoadContext, p: Prepared) -> Row:
         load_action=put.outcome.value,
     )
     return p.row
+
+
+def _source_changed(ctx: LoadContext, key: str, p: Prepared) -> bool:
+    """The live object came from other source bytes under the same rule set:
+    the instance changed at the source after it was migrated. The row stays
+    migrated (the live object, re-read by validation), with reason
+    ``SOURCE_CHANGED`` and the new version kept in quarantine: recorded once,
+    never failing the partition for ever."""
+    live = ctx.store.head(key)
+    meta = (live.metadata or {}) if live else {}
+    if live is None or meta.get("ruleset") != ctx.ruleset.label or meta.get("source-sha256") in (None, p.item.sha256):
+        return False
+    quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.SOURCE_CHANGED))
+    p.row.update(
+        state=InstanceState.MIGRATED.value,
+        object_key=key,
+        object_sha256=live.sha256,
+        object_size=live.size,
+        load_action=PutOutcome.ALREADY_PRESENT.value,
+    )
+    return True
 
 
 def header_uids(path: Path) -> tuple[str, str] | None:

@@ -27,6 +27,9 @@ class ReasonCode(str, Enum):
     PIXEL_LENGTH_MISMATCH = "PIXEL_LENGTH_MISMATCH"
     DECODER_UNAVAILABLE = "DECODER_UNAVAILABLE"
     UID_CONFLICT = "UID_CONFLICT"
+    # migrated before, changed at the source since: the live object stays, the
+    # new version is kept in quarantine (correction goes through a rollback)
+    SOURCE_CHANGED = "SOURCE_CHANGED"
     INCONSISTENT_PATIENT = "INCONSISTENT_PATIENT"
     UNSOLICITED = "UNSOLICITED"
     RULE_REJECTED = "RULE_REJECTED"

@@ -174,7 +174,8 @@ def _frames(
     gap = transfer["sop_instance_uid"].isna() & (transfer["state"] == InstanceState.UNRESOLVED.value)
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value].copy()
     pairs = list(zip(migrated["object_key"], migrated["object_sha256"], strict=True))
-    quarantined = transfer[transfer["state"] == InstanceState.QUARANTINED.value].copy()
+    # Every object kept in quarantine, including the new version of an instance changed at the source.
+    quarantined = transfer[transfer["quarantine_key"].notna()].copy()
     qpairs = list(zip(quarantined["quarantine_key"], quarantined["received_sha256"], strict=True))
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
         migrated["checksum_verified"] = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
