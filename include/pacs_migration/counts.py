@@ -58,7 +58,8 @@ def counts_from_frame(df: Any) -> PartitionCounts:
         migrated=states.get(InstanceState.MIGRATED.value, 0),
         quarantined=states.get(InstanceState.QUARANTINED.value, 0),
         unresolved=states.get(InstanceState.UNRESOLVED.value, 0),
-        unsolicited=int((~df["in_census"]).sum()),
+        # arrivals nobody asked for (not migrated objects the source no longer holds)
+        unsolicited=int((~df["in_census"] & (df["state"] != InstanceState.MIGRATED.value)).sum()),
         written=int(
             ((df["load_action"] == PutOutcome.CREATED.value) & (df["state"] == InstanceState.MIGRATED.value)).sum()
         ),

@@ -30,6 +30,8 @@ class ReasonCode(str, Enum):
     # migrated before, changed at the source since: the live object stays, the
     # new version is kept in quarantine (correction goes through a rollback)
     SOURCE_CHANGED = "SOURCE_CHANGED"
+    # migrated before, gone from the source since: the object stays (policy: keep)
+    SOURCE_DELETED = "SOURCE_DELETED"
     INCONSISTENT_PATIENT = "INCONSISTENT_PATIENT"
     UNSOLICITED = "UNSOLICITED"
     RULE_REJECTED = "RULE_REJECTED"

@@ -94,6 +94,7 @@ def transfer_partition(
     if normalizer is not None and (normalizer.ruleset != ruleset or normalizer.source_ae != source_ae):
         raise ValueError("normalizer was made for another rule set or source AE")
     ctx = LoadContext(PartitionManifests(store, partition), run_id, ruleset, source_ae, times, normalizer)
+    previous = ctx.manifests.transfer_or_none()
     pipeline = _LoadPipeline(ctx, series, upload_threads)
     try:
         with attempt_folder(staging_root, partition.hive_path, ctx.writer) as staging:
@@ -115,6 +116,7 @@ def transfer_partition(
         pipeline.close()
     if carried is not None and len(carried):
         rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
+    rows.extend(_source_deleted(previous, rows, run_id))
     flag_inconsistent(rows, ruleset.inconsistent_patient)
     df = transfer_frame(
         sorted(
@@ -125,6 +127,30 @@ def transfer_partition(
     counts = counts_from_frame(df)
     log.info("partition %s: %s", partition.key, counts.summary())
     return counts
+
+
+def _source_deleted(previous: Any, rows: list[Row], run_id: str) -> list[Row]:
+    """Objects migrated before whose instance the source no longer holds: they
+    stay (policy: keep), carried with reason ``SOURCE_DELETED``, out of this
+    census (so neither expected nor unsolicited), and are still re-read."""
+    if previous is None or not len(previous):
+        return []
+    present = {(r.get("series_instance_uid"), r.get("sop_instance_uid")) for r in rows}
+    migrated = previous[previous["state"] == InstanceState.MIGRATED.value]
+    still = [
+        (s, u) in present for s, u in zip(migrated["series_instance_uid"], migrated["sop_instance_uid"], strict=True)
+    ]
+    gone = migrated[[not x for x in still]]
+    return [
+        {
+            **r,
+            "in_census": False,
+            "reason": reason(ReasonCode.SOURCE_DELETED),
+            "load_action": CARRIED,
+            "membership": None,
+        }
+        for r in gone.to_dict("records")
+    ]
 
 
 def _row_order(r: Row) -> tuple[bool, str, str]:

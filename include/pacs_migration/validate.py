@@ -191,9 +191,10 @@ def _frames(
         else pd.DataFrame({"study_instance_uid": pd.Series(dtype=str), "patients": pd.Series(dtype=int)})
     )
 
+    # The census's series, and those of every migrated row (a series gone from the source keeps its objects).
     prefixes = {
         manifests.series_prefix(s.study_instance_uid, s.series_instance_uid) for s in series if s.series_instance_uid
-    }
+    } | {manifests.series_prefix(r.study_instance_uid, r.series_instance_uid) for r in migrated.itertuples()}
     listed = sum(sum(1 for _ in store.list_keys(p)) for p in sorted(prefixes))
     in_quarantine = set(store.list_keys(manifests.quarantine_prefix))
     recorded = set(quarantined["quarantine_key"].dropna())

@@ -341,3 +341,38 @@ def test_an_instance_changed_at_the_source_after_migration(tmp_path, s3_server, 
     report = _validate(store, CT)
     assert report.success, [o.label for o in report.failed]
     assert partition_figures(store, CT, "run-2").reasons == {"SOURCE_CHANGED": 1}
+
+
+def test_an_instance_deleted_at_the_source_after_migration(tmp_path, s3_server, bucket):
+    """Issue 15.2: the object stays (policy keep), carried with reason
+    SOURCE_DELETED, neither expected nor unsolicited, still re-read; the
+    partition validates (before: 8 listed vs 7 migrated, for ever)."""
+    series_study(tmp_path / "a", 2, [4, 4], tag="deleted")
+    pacs = SimulatedPACS(tmp_path / "a")
+    store = _store(s3_server, bucket)
+    m = PartitionManifests(store, CT)
+    try:
+        with FindSession(_source(pacs.port)) as session:
+            m.write_census(take_census(session.find, DATE).for_partition(CT), [])
+        first = _transfer(pacs.port, store, CT, tmp_path / "staging", "run-1")
+        assert _validate(store, CT).success
+    finally:
+        pacs.stop()
+    gone = tmp_path / "a" / "000-00001.dcm"
+    deleted = str(pydicom.dcmread(gone).SOPInstanceUID)
+    gone.unlink()  # deleted at the source after migration
+    pacs = SimulatedPACS(tmp_path / "a")
+    try:
+        with FindSession(_source(pacs.port)) as session:
+            m.write_census(take_census(session.find, DATE).for_partition(CT), [])
+        second = _transfer(pacs.port, store, CT, tmp_path / "staging", "run-2")
+    finally:
+        pacs.stop()
+    row = second[second["sop_instance_uid"] == deleted].iloc[0]
+    assert row["state"] == "migrated" and row["reason"] == "SOURCE_DELETED" and not row["in_census"]
+    assert row["object_key"] == first.loc[first["sop_instance_uid"] == deleted, "object_key"].iloc[0]
+    figures = partition_figures(store, CT, "run-2")
+    assert (figures.expected, figures.migrated, figures.unsolicited) == (7, 7, 0)
+    report = _validate(store, CT)
+    assert report.success, [o.label for o in report.failed]
+    assert report.reread_objects == 8 and figures.reasons == {"SOURCE_DELETED": 1}
