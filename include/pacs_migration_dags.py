@@ -5,6 +5,7 @@ small file, no database, no heavy imports: DAG parsing stays fast."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,11 +31,21 @@ def config_path() -> Path:
 
 
 def _yaml() -> dict[str, Any]:
+    """The file, parsed once per parse of the DAGs (it may change between parses)."""
+    path = config_path()
     try:
-        data = yaml.safe_load(config_path().read_text())
-        return data if isinstance(data, dict) else {}
+        return _parsed(path, path.stat().st_mtime_ns)
+    except OSError:
+        return {}
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: Path, mtime_ns: int) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def associations_per_task() -> int:

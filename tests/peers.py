@@ -18,7 +18,14 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from include.pacs_migration.config import SourceConfig
 from peers.ports import free_port
+
+
+def loopback_source(port: int, called: str = "LEGACYPACS", **overrides: float) -> SourceConfig:
+    """A source on loopback with the tests' short timeouts."""
+    settings = {"acse_timeout": 5, "dimse_timeout": 30, "network_timeout": 30, **overrides}
+    return SourceConfig(host="127.0.0.1", port=port, called_ae_title=called, calling_ae_title="PACSMIGRATE", **settings)
 
 
 def require_binary(name: str, package: str) -> str:

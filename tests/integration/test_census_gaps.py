@@ -15,22 +15,10 @@ from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from peers.pacs import Faults, SimulatedPACS
-from tests.peers import Orthanc, series_study
+from tests.peers import Orthanc, loopback_source, series_study
 
 DATE = dt.date(2019, 3, 1)
 CT = Partition(DATE, "CT")
-
-
-def _source(port: int, called: str = "LEGACYPACS") -> SourceConfig:
-    return SourceConfig(
-        host="127.0.0.1",
-        port=port,
-        called_ae_title=called,
-        calling_ae_title="PACSMIGRATE",
-        acse_timeout=5,
-        dimse_timeout=30,
-        network_timeout=30,
-    )
 
 
 def _migrate(source: SourceConfig, store: ObjectStore, census, staging: Path, run_id: str = "gap-run"):
@@ -56,13 +44,13 @@ def test_series_and_image_caps_on_the_simulated_pacs(tmp_path, s3_server, bucket
     pacs = SimulatedPACS(tmp_path / "a", find_limit=5, image_find_limit=500)
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             census = take_census(session.find, DATE, find_limit=5, image_limit=500)
         assert {s.series_instance_uid for s in census.series} == set(truth)
         big = next(s for s in census.series if s.reported_instances == 2000)
         assert big.census_gap == "IMAGE_CAPPED" and len(big.instances) == 500
         assert not [w for w in census.warnings if w.code in ("SERIES_LEVEL_TRUNCATED", "COUNT_MISMATCH")]
-        counts, report, df = _migrate(_source(pacs.port), store, census, tmp_path / "staging")["2019-03-01/CT"]
+        counts, report, df = _migrate(loopback_source(pacs.port), store, census, tmp_path / "staging")["2019-03-01/CT"]
     finally:
         pacs.stop()
     expected = sum(len(v) for v in truth.values())
@@ -86,7 +74,7 @@ def test_series_and_image_caps_on_orthanc(tmp_path, s3_server, bucket):
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     try:
         assert orthanc.upload_folder(tmp_path / "a") == 164
-        source = _source(orthanc.dicom_port, orthanc.ae_title)
+        source = loopback_source(orthanc.dicom_port, orthanc.ae_title)
         with FindSession(source) as session:
             census = take_census(session.find, DATE, find_limit=4, image_limit=40)
         assert {s.series_instance_uid for s in census.series} == set(truth)
@@ -109,10 +97,10 @@ def test_image_query_failure_is_confined_to_its_series(tmp_path, s3_server, buck
     pacs = SimulatedPACS(tmp_path / "all", faults=faults)
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             census = take_census(session.find, DATE)
         assert [w.code for w in census.warnings] == ["CENSUS_FAILED:IMAGE"]
-        results = _migrate(_source(pacs.port), store, census, tmp_path / "staging")
+        results = _migrate(loopback_source(pacs.port), store, census, tmp_path / "staging")
     finally:
         pacs.stop()
     ct_counts, ct_report, df = results["2019-03-01/CT"]
@@ -132,9 +120,9 @@ def test_series_query_failure_is_confined_to_its_study(tmp_path, s3_server, buck
     pacs = SimulatedPACS(tmp_path / "a", faults=Faults(fail_series_find=frozenset({bad_study})))
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             census = take_census(session.find, DATE)
-        results = _migrate(_source(pacs.port), store, census, tmp_path / "staging")
+        results = _migrate(loopback_source(pacs.port), store, census, tmp_path / "staging")
     finally:
         pacs.stop()
     assert set(results) == {"2019-03-01/CT", "2019-03-01/UNKNOWN"}

@@ -8,24 +8,11 @@ import datetime as dt
 import pytest
 
 from include.pacs_migration.census import take_census
-from include.pacs_migration.config import SourceConfig
 from include.pacs_migration.dimse import FindSession, find
 from peers.pacs import SimulatedPACS
-from tests.peers import Orthanc, many_studies
+from tests.peers import Orthanc, loopback_source, many_studies
 
 DATE = dt.date(2019, 3, 1)
-
-
-def _source(port: int, called: str) -> SourceConfig:
-    return SourceConfig(
-        host="127.0.0.1",
-        port=port,
-        called_ae_title=called,
-        calling_ae_title="PACSMIGRATE",
-        acse_timeout=5,
-        dimse_timeout=20,
-        network_timeout=20,
-    )
 
 
 @pytest.mark.parametrize(("status", "configured"), [(0x0000, 5), (0xA700, None), (0xFE00, None)])
@@ -34,7 +21,7 @@ def test_capped_simulated_pacs(tmp_path, status, configured):
     expected = set(many_studies(tmp_path / "a", 40))
     pacs = SimulatedPACS(tmp_path / "a", find_limit=5, truncation_status=status)
     try:
-        with FindSession(_source(pacs.port, "LEGACYPACS")) as session:
+        with FindSession(loopback_source(pacs.port, "LEGACYPACS")) as session:
             census = take_census(session.find, DATE, find_limit=configured)
     finally:
         pacs.stop()
@@ -48,7 +35,7 @@ def test_unsplittable_cap_is_reported_not_hidden(tmp_path):
     many_studies(tmp_path / "a", 12, same_time=True)
     pacs = SimulatedPACS(tmp_path / "a", find_limit=5, truncation_status=0xA700)
     try:
-        census = take_census(lambda q: find(_source(pacs.port, "LEGACYPACS"), q), DATE, split_depth=6)
+        census = take_census(lambda q: find(loopback_source(pacs.port, "LEGACYPACS"), q), DATE, split_depth=6)
     finally:
         pacs.stop()
     assert len({s.study_instance_uid for s in census.series}) == 5
@@ -61,7 +48,7 @@ def test_orthanc_limit_find_results(tmp_path):
     orthanc = Orthanc(tmp_path / "orthanc", LimitFindResults=5)
     try:
         assert orthanc.upload_folder(tmp_path / "a") == 40
-        with FindSession(_source(orthanc.dicom_port, orthanc.ae_title)) as session:
+        with FindSession(loopback_source(orthanc.dicom_port, orthanc.ae_title)) as session:
             census = take_census(session.find, DATE)
     finally:
         orthanc.stop()

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from include.pacs_migration.census import take_census
-from include.pacs_migration.config import SourceConfig, TargetConfig
+from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.dimse import FindSession, StagingSink, c_get
 from include.pacs_migration.manifest import PartitionManifests, StaleCensus
 from include.pacs_migration.partition import Partition
@@ -20,22 +20,10 @@ from include.pacs_migration.store import ObjectStore, PutOutcome
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from peers.pacs import SimulatedPACS
-from tests.peers import series_study
+from tests.peers import loopback_source, series_study
 
 DATE = dt.date(2019, 3, 1)
 CT = Partition(DATE, "CT")
-
-
-def _source(port: int) -> SourceConfig:
-    return SourceConfig(
-        host="127.0.0.1",
-        port=port,
-        called_ae_title="LEGACYPACS",
-        calling_ae_title="PACSMIGRATE",
-        acse_timeout=5,
-        dimse_timeout=30,
-        network_timeout=30,
-    )
 
 
 def _store(s3_server, bucket) -> ObjectStore:
@@ -45,7 +33,7 @@ def _store(s3_server, bucket) -> ObjectStore:
 def _transfer(port, store, partition, staging, run_id="proof-run"):
     m = PartitionManifests(store, partition)
     transfer_partition(
-        lambda q, c, s: c_get(_source(port), q, c, s), store, partition, m.census(), staging, run_id, 3, 2, 4
+        lambda q, c, s: c_get(loopback_source(port), q, c, s), store, partition, m.census(), staging, run_id, 3, 2, 4
     )
     return m.transfer()
 
@@ -77,7 +65,7 @@ def test_two_instances_under_one_uid_are_both_kept(tmp_path, s3_server, bucket):
     pacs = SimulatedPACS(tmp_path / "a")
     store = _store(s3_server, bucket)
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             census = take_census(session.find, DATE)
         PartitionManifests(store, CT).write_census(census.for_partition(CT), [])
         df = _transfer(pacs.port, store, CT, tmp_path / "staging")
@@ -95,7 +83,7 @@ def test_quarantine_is_proven_and_repaired(tmp_path, s3_server, bucket, archive,
     corrupted in S3 fails validation, and the next run rewrites it."""
     store = _store(s3_server, bucket)
     date = dt.date(2019, 3, 2)
-    with FindSession(_source(pacs.port)) as session:
+    with FindSession(loopback_source(pacs.port)) as session:
         census = take_census(session.find, date)
     p = Partition(date, "CT")
     PartitionManifests(store, p).write_census(census.for_partition(p), [])
@@ -137,7 +125,7 @@ def test_a_lost_census_write_fails_the_census_and_a_stale_one_is_refused(tmp_pat
     pacs = SimulatedPACS(tmp_path / "a")
     store = _store(s3_server, bucket)
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             before = take_census(session.find, DATE)
             digest = PartitionManifests(store, CT).write_census(before.for_partition(CT), []).census_sha256
             series_study(tmp_path / "a" / "new", 1, [1], tag="late")  # a new series at the source
@@ -184,7 +172,7 @@ def test_written_counts_objects_whose_response_was_lost(tmp_path, s3_server, buc
     client = _LosingResponses(s3_server.client())
     store = ObjectStore(client, TargetConfig(bucket=bucket))
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             census = take_census(session.find, DATE)
         PartitionManifests(store, CT).write_census(census.for_partition(CT), [])
         _transfer(pacs.port, store, CT, tmp_path / "staging", "run-1")
@@ -252,11 +240,11 @@ def test_a_study_naming_two_patients(tmp_path, s3_server, bucket, policy):
     store = _store(s3_server, bucket)
     m = PartitionManifests(store, CT)
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             census = take_census(session.find, DATE)
         m.write_census(census.for_partition(CT), [])
         transfer_partition(
-            lambda q, c, s: c_get(_source(pacs.port), q, c, s),
+            lambda q, c, s: c_get(loopback_source(pacs.port), q, c, s),
             store,
             CT,
             m.census(),
@@ -318,7 +306,7 @@ def test_an_instance_changed_at_the_source_after_migration(tmp_path, s3_server, 
     store = _store(s3_server, bucket)
     m = PartitionManifests(store, CT)
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             m.write_census(take_census(session.find, DATE).for_partition(CT), [])
         first = _transfer(pacs.port, store, CT, tmp_path / "staging", "run-1")
         assert _validate(store, CT).success and (first["state"] == "migrated").sum() == 8
@@ -352,7 +340,7 @@ def test_an_instance_deleted_at_the_source_after_migration(tmp_path, s3_server, 
     store = _store(s3_server, bucket)
     m = PartitionManifests(store, CT)
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             m.write_census(take_census(session.find, DATE).for_partition(CT), [])
         first = _transfer(pacs.port, store, CT, tmp_path / "staging", "run-1")
         assert _validate(store, CT).success
@@ -363,7 +351,7 @@ def test_an_instance_deleted_at_the_source_after_migration(tmp_path, s3_server, 
     gone.unlink()  # deleted at the source after migration
     pacs = SimulatedPACS(tmp_path / "a")
     try:
-        with FindSession(_source(pacs.port)) as session:
+        with FindSession(loopback_source(pacs.port)) as session:
             m.write_census(take_census(session.find, DATE).for_partition(CT), [])
         second = _transfer(pacs.port, store, CT, tmp_path / "staging", "run-2")
     finally:

@@ -13,38 +13,35 @@ import pytest
 from botocore.exceptions import ClientError
 
 from include.pacs_migration.census import take_census
-from include.pacs_migration.config import SourceConfig, TargetConfig
+from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.dimse import FindSession, c_get
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from tests.peers import loopback_source
 from tests.s3_faults import S3FaultProxy
 
 DATE = dt.date(2019, 3, 1)
 
 
-def _source(port: int) -> SourceConfig:
-    return SourceConfig(
-        host="127.0.0.1",
-        port=port,
-        called_ae_title="LEGACYPACS",
-        calling_ae_title="PACSMIGRATE",
-        acse_timeout=5,
-        dimse_timeout=30,
-        network_timeout=30,
-    )
-
-
 def _migrate(store: ObjectStore, pacs, staging) -> bool:
     p = Partition(DATE, "CT")
     m = PartitionManifests(store, p)
-    with FindSession(_source(pacs.port)) as session:
+    with FindSession(loopback_source(pacs.port)) as session:
         census = take_census(session.find, DATE)
     m.write_census(census.for_partition(p), [])
     counts = transfer_partition(
-        lambda q, c, s: c_get(_source(pacs.port), q, c, s), store, p, m.census(), staging, "throttled-run", 3, 2, 4
+        lambda q, c, s: c_get(loopback_source(pacs.port), q, c, s),
+        store,
+        p,
+        m.census(),
+        staging,
+        "throttled-run",
+        3,
+        2,
+        4,
     )
     report = validate_partition(store, p, m.census(), m.transfer())  # publishes GX results and Data Docs
     return report.success and counts.migrated == counts.expected

@@ -17,36 +17,25 @@ from pathlib import Path
 import pytest
 
 from include.pacs_migration.census import take_census
-from include.pacs_migration.config import SourceConfig, TargetConfig
+from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.dimse import FindSession, c_get
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
+from tests.peers import loopback_source
 
 DATE = dt.date(2019, 3, 1)
 CT = Partition(DATE, "CT")
 
 
-def _source(port: int) -> SourceConfig:
-    return SourceConfig(
-        host="127.0.0.1",
-        port=port,
-        called_ae_title="LEGACYPACS",
-        calling_ae_title="PACSMIGRATE",
-        acse_timeout=5,
-        dimse_timeout=30,
-        network_timeout=30,
-    )
-
-
 def _transfer(pacs, s3_server, bucket, staging_root: Path, run_id: str = "staging-run", dimse_timeout: float = 30):
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     m = PartitionManifests(store, CT)
-    with FindSession(_source(pacs.port)) as session:
+    with FindSession(loopback_source(pacs.port)) as session:
         census = take_census(session.find, DATE)
     m.write_census(census.for_partition(CT), [])
-    source = _source(pacs.port).model_copy(update={"dimse_timeout": dimse_timeout})
+    source = loopback_source(pacs.port).model_copy(update={"dimse_timeout": dimse_timeout})
     counts = transfer_partition(
         lambda q, c, s: c_get(source, q, c, s), store, CT, m.census(), staging_root, run_id, 2, 2, 4
     )
