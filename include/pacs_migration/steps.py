@@ -49,7 +49,7 @@ class Services:
     clock: Callable[[], float] = field(default=time.monotonic)
 
     def retrieve(self) -> AbstractContextManager[GetFn]:
-        return self.retriever() if self.retriever else retriever(self.config.source)
+        return self.retriever() if self.retriever else retriever(self.config.source, self.config.staging_dir)
 
     def find_session(self) -> AbstractContextManager[Any]:
         return self.finder() if self.finder else FindSession(self.config.source)

@@ -7,7 +7,7 @@ import datetime as dt
 
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
-from include.pacs_migration.dimse import FindSession, MoveRetriever, StorageListener
+from include.pacs_migration.dimse import FindSession, retriever
 from include.pacs_migration.manifest import read_census, write_census
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
@@ -18,16 +18,14 @@ from tests.peers import Orthanc
 DATE = dt.date(2019, 3, 1)
 
 
-def _migrate_all(source, listener, store, tmp_path, archive) -> int:
+def _migrate_all(source, store, tmp_path, archive) -> int:
     with FindSession(source) as session:
         census = take_census(session.find, DATE)
-    retriever = MoveRetriever(source, listener, "PACSMIGRATE")
     total = 0
     for p in census.partitions():
         write_census(store, p, census.for_partition(p))
-        counts = transfer_partition(
-            retriever, store, p, read_census(store, p), tmp_path / "staging", "move-run", 3, 1, 4
-        )
+        with retriever(source, tmp_path / "staging") as get:
+            counts = transfer_partition(get, store, p, read_census(store, p), tmp_path / "staging", "move-run", 3, 1, 4)
         assert counts.expected == archive.by_partition[p.key]
         assert counts.expected == counts.migrated + counts.quarantined + counts.unresolved
         assert counts.unresolved == 0 and counts.unsolicited == 0
@@ -36,8 +34,8 @@ def _migrate_all(source, listener, store, tmp_path, archive) -> int:
 
 
 def test_c_move_from_simulated_pacs(archive, s3_server, bucket, tmp_path):
-    listener = StorageListener("PACSMIGRATE", port=free_port())
-    pacs = SimulatedPACS(archive.root, move_destinations={"PACSMIGRATE": ("127.0.0.1", listener.port)})
+    port = free_port()
+    pacs = SimulatedPACS(archive.root, move_destinations={"PACSMIGRATE": ("127.0.0.1", port)})
     try:
         source = SourceConfig(
             host="127.0.0.1",
@@ -45,18 +43,19 @@ def test_c_move_from_simulated_pacs(archive, s3_server, bucket, tmp_path):
             called_ae_title="LEGACYPACS",
             calling_ae_title="PACSMIGRATE",
             retrieve_method="C-MOVE",
+            move_listen_host="127.0.0.1",
+            move_listen_port=port,
         )
         store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
-        total = _migrate_all(source, listener, store, tmp_path, archive)
+        total = _migrate_all(source, store, tmp_path, archive)
     finally:
         pacs.stop()
-        listener.stop()
     assert total == s3_server.count(bucket, "studies/") > 0
 
 
 def test_c_move_from_orthanc(archive, s3_server, bucket, tmp_path):
-    listener = StorageListener("PACSMIGRATE", port=free_port())
-    orthanc = Orthanc(tmp_path / "orthanc", calling_aes={"PACSMIGRATE": listener.port})
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", calling_aes={"PACSMIGRATE": port})
     try:
         orthanc.upload_folder(archive.root / "20190301")
         source = SourceConfig(
@@ -65,10 +64,11 @@ def test_c_move_from_orthanc(archive, s3_server, bucket, tmp_path):
             called_ae_title=orthanc.ae_title,
             calling_ae_title="PACSMIGRATE",
             retrieve_method="C-MOVE",
+            move_listen_host="127.0.0.1",
+            move_listen_port=port,
         )
         store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
-        total = _migrate_all(source, listener, store, tmp_path, archive)
+        total = _migrate_all(source, store, tmp_path, archive)
     finally:
         orthanc.stop()
-        listener.stop()
     assert total == s3_server.count(bucket, "studies/") == 45

@@ -12,7 +12,7 @@ import pytest
 
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
-from include.pacs_migration.dimse import FindSession, MoveRetriever, StorageListener, c_get
+from include.pacs_migration.dimse import FindSession, retriever
 from include.pacs_migration.manifest import read_census, read_transfer, write_census
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
@@ -25,8 +25,8 @@ DATE = dt.date(2019, 3, 1)
 
 @pytest.mark.parametrize("method", ["C-GET", "C-MOVE"])
 def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
-    listener = StorageListener("PACSMIGRATE", port=free_port()) if method == "C-MOVE" else None
-    qr = Dcmqrscp(tmp_path / "dcmqrscp", move_destinations={"PACSMIGRATE": listener.port} if listener else None)
+    port = free_port()
+    qr = Dcmqrscp(tmp_path / "dcmqrscp", move_destinations={"PACSMIGRATE": port} if method == "C-MOVE" else None)
     try:
         paths = sorted((archive.root / DATE.strftime("%Y%m%d")).rglob("*.dcm"))
         qr.load(paths)
@@ -40,6 +40,8 @@ def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
             dimse_timeout=30,
             network_timeout=30,
             move_settle_timeout=10,
+            move_listen_host="127.0.0.1",
+            move_listen_port=port,
         )
         with FindSession(source) as session:
             census = take_census(session.find, DATE)
@@ -51,14 +53,14 @@ def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
         assert all(not i.sop_class_uid for s in census.series for i in s.instances)
         assert all(s.reported_instances is None for s in census.series)
 
-        get = MoveRetriever(source, listener, "PACSMIGRATE") if listener else (lambda q, c, s: c_get(source, q, c, s))
         store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
         total = 0
         for p in census.partitions():
             write_census(store, p, census.for_partition(p))
-            counts = transfer_partition(
-                get, store, p, read_census(store, p), tmp_path / "staging", "dcmqrscp-run", 3, 2, 4
-            )
+            with retriever(source, tmp_path / "staging") as get:
+                counts = transfer_partition(
+                    get, store, p, read_census(store, p), tmp_path / "staging", "dcmqrscp-run", 3, 2, 4
+                )
             assert counts.expected == expected[p.key]
             assert counts.migrated == counts.expected and counts.unresolved == 0 and counts.unsolicited == 0
             df = read_transfer(store, p)
@@ -70,5 +72,3 @@ def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
         assert s3_server.count(bucket, "studies/") == total == len(paths)
     finally:
         qr.stop()
-        if listener:
-            listener.stop()

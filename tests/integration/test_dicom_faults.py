@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import SourceConfig, TargetConfig
 from include.pacs_migration.counts import PartitionCounts
-from include.pacs_migration.dimse import DicomNetworkError, FindSession, MoveRetriever, StorageListener, c_get, find
+from include.pacs_migration.dimse import DicomNetworkError, FindSession, c_get, find, retriever
 from include.pacs_migration.manifest import read_census, read_transfer, write_census
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
@@ -171,16 +171,16 @@ def test_warning_b000_persistent_names_the_unresolved(failed_list, archive, stor
 
 
 def test_c_move_success_before_stores_arrive(archive, store, s3_server, bucket, tmp_path):
-    listener = StorageListener("PACSMIGRATE", port=free_port())
+    port = free_port()
     pacs = SimulatedPACS(
         archive.root,
-        move_destinations={"PACSMIGRATE": ("127.0.0.1", listener.port)},
+        move_destinations={"PACSMIGRATE": ("127.0.0.1", port)},
         faults=Faults(move_success_before_stores=1.0),
     )
     try:
-        source = _source(pacs.port, retrieve_method="C-MOVE")
-        counts, _ = _migrate(pacs, source, store, tmp_path, get=MoveRetriever(source, listener, "PACSMIGRATE"))
+        source = _source(pacs.port, retrieve_method="C-MOVE", move_listen_host="127.0.0.1", move_listen_port=port)
+        with retriever(source, tmp_path / "staging") as get:
+            counts, _ = _migrate(pacs, source, store, tmp_path, get=get)
     finally:
         pacs.stop()
-        listener.stop()
     _converged(counts, archive, s3_server, bucket)

@@ -21,7 +21,7 @@ from .get import (
     retrieve_syntaxes,
     storage_contexts,
 )
-from .move import MoveRetriever, StorageListener, retriever
+from .move import MoveRetriever, RouterClient, retriever
 from .staging import ReceivedInstance, StagingSink
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "ReceivedInstance",
     "RetrieveOutcome",
     "StagingSink",
-    "StorageListener",
+    "RouterClient",
     "c_get",
     "echo",
     "find",

@@ -1,115 +1,200 @@
-"""C-MOVE: our Storage SCP receives what the PACS sends; and the retrieve
-function the configuration asks for."""
+"""C-MOVE: this task's side of the worker's shared Storage SCP (:mod:`router`);
+and the retrieve function the configuration asks for."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
+import json
 import logging
+import os
+import queue
+import select
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import cast
+from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import: mypy cannot see them
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from ..config import SourceConfig
-from ..logs import configure_logging
-from .association import DicomNetworkError, associate, new_ae, nodelay
-from .get import UNCOMPRESSED_TRANSFER_SYNTAXES, RetrieveOutcome, c_get, failed_sop_instance_uids
+from .association import DicomNetworkError, associate, new_ae
+from .get import RetrieveOutcome, c_get, failed_sop_instance_uids
+from .router import control_address
 from .staging import StagingSink
 
 log = logging.getLogger(__name__)
+_ROOT = Path(__file__).resolve().parents[3]  # holds the ``include`` package: the router's import path
 
 
-class StorageListener:
-    """Our Storage SCP, the destination of C-MOVE: accepts every storage SOP
-    class in every transfer syntax and delivers into the current sink.
-
-    The PACS knows this AE at a fixed host/port, so one listener serves one
-    partition task at a time; what arrives is reconciled against the census by
-    the caller (anything unasked is quarantined ``UNSOLICITED``).
-    """
+class RouterClient:
+    """This task's registration with the worker's C-MOVE router (started here
+    if none runs): stores routed to this task are fed into the current sink."""
 
     def __init__(
-        self,
-        ae_title: str,
-        host: str = "127.0.0.1",
-        port: int = 11112,
-        max_pdu: int = 131072,
-        uncompressed_only: bool = False,
+        self, source: SourceConfig, staging_root: Path, start_timeout: float = 20.0, idle_seconds: float = 30.0
     ) -> None:
-        configure_logging()
-        ae = AE(ae_title=ae_title)
-        ae.maximum_pdu_size = max_pdu
-        ae.network_timeout = 60
-        ae.dimse_timeout = 60
-        syntaxes = list(UNCOMPRESSED_TRANSFER_SYNTAXES) if uncompressed_only else ALL_TRANSFER_SYNTAXES
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cast(str, cx.abstract_syntax), syntaxes)
+        self.source = source
         self.sink: StagingSink | None = None
-        self.active = 0
-        self._lock = threading.Lock()
-        server = ae.start_server(
-            (host, port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_C_STORE, self._on_store),
-                (evt.EVT_ESTABLISHED, self._on_open),
-                (evt.EVT_RELEASED, self._on_close),
-                (evt.EVT_ABORTED, self._on_close),
-            ],
-        )
-        assert server is not None  # block=False returns the server
-        self.server = server
-        self.port = server.server_address[1]
+        self.routed: collections.Counter[str] = collections.Counter()  # how the router found us: id, study, unrouted
+        for attempt in (1, 2):  # a router stopping as we connect: start another
+            self.sock = _connect_or_start(source, staging_root, start_timeout, idle_seconds)
+            self.broken = False
+            self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+            try:
+                self.msg_id = int(self._call({"op": "register"})["msg_id"])
+                return
+            except DicomNetworkError:
+                self.close()
+                if attempt == 2:
+                    raise
 
-    def _on_open(self, event: evt.Event) -> None:
-        nodelay(event.assoc)
-        with self._lock:
-            self.active += 1
+    def _call(self, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        self.sock.sendall((json.dumps(message) + "\n").encode())
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            reply = None
+        if reply is None:
+            raise DicomNetworkError("the worker's C-MOVE router did not answer (it stopped?)")
+        return reply
 
-    def _on_close(self, event: evt.Event) -> None:
-        with self._lock:
-            self.active = max(0, self.active - 1)
+    def expect(self, sink: StagingSink, study_uids: Iterable[str]) -> None:
+        """Route what arrives for these studies (or with our message ID) into ``sink``."""
+        self.sink = sink
+        self._call({"op": "expect", "folder": str(sink.folder), "study_uids": sorted(set(study_uids))})
 
-    def _on_store(self, event: evt.Event) -> int:
-        sink = self.sink
+    def _read(self) -> None:
+        try:
+            for line in self.sock.makefile("r", encoding="utf-8"):
+                msg = json.loads(line)
+                if "reply" in msg:
+                    self._replies.put(msg)
+                elif "store" in msg:
+                    self._stage(msg)
+                elif msg.get("full") and self.sink is not None:
+                    self.sink.full = True
+                elif "warning" in msg:
+                    log.warning("C-MOVE router: %s", msg["warning"])
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.broken = True
+            self._replies.put(None)
+
+    def _stage(self, msg: dict[str, str]) -> None:
+        path, sink = Path(msg["store"]), self.sink
+        self.routed[msg.get("routed", "")] += 1
         if sink is None:
-            return 0xA801  # no partition is being retrieved: refuse
-        return sink.handle_store(event)
+            path.unlink(missing_ok=True)
+            return
+        try:
+            sink.store_file(msg["sop_instance_uid"], msg["sop_class_uid"], msg["transfer_syntax"], path)
+        except OSError as exc:
+            sink.full = sink.full or exc.errno == errno.ENOSPC
+            log.error("failed to stage a routed instance (%s)", type(exc).__name__)
 
-    def settle(self, sink: StagingSink, expect_arrivals: int, limit: float = 30.0) -> None:
-        """Wait for stores still in flight after the C-MOVE's final response:
-        some PACS report success before their sub-associations finish. Returns
-        once ``sink`` has seen ``expect_arrivals`` stores (duplicates included)
-        and no store association is open, or after ``limit`` seconds. What is
+    def settle(self, sink: StagingSink, expect_arrivals: int, limit: float) -> None:
+        """Wait for stores still in flight after the C-MOVE's final response
+        (some PACS answer before their sub-associations finish) until ``sink``
+        has seen ``expect_arrivals`` stores or ``limit`` seconds pass; what is
         still missing then is fetched again by the caller."""
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            with self._lock:
-                busy = self.active > 0
-            if not busy and sink.arrivals >= expect_arrivals:
-                return
-            time.sleep(0.05)
+        while time.monotonic() < deadline and sink.arrivals < expect_arrivals and not self.broken:
+            time.sleep(0.02)
 
-    def stop(self) -> None:
-        self.server.shutdown()
+    def close(self) -> None:
+        if self.routed:
+            log.info(
+                "C-MOVE router: %d store(s) routed to this task by message ID, %d by study, %d unrouted",
+                self.routed["id"],
+                self.routed["study"],
+                self.routed["unrouted"],
+            )
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._reader.join(timeout=5)
+
+
+def _connect(address: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _connect_or_start(source: SourceConfig, staging_root: Path, timeout: float, idle_seconds: float) -> socket.socket:
+    """Connect to the router of ``move_listen_host:port``, starting it if none runs."""
+    host, port = source.move_listen_host, source.move_listen_port
+    address = control_address(host, port)
+    if (sock := _connect(address)) is not None:
+        return sock
+    args = {
+        "ae_title": source.move_ae_title or source.calling_ae_title,
+        "host": host,
+        "port": port,
+        "staging_root": str(staging_root),
+        "max_pdu": source.max_pdu,
+        "uncompressed_only": source.request_uncompressed,
+        "idle_seconds": idle_seconds,
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "include.pacs_migration.dimse.router", json.dumps(args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # it says why it cannot start on stdout
+        env=env,
+        start_new_session=True,  # outlives this task: the next task on the worker uses it
+        text=True,
+    )
+    said = _first_line(proc, timeout)
+    if said not in ("ready", "running"):
+        why = said or f"no answer (exit code {proc.poll()})"
+        raise DicomNetworkError(f"the C-MOVE destination {host}:{port} could not start: {why}")
+    deadline = time.monotonic() + timeout
+    while (sock := _connect(address)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sock is None:
+        raise DicomNetworkError(f"the C-MOVE router of {host}:{port} did not accept a connection")
+    return sock
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    proc.stdout.close()
+    if not ready:
+        proc.kill()
+    return line
 
 
 class MoveRetriever:
-    """A :data:`retrieve.GetFn` that retrieves by C-MOVE to ``listener``."""
+    """A :data:`retrieve.GetFn` that retrieves by C-MOVE to the worker's
+    shared Storage SCP, its requests carrying this task's message ID."""
 
-    def __init__(self, source: SourceConfig, listener: StorageListener, move_ae_title: str) -> None:
+    def __init__(self, source: SourceConfig, router: RouterClient) -> None:
         self.source = source
-        self.listener = listener
-        self.move_ae_title = move_ae_title
+        self.router = router
+        self.move_ae_title = source.move_ae_title or source.calling_ae_title
 
     def __call__(self, identifier: Dataset, sop_class_uids: Iterable[str], sink: StagingSink) -> RetrieveOutcome:
-        self.listener.sink = sink
+        self.router.expect(sink, [str(identifier.get("StudyInstanceUID", ""))])
         before = sink.arrivals
         ae = new_ae(self.source)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
@@ -119,7 +204,7 @@ class MoveRetriever:
         failed_uids: tuple[str, ...] = ()
         try:
             for status, ident in assoc.send_c_move(
-                identifier, self.move_ae_title, StudyRootQueryRetrieveInformationModelMove
+                identifier, self.move_ae_title, StudyRootQueryRetrieveInformationModelMove, msg_id=self.router.msg_id
             ):
                 if not status:
                     break
@@ -135,24 +220,23 @@ class MoveRetriever:
                 assoc.release()
         # The peer's counters only tell how long to wait; completion is decided
         # by reconciling UIDs (retrieve.py).
-        self.listener.settle(sink, before + counts["completed"] + counts["warning"], self.source.move_settle_timeout)
+        self.router.settle(sink, before + counts["completed"] + counts["warning"], self.source.move_settle_timeout)
         if final is None:
             raise DicomNetworkError("C-MOVE ended without a final response (DIMSE timeout or association aborted)")
         return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
 
 
 @contextlib.contextmanager
-def retriever(source: SourceConfig) -> Iterator[Callable[[Dataset, Iterable[str], StagingSink], RetrieveOutcome]]:
-    """The retrieve function the configuration asks for: C-GET, or C-MOVE to a
-    Storage SCP listening for the duration of the block."""
+def retriever(
+    source: SourceConfig, staging_root: Path
+) -> Iterator[Callable[[Dataset, Iterable[str], StagingSink], RetrieveOutcome]]:
+    """The retrieve function the configuration asks for: C-GET, or C-MOVE to
+    the worker's shared Storage SCP, registered for the duration of the block."""
     if source.retrieve_method == "C-MOVE":
-        ae_title = source.move_ae_title or source.calling_ae_title
-        listener = StorageListener(
-            ae_title, source.move_listen_host, source.move_listen_port, source.max_pdu, source.request_uncompressed
-        )
+        router = RouterClient(source, staging_root)
         try:
-            yield MoveRetriever(source, listener, ae_title)
+            yield MoveRetriever(source, router)
         finally:
-            listener.stop()
+            router.close()
     else:
         yield lambda identifier, classes, sink: c_get(source, identifier, classes, sink)
