@@ -4,11 +4,13 @@ generator of many studies on one date."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -228,3 +230,56 @@ def series_study(
             ds.save_as(root / f"{s:03d}-{i:05d}.dcm", enforce_file_format=True)
             out[series_uid].append(str(ds.SOPInstanceUID))
     return out
+
+
+class ConnectionCounter:
+    """A TCP relay in front of a peer that counts its open connections (the
+    associations a DICOM client holds): ``max_active`` is the most at once."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            with client, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
+                for sock in (client, upstream):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+                back.start()
+                _pipe(client, upstream)
+                back.join(timeout=60)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def stop(self) -> None:
+        self._server.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

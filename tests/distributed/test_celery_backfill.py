@@ -2,9 +2,12 @@
 metadata database on the PostgreSQL server at 127.0.0.1:5432 (a database this
 test creates) and Redis at 127.0.0.1:6379 as broker; api-server, scheduler,
 dag-processor and two Celery workers started as local processes. A backfill
-over six study dates of the demo archive must succeed on both workers, hold
-DESIGN.md 6's invariants, and keep concurrent associations to the PACS within
-the `pacs_source_associations` pool."""
+over six study dates of the demo archive, retrieved by C-MOVE from Orthanc,
+must succeed on both workers, hold DESIGN.md 6's invariants, keep concurrent
+associations to the PACS within the `pacs_source_associations` pool, and
+(issue 15, point 6) run several transfer tasks on one worker at once through
+the worker's one Storage SCP, every store routed by its Move Originator
+Message ID."""
 
 from __future__ import annotations
 
@@ -61,6 +64,21 @@ def services():
     admin.close()
 
 
+def _upload(orthanc, root) -> dict[str, int]:
+    import urllib.error
+
+    held: dict[str, int] = {}
+    for path in sorted(root.rglob("*.dcm")):
+        day, study = path.relative_to(root).parts[:2]
+        try:
+            orthanc.upload(path.read_bytes())
+        except urllib.error.HTTPError:
+            continue
+        key = f"{dt.datetime.strptime(day, '%Y%m%d').date().isoformat()}/{study[:-2]}"
+        held[key] = held.get(key, 0) + 1
+    return held
+
+
 def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, mail):
     from include.demo.archive import build_archive
     from include.pacs_migration.config import TargetConfig
@@ -68,12 +86,15 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     from include.pacs_migration.manifest import read_transfer
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.store import ObjectStore
-    from peers.pacs import SimulatedPACS
     from peers.ports import free_port
     from peers.processes import airflow_cli, json_rows, start_airflow, stop_all
+    from tests.peers import ConnectionCounter, Orthanc
 
     archive = build_archive(tmp_path / "archive", DATES[0], len(DATES))
-    pacs = SimulatedPACS(archive.root, max_associations=32)
+    move_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", calling_aes={"PACSMIGRATE": move_port})
+    pacs = ConnectionCounter(orthanc.dicom_port)  # counts our associations to the PACS
+    held = _upload(orthanc, archive.root)  # partition -> instances Orthanc accepted
     bucket = "celery-archive"
     s3_server.create_bucket(bucket)
     home = tmp_path / "airflow-home"
@@ -83,6 +104,10 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     config = yaml.safe_load((ROOT / "include/config/migration.yaml").read_text())
     config["normalization"]["ruleset"] = str(ROOT / "include/config" / config["normalization"]["ruleset"])
     config["normalization"]["processes_from_instances"] = 1
+    # One association per transfer task: four transfer tasks fit the pool at once, so each worker runs two.
+    config["source"].update(
+        retrieve_method="C-MOVE", move_listen_host="127.0.0.1", move_listen_port=move_port, max_associations=1
+    )
     (tmp_path / "migration.yaml").write_text(yaml.safe_dump(config))
     api_port = free_port()
     env = dict(os.environ)
@@ -115,7 +140,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
                     "conn_type": "generic",
                     "host": "127.0.0.1",
                     "port": pacs.port,
-                    "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+                    "extra": {"called_ae_title": orthanc.ae_title, "calling_ae_title": "PACSMIGRATE"},
                 }
             ),
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
@@ -194,9 +219,15 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             cur = conn.cursor()
             cur.execute("SELECT hostname, count(*) FROM task_instance WHERE state = 'success' GROUP BY hostname")
             by_host = dict(cur.fetchall())
+            cur.execute(
+                "SELECT hostname, start_date, end_date FROM task_instance WHERE task_id = 'partition.transfer' "
+                "AND state = 'success'"
+            )
+            transfers = cur.fetchall()
     finally:
         stop_all(procs)
         pacs.stop()
+        orthanc.stop()
 
     print(
         f"\ncelery backfill: {len(runs)} runs, task instances by worker {by_host}, "
@@ -208,14 +239,26 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     # The pool kept the PACS within its association budget.
     assert 0 < pacs.max_active <= POOL_SIZE, pacs.max_active
     # The transfer tasks normalized in their spawned processes.
-    task_logs = "\n".join(
+    transfer_logs = [
         p.read_text(errors="replace") for p in (home / "logs").rglob("*.log") if "task_id=partition.transfer" in str(p)
+    ]
+    assert "normalized in 1 normalize process(es)" in "\n".join(transfer_logs), f"task logs under {home / 'logs'}"
+    # Several transfer tasks at once on one worker, through the one Storage SCP, every store routed by message ID.
+    overlaps = sum(
+        1
+        for i, (host, start, end) in enumerate(transfers)
+        for other_host, other_start, other_end in transfers[i + 1 :]
+        if host == other_host and start < other_end and other_start < end
     )
-    assert "normalized in 1 normalize process(es)" in task_logs, f"task logs under {home / 'logs'}"
+    routed = [line for text in transfer_logs for line in text.splitlines() if "C-MOVE router:" in line]
+    print(f"transfer tasks overlapping on one worker: {overlaps} pair(s); router lines: {len(routed)}")
+    assert overlaps > 0, transfers
+    assert routed and all("by study, 0 unrouted" in line and " 0 by message ID" not in line for line in routed)
 
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
     figures = {}
-    for key, expected in archive.by_partition.items():
+    assert sum(held.values()) >= sum(archive.by_partition.values()) - 2  # Orthanc may refuse the two broken files
+    for key, expected in held.items():
         p = Partition.parse(key)
         df = read_transfer(store, p)
         c = counts_from_frame(df)
