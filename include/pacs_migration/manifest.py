@@ -75,6 +75,9 @@ class StaleCensus(RuntimeError):
     """The census manifest is not the census this run took (lost or stale write)."""
 
 
+PARQUET = "application/vnd.apache.parquet"
+
+
 class StaleManifest(RuntimeError):
     """The transfer manifest was written by another run (e.g. a killed run's late PUT)."""
 
@@ -136,6 +139,8 @@ class PartitionManifests:
     def __init__(self, store: ObjectStore, partition: Partition) -> None:
         self.store = store
         self.partition = partition
+        self._transfer_read = False  # transfer_or_none() ran: write_transfer() is conditional on ...
+        self._transfer_etag: str | None = None  # ... this version (None: on there being none)
 
     # --- keys
     @property
@@ -209,11 +214,18 @@ class PartitionManifests:
 
     # --- transfer
     def write_transfer(self, df: pd.DataFrame, run_id: str | None = None) -> str:
-        """The transfer manifest, tagged with the run that wrote it."""
+        """The transfer manifest, tagged with the run that wrote it. After
+        :meth:`transfer_or_none` on this object, written only over the version
+        read then: a write that came in between (a killed run's PUT landing
+        late) is never replaced unseen, and a late PUT of ours cannot land over
+        a newer manifest (:class:`StaleManifest`; the task's retry starts over)."""
         key = self.key(TRANSFER)
-        self.store.put(
-            key, _parquet(df), "application/vnd.apache.parquet", {"writer": writer_tag(run_id)} if run_id else None
-        )
+        meta = {"writer": writer_tag(run_id)} if run_id else {}
+        if self._transfer_read:
+            if not self.store.put_if_unchanged(key, _parquet(df), PARQUET, self._transfer_etag, meta):
+                raise StaleManifest(f"partition {self.partition.key}: the transfer manifest changed during this run")
+        else:
+            self.store.put(key, _parquet(df), PARQUET, meta or None)
         return key
 
     def transfer(self, run_id: str | None = None) -> pd.DataFrame:
@@ -229,7 +241,8 @@ class PartitionManifests:
         return df
 
     def transfer_or_none(self) -> pd.DataFrame | None:
-        data = self.store.get_or_none(self.key(TRANSFER))
+        data, self._transfer_etag = self.store.get_versioned(self.key(TRANSFER))
+        self._transfer_read = True
         if data is None:
             return None
         df = pd.read_parquet(io.BytesIO(data))

@@ -32,6 +32,9 @@ class ReasonCode(str, Enum):
     SOURCE_CHANGED = "SOURCE_CHANGED"
     # migrated before, gone from the source since: the object stays (policy: keep)
     SOURCE_DELETED = "SOURCE_DELETED"
+    # an object under the partition's series with no manifest row (a killed run's
+    # upload of an instance nobody asks for any more): adopted when its bytes hash to its checksum
+    ORPHAN_ADOPTED = "ORPHAN_ADOPTED"
     INCONSISTENT_PATIENT = "INCONSISTENT_PATIENT"
     UNSOLICITED = "UNSOLICITED"
     RULE_REJECTED = "RULE_REJECTED"

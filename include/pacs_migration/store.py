@@ -171,12 +171,49 @@ class ObjectStore:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def get_or_none(self, key: str) -> bytes | None:
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """An object's bytes and ETag, or (None, None) when it does not exist."""
         try:
-            return self.get(key)
+            rsp = self.client.get_object(Bucket=self.bucket, Key=key)
+            return rsp["Body"].read(), rsp.get("ETag")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
+                return None, None
             raise
+
+    def put_if_unchanged(
+        self, key: str, data: bytes, content_type: str, etag: str | None, metadata: dict[str, str]
+    ) -> bool:
+        """Replace a manifest only if it is still the version read (``etag``;
+        None: only if it does not exist). False when another write came in
+        between (e.g. a killed run's PUT landing late). A retry that finds our
+        own bytes (same sha256 and ``metadata``) there counts as written."""
+        digest = hashlib.sha256(data).digest()
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                ChecksumSHA256=base64.b64encode(digest).decode(),
+                Metadata={"sha256": digest.hex(), **metadata},
+                **condition,
+                **self._sse(),
+            )
+            return True
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status not in (409, 412) and exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+        theirs = self.head(key)
+        return (
+            theirs is not None
+            and theirs.sha256 == digest.hex()
+            and all((theirs.metadata or {}).get(k) == v for k, v in metadata.items())
+        )
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")

@@ -7,6 +7,7 @@ Only counts leave (for XCom); the per-instance record is the transfer manifest.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -31,7 +32,7 @@ from .load import (
     settle,
     unresolved,
 )
-from .manifest import PartitionManifests, transfer_frame
+from .manifest import TRANSFER_COLUMNS, PartitionManifests, transfer_frame
 from .normalize_processes import NormalizeProcesses
 from .partition import Partition
 from .reasons import InstanceState, ReasonCode, reason
@@ -117,6 +118,7 @@ def transfer_partition(
     if carried is not None and len(carried):
         rows.extend({**r, "load_action": CARRIED} for r in carried.to_dict("records"))
     rows.extend(_source_deleted(previous, rows, run_id))
+    rows.extend(_orphans(store, ctx.manifests, series, rows, run_id))
     flag_inconsistent(rows, ruleset.inconsistent_patient)
     df = transfer_frame(
         sorted(
@@ -151,6 +153,61 @@ def _source_deleted(previous: Any, rows: list[Row], run_id: str) -> list[Row]:
         }
         for r in gone.to_dict("records")
     ]
+
+
+def _orphans(
+    store: ObjectStore, manifests: PartitionManifests, series: list[CensusSeries], rows: list[Row], run_id: str
+) -> list[Row]:
+    """Objects under the partition's series prefixes that no row names (left by
+    a run killed before its manifest, for an instance nobody asks for now):
+    adopted as migrated, reason ``ORPHAN_ADOPTED``, when their bytes hash to
+    the checksum they were stored with; any other is left for validation to
+    count (listed objects then exceed migrated ones and the partition fails)."""
+    named = {r.get("object_key") for r in rows} | {r.get("quarantine_key") for r in rows}
+    prefixes = {manifests.series_prefix(s.study_instance_uid, s.series_instance_uid) for s in series} | {
+        manifests.series_prefix(r["study_instance_uid"], r["series_instance_uid"])
+        for r in rows
+        if r.get("object_key") and r.get("study_instance_uid") and r.get("series_instance_uid")
+    }
+    adopted: list[Row] = []
+    for prefix in sorted(prefixes):
+        for key in store.list_keys(prefix):
+            if key in named:
+                continue
+            row = _adopt(store, manifests, key, run_id)
+            if row is None:
+                log.warning(
+                    "partition %s: an object with no manifest row fails its checksum; not adopted",
+                    manifests.partition.key,
+                )
+            else:
+                adopted.append(row)
+    if adopted:
+        log.info("partition %s: %d orphan object(s) adopted", manifests.partition.key, len(adopted))
+    return adopted
+
+
+def _adopt(store: ObjectStore, manifests: PartitionManifests, key: str, run_id: str) -> Row | None:
+    head, data = store.head(key), store.get_or_none(key)
+    if head is None or data is None or hashlib.sha256(data).hexdigest() != head.sha256:
+        return None
+    study, _, series, _, name = key[len(store.target.prefix) :].split("/")[1:6]
+    return {
+        **{c: None for c in TRANSFER_COLUMNS},
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "sop_instance_uid": name.removesuffix(".dcm"),
+        "in_census": False,
+        "state": InstanceState.MIGRATED.value,
+        "reason": reason(ReasonCode.ORPHAN_ADOPTED),
+        "study_date": manifests.partition.study_date.isoformat(),
+        "modality": manifests.partition.modality,
+        "object_key": key,
+        "object_sha256": head.sha256,
+        "object_size": len(data),
+        "load_action": "adopted",
+        "run_id": run_id,
+    }
 
 
 def _row_order(r: Row) -> tuple[bool, str, str]:

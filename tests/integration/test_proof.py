@@ -364,3 +364,19 @@ def test_an_instance_deleted_at_the_source_after_migration(tmp_path, s3_server, 
     report = _validate(store, CT)
     assert report.success, [o.label for o in report.failed]
     assert report.reread_objects == 8 and figures.reasons == {"SOURCE_DELETED": 1}
+
+
+def test_a_late_manifest_put_cannot_land_over_a_newer_one(tmp_path, s3_server, bucket):
+    """Issue 15.1: each run writes its transfer manifest only over the version
+    it read. A killed run's PUT arriving after the re-run's is refused (the
+    re-run's manifest stays); a retry of our own PUT whose answer was lost is not."""
+    from include.pacs_migration.manifest import StaleManifest, transfer_frame
+
+    store = _store(s3_server, bucket)
+    killed, rerun = PartitionManifests(store, CT), PartitionManifests(store, CT)
+    assert killed.transfer_or_none() is None and rerun.transfer_or_none() is None
+    rerun.write_transfer(transfer_frame([]), "rerun")
+    with pytest.raises(StaleManifest, match="changed during this run"):
+        killed.write_transfer(transfer_frame([]), "killed-run")  # the late PUT
+    assert rerun.transfer("rerun").empty  # still the re-run's
+    rerun.write_transfer(transfer_frame([]), "rerun")  # the same bytes again: our own write, not a conflict
