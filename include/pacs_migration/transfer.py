@@ -200,7 +200,7 @@ def _adopt(store: ObjectStore, manifests: PartitionManifests, key: str, run_id: 
         "in_census": False,
         "state": InstanceState.MIGRATED.value,
         "reason": reason(ReasonCode.ORPHAN_ADOPTED),
-        "study_date": manifests.partition.study_date.isoformat(),
+        "study_date": manifests.partition.dicom_date,
         "modality": manifests.partition.modality,
         "object_key": key,
         "object_sha256": head.sha256,

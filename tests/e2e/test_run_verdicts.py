@@ -18,6 +18,15 @@ DATE = dt.date(2019, 3, 1)
 CANARY = "CANARY^SECRET-MESSAGE"
 
 
+def _no_retries():
+    """The DAG, its tasks without retries: each failure here is deterministic,
+    waiting out the retry delays (20 s, then 40 s) would prove nothing."""
+    dag = _dag()
+    for t in dag.tasks:
+        t.retries = 0
+    return dag
+
+
 def _boom(*args, **kwargs):
     raise RuntimeError(CANARY)
 
@@ -35,10 +44,7 @@ def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connec
     from include.pacs_migration import steps
 
     monkeypatch.setattr(steps, step, _boom)
-    dag = _dag()
-    for t in dag.tasks:
-        t.retries = 0  # the failure is deterministic: no need to wait out retry delays
-    run = _run(dag, DATE)
+    run = _run(_no_retries(), DATE)
     assert run.state == "failed"
     mails = airflow_connections["mail"].messages()
     assert len(mails) == 1
@@ -65,7 +71,7 @@ def test_unreachable_pacs_still_mails_incomplete(airflow_db, airflow_connections
             }
         ),
     )
-    run = _run(_dag(), DATE)
+    run = _run(_no_retries(), DATE)
     assert run.state == "failed"
     msg = email.message_from_bytes(airflow_connections["mail"].messages()[-1].read_bytes())
     assert msg["Subject"].endswith("validation INCOMPLETE: census failed (DicomNetworkError)"), msg["Subject"]
@@ -84,7 +90,7 @@ def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_
     path.write_text(yaml.safe_dump(data))
     (tmp_path / "rules").symlink_to(DEFAULT_CONFIG.parent / "rules")
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(path))
-    run = _run(_dag(), DATE)
+    run = _run(_no_retries(), DATE)
     assert run.state == "failed"
     msg, html, _ = _mail_parts(airflow_connections["mail"].messages()[-1])
     assert "validation INCOMPLETE: census failed (ConfigError at normalisation)" in msg["Subject"]
