@@ -148,8 +148,17 @@ def emit_openlineage(record: dict[str, Any]) -> bool:
 
 
 def error_label(exc: BaseException) -> str:
-    """An exception's class (and the config field it names): never its message,
-    which may quote a value."""
+    """An exception's class (and the config field it names, or S3's error
+    code): never its message, which may quote a value."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get(
+            "HTTPStatusCode"
+        )
+        return f"S3 {code} ({type(exc).__name__})"
+    if isinstance(exc, BotoCoreError):
+        return f"S3 unreachable ({type(exc).__name__})"
     field = getattr(exc, "field", None)
     return f"{type(exc).__name__}" + (f" at {field}" if field else "")
 

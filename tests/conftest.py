@@ -141,3 +141,17 @@ def airflow_connections(pacs, s3_server, bucket, mail, tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS", "compliance@hospital.example")
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR", str(tmp_path / "staging"))
     return {"bucket": bucket, "mail": mail}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 640 KiB tmpfs: room for some CT instances of the partition, not all 24."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)], capture_output=True).returncode:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs (root) is required in CI")
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    # lazy: pynetdicom may still hold the handle of the temporary a full disk cut short
+    subprocess.run(["umount", "-l", str(mount)], check=False)

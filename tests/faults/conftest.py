@@ -1,5 +1,5 @@
 """Fixtures of the fault suite: a small archive (2019-03-01, CT and MR of the
-demo: 36 instances in two partitions) served by its own simulated PACS, moto
+demo and one truncated CT: 37 instances in two partitions) served by its own simulated PACS, moto
 behind a fault proxy, and a staging folder."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from include.pacs_migration.config import MigrationConfig
 from include.pacs_migration.store import ObjectStore
@@ -88,6 +90,14 @@ def fault_archive(archive, tmp_path_factory) -> Path:
     for folder in (archive.root / "20190301").iterdir():
         if folder.name.startswith(("CT", "MR")):
             shutil.copytree(folder, root / folder.name)
+    # and one broken instance: a CT cut short, quarantined TRUNCATED
+    ds = pydicom.dcmread(next((root / "CT00" / "s1").glob("*.dcm")))
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["fault-suite", "truncated"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    broken = root / "CT00" / "s1" / "9999.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) * 2 // 3])
     return root
 
 

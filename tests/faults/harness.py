@@ -102,8 +102,12 @@ def run_date(cfg: MigrationConfig, store: ObjectStore, run_id: str, date: dt.dat
                 failures.append(TaskFailure(task, error_label(exc), p.key))
                 if task != "partition.lineage":
                     break
-    figures = tuple(partition_figures(store, p, run_id) for p in partitions)
-    DateLease(store, date, holder).release()
+    try:  # the report task: S3 may be down too, then the report says so (as run_report does)
+        figures = tuple(partition_figures(store, p, run_id) for p in partitions)
+        DateLease(store, date, holder).release()  # the gate task
+    except Exception as exc:
+        figures = ()
+        failures.append(TaskFailure("report", error_label(exc)))
     return RunOutcome(run_id, run_verdict(list(figures), tuple(failures)), figures, tuple(failures), tuple(partitions))
 
 

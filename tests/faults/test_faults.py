@@ -1,5 +1,5 @@
 """Issue 15, point 7: the fault suite. Each scenario runs one study date
-(2019-03-01, CT and MR: 36 instances) the way ``pacs_migration`` does, with
+(2019-03-01, CT and MR: 37 instances, one of them truncated) the way ``pacs_migration`` does, with
 a fault injected, then the re-run (a retry of the same run id, or a new run),
 and ends with the invariants of :func:`harness.assert_converged`:
 conservation, every listed object a migrated row (adopted orphans included),
@@ -13,7 +13,10 @@ import threading
 import time
 
 import pydicom
+import pytest
 
+from include.pacs_migration.report import RunVerdict
+from peers.pacs import SimulatedPACS
 from tests.faults.harness import assert_converged
 
 TRANSFER_MANIFEST = "/transfer.parquet"
@@ -51,7 +54,7 @@ def test_transfer_killed_after_some_uploads_then_retried(rig):
     rig.proxy.fault = None
     outcome = rig.run("run-1")
     totals = assert_converged(rig.direct, outcome, rig.staging, before)
-    assert totals["migrated"] + totals["quarantined"] == totals["expected"] == 36
+    assert (totals["expected"], totals["migrated"], totals["quarantined"]) == (37, 36, 1)
     assert left, "the killed attempt left staged files for the sweep"
 
 
@@ -69,7 +72,7 @@ def test_killed_after_uploads_and_the_instance_deleted_before_the_rerun(rig):
     rig.proxy.fault = None
     outcome = rig.run("run-1")
     totals = assert_converged(rig.direct, outcome, rig.staging, before)
-    assert totals["adopted"] == 1 and totals["expected"] == 35
+    assert totals["adopted"] == 1 and totals["expected"] == 36
 
 
 def test_killed_during_validation_then_a_new_run(rig):
@@ -97,3 +100,149 @@ def test_killed_during_the_manifest_write_which_lands_late(rig):
     time.sleep(1)
     assert rig.proxy.injected == {"hold": 1}
     assert_converged(rig.direct, outcome, rig.staging, before)
+
+
+# -- S3 through the fault proxy ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "action, every",
+    [("503", 5), ("500", 5), ("reset", 7), ("reset_after", 7), ("slow", 9)],
+    ids=["slowdown-a-fifth", "500-a-fifth", "reset-mid-body", "reset-after-store", "slower-than-the-client"],
+)
+def test_s3_misbehaving_on_some_puts(rig, action, every):
+    """Each misbehaves on the first attempt of every n-th instance PUT: one run converges, nothing rewritten."""
+    pick = _every(every)
+    rig.proxy.fault = lambda m, p: action if pick(m, p) else None
+    rig.proxy.slow_s = 2.5
+    outcome = rig.run("run-1", read_timeout=1.0)
+    totals = assert_converged(rig.direct, outcome, rig.staging, {})
+    assert totals["migrated"] == 36 and rig.proxy.injected[action] >= 36 // every
+
+
+def _first(kind: str):
+    done = []
+
+    def fault(method: str, path: str) -> str | None:
+        hit = method == "PUT" and (
+            (kind == "instance" and "/instances/" in path)
+            or (kind == "quarantine" and "/quarantine/" in path)
+            or (kind == "manifest" and path.endswith(TRANSFER_MANIFEST))
+        )
+        if hit and not done:
+            done.append(path)
+            return "drop"
+        return None
+
+    return fault
+
+
+@pytest.mark.parametrize(
+    "kind, first_verdict", [("instance", "FAILED"), ("quarantine", "FAILED"), ("manifest", "INCOMPLETE")]
+)
+def test_a_put_acknowledged_and_not_stored(rig, kind, first_verdict):
+    """The first run's proof catches it (never PASSED); the next run repairs it."""
+    rig.proxy.fault = _first(kind)
+    first = rig.run("run-1")
+    assert first.verdict.value == first_verdict, (first.figures, first.failures)
+    assert rig.proxy.injected == {"drop": 1}
+    before = rig.etags()
+    rig.proxy.fault = None
+    assert_converged(rig.direct, rig.run("run-2"), rig.staging, before)
+
+
+def test_an_s3_outage_fails_within_its_bound_naming_s3(rig):
+    """S3 answers 503 to everything after the 5th instance PUT: the run fails
+    within a bounded time, the failure names S3; the retry converges."""
+    puts = itertools.count(1)
+    rig.proxy.fault = lambda m, p: (
+        "503"
+        if ("/instances/" in p and m == "PUT" and next(puts) > 5) or p.count("/") and rig.proxy.injected.get("503")
+        else None
+    )
+    started = time.monotonic()
+    first = rig.run("run-1", retry_attempts=3)
+    elapsed = time.monotonic() - started
+    assert first.verdict is RunVerdict.INCOMPLETE
+    assert first.failures and all(f.error.startswith("S3 ") for f in first.failures), [f.label for f in first.failures]
+    assert elapsed < 60, elapsed
+    before = rig.etags()
+    rig.proxy.fault = None
+    assert_converged(rig.direct, rig.run("run-1"), rig.staging, before)
+
+
+# -- the PACS, the disk, concurrency, the source --------------------------------
+
+
+def test_the_pacs_killed_mid_transfer(rig):
+    """The PACS dies after 5 uploads: what did not arrive is unresolved (a true
+    FAILED); once it is back (another port), the next run converges."""
+    watcher = threading.Thread(
+        target=lambda: _wait(lambda: rig.s3_server.count(rig.bucket, "studies/") >= 5) or rig.pacs.stop(), daemon=True
+    )
+    rig.proxy.fault = lambda m, p: "slow" if m == "PUT" and "/instances/" in p else None
+    rig.proxy.slow_s = 0.05
+    watcher.start()
+    first = rig.run("run-1")
+    watcher.join(timeout=60)
+    assert first.verdict in (RunVerdict.FAILED, RunVerdict.INCOMPLETE), first
+    assert sum(f.unresolved for f in first.figures) > 0 or first.failures
+    before = rig.etags()
+    rig.proxy.fault = None
+    rig.pacs = SimulatedPACS(rig.root)
+    assert_converged(rig.direct, rig.run("run-2"), rig.staging, before)
+
+
+def _wait(ready, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_staging_too_small_for_the_partition(rig, small_disk):
+    """A 640 KiB staging disk: the CT partition's instances that found no room
+    are STAGING_FULL (a true FAILED); with room, the next run converges."""
+    rig.staging = small_disk
+    first = rig.run("run-1")
+    assert first.verdict is RunVerdict.FAILED
+    ct = next(f for f in first.figures if f.partition.endswith("CT"))
+    assert ct.unresolved > 0 and ct.reasons.get("STAGING_FULL") == ct.unresolved
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]
+    before = rig.etags()
+    rig.staging = small_disk.parent / "roomy"
+    assert_converged(rig.direct, rig.run("run-2"), rig.staging, before)
+
+
+def test_two_runs_of_the_date_at_once(rig):
+    """The second waits for the first's lease, then proves the same objects
+    (written 0); both verdicts true, neither overwrites the other's proof."""
+    outcomes = {}
+    threads = [threading.Thread(target=lambda r=r: outcomes.__setitem__(r, rig.run(r))) for r in ("run-a", "run-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    written = {r: sum(f.written for f in o.figures) for r, o in outcomes.items()}
+    assert sorted(written.values()) == [0, 36], written
+    first, second = sorted(outcomes.values(), key=lambda o: -sum(f.written for f in o.figures))
+    assert first.verdict is RunVerdict.PASSED  # proven from its own manifests, before the second ran
+    assert_converged(rig.direct, second, rig.staging, {})
+
+
+def test_instances_deleted_and_changed_at_the_source_after_migration(rig):
+    """The deleted one stays migrated (SOURCE_DELETED, policy keep); the changed
+    one is recorded once (SOURCE_CHANGED), its live object untouched and the
+    new version kept in quarantine; the re-run validates (before: failing for ever)."""
+    first = rig.run("run-1")
+    before = assert_converged(rig.direct, first, rig.staging, {}) and rig.etags()
+    deleted, changed = sorted((rig.root / "MR00").rglob("*.dcm"))[:2]
+    deleted.unlink()
+    ds = pydicom.dcmread(changed)
+    ds.PixelData = bytes([7]) * len(ds.PixelData)  # re-processed at the source, same UIDs
+    ds.save_as(changed)
+    rig.pacs.reindex()
+    second = rig.run("run-2")
+    assert_converged(rig.direct, second, rig.staging, before)
+    mr = next(f for f in second.figures if f.partition.endswith("MR"))
+    assert mr.reasons == {"SOURCE_DELETED": 1, "SOURCE_CHANGED": 1}, mr.reasons
+    assert (mr.expected, mr.migrated, mr.unsolicited) == (11, 11, 0)

@@ -14,8 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 from include.pacs_migration.census import take_census
 from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.dimse import FindSession, c_get
@@ -83,20 +81,6 @@ def test_streamed_receive_writes_inside_staging(pacs, s3_server, bucket, tmp_pat
     assert all(Path(name).is_relative_to(tmp_path / "staging") for name in made), made[:3]
     assert not any(Path(name).exists() for name in made) and _files(tmp_path / "staging") == []
     assert tempfile.gettempdir() != str(tmp_path / "staging")  # restored after the transfer
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 640 KiB tmpfs: room for some CT instances of the partition, not all 24."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)], capture_output=True).returncode:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mounting a tmpfs (root) is required in CI")
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    # lazy: pynetdicom may still hold the handle of the temporary a full disk cut short
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_staging_disk_is_staging_full(pacs, s3_server, bucket, small_disk):
