@@ -295,6 +295,10 @@ class NormalizationConfig(Section):
     # starting a process costs ~0.7 s, it saves ~3 ms of the task's GIL per instance.
     processes: int = Field(1, ge=0, le=64)
     processes_from_instances: int = Field(200, ge=1, le=10**9)
+    # One instance's normalize time in a normalize process; past it the process is
+    # replaced and the instance quarantined NORMALIZE_TIME_LIMIT (in the load
+    # threads the byte and nesting limits and the task's execution_timeout bound it).
+    instance_seconds: float = Field(60.0, gt=0, le=3600)
     _rules: Any = PrivateAttr(default=None)  # the loaded RuleSet (rules.py is imported only to load one)
 
     @field_validator("ruleset")

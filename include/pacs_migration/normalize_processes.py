@@ -7,6 +7,7 @@ import contextlib
 import os
 import pickle
 import queue
+import select
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 
 from .logs import configure_logging
 from .normalize import NormalizeResult, normalize
+from .reasons import ReasonCode, reason
 from .rules import RuleSet
 from .uids import InstanceUIDs
 
@@ -95,28 +97,47 @@ class NormalizeProcesses:
     forbids to have children. The rule set is sent once per process (a
     crosswalk can be large), not with each instance."""
 
-    def __init__(self, processes: int, ruleset: RuleSet, source_ae: str | None) -> None:
+    def __init__(self, processes: int, ruleset: RuleSet, source_ae: str | None, time_limit_s: float = 60.0) -> None:
         self.ruleset = ruleset
         self.source_ae = source_ae
+        self.time_limit_s = time_limit_s  # per instance: past it, quarantined NORMALIZE_TIME_LIMIT
         self._procs: list[subprocess.Popen[bytes]] = []
         self._idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             for _ in range(processes):
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-                )
-                self._procs.append(proc)
-                _send(proc.stdin, (ruleset, source_ae))
-                self._idle.put(proc)
+                self._idle.put(self._start())
         except BaseException:
             self.close()
             raise
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        self._procs.append(proc)
+        _send(proc.stdin, (self.ruleset, self.source_ae))
+        return proc
+
+    def _replace(self, proc: subprocess.Popen[bytes]) -> None:
+        """Kill a process stuck on an instance; a fresh one takes its place."""
+        proc.kill()
+        proc.wait(timeout=30)
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                stream and stream.close()
+        self._procs.remove(proc)
+        self._idle.put(self._start())
 
     def normalize(self, path: Path, expected: InstanceUIDs) -> tuple[NormalizeResult, bool, float]:
         proc = self._idle.get(timeout=3600)  # bounded: one instance never takes an hour
         try:
             _send(proc.stdin, (str(path), expected))
+            assert proc.stdout is not None
+            if not select.select([proc.stdout], [], [], self.time_limit_s)[0]:
+                self._replace(proc)
+                limit = reason(ReasonCode.NORMALIZE_TIME_LIMIT)
+                return NormalizeResult(reason=limit), False, self.time_limit_s
             status, value = _receive(proc.stdout)
         except (EOFError, OSError) as exc:
             self._idle.put(proc)  # back, dead: whoever takes it next fails at once instead of waiting
@@ -157,9 +178,11 @@ class NormalizeProcesses:
         self.close()
 
 
-def normalize_processes(processes: int, ruleset: RuleSet, source_ae: str | None) -> NormalizeProcesses | None:
+def normalize_processes(
+    processes: int, ruleset: RuleSet, source_ae: str | None, time_limit_s: float = 60.0
+) -> NormalizeProcesses | None:
     """``processes`` normalize processes, or None (0) to normalize in the load threads."""
-    return NormalizeProcesses(processes, ruleset, source_ae) if processes > 0 else None
+    return NormalizeProcesses(processes, ruleset, source_ae, time_limit_s) if processes > 0 else None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class ReasonCode(str, Enum):
     # hostile or broken input beyond the pipeline's bounds
     DECOMPRESSION_LIMIT = "DECOMPRESSION_LIMIT"  # a deflated dataset inflating past its limits
     NESTING_LIMIT = "NESTING_LIMIT"  # sequences nested deeper than any real object
+    NORMALIZE_TIME_LIMIT = "NORMALIZE_TIME_LIMIT"  # normalize took longer than normalization.instance_seconds
     # unresolved: the source did not deliver the instance within the retry budget
     NOT_RECEIVED = "NOT_RECEIVED"
     # unresolved: a study's series or a series' instances could not be listed

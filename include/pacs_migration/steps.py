@@ -58,7 +58,9 @@ class Services:
         """Normalize processes for a partition of ``instances`` (None: normalize in the load threads)."""
         cfg = self.config
         processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
-        return normalize_processes(processes, cfg.ruleset, cfg.source.called_ae_title)
+        return normalize_processes(
+            processes, cfg.ruleset, cfg.source.called_ae_title, cfg.normalization.instance_seconds
+        )
 
     def manifests(self, partition: Partition) -> PartitionManifests:
         return PartitionManifests(self.store, partition)

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -71,6 +72,20 @@ def _runs(db: str) -> list[dict]:
         cur = conn.cursor()
         cur.execute("SELECT run_id, state FROM dag_run WHERE dag_id = 'pacs_migration'")
         return [{"run_id": r, "state": st} for r, st in cur.fetchall()]
+
+
+def _transfer_running_on(db: str, host: str) -> tuple | None:
+    """A transfer running on ``host`` for 2 s or more (retrieving, uploading)."""
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=db) as conn:
+        cur = conn.cursor()
+        cur.execute(
+            "SELECT run_id, map_index FROM task_instance WHERE task_id = 'partition.transfer' AND state = 'running' "
+            "AND hostname = %s AND start_date < now() - interval '2 seconds' LIMIT 1",
+            (host,),
+        )
+        return cur.fetchone()
 
 
 def _upload(orthanc, root) -> dict[str, int]:
@@ -131,6 +146,9 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.distributed.hostname.worker_hostname",
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            # A lost worker's task is found within ~30 s (default: 5 min).
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services["dsn"],
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + services["dsn"],
@@ -212,13 +230,22 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         for name, (args, extra) in commands.items():
             procs.append(start_airflow(name, args, {**env, **extra}, logs))
         deadline = time.monotonic() + TIMEOUT_S - 120
+        lost: tuple | None = None  # (dag run, map index) of the transfer whose worker was killed
         while time.monotonic() < deadline:
             runs = _runs(services["db"])  # the metadata DB, not the CLI: each CLI call costs a core for seconds
             if len(runs) == len(DATES) and all(r["state"] in ("success", "failed") for r in runs):
                 break
+            if lost is None and (lost := _transfer_running_on(services["db"], "worker-1")):
+                # Worker loss (issue 15.7): SIGKILL the whole worker mid-transfer, then start it again. The
+                # scheduler finds the task's heartbeat gone and retries it, same run id, on a live worker.
+                os.killpg(procs[3].pid, signal.SIGKILL)
+                procs[3].wait(timeout=30)
+                procs[3] = start_airflow(
+                    "worker-1-restarted", commands["worker-1"][0], {**env, **commands["worker-1"][1]}, logs
+                )
             dead = [p.args for p in procs if p.poll() is not None]
             assert not dead, f"an Airflow service exited: {dead}; logs in {logs}"
-            time.sleep(3)
+            time.sleep(1)
         else:
             pytest.fail(f"backfill not finished in time: {runs}; logs in {logs}")
 
@@ -233,6 +260,12 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
                 "AND state = 'success'"
             )
             transfers = cur.fetchall()
+            cur.execute(
+                "SELECT try_number, state FROM task_instance WHERE task_id = 'partition.transfer' "
+                "AND run_id = %s AND map_index = %s",
+                lost or ("", -1),
+            )
+            retried = cur.fetchone()
     finally:
         stop_all(procs)
         pacs.stop()
@@ -243,6 +276,9 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         f"max concurrent PACS associations {pacs.max_active} (pool {POOL_SIZE})"
     )
     assert {r["state"] for r in runs} == {"success"}, runs
+    assert lost is not None, "no transfer ran on worker-1 to kill"
+    assert retried and retried[0] >= 2, retried  # the lost try, then Airflow's retry of the same run id
+    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file() and ".move-router" not in str(p)]
     # Both workers executed tasks.
     assert by_host.get("worker-1", 0) > 0 and by_host.get("worker-2", 0) > 0, by_host
     # The pool kept the PACS within its association budget.

@@ -225,6 +225,27 @@ def test_normalize_process_matches_in_process_and_fails_fast_when_dead(tmp_path)
                 processes.normalize(path, uids)
 
 
+def test_an_instance_past_the_normalize_time_limit_is_quarantined_and_its_process_replaced(tmp_path):
+    """Issue 15.5: one instance's normalize is bounded in time: past the limit
+    its process is killed, a fresh one takes its place, and the instance is
+    quarantined NORMALIZE_TIME_LIMIT; the next instance normalizes as usual."""
+    from include.pacs_migration.normalize_processes import NormalizeProcesses
+
+    raw = _raw("CT_small.dcm")
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    uids = InstanceUIDs(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    path = tmp_path / "00000001.dcm"
+    path.write_bytes(raw)
+    with NormalizeProcesses(1, STRUCTURAL, None, time_limit_s=1e-4) as processes:  # no instance is that fast
+        stuck = processes._procs[0]
+        result, rewritten, _ = processes.normalize(path, uids)
+        assert (result.reason, rewritten) == ("NORMALIZE_TIME_LIMIT", False)
+        assert stuck.poll() is not None and processes.count == 1 and processes._procs[0] is not stuck
+        processes.time_limit_s = 30
+        result, _, _ = processes.normalize(path, uids)
+        assert result.reason is None
+
+
 def test_no_value_reaches_a_log_or_warning_after_configure_logging(caplog, recwarn):
     """pydicom's default WARN validation logs the offending value (here a
     birth date and a name); configure_logging() silences it (values are
