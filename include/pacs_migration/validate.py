@@ -287,9 +287,11 @@ def _gx_run(
     context = gx.get_context(mode="file", project_root_dir=str(root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name)
+    # One asset for every frame (the frame comes with each run): each asset GX
+    # adds rewrites its project file, 2 s a partition with one per frame.
+    batch_def = source.add_dataframe_asset("frames").add_batch_definition_whole_dataframe("all")
     outcomes: list[ExpectationOutcome] = []
     for batch_name, df in frames.items():
-        batch_def = source.add_dataframe_asset(batch_name).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=f"{name}.{batch_name}", expectations=suites[batch_name]))
         definition = context.validation_definitions.add(
             gx.ValidationDefinition(name=f"{name}.{batch_name}", data=batch_def, suite=suite)

@@ -297,6 +297,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     )
     routed = [line for text in transfer_logs for line in text.splitlines() if "C-MOVE router:" in line]
     print(f"transfer tasks overlapping on one worker: {overlaps} pair(s); router lines: {len(routed)}")
+    print(f"worker-1 killed during transfer {lost}; that task ended as try {retried}")
     assert overlaps > 0, transfers
     assert routed and all("by study, 0 unrouted" in line and " 0 by message ID" not in line for line in routed)
 
