@@ -44,6 +44,8 @@ class RouterClient:
     ) -> None:
         self.source = source
         self.sink: StagingSink | None = None
+        self._studies: set[str] = set()
+        self._calls = threading.Lock()
         self.routed: collections.Counter[str] = collections.Counter()  # how the router found us: id, study, unrouted
         for attempt in (1, 2):  # a router stopping as we connect: start another
             self.sock = _connect_or_start(source, staging_root, start_timeout, idle_seconds)
@@ -60,19 +62,23 @@ class RouterClient:
                     raise
 
     def _call(self, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-        self.sock.sendall((json.dumps(message) + "\n").encode())
-        try:
-            reply = self._replies.get(timeout=timeout)
-        except queue.Empty:
-            reply = None
+        with self._calls:  # retrieve threads share the connection: one request at a time
+            self.sock.sendall((json.dumps(message) + "\n").encode())
+            try:
+                reply = self._replies.get(timeout=timeout)
+            except queue.Empty:
+                reply = None
         if reply is None:
             raise DicomNetworkError("the worker's C-MOVE router did not answer (it stopped?)")
         return reply
 
     def expect(self, sink: StagingSink, study_uids: Iterable[str]) -> None:
-        """Route what arrives for these studies (or with our message ID) into ``sink``."""
-        self.sink = sink
-        self._call({"op": "expect", "folder": str(sink.folder), "study_uids": sorted(set(study_uids))})
+        """Route what arrives with our message ID, or for these studies (and
+        those named before for the same sink: retrieve threads share it), into ``sink``."""
+        if sink is not self.sink:
+            self.sink, self._studies = sink, set()
+        self._studies.update(u for u in study_uids if u)
+        self._call({"op": "expect", "folder": str(sink.folder), "study_uids": sorted(self._studies)})
 
     def _read(self) -> None:
         try:
