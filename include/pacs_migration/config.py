@@ -281,6 +281,10 @@ class ValidationConfig(Section):
 
     max_quarantined_fraction: Fraction = 0.10
     max_unresolved_fraction: Fraction = 0.0
+    # An instance deleted at the source after migration: its object always stays
+    # (write-once; removal is a rollback). keep: the partition validates and the
+    # report lists it; hold: the partition fails validation until someone decides.
+    source_deleted: Literal["keep", "hold"] = "keep"
     allowed_transfer_syntaxes: Annotated[tuple[TransferSyntaxUID, ...], BeforeValidator(_tuple)] = Field(
         DEFAULT_ALLOWED_SYNTAXES, min_length=1
     )

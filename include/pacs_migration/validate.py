@@ -266,6 +266,11 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
             E.ExpectColumnValuesToBeInSet(column="checksum_verified", value_set=[True]),
             E.ExpectColumnValuesToBeUnique(column="object_key"),
             E.ExpectColumnValuesToNotBeNull(column="object_sha256"),
+            *(
+                [E.ExpectColumnValuesToNotBeInSet(column="reason", value_set=[ReasonCode.SOURCE_DELETED.value])]
+                if settings.source_deleted == "hold"
+                else []
+            ),
         ],
         "studies": [E.ExpectColumnValuesToBeBetween(column="patients", min_value=0, max_value=1)],
         "bucket": [

@@ -15,7 +15,10 @@ import time
 import pydicom
 import pytest
 
+from include.pacs_migration.config import ValidationConfig
+from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.report import RunVerdict
+from include.pacs_migration.validate import validate_partition
 from peers.pacs import Faults, SimulatedPACS
 from tests.faults.harness import assert_converged
 
@@ -243,3 +246,10 @@ def test_instances_deleted_and_changed_at_the_source_after_migration(rig):
     (ct,) = second.figures
     assert ct.reasons.get("SOURCE_DELETED") == ct.reasons.get("SOURCE_CHANGED") == 1, ct.reasons
     assert (ct.expected, ct.migrated, ct.quarantined, ct.unsolicited) == (24, 23, 1, 0)
+    # The policy "hold": the same state fails validation until someone decides.
+    (p,) = second.partitions
+    m = PartitionManifests(rig.direct, p)
+    held = validate_partition(
+        rig.direct, p, m.census(), m.transfer("run-2"), ValidationConfig(source_deleted="hold"), publish=False
+    )
+    assert [o.label for o in held.failed] == ["migrated:expect_column_values_to_not_be_in_set(reason)"]
