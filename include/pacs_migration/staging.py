@@ -2,18 +2,19 @@
 association and S3. Keyed by partition, one folder per attempt, each with an
 owner marker; anything a dead attempt left (killed task, lost worker) is swept
 by the next attempt on the worker, whatever its run. pynetdicom's streamed
-receive writes its temporary files inside the attempt's folder, so nothing
-with patient data is left in the system temp dir."""
+receive writes its temporary files inside the staging root, so nothing with
+patient data is left in the system temp dir."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import socket
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,21 +65,58 @@ def _unmarked(root: Path) -> set[Path]:
     return {p for p in root.glob("date=*/modality=*/*") if p.is_dir() and not (p / OWNER).exists()}
 
 
+def _owner() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+
+
 @contextlib.contextmanager
 def attempt_folder(root: Path, hive_path: str, attempt: str) -> Iterator[Path]:
-    """The folder of this attempt at a partition, swept before and removed after;
-    temporary files of streamed C-STOREs go inside it."""
+    """The folder of this attempt at a partition, swept before and removed after,
+    while pynetdicom's streamed-receive temporaries go to the staging root."""
     sweep(root)
     folder = root / hive_path / attempt
     shutil.rmtree(folder, ignore_errors=True)  # a retry of the same attempt starts clean
     folder.mkdir(parents=True)
-    (folder / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
-    temp = folder / ".tmp"
-    temp.mkdir()
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(temp)  # pynetdicom's NamedTemporaryFile: process-wide, restored below
+    (folder / OWNER).write_text(_owner())
     try:
-        yield folder
+        with _receive_temporaries(root):
+            yield folder
     finally:
-        tempfile.tempdir = previous
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_temp_lock = threading.Lock()
+_temp_users = 0
+_temp_state: tuple[Path, object] | None = None  # (folder, pynetdicom's NamedTemporaryFile before ours)
+
+
+@contextlib.contextmanager
+def _receive_temporaries(root: Path) -> Iterator[None]:
+    """pynetdicom writes a streamed C-STORE to ``tempfile.NamedTemporaryFile()``
+    (the system temp dir): point only pynetdicom's at a folder of this process
+    under the staging root (owner-marked: swept if the process dies), shared by
+    the transfers this process runs at once; nothing else's temp dir changes."""
+    global _temp_users, _temp_state
+    from pynetdicom import dimse_messages
+
+    with _temp_lock:
+        if _temp_users == 0:
+            folder = root / f".receive-{socket.gethostname()}-{os.getpid()}"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            (folder / OWNER).write_text(_owner())
+            _temp_state = (folder, dimse_messages.NamedTemporaryFile)
+            dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
+                dimse_messages.NamedTemporaryFile, dir=str(folder)
+            )
+        _temp_users += 1
+    try:
+        yield
+    finally:
+        with _temp_lock:
+            _temp_users -= 1
+            if _temp_users == 0 and _temp_state is not None:
+                folder, original = _temp_state
+                dimse_messages.NamedTemporaryFile = original  # type: ignore[assignment]
+                shutil.rmtree(folder, ignore_errors=True)
+                _temp_state = None
