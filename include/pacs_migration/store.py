@@ -144,8 +144,16 @@ class ObjectStore:
         )
         return PutResult(PutOutcome.REPAIRED, sha256_hex, len(data))
 
-    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
-        """Write or replace a manifest-type object (not an instance)."""
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+        condition: dict[str, str] | None = None,
+    ) -> None:
+        """Write or replace a manifest-type object (not an instance);
+        ``condition``: IfMatch / IfNoneMatch."""
         digest = hashlib.sha256(data).digest()
         self.client.put_object(
             Bucket=self.bucket,
@@ -154,6 +162,7 @@ class ObjectStore:
             ContentType=content_type,
             ChecksumSHA256=base64.b64encode(digest).decode(),
             Metadata={"sha256": digest.hex(), **(metadata or {})},
+            **(condition or {}),
             **self._sse(),
         )
 
@@ -190,19 +199,8 @@ class ObjectStore:
         None: only if it does not exist). False when another write came in
         between (e.g. a killed run's PUT landing late). A retry that finds our
         own bytes (same sha256 and ``metadata``) there counts as written."""
-        digest = hashlib.sha256(data).digest()
-        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentType=content_type,
-                ChecksumSHA256=base64.b64encode(digest).decode(),
-                Metadata={"sha256": digest.hex(), **metadata},
-                **condition,
-                **self._sse(),
-            )
+            self.put(key, data, content_type, metadata, {"IfMatch": etag} if etag else {"IfNoneMatch": "*"})
             return True
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -211,7 +209,7 @@ class ObjectStore:
         theirs = self.head(key)
         return (
             theirs is not None
-            and theirs.sha256 == digest.hex()
+            and theirs.sha256 == hashlib.sha256(data).hexdigest()
             and all((theirs.metadata or {}).get(k) == v for k, v in metadata.items())
         )
 
