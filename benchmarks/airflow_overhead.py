@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -134,7 +135,7 @@ def run_steps(date: str, port: int, endpoint: str, bucket: str, staging: str) ->
     )
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=cfg.target.client_config())
     store = ObjectStore(client, cfg.target)
-    services = Services(cfg, store, cfg.source.max_associations, endpoint)
+    services = Services(cfg, store, cfg.source.max_associations, endpoint, patient_secret=secrets.token_hex(32))
     result = migrate_unit(services, Unit(dt.date.fromisoformat(date), None, "bench"), "bench-steps", "pacs_migration")
     return {
         "state": result.state.value,

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -274,6 +275,7 @@ def worker(ns: argparse.Namespace) -> int:
     from include.pacs_migration.dimse import FindSession, c_get
     from include.pacs_migration.manifest import read_transfer, write_census
     from include.pacs_migration.normalize_processes import normalize_processes, peak_rss_kb
+    from include.pacs_migration.privacy import PatientKeyer
     from include.pacs_migration.store import ObjectStore
     from include.pacs_migration.transfer import transfer_partition
 
@@ -336,6 +338,7 @@ def worker(ns: argparse.Namespace) -> int:
                 source_ae=source.called_ae_title,
                 times=times,
                 normalizer=normalizer,
+                keyer=PatientKeyer.from_secret(secrets.token_hex(32)),
             )
         finally:
             if normalizer is not None:

@@ -95,6 +95,8 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             ),
             "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
             "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(staging),
+            # The demo's own patient-key secret (a hospital keeps its own in a secrets backend).
+            "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": secrets.token_hex(32),
         }
     )
     return env

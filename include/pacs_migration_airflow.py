@@ -15,6 +15,7 @@ from airflow.sdk import BaseHook, Variable
 
 from include.pacs_migration.config import ConfigError, MigrationConfig, ReportConfig, deep_merge, load_config, read_yaml
 from include.pacs_migration.logs import configure_logging
+from include.pacs_migration.privacy import SECRET_CONNECTION, SECRET_VARIABLE
 from include.pacs_migration.steps import Services
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration_dags import CONFIG_ENV, config_path
@@ -87,7 +88,18 @@ def services(max_associations: int = 1, cfg: MigrationConfig | None = None) -> S
     OpenLineage transport. ``max_associations``: the PACS pool slots the task holds."""
     cfg = cfg or runtime_config()
     store = object_store(cfg)
-    return Services(cfg, store, max_associations, endpoint_of(store), emit_openlineage)
+    return Services(cfg, store, max_associations, endpoint_of(store), emit_openlineage, patient_secret=patient_secret())
+
+
+def patient_secret() -> str | None:
+    """The patient-key secret: Variable ``pacs_patient_key_secret``, else the
+    password of Connection ``pacs_patient_key`` (a secrets backend serves either)."""
+    if value := _variable(SECRET_VARIABLE):
+        return value
+    try:
+        return BaseHook.get_connection(SECRET_CONNECTION).password or None
+    except Exception:  # absent: the transfer fails naming both
+        return None
 
 
 @contextmanager

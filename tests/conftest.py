@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from include.pacs_migration.privacy import PatientKeyer
+
 ROOT = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="pacs-airflow-home-"))
 # Set before anything imports Airflow.
@@ -34,6 +36,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BUCKET = "pacs-archive"
+# The patient-key secret of the tests (privacy.py): a fixed one, so keys compare across runs.
+PATIENT_SECRET = "test-patient-key-secret-0123456789"
+TEST_KEYER = PatientKeyer.from_secret(PATIENT_SECRET)
 OPENLINEAGE_FILE = _HOME / "openlineage.jsonl"
 
 
@@ -140,6 +145,7 @@ def airflow_connections(pacs, s3_server, bucket, mail, tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_BUCKET", bucket)
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS", "compliance@hospital.example")
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET", PATIENT_SECRET)
     return {"bucket": bucket, "mail": mail}
 
 

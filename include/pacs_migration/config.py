@@ -487,7 +487,8 @@ class MigrationConfig(Section):
     report: ReportConfig
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    staging_dir: LaxPath = Path("/tmp/pacs-migration-staging")
+    # The worker user's own folder (0700; one owned by another user is refused).
+    staging_dir: LaxPath = Field(default_factory=lambda: Path.home() / ".cache" / "pacs-migration" / "staging")
     assessment: AssessmentConfig = Field(default_factory=AssessmentConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)

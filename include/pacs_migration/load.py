@@ -27,6 +27,7 @@ from .dimse import ReceivedInstance
 from .manifest import TRANSFER_COLUMNS, PartitionManifests, writer_tag
 from .normalize import NormalizeResult, normalize
 from .normalize_processes import NormalizeProcesses
+from .privacy import PatientKeyer
 from .reasons import InstanceState, ReasonCode, reason
 from .rules import PatientPolicy, RuleSet
 from .store import ObjectStore, PutOutcome
@@ -44,6 +45,7 @@ class LoadContext:
     run_id: str
     ruleset: RuleSet
     source_ae: str | None
+    keyer: PatientKeyer
     times: StageTimes | None = None
     normalizer: NormalizeProcesses | None = None
 
@@ -142,7 +144,7 @@ def prepare(
         transfer_syntax_out=result.transfer_syntax_out,
         study_date=result.study_date,
         modality=result.modality,
-        patient_key=result.patient_key,
+        patient_key=ctx.keyer.key(result.patient_digest),
         pixel_sha256_before=result.pixel_sha256_before,
         pixel_sha256_after=result.pixel_sha256_after,
         changes=";".join(result.changes) or None,

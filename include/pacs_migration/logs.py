@@ -6,6 +6,7 @@ never as a side effect of an import."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from pydicom import config as pydicom_config
@@ -24,5 +25,12 @@ def configure_logging() -> None:
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     # pydicom's WARN validation logs and warns with the offending value (a
     # birth date, a name). Our rules validate values themselves (rules.py).
+    # Writing too: a rule that sets PatientAge to "093 years" would log it.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    # What pydicom still logs below ERROR can quote an element ("Invalid value ...").
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    # Files this process writes (staging, pynetdicom's temporaries) are the
+    # worker user's alone: 0600 files, 0700 folders.
+    os.umask(0o077)

@@ -33,6 +33,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from .privacy import identity_digest
 from .reasons import ReasonCode, reason
 from .rules import STRUCTURAL, Change, Reason, RuleOutcome, RuleSet, apply_ruleset, is_conformant
 from .uids import InstanceUIDs, is_valid_uid
@@ -63,9 +64,9 @@ class NormalizeResult:
     series_instance_uid: str | None = None
     study_date: str | None = None
     modality: str | None = None
-    # SHA-256 of PatientID + IssuerOfPatientID: lets validation check one
-    # patient per study without the manifest or its checks carrying the ID.
-    patient_key: str | None = None
+    # SHA-256 of PatientID + IssuerOfPatientID, keyed (privacy.PatientKeyer)
+    # before it reaches a manifest: one patient per study is checked on it.
+    patient_digest: str | None = None
     transfer_syntax_in: str | None = None
     transfer_syntax_out: str | None = None
     pixel_sha256_before: str | None = None
@@ -228,8 +229,8 @@ def _pixel_hash(ds: Dataset, big_endian: bool) -> str | None:
     return hashlib.sha256(value).hexdigest()
 
 
-def patient_key(ds: Dataset) -> str | None:
-    """A stable pseudonymous key for (PatientID, IssuerOfPatientID)."""
+def patient_digest(ds: Dataset) -> str | None:
+    """The unkeyed digest of (PatientID, IssuerOfPatientID); see :mod:`privacy`."""
     try:
         pid = str(ds.get("PatientID", "") or "").strip()
         issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
@@ -237,7 +238,7 @@ def patient_key(ds: Dataset) -> str | None:
         return None
     if not pid:
         return None
-    return hashlib.sha256(f"{pid}\x1f{issuer}".encode("utf-8", "surrogateescape")).hexdigest()
+    return identity_digest(pid, issuer)
 
 
 def _looks_like_dataset(raw: bytes) -> bool:
@@ -407,7 +408,7 @@ def _apply_rules(read: _Read, result: NormalizeResult, ruleset: RuleSet, source_
     result.rules_applied = sorted({c.rule_id for c in outcome.changes})
     result.sop_class_uid = str(read.ds.SOPClassUID)
     result.findings = list(outcome.findings)
-    result.patient_key = patient_key(read.ds)  # the patient the object will name (after a crosswalk)
+    result.patient_digest = patient_digest(read.ds)  # the patient the object will name (after a crosswalk)
     return outcome
 
 

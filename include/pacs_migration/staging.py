@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +66,28 @@ def _unmarked(root: Path) -> set[Path]:
     return {p for p in root.glob("date=*/modality=*/*") if p.is_dir() and not (p / OWNER).exists()}
 
 
+class StagingNotPrivate(Exception):
+    """The staging root is not this worker user's private folder."""
+
+
+def private_root(root: Path) -> Path:
+    """``root``, created 0700 if absent; refused when another user owns it
+    (a folder planted in a shared temp dir) or it is a symlink; our own
+    folder with wider modes is narrowed to 0700."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StagingNotPrivate(f"staging_dir {root}: not a folder (a symlink?); refusing to stage patient data there")
+    if st.st_uid != os.getuid():
+        raise StagingNotPrivate(
+            f"staging_dir {root} is owned by uid {st.st_uid}, not this worker's user (uid {os.getuid()}); "
+            "refusing to stage patient data there"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        root.chmod(0o700)
+    return root
+
+
 def _owner() -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
 
@@ -73,6 +96,7 @@ def _owner() -> str:
 def attempt_folder(root: Path, hive_path: str, attempt: str) -> Iterator[Path]:
     """The folder of this attempt at a partition, swept before and removed after,
     while pynetdicom's streamed-receive temporaries go to the staging root."""
+    private_root(root)
     sweep(root)
     folder = root / hive_path / attempt
     shutil.rmtree(folder, ignore_errors=True)  # a retry of the same attempt starts clean

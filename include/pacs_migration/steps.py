@@ -24,6 +24,7 @@ from .manifest import PartitionManifests
 from .normalize_processes import NormalizeProcesses, normalize_processes
 from .partition import Partition
 from .plan import PartitionAction, PartitionResult, Unit, UnitResult, UnitState
+from .privacy import PatientKeyer
 from .retrieve import GetFn
 from .store import ObjectStore
 from .transfer import plan_resume, transfer_partition
@@ -47,6 +48,11 @@ class Services:
     retriever: RetrieverFactory | None = None  # default: C-GET or C-MOVE as configured
     finder: FindFactory | None = None  # default: a C-FIND session to the source
     clock: Callable[[], float] = field(default=time.monotonic)
+    patient_secret: str | bytes | None = field(default=None, repr=False)  # see privacy.py
+
+    def keyer(self) -> PatientKeyer:
+        """Fails naming where the secret is expected when it is not there."""
+        return PatientKeyer.from_secret(self.patient_secret)
 
     def retrieve(self) -> AbstractContextManager[GetFn]:
         return self.retriever() if self.retriever else retriever(self.config.source, self.config.staging_dir)
@@ -96,6 +102,7 @@ def transfer_step(
     the series with instances not yet migrated (delta sync), carrying the rest.
     ``census_sha256``: this run's census (a stale manifest is refused)."""
     cfg, manifests = services.config, services.manifests(partition)
+    keyer = services.keyer()  # before any retrieval: a missing secret fails the task at once
     series = manifests.census(census_sha256)
     carried = None
     if resume:
@@ -120,6 +127,7 @@ def transfer_step(
                 source_ae=cfg.source.called_ae_title,
                 carried=carried,
                 normalizer=normalizer,
+                keyer=keyer,
             )
     finally:
         if normalizer is not None:

@@ -35,6 +35,7 @@ from .load import (
 from .manifest import TRANSFER_COLUMNS, PartitionManifests, transfer_frame
 from .normalize_processes import NormalizeProcesses
 from .partition import Partition
+from .privacy import MissingSecret, PatientKeyer
 from .reasons import InstanceState, ReasonCode, reason
 from .retrieve import GetFn, retrieve_partition
 from .rules import STRUCTURAL, PatientPolicy, RuleSet
@@ -81,6 +82,7 @@ def transfer_partition(
     carried: Any = None,
     times: StageTimes | None = None,
     normalizer: NormalizeProcesses | None = None,
+    keyer: PatientKeyer | None = None,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
@@ -90,11 +92,14 @@ def transfer_partition(
     series not retrieved again) join the manifest as they were, with
     ``load_action`` ``carried`` (see :func:`plan_resume`). ``normalizer``:
     normalize processes for the same ``ruleset`` and ``source_ae`` (None:
-    normalize in the load threads).
+    normalize in the load threads). ``keyer``: the patient-key secret
+    (:mod:`privacy`); required.
     """
+    if keyer is None:
+        raise MissingSecret("transfer_partition needs a PatientKeyer (the patient-key secret)")
     if normalizer is not None and (normalizer.ruleset != ruleset or normalizer.source_ae != source_ae):
         raise ValueError("normalizer was made for another rule set or source AE")
-    ctx = LoadContext(PartitionManifests(store, partition), run_id, ruleset, source_ae, times, normalizer)
+    ctx = LoadContext(PartitionManifests(store, partition), run_id, ruleset, source_ae, keyer, times, normalizer)
     previous = ctx.manifests.transfer_or_none()
     pipeline = _LoadPipeline(ctx, series, upload_threads)
     try:

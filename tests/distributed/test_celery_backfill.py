@@ -27,7 +27,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import PATIENT_SECRET, ROOT
 
 DATES = [dt.date(2019, 3, 1) + dt.timedelta(days=d) for d in range(6)]
 POOL_SIZE = 4
@@ -189,6 +189,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
             "AIRFLOW_VAR_PACS_MIGRATION_RECIPIENTS": "compliance@hospital.example",
             "AIRFLOW_VAR_PACS_MIGRATION_STAGING_DIR": str(tmp_path / "staging"),
+            "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": PATIENT_SECRET,
             "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(tmp_path / "migration.yaml"),
         }
     )

@@ -35,6 +35,7 @@ from include.pacs_migration.steps import (
 )
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration_airflow import error_label
+from tests.conftest import PATIENT_SECRET
 from tests.peers import loopback_source
 
 DATE = dt.date(2019, 3, 1)
@@ -76,7 +77,7 @@ class RunOutcome:
 def run_date(cfg: MigrationConfig, store: ObjectStore, run_id: str, date: dt.date = DATE) -> RunOutcome:
     """One run of the date, as the DAG's tasks run it; task failures are
     recorded (class only) as the DAG records them, never raised."""
-    services = Services(cfg, store, cfg.source.max_associations)
+    services = Services(cfg, store, cfg.source.max_associations, patient_secret=PATIENT_SECRET)
     holder = f"{DAG_ID}/{run_id}"
     failures: list[TaskFailure] = []
     partitions: list[Partition] = []

@@ -13,6 +13,7 @@ from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from peers.pacs import SimulatedPACS
 from peers.ports import free_port
+from tests.conftest import TEST_KEYER
 from tests.peers import Orthanc
 
 DATE = dt.date(2019, 3, 1)
@@ -25,7 +26,9 @@ def _migrate_all(source, store, tmp_path, archive) -> int:
     for p in census.partitions():
         write_census(store, p, census.for_partition(p))
         with retriever(source, tmp_path / "staging") as get:
-            counts = transfer_partition(get, store, p, read_census(store, p), tmp_path / "staging", "move-run", 3, 1, 4)
+            counts = transfer_partition(
+                get, store, p, read_census(store, p), tmp_path / "staging", "move-run", 3, 1, 4, keyer=TEST_KEYER
+            )
         assert counts.expected == archive.by_partition[p.key]
         assert counts.expected == counts.migrated + counts.quarantined + counts.unresolved
         assert counts.unresolved == 0 and counts.unsolicited == 0

@@ -24,6 +24,7 @@ from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from peers.ports import free_port
+from tests.conftest import TEST_KEYER
 from tests.peers import Orthanc, loopback_source, series_study
 
 DATE = dt.date(2019, 3, 1)
@@ -68,7 +69,16 @@ def test_two_tasks_share_one_storage_scp_against_orthanc(tmp_path, s3_server, bu
             with retriever(source, staging) as get:
                 start.wait(timeout=30)  # both registered: the C-MOVEs overlap
                 results[partition.key] = transfer_partition(
-                    get, store, partition, manifests.census(), staging, f"run-{partition.modality}", 3, 1, 2
+                    get,
+                    store,
+                    partition,
+                    manifests.census(),
+                    staging,
+                    f"run-{partition.modality}",
+                    3,
+                    1,
+                    2,
+                    keyer=TEST_KEYER,
                 )
 
         caplog.set_level("INFO", logger="include.pacs_migration.dimse.move")

@@ -15,6 +15,7 @@ from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from peers.pacs import Faults, SimulatedPACS
+from tests.conftest import TEST_KEYER
 from tests.peers import Orthanc, loopback_source, series_study
 
 DATE = dt.date(2019, 3, 1)
@@ -28,7 +29,16 @@ def _migrate(source: SourceConfig, store: ObjectStore, census, staging: Path, ru
         manifests = PartitionManifests(store, p)
         manifests.write_census(census.for_partition(p), [w.code for w in census.warnings_for(p)])
         counts = transfer_partition(
-            lambda q, c, s: c_get(source, q, c, s), store, p, manifests.census(), staging, run_id, 3, 2, 4
+            lambda q, c, s: c_get(source, q, c, s),
+            store,
+            p,
+            manifests.census(),
+            staging,
+            run_id,
+            3,
+            2,
+            4,
+            keyer=TEST_KEYER,
         )
         df = manifests.transfer()
         report = validate_partition(

@@ -18,6 +18,7 @@ from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from peers.ports import free_port
+from tests.conftest import TEST_KEYER
 from tests.peers import Dcmqrscp
 
 DATE = dt.date(2019, 3, 1)
@@ -59,7 +60,16 @@ def test_partition_from_dcmqrscp(method, archive, s3_server, bucket, tmp_path):
             write_census(store, p, census.for_partition(p))
             with retriever(source, tmp_path / "staging") as get:
                 counts = transfer_partition(
-                    get, store, p, read_census(store, p), tmp_path / "staging", "dcmqrscp-run", 3, 2, 4
+                    get,
+                    store,
+                    p,
+                    read_census(store, p),
+                    tmp_path / "staging",
+                    "dcmqrscp-run",
+                    3,
+                    2,
+                    4,
+                    keyer=TEST_KEYER,
                 )
             assert counts.expected == expected[p.key]
             assert counts.migrated == counts.expected and counts.unresolved == 0 and counts.unsolicited == 0

@@ -22,6 +22,7 @@ from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from peers.pacs import Faults, SimulatedPACS
 from peers.ports import free_port
+from tests.conftest import TEST_KEYER
 
 DATE = dt.date(2019, 3, 1)
 CT = Partition(DATE, "CT")
@@ -53,7 +54,7 @@ def _migrate(
     write_census(store, CT, census.for_partition(CT))
     get = get or (lambda q, c, s: c_get(source, q, c, s))
     counts = transfer_partition(
-        get, store, CT, read_census(store, CT), tmp_path / "staging", "fault-run", attempts, 1, 2
+        get, store, CT, read_census(store, CT), tmp_path / "staging", "fault-run", attempts, 1, 2, keyer=TEST_KEYER
     )
     elapsed = time.monotonic() - started
     assert elapsed < BOUND

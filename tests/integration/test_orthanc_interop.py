@@ -13,6 +13,7 @@ from include.pacs_migration.manifest import read_census, read_transfer, write_ce
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from tests.conftest import TEST_KEYER
 from tests.peers import Orthanc
 
 
@@ -47,6 +48,7 @@ def test_partition_from_orthanc(archive, s3_server, bucket, tmp_path):
                 3,
                 2,
                 4,
+                keyer=TEST_KEYER,
             )
             assert counts.expected == archive.by_partition[p.key]
             assert counts.migrated == counts.expected and counts.unsolicited == 0

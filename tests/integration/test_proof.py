@@ -19,6 +19,7 @@ from include.pacs_migration.store import ObjectStore, PutOutcome
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
 from peers.pacs import SimulatedPACS
+from tests.conftest import TEST_KEYER
 from tests.peers import loopback_source, series_study
 
 DATE = dt.date(2019, 3, 1)
@@ -32,7 +33,16 @@ def _store(s3_server, bucket) -> ObjectStore:
 def _transfer(port, store, partition, staging, run_id="proof-run"):
     m = PartitionManifests(store, partition)
     transfer_partition(
-        lambda q, c, s: c_get(loopback_source(port), q, c, s), store, partition, m.census(), staging, run_id, 3, 2, 4
+        lambda q, c, s: c_get(loopback_source(port), q, c, s),
+        store,
+        partition,
+        m.census(),
+        staging,
+        run_id,
+        3,
+        2,
+        4,
+        keyer=TEST_KEYER,
     )
     return m.transfer()
 
@@ -253,6 +263,7 @@ def test_a_study_naming_two_patients(tmp_path, s3_server, bucket, policy):
             2,
             4,
             ruleset=ruleset,
+            keyer=TEST_KEYER,
         )
     finally:
         pacs.stop()

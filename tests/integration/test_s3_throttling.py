@@ -20,6 +20,7 @@ from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from tests.conftest import TEST_KEYER
 from tests.peers import loopback_source
 from tests.s3_faults import S3FaultProxy
 
@@ -42,6 +43,7 @@ def _migrate(store: ObjectStore, pacs, staging) -> bool:
         3,
         2,
         4,
+        keyer=TEST_KEYER,
     )
     report = validate_partition(store, p, m.census(), m.transfer())  # publishes GX results and Data Docs
     return report.success and counts.migrated == counts.expected

@@ -21,6 +21,7 @@ from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
+from tests.conftest import TEST_KEYER
 from tests.peers import loopback_source
 
 DATE = dt.date(2019, 3, 1)
@@ -35,7 +36,7 @@ def _transfer(pacs, s3_server, bucket, staging_root: Path, run_id: str = "stagin
     m.write_census(census.for_partition(CT), [])
     source = loopback_source(pacs.port).model_copy(update={"dimse_timeout": dimse_timeout})
     counts = transfer_partition(
-        lambda q, c, s: c_get(source, q, c, s), store, CT, m.census(), staging_root, run_id, 2, 2, 4
+        lambda q, c, s: c_get(source, q, c, s), store, CT, m.census(), staging_root, run_id, 2, 2, 4, keyer=TEST_KEYER
     )
     return counts, m.transfer()
 

@@ -18,6 +18,7 @@ from include.pacs_migration.manifest import read_census, read_transfer, write_ce
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.transfer import transfer_partition
 from include.pacs_migration.validate import validate_partition
+from tests.conftest import TEST_KEYER
 
 
 @pytest.fixture
@@ -51,6 +52,7 @@ def _run(cfg, store, partition, run_id):
         cfg.source.retrieve_attempts,
         cfg.source.max_associations,
         4,
+        keyer=TEST_KEYER,
     )
 
 
@@ -112,6 +114,7 @@ def test_unreachable_pacs_ends_unresolved_not_lost(setup, pacs):
         2,
         1,
         2,
+        keyer=TEST_KEYER,
     )
     assert counts.unresolved == counts.expected > 0 and counts.migrated == 0
     df = read_transfer(store, p)
@@ -198,6 +201,7 @@ def test_no_patient_data_in_logs_at_debug(setup, archive, caplog, capfd, process
                     ruleset=ruleset,
                     source_ae="LEGACYPACS",
                     normalizer=normalizer,
+                    keyer=TEST_KEYER,
                 )
     finally:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -260,6 +264,7 @@ def test_normalize_in_a_process_gives_the_same_manifest(pacs, s3_server, tmp_pat
                     ruleset=ruleset,
                     source_ae="LEGACYPACS",
                     normalizer=normalizer,
+                    keyer=TEST_KEYER,
                 )
             finally:
                 if normalizer is not None:
@@ -289,4 +294,16 @@ def test_normalize_in_a_process_gives_the_same_manifest(pacs, s3_server, tmp_pat
         pytest.raises(ValueError, match="another rule set"),
         normalize_processes(1, ruleset, "LEGACYPACS") as other,
     ):
-        transfer_partition(lambda *a: None, store, census.partitions()[0], [], tmp_path, "x", 1, 1, 1, normalizer=other)
+        transfer_partition(
+            lambda *a: None,
+            store,
+            census.partitions()[0],
+            [],
+            tmp_path,
+            "x",
+            1,
+            1,
+            1,
+            normalizer=other,
+            keyer=TEST_KEYER,
+        )

@@ -142,9 +142,17 @@ class StagingSink:
         return 0x0000
 
     def handle_store(self, event: evt.Event) -> int:
-        """pynetdicom ``EVT_C_STORE`` handler."""
+        """pynetdicom ``EVT_C_STORE`` handler. pynetdicom's temporary file of a
+        streamed store is gone when it returns, whatever happened."""
+        req = cast(C_STORE, event.request)
         try:
-            req = cast(C_STORE, event.request)
+            return self._handle_store(event, req)
+        finally:
+            if isinstance(chunked := getattr(req, "_dataset_path", None), Path):
+                chunked.unlink(missing_ok=True)
+
+    def _handle_store(self, event: evt.Event, req: C_STORE) -> int:
+        try:
             uid, cls, ts = (
                 str(req.AffectedSOPInstanceUID),
                 str(req.AffectedSOPClassUID),
@@ -162,8 +170,9 @@ class StagingSink:
                 self.full = True
                 log.error("staging is full: an instance could not be staged")
                 return 0xA700  # Out of resources
-            log.exception("failed to stage a received instance")
+            log.error("failed to stage a received instance (%s, errno %s)", type(exc).__name__, exc.errno)
             return 0xA700
-        except Exception:  # never let a handler exception kill the association
-            log.exception("failed to stage a received instance")
+        except Exception as exc:  # never let a handler exception kill the association
+            # The class only: a traceback's message can quote a value of the instance.
+            log.error("failed to stage a received instance (%s)", type(exc).__name__)
             return 0xA700  # Out of resources
