@@ -43,7 +43,7 @@ bench-cget: $(STAMP)
 
 ## Trace one instance of the demo bucket: make trace UID=<SOPInstanceUID>
 trace: $(STAMP)
-	@PYTHONPATH=$(CURDIR) AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing $(PY) -m demo.trace $(UID)
+	@PYTHONPATH=$(CURDIR) AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing $(PY) -m demo.trace $(UID) --reason "$(or $(REASON),demo lookup)"
 
 clean:
 	rm -rf .airflow demo-output .demo

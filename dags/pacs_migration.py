@@ -51,11 +51,12 @@ def _study_date() -> dt.date:
 def pacs_migration():
     @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["census"])
     def census() -> list[dict[str, str]]:
-        from include.pacs_migration.steps import record_census, take_date_census
+        from include.pacs_migration.steps import record_census, run_started, take_date_census
         from include.pacs_migration_airflow import date_held, recorded_failure, services
 
         with recorded_failure():
             io = services()
+            run_started(io)  # audit: 110100 start
             with date_held(io, _study_date()):  # one writer per date: a second run waits, then fails naming us
                 result = take_date_census(io, _study_date())
                 # Each partition travels with its census hash: later tasks refuse any other census.
@@ -125,17 +126,20 @@ def pacs_migration():
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.pacs_migration.partition import Partition
+        from include.pacs_migration.steps import run_ended
         from include.pacs_migration_airflow import release_date, run_failures, services
 
         ctx = get_current_context()
         io = services()
         release_date(io, _study_date())  # the run is over, whatever it proved
         parts = ctx["ti"].xcom_pull(task_ids="census")
+        failures = run_failures(ctx["ti"])
+        bad = [p.key for p in map(Partition.from_json, parts or []) if not io.manifests(p).passed(ctx["run_id"])]
+        run_ended(io, success=parts is not None and not failures and not bad)  # audit: 110100 stop
         if parts is None:
             raise AirflowFailException("census did not complete")
-        if failures := run_failures(ctx["ti"]):
+        if failures:
             raise AirflowFailException(f"tasks failed: {'; '.join(f.label for f in failures)}")
-        bad = [p.key for p in map(Partition.from_json, parts) if not io.manifests(p).passed(ctx["run_id"])]
         if bad:
             raise AirflowFailException(f"partitions not validated: {', '.join(bad)}")
 

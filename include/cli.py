@@ -35,6 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--region", default=None)
     t.add_argument("--study-date", type=dt.date.fromisoformat, default=None, help="narrow the search (YYYY-MM-DD)")
     t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.add_argument("--reason", required=True, help="why you look (recorded in the audit trail, 110103)")
+    t.add_argument("--user", default=None, help="who looks (default: your login name)")
+    a = sub.add_parser("audit", help="the audit trail: verify its chain, or who touched a study or patient")
+    a.add_argument("action", choices=["verify", "find"])
+    a.add_argument("--bucket", required=True)
+    a.add_argument("--prefix", default="")
+    a.add_argument("--endpoint-url", default=None)
+    a.add_argument("--region", default=None)
+    a.add_argument("--study", action="append", default=[], help="Study Instance UID (find)")
+    a.add_argument("--patient-id", default=None, help="PatientID (find; keyed with $PACS_PATIENT_KEY_SECRET)")
+    a.add_argument("--issuer", default="", help="IssuerOfPatientID, with --patient-id")
+    a.add_argument("--json", action="store_true")
     d = sub.add_parser("dry-run", help="what a rule set would change, writing nothing (counts only)")
     d.add_argument("--rules", required=True, type=Path, help="rule-set YAML file")
     d.add_argument("--source-ae", default=None, help="source AE title, for rule conditions")
@@ -61,17 +73,79 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args)
 
-    import boto3
-
-    target = TargetConfig(bucket=args.bucket, prefix=args.prefix)
-    client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region, config=target.client_config())
-    store = ObjectStore(client, target)
+    store = _store(args)
+    if args.command == "audit":
+        return _audit(args, store)
     try:
         result = trace_instance(store, args.sop_instance_uid, args.study_date)
     except NotFound as exc:
         print(exc, file=sys.stderr)
         return 2
+    _record_access(store, args, result)
     print(json.dumps(result, indent=2, default=str) if args.json else render_trace(result))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> ObjectStore:
+    import boto3
+
+    target = TargetConfig(bucket=args.bucket, prefix=args.prefix)
+    client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region, config=target.client_config())
+    return ObjectStore(client, target)
+
+
+def _record_access(store: ObjectStore, args: argparse.Namespace, result: dict) -> None:
+    """A trace is an access to a patient's images: 110103, with who asked and why."""
+    import getpass
+
+    from include.pacs_migration.audit import AuditTrail
+    from include.pacs_migration.config import AuditConfig
+
+    who = args.user or getpass.getuser()
+    trail = AuditTrail(store, AuditConfig(), None, f"cli:{who}")
+    studies = [result["study_instance_uid"]] if result.get("study_instance_uid") else []
+    trail.accessed(who, args.reason, studies, [result["patient_key"]] if result.get("patient_key") else [])
+    trail.flush()
+
+
+def _audit(args: argparse.Namespace, store: ObjectStore) -> int:
+    import os
+
+    from include.pacs_migration.audit import log as chain
+    from include.pacs_migration.privacy import MissingSecret, PatientKeyer
+
+    if args.action == "verify":
+        result = chain.verify(store, chain.schema_validator())
+        print(
+            f"audit log: {result.links} link(s), {result.messages} message(s), "
+            + ("chain intact" if result.ok else "BROKEN")
+        )
+        for problem in result.problems:
+            print(f"  {problem}")
+        return 0 if result.ok else 1
+    ids = set(args.study)
+    if args.patient_id:
+        try:
+            ids.add(
+                PatientKeyer.from_secret(os.environ.get("PACS_PATIENT_KEY_SECRET")).key_of(args.patient_id, args.issuer)
+                or ""
+            )
+        except MissingSecret as exc:
+            print(f"{exc} (here: the environment variable PACS_PATIENT_KEY_SECRET)", file=sys.stderr)
+            return 2
+    if not ids:
+        print("find needs --study or --patient-id", file=sys.stderr)
+        return 2
+    events = chain.find(store, ids)
+    if args.json:
+        print(json.dumps(events, indent=2))
+    for e in [] if args.json else events:
+        kind = f" / {e['type']}" if e["type"] else ""
+        print(f"{e['at']}  {e['event']}{kind}  outcome {e['outcome']}  link {e['link']}")
+        for who in e["participants"]:
+            print(f"    {who}")
+        if e["description"]:
+            print(f"    {e['description']}")
     return 0
 
 

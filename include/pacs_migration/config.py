@@ -174,7 +174,8 @@ class SourceConfig(Section):
     census_split_depth: int = Field(12, ge=0, le=17)
     # C-MOVE: our Storage SCP, registered at the PACS under this AE title and port.
     move_ae_title: AETitle | None = None  # default: calling_ae_title
-    move_listen_host: Text = "0.0.0.0"
+    # The address our Storage SCP binds: the interface the PACS reaches (loopback by default).
+    move_listen_host: Text = "127.0.0.1"
     move_listen_port: int = Field(11113, ge=1, le=65535)
     # After a C-MOVE's final response, how long to wait for stores still in flight.
     move_settle_timeout: float = Field(30.0, ge=0.0, le=3600)
@@ -196,6 +197,12 @@ class SourceConfig(Section):
     @classmethod
     def _method(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _move_tls(self) -> SourceConfig:
+        if self.retrieve_method == "C-MOVE" and self.tls is not None and self.tls.cert_file is None:
+            raise _FieldError("tls.cert_file", "C-MOVE over TLS needs our certificate and key: the PACS connects to us")
+        return self
 
 
 class TargetConfig(Section):
@@ -248,6 +255,28 @@ class TargetConfig(Section):
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
         )
+
+
+class SyslogConfig(Section):
+    """An ATNA audit repository taking syslog over TLS (RFC 5425)."""
+
+    host: Text
+    port: int = Field(6514, ge=1, le=65535)
+    ca_file: LaxPath  # the CA that signed the collector's certificate
+    cert_file: LaxPath | None = None  # ours, when the collector asks for one
+    key_file: LaxPath | None = None
+    server_name: str | None = None  # the name on the collector's certificate (default: host)
+
+    _readable = field_validator("ca_file", "cert_file", "key_file")(TlsConfig._readable.__func__)  # type: ignore[attr-defined]
+
+
+class AuditConfig(Section):
+    """DICOM audit messages (PS3.15 A.5): always to ``_audit/`` in the bucket
+    (write-once, hash-chained); to a syslog collector as well when set."""
+
+    source_id: Text = "pacs-migration"  # AuditSourceID: this deployment
+    site_id: str | None = None  # AuditEnterpriseSiteID: the hospital
+    syslog: SyslogConfig | None = None
 
 
 class ReportConfig(Section):
@@ -492,6 +521,7 @@ class MigrationConfig(Section):
     assessment: AssessmentConfig = Field(default_factory=AssessmentConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .audit import AuditTrail, Outcome
 from .census import Census, census_hash, take_census
 from .config import MigrationConfig
 from .counts import PartitionCounts, counts_from_frame
@@ -49,13 +50,21 @@ class Services:
     finder: FindFactory | None = None  # default: a C-FIND session to the source
     clock: Callable[[], float] = field(default=time.monotonic)
     patient_secret: str | bytes | None = field(default=None, repr=False)  # see privacy.py
+    actor: str = "pacs-migration"  # who started the work, for the audit trail (e.g. the Airflow run)
 
     def keyer(self) -> PatientKeyer:
         """Fails naming where the secret is expected when it is not there."""
         return PatientKeyer.from_secret(self.patient_secret)
 
-    def retrieve(self) -> AbstractContextManager[GetFn]:
-        return self.retriever() if self.retriever else retriever(self.config.source, self.config.staging_dir)
+    def retrieve(self, trail: AuditTrail | None = None) -> AbstractContextManager[GetFn]:
+        if self.retriever:
+            return self.retriever()
+        alert = trail.router_alert if trail else None
+        return retriever(self.config.source, self.config.staging_dir, on_alert=alert)
+
+    def audit(self) -> AuditTrail:
+        """This task's audit trail (flush it, or use ``with services.audit().session()``)."""
+        return AuditTrail(self.store, self.config.audit, self.config.source, self.actor)
 
     def find_session(self) -> AbstractContextManager[Any]:
         return self.finder() if self.finder else FindSession(self.config.source)
@@ -77,11 +86,28 @@ class Services:
         return DateLease(self.store, study_date, holder, t.lease_ttl_seconds).acquire(t.lease_wait_seconds)
 
 
+def run_started(services: Services) -> None:
+    """Audit: the application's activity for this run begins (110100 start)."""
+    with services.audit().session() as trail:
+        trail.application(start=True)
+
+
+def run_ended(services: Services, success: bool) -> None:
+    """Audit: the run's end (110100 stop; outcome 4 when it did not pass)."""
+    with services.audit().session() as trail:
+        trail.application(start=False, outcome=Outcome.SUCCESS if success else Outcome.MINOR_FAILURE)
+
+
 def take_date_census(services: Services, study_date: dt.date) -> Census:
+    """The date's census; every C-FIND of it is audited (110112)."""
     source = services.config.source
-    with services.find_session() as session:
+    with services.audit().session() as trail, services.find_session() as session:
         return take_census(
-            session.find, study_date, source.find_limit, source.census_split_depth, source.find_limit_instances
+            trail.auditing_find(session.find),
+            study_date,
+            source.find_limit,
+            source.census_split_depth,
+            source.find_limit_instances,
         )
 
 
@@ -111,9 +137,10 @@ def transfer_step(
     normalizer = services.normalizer(instances)
     where = f"{normalizer.count} normalize process(es)" if normalizer else "the load threads"
     log.info("partition %s: %d instances to retrieve, normalized in %s", partition.key, instances, where)
+    trail, began = services.audit(), dt.datetime.now(dt.UTC)
     try:
-        with services.retrieve() as get:
-            return transfer_partition(
+        with trail.session(), services.retrieve(trail) as get:
+            counts = transfer_partition(
                 get=get,
                 store=services.store,
                 partition=partition,
@@ -129,9 +156,22 @@ def transfer_step(
                 normalizer=normalizer,
                 keyer=keyer,
             )
+            trail.transfer(manifests.transfer(run_id).to_dict("records"), began)
+            return counts
+    except BaseException:
+        trail.transfer(_expected_rows(series), began, failed=True)  # what this run set out to move
+        try:
+            trail.flush()
+        except Exception as exc:  # the task's own failure is the one to report
+            log.warning("audit: the failed transfer could not be recorded (%s)", type(exc).__name__)
+        raise
     finally:
         if normalizer is not None:
             normalizer.close()
+
+
+def _expected_rows(series: list[Any]) -> list[dict[str, Any]]:
+    return [{"study_instance_uid": s.study_instance_uid, "state": "unresolved"} for s in series for _ in s.instances]
 
 
 def validate_step(

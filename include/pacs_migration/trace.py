@@ -104,6 +104,7 @@ def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.dat
             "census_sha256": lineage.get("census_sha256"),
             "study_instance_uid": row.get("study_instance_uid"),
             "series_instance_uid": row.get("series_instance_uid"),
+            "patient_key": row.get("patient_key"),  # keyed (privacy.py): for the audit record of this lookup
             "received": {
                 "sha256": row.get("received_sha256"),
                 "bytes": row.get("received_size"),

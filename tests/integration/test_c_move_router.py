@@ -101,7 +101,7 @@ def test_two_tasks_share_one_storage_scp_against_orthanc(tmp_path, s3_server, bu
 
 
 def _send(port: int, ds: pydicom.Dataset) -> int:
-    ae = AE(ae_title="SOMEPACS")
+    ae = AE(ae_title="LEGACYPACS")  # the source: only it may deliver
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="PACSMIGRATE")
     assert assoc.is_established

@@ -40,9 +40,15 @@ class RouterClient:
     if none runs): stores routed to this task are fed into the current sink."""
 
     def __init__(
-        self, source: SourceConfig, staging_root: Path, start_timeout: float = 20.0, idle_seconds: float = 30.0
+        self,
+        source: SourceConfig,
+        staging_root: Path,
+        start_timeout: float = 20.0,
+        idle_seconds: float = 30.0,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.source = source
+        self.on_alert = on_alert  # security alerts the listener relays (refused peers and stores)
         self.sink: StagingSink | None = None
         self._studies: set[str] = set()
         self._calls = threading.Lock()
@@ -92,11 +98,18 @@ class RouterClient:
                     self.sink.full = True
                 elif "warning" in msg:
                     log.warning("C-MOVE router: %s", msg["warning"])
+                elif "alert" in msg:
+                    self._alert(msg["alert"])
         except (OSError, ValueError):
             pass
         finally:
             self.broken = True
             self._replies.put(None)
+
+    def _alert(self, alert: dict[str, Any]) -> None:
+        log.warning("C-MOVE listener: %s (calling AE %s)", alert.get("why"), alert.get("calling_ae") or "?")
+        if self.on_alert is not None:
+            self.on_alert(alert)
 
     def _stage(self, msg: dict[str, str]) -> None:
         path, sink = Path(msg["store"]), self.sink
@@ -157,6 +170,10 @@ def _connect_or_start(source: SourceConfig, staging_root: Path, timeout: float, 
         "max_pdu": source.max_pdu,
         "uncompressed_only": source.request_uncompressed,
         "idle_seconds": idle_seconds,
+        # Only the source may deliver, only for moves we asked for, over TLS when the source uses it.
+        "peer_ae": source.called_ae_title,
+        "originator_ae": source.calling_ae_title,
+        "tls": _listener_tls(source),
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
@@ -178,6 +195,15 @@ def _connect_or_start(source: SourceConfig, staging_root: Path, timeout: float, 
     if sock is None:
         raise DicomNetworkError(f"the C-MOVE router of {host}:{port} did not accept a connection")
     return sock
+
+
+def _listener_tls(source: SourceConfig) -> dict[str, str] | None:
+    tls = source.tls
+    if tls is None:
+        return None
+    if tls.cert_file is None or tls.key_file is None:  # the config refuses this; a guard for callers that build one
+        raise DicomNetworkError("C-MOVE over TLS needs source.tls.cert_file and key_file (our listener's certificate)")
+    return {"ca_file": str(tls.ca_file), "cert_file": str(tls.cert_file), "key_file": str(tls.key_file)}
 
 
 def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -234,12 +260,13 @@ class MoveRetriever:
 
 @contextlib.contextmanager
 def retriever(
-    source: SourceConfig, staging_root: Path
+    source: SourceConfig, staging_root: Path, on_alert: Callable[[dict[str, Any]], None] | None = None
 ) -> Iterator[Callable[[Dataset, Iterable[str], StagingSink], RetrieveOutcome]]:
     """The retrieve function the configuration asks for: C-GET, or C-MOVE to
-    the worker's shared Storage SCP, registered for the duration of the block."""
+    the worker's shared Storage SCP, registered for the duration of the block
+    (``on_alert``: what the listener refused, for the audit trail)."""
     if source.retrieve_method == "C-MOVE":
-        router = RouterClient(source, staging_root)
+        router = RouterClient(source, staging_root, on_alert=on_alert)
         try:
             yield MoveRetriever(source, router)
         finally:

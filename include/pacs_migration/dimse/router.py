@@ -22,6 +22,7 @@ the router dies.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -29,6 +30,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -49,6 +51,7 @@ from .get import UNCOMPRESSED_TRANSFER_SYNTAXES
 log = logging.getLogger(__name__)
 
 REFUSED = 0xA700  # Out of resources: nothing is waiting for this store, or it could not be staged
+NOT_AUTHORIZED = 0x0124  # Refused: not authorized (a store moved for someone else)
 
 
 def control_address(host: str, port: int) -> str:
@@ -95,8 +98,12 @@ class MoveRouter:
         max_pdu: int = 131072,
         uncompressed_only: bool = False,
         idle_seconds: float = 30.0,
+        peer_ae: str | None = None,
+        originator_ae: str | None = None,
+        tls: dict[str, str] | None = None,
     ) -> None:
         configure_logging()
+        self.peer_ae, self.originator_ae, self.tls = peer_ae, originator_ae, tls
         self.idle_seconds = idle_seconds
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -131,11 +138,58 @@ class MoveRouter:
         ae.maximum_pdu_size = max_pdu
         ae.network_timeout = 60
         ae.dimse_timeout = 60
+        if self.peer_ae:  # only the PACS we retrieve from may associate
+            ae.require_calling_aet = [self.peer_ae]
         syntaxes = list(UNCOMPRESSED_TRANSFER_SYNTAXES) if uncompressed_only else ALL_TRANSFER_SYNTAXES
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, cx.abstract_syntax), syntaxes)
-        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ESTABLISHED, lambda e: nodelay(e.assoc))]
-        return ae.start_server((host, port), block=False, evt_handlers=handlers)
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ESTABLISHED, lambda e: nodelay(e.assoc)),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        server: Any = ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=self._tls_context())
+        if server.ssl_context is not None:
+            server.get_request = functools.partial(_tls_request, server, self._alert)
+        return server
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """DICOM TLS as the source uses it: our certificate, and the PACS's
+        client certificate required and verified against the same CA."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.tls["ca_file"])
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(self.tls["cert_file"], self.tls["key_file"])
+        return ctx
+
+    # -- security alerts -----------------------------------------------------
+
+    def _alert(self, calling_ae: str | None, address: str | None, why: str) -> None:
+        """Tell the oldest registered task (it records a DICOM security alert);
+        with none registered, the router's log says it (no patient data in it)."""
+        with self._lock:
+            regs = sorted(self._regs.values(), key=lambda r: r.created)
+        alert = {"calling_ae": calling_ae, "address": address, "why": why}
+        if not (regs and regs[0].send({"alert": alert})):
+            log.warning("C-MOVE listener refused %s from %s: %s", calling_ae or "a peer", address or "?", why)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        calling = str(getattr(event.assoc.requestor, "ae_title", "") or "").strip()
+        self._alert(
+            calling, event.assoc.requestor.address, f"association refused: calling AE {calling!r} is not the source"
+        )
+
+    def _originator_refused(self, req: C_STORE, event: evt.Event) -> bool:
+        """A store naming a Move Originator other than us was not moved for us."""
+        origin = getattr(req, "MoveOriginatorApplicationEntityTitle", None)
+        origin = str(origin).strip() if origin else ""
+        if not origin or not self.originator_ae or origin == self.originator_ae:
+            return False
+        calling = str(event.assoc.requestor.ae_title or "").strip()
+        self._alert(calling, event.assoc.requestor.address, f"store refused: Move Originator {origin!r} is not us")
+        return True
 
     # -- control connections -------------------------------------------------
 
@@ -212,6 +266,8 @@ class MoveRouter:
         path = chunked if isinstance(chunked, Path) else None
         reg: _Registration | None = None
         try:
+            if self._originator_refused(req, event):
+                return NOT_AUTHORIZED
             reg, how = self._route(getattr(req, "MoveOriginatorMessageID", None), path)
             if reg is None or reg.folder is None:
                 return REFUSED
@@ -262,6 +318,18 @@ def _place(path: Path | None, target: Path, event: evt.Event) -> None:
         raise
 
 
+def _tls_request(server: Any, alert: Any) -> tuple[socket.socket, tuple[str, int]]:
+    """pynetdicom's ``get_request`` with the handshake's failure reported: a
+    peer without a certificate our CA signed is a security alert, not silence."""
+    client, address = server.socket.accept()
+    try:
+        return server.ssl_context.wrap_socket(client, server_side=True), address
+    except (OSError, ValueError) as exc:
+        client.close()
+        alert(None, address[0], f"TLS handshake refused ({type(exc).__name__})")
+        raise
+
+
 def _study_uid(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -291,6 +359,9 @@ def main(argv: list[str]) -> int:
             args.get("max_pdu", 131072),
             args.get("uncompressed_only", False),
             args.get("idle_seconds", 30.0),
+            args.get("peer_ae"),
+            args.get("originator_ae"),
+            args.get("tls"),
         )
     except RouterRunning:
         print("running", flush=True)  # the task connects to that one
