@@ -111,7 +111,7 @@ def _record_access(store: ObjectStore, args: argparse.Namespace, result: dict) -
 def _audit(args: argparse.Namespace, store: ObjectStore) -> int:
     import os
 
-    from include.pacs_migration.audit import log as chain
+    from include.pacs_migration.audit import chain
     from include.pacs_migration.privacy import MissingSecret, PatientKeyer
 
     if args.action == "verify":

@@ -109,6 +109,22 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
         for form in (token, token.replace("^", " "), token.split("^")[0]):
             assert form not in decoded
 
+    # The audit trail (issue 16): schema-valid, chained, every event of the run,
+    # patients named by their keyed pseudonym only.
+    from include.pacs_migration.audit import chain
+
+    proof = chain.verify(store, chain.schema_validator())
+    assert proof.ok, proof.problems
+    messages = [m for _k, data in chain.links(store) for m in chain.Link.parse(data).messages]
+    events = [m.split('csd-code="', 2)[1][:6] for m in messages]
+    studies = {u for p in partitions for u in read_transfer(store, p).study_instance_uid.dropna()}
+    assert events.count("110100") == 2 and events.count("110112") >= 2
+    assert events.count("110102") == events.count("110104") == len(studies)
+    assert all(f'ParticipantObjectID="{u}"' in "".join(messages) for u in studies)
+    assert 'ParticipantObjectTypeCodeRole="1"' in "".join(messages) and "h1:" in "".join(messages)
+    for token in archive.patient_ids + archive.patient_names:
+        assert token not in "".join(messages)
+
     # Data Docs and GX results are published beside the manifests, and attached.
     for p in partitions:
         keys = list(store.list_keys(f"_manifests/{p.hive_path}/gx/"))

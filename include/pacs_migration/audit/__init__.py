@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import AuditConfig, SourceConfig
 from ..store import ObjectStore
-from . import log as chain
+from . import chain
 from .messages import (
     AuditSource,
     EventID,
