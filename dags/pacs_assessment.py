@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from include.pacs_migration_dags import PACS_POOL, task_timeouts
+from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, task_timeouts
 
 TIMEOUTS = task_timeouts()
 
@@ -45,6 +45,7 @@ def _range() -> tuple[dt.date, dt.date]:
         "date_from": Param("2019-03-01", type="string", format="date", description="first StudyDate (YYYY-MM-DD)"),
         "date_to": Param("2019-03-05", type="string", format="date", description="last StudyDate (YYYY-MM-DD)"),
     },
+    access_control=ACCESS_CONTROL,
     tags=["pacs", "assessment"],
     doc_md=__doc__,
 )

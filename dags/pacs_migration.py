@@ -15,7 +15,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import PACS_POOL, associations_per_task, task_timeouts
+from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, associations_per_task, task_timeouts
 
 DAG_ID = "pacs_migration"
 ASSOCIATIONS_PER_TASK = associations_per_task()
@@ -45,6 +45,7 @@ def _study_date() -> dt.date:
             None, type=["null", "string"], format="date", description="YYYY-MM-DD; default: the logical date"
         )
     },
+    access_control=ACCESS_CONTROL,
     tags=["pacs", "migration"],
     doc_md=__doc__,
 )

@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import PACS_POOL, associations_per_task, nightly_cron, task_timeouts
+from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, associations_per_task, nightly_cron, task_timeouts
 
 DAG_ID = "pacs_nightly"
 ASSOCIATIONS_PER_TASK = associations_per_task()
@@ -46,6 +46,7 @@ def _now() -> dt.datetime:
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
     params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
+    access_control=ACCESS_CONTROL,
     tags=["pacs", "migration", "nightly"],
     doc_md=__doc__,
 )

@@ -24,6 +24,12 @@ DEFAULT_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
 # no Variables from the database at parse time, sees the same file as tasks.
 CONFIG_ENV = "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH"
 
+# What each migration DAG grants the roles of include/pacs_migration_roles.py
+# (the FAB auth manager applies it; migration-admin holds every DAG already).
+TRIGGER = {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create"}}
+READ = {"DAGs": {"can_read"}, "DAG Runs": {"can_read"}}
+ACCESS_CONTROL: dict[str, dict[str, set[str]]] = {"migration-operator": TRIGGER, "compliance": READ}
+
 
 def config_path() -> Path:
     """The one configuration file: ``$AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH``, or the bundled example."""

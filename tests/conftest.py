@@ -161,3 +161,15 @@ def small_disk(tmp_path):
     yield mount
     # lazy: pynetdicom may still hold the handle of the temporary a full disk cut short
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# Files that take minutes, started first: under --dist loadfile the last file
+# to start bounds the run (the Celery backfill alone is ~8 min).
+_LONG_FIRST = ("tests/distributed/", "tests/deploy/test_roles.py", "tests/faults/", "tests/e2e/")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        return next((i for i, p in enumerate(_LONG_FIRST) if item.nodeid.startswith(p)), len(_LONG_FIRST))
+
+    items.sort(key=rank)  # stable: each file's tests keep their order

@@ -73,3 +73,73 @@ def test_env_example_defines_the_connections_the_dag_reads():
     assert (ROOT / "Dockerfile").read_text().startswith("# ") and "apache/airflow:3.3.2" in (
         ROOT / "Dockerfile"
     ).read_text()
+
+
+# -- issue 16, point 6: safe as shipped ---------------------------------------
+
+DEMO = {"orthanc", "orthanc-seed", "minio", "minio-init", "mailpit"}
+
+
+def test_demo_peers_are_under_the_demo_profile_and_nothing_depends_on_them(compose):
+    for name, svc in compose["services"].items():
+        if name in DEMO:
+            assert svc.get("profiles") == ["demo"], name
+        else:
+            assert not svc.get("profiles"), name
+            assert not set(svc.get("depends_on", {})) & DEMO, f"{name} depends on a demo-only service"
+
+
+def test_published_ports_bind_loopback_unless_told(compose):
+    published = [(n, p) for n, s in compose["services"].items() for p in s.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+
+
+def test_secrets_are_required_and_no_default_credential_is_shipped(compose):
+    env = compose["x-airflow-common"]["environment"]
+    for key in ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET"):
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?.+\}", env[key]), key  # compose refuses to start without it
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("FabAuthManager")
+    text = (ROOT / "docker-compose.yml").read_text() + (ROOT / ".env.example").read_text()
+    assert "minioadmin" not in text
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and line[0] != "#"
+    )
+    for key in ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "PACS_PATIENT_KEY_SECRET",
+                "_AIRFLOW_WWW_USER_PASSWORD", "MINIO_ROOT_PASSWORD"):  # fmt: skip
+        assert example[key] == "", f"{key}: .env.example ships a value"
+    init = " ".join(compose["services"]["airflow-init"]["command"])
+    assert init.index("include.deploy_preflight") < init.index("airflow db migrate")  # refuses before touching anything
+    assert "include.pacs_migration_roles" in init and "--role migration-admin" in init
+    assert "_AIRFLOW_WWW_USER_USERNAME" in init and "_AIRFLOW_WWW_USER_PASSWORD" in init
+    assert "MINIO_ROOT_PASSWORD" in " ".join(compose["services"]["minio"]["command"])
+
+
+def test_preflight_refuses_empty_placeholder_and_weak_secrets():
+    from cryptography.fernet import Fernet
+
+    from include.deploy_preflight import problems
+
+    good = {
+        "AIRFLOW__API_AUTH__JWT_SECRET": "9f" * 32,
+        "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": "4e" * 32,
+        "_AIRFLOW_WWW_USER_PASSWORD": "correct horse battery",
+        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW_CONN_AWS_DEFAULT": '{"login": "writer", "password": "s3cr3t-from-vault"}',
+    }
+    assert problems(good) == []
+    cases = {
+        "AIRFLOW__API_AUTH__JWT_SECRET": ("change-me-to-a-long-random-string", "placeholder"),
+        "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": ("", "empty"),
+        "_AIRFLOW_WWW_USER_PASSWORD": ("admin", "placeholder"),
+        "AIRFLOW__CORE__FERNET_KEY": ("", "empty"),
+        "AIRFLOW_CONN_AWS_DEFAULT": ('{"password": "REPLACE-ME"}', "REPLACE-ME"),
+    }
+    for key, (value, why) in cases.items():
+        found = problems({**good, key: value})
+        assert len(found) == 1 and found[0].startswith(key) and why in found[0], (key, found)
+        assert value == "" or value not in found[0] or key.startswith("AIRFLOW_CONN")  # no secret printed
+    assert "shorter than 32" in problems({**good, "AIRFLOW__API_AUTH__JWT_SECRET": "x1" * 10})[0]

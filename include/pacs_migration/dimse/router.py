@@ -182,10 +182,12 @@ class MoveRouter:
         )
 
     def _originator_refused(self, req: C_STORE, event: evt.Event) -> bool:
-        """A store naming a Move Originator other than us was not moved for us."""
+        """A store naming a Move Originator other than us was not moved for us.
+        The source's own title passes too: some PACS (pynetdicom's move SCP
+        among them) name themselves there instead of the C-MOVE's requestor."""
         origin = getattr(req, "MoveOriginatorApplicationEntityTitle", None)
         origin = str(origin).strip() if origin else ""
-        if not origin or not self.originator_ae or origin == self.originator_ae:
+        if not origin or not self.originator_ae or origin in (self.originator_ae, self.peer_ae):
             return False
         calling = str(event.assoc.requestor.ae_title or "").strip()
         self._alert(calling, event.assoc.requestor.address, f"store refused: Move Originator {origin!r} is not us")
