@@ -1,0 +1,86 @@
+"""Issue 16, point 5: the least-privilege S3 policies under docs/iam/, parsed
+and checked against the bucket layout the code writes."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import pytest
+
+from include.pacs_migration.assessment import ASSESSMENT_PREFIX
+from include.pacs_migration.audit.chain import link_key
+from include.pacs_migration.config import TargetConfig
+from include.pacs_migration.lease import PREFIX as LEASES
+from include.pacs_migration.manifest import PartitionManifests, instance_key
+from include.pacs_migration.partition import Partition
+from include.pacs_migration.plan import LEDGER_KEY
+from include.pacs_migration.store import ObjectStore
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "iam"
+BUCKET = "arn:aws:s3:::hospital-pacs-archive"
+
+
+def _layout() -> dict[str, str]:
+    """One real key of each kind the pipeline writes."""
+    store = ObjectStore(None, TargetConfig(bucket="hospital-pacs-archive"))
+    m = PartitionManifests(store, Partition.parse("2019-03-01/CT"))
+    return {
+        "instance": instance_key("", "1.2.3", "1.2.3.4", "1.2.3.4.5"),
+        "quarantine": m.quarantine_prefix + "abc.dcm",
+        "manifest": m.key("transfer.parquet"),
+        "audit": link_key(store, 1),
+        "lease": f"{LEASES}date=2019-03-01.json",
+        "ledger": LEDGER_KEY,
+        "assessment": f"{ASSESSMENT_PREFIX}2019-03-01_2019-03-05/report.html",
+    }
+
+
+def _decide(policy: dict, action: str, key: str | None) -> bool:
+    """IAM's evaluation for one request (no conditions considered): an explicit Deny wins."""
+    resource = f"{BUCKET}/{key}" if key is not None else BUCKET
+    allowed = False
+    for st in policy["Statement"]:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if action in actions and any(fnmatch.fnmatchcase(resource, r) for r in resources):
+            if st["Effect"] == "Deny" and "Condition" not in st:
+                return False
+            allowed = allowed or st["Effect"] == "Allow"
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def policies() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(DOCS.glob("*.json"))}
+
+
+def test_the_policies_are_well_formed(policies):
+    assert set(policies) == {"writer", "reader", "auditor"}
+    for name, policy in policies.items():
+        assert policy["Version"] == "2012-10-17"
+        for st in policy["Statement"]:
+            assert st["Effect"] in ("Allow", "Deny") and st["Sid"]
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert all(a.startswith("s3:") and "*" not in a for a in actions), (name, actions)
+            resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            assert all(r.startswith(BUCKET) for r in resources), (name, resources)
+
+
+def test_what_each_principal_may_do_on_the_layout(policies):
+    keys = _layout()
+    w, r, a = policies["writer"], policies["reader"], policies["auditor"]
+    for kind, key in keys.items():
+        assert _decide(w, "s3:PutObject", key) and _decide(w, "s3:GetObject", key), kind
+        assert not _decide(r, "s3:PutObject", key) and not _decide(a, "s3:PutObject", key), kind
+        # deny delete on the live layout: only the writer's own lease may go
+        assert _decide(w, "s3:DeleteObject", key) == (kind == "lease"), kind
+        assert not _decide(w, "s3:DeleteObjectVersion", key), kind
+    assert _decide(r, "s3:GetObject", keys["instance"])
+    assert not any(_decide(r, "s3:GetObject", keys[k]) for k in ("quarantine", "manifest", "audit"))
+    assert all(_decide(a, "s3:GetObject", keys[k]) for k in ("manifest", "audit", "ledger", "assessment"))
+    assert not any(_decide(a, "s3:GetObject", keys[k]) for k in ("instance", "quarantine"))  # no images
+    assert _decide(a, "s3:ListBucketVersions", None)  # audit verify looks for overwritten links
+    unencrypted = [st for st in w["Statement"] if st["Effect"] == "Deny" and "Condition" in st]
+    assert unencrypted and unencrypted[0]["Condition"] == {"Null": {"s3:x-amz-server-side-encryption": "true"}}
