@@ -139,32 +139,30 @@ def transfer_step(
     log.info("partition %s: %d instances to retrieve, normalized in %s", partition.key, instances, where)
     trail, began = services.audit(), dt.datetime.now(dt.UTC)
     try:
-        with trail.session(), services.retrieve(trail) as get:
-            counts = transfer_partition(
-                get=get,
-                store=services.store,
-                partition=partition,
-                series=series,
-                staging_root=cfg.staging_dir,
-                run_id=run_id,
-                attempts=cfg.source.retrieve_attempts,
-                max_associations=min(cfg.source.max_associations, services.max_associations),
-                upload_threads=cfg.target.upload_threads,
-                ruleset=cfg.ruleset,
-                source_ae=cfg.source.called_ae_title,
-                carried=carried,
-                normalizer=normalizer,
-                keyer=keyer,
-            )
+        with trail.session():  # the audit records are written whatever happens
+            try:
+                with services.retrieve(trail) as get:
+                    counts = transfer_partition(
+                        get=get,
+                        store=services.store,
+                        partition=partition,
+                        series=series,
+                        staging_root=cfg.staging_dir,
+                        run_id=run_id,
+                        attempts=cfg.source.retrieve_attempts,
+                        max_associations=min(cfg.source.max_associations, services.max_associations),
+                        upload_threads=cfg.target.upload_threads,
+                        ruleset=cfg.ruleset,
+                        source_ae=cfg.source.called_ae_title,
+                        carried=carried,
+                        normalizer=normalizer,
+                        keyer=keyer,
+                    )
+            except BaseException:
+                trail.transfer(_expected_rows(series), began, failed=True)  # what this run set out to move
+                raise
             trail.transfer(manifests.transfer(run_id).to_dict("records"), began)
             return counts
-    except BaseException:
-        trail.transfer(_expected_rows(series), began, failed=True)  # what this run set out to move
-        try:
-            trail.flush()
-        except Exception as exc:  # the task's own failure is the one to report
-            log.warning("audit: the failed transfer could not be recorded (%s)", type(exc).__name__)
-        raise
     finally:
         if normalizer is not None:
             normalizer.close()

@@ -206,3 +206,19 @@ def test_an_unreachable_collector_loses_nothing_from_the_bucket(s3_server, bucke
     assert trail.flush() == 1
     assert chain.verify(store).messages == 1
     assert "not delivered to syslog" in caplog.text
+
+
+def test_a_failed_step_is_recorded_and_its_own_error_is_the_one_raised(s3_server, bucket):
+    trail, store = _trail(s3_server, bucket)
+    with pytest.raises(ValueError, match="the step's own"), trail.session():
+        trail.transfer([{"study_instance_uid": STUDY, "state": "unresolved"}], dt.datetime.now(dt.UTC), failed=True)
+        raise ValueError("the step's own failure")
+    (link,) = [chain.Link.parse(d) for _k, d in chain.links(store)]
+    assert [m.split('EventOutcomeIndicator="', 1)[1][:1] for m in link.messages] == ["0", "8"]  # begun; failed
+
+    broken = AuditTrail(
+        ObjectStore(s3_server.client(), TargetConfig(bucket="no-such-bucket")), AuditConfig(), None, "x"
+    )
+    with pytest.raises(ValueError, match="the step's own"), broken.session():
+        broken.application(start=True)
+        raise ValueError("the step's own failure")  # not NoSuchBucket from the audit write

@@ -157,11 +157,17 @@ class AuditTrail:
 
     @contextmanager
     def session(self) -> Iterator[AuditTrail]:
-        """Flushes on the way out, whatever happened."""
+        """Flushes on the way out, whatever happened. When the work itself
+        failed, that failure is the one raised (an unwritable log is logged)."""
         try:
             yield self
-        finally:
-            self.flush()
+        except BaseException:
+            try:
+                self.flush()
+            except Exception as exc:
+                log.warning("audit: %d message(s) could not be recorded (%s)", len(self.pending), type(exc).__name__)
+            raise
+        self.flush()
 
 
 _QUERY_KEYS = (
