@@ -75,3 +75,21 @@ def test_findings_and_inconsistent_studies_are_named_in_the_report():
     html = render_html("r", "2019-03-01", [f], "s3://b")
     assert "study naming more than one patient: <code>1.2.3 quarantined</code>" in html
     assert "charset:undeclared-non-ascii &times; 2" in html
+
+
+def test_every_string_that_reaches_the_html_is_escaped():
+    """Reason codes, findings, expectation labels, run ids and modalities come
+    from the archive or the PACS; markup in any of them is shown, never run."""
+    evil = '<script>alert("x")</script>'
+    f = PartitionFigures.of(
+        f"2019-03-01/{evil}",
+        PartitionCounts(2, 1, 1, 0, 0, 1, {f"RULE_REJECTED:{evil}": 1}),
+        False,
+        (f"expected:{evil}",),
+        inconsistent=(evil,),
+        findings={f"charset:{evil}": 1},
+    )
+    html = render_html(f"run-{evil}", "2019-03-01", [f], f"s3://b/{evil}")
+    chart = chart_svg([f])
+    assert "<script" not in html and "<script" not in chart
+    assert "&lt;script&gt;" in html
