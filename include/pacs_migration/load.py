@@ -267,6 +267,10 @@ class Membership:
             uids = header_uids(item.path)
             named = self.named.get(item.sop_instance_uid, [])
             return prepared(next((e for e in named if uids == e[:2]), named[0] if named else None), item)
+        return self.conflicting(ctx, copies)
+
+    def conflicting(self, ctx: LoadContext, copies: list[ReceivedInstance]) -> list[Row]:
+        """Quarantine every copy ``UID_CONFLICT``, each with the series its header names."""
         rows = []
         for item in copies:
             uids = header_uids(item.path)

@@ -12,7 +12,7 @@ import logging
 import shutil
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -261,15 +261,24 @@ def _missing_rows(
 
 
 class _LoadPipeline:
-    """Each arrival is normalized and loaded as soon as it is staged, while
-    the rest of the partition is still arriving. Under the quarantine policy
-    for inconsistent patients a study's instances wait for its last series."""
+    """Each arrival is normalized as soon as it is staged, while the rest of
+    the partition is still arriving; a study's instances go live when its
+    last series' retrieval has ended, so that every copy of a SOP Instance UID
+    delivered meanwhile is compared first: differing copies are all
+    ``UID_CONFLICT``, none goes live (a stranger's forged copy cannot win by
+    arriving first). Under the quarantine policy for inconsistent patients the
+    released study is checked for one patient."""
 
     def __init__(self, ctx: LoadContext, series: list[CensusSeries], threads: int) -> None:
         self.ctx = ctx
         self.members = Membership(series)
-        self.hold = StudyHold(series) if ctx.ruleset.inconsistent_patient is PatientPolicy.QUARANTINE else None
+        self.hold = StudyHold(series)
+        self.one_patient = ctx.ruleset.inconsistent_patient is PatientPolicy.QUARANTINE
         self.held: dict[str, list[ReceivedInstance]] = {}
+        # The fate of each first arrival, for its later differing copies to be judged against:
+        self.prepared: set[str] = set()  # normalized, waiting for its study's release
+        self.live: set[str] = set()  # released to go live
+        self.conflicted: set[str] = set()  # every copy, the first included, is UID_CONFLICT
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="load")
         self.futures: list[Future[list[Row]]] = []
@@ -279,51 +288,79 @@ class _LoadPipeline:
         if self.members.held(item):
             with self.lock:
                 copies = self.held.setdefault(item.sop_instance_uid, [])
-                if (
-                    not copies
-                    and self.hold is not None
-                    and (study := self.members.study_of_held(item.sop_instance_uid))
-                ):
+                if not copies and (study := self.members.study_of_held(item.sop_instance_uid)):
                     self.hold.arriving(study)  # the copies settle as one arrival
                 copies.append(item)
             return
         expected, membership = self.members.place(item)
-        if expected is not None and self.hold is not None:
+        if expected is not None:
             self.hold.arriving(expected[0])
         self.futures.append(self.pool.submit(self._one, expected, item, membership))
 
     def series_done(self, series: CensusSeries) -> None:
         """Called when a series' retrieval ends (retrieve threads)."""
-        if self.hold is not None:
-            released, inconsistent = self.hold.series_done(series.study_instance_uid)
-            if released:
-                self.futures.append(self.pool.submit(settle, self.ctx, released, inconsistent))
+        released, inconsistent = self.hold.series_done(series.study_instance_uid)
+        if released:
+            self.futures.append(self.pool.submit(self._settle, released, inconsistent))
+
+    def _settle(self, released: list[Prepared], inconsistent: bool) -> list[Row]:
+        """Load a released study, but for instances a differing copy of which
+        arrived meanwhile: those are ``UID_CONFLICT`` with their copies."""
+        with self.lock:
+            going, clash = [], []
+            for p in released:
+                uid = p.item.sop_instance_uid
+                if uid in self.held or uid in self.conflicted:
+                    self.conflicted.add(uid)
+                    clash.append(p.item)
+                else:
+                    self.live.add(uid)
+                    going.append(p)
+        rows = self.members.conflicting(self.ctx, clash) if clash else []
+        return rows + settle(self.ctx, going, inconsistent and self.one_patient)
 
     def _one(
         self, expected: Expected | None, item: ReceivedInstance, membership: str | None, study: str | None = None
     ) -> list[Row]:
-        prepared = prepare(self.ctx, expected, item, membership, spill=self.hold is not None)
+        prepared = prepare(self.ctx, expected, item, membership, spill=True)
         row = prepared.row if isinstance(prepared, Prepared) else prepared
+        if isinstance(prepared, Prepared):
+            with self.lock:
+                self.prepared.add(item.sop_instance_uid)
         study = study or (expected[0] if expected else None)
-        if self.hold is None or study is None:
-            return [settle(self.ctx, [prepared], False)[0] if isinstance(prepared, Prepared) else row]
+        if study is None:
+            return [self._settle([prepared], False)[0] if isinstance(prepared, Prepared) else row]
         released, inconsistent = self.hold.normalized(study, row, prepared if isinstance(prepared, Prepared) else None)
-        return ([] if isinstance(prepared, Prepared) else [row]) + settle(self.ctx, released, inconsistent)
+        return ([] if isinstance(prepared, Prepared) else [row]) + self._settle(released, inconsistent)
 
     def _copies(self, copies: list[ReceivedInstance]) -> list[Row]:
-        study = self.members.study_of_held(copies[0].sop_instance_uid)
-        rows = self.members.resolve_copies(self.ctx, copies, lambda e, item: self._one(e, item, "census", study))
-        if len(copies) > 1 and self.hold is not None and study is not None:
+        """One SOP Instance UID's held arrivals (after every load has ended).
+        A single copy whose first arrival did not make it (quarantined, say
+        truncated) goes on as usual; otherwise every copy conflicts, and so
+        does the first arrival if it has not gone live (it waits in the hold)."""
+        uid = copies[0].sop_instance_uid
+        study = self.members.study_of_held(uid)
+        with self.lock:
+            first = uid in self.prepared or uid in self.live or uid in self.conflicted
+            if len(copies) > 1 or first:
+                self.conflicted.add(uid)
+        if len(copies) == 1 and not first:
+            return self.members.resolve_copies(self.ctx, copies, lambda e, item: self._one(e, item, "census", study))
+        rows = self.members.conflicting(self.ctx, copies)
+        if study is not None:  # the copies counted as one arrival of their study: release it
             released, inconsistent = self.hold.normalized(study, {}, None)
-            rows += settle(self.ctx, released, inconsistent)
+            rows += self._settle(released, inconsistent)
         return rows
 
     def finish(self) -> list[Row]:
-        """Resolve held copies, wait for every load; the rows."""
-        self.futures.extend(self.pool.submit(self._copies, copies) for copies in self.held.values())
+        """Wait for every load, then resolve the held copies; the rows."""
+        while pending := [f for f in self.futures if not f.done()]:
+            wait(pending)
+        copies = [self.pool.submit(self._copies, c) for c in self.held.values()]
+        self.futures.extend(copies)
         self.pool.shutdown(wait=True)
         rows = [r for f in self.futures for r in f.result()]
-        if self.hold is not None and self.hold.waiting:
+        if self.hold.waiting:
             raise RuntimeError(f"{self.hold.waiting} instance(s) still held after retrieval ended")
         return rows
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from include.pacs_migration.config import TlsConfig
 from include.pacs_migration.dimse import RouterClient, StagingSink
@@ -30,7 +29,7 @@ def _send(port: int, ds: pydicom.Dataset, calling: str, tls: ssl.SSLContext | No
     """C-STORE ``ds`` as ``calling``; None when the association is refused."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.network_timeout = 5
-    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(str(ds.SOPClassUID))
     assoc = ae.associate("127.0.0.1", port, ae_title="PACSMIGRATE", tls_args=(tls, "localhost") if tls else None)
     if not assoc.is_established:
         return None
@@ -128,3 +127,60 @@ def test_plain_dicom_to_a_tls_listener_is_refused(tmp_path):
     finally:
         client.close()
     assert not sink.received and alerts and "TLS handshake refused" in alerts[0]["why"]
+
+
+def test_a_forged_copy_under_a_census_uid_never_migrates(archive, s3_server, bucket, tmp_path):
+    """A stranger who spoofs the source's AE title (no TLS here) pushes a forged
+    instance under a SOP Instance UID the census names, while the real PACS is
+    still retrieving: both copies are quarantined UID_CONFLICT, none migrates,
+    and the manifest says so (never a silent duplicate)."""
+    import datetime as dt
+    import threading
+
+    from include.pacs_migration.census import take_census
+    from include.pacs_migration.config import SourceConfig, TargetConfig
+    from include.pacs_migration.dimse import FindSession, retriever
+    from include.pacs_migration.manifest import read_census, read_transfer, write_census
+    from include.pacs_migration.partition import Partition
+    from include.pacs_migration.store import ObjectStore
+    from include.pacs_migration.transfer import transfer_partition
+    from peers.pacs import Faults, SimulatedPACS
+    from tests.conftest import TEST_KEYER
+
+    port = free_port()
+    faults = Faults(stall_seconds=4.0, stall_times=1)  # the window in which the stranger strikes
+    pacs = SimulatedPACS(archive.root, move_destinations={"PACSMIGRATE": ("127.0.0.1", port)}, faults=faults)
+    partition = Partition.parse("2019-03-01/CR")
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
+    try:
+        source = SourceConfig(
+            host="127.0.0.1", port=pacs.port, called_ae_title="LEGACYPACS", calling_ae_title="PACSMIGRATE",
+            retrieve_method="C-MOVE", move_listen_port=port,
+        )  # fmt: skip
+        with FindSession(source) as session:
+            census = take_census(session.find, dt.date(2019, 3, 1))
+        write_census(store, partition, census.for_partition(partition))
+        series = read_census(store, partition)
+        victim = series[0].instances[0].sop_instance_uid
+        real = next(
+            ds for p in archive.root.rglob("*.dcm") if (ds := pydicom.dcmread(p, force=True)).SOPInstanceUID == victim
+        )
+        forged = real.copy()
+        forged.PatientName = "FORGED^ROGUE"
+        statuses: list = []
+        strike = threading.Timer(1.5, lambda: statuses.append(_send(port, forged, "LEGACYPACS")))
+        with retriever(source, tmp_path / "staging") as get:
+            strike.start()
+            counts = transfer_partition(
+                get, store, partition, series, tmp_path / "staging", "rogue-run", 3, 1, 2, keyer=TEST_KEYER
+            )
+        strike.join()
+    finally:
+        pacs.stop()
+    assert statuses == [0]  # the stranger got in (same AE title, no TLS): the content decides
+    df = read_transfer(store, partition)
+    rows = df[df.sop_instance_uid == victim]
+    assert set(rows.state) == {"quarantined"} and set(rows.reason) == {"UID_CONFLICT"}
+    assert len(rows) == 2  # both copies recorded
+    assert counts.migrated == df.sop_instance_uid.nunique() - 1 and counts.quarantined == 2
+    assert not [k for k in store.list_keys("studies/") if victim in k]
