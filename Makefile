@@ -21,7 +21,7 @@ demo: $(STAMP)
 ## Run the tests, on TEST_WORKERS processes (pytest-xdist, a file per worker in order; 0: one process).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest --durations=12 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest --durations=12 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 ## Lint: ruff (rules and format) over the repository, mypy over the core. CI runs it before the tests.
 lint: $(STAMP)

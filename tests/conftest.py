@@ -164,7 +164,8 @@ def small_disk(tmp_path):
 
 
 # Files that take minutes, started first: under --dist loadfile the last file
-# to start bounds the run (the Celery backfill alone is ~8 min).
+# to start bounds the run (the Celery backfill alone is ~8 min). The Makefile passes
+# --no-loadscope-reorder: xdist would otherwise order files by their number of tests.
 _LONG_FIRST = ("tests/distributed/", "tests/deploy/test_roles.py", "tests/faults/", "tests/e2e/")
 
 
