@@ -184,3 +184,25 @@ def test_a_forged_copy_under_a_census_uid_never_migrates(archive, s3_server, buc
     assert len(rows) == 2  # both copies recorded
     assert counts.migrated == df.sop_instance_uid.nunique() - 1 and counts.quarantined == 2
     assert not [k for k in store.list_keys("studies/") if victim in k]
+
+
+def test_a_peer_that_never_handshakes_does_not_hold_the_listener(tmp_path, monkeypatch):
+    """The TLS handshake runs in the listener's accept loop: a silent peer is
+    dropped after HANDSHAKE_SECONDS, and the PACS behind it still gets in."""
+    import socket
+
+    ca = TestCA(tmp_path / "ca", "hospital-ca")
+    ours, pacs = ca.issue("listener", "localhost", server=True), ca.issue("pacs", "LEGACYPACS", server=False)
+    tls = TlsConfig(ca_file=ca.files.cert, cert_file=ours.cert, key_file=ours.key, check_hostname=False)
+    (ds,) = _instances(tmp_path / "d", 1)
+    client, sink, alerts, port = _client(tmp_path, tls)
+    try:
+        with socket.create_connection(("127.0.0.1", port)):  # connects, says nothing
+            started = time.monotonic()
+            status = _send(port, ds, "LEGACYPACS", _context(ca.files.cert, pacs.cert, pacs.key))
+            waited = time.monotonic() - started
+        client.settle(sink, 1, 10)
+    finally:
+        client.close()
+    assert status == 0 and len(sink.received) == 1
+    assert waited < 20  # the silent peer was dropped (10 s), not waited on for ever

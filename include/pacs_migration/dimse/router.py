@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 REFUSED = 0xA700  # Out of resources: nothing is waiting for this store, or it could not be staged
 NOT_AUTHORIZED = 0x0124  # Refused: not authorized (a store moved for someone else)
+HANDSHAKE_SECONDS = 10.0
 
 
 def control_address(host: str, port: int) -> str:
@@ -324,8 +325,11 @@ def _tls_request(server: Any, alert: Any) -> tuple[socket.socket, tuple[str, int
     """pynetdicom's ``get_request`` with the handshake's failure reported: a
     peer without a certificate our CA signed is a security alert, not silence."""
     client, address = server.socket.accept()
+    client.settimeout(HANDSHAKE_SECONDS)  # a peer that never handshakes must not hold the accept loop
     try:
-        return server.ssl_context.wrap_socket(client, server_side=True), address
+        tls = server.ssl_context.wrap_socket(client, server_side=True)
+        tls.settimeout(None)
+        return tls, address
     except (OSError, ValueError) as exc:
         client.close()
         alert(None, address[0], f"TLS handshake refused ({type(exc).__name__})")
