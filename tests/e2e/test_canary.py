@@ -131,10 +131,11 @@ def test_a_whole_run_leaks_no_canary(
     scan_files(scan, "e-mail", airflow_connections["mail"].messages())
     staging = tmp_path / "staging"
     scan_files(scan, "staging", sorted(staging.rglob("*")))
-    # New files in the temp dir, but the test session's own folders (archives, peers; all xdist workers')
-    ours = tmp_path_factory.getbasetemp()
-    ours = ours.parent if ours.name.startswith("popen-gw") else ours
-    scan_files(scan, "temp", _new_temp_files(started, [ours, home]))
+    # New files in the temp dir, but pytest's own folders (this session's archives and peers, all
+    # xdist workers', and any other pytest session's on the machine: they are tests, not the pipeline)
+    base = tmp_path_factory.getbasetemp()
+    ours = next((p for p in base.parents if p.name.startswith("pytest-of-")), base)
+    scan_files(scan, "temp", _new_temp_files(started, [ours, base.parent, home]))
 
     state.update(scan=scan, home=home, staging=staging, bucket=airflow_connections["bucket"])
     state["mail"] = airflow_connections["mail"]
