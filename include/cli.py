@@ -67,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--echo", action="store_true", help="C-ECHO the PACS (needs --host and --port)")
     c.add_argument("--head-bucket", action="store_true", help="HEAD the bucket (AWS credentials from the environment)")
     c.add_argument("--endpoint-url", default=None)
+    sub.add_parser("sync-roles", help="create or update the three roles in Airflow's FAB auth manager")
     args = ap.parse_args(argv)
+    if args.command == "sync-roles":
+        from include.pacs_migration_airflow import sync_roles
+
+        for name, n in sync_roles().items():
+            print(f"role {name}: {n} permission(s)")
+        return 0
     if args.command == "dry-run":
         return _dry_run(args)
     if args.command == "check-config":

@@ -278,3 +278,26 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
             files,
         )
     return {"partitions": len(figures), "verdict": verdict.value, "emailed_to": len(to)}
+
+
+def sync_roles() -> dict[str, int]:
+    """Create or update the roles of :mod:`include.pacs_migration.roles` in the
+    FAB auth manager (idempotent); how many permissions each holds. DAG-level
+    grants (``DAG:<id>``, from the DAGs' access_control) are kept."""
+    from airflow.providers.fab.auth_manager.cli_commands.utils import get_application_builder
+
+    from include.pacs_migration.roles import BASE, wanted
+
+    counts = {}
+    with get_application_builder() as appbuilder:
+        sm = appbuilder.sm
+        for role_name, base_name in BASE.items():
+            base = sm.find_role(base_name)
+            pairs = wanted(role_name, {(p.action.name, p.resource.name) for p in base.permissions})
+            role = sm.find_role(role_name) or sm.add_role(role_name)
+            dag_level = [p for p in role.permissions if p.resource.name.startswith(("DAG:", "DAG Run:"))]
+            perms = [sm.get_permission(a, r) for a, r in sorted(pairs)]
+            role.permissions = [p for p in perms if p is not None] + dag_level
+            sm.session.commit()
+            counts[role_name] = len(role.permissions)
+    return counts

@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
 from include.pacs_migration.config import PlanConfig, SourceConfig, TimeoutsConfig
+from include.pacs_migration.roles import ACCESS_CONTROL as ACCESS_CONTROL  # what each DAG grants the roles
 
 # Every task that talks to the legacy PACS takes slots of this pool, one per
 # association it may open: the pool's size bounds the PACS's load cluster-wide.
@@ -23,12 +24,6 @@ DEFAULT_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
 # (an Airflow Variable set by environment), so the dag-processor, which reads
 # no Variables from the database at parse time, sees the same file as tasks.
 CONFIG_ENV = "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH"
-
-# What each migration DAG grants the roles of include/pacs_migration_roles.py
-# (the FAB auth manager applies it; migration-admin holds every DAG already).
-TRIGGER = {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create"}}
-READ = {"DAGs": {"can_read"}, "DAG Runs": {"can_read"}}
-ACCESS_CONTROL: dict[str, dict[str, set[str]]] = {"migration-operator": TRIGGER, "compliance": READ}
 
 
 def config_path() -> Path:

@@ -113,7 +113,7 @@ def test_secrets_are_required_and_no_default_credential_is_shipped(compose):
         assert example[key] == "", f"{key}: .env.example ships a value"
     init = " ".join(compose["services"]["airflow-init"]["command"])
     assert init.index("include.deploy_preflight") < init.index("airflow db migrate")  # refuses before touching anything
-    assert "include.pacs_migration_roles" in init and "--role migration-admin" in init
+    assert "include.cli sync-roles" in init and "--role migration-admin" in init
     assert "_AIRFLOW_WWW_USER_USERNAME" in init and "_AIRFLOW_WWW_USER_PASSWORD" in init
     assert "MINIO_ROOT_PASSWORD" in " ".join(compose["services"]["minio"]["command"])
 

@@ -53,7 +53,7 @@ class ApiServer:
     def prepare(self) -> None:
         _airflow(self.env, "db", "migrate")
         out = subprocess.run(
-            [sys.executable, "-m", "include.pacs_migration_roles"], env=self.env, capture_output=True, text=True
+            [sys.executable, "-m", "include.cli", "sync-roles"], env=self.env, capture_output=True, text=True
         )
         assert out.returncode == 0, out.stderr[-3000:]
         _airflow(self.env, "sync-perm", "--include-dags")
