@@ -508,6 +508,13 @@ class TimeoutsConfig(Section):
     lease_wait_seconds: int = Field(0, ge=0, le=24 * 3600)
 
 
+class RollbackConfig(Section):
+    """What a rollback keeps: its verified copies stay under ``rolled-back/``
+    at least this long; only then may an explicit, audited purge delete them."""
+
+    retention_days: int = Field(365, ge=0, le=100 * 365)
+
+
 class MigrationConfig(Section):
     """The whole file."""
 
@@ -522,6 +529,7 @@ class MigrationConfig(Section):
     plan: PlanConfig = Field(default_factory=PlanConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -50,8 +50,13 @@ def lineage_record(
     validation: dict[str, Any] | None,
     endpoint: str | None,
     ruleset: RuleSet = STRUCTURAL,
+    supersedes: list[dict[str, Any]] | None = None,
+    query: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the record; it carries UIDs and hashes, never patient attributes."""
+    """Build the record; it carries UIDs and hashes, never patient attributes.
+    ``supersedes``: the rollbacks (and the runs they undid) this run's objects
+    replace (:func:`rollback.superseded`). ``query``: what the census asked
+    (default: the partition's date and modality)."""
     partition, target = manifests.partition, manifests.store.target
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value]
     changed = transfer["changes"].dropna()
@@ -65,8 +70,10 @@ def lineage_record(
             "uri": f"dicom://{source.host}:{source.port}/{source.called_ae_title}",
             "calling_ae_title": source.calling_ae_title,
             "retrieve_method": source.retrieve_method,
-            "query": {"QueryRetrieveLevel": "STUDY", "StudyDate": partition.dicom_date, "Modality": partition.modality},
+            "query": query
+            or {"QueryRetrieveLevel": "STUDY", "StudyDate": partition.dicom_date, "Modality": partition.modality},
         },
+        "supersedes": list(supersedes or []),
         "census_sha256": census_sha256,
         "ruleset": {
             "id": ruleset.id,

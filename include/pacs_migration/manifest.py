@@ -180,6 +180,41 @@ class PartitionManifests:
     def lineage_run_key(self, run_id: str) -> str:
         return self.key(f"lineage/{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json")
 
+    # --- rollbacks (rollback.py): the record beside the lineage, and where the copies go
+    def rollback_record_key(self, rollback_id: str) -> str:
+        return self.key(f"{ROLLBACKS}{rollback_id}.json")
+
+    def write_rollback_record(self, record: dict[str, Any]) -> str:
+        key = self.rollback_record_key(str(record["rollback_id"]))
+        self.store.put(key, _json(record), "application/json")
+        return key
+
+    def read_key_json(self, key: str) -> Any | None:
+        """A JSON object of this target by its full key (a run's lineage, a rolled-back copy)."""
+        data = self.store.get_or_none(key)
+        return None if data is None else json.loads(data)
+
+    def rolled_back_copy(self, rollback_id: str, live_key: str) -> str:
+        """Where a rollback keeps its verified copy of a live object (or manifest)."""
+        prefix = self.store.target.prefix
+        if not live_key.startswith(prefix):
+            raise ValueError("not a key of this target")
+        return f"{rolled_back_prefix(prefix, rollback_id)}{live_key[len(prefix) :]}"
+
+    def rolled_back_manifests(self, rollback_id: str) -> str:
+        """The prefix of the copies of this partition's manifests, as the rollback found them."""
+        return self.rolled_back_copy(rollback_id, self.prefix)
+
+    def rollback_records(self) -> list[dict[str, Any]]:
+        """This partition's rollback records, oldest first."""
+        found = [json.loads(self.store.get(k)) for k in self.store.list_keys(self.key(ROLLBACKS))]
+        return sorted(found, key=lambda r: str(r.get("rolled_back_at", "")))
+
+    def rolled_back_transfer(self, rollback_id: str) -> pd.DataFrame | None:
+        """The transfer manifest as a rollback found it (its copy)."""
+        data = self.store.get_or_none(self.rolled_back_manifests(rollback_id) + TRANSFER)
+        return None if data is None else pd.read_parquet(io.BytesIO(data))
+
     # --- census
     def write_census(self, series: list[CensusSeries], warnings: list[str]) -> CensusSummary:
         """Write the expected set and its summary, then read both back: a
@@ -290,6 +325,12 @@ class PartitionManifests:
 
 
 STUDIES = "studies"  # the migrated objects' top folder
+ROLLBACKS = "rollbacks/"  # per-partition rollback records, beside the lineage
+ROLLED_BACK = "rolled-back/"  # verified copies of what rollbacks took out of the live layout
+
+
+def rolled_back_prefix(prefix: str, rollback_id: str) -> str:
+    return f"{prefix}{ROLLED_BACK}{rollback_id}/"
 
 
 def series_prefix(prefix: str, study_uid: str, series_uid: str) -> str:
@@ -361,12 +402,16 @@ def read_transfer(store: ObjectStore, partition: Partition) -> pd.DataFrame:
     return PartitionManifests(store, partition).transfer()
 
 
-def transferred_partitions(store: ObjectStore, study_date: dt.date | None = None) -> list[Partition]:
-    """Partitions with a transfer manifest (of one study date, if given)."""
+def transferred_partitions(
+    store: ObjectStore, study_date: dt.date | None = None, rolled_back: bool = False
+) -> list[Partition]:
+    """Partitions with a transfer manifest (of one study date, if given);
+    ``rolled_back``: also those with a rollback record (a partition rolled back
+    whole has no live transfer manifest)."""
     base = f"{store.target.prefix}_manifests/" + (f"date={study_date.isoformat()}/" if study_date else "")
-    found = []
+    found = set()
     for key in store.list_keys(base):
-        if key.endswith("/" + TRANSFER):
+        if key.endswith("/" + TRANSFER) or (rolled_back and f"/{ROLLBACKS}" in key):
             parts = dict(p.split("=", 1) for p in key[len(store.target.prefix) :].split("/")[1:3])
-            found.append(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
+            found.add(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
     return sorted(found)

@@ -154,14 +154,14 @@ class UnitRecord:
 class Ledger:
     units: dict[str, UnitRecord] = field(default_factory=dict)
     nights: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # which units each rollback reopened
 
     def get(self, unit: Unit) -> UnitRecord:
         return self.units.get(unit.key) or UnitRecord(phase=unit.phase)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {"units": {k: asdict(v) for k, v in sorted(self.units.items())}, "nights": self.nights}, indent=1
-        ).encode()
+        units = {k: asdict(v) for k, v in sorted(self.units.items())}
+        return json.dumps({"units": units, "nights": self.nights, "rollbacks": self.rollbacks}, indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> Ledger:
@@ -172,13 +172,30 @@ class Ledger:
             k: UnitRecord(**{**v, "state": UnitState(v.get("state", "pending"))})
             for k, v in raw.get("units", {}).items()
         }
-        return cls(units, list(raw.get("nights", [])))
+        return cls(units, list(raw.get("nights", [])), list(raw.get("rollbacks", [])))
 
     def measured_rate(self) -> float | None:
         """Instances per second over every unit migrated so far."""
         seconds = sum(r.seconds for r in self.units.values())
         instances = sum(r.instances + r.delta_instances for r in self.units.values())
         return instances / seconds if seconds > 0 and instances > 0 else None
+
+
+def reopen(ledger: Ledger, partitions: list[tuple[dt.date, str]], rollback_id: str, at: dt.datetime) -> list[str]:
+    """A rollback took these (date, modality) partitions out of the archive:
+    every unit covering one is pending again (its attempts reset), so the
+    nightly plan migrates it anew. Returns the units reopened (also logged in
+    ``rollbacks``); reopening twice for one rollback changes nothing more."""
+    if any(r.get("rollback_id") == rollback_id for r in ledger.rollbacks):
+        return []
+    reopened = []
+    for key, rec in sorted(ledger.units.items()):
+        day, _, mods = key.partition("|")
+        if any(d.isoformat() == day and (mods == "*" or m in mods.split(",")) for d, m in partitions):
+            rec.state, rec.attempts, rec.finished_at = UnitState.PENDING, 0, None
+            reopened.append(key)
+    ledger.rollbacks.append({"rollback_id": rollback_id, "at": at.isoformat(), "units": reopened})
+    return reopened
 
 
 def _months_before(day: dt.date, months: int) -> dt.date:

@@ -19,14 +19,24 @@ from .census import Census, census_hash, take_census
 from .config import MigrationConfig
 from .counts import PartitionCounts, counts_from_frame
 from .dimse import FindSession, retriever
-from .lease import DateLease
+from .lease import DateLease, LeaseHeld
 from .lineage import lineage_record
 from .manifest import PartitionManifests
 from .normalize_processes import NormalizeProcesses, normalize_processes
 from .partition import Partition
-from .plan import PartitionAction, PartitionResult, Unit, UnitResult, UnitState
+from .plan import LEDGER_KEY, Ledger, PartitionAction, PartitionResult, Unit, UnitResult, UnitState, reopen
 from .privacy import PatientKeyer
 from .retrieve import GetFn
+from .rollback import (
+    RollbackPlan,
+    RollbackRefused,
+    Selection,
+    execute,
+    plan_rollback,
+    purge,
+    read_record,
+    superseded,
+)
 from .store import ObjectStore
 from .transfer import plan_resume, transfer_partition
 from .validate import ValidationReport, validate_partition
@@ -207,11 +217,19 @@ def lineage_step(services: Services, partition: Partition, run_id: str, dag_id: 
         validation=manifests.verdict(run_id),
         endpoint=services.endpoint,
         ruleset=services.config.ruleset,
+        supersedes=_superseded(manifests, run_id),
     )
     manifests.write_lineage(record, run_id)
     if services.emit:
         services.emit(record)
     return record
+
+
+def _superseded(manifests: PartitionManifests, run_id: str) -> list[dict[str, Any]]:
+    """The rollbacks this run's lineage supersedes; a retried lineage task keeps its first answer."""
+    if (mine := manifests.read_key_json(manifests.lineage_run_key(run_id))) is not None:
+        return list(mine.get("supersedes", []))
+    return superseded(manifests)
 
 
 def _is_settled(manifests: PartitionManifests, digest: str) -> bool:
@@ -246,3 +264,87 @@ def migrate_unit(services: Services, unit: Unit, run_id: str, dag_id: str) -> Un
     ok = all(r.validation_passed for r in results)
     state = UnitState.DONE if ok else UnitState.FAILED
     return UnitResult(unit, state, moved, round(services.clock() - started, 3), tuple(results))
+
+
+def roll_back(
+    services: Services,
+    selection: Selection,
+    reason: str,
+    requested_by: str,
+    rollback_id: str,
+    dry_run: bool = True,
+    moved_hook: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Plan a rollback (``dry_run``: only that, writing nothing) or carry it
+    out under the selected dates' leases, record it in the audit trail and
+    reopen the nightly units it undid. An id whose journal exists resumes.
+
+    Raises
+    ------
+    RollbackRefused
+        A run holds one of the dates (it names the run).
+    """
+    store = services.store
+    journal = read_record(store, rollback_id)
+    if journal is not None:
+        plan = RollbackPlan.from_json(journal["plan"])
+    else:
+        plan = plan_rollback(store, selection, reason, requested_by, rollback_id)
+    if dry_run:
+        return {"dry_run": True, "rollback_id": rollback_id, "totals": plan.totals(), "partitions": _figures(plan)}
+    leases = []
+    try:
+        for day in sorted({p.partition.study_date for p in plan.partitions}):
+            t = services.config.timeouts
+            try:
+                leases.append(DateLease(store, day, f"rollback/{rollback_id}", t.lease_ttl_seconds).acquire(0))
+            except LeaseHeld as exc:
+                raise RollbackRefused(f"rollback refused: {exc}; run it again when that run has ended") from None
+        result = execute(store, plan, dt.datetime.now(dt.UTC), moved_hook)
+    finally:
+        for lease in leases:
+            lease.release()
+    _rollback_recorded(services, plan, result.record)
+    return {"dry_run": False, "rollback_id": rollback_id, "resumed": result.resumed, **_summary(result.record)}
+
+
+def _figures(plan: RollbackPlan) -> list[dict[str, Any]]:
+    return [p.figures() for p in plan.partitions]
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    plan = record["plan"]
+    figures = [{k: v for k, v in p.items() if k not in _NOT_FIGURES} for p in plan["partitions"]]
+    return {"state": record["state"], "totals": plan["totals"], "partitions": figures}
+
+
+_NOT_FIGURES = {"run_ids", "study_uids", "patient_keys", "objects"}
+
+
+def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str, Any]) -> None:
+    """Audit (110105 per partition) and the nightly ledger, once per rollback."""
+    ledger_key = services.store.target.key(LEDGER_KEY)
+    ledger = Ledger.from_bytes(services.store.get_or_none(ledger_key))
+    if any(r.get("rollback_id") == plan.rollback_id for r in ledger.rollbacks):
+        return  # a resumed rollback recorded itself before
+    with services.audit().session() as trail:
+        for pp in plan.partitions:
+            where = f"rolled-back/{plan.rollback_id}/"
+            note = f"rollback {plan.rollback_id} of {pp.partition.key}: {len(pp.objects)} object(s) moved to {where}"
+            trail.deleted(plan.requested_by, pp.study_uids, pp.patient_keys, f"{note}; reason: {plan.reason}")
+    parts = [(p.partition.study_date, p.partition.modality) for p in plan.partitions]
+    reopen(ledger, parts, plan.rollback_id, dt.datetime.fromisoformat(record["finished_at"]))
+    services.store.put(ledger_key, ledger.to_bytes(), "application/json")
+
+
+def purge_rolled_back(services: Services, rollback_id: str, purged_by: str, reason: str) -> dict[str, Any]:
+    """Delete a rollback's copies after its retention (:func:`rollback.purge`), audited (110105)."""
+    record = purge(
+        services.store, rollback_id, dt.datetime.now(dt.UTC), services.config.rollback.retention_days, purged_by, reason
+    )
+    plan = RollbackPlan.from_json(record["plan"])
+    with services.audit().session() as trail:
+        for pp in plan.partitions:
+            note = f"purge of rollback {rollback_id} ({pp.partition.key}): {len(pp.objects)} copy(ies) deleted"
+            trail.deleted(purged_by, pp.study_uids, pp.patient_keys, f"{note}; reason: {reason}")
+    return {"rollback_id": rollback_id, "state": record["state"], "purged_at": record["purged_at"]}

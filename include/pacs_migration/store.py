@@ -213,6 +213,35 @@ class ObjectStore:
             and all((theirs.metadata or {}).get(k) == v for k, v in metadata.items())
         )
 
+    def copy(self, source_key: str, key: str) -> None:
+        """Server-side copy (bytes and metadata, under our encryption settings);
+        the caller re-reads the copy before it trusts it."""
+        self.client.copy_object(
+            Bucket=self.bucket,
+            Key=key,
+            CopySource={"Bucket": self.bucket, "Key": source_key},
+            MetadataDirective="COPY",
+            **self._sse(),
+        )
+
+    def sha256_of(self, key: str) -> tuple[str, int] | None:
+        """The SHA-256 and size of an object's bytes as read back now, streamed
+        (an object of any size in constant memory); None when it does not exist."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        digest, size = hashlib.sha256(), 0
+        for chunk in body.iter_chunks(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
     def list_keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):

@@ -17,16 +17,12 @@ import pandas as pd
 import pydicom
 
 from .manifest import PartitionManifests, transferred_partitions
-from .partition import Partition
+from .rollback import Selection
 from .store import ObjectStore
 
 
 class NotFound(LookupError):
     pass
-
-
-def _partitions(store: ObjectStore, study_date: dt.date | None) -> list[Partition]:
-    return transferred_partitions(store, study_date)
 
 
 def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[str, Any]]:
@@ -74,26 +70,91 @@ def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[s
     return out
 
 
+def _row(hit: pd.DataFrame) -> dict[str, Any]:
+    return {k: (None if pd.isna(v) else v) for k, v in hit.iloc[0].to_dict().items()}
+
+
+def _ruleset(lineage: dict[str, Any] | None) -> str | None:
+    rs = (lineage or {}).get("ruleset") or {}
+    return f"{rs.get('id')}@{rs.get('version')}" if rs else None
+
+
+def _migration(row: dict[str, Any], lineage: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "event": row["state"],  # migrated, quarantined or unresolved
+        "run_id": row.get("run_id"),
+        "at": (lineage or {}).get("recorded_at"),
+        "ruleset": _ruleset(lineage),
+        "key": row.get("object_key") or row.get("quarantine_key"),
+        "sha256": row.get("object_sha256"),
+        "reason": row.get("reason"),
+    }
+
+
+def instance_history(
+    manifests: PartitionManifests, sop_instance_uid: str, live: dict[str, Any] | None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every migration of the instance (with its run's rule set), every
+    rollback that took it out (who, when, why, where its copy is), oldest
+    first; and its row as the last rollback found it."""
+    events: list[dict[str, Any]] = []
+    seen: set[tuple[Any, Any]] = set()
+    last = None
+
+    def migrated(row: dict[str, Any], lineage: dict[str, Any] | None) -> None:
+        mark = (row.get("run_id"), row.get("object_sha256") or row.get("quarantine_key"))
+        if mark not in seen:
+            seen.add(mark)
+            events.append(_migration(row, lineage))
+
+    for rec in manifests.rollback_records():
+        rid, snap = rec["rollback_id"], manifests.rolled_back_transfer(rec["rollback_id"])
+        hit = None if snap is None else snap[snap["sop_instance_uid"] == sop_instance_uid]
+        if hit is None or hit.empty:
+            continue
+        last = row = _row(hit)
+        run_lineage = manifests.lineage_run_key(str(row.get("run_id")))
+        migrated(row, manifests.read_key_json(manifests.rolled_back_copy(rid, run_lineage)))
+        if Selection.from_json(rec["selection"]).mask(manifests.partition, hit).iloc[0]:
+            key = row.get("object_key") or row.get("quarantine_key")
+            events.append(
+                {
+                    "event": "rolled_back",
+                    "rollback_id": rid,
+                    "at": rec.get("rolled_back_at"),
+                    "by": rec.get("requested_by"),
+                    "reason": rec.get("reason"),
+                    "key": manifests.rolled_back_copy(rid, key) if key else None,
+                    "sha256": row.get("object_sha256"),
+                }
+            )
+    if live is not None:
+        migrated(live, manifests.read_key_json(manifests.lineage_run_key(str(live.get("run_id")))))
+    return events, last
+
+
 def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.date | None = None) -> dict[str, Any]:
-    """The instance's story, as a JSON-able dict.
+    """The instance's story, as a JSON-able dict, with its ``history``
+    (migrations, rollbacks, re-migrations). An instance rolled back and not
+    migrated again is found too (state ``rolled_back``).
 
     Raises
     ------
     NotFound
-        If no transfer manifest holds the SOP Instance UID.
+        If no transfer manifest, live or rolled back, holds the SOP Instance UID.
     """
-    for p in _partitions(store, study_date):
+    for p in transferred_partitions(store, study_date, rolled_back=True):
         manifests = PartitionManifests(store, p)
-        df = manifests.transfer()
-        hit = df[df["sop_instance_uid"] == sop_instance_uid]
-        if hit.empty:
+        df = manifests.transfer_or_none()
+        hit = None if df is None else df[df["sop_instance_uid"] == sop_instance_uid]
+        live = None if hit is None or hit.empty else _row(hit)
+        history, last = instance_history(manifests, sop_instance_uid, live)
+        if live is None and last is None:
             continue
-        row = {k: (None if pd.isna(v) else v) for k, v in hit.iloc[0].to_dict().items()}
-        lineage = manifests.lineage() or {}
+        row = live or {**(last or {}), "state": "rolled_back", "reason": history[-1].get("rollback_id")}
+        lineage = manifests.read_key_json(manifests.lineage_run_key(str(row.get("run_id")))) or {}
         validation = manifests.latest_verdict() or {}
-        rs = lineage.get("ruleset") or {}
-        label = f"{rs.get('id')}@{rs.get('version')}"
-        changes = _changes(store, row, label)
+        changes = _changes(store, row, _ruleset(lineage) or "?@?") if live else []
         return {
             "sop_instance_uid": sop_instance_uid,
             "partition": p.key,
@@ -114,18 +175,19 @@ def trace_instance(store: ObjectStore, sop_instance_uid: str, study_date: dt.dat
             "pixel_data_sha256": {"before": row.get("pixel_sha256_before"), "after": row.get("pixel_sha256_after")},
             "target": {
                 "bucket": store.bucket,
-                "key": row.get("object_key"),
+                "key": row.get("object_key") if live else None,
                 "sha256": row.get("object_sha256"),
                 "bytes": row.get("object_size"),
                 "transfer_syntax": row.get("transfer_syntax_out"),
                 "load_action": row.get("load_action"),
-                "quarantine_key": row.get("quarantine_key"),
+                "quarantine_key": row.get("quarantine_key") if live else None,
             },
             "validation": {
                 "success": validation.get("success"),
                 "run_id": validation.get("run_id"),
                 "failed_expectations": validation.get("failed_expectations", []),
             },
+            "history": history,
         }
     raise NotFound(f"SOP Instance UID {sop_instance_uid} is in no transfer manifest of s3://{store.bucket}")
 
@@ -160,4 +222,13 @@ def render_trace(t: dict[str, Any]) -> str:
     v = t["validation"]
     verdict = "passed" if v["success"] else f"FAILED {', '.join(v['failed_expectations'])}"
     lines.append(f"validation        partition {verdict} (run {v['run_id']})")
+    for i, e in enumerate(t.get("history") or []):
+        head = "history           " if i == 0 else "                  "
+        if e["event"] == "rolled_back":
+            lines.append(f"{head}{e['at']}  rolled back by {e['rollback_id']} ({e['by']}: {e['reason']})")
+            lines.append(f"                    copy s3://{tg['bucket']}/{e['key']}")
+        else:
+            lines.append(f"{head}{e['at']}  {e['event']} by run {e['run_id']} under rule set {e['ruleset']}")
+            if e.get("key"):
+                lines.append(f"                    s3://{tg['bucket']}/{e['key']}  sha256 {e['sha256']}")
     return "\n".join(lines)

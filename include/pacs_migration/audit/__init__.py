@@ -28,6 +28,7 @@ from .messages import (
     instances_accessed,
     query,
     security_alert,
+    study_deleted,
     study_transfer,
 )
 from .syslog import SyslogTarget, send
@@ -132,6 +133,12 @@ class AuditTrail:
         who = Participant(person, True, None, socket.gethostname())
         studies = [StudyObject(u) for u in sorted(set(study_uids))]
         self.add(instances_accessed(who, self.app(), self.source, studies, patient_keys, purpose))
+
+    def deleted(self, person: str, study_uids: Iterable[str], patient_keys: Iterable[str], description: str) -> None:
+        """110105: a rollback took studies out of the live layout, or a purge deleted their copies."""
+        who = Participant(person, True, None, socket.gethostname())
+        studies = [StudyObject(u) for u in sorted(set(study_uids))]
+        self.add(study_deleted(who, self.app(), self.source, studies, patient_keys, description))
 
     # -- writing -----------------------------------------------------------------
 

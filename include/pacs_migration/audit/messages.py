@@ -31,6 +31,7 @@ class EventID(Code, Enum):
     BEGIN_TRANSFERRING = Code("110102", "DCM", "Begin Transferring DICOM Instances")
     INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
     INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+    STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
     QUERY = Code("110112", "DCM", "Query")
     SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 
@@ -279,4 +280,20 @@ def instances_accessed(
         source,
         objects=objects,
         description=f"purpose of use: {purpose}",
+    )
+
+
+def study_deleted(
+    person: Participant,
+    app: Participant,
+    source: AuditSource,
+    studies: Iterable[StudyObject],
+    patient_keys: Iterable[str],
+    description: str,
+) -> bytes:
+    """110105: studies left the live archive (a rollback moved them aside) or
+    their rolled-back copies were purged; the description says which, and why."""
+    objects = [*(_study(s) for s in studies), *(_patient(k) for k in sorted(set(patient_keys)))]
+    return message(
+        EventID.STUDY_DELETED, "D", Outcome.SUCCESS, [person, app], source, objects=objects, description=description
     )
