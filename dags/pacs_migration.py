@@ -1,4 +1,6 @@
-"""pacs_migration: one run per study date (the run's logical date).
+"""pacs_migration: one run per study date (the run's logical date), or, on
+request, just some studies (``study_uids`` or ``accession_numbers``: a
+clinician needs a patient's priors), into the same partitions.
 
 census (C-FIND) -> per modality: transfer (retrieve, normalize, load) ->
 validate (GX) -> lineage -> one report e-mail per run -> gate (fails the run
@@ -22,15 +24,13 @@ ASSOCIATIONS_PER_TASK = associations_per_task()
 TIMEOUTS = task_timeouts()
 
 
-def _study_date() -> dt.date:
+def _request():
+    """What this run moves (a date, or requested studies); fails naming the bad param."""
+    from include.pacs_migration.request import RunRequest
+
     ctx = get_current_context()
-    override = (ctx["params"] or {}).get("study_date")
-    if override:
-        return dt.date.fromisoformat(override)
     logical = ctx.get("logical_date")
-    if logical is None:
-        raise ValueError("params.study_date is required for a run without a logical date")
-    return logical.date()
+    return RunRequest.from_params(ctx["params"] or {}, logical.date() if logical else None)
 
 
 @dag(
@@ -43,7 +43,14 @@ def _study_date() -> dt.date:
     params={
         "study_date": Param(
             None, type=["null", "string"], format="date", description="YYYY-MM-DD; default: the logical date"
-        )
+        ),
+        "study_uids": Param(
+            [], type="array", items={"type": "string"}, description="instead of a date: these StudyInstanceUIDs"
+        ),
+        "accession_numbers": Param(
+            [], type="array", items={"type": "string"}, description="instead of a date: these accession numbers"
+        ),
+        "modalities": Param([], type="array", items={"type": "string"}, description="only these; default: all"),
     },
     access_control=ACCESS_CONTROL,
     tags=["pacs", "migration"],
@@ -52,16 +59,15 @@ def _study_date() -> dt.date:
 def pacs_migration():
     @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["census"])
     def census() -> list[dict[str, str]]:
-        from include.pacs_migration.steps import record_census, run_started, take_date_census
+        from include.pacs_migration.steps import census_step, run_started
         from include.pacs_migration_airflow import date_held, recorded_failure, services
 
         with recorded_failure():
             io = services()
             run_started(io)  # audit: 110100 start
-            with date_held(io, _study_date()):  # one writer per date: a second run waits, then fails naming us
-                result = take_date_census(io, _study_date())
-                # Each partition travels with its census hash: later tasks refuse any other census.
-                return [{**p.to_json(), "census_sha256": record_census(io, result, p)} for p in result.partitions()]
+            # One writer per date (a second run waits, then fails naming us). Each
+            # partition travels with its census hash: later tasks refuse any other census.
+            return census_step(io, _request(), lambda day: date_held(io, day))
 
     @task_group
     def partition(part: dict[str, str]):
@@ -77,7 +83,9 @@ def pacs_migration():
                 io = services(ASSOCIATIONS_PER_TASK)
                 with date_held(io, p.study_date):
                     run_id = get_current_context()["run_id"]
-                    counts = transfer_step(io, p, run_id, census_sha256=part["census_sha256"])
+                    counts = transfer_step(
+                        io, p, run_id, census_sha256=part["census_sha256"], studies=part.get("studies")
+                    )
             return {"partition": p.key, **counts.to_json()}
 
         @task(retries=0, execution_timeout=TIMEOUTS["validate"])
@@ -109,7 +117,7 @@ def pacs_migration():
             with recorded_failure(p.key):
                 io = services()
                 with date_held(io, p.study_date):
-                    lineage_step(io, p, get_current_context()["run_id"], DAG_ID)
+                    lineage_step(io, p, get_current_context()["run_id"], DAG_ID, part.get("studies"))
             return io.manifests(p).key(LINEAGE)
 
         transfer(part) >> validate(part) >> lineage(part)
@@ -119,7 +127,11 @@ def pacs_migration():
         """Mails this run's figures and verdict, whatever failed before."""
         from include.pacs_migration_airflow import run_report
 
-        return run_report(DAG_ID, _study_date().isoformat())
+        try:
+            label = _request().label()
+        except ValueError:
+            label = "(parameters not usable)"  # the census failed naming the parameter; the report says so
+        return run_report(DAG_ID, label)
 
     @task(trigger_rule="all_done", retries=0, execution_timeout=TIMEOUTS["report"])
     def gate() -> None:
@@ -132,8 +144,13 @@ def pacs_migration():
 
         ctx = get_current_context()
         io = services()
-        release_date(io, _study_date())  # the run is over, whatever it proved
         parts = ctx["ti"].xcom_pull(task_ids="census")
+        try:
+            days = {_request().study_date}
+        except ValueError:
+            days = set()
+        for day in sorted(d for d in days | {Partition.from_json(p).study_date for p in parts or []} if d):
+            release_date(io, day)  # the run is over, whatever it proved
         failures = run_failures(ctx["ti"])
         bad = [p.key for p in map(Partition.from_json, parts or []) if not io.manifests(p).passed(ctx["run_id"])]
         run_ended(io, success=parts is not None and not failures and not bad)  # audit: 110100 stop

@@ -261,12 +261,13 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         report_cfg = fallback_report_config()
     verdict = run_verdict(figures, failures, census_completed)
     html = render_html(run_id, study_date, figures, bucket_uri, failures, census_completed)
+    name = re.sub(r"[^0-9A-Za-z_-]+", "-", study_date).strip("-")  # a date, or "3 requested studies"
     with tempfile.TemporaryDirectory() as tmp:
-        csv_path = Path(tmp) / f"pacs-migration-{study_date}.csv"
+        csv_path = Path(tmp) / f"pacs-migration-{name}.csv"
         csv_path.write_text(figures_csv(figures), encoding="utf-8")
         files = [str(csv_path)]
         if partitions and store is not None:
-            docs = Path(tmp) / f"gx-data-docs-{study_date}.zip"
+            docs = Path(tmp) / f"gx-data-docs-{name}.zip"
             docs.write_bytes(data_docs_zip(store, partitions))
             files.append(str(docs))
         to = list(report_cfg.recipients) + ([] if verdict is RunVerdict.PASSED else list(report_cfg.operators))
@@ -301,3 +302,52 @@ def sync_roles() -> dict[str, int]:
             sm.session.commit()
             counts[role_name] = len(role.permissions)
     return counts
+
+
+def rollback_task(dag_id: str) -> dict[str, Any]:
+    """The rollback DAG's work: the params as a selection, the triggering
+    user as who asked, an id stable across the task's retries (a retry resumes)."""
+    import logging
+
+    from airflow.sdk import get_current_context
+
+    from include.pacs_migration.rollback import Selection, rollback_id
+    from include.pacs_migration.steps import roll_back
+
+    configure_logging()
+    ctx = get_current_context()
+    params, dag_run = ctx["params"] or {}, ctx["dag_run"]
+    selection = Selection.parse(
+        params.get("partitions") or [], params.get("study_uids") or [], params.get("run_ids") or []
+    )
+    who = getattr(dag_run, "triggering_user_name", None) or "unknown"
+    rid = rollback_id(f"{dag_id}/{ctx['run_id']}", dag_run.run_after)
+    result = roll_back(services(), selection, params.get("reason") or "", who, rid, bool(params.get("dry_run", True)))
+    for p in result["partitions"]:
+        logging.getLogger(__name__).info(
+            "%s %s: %d instance(s), %d object(s), %d bytes%s",
+            "dry run" if result["dry_run"] else rid,
+            p["partition"],
+            p["instances"],
+            p["objects"],
+            p["bytes"],
+            " (whole partition)" if p["whole"] else "",
+        )
+    return result
+
+
+def rollback_report(result: dict[str, Any]) -> dict[str, Any]:
+    """E-mail compliance the rollback report (a dry run mails nobody)."""
+    from include.pacs_migration.report import render_rollback_html, rollback_subject
+    from include.pacs_migration.rollback import read_record
+
+    if result.get("dry_run"):
+        return {"emailed_to": 0}
+    cfg = runtime_config()
+    record = read_record(object_store(cfg), result["rollback_id"])
+    if record is None:
+        raise RuntimeError(f"rollback {result['rollback_id']}: no record in the bucket")
+    html = render_rollback_html(record, f"s3://{cfg.target.bucket}/{cfg.target.prefix}", cfg.rollback.retention_days)
+    to = list(cfg.report.recipients) + list(cfg.report.operators)
+    send_email(cfg.report, to, rollback_subject(cfg.report.subject_prefix, record), html, [])
+    return {"emailed_to": len(to)}

@@ -418,3 +418,68 @@ def _series_instances(
         tuple(sorted(seen.values(), key=lambda e: e.sop_instance_uid)),
         gap,
     )
+
+
+class StudyNotFound(LookupError):
+    """A requested study the source does not hold (or cannot place on a date);
+    ``field`` names the request's entry (never an accession number's value)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _requested_query(keyword: str, value: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    q.StudyDate = ""
+    q.NumberOfStudyRelatedInstances = ""
+    setattr(q, keyword, value)
+    return q
+
+
+def find_requested_studies(
+    find: FindFn, study_uids: tuple[str, ...] = (), accession_numbers: tuple[str, ...] = ()
+) -> dict[dt.date, dict[str, int | None]]:
+    """The requested studies by StudyDate (UID -> reported instances), one
+    study-level C-FIND per UID or accession number.
+
+    Raises
+    ------
+    StudyNotFound
+        A UID or accession number that matches no study, or a study without a
+        valid StudyDate (it has no partition); names the entry, not its value.
+    """
+    out: dict[dt.date, dict[str, int | None]] = {}
+    asks = [("StudyInstanceUID", f"study_uids[{i}]", v) for i, v in enumerate(study_uids)]
+    asks += [("AccessionNumber", f"accession_numbers[{i}]", v) for i, v in enumerate(accession_numbers)]
+    for keyword, field, value in asks:
+        answers = [a for a in find(_requested_query(keyword, value)) if a.get("StudyInstanceUID")]
+        if not answers:
+            raise StudyNotFound(field, "the source holds no study matching it")
+        for a in answers:
+            try:
+                day = dt.datetime.strptime(str(a.get("StudyDate") or ""), "%Y%m%d").date()
+            except ValueError:
+                raise StudyNotFound(field, "the study has no valid StudyDate, so no partition") from None
+            raw = a.get("NumberOfStudyRelatedInstances")
+            out.setdefault(day, {})[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
+    return dict(sorted(out.items()))
+
+
+def take_study_census(
+    find: FindFn,
+    study_uids: tuple[str, ...] = (),
+    accession_numbers: tuple[str, ...] = (),
+    find_limit: int | None = None,
+    split_depth: int = 12,
+    image_limit: int | None = None,
+) -> list[Census]:
+    """The expected set of just the requested studies: one :class:`Census`
+    per StudyDate they fall on (series and image levels as for a date)."""
+    by_date = find_requested_studies(find, study_uids, accession_numbers)
+    return [
+        census_of_studies(find, day, studies, [], find_limit, split_depth, image_limit)
+        for day, studies in by_date.items()
+    ]

@@ -325,3 +325,36 @@ def render_progress_html(night: dict, results: list[UnitResult], progress: dict,
         bucket_uri=bucket_uri,
         given_up=night.get("given_up") or [],
     )
+
+
+ROLLBACK_FIELDS = ("instances", "migrated", "quarantined", "unresolved", "studies", "objects", "bytes")
+
+
+def render_rollback_html(record: dict[str, Any], bucket_uri: str, retention_days: int) -> str:
+    """The rollback report compliance receives, from the rollback's journal
+    (figures only: counts, partitions, the digest; no UIDs, no patient data)."""
+    plan = record["plan"]
+    return render(
+        "rollback.html.j2",
+        rollback_id=record["rollback_id"],
+        state=record["state"],
+        requested_by=plan["requested_by"],
+        reason=plan["reason"],
+        selection=plan["selection"],
+        started_at=record.get("started_at"),
+        finished_at=record.get("finished_at"),
+        bucket_uri=bucket_uri,
+        copies=f"{bucket_uri}rolled-back/{record['rollback_id']}/",
+        retention_days=retention_days,
+        partitions=plan["partitions"],
+        totals=plan["totals"],
+        fields=ROLLBACK_FIELDS,
+    )
+
+
+def rollback_subject(prefix: str, record: dict[str, Any]) -> str:
+    t = record["plan"]["totals"]
+    return (
+        f"{prefix} Rollback {record['rollback_id']} {record['state']}: {t['partitions']} partition(s), "
+        f"{t['objects']} object(s) moved to rolled-back/; re-run to migrate them again"
+    )

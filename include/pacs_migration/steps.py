@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .audit import AuditTrail, Outcome
-from .census import Census, census_hash, take_census
+from .census import Census, census_hash, take_census, take_study_census
 from .config import MigrationConfig
 from .counts import PartitionCounts, counts_from_frame
 from .dimse import FindSession, retriever
@@ -26,6 +26,7 @@ from .normalize_processes import NormalizeProcesses, normalize_processes
 from .partition import Partition
 from .plan import LEDGER_KEY, Ledger, PartitionAction, PartitionResult, Unit, UnitResult, UnitState, reopen
 from .privacy import PatientKeyer
+from .request import RunRequest
 from .retrieve import GetFn
 from .rollback import (
     RollbackPlan,
@@ -121,28 +122,58 @@ def take_date_census(services: Services, study_date: dt.date) -> Census:
         )
 
 
-def record_census(services: Services, census: Census, partition: Partition) -> str:
+def take_studies_census(
+    services: Services, study_uids: tuple[str, ...], accession_numbers: tuple[str, ...] = ()
+) -> list[Census]:
+    """The census of just the requested studies, one per StudyDate they fall on (audited as a date's)."""
+    source = services.config.source
+    with services.audit().session() as trail, services.find_session() as session:
+        return take_study_census(
+            trail.auditing_find(session.find),
+            study_uids,
+            accession_numbers,
+            source.find_limit,
+            source.census_split_depth,
+            source.find_limit_instances,
+        )
+
+
+def record_census(services: Services, census: Census, partition: Partition, studies: Any = None) -> str:
     """Write a partition's expected set and its summary (hash, counts,
     warnings), read back; returns the census hash that travels with the
-    partition (the later steps refuse a manifest with another)."""
-    summary = services.manifests(partition).write_census(
-        census.for_partition(partition), [w.code for w in census.warnings_for(partition)]
-    )
-    return summary.census_sha256
+    partition (the later steps refuse a manifest with another).
+
+    ``studies`` (a run of requested studies): their series replace theirs in
+    the partition's census already there; the date's other studies stay expected."""
+    manifests = services.manifests(partition)
+    series, warnings = census.for_partition(partition), [w.code for w in census.warnings_for(partition)]
+    if studies is not None and (before := manifests.summary()) is not None:
+        kept = [s for s in manifests.census() if s.study_instance_uid not in set(studies)]
+        series, warnings = kept + series, sorted({*before.warnings, *warnings})
+    return manifests.write_census(series, warnings).census_sha256
 
 
 def transfer_step(
-    services: Services, partition: Partition, run_id: str, resume: bool = False, census_sha256: str | None = None
+    services: Services,
+    partition: Partition,
+    run_id: str,
+    resume: bool = False,
+    census_sha256: str | None = None,
+    studies: Any = None,
 ) -> PartitionCounts:
     """Retrieve, normalize and load one partition. ``resume``: retrieve only
     the series with instances not yet migrated (delta sync), carrying the rest.
-    ``census_sha256``: this run's census (a stale manifest is refused)."""
+    ``census_sha256``: this run's census (a stale manifest is refused).
+    ``studies``: retrieve only these (a run of requested studies); the rows of
+    the partition's other studies are carried as they are."""
     cfg, manifests = services.config, services.manifests(partition)
     keyer = services.keyer()  # before any retrieval: a missing secret fails the task at once
     series = manifests.census(census_sha256)
     carried = None
     if resume:
         series, carried = plan_resume(series, manifests.transfer_or_none())
+    elif studies is not None:
+        series, carried = _requested(series, manifests.transfer_or_none(), set(studies))
     instances = sum(len(s.instances) for s in series)
     normalizer = services.normalizer(instances)
     where = f"{normalizer.count} normalize process(es)" if normalizer else "the load threads"
@@ -178,6 +209,12 @@ def transfer_step(
             normalizer.close()
 
 
+def _requested(series: list[Any], previous: Any, studies: set[str]) -> tuple[list[Any], Any]:
+    """(the requested studies' series, every row of the other studies)."""
+    fetch = [s for s in series if s.study_instance_uid in studies]
+    return fetch, None if previous is None else previous[~previous["study_instance_uid"].isin(studies)]
+
+
 def _expected_rows(series: list[Any]) -> list[dict[str, Any]]:
     return [{"study_instance_uid": s.study_instance_uid, "state": "unresolved"} for s in series for _ in s.instances]
 
@@ -201,8 +238,11 @@ def validate_step(
     return result
 
 
-def lineage_step(services: Services, partition: Partition, run_id: str, dag_id: str) -> dict[str, Any]:
-    """Build and store the partition's lineage record (this run's, and the latest); emit it."""
+def lineage_step(
+    services: Services, partition: Partition, run_id: str, dag_id: str, studies: Any = None
+) -> dict[str, Any]:
+    """Build and store the partition's lineage record (this run's, and the
+    latest); emit it. ``studies``: the run moved just these (its census asked for them)."""
     manifests = services.manifests(partition)
     transfer_df = manifests.transfer(run_id)
     summary = manifests.summary()
@@ -218,6 +258,7 @@ def lineage_step(services: Services, partition: Partition, run_id: str, dag_id: 
         endpoint=services.endpoint,
         ruleset=services.config.ruleset,
         supersedes=_superseded(manifests, run_id),
+        query={"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sorted(studies)} if studies is not None else None,
     )
     manifests.write_lineage(record, run_id)
     if services.emit:
@@ -348,3 +389,31 @@ def purge_rolled_back(services: Services, rollback_id: str, purged_by: str, reas
             note = f"purge of rollback {rollback_id} ({pp.partition.key}): {len(pp.objects)} copy(ies) deleted"
             trail.deleted(purged_by, pp.study_uids, pp.patient_keys, f"{note}; reason: {reason}")
     return {"rollback_id": rollback_id, "state": record["state"], "purged_at": record["purged_at"]}
+
+
+def census_step(
+    services: Services, request: RunRequest, hold: Callable[[dt.date], AbstractContextManager[Any]]
+) -> list[dict[str, Any]]:
+    """The run's census: the date's (under its lease, ``hold``), or the
+    requested studies' (each date they fall on held while its partitions'
+    census is recorded). One entry per partition, with its census hash and,
+    for requested studies, the studies it holds."""
+    if request.by_study:
+        censuses: list[Census | None] = list(
+            take_studies_census(services, request.study_uids, request.accession_numbers)
+        )
+    else:
+        censuses = [None]
+    out = []
+    for found in censuses:
+        day = found.study_date if found is not None else request.study_date
+        assert day is not None
+        with hold(day):
+            census = found or take_date_census(services, day)
+            for p in census.partitions():
+                if not request.wants(p.modality):
+                    continue
+                studies = sorted({s.study_instance_uid for s in census.for_partition(p)}) if found else None
+                digest = record_census(services, census, p, studies)
+                out.append({**p.to_json(), "census_sha256": digest, **({"studies": studies} if studies else {})})
+    return out

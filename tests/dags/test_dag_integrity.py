@@ -71,3 +71,13 @@ def test_every_task_has_an_execution_timeout_from_the_config(dagbag):
             assert t.execution_timeout in bounds, (dag.dag_id, t.task_id, t.execution_timeout)
     transfer = dagbag.dags["pacs_migration"].get_task("partition.transfer")
     assert transfer.execution_timeout == dt.timedelta(minutes=TimeoutsConfig().transfer_minutes)
+
+
+def test_rollback_is_for_the_admin_alone_and_retries_resume(dagbag):
+    from include.pacs_migration.roles import COMPLIANCE, OPERATOR
+
+    dag = dagbag.dags["pacs_rollback"]
+    assert not {OPERATOR, COMPLIANCE} & set(dag.access_control or {})
+    assert dag.schedule is None and dag.max_active_runs == 1
+    assert dag.params["dry_run"] is True  # a trigger without thinking writes nothing
+    assert dag.get_task("roll_back").retries >= 1  # a retry resumes the same rollback (its id is the run's)

@@ -77,7 +77,7 @@ class ApiServer:
             )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            if all(self._active(d) for d in ("pacs_migration", "pacs_nightly", "pacs_assessment")):
+            if all(self._active(d) for d in ("pacs_migration", "pacs_nightly", "pacs_assessment", "pacs_rollback")):
                 return
             assert all(p.poll() is None for p in self.procs), (folder / "api-server.log").read_text()[-3000:]
             time.sleep(1)
@@ -135,6 +135,15 @@ ACTIONS = [
     ("trigger the nightly", "POST", "/api/v2/dags/pacs_nightly/dagRuns", {"logical_date": None}, TRIGGERS),
     ("backfill", "POST", "/api/v2/backfills", {"dag_id": "pacs_migration", "from_date": DAY, "to_date": DAY}, TRIGGERS),
     ("pause the DAG", "PATCH", "/api/v2/dags/pacs_assessment", {"is_paused": True}, TRIGGERS),
+    ("see the rollback DAG", "GET", "/api/v2/dags/pacs_rollback", None, ADMIN),
+    ("read the rollbacks", "GET", "/api/v2/dags/pacs_rollback/dagRuns", None, ADMIN),
+    (
+        "trigger a rollback",
+        "POST",
+        "/api/v2/dags/pacs_rollback/dagRuns",
+        {"logical_date": None, "conf": {"partitions": ["2019-03-01/CT"], "reason": "test"}},
+        ADMIN,
+    ),
     ("list connections", "GET", "/api/v2/connections", None, ADMIN),
     ("create a connection", "POST", "/api/v2/connections", {"connection_id": "c_{who}", "conn_type": "generic"}, ADMIN),
     ("read variables", "GET", "/api/v2/variables", None, ADMIN),
@@ -175,6 +184,7 @@ def test_each_role_may_do_what_it_needs_and_nothing_more(tmp_path):
     for role, pairs in grants.items():
         assert not {r for _a, r in pairs} & {"DAGs", "DAG Runs", "Connections", "Variables"}, role
         assert ("can_read", "DAG:pacs_migration") in pairs, role
+        assert not {r for _a, r in pairs if r.endswith(":pacs_rollback")}, role  # admin only
     assert ("can_create", "DAG Run:pacs_migration") in grants["migration-operator"]
     assert ("can_create", "DAG Run:pacs_migration") not in grants["compliance"]
     for label, *_, allowed in ACTIONS:
