@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from include.pacs_migration_dags import CONFIG_ENV, config_path
 SOURCE_CONN_ID = "pacs_source"
 FAILURE_KEY = "failure"
 AWS_CONN_ID = "aws_default"
+# The rollback's own S3 principal (docs/iam/rollback.json): the migration's may never delete a live object.
+ROLLBACK_AWS_CONN_ID = "aws_rollback"
 
 
 def _variable(name: str) -> str | None:
@@ -76,18 +79,33 @@ def send_email(report: ReportConfig, to: list[str], subject: str, html: str, fil
         hook.send_email_smtp(to=to, from_email=report.from_address, subject=subject, html_content=html, files=files)
 
 
-def object_store(cfg: MigrationConfig) -> ObjectStore:
+def object_store(cfg: MigrationConfig, conn_id: str = AWS_CONN_ID) -> ObjectStore:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    client = S3Hook(aws_conn_id=AWS_CONN_ID, config=cfg.target.client_config()).get_conn()
+    client = S3Hook(aws_conn_id=conn_id, config=cfg.target.client_config()).get_conn()
     return ObjectStore(client, cfg.target)
 
 
-def services(max_associations: int = 1, cfg: MigrationConfig | None = None) -> Services:
+def rollback_store(cfg: MigrationConfig) -> ObjectStore:
+    """The store as the rollback's principal (Connection ``aws_rollback``);
+    where there is none (a demo, a single-principal lab), ``aws_default``."""
+    try:
+        BaseHook.get_connection(ROLLBACK_AWS_CONN_ID)
+    except Exception:
+        import logging
+
+        logging.getLogger(__name__).warning("no Connection %s: rolling back as %s", ROLLBACK_AWS_CONN_ID, AWS_CONN_ID)
+        return object_store(cfg)
+    return object_store(cfg, ROLLBACK_AWS_CONN_ID)
+
+
+def services(
+    max_associations: int = 1, cfg: MigrationConfig | None = None, store: ObjectStore | None = None
+) -> Services:
     """Every I/O the steps use, from this deployment's config, Connections and
     OpenLineage transport. ``max_associations``: the PACS pool slots the task holds."""
     cfg = cfg or runtime_config()
-    store = object_store(cfg)
+    store = store or object_store(cfg)
     return Services(cfg, store, max_associations, endpoint_of(store), emit_openlineage, patient_secret=patient_secret())
 
 
@@ -322,7 +340,9 @@ def rollback_task(dag_id: str) -> dict[str, Any]:
     )
     who = getattr(dag_run, "triggering_user_name", None) or "unknown"
     rid = rollback_id(f"{dag_id}/{ctx['run_id']}", dag_run.run_after)
-    result = roll_back(services(), selection, params.get("reason") or "", who, rid, bool(params.get("dry_run", True)))
+    cfg = runtime_config()
+    io = replace(services(cfg=cfg, store=rollback_store(cfg)), actor=f"{dag_id}/{ctx['run_id']} by {who}")
+    result = roll_back(io, selection, params.get("reason") or "", who, rid, bool(params.get("dry_run", True)))
     for p in result["partitions"]:
         logging.getLogger(__name__).info(
             "%s %s: %d instance(s), %d object(s), %d bytes%s",
@@ -344,7 +364,7 @@ def rollback_report(result: dict[str, Any]) -> dict[str, Any]:
     if result.get("dry_run"):
         return {"emailed_to": 0}
     cfg = runtime_config()
-    record = read_record(object_store(cfg), result["rollback_id"])
+    record = read_record(rollback_store(cfg), result["rollback_id"])
     if record is None:
         raise RuntimeError(f"rollback {result['rollback_id']}: no record in the bucket")
     html = render_rollback_html(record, f"s3://{cfg.target.bucket}/{cfg.target.prefix}", cfg.rollback.retention_days)

@@ -57,7 +57,7 @@ def policies() -> dict[str, dict]:
 
 
 def test_the_policies_are_well_formed(policies):
-    assert set(policies) == {"writer", "reader", "auditor"}
+    assert set(policies) == {"writer", "reader", "auditor", "rollback"}
     for name, policy in policies.items():
         assert policy["Version"] == "2012-10-17"
         for st in policy["Statement"]:
@@ -84,3 +84,29 @@ def test_what_each_principal_may_do_on_the_layout(policies):
     assert _decide(a, "s3:ListBucketVersions", None)  # audit verify looks for overwritten links
     unencrypted = [st for st in w["Statement"] if st["Effect"] == "Deny" and "Condition" in st]
     assert unencrypted and unencrypted[0]["Condition"] == {"Null": {"s3:x-amz-server-side-encryption": "true"}}
+
+
+def test_the_rollback_principal_moves_objects_aside_and_keeps_the_chain_of_custody(policies):
+    """docs/iam/rollback.json (Connection aws_rollback): exactly the rollback's and the purge's writes."""
+    rb, keys = policies["rollback"], _layout()
+    m = PartitionManifests(
+        ObjectStore(None, TargetConfig(bucket="hospital-pacs-archive")), Partition.parse("2019-03-01/CT")
+    )
+    copy = m.rolled_back_copy("rb-1", keys["instance"])
+    for kind in ("instance", "quarantine"):
+        assert _decide(rb, "s3:GetObject", keys[kind]) and _decide(rb, "s3:DeleteObject", keys[kind]), kind
+        assert not _decide(rb, "s3:PutObject", keys[kind]), kind  # never writes a live object
+    assert _decide(rb, "s3:PutObject", copy) and _decide(rb, "s3:DeleteObject", copy)  # the copy; the purge
+    assert _decide(rb, "s3:DeleteObject", keys["manifest"])  # the live transfer manifest of a whole partition
+    for key in (
+        m.rollback_record_key("rb-1"),
+        m.rolled_back_copy("rb-1", keys["manifest"]),
+        keys["audit"],
+        "rolled-back/rb-1/rollback.json",
+        m.key("validation.json"),
+    ):
+        assert not _decide(rb, "s3:DeleteObject", key), key
+    assert all(_decide(rb, "s3:PutObject", k) for k in (keys["ledger"], keys["audit"], m.key("lineage.json")))
+    assert not any(_decide(rb, "s3:DeleteObjectVersion", k) for k in keys.values())
+    # and the migration's own principal still cannot delete a live object
+    assert not _decide(policies["writer"], "s3:DeleteObject", keys["instance"])
