@@ -2,7 +2,11 @@
 
 ``python -m include.cli trace <SOPInstanceUID> --bucket B`` traces one instance;
 ``python -m include.cli dry-run --rules R.yaml PATH...`` (or ``--pacs host:port
---called-ae AE --partition 2019-03-01/CT``) reports what a rule set would change.
+--called-ae AE --partition 2019-03-01/CT``) reports what a rule set would change;
+``python -m include.cli rollback --bucket B --partition 2019-03-01/CT --reason R``
+lists what a rollback would take (``--execute`` carries it out, ``--id`` resumes
+one); ``python -m include.cli purge <rollback id> --bucket B --reason R``
+deletes a rollback's copies once its retention has passed.
 
 Credentials come from the usual AWS chain (environment, profile, role);
 ``--endpoint-url`` points at an S3-compatible store.
@@ -68,7 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--head-bucket", action="store_true", help="HEAD the bucket (AWS credentials from the environment)")
     c.add_argument("--endpoint-url", default=None)
     sub.add_parser("sync-roles", help="create or update the three roles in Airflow's FAB auth manager")
+    r = sub.add_parser("rollback", help="take runs' writes out of the live layout (dry run unless --execute)")
+    _bucket_args(r)
+    r.add_argument("--partition", action="append", default=[], help="YYYY-MM-DD/MODALITY (repeat)")
+    r.add_argument("--study", action="append", default=[], help="Study Instance UID (repeat)")
+    r.add_argument("--run", action="append", default=[], help="a run id whose writes to undo (repeat)")
+    r.add_argument("--reason", required=True, help="why (recorded in the rollback record and the audit trail)")
+    r.add_argument("--user", default=None, help="who asks (default: your login name)")
+    r.add_argument("--id", default=None, help="resume this rollback (default: a new id)")
+    r.add_argument("--execute", action="store_true", help="carry it out (default: a dry run, writing nothing)")
+    r.add_argument("--config", type=Path, default=None, help="default: $AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH")
+    r.add_argument("--json", action="store_true")
+    p = sub.add_parser("purge", help="delete a rollback's copies after its retention (audited)")
+    _bucket_args(p)
+    p.add_argument("rollback_id")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--user", default=None)
+    p.add_argument("--config", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.command in ("rollback", "purge"):
+        return _rollback(args)
     if args.command == "sync-roles":
         from include.pacs_migration_airflow import sync_roles
 
@@ -90,6 +113,59 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _record_access(store, args, result)
     print(json.dumps(result, indent=2, default=str) if args.json else render_trace(result))
+    return 0
+
+
+def _bucket_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bucket", required=True)
+    p.add_argument("--prefix", default="")
+    p.add_argument("--endpoint-url", default=None)
+    p.add_argument("--region", default=None)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    """``rollback`` and ``purge`` from the command line, as the pacs_rollback DAG does them."""
+    import datetime as dt
+    import getpass
+
+    from include.pacs_migration.check import PLACEHOLDER_SOURCE
+    from include.pacs_migration.config import ConfigError, deep_merge, load_config, read_yaml
+    from include.pacs_migration.rollback import PurgeRefused, RollbackRefused, Selection, SelectionError, rollback_id
+    from include.pacs_migration.steps import Services, purge_rolled_back, roll_back
+    from include.pacs_migration_dags import config_path
+
+    who = args.user or getpass.getuser()
+    path = args.config or config_path()
+    try:
+        target = {"bucket": args.bucket, "prefix": args.prefix}
+        cfg = load_config(deep_merge(read_yaml(path), {"source": PLACEHOLDER_SOURCE, "target": target}), path.parent)
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    store = _store(args)
+    io = Services(cfg.model_copy(update={"target": store.target}), store, 1, actor=f"cli:{who}")
+    try:
+        if args.command == "purge":
+            print(json.dumps(purge_rolled_back(io, args.rollback_id, who, args.reason)))
+            return 0
+        selection = Selection.parse(args.partition, args.study, args.run)
+        rid = args.id or rollback_id(f"cli/{who}/{dt.datetime.now(dt.UTC).isoformat()}", dt.datetime.now(dt.UTC))
+        result = roll_back(io, selection, args.reason, who, rid, dry_run=not args.execute)
+    except (SelectionError, RollbackRefused, PurgeRefused) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    head = "DRY RUN (nothing written): " if result["dry_run"] else f"{result.get('state')}: "
+    print(f"{head}rollback {result['rollback_id']}")
+    for p in result["partitions"]:
+        scope = "whole" if p["whole"] else "part"
+        figures = f"{p['instances']:>7} instance(s) {p['objects']:>7} object(s) {p['bytes']:>12} bytes"
+        print(f"  {p['partition']:<16} {scope:<5} {figures}")
+    t = result["totals"]
+    print(f"  total            {t['instances']:>13} instance(s) {t['objects']:>7} object(s) {t['bytes']:>12} bytes")
+    print(f"  digest {t['digest']}")
     return 0
 
 
