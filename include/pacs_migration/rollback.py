@@ -165,7 +165,7 @@ class PartitionPlan:
             "run_ids": list(self.run_ids),
             "study_uids": list(self.study_uids),
             "patient_keys": list(self.patient_keys),
-            "objects": [[o.key, o.sha256, o.size, o.kind] for o in self.objects],
+            "moved": [[o.key, o.sha256, o.size, o.kind] for o in self.objects],
         }
 
     @classmethod
@@ -175,7 +175,7 @@ class PartitionPlan:
             bool(v["whole"]),
             *(int(v[k]) for k in ("instances", "migrated", "quarantined", "unresolved", "studies")),
             tuple(v["run_ids"]),
-            tuple(MovedObject(k, s, int(n), kind) for k, s, n, kind in v["objects"]),
+            tuple(MovedObject(k, s, int(n), kind) for k, s, n, kind in v["moved"]),
             tuple(v.get("patient_keys", ())),
             tuple(v.get("study_uids", ())),
         )

@@ -359,7 +359,7 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"state": record["state"], "totals": plan["totals"], "partitions": figures}
 
 
-_NOT_FIGURES = {"run_ids", "study_uids", "patient_keys", "objects"}
+_NOT_FIGURES = {"run_ids", "study_uids", "patient_keys", "moved"}
 
 
 def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str, Any]) -> None:

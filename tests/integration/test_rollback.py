@@ -233,3 +233,83 @@ def test_study_rollback_reopens_the_unit_and_a_delta_run_moves_just_it(pacs, s3_
     events = [e for e in chain.find(io.store, {study}) if e["event"] == "DICOM Study Deleted"]
     assert len(events) == 2 and "purge" in events[1]["description"]
     assert dt.datetime.fromisoformat(read_record(io.store, "rb-study")["purged_at"])
+
+
+def _cli(*args: str, endpoint: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "include.cli", *args, "--endpoint-url", endpoint, "--region", "us-east-1"]
+
+
+def test_a_rollback_killed_halfway_resumes_to_completion(pacs, s3_server, bucket, tmp_path):
+    """The rollback process SIGKILLed between two objects (S3 deletes slowed by
+    a proxy so that the kill lands mid-way), then run again with its id: every
+    object ends under rolled-back/ (verified), none live, none lost."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import ROOT
+    from tests.s3_faults import S3FaultProxy
+
+    cfg = _config(pacs, s3_server, bucket, tmp_path, 1)
+    store = _services(cfg, s3_server).store
+    assert run_date(cfg, store, "run-1").verdict.value == "PASSED"
+    ct = PartitionManifests(store, CT)
+    live = dict(zip(ct.transfer()["object_key"], ct.transfer()["object_sha256"], strict=True))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "PYTHONPATH": str(ROOT)}
+    args = ("rollback", "--bucket", bucket, "--partition", "2019-03-01/CT", "--reason", "wrong rule", "--user", "erin")
+    proxy = S3FaultProxy(
+        s3_server.endpoint_url,
+        fault=lambda m, path: "slow" if m == "DELETE" and "/studies/" in path else None,
+        slow_s=0.4,
+    )
+    try:
+        cmd = _cli(*args, "--id", "rb-kill", "--execute", endpoint=proxy.endpoint_url)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            copies = [k for k in _keys(store, "rolled-back/rb-kill/studies/")]
+            if len(copies) >= 4:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    finally:
+        proxy.stop()
+    journal = read_record(store, "rb-kill")
+    assert journal["state"] == "in_progress" and journal["steps"] == {"2019-03-01/CT": "snapshot"}
+    still = [k for k in live if store.head(k) is not None]
+    assert 0 < len(still) < len(live)  # killed halfway
+    for key in live:  # never neither
+        assert store.head(key) is not None or store.head(ct.rolled_back_copy("rb-kill", key)) is not None
+    # run again with its id (no proxy): it resumes and completes
+    done = subprocess.run(
+        _cli(*args, "--id", "rb-kill", "--execute", "--json", endpoint=s3_server.endpoint_url),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["resumed"] and result["state"] == "complete" and result["totals"]["objects"] == len(live)
+    for key, sha in live.items():  # never both: the live object is gone once its copy verified
+        assert store.head(key) is None and store.sha256_of(ct.rolled_back_copy("rb-kill", key))[0] == sha
+    # the trace of one instance tells its history (the lookup itself is audited)
+    sop = ct.rolled_back_transfer("rb-kill")["sop_instance_uid"].iloc[0]
+    trace = subprocess.run(
+        _cli("trace", sop, "--bucket", bucket, "--reason", "test", endpoint=s3_server.endpoint_url),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert trace.returncode == 0, trace.stderr[-2000:]
+    assert (
+        "state             rolled_back" in trace.stdout and "rolled back by rb-kill (erin: wrong rule)" in trace.stdout
+    )
