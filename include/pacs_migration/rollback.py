@@ -171,13 +171,17 @@ class PartitionPlan:
     @classmethod
     def from_json(cls, v: dict[str, Any]) -> PartitionPlan:
         return cls(
-            Partition.parse(v["partition"]),
-            bool(v["whole"]),
-            *(int(v[k]) for k in ("instances", "migrated", "quarantined", "unresolved", "studies")),
-            tuple(v["run_ids"]),
-            tuple(MovedObject(k, s, int(n), kind) for k, s, n, kind in v["moved"]),
-            tuple(v.get("patient_keys", ())),
-            tuple(v.get("study_uids", ())),
+            partition=Partition.parse(v["partition"]),
+            whole=bool(v["whole"]),
+            instances=int(v["instances"]),
+            migrated=int(v["migrated"]),
+            quarantined=int(v["quarantined"]),
+            unresolved=int(v["unresolved"]),
+            studies=int(v["studies"]),
+            run_ids=tuple(v["run_ids"]),
+            objects=tuple(MovedObject(k, s, int(n), kind) for k, s, n, kind in v["moved"]),
+            patient_keys=tuple(v.get("patient_keys", ())),
+            study_uids=tuple(v.get("study_uids", ())),
         )
 
 

@@ -232,6 +232,7 @@ def test_study_rollback_reopens_the_unit_and_a_delta_run_moves_just_it(pacs, s3_
     assert ct.rolled_back_transfer("rb-study") is not None  # the manifests stay: the chain of custody
     events = [e for e in chain.find(io.store, {study}) if e["event"] == "DICOM Study Deleted"]
     assert len(events) == 2 and "purge" in events[1]["description"]
+    assert chain.verify(io.store, chain.schema_validator()).ok  # 110105 as the DICOM schema has it
     assert dt.datetime.fromisoformat(read_record(io.store, "rb-study")["purged_at"])
 
 
