@@ -329,20 +329,25 @@ def rollback_task(dag_id: str) -> dict[str, Any]:
 
     from airflow.sdk import get_current_context
 
-    from include.pacs_migration.rollback import Selection, rollback_id
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.pacs_migration.rollback import Selection, SelectionError, rollback_id
     from include.pacs_migration.steps import roll_back
 
     configure_logging()
     ctx = get_current_context()
     params, dag_run = ctx["params"] or {}, ctx["dag_run"]
-    selection = Selection.parse(
-        params.get("partitions") or [], params.get("study_uids") or [], params.get("run_ids") or []
-    )
     who = getattr(dag_run, "triggering_user_name", None) or "unknown"
     rid = rollback_id(f"{dag_id}/{ctx['run_id']}", dag_run.run_after)
     cfg = runtime_config()
     io = replace(services(cfg=cfg, store=rollback_store(cfg)), actor=f"{dag_id}/{ctx['run_id']} by {who}")
-    result = roll_back(io, selection, params.get("reason") or "", who, rid, bool(params.get("dry_run", True)))
+    try:
+        selection = Selection.parse(
+            params.get("partitions") or [], params.get("study_uids") or [], params.get("run_ids") or []
+        )
+        result = roll_back(io, selection, params.get("reason") or "", who, rid, bool(params.get("dry_run", True)))
+    except SelectionError as exc:
+        raise AirflowFailException(f"params.{exc}") from None  # a request to correct, not a fault to retry
     for p in result["partitions"]:
         logging.getLogger(__name__).info(
             "%s %s: %d instance(s), %d object(s), %d bytes%s",

@@ -380,9 +380,12 @@ def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str,
 
 def purge_rolled_back(services: Services, rollback_id: str, purged_by: str, reason: str) -> dict[str, Any]:
     """Delete a rollback's copies after its retention (:func:`rollback.purge`), audited (110105)."""
+    before = read_record(services.store, rollback_id) or {}
     record = purge(
         services.store, rollback_id, dt.datetime.now(dt.UTC), services.config.rollback.retention_days, purged_by, reason
     )
+    if before.get("state") == "purged":
+        return {"rollback_id": rollback_id, "state": record["state"], "purged_at": record["purged_at"]}
     plan = RollbackPlan.from_json(record["plan"])
     with services.audit().session() as trail:
         for pp in plan.partitions:
