@@ -328,7 +328,6 @@ def rollback_task(dag_id: str) -> dict[str, Any]:
     import logging
 
     from airflow.sdk import get_current_context
-
     from airflow.sdk.exceptions import AirflowFailException
 
     from include.pacs_migration.rollback import Selection, SelectionError, rollback_id
