@@ -54,3 +54,37 @@ class ReasonCode(str, Enum):
 def reason(code: ReasonCode, detail: str | None = None) -> str:
     """Render a reason code, e.g. ``MISSING_UID:SOPInstanceUID``."""
     return code.value if detail is None else f"{code.value}:{detail}"
+
+
+# What each code means, for the people who read the reports and the dashboard.
+MEANING: dict[ReasonCode, str] = {
+    ReasonCode.NOT_DICOM: "the bytes received are not a DICOM object",
+    ReasonCode.TRUNCATED: "the object ends before its declared content does",
+    ReasonCode.MISSING_UID: "a required UID is missing",
+    ReasonCode.BAD_UID_SYNTAX: "a UID breaks the DICOM syntax, so it cannot name a key",
+    ReasonCode.PIXEL_LENGTH_MISMATCH: "the pixel data is shorter or longer than its rows x columns say",
+    ReasonCode.DECODER_UNAVAILABLE: "the pixel data's compression cannot be decoded here",
+    ReasonCode.UID_CONFLICT: "another object with different content holds the same SOP Instance UID",
+    ReasonCode.SOURCE_CHANGED: "the source changed the instance after it was migrated; the new version is kept aside",
+    ReasonCode.SOURCE_DELETED: "the source deleted the instance after it was migrated; the copy stays",
+    ReasonCode.ORPHAN_ADOPTED: "an object a killed run stored was found, verified and recorded",
+    ReasonCode.INCONSISTENT_PATIENT: "the study names more than one patient",
+    ReasonCode.UNSOLICITED: "the source sent an instance nobody asked for",
+    ReasonCode.RULE_REJECTED: "a site rule rejects the instance",
+    ReasonCode.DECOMPRESSION_LIMIT: "a compressed dataset inflates past the safety limit",
+    ReasonCode.NESTING_LIMIT: "sequences nest deeper than any real object",
+    ReasonCode.NORMALIZE_TIME_LIMIT: "normalizing the instance took longer than allowed",
+    ReasonCode.NOT_RECEIVED: "the source did not deliver the instance within the retries",
+    ReasonCode.CENSUS_FAILED: "the source could not list the study's series or the series' instances",
+    ReasonCode.STAGING_FULL: "the worker's staging disk was full",
+}
+
+
+def describe(code: str) -> str:
+    """Plain language for ``CODE`` or ``CODE:detail``; an unknown code says so."""
+    head, _, detail = str(code).partition(":")
+    try:
+        text = MEANING[ReasonCode(head)]
+    except ValueError:
+        return "not a reason code of this version"
+    return f"{text} ({detail})" if detail else text

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import coverage
 from .audit import AuditTrail, Outcome
 from .census import Census, census_hash, take_census, take_study_census
 from .config import MigrationConfig
@@ -261,9 +262,18 @@ def lineage_step(
         query={"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sorted(studies)} if studies is not None else None,
     )
     manifests.write_lineage(record, run_id)
+    _index(services, [partition])
     if services.emit:
         services.emit(record)
     return record
+
+
+def _index(services: Services, partitions: list[Partition]) -> None:
+    """The dashboard's coverage index; losing every race only makes it stale (``index rebuild``)."""
+    try:
+        coverage.update(services.store, partitions)
+    except coverage.IndexContention as exc:
+        log.warning("coverage index not updated: %s", exc)
 
 
 def _superseded(manifests: PartitionManifests, run_id: str) -> list[dict[str, Any]]:
@@ -376,6 +386,7 @@ def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str,
     parts = [(p.partition.study_date, p.partition.modality) for p in plan.partitions]
     reopen(ledger, parts, plan.rollback_id, dt.datetime.fromisoformat(record["finished_at"]))
     services.store.put(ledger_key, ledger.to_bytes(), "application/json")
+    _index(services, [p.partition for p in plan.partitions])
 
 
 def purge_rolled_back(services: Services, rollback_id: str, purged_by: str, reason: str) -> dict[str, Any]:
