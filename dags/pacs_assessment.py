@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, task_timeouts
+from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, default_args, task_timeouts
 
 TIMEOUTS = task_timeouts()
 
@@ -40,7 +40,7 @@ def _range() -> tuple[dt.date, dt.date]:
     start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
+    default_args=default_args(),
     params={
         "date_from": Param("2019-03-01", type="string", format="date", description="first StudyDate (YYYY-MM-DD)"),
         "date_to": Param("2019-03-05", type="string", format="date", description="last StudyDate (YYYY-MM-DD)"),

@@ -17,9 +17,26 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, associations_per_task, task_timeouts
+from include.pacs_migration_dags import (
+    ACCESS_CONTROL,
+    PACS_POOL,
+    archive_asset,
+    asset_partition_key,
+    associations_per_task,
+    default_args,
+    task_timeouts,
+)
 
 DAG_ID = "pacs_migration"
+ARCHIVE = archive_asset()
+BY_PARTITION = "{{ partition_key_label }}"  # mapped task instances are named by partition, not 0, 1, 2
+
+
+def _named(part: dict) -> None:
+    """Name this mapped task instance after its partition (map_index_template)."""
+    get_current_context()["partition_key_label"] = f"{part['study_date']}/{part['modality']}"
+
+
 ASSOCIATIONS_PER_TASK = associations_per_task()
 TIMEOUTS = task_timeouts()
 
@@ -39,7 +56,7 @@ def _request():
     start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=2,
-    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
+    default_args=default_args(),
     params={
         "study_date": Param(
             None, type=["null", "string"], format="date", description="YYYY-MM-DD; default: the logical date"
@@ -71,12 +88,18 @@ def pacs_migration():
 
     @task_group
     def partition(part: dict[str, str]):
-        @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK, execution_timeout=TIMEOUTS["transfer"])
+        @task(
+            pool=PACS_POOL,
+            pool_slots=ASSOCIATIONS_PER_TASK,
+            execution_timeout=TIMEOUTS["transfer"],
+            map_index_template=BY_PARTITION,
+        )
         def transfer(part: dict[str, str]) -> dict:
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import transfer_step
             from include.pacs_migration_airflow import date_held, recorded_failure, services
 
+            _named(part)
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 # never more associations than the pool slots this task holds
@@ -88,14 +111,15 @@ def pacs_migration():
                     )
             return {"partition": p.key, **counts.to_json()}
 
-        @task(retries=0, execution_timeout=TIMEOUTS["validate"])
-        def validate(part: dict[str, str]) -> dict:
+        @task(retries=0, execution_timeout=TIMEOUTS["validate"], map_index_template=BY_PARTITION, outlets=[ARCHIVE])
+        def validate(part: dict[str, str], *, outlet_events=None) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import validate_step
             from include.pacs_migration_airflow import date_held, recorded_failure, services
 
+            _named(part)
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 io = services()
@@ -104,15 +128,18 @@ def pacs_migration():
                 if not result.success:
                     failed = ", ".join(o.label for o in result.failed)
                     raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
+            # the Assets view: this partition of the archive is validated
+            outlet_events[ARCHIVE].add_partitions(asset_partition_key(part["study_date"], part["modality"]))
             return {"partition": p.key, "success": True}
 
-        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
+        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
         def lineage(part: dict[str, str]) -> str:
             from include.pacs_migration.manifest import LINEAGE
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import lineage_step
             from include.pacs_migration_airflow import date_held, recorded_failure, services
 
+            _named(part)
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 io = services()

@@ -3,8 +3,10 @@
 When the clinical window opens (``plan.window``, the hospital's local time)
 it picks the next units of the plan (``plan.phases``, in order; delta checks
 of migrated dates first) within the night's budgets, migrates them one after
-another, starts nothing once the window has closed, records the night in the
-ledger (``_plan/ledger.json`` in the bucket: failed units are retried on later
+another (one task instance per unit, named after it), starts nothing once the
+window has closed and stops a unit under way at the window's end (what is done
+is recorded, the rest stays pending: the night is ``window-closed``, not
+failed), records the night in the ledger (``_plan/ledger.json`` in the bucket: failed units are retried on later
 nights up to ``plan.max_attempts``) and e-mails the night's progress and ETA.
 The ``now`` param plans as if it were that time (tests, dry runs).
 """
@@ -19,7 +21,14 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, associations_per_task, nightly_cron, task_timeouts
+from include.pacs_migration_dags import (
+    ACCESS_CONTROL,
+    PACS_POOL,
+    associations_per_task,
+    default_args,
+    nightly_cron,
+    task_timeouts,
+)
 
 DAG_ID = "pacs_nightly"
 ASSOCIATIONS_PER_TASK = associations_per_task()
@@ -44,7 +53,7 @@ def _now() -> dt.datetime:
     start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20), "retry_exponential_backoff": True},
+    default_args=default_args(),
     params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
     access_control=ACCESS_CONTROL,
     tags=["pacs", "migration", "nightly"],
@@ -65,37 +74,40 @@ def pacs_nightly():
         end = night.window_end.isoformat() if night.window_end else None
         return [{"unit": u.to_json(), "window_end": end, "offset": offset} for u in night.units]
 
-    @task(pool=PACS_POOL, pool_slots=ASSOCIATIONS_PER_TASK, execution_timeout=TIMEOUTS["transfer"])
-    def migrate(items: list[dict]) -> list[dict]:
-        """Tonight's units one after another, in plan order; none starts once
-        the window has closed (those are ``deferred``, still pending). A unit
-        that breaks is recorded ``failed`` and the night goes on."""
-        import logging
-
+    @task(
+        pool=PACS_POOL,
+        pool_slots=ASSOCIATIONS_PER_TASK,
+        execution_timeout=TIMEOUTS["transfer"],
+        map_index_template="{{ unit_label }}",
+        max_active_tis_per_dagrun=1,  # tonight's units one after another, in plan order
+    )
+    def migrate(item: dict) -> dict:
+        """One unit of tonight's plan: its own task instance (state, log,
+        retries), named after the unit. It does not start once the window has
+        closed (``deferred``, still pending); at the window's end it asks for no
+        further series (``window_closed``: what is done is recorded, the rest
+        stays pending for a later night)."""
         from include.pacs_migration.plan import Unit, UnitResult
         from include.pacs_migration.steps import migrate_unit
-        from include.pacs_migration_airflow import configure_logging, error_label, services
+        from include.pacs_migration_airflow import recorded_failure, services
 
-        configure_logging()
-        io = services(ASSOCIATIONS_PER_TASK)
-        run_id = get_current_context()["run_id"]
-        results = []
-        for item in items:
-            unit = Unit.from_json(item["unit"])
-            now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=item["offset"])
-            if item["window_end"] and now >= dt.datetime.fromisoformat(item["window_end"]):
-                results.append(UnitResult.deferred(unit).to_json())
-                continue
+        unit = Unit.from_json(item["unit"])
+        ctx = get_current_context()
+        ctx["unit_label"] = unit.key + (" delta" if unit.kind == "delta" else "")
+        end = dt.datetime.fromisoformat(item["window_end"]) if item["window_end"] else None
+
+        def window_closed() -> bool:  # on the plan's clock (params.now shifts it)
+            return end is not None and dt.datetime.now(dt.UTC) + dt.timedelta(seconds=item["offset"]) >= end
+
+        if window_closed():
+            return UnitResult.deferred(unit).to_json()
+        with recorded_failure(unit.key):
+            io = services(ASSOCIATIONS_PER_TASK)
+            lease = io.lease(unit.study_date, f"{DAG_ID}/{ctx['run_id']}")  # one writer per date
             try:
-                lease = io.lease(unit.study_date, f"{DAG_ID}/{run_id}")  # one writer per date (LeaseHeld: retried)
-                try:
-                    results.append(migrate_unit(io, unit, run_id, DAG_ID).to_json())
-                finally:
-                    lease.release()
-            except Exception as exc:  # the ledger retries it on a later night
-                logging.getLogger(__name__).error("unit %s failed: %s", unit.key, error_label(exc))
-                results.append(UnitResult.failed(unit, error_label(exc)).to_json())
-        return results
+                return migrate_unit(io, unit, ctx["run_id"], DAG_ID, window_closed).to_json()
+            finally:
+                lease.release()
 
     @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
     def progress(items: list[dict] | None) -> dict:
@@ -112,10 +124,16 @@ def pacs_nightly():
         if night is None:
             raise RuntimeError("the plan task left no night plan")
         night_plan = NightPlan.from_json(night)
-        done = ctx["ti"].xcom_pull(task_ids="migrate") or []  # None when the migrate task failed outright
+        done = [r for r in ctx["ti"].xcom_pull(task_ids="migrate") or [] if r]  # a failed unit returned nothing
         by_unit = {(r.unit.key, r.unit.kind): r for r in map(UnitResult.from_json, done)}
-        # No result (the migrate task itself failed): the unit failed.
-        results = [by_unit.get((u.key, u.kind)) or UnitResult.failed(u, "task failed") for u in night_plan.units]
+        failures = {
+            f["partition"]: f["error"] for f in ctx["ti"].xcom_pull(task_ids="migrate", key="failure") or [] if f
+        }
+        # No result: the unit's task failed for good (its error class, from recorded_failure).
+        results = [
+            by_unit.get((u.key, u.kind)) or UnitResult.failed(u, failures.get(u.key, "task failed"))
+            for u in night_plan.units
+        ]
         io = services()
         progress = record_progress(io, night_plan, results, _now(), ctx["run_id"])
         with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +154,7 @@ def pacs_nightly():
 
     planned = plan()
     entry = progress(planned)
-    migrate(planned) >> entry
+    migrate.expand(item=planned) >> entry
     gate(entry)
 
 

@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, task
 
-from include.pacs_migration_dags import task_timeouts
+from include.pacs_migration_dags import default_args, task_timeouts
 
 DAG_ID = "pacs_rollback"
 TIMEOUTS = task_timeouts()
@@ -35,7 +35,7 @@ def _list(description: str) -> Param:
     start_date=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": dt.timedelta(seconds=20)},
+    default_args={**default_args(), "retry_exponential_backoff": False},
     params={
         "partitions": _list("YYYY-MM-DD/MODALITY, one per line"),
         "study_uids": _list("StudyInstanceUIDs, one per line"),

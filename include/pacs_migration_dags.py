@@ -49,6 +49,36 @@ def _parsed(path: Path, mtime_ns: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def default_args() -> dict[str, Any]:
+    """Every migration DAG's task defaults: retries with backoff, and failure
+    alerts (e-mail to the operators, plus ``alerts.notifiers`` of the YAML)."""
+    from include.pacs_migration_alerts import failure_notifiers
+
+    extra = (_yaml().get("alerts") or {}).get("notifiers") or ()
+    return {
+        "retries": 2,
+        "retry_delay": dt.timedelta(seconds=20),
+        "retry_exponential_backoff": True,
+        "on_failure_callback": failure_notifiers(tuple(str(x) for x in extra)),
+    }
+
+
+def archive_asset() -> Any:
+    """The migrated archive as an Airflow asset: each validated partition adds an
+    event with the partition key ``YYYY-MM-DD|MODALITY`` (the Assets view lists them;
+    downstream DAGs can be scheduled per partition with ``PartitionedAssetTimetable``)."""
+    from airflow.sdk import Asset
+
+    target = _yaml().get("target") or {}
+    bucket, prefix = target.get("bucket") or "pacs-archive", target.get("prefix") or ""
+    return Asset(name="pacs_archive", uri=f"s3://{bucket}/{prefix}studies/", group="pacs")
+
+
+def asset_partition_key(study_date: str, modality: str) -> str:
+    """The partition key of the archive asset's events."""
+    return f"{study_date}|{modality}"
+
+
 def associations_per_task() -> int:
     """source.max_associations: the pool slots of a task that retrieves. An
     invalid value falls back to the default here; the tasks fail on it, naming it."""

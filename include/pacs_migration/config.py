@@ -303,6 +303,7 @@ DEFAULT_ALLOWED_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.5",
 )
 TransferSyntaxUID = Annotated[str, Field(pattern=r"^[0-9.]{3,64}$")]
+NotifierPath = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
 class ValidationConfig(Section):
@@ -508,6 +509,14 @@ class TimeoutsConfig(Section):
     lease_wait_seconds: int = Field(0, ge=0, le=24 * 3600)
 
 
+class AlertsConfig(Section):
+    """Who hears of a task that failed for good: ``report.operators`` by e-mail
+    (else the recipients), and the site's own notifiers (``module:callable``
+    returning an Airflow notifier, e.g. a Slack one)."""
+
+    notifiers: Annotated[tuple[NotifierPath, ...], BeforeValidator(_tuple)] = ()
+
+
 class RollbackConfig(Section):
     """What a rollback keeps: its verified copies stay under ``rolled-back/``
     at least this long; only then may an explicit, audited purge delete them."""
@@ -530,6 +539,7 @@ class MigrationConfig(Section):
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="before")
     @classmethod

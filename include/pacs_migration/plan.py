@@ -29,6 +29,7 @@ class UnitState(str, Enum):
     DONE = "done"
     FAILED = "failed"
     DEFERRED = "deferred"  # tonight's result only: not started, the window had closed (still pending)
+    WINDOW_CLOSED = "window_closed"  # tonight's result only: stopped part-way at the window's end (still pending)
 
 
 @dataclass(frozen=True)
@@ -405,7 +406,7 @@ def record_night(
     ledger: Ledger, night_plan: NightPlan, results: list[UnitResult], now: dt.datetime, run_id: str
 ) -> dict[str, Any]:
     """Fold tonight's unit results into the ledger; returns the night's entry."""
-    tally = {UnitState.DONE: 0, UnitState.FAILED: 0, UnitState.DEFERRED: 0}
+    tally = {UnitState.DONE: 0, UnitState.FAILED: 0, UnitState.DEFERRED: 0, UnitState.WINDOW_CLOSED: 0}
     did = []
     for res in results:
         did.append(
@@ -425,6 +426,9 @@ def record_night(
         "done": tally[UnitState.DONE],
         "failed": tally[UnitState.FAILED],
         "deferred": tally[UnitState.DEFERRED],
+        "window_closed": tally[UnitState.WINDOW_CLOSED],
+        # a night the window cut short is not a failed night
+        "status": "failed" if tally[UnitState.FAILED] else "window-closed" if tally[UnitState.WINDOW_CLOSED] else "ok",
         "migrated": sum(r.migrated for r in results if r.state is not UnitState.DEFERRED),
         "reason": night_plan.reason,
         "units": did,
@@ -445,6 +449,9 @@ def _fold(ledger: Ledger, res: UnitResult, now: dt.datetime, run_id: str) -> Uni
     if unit.kind == "delta":
         rec.checked_at = now.isoformat()
         rec.delta_instances += res.migrated
+    if res.state is UnitState.WINDOW_CLOSED:  # pending still, no attempt spent: the next night resumes it
+        rec.instances += res.migrated
+        return UnitState.WINDOW_CLOSED
     if res.state is not UnitState.DONE:
         rec.state, rec.attempts = UnitState.FAILED, rec.attempts + 1
         return UnitState.FAILED

@@ -49,6 +49,8 @@ class ReasonCode(str, Enum):
     CENSUS_FAILED = "CENSUS_FAILED"
     # unresolved: the worker's staging disk filled up before the instance could be staged
     STAGING_FULL = "STAGING_FULL"
+    # unresolved: the clinical window closed before its series was asked for (a later night moves it)
+    WINDOW_CLOSED = "WINDOW_CLOSED"
 
 
 def reason(code: ReasonCode, detail: str | None = None) -> str:
@@ -77,6 +79,7 @@ MEANING: dict[ReasonCode, str] = {
     ReasonCode.NOT_RECEIVED: "the source did not deliver the instance within the retries",
     ReasonCode.CENSUS_FAILED: "the source could not list the study's series or the series' instances",
     ReasonCode.STAGING_FULL: "the worker's staging disk was full",
+    ReasonCode.WINDOW_CLOSED: "the clinical window closed before it was asked for; a later night moves it",
 }
 
 

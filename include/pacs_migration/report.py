@@ -310,7 +310,14 @@ def render_progress_html(night: dict, results: list[UnitResult], progress: dict,
                 "css": {UnitState.DONE: "pass", UnitState.FAILED: "fail"}.get(res.state, ""),
                 "migrated": res.migrated,
                 "seconds": res.seconds,
-                "partitions": [p.to_json() | {"counted": p.counts is not None} for p in res.partitions],
+                "partitions": [
+                    p.to_json()
+                    | {
+                        "counted": p.counts is not None,
+                        "stopped": bool(p.counts and p.counts.reasons.get("WINDOW_CLOSED")),
+                    }
+                    for p in res.partitions
+                ],
                 "empty": "not started: the window had closed"
                 if res.state is UnitState.DEFERRED
                 else (res.error or "no partitions"),

@@ -36,6 +36,7 @@ class SeriesRetrieval:
     last_error: str | None
     # Missing instances the source itself named in a Failed SOP Instance UID List.
     peer_failed: tuple[str, ...] = ()
+    stopped: bool = False  # never asked for: the run had to stop first (the window closed)
 
     def why_missing(self, sop_instance_uid: str) -> str:
         """Detail of NOT_RECEIVED for one missing instance: ``source-failed``
@@ -121,13 +122,20 @@ def retrieve_partition(
     attempts: int,
     max_associations: int,
     on_series_done: Callable[[CensusSeries], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[SeriesRetrieval]:
     """Retrieve every series of a partition, at most ``max_associations`` at
     once (a study whose series could not be listed has none to retrieve).
-    ``on_series_done`` is called as each series' retrieval ends."""
+    ``on_series_done`` is called as each series' retrieval ends. Once
+    ``should_stop()`` says so (the clinical window closed), no further series
+    is asked for: those come back ``stopped``, the ones under way finish."""
 
     def one(s: CensusSeries) -> SeriesRetrieval:
-        result = retrieve_series(get, s, sink, attempts)
+        if should_stop is not None and should_stop():
+            expected = tuple(sorted(i.sop_instance_uid for i in s.instances))
+            result = SeriesRetrieval(s.series_instance_uid, len(expected), 0, expected, 0, None, stopped=True)
+        else:
+            result = retrieve_series(get, s, sink, attempts)
         if on_series_done is not None:
             on_series_done(s)
         return result

@@ -27,6 +27,7 @@ from .normalize_processes import NormalizeProcesses, normalize_processes
 from .partition import Partition
 from .plan import LEDGER_KEY, Ledger, PartitionAction, PartitionResult, Unit, UnitResult, UnitState, reopen
 from .privacy import PatientKeyer
+from .reasons import ReasonCode
 from .request import RunRequest
 from .retrieve import GetFn
 from .rollback import (
@@ -161,12 +162,14 @@ def transfer_step(
     resume: bool = False,
     census_sha256: str | None = None,
     studies: Any = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> PartitionCounts:
     """Retrieve, normalize and load one partition. ``resume``: retrieve only
     the series with instances not yet migrated (delta sync), carrying the rest.
     ``census_sha256``: this run's census (a stale manifest is refused).
     ``studies``: retrieve only these (a run of requested studies); the rows of
-    the partition's other studies are carried as they are."""
+    the partition's other studies are carried as they are. ``should_stop``:
+    the clinical window (see :func:`transfer.transfer_partition`)."""
     cfg, manifests = services.config, services.manifests(partition)
     keyer = services.keyer()  # before any retrieval: a missing secret fails the task at once
     series = manifests.census(census_sha256)
@@ -199,6 +202,7 @@ def transfer_step(
                         carried=carried,
                         normalizer=normalizer,
                         keyer=keyer,
+                        should_stop=should_stop,
                     )
             except BaseException:
                 trail.transfer(_expected_rows(series), began, failed=True)  # what this run set out to move
@@ -290,30 +294,45 @@ def _is_settled(manifests: PartitionManifests, digest: str) -> bool:
     return summary is not None and summary.census_sha256 == digest and bool(verdict.get("success"))
 
 
-def migrate_unit(services: Services, unit: Unit, run_id: str, dag_id: str) -> UnitResult:
+def migrate_unit(
+    services: Services, unit: Unit, run_id: str, dag_id: str, should_stop: Callable[[], bool] | None = None
+) -> UnitResult:
     """Census one study date and move each of the unit's partitions that is
     not settled: new, failed before, or changed at the source since (delta
     sync: only the series with new instances are retrieved; nothing already
-    migrated is rewritten)."""
+    migrated is rewritten).
+
+    ``should_stop`` (the window closed): no partition starts after it says so,
+    and the one under way asks for no further series; what was moved is
+    recorded, the rest is ``WINDOW_CLOSED`` and the unit stays pending
+    (``UnitState.WINDOW_CLOSED``): the next night resumes it as a delta."""
     started = services.clock()
     census = take_date_census(services, unit.study_date)
     results: list[PartitionResult] = []
-    moved = 0
+    moved, closed = 0, False
     for partition in (p for p in census.partitions() if unit.wants(p.modality)):
         manifests = services.manifests(partition)
         if _is_settled(manifests, census_hash(census.for_partition(partition))):
             results.append(PartitionResult(partition.key, PartitionAction.UNCHANGED, True))
             continue
+        if should_stop is not None and should_stop():
+            closed = True
+            break
         had_manifest = manifests.summary() is not None
         digest = record_census(services, census, partition)
-        counts = transfer_step(services, partition, run_id, resume=had_manifest, census_sha256=digest)
-        report = validate_step(services, partition, run_id, digest)
-        lineage_step(services, partition, run_id, dag_id)
+        counts = transfer_step(services, partition, run_id, had_manifest, digest, should_stop=should_stop)
         moved += counts.written
         action = PartitionAction.DELTA if had_manifest else PartitionAction.MIGRATED
+        if counts.reasons.get(ReasonCode.WINDOW_CLOSED.value):
+            closed = True  # not validated: a later night finishes it
+            lineage_step(services, partition, run_id, dag_id)
+            results.append(PartitionResult(partition.key, action, False, counts))
+            break
+        report = validate_step(services, partition, run_id, digest)
+        lineage_step(services, partition, run_id, dag_id)
         results.append(PartitionResult(partition.key, action, report.success, counts))
     ok = all(r.validation_passed for r in results)
-    state = UnitState.DONE if ok else UnitState.FAILED
+    state = UnitState.WINDOW_CLOSED if closed else UnitState.DONE if ok else UnitState.FAILED
     return UnitResult(unit, state, moved, round(services.clock() - started, 3), tuple(results))
 
 

@@ -83,6 +83,7 @@ def transfer_partition(
     times: StageTimes | None = None,
     normalizer: NormalizeProcesses | None = None,
     keyer: PatientKeyer | None = None,
+    should_stop: Any = None,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
@@ -93,7 +94,9 @@ def transfer_partition(
     ``load_action`` ``carried`` (see :func:`plan_resume`). ``normalizer``:
     normalize processes for the same ``ruleset`` and ``source_ae`` (None:
     normalize in the load threads). ``keyer``: the patient-key secret
-    (:mod:`privacy`); required.
+    (:mod:`privacy`); required. ``should_stop``: asked before each series; once
+    true, the rest of the partition is left ``unresolved`` ``WINDOW_CLOSED``
+    (what was moved is recorded: the manifest stays consistent).
     """
     if keyer is None:
         raise MissingSecret("transfer_partition needs a PatientKeyer (the patient-key secret)")
@@ -107,7 +110,7 @@ def transfer_partition(
             sink = StagingSink(staging, on_received=pipeline.arrived)
             started = time.perf_counter()
             retrieved = retrieve_partition(
-                get, series, sink, attempts, max_associations, on_series_done=pipeline.series_done
+                get, series, sink, attempts, max_associations, pipeline.series_done, should_stop
             )
             if times:
                 times.retrieve_s += time.perf_counter() - started
@@ -252,11 +255,18 @@ def _missing_rows(
     for s in series:
         for i in s.instances:
             if i.sop_instance_uid not in sink.received:
-                why = retrievals[s.series_instance_uid].why_missing(i.sop_instance_uid)
-                code = reason(ReasonCode.STAGING_FULL) if staging_full else reason(ReasonCode.NOT_RECEIVED, why)
-                out.append(unresolved(s, i, code, run_id))
+                got = retrievals[s.series_instance_uid]
+                code = (
+                    reason(ReasonCode.STAGING_FULL)
+                    if staging_full
+                    else reason(ReasonCode.NOT_RECEIVED, got.why_missing(i.sop_instance_uid))
+                )
+                out.append(unresolved(s, i, reason(ReasonCode.WINDOW_CLOSED) if got.stopped else code, run_id))
         if s.census_gap:
-            out.extend(gap_rows(s, rows + out, run_id))
+            gaps = gap_rows(s, rows + out, run_id)
+            if (got := retrievals.get(s.series_instance_uid)) is not None and got.stopped:
+                gaps = [{**r, "reason": reason(ReasonCode.WINDOW_CLOSED)} for r in gaps]
+            out.extend(gaps)
     return out
 
 

@@ -1,9 +1,11 @@
 """Issue 16, point 5: the three roles, against a running api-server (FAB auth
 manager) through its REST API, one user per role: each allowed action
-succeeds, each forbidden one is refused (403)."""
+succeeds, each forbidden one is refused (403). Issue 18: the migration
+dashboard in that api-server, behind its login, in headless Chromium."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -32,10 +34,11 @@ def _airflow(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 
 
 class ApiServer:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.env = {
             **os.environ,
+            **(env or {}),
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__AUTH_MANAGER": FAB,
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
@@ -151,33 +154,52 @@ ACTIONS = [
 ]
 
 
-def test_each_role_may_do_what_it_needs_and_nothing_more(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3_server):
+    """One api-server (FAB login, the dashboard plugin) for this module's tests;
+    its Connections point the dashboard at a bucket of this module's own."""
     pytest.importorskip("airflow.providers.fab")
-    server = ApiServer(tmp_path / "home")
-    (tmp_path / "home").mkdir()
-    server.prepare()
-    server.start(tmp_path)
+    bucket = "dashboard-ui"
+    s3_server.create_bucket(bucket)
+    home = tmp_path_factory.mktemp("api-home")
+    env = {
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+            {"conn_type": "aws", "login": "testing", "password": "testing",
+             "extra": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}}
+        ),
+        "AIRFLOW_CONN_PACS_SOURCE": json.dumps(
+            {"conn_type": "generic", "host": "127.0.0.1", "port": 104,
+             "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}
+        ),
+        "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
+    }  # fmt: skip
+    api = ApiServer(home, env)
+    api.prepare()
+    api.start(home)
+    api.bucket = bucket
+    yield api
+    api.stop()
+
+
+def test_each_role_may_do_what_it_needs_and_nothing_more(server):
+    tokens = {role: server.token(user) for role, user in USERS.items()}
     table: dict[str, dict[str, int]] = {}
-    try:
-        tokens = {role: server.token(user) for role, user in USERS.items()}
-        for label, method, path, body, _allowed in ACTIONS:
-            for role, user in USERS.items():
-                payload = json.loads(json.dumps(body).replace("{who}", user)) if body else None
-                status, answer = server.call(tokens[role], method, path, payload)
-                table.setdefault(label, {})[role] = status
-                if label == "backfill" and status == 200:  # one running backfill per DAG: make room
-                    server.call(tokens["migration-admin"], "PUT", f"/api/v2/backfills/{answer['id']}/cancel")
-        # Task logs of a run (none has run here: 404 is "allowed, nothing yet"; 403 is refused).
-        _, runs = server.call(tokens["migration-admin"], "GET", RUN)
-        logs = f"{RUN}/{runs['dag_runs'][0]['dag_run_id']}/taskInstances/census/logs/1"
-        table["read task logs"] = {role: server.call(tokens[role], "GET", logs)[0] for role in USERS}
-        grants = {}
-        for role in ("migration-operator", "compliance"):
-            status, answer = server.call(tokens["migration-admin"], "GET", f"/auth/fab/v1/roles/{role}")
-            assert status == 200
-            grants[role] = {(a["action"]["name"], a["resource"]["name"]) for a in answer["actions"]}
-    finally:
-        server.stop()
+    for label, method, path, body, _allowed in ACTIONS:
+        for role, user in USERS.items():
+            payload = json.loads(json.dumps(body).replace("{who}", user)) if body else None
+            status, answer = server.call(tokens[role], method, path, payload)
+            table.setdefault(label, {})[role] = status
+            if label == "backfill" and status == 200:  # one running backfill per DAG: make room
+                server.call(tokens["migration-admin"], "PUT", f"/api/v2/backfills/{answer['id']}/cancel")
+    # Task logs of a run (none has run here: 404 is "allowed, nothing yet"; 403 is refused).
+    _, runs = server.call(tokens["migration-admin"], "GET", RUN)
+    logs = f"{RUN}/{runs['dag_runs'][0]['dag_run_id']}/taskInstances/census/logs/1"
+    table["read task logs"] = {role: server.call(tokens[role], "GET", logs)[0] for role in USERS}
+    grants = {}
+    for role in ("migration-operator", "compliance"):
+        status, answer = server.call(tokens["migration-admin"], "GET", f"/auth/fab/v1/roles/{role}")
+        assert status == 200
+        grants[role] = {(a["action"]["name"], a["resource"]["name"]) for a in answer["actions"]}
     print(json.dumps(table, indent=1))
     assert all(status in (200, 404) for status in table.pop("read task logs").values())
     # Only what each DAG grants: no DAG-wide permission (a DAG that does not declare them is not theirs).
@@ -194,3 +216,59 @@ def test_each_role_may_do_what_it_needs_and_nothing_more(tmp_path):
                 assert status < 400, (label, role, status)
             else:
                 assert status == 403, (label, role, status)
+
+
+def _chromium() -> str:
+    from tests.peers import require_binary
+
+    return require_binary("chromium", "chromium")
+
+
+def test_the_dashboard_behind_the_login(server, s3_server, tmp_path):
+    """Logged in as compliance in headless Chromium, the dashboard in Airflow's
+    navigation shows the heat map and the worklist with the index's figures;
+    without a session its API answers 401 and its page sends to the login."""
+    from playwright.sync_api import sync_playwright
+
+    from include.pacs_migration import coverage
+    from include.pacs_migration.config import TargetConfig
+    from include.pacs_migration.store import ObjectStore
+    from tests.integration.test_dashboard import synthetic_index
+
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=server.bucket))
+    index = synthetic_index(dt.date(2023, 1, 1), 730, ("CT", "MR", "CR"))
+    store.put(coverage.INDEX_KEY, coverage._bytes(index), "application/vnd.apache.parquet")
+    base = f"{server.url}/pacs-migration"
+
+    anonymous = urllib.request.Request(f"{base}/api/overview")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, timeout=30)
+    assert refused.value.code == 401
+    status, overview = server.call(server.token("carla"), "GET", "/pacs-migration/api/overview")
+    assert status == 200 and overview["totals"]["partitions"] == len(index)
+    _, plugins = server.call(server.token("carla"), "GET", "/api/v2/plugins")
+    views = [v for p in plugins["plugins"] for v in p["external_views"]]
+    assert any(v["name"] == "Migration" and v["href"] == "pacs-migration/" for v in views)  # in the navigation
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(f"{base}/", wait_until="networkidle")
+        assert "/auth/login" in page.url  # no session: Airflow's login first
+        page.fill("input[name=username]", "carla")
+        page.fill("input[name=password]", "carla-pw")
+        page.click("input[type=submit], button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{base}/", wait_until="networkidle")
+        page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
+        cells = page.locator("#heatmap svg rect")
+        assert cells.count() == 24 * 3  # two years of months x three modalities
+        failed = int((index["state"] == "failed").sum())
+        assert page.locator("#worklist table[data-list=failed] tbody tr").count() == failed
+        assert page.locator("#worklist table[data-list=quarantine]").count() == 1
+        assert page.locator("td[data-field=partitions]").inner_text() == str(len(index))
+        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        browser.close()
+    assert not errors, errors

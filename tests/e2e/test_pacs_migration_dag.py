@@ -45,6 +45,15 @@ def _run(dag, date: dt.date):
     return dag.test(logical_date=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC))
 
 
+def _is_alert(path) -> bool:
+    return " ALERT " in (email.message_from_bytes(path.read_bytes())["Subject"] or "")
+
+
+def _reports(mail) -> list:
+    """The run reports among the mails (failure alerts go to the operators beside them)."""
+    return [m for m in mail.messages() if not _is_alert(m)]
+
+
 def _mail_parts(path):
     msg = email.message_from_bytes(path.read_bytes())
     html, csv_text = None, None
@@ -88,7 +97,7 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
 
     # 5. The mail's figures equal the manifests'.
     mails = mail.messages()
-    assert len(mails) == 1
+    assert len(mails) == 1  # the report; nothing failed, nothing alerted
     msg, html, csv_text = _mail_parts(mails[0])
     assert "PASSED" in msg["Subject"]
     rows = {r["partition"]: r for r in csv.DictReader(io.StringIO(csv_text))}
@@ -135,6 +144,28 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
         names = zf.namelist()
     assert {f"{p.hive_path}/index.html" for p in partitions} <= set(names)
     assert "<svg" in html  # the chart, inline
+
+    # The Airflow UI (issue 18): mapped task instances named by partition; each
+    # validated partition an event of the archive asset with its partition key.
+    from airflow.models import TaskInstance
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        named = {
+            ti.rendered_map_index
+            for ti in session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id)
+            if ti.map_index >= 0
+        }
+        events = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.name == "pacs_archive", AssetEvent.source_run_id == run.run_id)
+        )
+        keys = {e.partition_key for e in events}
+    assert named == {p.key for p in partitions}
+    validated = {k.replace("/", "|") for k, c in figures.items()}
+    assert keys == validated
 
     # OpenLineage: one event per partition, through the provider's file transport.
     events = [json.loads(line) for line in OPENLINEAGE_FILE.read_text().splitlines() if line.strip()]
@@ -233,7 +264,7 @@ def test_corrupted_and_missing_objects_fail_validation(airflow_db, airflow_conne
         proxy.stop()
     assert proxy.corrupted and proxy.dropped
     assert run.state == "failed"
-    msg, html, csv_text = _mail_parts(mail.messages()[-1])
+    msg, html, csv_text = _mail_parts(_reports(mail)[-1])
     assert "FAILED" in msg["Subject"]
     failed = [x for labels in _failed_labels(csv_text).values() for x in labels]
     assert "migrated:expect_column_values_to_be_in_set(checksum_verified)" in failed
@@ -271,7 +302,7 @@ def test_duplicate_sop_instance_uid_fails_validation(
     finally:
         pacs.stop()
     assert run.state == "failed"
-    msg, html, csv_text = _mail_parts(airflow_connections["mail"].messages()[-1])
+    msg, html, csv_text = _mail_parts(_reports(airflow_connections["mail"])[-1])
     assert "FAILED" in msg["Subject"]
     assert "expected:expect_column_values_to_not_be_in_set(state)" in _failed_labels(csv_text)["2019-03-01/CR"]
     # Both copies kept (issue 13.4): quarantined UID_CONFLICT, each with its series.

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.e2e.test_pacs_migration_dag import _dag, _mail_parts, _run
+from tests.e2e.test_pacs_migration_dag import _dag, _is_alert, _mail_parts, _reports, _run
 
 pytestmark = pytest.mark.e2e
 DATE = dt.date(2019, 3, 1)
@@ -46,7 +46,7 @@ def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connec
     monkeypatch.setattr(steps, step, _boom)
     run = _run(_no_retries(), DATE)
     assert run.state == "failed"
-    mails = airflow_connections["mail"].messages()
+    mails = _reports(airflow_connections["mail"])
     assert len(mails) == 1
     msg, html, _ = _mail_parts(mails[0])
     assert "PASSED" not in msg["Subject"]
@@ -57,6 +57,11 @@ def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connec
     assert CANARY not in str(msg) + html
     if task == "census":
         assert "The census did not complete" in html and "found no studies" not in html
+    # the operators were alerted at once, naming the task and the error class, never its message
+    alerts = [m for m in airflow_connections["mail"].messages() if _is_alert(m)]
+    subjects = [email.message_from_bytes(m.read_bytes())["Subject"] for m in alerts]
+    assert any(f"ALERT pacs_migration.{task_id}" in s and s.endswith("failed: RuntimeError") for s in subjects)
+    assert not any(CANARY in m.read_text(errors="replace") for m in alerts)
 
 
 def test_unreachable_pacs_still_mails_incomplete(airflow_db, airflow_connections, monkeypatch):
@@ -73,7 +78,7 @@ def test_unreachable_pacs_still_mails_incomplete(airflow_db, airflow_connections
     )
     run = _run(_no_retries(), DATE)
     assert run.state == "failed"
-    msg = email.message_from_bytes(airflow_connections["mail"].messages()[-1].read_bytes())
+    msg = email.message_from_bytes(_reports(airflow_connections["mail"])[-1].read_bytes())
     assert msg["Subject"].endswith("validation INCOMPLETE: census failed (DicomNetworkError)"), msg["Subject"]
 
 
@@ -92,6 +97,6 @@ def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_
     monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(path))
     run = _run(_no_retries(), DATE)
     assert run.state == "failed"
-    msg, html, _ = _mail_parts(airflow_connections["mail"].messages()[-1])
+    msg, html, _ = _mail_parts(_reports(airflow_connections["mail"])[-1])
     assert "validation INCOMPLETE: census failed (ConfigError at normalisation)" in msg["Subject"]
     assert "compliance@hospital.example" in msg["To"] and "pacs-team@hospital.example" in msg["To"]
