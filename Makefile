@@ -5,11 +5,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint venv clean trace bench bench-cget
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	# the project as an Airflow provider (its `dicom` connection type): metadata only, the code is on the path
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation . && rm -rf build pacs_migration.egg-info
 	touch $(STAMP)
 
 venv: $(STAMP)

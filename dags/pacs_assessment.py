@@ -19,11 +19,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, default_args, task_timeouts
+from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, assessment_asset, default_args, task_timeouts
 
 TIMEOUTS = task_timeouts()
 
 DAG_ID = "pacs_assessment"
+ASSESSMENT = assessment_asset()
 
 
 def _range() -> tuple[dt.date, dt.date]:
@@ -50,19 +51,28 @@ def _range() -> tuple[dt.date, dt.date]:
     doc_md=__doc__,
 )
 def pacs_assessment():
-    @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["transfer"])
+    @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["transfer"], outlets=[ASSESSMENT])
     def assess() -> dict:
         from include.pacs_migration.assessment import assess as assess_archive
         from include.pacs_migration.assessment import render_assessment_html, write_assessment
         from include.pacs_migration.dimse import FindSession
-        from include.pacs_migration_airflow import object_store, runtime_config
+        from include.pacs_migration.progress import ProgressLog
+        from include.pacs_migration_airflow import configure_logging, object_store, runtime_config
 
+        configure_logging()
         cfg = runtime_config()
         store = object_store(cfg)
         first, last = _range()
+        progress = ProgressLog(f"assessment {first}..{last}", (last - first).days + 1, "days", every_n=30)
         with FindSession(cfg.source) as session:
             result = assess_archive(
-                session.find, first, last, cfg.assessment, cfg.source.find_limit, cfg.source.census_split_depth
+                session.find,
+                first,
+                last,
+                cfg.assessment,
+                cfg.source.find_limit,
+                cfg.source.census_split_depth,
+                on_day=lambda _day: progress.tick(),  # a progress line every 30 days or 30 s
             )
         where = f"s3://{cfg.target.bucket}/{cfg.target.prefix}_assessment/{first}_{last}/"
         html = render_assessment_html(

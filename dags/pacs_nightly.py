@@ -24,6 +24,7 @@ from airflow.timetables.trigger import CronTriggerTimetable
 from include.pacs_migration_dags import (
     ACCESS_CONTROL,
     PACS_POOL,
+    assessment_asset,
     associations_per_task,
     default_args,
     nightly_cron,
@@ -31,6 +32,7 @@ from include.pacs_migration_dags import (
 )
 
 DAG_ID = "pacs_nightly"
+ASSESSMENT = assessment_asset()  # the plan's estimates come from it
 ASSOCIATIONS_PER_TASK = associations_per_task()
 TIMEOUTS = task_timeouts()
 CRON, TIMEZONE = nightly_cron()
@@ -60,7 +62,7 @@ def _now() -> dt.datetime:
     doc_md=__doc__,
 )
 def pacs_nightly():
-    @task(execution_timeout=TIMEOUTS["report"])
+    @task(execution_timeout=TIMEOUTS["report"], inlets=[ASSESSMENT])
     def plan() -> list[dict]:
         """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
         from include.pacs_migration.nightly import plan_night

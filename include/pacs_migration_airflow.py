@@ -51,14 +51,11 @@ def runtime_config() -> MigrationConfig:
         conn = BaseHook.get_connection(SOURCE_CONN_ID)
     except Exception as exc:
         raise ConfigError(f"connection {SOURCE_CONN_ID}", f"not found ({type(exc).__name__})") from None
-    extra: dict[str, Any] = conn.extra_dejson or {}
+    from include.pacs_migration_hook import source_overlay
+
     overlay: dict[str, Any] = {
-        "source": {
-            "host": conn.host,
-            "port": conn.port,
-            "called_ae_title": extra.get("called_ae_title"),
-            "calling_ae_title": extra.get("calling_ae_title"),
-        },
+        # a `dicom` Connection (its form's AE titles and TLS files) or a generic one with the same extra keys
+        "source": source_overlay(conn.host, conn.port, conn.extra_dejson or {}),
         "target": {"bucket": _variable("pacs_migration_bucket")},
         "report": {"recipients": _variable("pacs_migration_recipients")},
         "staging_dir": _variable("pacs_migration_staging_dir"),

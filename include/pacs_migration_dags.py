@@ -74,6 +74,16 @@ def archive_asset() -> Any:
     return Asset(name="pacs_archive", uri=f"s3://{bucket}/{prefix}studies/", group="pacs")
 
 
+def assessment_asset() -> Any:
+    """The archive's assessment (``_assessment/`` in the bucket): ``pacs_assessment``
+    produces it, ``pacs_nightly`` plans from it (its inlet)."""
+    from airflow.sdk import Asset
+
+    target = _yaml().get("target") or {}
+    bucket, prefix = target.get("bucket") or "pacs-archive", target.get("prefix") or ""
+    return Asset(name="pacs_assessment", uri=f"s3://{bucket}/{prefix}_assessment/", group="pacs")
+
+
 def asset_partition_key(study_date: str, modality: str) -> str:
     """The partition key of the archive asset's events."""
     return f"{study_date}|{modality}"

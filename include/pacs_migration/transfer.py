@@ -36,6 +36,7 @@ from .manifest import TRANSFER_COLUMNS, PartitionManifests, transfer_frame
 from .normalize_processes import NormalizeProcesses
 from .partition import Partition
 from .privacy import MissingSecret, PatientKeyer
+from .progress import ProgressLog
 from .reasons import InstanceState, ReasonCode, reason
 from .retrieve import GetFn, retrieve_partition
 from .rules import STRUCTURAL, PatientPolicy, RuleSet
@@ -105,9 +106,15 @@ def transfer_partition(
     ctx = LoadContext(PartitionManifests(store, partition), run_id, ruleset, source_ae, keyer, times, normalizer)
     previous = ctx.manifests.transfer_or_none()
     pipeline = _LoadPipeline(ctx, series, upload_threads)
+    progress = ProgressLog(f"partition {partition.key}", sum(len(s.instances) for s in series), "instances received")
+
+    def arrived(item: ReceivedInstance) -> None:
+        pipeline.arrived(item)
+        progress.tick()
+
     try:
         with attempt_folder(staging_root, partition.hive_path, ctx.writer) as staging:
-            sink = StagingSink(staging, on_received=pipeline.arrived)
+            sink = StagingSink(staging, on_received=arrived)
             started = time.perf_counter()
             retrieved = retrieve_partition(
                 get, series, sink, attempts, max_associations, pipeline.series_done, should_stop

@@ -172,6 +172,7 @@ def server(tmp_path_factory, s3_server):
              "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"}}
         ),
         "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": bucket,
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",  # the Connections page's Test button
     }  # fmt: skip
     api = ApiServer(home, env)
     api.prepare()
@@ -272,3 +273,26 @@ def test_the_dashboard_behind_the_login(server, s3_server, tmp_path):
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         browser.close()
     assert not errors, errors
+
+
+def test_the_test_button_of_a_dicom_connection(server, pacs):
+    """What the Connections page's Test button sends: a C-ECHO through the
+    `dicom` hook, answered by the simulated PACS; a closed port says why."""
+    token = server.token("ada")
+    extra = json.dumps({"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"})
+    body = {
+        "connection_id": "pacs_source",
+        "conn_type": "dicom",
+        "host": "127.0.0.1",
+        "port": pacs.port,
+        "extra": extra,
+    }
+    status, answer = server.call(token, "POST", "/api/v2/connections/test", body)
+    assert status == 200 and answer["status"] is True, answer
+    assert answer["message"] == f"LEGACYPACS@127.0.0.1:{pacs.port} answered a C-ECHO from PACSMIGRATE"
+    status, answer = server.call(token, "POST", "/api/v2/connections/test", {**body, "port": free_port()})
+    assert status == 200 and answer["status"] is False and "did not answer a C-ECHO" in answer["message"]
+    # the form the UI draws for the type
+    status, hooks = server.call(token, "GET", "/ui/connections/hook_meta")
+    dicom = next(h for h in hooks if h["connection_type"] == "dicom")
+    assert dicom["hook_name"] == "DICOM (legacy PACS)" and "called_ae_title" in json.dumps(dicom["extra_fields"])

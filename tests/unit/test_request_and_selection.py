@@ -57,3 +57,21 @@ def test_the_rollback_id_is_the_runs_so_a_retry_resumes_it():
     assert rollback_id("pacs_rollback/manual__1", at) == rollback_id("pacs_rollback/manual__1", at)
     assert rollback_id("pacs_rollback/manual__1", at) != rollback_id("pacs_rollback/manual__2", at)
     assert rollback_id("x", at).startswith("rb-20261206T020000Z-")
+
+
+def test_progress_lines_say_done_rate_and_what_is_left():
+    from include.pacs_migration.progress import ProgressLog
+
+    now, lines = [0.0], []
+    p = ProgressLog("partition 2019-03-01/CT", 1000, "instances", every_n=400, every_s=30, clock=lambda: now[0],
+                    emit=lines.append)  # fmt: skip
+    for _ in range(399):
+        now[0] += 0.01
+        p.tick()
+    assert lines == []  # neither 400 instances nor 30 s yet
+    now[0] += 0.01
+    p.tick()
+    assert lines == ["partition 2019-03-01/CT: 400/1000 instances (40%), 100.0/s, 600 left, ~6 s left"]
+    now[0] += 31
+    p.tick()
+    assert len(lines) == 2 and lines[1].startswith("partition 2019-03-01/CT: 401/1000")
