@@ -275,7 +275,9 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         failures += (TaskFailure("report", error_label(exc)),)
         report_cfg = fallback_report_config()
     verdict = run_verdict(figures, failures, census_completed)
-    html = render_html(run_id, study_date, figures, bucket_uri, failures, census_completed)
+    html = render_html(
+        run_id, study_date, figures, bucket_uri, failures, census_completed, cfg.ruleset.label if cfg else None
+    )
     name = re.sub(r"[^0-9A-Za-z_-]+", "-", study_date).strip("-")  # a date, or "3 requested studies"
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / f"pacs-migration-{name}.csv"
@@ -285,7 +287,9 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
             docs = Path(tmp) / f"gx-data-docs-{name}.zip"
             docs.write_bytes(data_docs_zip(store, partitions))
             files.append(str(docs))
-        to = list(report_cfg.recipients) + ([] if verdict is RunVerdict.PASSED else list(report_cfg.operators))
+        # not PASSED: the operators, and the digest's readers at once too
+        urgent = [*report_cfg.operators, *(report_cfg.digest.recipients if report_cfg.digest else ())]
+        to = list(dict.fromkeys([*report_cfg.recipients, *([] if verdict is RunVerdict.PASSED else urgent)]))
         send_email(
             report_cfg,
             to,
@@ -372,3 +376,22 @@ def rollback_report(result: dict[str, Any]) -> dict[str, Any]:
     to = list(cfg.report.recipients) + list(cfg.report.operators)
     send_email(cfg.report, to, rollback_subject(cfg.report.subject_prefix, record), html, [])
     return {"emailed_to": len(to)}
+
+
+def send_digest(now: Any) -> dict[str, Any]:
+    """The digest task: the period's figures across all runs, to ``report.digest.recipients``."""
+    from include.pacs_migration import coverage
+    from include.pacs_migration.digest import digest, digest_subject, period, render_digest_html
+
+    cfg = runtime_config()
+    wanted = cfg.report.digest
+    if wanted is None:
+        return {"emailed_to": 0, "why": "report.digest is not configured"}
+    store = object_store(cfg)
+    start, end = period(now, wanted.every)
+    value = digest(coverage.read(store), start, end, cfg.target.prefix)
+    html = render_digest_html(value, f"s3://{cfg.target.bucket}/{cfg.target.prefix}", now, wanted.every)
+    send_email(
+        cfg.report, list(wanted.recipients), digest_subject(cfg.report.subject_prefix, value, wanted.every), html, []
+    )
+    return {"emailed_to": len(wanted.recipients), "partitions": value["period"]["partitions"]}

@@ -109,6 +109,19 @@ def nightly_cron() -> tuple[str, str]:
     return f"{plan.window.start.minute} {plan.window.start.hour} * * *", plan.timezone
 
 
+def digest_cron() -> str | None:
+    """When ``pacs_digest`` runs (``report.digest``: daily, or Mondays), or None when no digest is configured."""
+    digest = (_yaml().get("report") or {}).get("digest")
+    if not isinstance(digest, dict):
+        return None
+    hour, _, minute = str(digest.get("at") or "07:00").partition(":")
+    try:
+        h, m = int(hour), int(minute or 0)
+    except ValueError:
+        h, m = 7, 0  # the task fails on it, naming the field
+    return f"{m} {h} * * {'1' if digest.get('every') == 'week' else '*'}"
+
+
 def task_timeouts() -> dict[str, dt.timedelta]:
     """``timeouts``: each kind of task's execution_timeout (the models' defaults if the file has none or a bad one)."""
     try:

@@ -279,6 +279,16 @@ class AuditConfig(Section):
     syslog: SyslogConfig | None = None
 
 
+class DigestConfig(Section):
+    """One mail per day or week across all runs (``pacs_digest``), instead of
+    one per run: a backfill of years would otherwise send thousands. A run
+    that is not PASSED still mails these recipients at once."""
+
+    recipients: Addresses = Field(min_length=1)
+    every: Literal["day", "week"] = "day"
+    at: ClockTime = dt.time(7, 0)  # UTC; weekly digests go out on Mondays
+
+
 class ReportConfig(Section):
     """Who receives the validation report, and from whom."""
 
@@ -288,6 +298,7 @@ class ReportConfig(Section):
     subject_prefix: str = "[PACS migration]"
     # Also told whenever a run is not PASSED (a task failed, the PACS was unreachable).
     operators: Addresses = ()
+    digest: DigestConfig | None = None
 
 
 DEFAULT_ALLOWED_SYNTAXES: tuple[str, ...] = (

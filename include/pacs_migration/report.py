@@ -5,6 +5,7 @@ holds no patient names, IDs, birth dates or accession numbers."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import html
 import io
 import zipfile
@@ -276,10 +277,21 @@ def render_html(
     bucket_uri: str,
     failures: tuple[TaskFailure, ...] = (),
     census_completed: bool = True,
+    ruleset: str | None = None,
+    generated_at: dt.datetime | None = None,
 ) -> str:
-    """Self-contained HTML (inline CSS, no external assets)."""
+    """Self-contained HTML (inline CSS, no external assets): when it was
+    generated, the rule set that ran, what each column means, and each reason
+    code in plain language."""
+    from .digest import COLUMNS
+    from .reasons import describe
+
     return render(
         "report.html.j2",
+        generated_at=(generated_at or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+        ruleset=ruleset,
+        meanings={**COLUMNS, "written": "objects this run created (0 on a re-run: nothing is written twice)"},
+        describe=describe,
         run_id=run_id,
         study_date=study_date,
         figures=figures,

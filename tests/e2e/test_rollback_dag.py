@@ -173,7 +173,7 @@ def _studies(archive_root: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def test_three_studies_requested_by_uid(airflow_db, airflow_connections, s3_server, archive):
+def test_three_studies_requested_by_uid(airflow_db, airflow_connections, s3_server, archive, tmp_path, monkeypatch):
     """A clinician's list: three studies on two dates, three modalities; just
     those are censused, moved, validated and reported, into their partitions."""
     bucket, mail = airflow_connections["bucket"], airflow_connections["mail"]
@@ -204,3 +204,21 @@ def test_three_studies_requested_by_uid(airflow_db, airflow_connections, s3_serv
     assert _migrate().state == "success"
     ct = PartitionManifests(store, Partition(DATE, "CT"))
     assert len(set(ct.transfer()["study_instance_uid"])) > 1 and ct.latest_verdict()["success"]
+
+    # issue 18: the daily digest across these runs, one mail to its own list
+    data = read_yaml(DEFAULT_CONFIG)
+    data["report"]["digest"] = {"recipients": ["compliance-digest@hospital.example"], "every": "day"}
+    data["normalization"]["ruleset"] = str(DEFAULT_CONFIG.parent / data["normalization"]["ruleset"])
+    (tmp_path / "digest.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(tmp_path / "digest.yaml"))
+    _clear("pacs_digest")
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    assert _dag("pacs_digest").test(run_conf={"now": tomorrow.isoformat()}).state == "success"
+    path = mail.messages()[-1]
+    subject, html = _html(path)
+    assert "Daily digest" in subject and "compliance-digest@hospital.example" in path.read_text()
+    index_now = {p for p in transferred_partitions(store)}
+    assert _cell(html.replace('data-row="archive"', 'data-partition="ARCHIVE"'), "ARCHIVE", "partitions") == str(
+        len(index_now)
+    )
+    assert "site-default@1" in html  # the rule set that ran

@@ -88,8 +88,24 @@ def test_the_dashboard_says_what_the_manifests_say(client, archive, pacs, s3_ser
     assert http.get(f"/partition/{some}/transfer.parquet").status_code == 404  # not a proof artifact
     assert http.get("/partition/2019-3-1/CT/validation.json").status_code == 400
 
+    # the daily digest over both runs: every run's figures, every partition that needs a look
+    from include.pacs_migration.digest import digest, period, render_digest_html
+
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    d = digest(coverage.read(store), *period(tomorrow, "day"))
+    assert d["runs"] == 2 and d["period"]["partitions"] == len(partitions)
+    for field in ("expected", "migrated", "quarantined", "unresolved"):
+        assert d["period"][field] == sum(getattr(c, field) for c in counts.values()), field
+    partly = {k for k, c in counts.items() if c.quarantined and k not in failed}
+    assert {a["partition"] for a in d["attention"]} == failed | partly
+    mail = render_digest_html(d, "s3://b/", tomorrow, "day")
+    for a in d["attention"]:
+        assert f'data-partition="{a["partition"]}"' in mail
+        assert all(r["meaning"] in mail for r in a["reasons"])
+    assert "generated" in mail
+
     # what the page and the API say carries no patient attribute
-    text = json.dumps([overview, work, heat]) + http.get("/").text + http.get("/api/quarantine.csv").text
+    text = json.dumps([overview, work, heat]) + http.get("/").text + http.get("/api/quarantine.csv").text + mail
     for value in [*archive.patient_names, *archive.patient_ids]:
         assert value not in text
 
