@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean trace bench bench-cget
+.PHONY: demo test lint venv clean trace bench bench-cget ui-screenshots
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -18,7 +18,11 @@ venv: $(STAMP)
 
 ## Run the demo: a real migration of a synthetic archive through Airflow (scheduler + backfill).
 demo: $(STAMP)
-	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m demo.run
+	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m demo.run $(if $(filter 1,$(KEEP)),--keep)
+
+## The UI's main pages (the dashboard, the grid, the Assets view) as PNGs under docs/, from a demo run.
+ui-screenshots: $(STAMP)
+	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m demo.run --screenshots docs
 
 ## Run the tests, on TEST_WORKERS processes (pytest-xdist, a file per worker in order; 0: one process).
 TEST_WORKERS ?= 2

@@ -28,6 +28,7 @@ from include.pacs_migration_dags import (
     associations_per_task,
     default_args,
     nightly_cron,
+    nightly_deadline,
     task_timeouts,
 )
 
@@ -56,6 +57,7 @@ def _now() -> dt.datetime:
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
+    deadline=nightly_deadline(),  # still running when the window closes: the operators are told
     params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
     access_control=ACCESS_CONTROL,
     tags=["pacs", "migration", "nightly"],

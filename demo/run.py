@@ -4,12 +4,16 @@ Starts a simulated legacy PACS, moto's S3 server and an SMTP sink on loopback,
 an Airflow home (SQLite, LocalExecutor) with api-server, scheduler and
 dag-processor, then `airflow backfill create` over the archive's dates; waits,
 prints a summary table and writes demo-output/summary.json. Everything it
-started is stopped when it ends. The bucket is kept in .demo/s3-snapshot so a
-second run sees what the first one wrote (and writes nothing new).
+started is stopped when it ends (``--keep``, ``make demo KEEP=1``: the UI stays
+up until Ctrl-C, with its URL and login printed; ``--screenshots DIR``, ``make
+ui-screenshots``: the dashboard, the grid and the Assets view rendered in
+headless Chromium). The bucket is kept in .demo/s3-snapshot so a second run
+sees what the first one wrote (and writes nothing new).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -39,6 +43,7 @@ DAG_ID = "pacs_migration"
 FIRST_DATE = dt.date(2019, 3, 1)
 DAYS = 5
 TIMEOUT_S = 12 * 60
+DEMO_USER = "admin"
 
 
 def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int, staging: Path) -> dict[str, str]:
@@ -62,6 +67,9 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             # SQLite behind the API server on a small machine: allow slow answers.
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+            # One demo user, its password in .airflow/passwords.json (printed with --keep).
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{DEMO_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(HOME / "passwords.json"),
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
                 {"type": "file", "log_file_path": str(OUT / "openlineage.jsonl"), "append": True}
@@ -179,7 +187,60 @@ def print_table(summary: dict, runs: list[dict], wall: float) -> None:
     print(f"{'wall time':>22}: {wall:.0f} s")
 
 
-def main() -> int:
+def keep_ui(url: str) -> None:
+    """Leave the UI up until Ctrl-C."""
+    password = json.loads((HOME / "passwords.json").read_text())[DEMO_USER]
+    print(f"\nAirflow UI: {url}/  (login {DEMO_USER} / {password})")
+    print(f"the migration dashboard: {url}/pacs-migration/   (also 'Migration' in the navigation)")
+    print("Ctrl-C stops everything.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def screenshots(url: str, folder: Path) -> list[Path]:
+    """The dashboard, the migration's grid (partitions named by partition) and the Assets view."""
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from demo.render import chromium_binary
+
+    password = json.loads((HOME / "passwords.json").read_text())[DEMO_USER]
+    body = json.dumps({"username": DEMO_USER, "password": password}).encode()
+    req = urllib.request.Request(f"{url}/auth/token", body, {"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as rsp:
+        token = json.loads(rsp.read())["access_token"]
+    pages = {
+        "ui-dashboard.png": ("/pacs-migration/", "body[data-loaded=true]"),
+        "ui-grid.png": (f"/dags/{DAG_ID}/tasks/partition.transfer", None),
+        "ui-assets.png": ("/assets", None),
+    }
+    out = []
+    folder.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_binary(), args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        context.add_cookies([{"name": "_token", "value": token, "url": url}])
+        page = context.new_page()
+        for name, (path, ready) in pages.items():
+            page.goto(url + path, wait_until="networkidle")
+            if ready:
+                page.wait_for_selector(ready, timeout=60_000)
+            page.wait_for_timeout(1500)  # the React UI settles after its last request
+            page.screenshot(path=str(folder / name))
+            out.append(folder / name)
+        browser.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="make demo")
+    ap.add_argument("--keep", action="store_true", help="leave the Airflow UI up until Ctrl-C")
+    ap.add_argument("--screenshots", type=Path, default=None, help="render the UI's main pages into this folder")
+    args = ap.parse_args(argv)
     t0 = time.monotonic()
     dates = [FIRST_DATE + dt.timedelta(days=d) for d in range(DAYS)]
     archive = STATE / "archive"
@@ -190,6 +251,7 @@ def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     HOME.mkdir(parents=True)
     OUT.mkdir(parents=True)
+    (HOME / "passwords.json").write_text(json.dumps({DEMO_USER: secrets.token_urlsafe(12)}))
     staging = STATE / "staging"
 
     pacs = SimulatedPACS(archive)
@@ -205,7 +267,8 @@ def main() -> int:
             f"S3 at {s3.endpoint_url} ({restored} objects restored); SMTP on {mail.port}",
             flush=True,
         )
-        env = airflow_env(pacs.port, s3.endpoint_url, mail.port, free_port(), staging)
+        api_port = free_port()
+        env = airflow_env(pacs.port, s3.endpoint_url, mail.port, api_port, staging)
         print("airflow db migrate ...", flush=True)
         airflow_cli(env, "db", "migrate", timeout=600)
         # Register the DAG and queue the backfill before any service writes to SQLite.
@@ -265,6 +328,12 @@ def main() -> int:
             and summary["validation_passed"]
             and summary["expected"] == summary["migrated"] + summary["quarantined"] + summary["unresolved"]
         )
+        url = f"http://127.0.0.1:{api_port}"
+        if args.screenshots:
+            for path in screenshots(url, args.screenshots):
+                print(f"screenshot: {path}", flush=True)
+        if args.keep or os.environ.get("KEEP") == "1":
+            keep_ui(url)
         return 0 if ok else 1
     finally:
         stop_all(procs)

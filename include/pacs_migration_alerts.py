@@ -58,3 +58,39 @@ def failure_notifiers(dotted: tuple[str, ...] = ()) -> list[Any]:
         module, _, name = spec.partition(":")
         out.append(getattr(importlib.import_module(module), name)())
     return out
+
+
+def window_deadline_missed(context: Any = None, window: str = "", **_: Any) -> None:
+    """The nightly run's deadline (its window's length after it was queued)
+    passed with the run still going: it will not finish inside the window.
+    Mails the operators; the units under way stop at the window's end by themselves."""
+    from include.pacs_migration_airflow import fallback_report_config, send_email
+
+    report = fallback_report_config()
+    to = list(report.operators or report.recipients)
+    run = (context or {}).get("dag_run")
+    run_id = getattr(run, "run_id", None) or (context or {}).get("run_id") or "?"
+    subject = f"{report.subject_prefix} ALERT pacs_nightly run {run_id} will not finish inside the window {window}"
+    body = (
+        f"<html><body><p>The nightly run <code>{html.escape(str(run_id))}</code> is still going at the end of the "
+        f"clinical window {html.escape(window)}. Its unit under way stops at its next series (what is done is "
+        "recorded, the rest stays pending); units not started are deferred to the next night. Look at the night's "
+        "budgets (<code>plan.budget</code>) if this repeats.</p></body></html>"
+    )
+    if to:
+        send_email(report, to, subject, body, [])
+
+
+def window_deadline(hours: float, window: str) -> Any:
+    """A DeadlineAlert: the window's length after the nightly run was queued (the window opened)."""
+    import datetime as dt
+
+    from airflow.sdk.definitions.callback import SyncCallback
+    from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
+
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=dt.timedelta(hours=hours),
+        callback=SyncCallback(window_deadline_missed, kwargs={"window": window}),
+        name="window",
+    )

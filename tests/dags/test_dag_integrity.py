@@ -81,3 +81,19 @@ def test_rollback_is_for_the_admin_alone_and_retries_resume(dagbag):
     assert dag.schedule is None and dag.max_active_runs == 1
     assert dag.params["dry_run"] is True  # a trigger without thinking writes nothing
     assert dag.get_task("roll_back").retries >= 1  # a retry resumes the same rollback (its id is the run's)
+
+
+def test_the_nightly_run_has_a_deadline_at_the_windows_end(dagbag):
+    dag = dagbag.dags["pacs_nightly"]
+    deadlines = dag.deadline if isinstance(dag.deadline, list) else [dag.deadline]
+    assert len(deadlines) == 1 and deadlines[0].interval == dt.timedelta(hours=10)  # 20:00-06:00
+    assert deadlines[0].callback.path == "include.pacs_migration_alerts.window_deadline_missed"
+
+
+def test_every_task_alerts_on_failure(dagbag):
+    from include.pacs_migration_alerts import FailureAlert
+
+    for dag in dagbag.dags.values():
+        for t in dag.tasks:
+            callbacks = t.on_failure_callback if isinstance(t.on_failure_callback, list) else [t.on_failure_callback]
+            assert any(isinstance(c, FailureAlert) for c in callbacks), (dag.dag_id, t.task_id)

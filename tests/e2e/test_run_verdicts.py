@@ -100,3 +100,16 @@ def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_
     msg, html, _ = _mail_parts(_reports(airflow_connections["mail"])[-1])
     assert "validation INCOMPLETE: census failed (ConfigError at normalisation)" in msg["Subject"]
     assert "compliance@hospital.example" in msg["To"] and "pacs-team@hospital.example" in msg["To"]
+
+
+def test_the_nightly_window_deadline_alerts_the_operators(airflow_db, airflow_connections):
+    """What the nightly run's DeadlineAlert calls when the window ends with the run still going."""
+    from include.pacs_migration_alerts import window_deadline_missed
+
+    window_deadline_missed({"run_id": "scheduled__2019-03-03T19:00:00+00:00"}, window="20:00-06:00 Europe/Brussels")
+    msg = email.message_from_bytes(airflow_connections["mail"].messages()[-1].read_bytes())
+    assert msg["Subject"].endswith(
+        "ALERT pacs_nightly run scheduled__2019-03-03T19:00:00+00:00 will not finish inside the window "
+        "20:00-06:00 Europe/Brussels"
+    )
+    assert "compliance@hospital.example" in msg["To"]
