@@ -28,7 +28,6 @@ from include.pacs_migration_dags import (
     associations_per_task,
     default_args,
     nightly_cron,
-    nightly_deadline,
     task_timeouts,
 )
 
@@ -57,7 +56,6 @@ def _now() -> dt.datetime:
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    deadline=nightly_deadline(),  # still running when the window closes: the operators are told
     params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
     access_control=ACCESS_CONTROL,
     tags=["pacs", "migration", "nightly"],
@@ -71,12 +69,15 @@ def pacs_nightly():
         from include.pacs_migration_airflow import services
 
         now = _now()
-        night = plan_night(services(), now)
+        io = services()
+        night = plan_night(io, now)
         # The migrate tasks check the window on the same clock: wall time shifted like params.now.
         offset = (now - dt.datetime.now(dt.UTC)).total_seconds()
         get_current_context()["ti"].xcom_push(key="night", value=night.to_json())
         end = night.window_end.isoformat() if night.window_end else None
-        return [{"unit": u.to_json(), "window_end": end, "offset": offset} for u in night.units]
+        w = io.config.plan.window
+        window = f"{w.start:%H:%M}-{w.end:%H:%M} {w.timezone}"
+        return [{"unit": u.to_json(), "window_end": end, "offset": offset, "window": window} for u in night.units]
 
     @task(
         pool=PACS_POOL,
@@ -91,9 +92,10 @@ def pacs_nightly():
         closed (``deferred``, still pending); at the window's end it asks for no
         further series (``window_closed``: what is done is recorded, the rest
         stays pending for a later night)."""
-        from include.pacs_migration.plan import Unit, UnitResult
+        from include.pacs_migration.plan import Unit, UnitResult, UnitState
         from include.pacs_migration.steps import migrate_unit
         from include.pacs_migration_airflow import recorded_failure, services
+        from include.pacs_migration_alerts import window_deadline_missed
 
         unit = Unit.from_json(item["unit"])
         ctx = get_current_context()
@@ -109,9 +111,12 @@ def pacs_nightly():
             io = services(ASSOCIATIONS_PER_TASK)
             lease = io.lease(unit.study_date, f"{DAG_ID}/{ctx['run_id']}")  # one writer per date
             try:
-                return migrate_unit(io, unit, ctx["run_id"], DAG_ID, window_closed).to_json()
+                result = migrate_unit(io, unit, ctx["run_id"], DAG_ID, window_closed)
             finally:
                 lease.release()
+        if result.state is UnitState.WINDOW_CLOSED:  # the night runs past its window: the operators hear now
+            window_deadline_missed(ctx, window=item.get("window") or "")
+        return result.to_json()
 
     @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
     def progress(items: list[dict] | None) -> dict:

@@ -122,18 +122,6 @@ def digest_cron() -> str | None:
     return f"{m} {h} * * {'1' if digest.get('every') == 'week' else '*'}"
 
 
-def nightly_deadline() -> Any:
-    """The nightly run's deadline alert: the window's length after it was queued."""
-    from include.pacs_migration_alerts import window_deadline
-
-    try:
-        plan = PlanConfig.model_validate(_yaml().get("plan") or {})
-    except ValidationError:
-        plan = PlanConfig()
-    w = plan.window
-    return window_deadline(w.hours, f"{w.start:%H:%M}-{w.end:%H:%M} {w.timezone}")
-
-
 def task_timeouts() -> dict[str, dt.timedelta]:
     """``timeouts``: each kind of task's execution_timeout (the models' defaults if the file has none or a bad one)."""
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import mimetypes
-from typing import Annotated, Any
+from typing import Any
 
 READ_AS = "pacs_migration"  # who may read this DAG may read the dashboard
 ARTIFACTS = ("validation.json", "lineage.json", "census.json")  # what a partition's links may open, and gx/...
@@ -24,7 +24,8 @@ def create_app() -> Any:
 
     app = FastAPI(title="PACS migration dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
-    async def reader(user: Annotated[Any, Depends(get_user)]) -> Any:
+    # A default, not Annotated[...]: with postponed annotations FastAPI could not resolve this local name.
+    async def reader(user: Any = Depends(get_user)) -> Any:  # noqa: B008
         from airflow.api_fastapi.app import get_auth_manager
         from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
 
@@ -40,7 +41,10 @@ def create_app() -> Any:
         if exc.status_code == 401 and "text/html" in request.headers.get("accept", ""):
             from airflow.api_fastapi.app import get_auth_manager
 
-            return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)))
+            try:
+                return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)))
+            except RuntimeError:  # no auth manager here (not inside the api-server): say 401
+                pass
         return JSONResponse({"detail": exc.detail}, exc.status_code)
 
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(reader)])

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from include.pacs_migration.dimse import nodelay
@@ -197,6 +198,7 @@ class SimulatedPACS:
         ae.maximum_associations = max_associations
         ae.network_timeout = 60
         ae.dimse_timeout = 60
+        ae.add_supported_context(Verification)  # C-ECHO, as any PACS answers it
         for model in (
             StudyRootQueryRetrieveInformationModelFind,
             PatientRootQueryRetrieveInformationModelFind,

@@ -83,13 +83,6 @@ def test_rollback_is_for_the_admin_alone_and_retries_resume(dagbag):
     assert dag.get_task("roll_back").retries >= 1  # a retry resumes the same rollback (its id is the run's)
 
 
-def test_the_nightly_run_has_a_deadline_at_the_windows_end(dagbag):
-    dag = dagbag.dags["pacs_nightly"]
-    deadlines = dag.deadline if isinstance(dag.deadline, list) else [dag.deadline]
-    assert len(deadlines) == 1 and deadlines[0].interval == dt.timedelta(hours=10)  # 20:00-06:00
-    assert deadlines[0].callback.path == "include.pacs_migration_alerts.window_deadline_missed"
-
-
 def test_every_task_alerts_on_failure(dagbag):
     from include.pacs_migration_alerts import FailureAlert
 

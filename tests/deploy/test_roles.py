@@ -124,7 +124,10 @@ class ApiServer:
                 text = rsp.read()
                 return rsp.status, json.loads(text) if text else {}
         except urllib.error.HTTPError as exc:
-            return exc.code, {}
+            try:
+                return exc.code, json.loads(exc.read() or b"{}")
+            except ValueError:
+                return exc.code, {}
 
 
 # (action, method, path, body) and who may: the role x action table of the closing note.
@@ -247,7 +250,7 @@ def test_the_dashboard_behind_the_login(server, s3_server, tmp_path):
     assert refused.value.code == 401
     status, overview = server.call(server.token("carla"), "GET", "/pacs-migration/api/overview")
     assert status == 200 and overview["totals"]["partitions"] == len(index)
-    _, plugins = server.call(server.token("carla"), "GET", "/api/v2/plugins")
+    _, plugins = server.call(server.token("ada"), "GET", "/api/v2/plugins")
     views = [v for p in plugins["plugins"] for v in p["external_views"]]
     assert any(v["name"] == "Migration" and v["href"] == "pacs-migration/" for v in views)  # in the navigation
 
@@ -281,14 +284,14 @@ def test_the_test_button_of_a_dicom_connection(server, pacs):
     token = server.token("ada")
     extra = json.dumps({"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"})
     body = {
-        "connection_id": "pacs_source",
+        "connection_id": "pacs_new",
         "conn_type": "dicom",
         "host": "127.0.0.1",
         "port": pacs.port,
         "extra": extra,
     }
     status, answer = server.call(token, "POST", "/api/v2/connections/test", body)
-    assert status == 200 and answer["status"] is True, answer
+    assert status == 200 and answer["status"] is True, (status, answer)
     assert answer["message"] == f"LEGACYPACS@127.0.0.1:{pacs.port} answered a C-ECHO from PACSMIGRATE"
     status, answer = server.call(token, "POST", "/api/v2/connections/test", {**body, "port": free_port()})
     assert status == 200 and answer["status"] is False and "did not answer a C-ECHO" in answer["message"]
