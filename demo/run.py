@@ -44,6 +44,7 @@ FIRST_DATE = dt.date(2019, 3, 1)
 DAYS = 5
 TIMEOUT_S = 12 * 60
 DEMO_USER = "admin"
+FIRST_RUN = f"backfill__{FIRST_DATE.isoformat()}T00:00:00+00:00"
 
 
 def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int, staging: Path) -> dict[str, str]:
@@ -203,6 +204,7 @@ def keep_ui(url: str) -> None:
 def screenshots(url: str, folder: Path) -> list[Path]:
     """The dashboard, the migration's grid (partitions named by partition) and the Assets view."""
     import urllib.request
+    from urllib.parse import quote
 
     from playwright.sync_api import sync_playwright
 
@@ -215,7 +217,8 @@ def screenshots(url: str, folder: Path) -> list[Path]:
         token = json.loads(rsp.read())["access_token"]
     pages = {
         "ui-dashboard.png": ("/pacs-migration/", "body[data-loaded=true]"),
-        "ui-grid.png": (f"/dags/{DAG_ID}/tasks/partition.transfer", None),
+        # the mapped transfers of one run, each named by its partition
+        "ui-grid.png": (f"/dags/{DAG_ID}/runs/{quote(FIRST_RUN, safe='')}/tasks/partition.transfer/mapped", None),
         "ui-assets.png": ("/assets", None),
     }
     out = []
