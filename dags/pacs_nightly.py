@@ -24,7 +24,9 @@ from airflow.timetables.trigger import CronTriggerTimetable
 from include.pacs_migration_dags import (
     ACCESS_CONTROL,
     PACS_POOL,
+    archive_asset,
     assessment_asset,
+    asset_partition_key,
     associations_per_task,
     default_args,
     nightly_cron,
@@ -32,6 +34,7 @@ from include.pacs_migration_dags import (
 )
 
 DAG_ID = "pacs_nightly"
+ARCHIVE = archive_asset()
 ASSESSMENT = assessment_asset()  # the plan's estimates come from it
 ASSOCIATIONS_PER_TASK = associations_per_task()
 TIMEOUTS = task_timeouts()
@@ -85,8 +88,9 @@ def pacs_nightly():
         execution_timeout=TIMEOUTS["transfer"],
         map_index_template="{{ unit_label }}",
         max_active_tis_per_dagrun=1,  # tonight's units one after another, in plan order
+        outlets=[ARCHIVE],
     )
-    def migrate(item: dict) -> dict:
+    def migrate(item: dict, *, outlet_events=None) -> dict:
         """One unit of tonight's plan: its own task instance (state, log,
         retries), named after the unit. It does not start once the window has
         closed (``deferred``, still pending); at the window's end it asks for no
@@ -116,6 +120,9 @@ def pacs_nightly():
                 lease.release()
         if result.state is UnitState.WINDOW_CLOSED:  # the night runs past its window: the operators hear now
             window_deadline_missed(ctx, window=item.get("window") or "")
+        validated = [p.partition for p in result.partitions if p.validation_passed and p.counts is not None]
+        if validated:  # the Assets view: these partitions of the archive are validated
+            outlet_events[ARCHIVE].add_partitions([asset_partition_key(*k.split("/")) for k in validated])
         return result.to_json()
 
     @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])

@@ -174,6 +174,18 @@ def test_assessment_then_three_nights_with_window_budget_and_delta(nightly_env, 
         "2019-03-02/US": "migrated",
     }
     assert all(r.state == "done" for r in ledger.units.values()) and len(ledger.units) == 4
+    # the partitions moved tonight (not the unchanged ones) are events of the archive asset
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.name == "pacs_archive", AssetEvent.source_run_id == run.run_id)
+        )
+        keys = {e.partition_key for e in events} - {None}  # a unit that validated nothing: a bare event
+    assert keys == {"2019-03-02|CR", "2019-03-02|US", "2019-03-01|CR", "2019-03-01|US"}
     assert _objects(s3_server, bucket).items() >= before.items()  # nothing rewritten
     msg, html = _last_mail(mail)
     assert 'data-field="units_left">0<' in html
