@@ -89,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", required=True)
     p.add_argument("--user", default=None)
     p.add_argument("--config", type=Path, default=None)
+    x = sub.add_parser("index-rebuild", help="make the dashboard's coverage index again from the manifests")
+    _bucket_args(x)
     args = ap.parse_args(argv)
+    if args.command == "index-rebuild":
+        from include.pacs_migration import coverage
+
+        print(f"coverage index: {coverage.rebuild(_store(args))} partition(s)")
+        return 0
     if args.command in ("rollback", "purge"):
         return _rollback(args)
     if args.command == "sync-roles":

@@ -88,6 +88,12 @@ def test_the_dashboard_says_what_the_manifests_say(client, archive, pacs, s3_ser
     assert http.get(f"/partition/{some}/transfer.parquet").status_code == 404  # not a proof artifact
     assert http.get("/partition/2019-3-1/CT/validation.json").status_code == 400
 
+    # the index is derived data: made again from the manifests, it is the same
+    before = coverage.read(store).drop(columns="updated_at").sort_values(["study_date", "modality"])
+    assert coverage.rebuild(store) == len(partitions)
+    after = coverage.read(store).drop(columns="updated_at").sort_values(["study_date", "modality"])
+    assert before.reset_index(drop=True).equals(after.reset_index(drop=True))
+
     # the daily digest over both runs: every run's figures, every partition that needs a look
     from include.pacs_migration.digest import digest, period, render_digest_html
 
