@@ -54,11 +54,17 @@ def pacs_rollback():
 
         return rollback_task(DAG_ID)
 
-    @task(execution_timeout=TIMEOUTS["report"])
-    def report(result: dict) -> dict:
+    @task(trigger_rule="all_done", retries=0, execution_timeout=TIMEOUTS["report"])
+    def report(result: dict | None) -> dict:
+        """The rollback report to compliance; an unfinished rollback is reported INCOMPLETE."""
+        from airflow.sdk.exceptions import AirflowFailException
+
         from include.pacs_migration_airflow import rollback_report
 
-        return rollback_report(result)
+        sent = rollback_report(DAG_ID, result)
+        if result is None:  # the run must not look successful: roll_back failed
+            raise AirflowFailException(f"the rollback did not complete (reported to {sent['emailed_to']} recipient(s))")
+        return sent
 
     report(roll_back())
 

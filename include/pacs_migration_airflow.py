@@ -331,14 +331,14 @@ def rollback_task(dag_id: str) -> dict[str, Any]:
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
-    from include.pacs_migration.rollback import Selection, SelectionError, rollback_id
+    from include.pacs_migration.rollback import Selection, SelectionError
     from include.pacs_migration.steps import roll_back
 
     configure_logging()
     ctx = get_current_context()
     params, dag_run = ctx["params"] or {}, ctx["dag_run"]
     who = getattr(dag_run, "triggering_user_name", None) or "unknown"
-    rid = rollback_id(f"{dag_id}/{ctx['run_id']}", dag_run.run_after)
+    rid = _rollback_id(dag_id, ctx)
     cfg = runtime_config()
     io = replace(services(cfg=cfg, store=rollback_store(cfg)), actor=f"{dag_id}/{ctx['run_id']} by {who}")
     try:
@@ -361,17 +361,34 @@ def rollback_task(dag_id: str) -> dict[str, Any]:
     return result
 
 
-def rollback_report(result: dict[str, Any]) -> dict[str, Any]:
-    """E-mail compliance the rollback report (a dry run mails nobody)."""
+def _rollback_id(dag_id: str, ctx: Any) -> str:
+    """The run's rollback id: the same for every try of the run (a retry, a cleared task), so they resume it."""
+    from include.pacs_migration.rollback import rollback_id
+
+    run = ctx["dag_run"]
+    when = getattr(run, "logical_date", None) or run.run_after
+    return rollback_id(f"{dag_id}/{when.isoformat() if getattr(run, 'logical_date', None) else ctx['run_id']}", when)
+
+
+def rollback_report(dag_id: str, result: dict[str, Any] | None) -> dict[str, Any]:
+    """E-mail compliance the rollback report (a dry run mails nobody). When the
+    rollback task failed for good, a rollback that had begun is reported
+    INCOMPLETE from its journal (clearing the task resumes it)."""
+    from airflow.sdk import get_current_context
+
     from include.pacs_migration.report import render_rollback_html, rollback_subject
     from include.pacs_migration.rollback import read_record
 
-    if result.get("dry_run"):
+    if result is not None and result.get("dry_run"):
         return {"emailed_to": 0}
+    ctx = get_current_context()
+    rid = result["rollback_id"] if result else _rollback_id(dag_id, ctx)
     cfg = runtime_config()
-    record = read_record(rollback_store(cfg), result["rollback_id"])
+    record = read_record(rollback_store(cfg), rid)
     if record is None:
-        raise RuntimeError(f"rollback {result['rollback_id']}: no record in the bucket")
+        if result is None:
+            return {"emailed_to": 0}  # refused or failed before it wrote anything: the failure alert says why
+        raise RuntimeError(f"rollback {rid}: no record in the bucket")
     html = render_rollback_html(record, f"s3://{cfg.target.bucket}/{cfg.target.prefix}", cfg.rollback.retention_days)
     to = list(cfg.report.recipients) + list(cfg.report.operators)
     send_email(cfg.report, to, rollback_subject(cfg.report.subject_prefix, record), html, [])

@@ -9,18 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .assessment import read_by_date
-from .plan import LEDGER_KEY, Ledger, NightPlan, UnitResult, eta, record_night, select_night
+from .ledger_store import read_ledger, update_ledger
+from .plan import Ledger, NightPlan, UnitResult, eta, record_night, select_night
 from .report import render_progress_html
 from .steps import Services
 
 
-def _ledger(services: Services) -> Ledger:
-    return Ledger.from_bytes(services.store.get_or_none(services.store.target.key(LEDGER_KEY)))
-
-
 def plan_night(services: Services, now: dt.datetime) -> NightPlan:
     """Tonight's units, at the measured rate (the assessment's until something was measured)."""
-    cfg, ledger = services.config, _ledger(services)
+    cfg, ledger = services.config, read_ledger(services.store)
     rate = ledger.measured_rate() or cfg.assessment.throughput_instances_s
     return select_night(cfg.plan, ledger, now, read_by_date(services.store), rate)
 
@@ -38,14 +35,17 @@ def record_progress(
 ) -> NightProgress:
     """Fold tonight's results into the ledger (stored) and say what is left."""
     cfg, store = services.config, services.store
-    ledger = _ledger(services)
-    entry = record_night(ledger, night, results, now, run_id)
-    status = eta(
-        cfg.plan, ledger, night.night or now.date(), read_by_date(store), cfg.assessment.throughput_instances_s
-    )
-    entry["progress"] = status
-    data = ledger.to_bytes()
-    store.put(store.target.key(LEDGER_KEY), data, "application/json")
+    by_date = read_by_date(store)
+
+    def fold(ledger: Ledger) -> dict[str, Any]:  # may run again on a fresher ledger (a rollback reopened units)
+        entry = record_night(ledger, night, results, now, run_id)
+        entry["progress"] = eta(
+            cfg.plan, ledger, night.night or now.date(), by_date, cfg.assessment.throughput_instances_s
+        )
+        return entry
+
+    ledger, entry = update_ledger(store, fold)
+    status, data = entry["progress"], ledger.to_bytes()
     html = render_progress_html(
         night.to_json(), results, status, run_id, f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
     )

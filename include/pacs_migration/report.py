@@ -373,6 +373,11 @@ def render_rollback_html(record: dict[str, Any], bucket_uri: str, retention_days
 
 def rollback_subject(prefix: str, record: dict[str, Any]) -> str:
     t = record["plan"]["totals"]
+    if record["state"] == "in_progress":
+        return (
+            f"{prefix} Rollback {record['rollback_id']} INCOMPLETE: {t['partitions']} partition(s), "
+            f"{t['objects']} object(s) planned; clear its roll_back task to finish it"
+        )
     return (
         f"{prefix} Rollback {record['rollback_id']} {record['state']}: {t['partitions']} partition(s), "
         f"{t['objects']} object(s) moved to rolled-back/; re-run to migrate them again"

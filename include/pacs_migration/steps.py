@@ -21,11 +21,12 @@ from .config import MigrationConfig
 from .counts import PartitionCounts, counts_from_frame
 from .dimse import FindSession, retriever
 from .lease import DateLease, LeaseHeld
+from .ledger_store import read_ledger, update_ledger
 from .lineage import lineage_record
 from .manifest import PartitionManifests
 from .normalize_processes import NormalizeProcesses, normalize_processes
 from .partition import Partition
-from .plan import LEDGER_KEY, Ledger, PartitionAction, PartitionResult, Unit, UnitResult, UnitState, reopen
+from .plan import PartitionAction, PartitionResult, Unit, UnitResult, UnitState, reopen
 from .privacy import PatientKeyer
 from .reasons import ReasonCode
 from .request import RunRequest
@@ -393,9 +394,7 @@ _NOT_FIGURES = {"run_ids", "study_uids", "patient_keys", "moved"}
 
 def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str, Any]) -> None:
     """Audit (110105 per partition) and the nightly ledger, once per rollback."""
-    ledger_key = services.store.target.key(LEDGER_KEY)
-    ledger = Ledger.from_bytes(services.store.get_or_none(ledger_key))
-    if any(r.get("rollback_id") == plan.rollback_id for r in ledger.rollbacks):
+    if any(r.get("rollback_id") == plan.rollback_id for r in read_ledger(services.store).rollbacks):
         return  # a resumed rollback recorded itself before
     with services.audit().session() as trail:
         for pp in plan.partitions:
@@ -403,8 +402,8 @@ def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str,
             note = f"rollback {plan.rollback_id} of {pp.partition.key}: {len(pp.objects)} object(s) moved to {where}"
             trail.deleted(plan.requested_by, pp.study_uids, pp.patient_keys, f"{note}; reason: {plan.reason}")
     parts = [(p.partition.study_date, p.partition.modality) for p in plan.partitions]
-    reopen(ledger, parts, plan.rollback_id, dt.datetime.fromisoformat(record["finished_at"]))
-    services.store.put(ledger_key, ledger.to_bytes(), "application/json")
+    at = dt.datetime.fromisoformat(record["finished_at"])
+    update_ledger(services.store, lambda ledger: reopen(ledger, parts, plan.rollback_id, at))  # never over a night
     _index(services, [p.partition for p in plan.partitions])
 
 

@@ -222,3 +222,48 @@ def test_three_studies_requested_by_uid(airflow_db, airflow_connections, s3_serv
         len(index_now)
     )
     assert "site-default@1" in html  # the rule set that ran
+
+
+def test_a_rollback_task_that_breaks_halfway_is_reported_incomplete_and_resumes(
+    airflow_db, airflow_connections, s3_server, tmp_path, monkeypatch
+):
+    """The roll_back task dies after three objects (its retries spent): compliance
+    is told the rollback is INCOMPLETE; a new try of the same run finishes it."""
+    from include.pacs_migration import rollback
+
+    bucket, mail = airflow_connections["bucket"], airflow_connections["mail"]
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket))
+    _config(tmp_path, 1, monkeypatch)
+    assert _migrate({"modalities": ["CT"]}).state == "success"
+    ct = PartitionManifests(store, CT)
+    live = set(ct.transfer()["object_key"].dropna())
+    real, moved = rollback.move_object, []
+
+    def dies_after_three(*args, **kwargs):
+        if len(moved) == 3:
+            raise ConnectionResetError("worker lost")
+        moved.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollback, "move_object", dies_after_three)
+    dag = _dag("pacs_rollback")
+    for t in dag.tasks:
+        t.retries = 0
+    _clear("pacs_rollback")
+    when = dt.datetime(2026, 12, 6, 3, 0, tzinfo=dt.UTC)
+    conf = {"partitions": ["2019-03-01/CT"], "reason": "v1 wrong", "dry_run": False}
+    assert dag.test(logical_date=when, run_conf=conf).state == "failed"  # not a success: it did not complete
+    subjects = [_html(m)[0] for m in mail.messages()]
+    assert any("INCOMPLETE" in s and "clear its roll_back task to finish it" in s for s in subjects), subjects
+    assert sum(store.head(k) is None for k in live) == 3  # three moved, the rest still live, none lost
+
+    monkeypatch.setattr(rollback, "move_object", real)
+    # The same run again (its id and run_after, so its rollback id: what clearing the task gives)
+    _clear("pacs_rollback")
+    run = dag.test(logical_date=when, run_conf=conf)
+    assert run.state == "success", run.state
+    subject, _ = _html(mail.messages()[-1])
+    assert " complete: 1 partition(s), " in subject and len(ct.rollback_records()) == 1  # resumed, not a second one
+    rid = ct.rollback_records()[0]["rollback_id"]
+    for key in live:
+        assert store.head(key) is None and store.head(ct.rolled_back_copy(rid, key)) is not None

@@ -314,3 +314,26 @@ def test_a_rollback_killed_halfway_resumes_to_completion(pacs, s3_server, bucket
     assert (
         "state             rolled_back" in trace.stdout and "rolled back by rb-kill (erin: wrong rule)" in trace.stdout
     )
+
+
+def test_the_ledger_is_changed_only_over_the_version_read(s3_server, bucket, tmp_path):
+    """A rollback reopening units while the nightly records its night: neither loses the other's change."""
+    from include.pacs_migration.ledger_store import read_ledger, update_ledger
+    from include.pacs_migration.plan import reopen
+
+    cfg = migration_config(1, bucket, tmp_path / "staging")
+    store = object_store(cfg, s3_server.endpoint_url)
+    store.put(LEDGER_KEY, Ledger({"2019-03-01|*": UnitRecord(UnitState.DONE, 1, "p1")}).to_bytes(), "application/json")
+    calls = []
+
+    def night(ledger):
+        calls.append(1)
+        if len(calls) == 1:  # a rollback writes between our read and our write
+            update_ledger(store, lambda other: reopen(other, [(DATE, "CT")], "rb-race", dt.datetime.now(dt.UTC)))
+        ledger.nights.append({"night": "2019-03-05"})
+
+    update_ledger(store, night)
+    final = read_ledger(store)
+    assert len(calls) == 2  # our first write was refused, the change applied again on the fresh ledger
+    assert final.nights == [{"night": "2019-03-05"}] and final.rollbacks[0]["rollback_id"] == "rb-race"
+    assert final.units["2019-03-01|*"].state is UnitState.PENDING
