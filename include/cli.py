@@ -89,9 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", required=True)
     p.add_argument("--user", default=None)
     p.add_argument("--config", type=Path, default=None)
+    ls = sub.add_parser("rollbacks", help="every rollback of the bucket: id, state, when, who, why, objects")
+    _bucket_args(ls)
     x = sub.add_parser("index-rebuild", help="make the dashboard's coverage index again from the manifests")
     _bucket_args(x)
     args = ap.parse_args(argv)
+    if args.command == "rollbacks":
+        from include.pacs_migration.rollback import list_records
+
+        for r in list_records(_store(args)):
+            plan, t = r["plan"], r["plan"]["totals"]
+            what = f"{plan['requested_by']}: {t['objects']} object(s) of {t['partitions']} partition(s)"
+            print(f"{r['rollback_id']}  {r['state']:<11} {r['started_at'][:19]}  {what}; {plan['reason']}")
+        return 0
     if args.command == "index-rebuild":
         from include.pacs_migration import coverage
 

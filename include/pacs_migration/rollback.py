@@ -381,7 +381,7 @@ def execute(store: ObjectStore, plan: RollbackPlan, now: dt.datetime, moved_hook
     tally = {"moved": 0, "already": 0}
     if journal.value["state"] != "complete":
         for pp in plan.partitions:
-            _roll_back_partition(store, journal, plan, pp, now, tally, moved_hook)
+            _roll_back_partition(store, journal, plan, pp, tally, moved_hook)
         journal.value.update(state="complete", finished_at=dt.datetime.now(dt.UTC).isoformat())
         journal.save()
     log.info("rollback %s: %d object(s) moved, %d moved before", plan.rollback_id, tally["moved"], tally["already"])
@@ -393,7 +393,6 @@ def _roll_back_partition(
     journal: Journal,
     plan: RollbackPlan,
     pp: PartitionPlan,
-    now: dt.datetime,
     tally: dict[str, int],
     moved_hook: Any,
 ) -> None:
