@@ -21,10 +21,11 @@ def _conn(port: int, called: str = "ORTHANC", **extra: str) -> Connection:
 
 def test_the_connection_type_is_registered_with_its_form():
     from airflow.providers_manager import ProvidersManager
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
-    pm = ProvidersManager()
+    pm = ProvidersManager()  # the api-server's view: providers and the connection form
     assert "pacs-migration" in pm.providers  # make venv installs the project's provider metadata
-    assert pm.hooks["dicom"].hook_class_name == "include.pacs_migration_hook.DicomHook"
+    assert ProvidersManagerTaskRuntime().hooks["dicom"].hook_class_name == "include.pacs_migration_hook.DicomHook"
     assert {"extra__dicom__called_ae_title", "extra__dicom__tls_ca_file"} <= set(pm.connection_form_widgets)
     assert pm.field_behaviours["dicom"]["relabeling"] == {"host": "PACS host", "port": "DICOM port"}
 
