@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--patient-id", default=None, help="PatientID (find; keyed with $PACS_PATIENT_KEY_SECRET)")
     a.add_argument("--issuer", default="", help="IssuerOfPatientID, with --patient-id")
     a.add_argument("--json", action="store_true")
+    a.add_argument("--user", default=None, help="who reads the trail (default: your login name; recorded, 110101)")
     d = sub.add_parser("dry-run", help="what a rule set would change, writing nothing (counts only)")
     d.add_argument("--rules", required=True, type=Path, help="rule-set YAML file")
     d.add_argument("--source-ae", default=None, help="source AE title, for rule conditions")
@@ -216,6 +217,7 @@ def _audit(args: argparse.Namespace, store: ObjectStore) -> int:
 
     if args.action == "verify":
         result = chain.verify(store, chain.schema_validator())
+        _log_used(store, args, f"audit verify: {result.links} link(s), {'intact' if result.ok else 'BROKEN'}")
         print(
             f"audit log: {result.links} link(s), {result.messages} message(s), "
             + ("chain intact" if result.ok else "BROKEN")
@@ -237,6 +239,7 @@ def _audit(args: argparse.Namespace, store: ObjectStore) -> int:
         print("find needs --study or --patient-id", file=sys.stderr)
         return 2
     events = chain.find(store, ids)
+    _log_used(store, args, f"audit find: {len(events)} event(s) for {len(ids)} identifier(s)")
     if args.json:
         print(json.dumps(events, indent=2))
     for e in [] if args.json else events:
@@ -247,6 +250,19 @@ def _audit(args: argparse.Namespace, store: ObjectStore) -> int:
         if e["description"]:
             print(f"    {e['description']}")
     return 0
+
+
+def _log_used(store: ObjectStore, args: argparse.Namespace, description: str) -> None:
+    """Reading the audit trail is itself recorded (110101), with who read it."""
+    import getpass
+
+    from include.pacs_migration.audit import AuditTrail
+    from include.pacs_migration.config import AuditConfig
+
+    who = args.user or getpass.getuser()
+    trail = AuditTrail(store, AuditConfig(), None, f"cli:{who}")
+    trail.log_used(who, description)
+    trail.flush()
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -117,8 +117,12 @@ def test_find_answers_who_touched_a_study_or_a_patient(s3_server, bucket, capsys
     assert main(["audit", "find", "--study", STUDY, *common]) == 0
     text = capsys.readouterr().out
     assert "Security Alert" in text and "LEGACYPACS" in text and "airflow:pacs_migration/test-run" in text
-    assert main(["audit", "verify", *common]) == 0
+    assert main(["audit", "verify", "--user", "ines", *common]) == 0
     assert "chain intact" in capsys.readouterr().out
+    # who watches the watchers: each reading of the trail is in the trail (110101), with who read it
+    used = [e for e in chain.find(store, {f"s3://{bucket}/_audit/"}) if e["event"] == "Audit Log Used"]
+    assert len(used) == 3 and any("ines" in p for p in used[-1]["participants"])
+    assert used[-1]["description"].startswith("audit verify:") and chain.verify(store, chain.schema_validator()).ok
     monkeypatch.delenv("PACS_PATIENT_KEY_SECRET")
     assert main(["audit", "find", "--patient-id", "4711006", *common]) == 2
 

@@ -25,6 +25,7 @@ from .messages import (
     Role,
     StudyObject,
     application_activity,
+    audit_log_used,
     instances_accessed,
     query,
     security_alert,
@@ -133,6 +134,12 @@ class AuditTrail:
         who = Participant(person, True, None, socket.gethostname())
         studies = [StudyObject(u) for u in sorted(set(study_uids))]
         self.add(instances_accessed(who, self.app(), self.source, studies, patient_keys, purpose))
+
+    def log_used(self, person: str, description: str) -> None:
+        """110101: ``person`` read the audit trail (who watches the watchers)."""
+        who = Participant(person, True, None, socket.gethostname())
+        uri = f"s3://{self.store.bucket}/{self.store.target.prefix}_audit/"
+        self.add(audit_log_used(who, self.app(), self.source, uri, description))
 
     def deleted(self, person: str, study_uids: Iterable[str], patient_keys: Iterable[str], description: str) -> None:
         """110105: a rollback took studies out of the live layout, or a purge deleted their copies."""

@@ -28,6 +28,7 @@ class EventID(Code, Enum):
     """The audit events of the pipeline (PS3.16 CID 400)."""
 
     APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+    AUDIT_LOG_USED = Code("110101", "DCM", "Audit Log Used")
     BEGIN_TRANSFERRING = Code("110102", "DCM", "Begin Transferring DICOM Instances")
     INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
     INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
@@ -296,4 +297,22 @@ def study_deleted(
     objects = [*(_study(s) for s in studies), *(_patient(k) for k in sorted(set(patient_keys)))]
     return message(
         EventID.STUDY_DELETED, "D", Outcome.SUCCESS, [person, app], source, objects=objects, description=description
+    )
+
+
+URI = Code("12", "RFC-3881", "URI")
+SECURITY_RESOURCE = "13"  # ParticipantObjectTypeCodeRole
+
+
+def audit_log_used(person: Participant, app: Participant, source: AuditSource, log_uri: str, description: str) -> bytes:
+    """110101: someone read the audit trail itself (``audit find``, ``audit verify``)."""
+    obj = ET.Element(
+        "ParticipantObjectIdentification",
+        ParticipantObjectID=log_uri,
+        ParticipantObjectTypeCode="2",
+        ParticipantObjectTypeCodeRole=SECURITY_RESOURCE,
+    )
+    _coded(obj, "ParticipantObjectIDTypeCode", URI)
+    return message(
+        EventID.AUDIT_LOG_USED, "R", Outcome.SUCCESS, [person, app], source, objects=[obj], description=description
     )
