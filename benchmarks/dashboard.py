@@ -32,7 +32,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    import include.pacs_migration_ui as ui
+    import include.pacs_migration_airflow as ui
 
     s3 = S3Server()
     try:
@@ -46,7 +46,7 @@ def main() -> int:
         index = synthetic_index(dt.date(2015, 1, 1), 3653, MODALITIES)
         data = coverage._bytes(index)
         store.put(coverage.INDEX_KEY, data, "application/vnd.apache.parquet")
-        ui._sources = lambda: (cfg, store)  # type: ignore[assignment]
+        ui.dashboard_sources = lambda: (cfg, store)  # type: ignore[assignment]
         app = ui.create_app()
         app.dependency_overrides[app.state.reader] = lambda: "bench"
         client = TestClient(app)

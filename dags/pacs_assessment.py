@@ -19,7 +19,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, assessment_asset, default_args, task_timeouts
+from include.pacs_migration_airflow import assessment_asset, default_args
+from include.pacs_migration_dags import ACCESS_CONTROL, PACS_POOL, task_timeouts
 
 TIMEOUTS = task_timeouts()
 
@@ -56,8 +57,9 @@ def pacs_assessment():
         from include.pacs_migration.assessment import assess as assess_archive
         from include.pacs_migration.assessment import render_assessment_html, write_assessment
         from include.pacs_migration.dimse import FindSession
+        from include.pacs_migration.logs import configure_logging
         from include.pacs_migration.progress import ProgressLog
-        from include.pacs_migration_airflow import configure_logging, object_store, runtime_config
+        from include.pacs_migration_airflow import object_store, runtime_config
 
         configure_logging()
         cfg = runtime_config()

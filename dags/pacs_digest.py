@@ -12,7 +12,8 @@ import datetime as dt
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from include.pacs_migration_dags import ACCESS_CONTROL, default_args, digest_cron, task_timeouts
+from include.pacs_migration_airflow import default_args
+from include.pacs_migration_dags import ACCESS_CONTROL, digest_cron, task_timeouts
 
 DAG_ID = "pacs_digest"
 CRON = digest_cron()

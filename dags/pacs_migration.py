@@ -17,13 +17,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from include.pacs_migration_airflow import archive_asset, default_args
 from include.pacs_migration_dags import (
     ACCESS_CONTROL,
     PACS_POOL,
-    archive_asset,
     asset_partition_key,
     associations_per_task,
-    default_args,
     task_timeouts,
 )
 

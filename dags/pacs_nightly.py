@@ -21,14 +21,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from include.pacs_migration_airflow import archive_asset, assessment_asset, default_args
 from include.pacs_migration_dags import (
     ACCESS_CONTROL,
     PACS_POOL,
-    archive_asset,
-    assessment_asset,
     asset_partition_key,
     associations_per_task,
-    default_args,
     nightly_cron,
     task_timeouts,
 )
@@ -98,8 +96,7 @@ def pacs_nightly():
         stays pending for a later night)."""
         from include.pacs_migration.plan import Unit, UnitResult, UnitState
         from include.pacs_migration.steps import migrate_unit
-        from include.pacs_migration_airflow import recorded_failure, services
-        from include.pacs_migration_alerts import window_deadline_missed
+        from include.pacs_migration_airflow import recorded_failure, services, window_deadline_missed
 
         unit = Unit.from_json(item["unit"])
         ctx = get_current_context()

@@ -19,7 +19,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from airflow.sdk import Param, dag, task
 
-from include.pacs_migration_dags import default_args, task_timeouts
+from include.pacs_migration_airflow import default_args
+from include.pacs_migration_dags import task_timeouts
 
 DAG_ID = "pacs_rollback"
 TIMEOUTS = task_timeouts()

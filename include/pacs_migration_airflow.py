@@ -1,25 +1,40 @@
-"""Airflow glue for the DAGs: turns Connections, Variables and the YAML file
-into the core's plain config and clients. The core itself never imports
-Airflow; this module is the only place that joins the two."""
+"""Airflow glue: turns Connections, Variables and the YAML file into the
+core's plain config and clients, and gives Airflow what it asks of a project:
+the DAGs' default args and assets, failure alerts, the ``dicom`` connection
+type's hook and the migration dashboard's app. The core itself never imports
+Airflow; this module is the only place that joins the two. DAG files import
+it at parse time: its own imports stay light (the core's heavy parts are
+imported where they are used)."""
 
 from __future__ import annotations
 
+import html
 import json
+import mimetypes
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook, Variable
+from airflow.sdk import Asset, BaseHook, BaseNotifier, Variable
 
-from include.pacs_migration.config import ConfigError, MigrationConfig, ReportConfig, deep_merge, load_config, read_yaml
-from include.pacs_migration.logs import configure_logging
+from include.pacs_migration.config import (
+    ConfigError,
+    MigrationConfig,
+    ReportConfig,
+    deep_merge,
+    load_config,
+    read_yaml,
+    source_overlay,
+)
 from include.pacs_migration.privacy import SECRET_CONNECTION, SECRET_VARIABLE
-from include.pacs_migration.steps import Services
-from include.pacs_migration.store import ObjectStore
-from include.pacs_migration_dags import CONFIG_ENV, config_path
+from include.pacs_migration_dags import CONFIG_ENV, alert_notifiers, asset_uris, config_path
+
+if TYPE_CHECKING:
+    from include.pacs_migration.steps import Services
+    from include.pacs_migration.store import ObjectStore
 
 SOURCE_CONN_ID = "pacs_source"
 FAILURE_KEY = "failure"
@@ -51,8 +66,6 @@ def runtime_config() -> MigrationConfig:
         conn = BaseHook.get_connection(SOURCE_CONN_ID)
     except Exception as exc:
         raise ConfigError(f"connection {SOURCE_CONN_ID}", f"not found ({type(exc).__name__})") from None
-    from include.pacs_migration_hook import source_overlay
-
     overlay: dict[str, Any] = {
         # a `dicom` Connection (its form's AE titles and TLS files) or a generic one with the same extra keys
         "source": source_overlay(conn.host, conn.port, conn.extra_dejson or {}),
@@ -79,6 +92,8 @@ def send_email(report: ReportConfig, to: list[str], subject: str, html: str, fil
 def object_store(cfg: MigrationConfig, conn_id: str = AWS_CONN_ID) -> ObjectStore:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    from include.pacs_migration.store import ObjectStore
+
     client = S3Hook(aws_conn_id=conn_id, config=cfg.target.client_config()).get_conn()
     return ObjectStore(client, cfg.target)
 
@@ -101,6 +116,8 @@ def services(
 ) -> Services:
     """Every I/O the steps use, from this deployment's config, Connections and
     OpenLineage transport. ``max_associations``: the PACS pool slots the task holds."""
+    from include.pacs_migration.steps import Services
+
     cfg = cfg or runtime_config()
     store = store or object_store(cfg)
     return Services(cfg, store, max_associations, endpoint_of(store), emit_openlineage, patient_secret=patient_secret())
@@ -197,6 +214,8 @@ def recorded_failure(partition: str | None = None) -> Iterator[None]:
     (AirflowFailException) is the verdict, not a task failure."""
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
+
+    from include.pacs_migration.logs import configure_logging
 
     configure_logging()
     try:
@@ -331,6 +350,7 @@ def rollback_task(dag_id: str) -> dict[str, Any]:
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
+    from include.pacs_migration.logs import configure_logging
     from include.pacs_migration.rollback import Selection, SelectionError
     from include.pacs_migration.steps import roll_back
 
@@ -412,3 +432,256 @@ def send_digest(now: Any) -> dict[str, Any]:
         cfg.report, list(wanted.recipients), digest_subject(cfg.report.subject_prefix, value, wanted.every), html, []
     )
     return {"emailed_to": len(wanted.recipients), "partitions": value["period"]["partitions"]}
+
+
+# ---------------------------------------------------------------- what the DAG files take at parse time
+
+
+def default_args() -> dict[str, Any]:
+    """Every migration DAG's task defaults: retries with backoff, and failure
+    alerts (e-mail to the operators, plus ``alerts.notifiers`` of the YAML)."""
+    import datetime as dt
+
+    return {
+        "retries": 2,
+        "retry_delay": dt.timedelta(seconds=20),
+        "retry_exponential_backoff": True,
+        "on_failure_callback": failure_notifiers(alert_notifiers()),
+    }
+
+
+def archive_asset() -> Asset:
+    """The migrated archive as an Airflow asset: each validated partition adds an
+    event with the partition key ``YYYY-MM-DD|MODALITY`` (the Assets view lists them;
+    downstream DAGs can be scheduled per partition with ``PartitionedAssetTimetable``)."""
+    return Asset(name="pacs_archive", uri=asset_uris()["pacs_archive"], group="pacs")
+
+
+def assessment_asset() -> Asset:
+    """The archive's assessment (``_assessment/``): ``pacs_assessment`` produces it, ``pacs_nightly`` plans from it."""
+    return Asset(name="pacs_assessment", uri=asset_uris()["pacs_assessment"], group="pacs")
+
+
+# ---------------------------------------------------------------- failure alerts
+# Every migration task that fails for good (its retries spent) tells the operators at once, by
+# e-mail through the SMTP Connection; a site adds its own notifiers (Slack, a pager) in the YAML:
+# ``alerts.notifiers: ["mysite.alerts:slack_notifier"]``. An alert names the DAG, task, partition,
+# run, try and the error's class: never the error's message, which may quote a value from an instance.
+
+
+class FailureAlert(BaseNotifier):
+    """E-mails ``report.operators`` (else ``report.recipients``)."""
+
+    def notify(self, context: Any) -> None:
+        ti = context["ti"]
+        report = fallback_report_config()  # works even when the configuration is what broke
+        to = list(report.operators or report.recipients)
+        if not to:
+            return
+        partition = getattr(ti, "rendered_map_index", None) or (
+            str(ti.map_index) if getattr(ti, "map_index", -1) >= 0 else None
+        )
+        error = error_label(context["exception"]) if context.get("exception") else "failed"
+        where = f"{ti.dag_id}.{ti.task_id}" + (f" [{partition}]" if partition else "")
+        subject = f"{report.subject_prefix} ALERT {where} failed: {error}"
+        rows = [
+            ("DAG", ti.dag_id),
+            ("task", ti.task_id),
+            ("partition", partition or "-"),
+            ("run", ti.run_id),
+            ("try", getattr(ti, "try_number", "?")),
+            ("error", error),
+        ]
+        body = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        log = getattr(ti, "log_url", None)
+        link = f'<p><a href="{html.escape(log)}">the task log</a></p>' if log else ""
+        page = (
+            f"<html><body><h1>{html.escape(where)} failed</h1><table>{body}</table>{link}"
+            "<p>Its retries are spent. The run's report says what was proven; this alert says what to look at.</p>"
+            "</body></html>"
+        )
+        send_email(report, to, subject, page, [])
+
+
+def failure_notifiers(dotted: tuple[str, ...] = ()) -> list[Any]:
+    """The e-mail alert, then the site's own (``module:callable`` returning a notifier)."""
+    out: list[Any] = [FailureAlert()]
+    import importlib
+
+    for spec in dotted:
+        module, _, name = spec.partition(":")
+        out.append(getattr(importlib.import_module(module), name)())
+    return out
+
+
+def window_deadline_missed(context: Any = None, window: str = "", **_: Any) -> None:
+    """The nightly run reached the end of its window with work left: a unit
+    was stopped part-way (the rest of the night's units are deferred). Mails
+    the operators at once. (Airflow 3.3.2's DeadlineAlert would say the same,
+    but ``dag.test()`` cannot run a DAG that declares one: its deadline lookup
+    fails with ``AttributeError: 'dict' object has no attribute 'hex'``.)"""
+    report = fallback_report_config()
+    to = list(report.operators or report.recipients)
+    run = (context or {}).get("dag_run")
+    run_id = getattr(run, "run_id", None) or (context or {}).get("run_id") or "?"
+    subject = f"{report.subject_prefix} ALERT pacs_nightly run {run_id} will not finish inside the window {window}"
+    body = (
+        f"<html><body><p>The nightly run <code>{html.escape(str(run_id))}</code> is still going at the end of the "
+        f"clinical window {html.escape(window)}. Its unit under way stops at its next series (what is done is "
+        "recorded, the rest stays pending); units not started are deferred to the next night. Look at the night's "
+        "budgets (<code>plan.budget</code>) if this repeats.</p></body></html>"
+    )
+    if to:
+        send_email(report, to, subject, body, [])
+
+
+# ---------------------------------------------------------------- the `dicom` connection type
+# Registered by this project's provider entry point (include/pacs_migration_provider.py).
+
+
+class DicomHook(BaseHook):
+    """A DICOM peer (the legacy PACS): C-ECHO as the connection test."""
+
+    conn_name_attr = "dicom_conn_id"
+    default_conn_name = "pacs_source"
+    conn_type = "dicom"
+    hook_name = "DICOM (legacy PACS)"
+
+    def __init__(self, dicom_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dicom_conn_id = dicom_conn_id
+
+    def source(self, connection: Any = None) -> Any:
+        from include.pacs_migration.config import SourceConfig
+
+        conn = connection or self.get_connection(self.dicom_conn_id)
+        values = {k: v for k, v in source_overlay(conn.host, conn.port, conn.extra_dejson or {}).items() if v}
+        return SourceConfig.model_validate(values)
+
+    def test_connection(self, connection: Any = None) -> tuple[bool, str]:
+        """C-ECHO the peer: (True, who answered) or (False, why not, naming the field or the error class)."""
+        from pydantic import ValidationError
+
+        from include.pacs_migration.dimse import echo
+
+        try:
+            source = self.source(connection or self.get_connection(self.dicom_conn_id))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(x) for x in first["loc"])
+            return False, f"{field}: {first['msg']}"
+        peer = f"{source.called_ae_title}@{source.host}:{source.port}"
+        try:
+            status = echo(source)
+        except Exception as exc:  # the peer's answer, not a crash of the form
+            return False, f"{peer} did not answer a C-ECHO from {source.calling_ae_title}: {type(exc).__name__}: {exc}"
+        if status != 0:
+            return False, f"{peer} answered the C-ECHO with status 0x{status:04X}"
+        return True, f"{peer} answered a C-ECHO from {source.calling_ae_title}" + (" over TLS" if source.tls else "")
+
+
+# ---------------------------------------------------------------- the migration dashboard
+
+
+READ_AS = "pacs_migration"  # who may read this DAG may read the dashboard
+ARTIFACTS = ("validation.json", "lineage.json", "census.json")  # what a partition's links may open, and gx/...
+
+
+def create_app() -> Any:
+    """The migration dashboard, a FastAPI app the plugin mounts at ``/pacs-migration``
+    in the api-server (plugins/pacs_migration_dashboard.py). Airflow does not
+    authenticate plugin apps: every route needs a user the auth manager lets read
+    ``pacs_migration`` (all three roles), through the api-server's own ``get_user``."""
+    from airflow.api_fastapi.core_api.security import get_user
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+    app = FastAPI(title="PACS migration dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+
+    # A default, not Annotated[...]: with postponed annotations FastAPI could not resolve this local name.
+    async def reader(user: Any = Depends(get_user)) -> Any:  # noqa: B008
+        from airflow.api_fastapi.app import get_auth_manager
+        from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+
+        if not get_auth_manager().is_authorized_dag(method="GET", details=DagDetails(id=READ_AS), user=user):
+            raise HTTPException(403, f"not allowed to read {READ_AS}")
+        return user
+
+    app.state.reader = reader  # the one gate of every route (tests override it)
+
+    @app.exception_handler(HTTPException)
+    async def to_login(request: Request, exc: HTTPException) -> Response:
+        """A person without a session is sent to Airflow's login; an API caller gets the status."""
+        if exc.status_code == 401 and "text/html" in request.headers.get("accept", ""):
+            from airflow.api_fastapi.app import get_auth_manager
+
+            try:
+                return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)))
+            except RuntimeError:  # no auth manager here (not inside the api-server): say 401
+                pass
+        return JSONResponse({"detail": exc.detail}, exc.status_code)
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(reader)])
+    def page() -> str:
+        from include.pacs_migration.templates import render
+
+        cfg, _store = dashboard_sources()
+        return render("dashboard.html.j2", bucket_uri=f"s3://{cfg.target.bucket}/{cfg.target.prefix}")
+
+    @app.get("/api/overview", dependencies=[Depends(reader)])
+    def overview() -> dict[str, Any]:
+        return _answer("overview")
+
+    @app.get("/api/heatmap", dependencies=[Depends(reader)])
+    def heatmap(
+        granularity: str = Query("month", pattern="^(month|day)$"), year: int | None = Query(None, ge=1900, le=2100)
+    ) -> dict[str, Any]:
+        return _answer("heatmap", granularity=granularity, year=year)
+
+    @app.get("/api/worklist", dependencies=[Depends(reader)])
+    def worklist() -> dict[str, Any]:
+        return _answer("worklist")
+
+    @app.get("/api/quarantine.csv", dependencies=[Depends(reader)])
+    def quarantine_csv() -> Response:
+        from include.pacs_migration import coverage, dashboard
+
+        _cfg, store = dashboard_sources()
+        body = dashboard.quarantine_csv(coverage.read(store))
+        headers = {"Content-Disposition": 'attachment; filename="quarantine-by-reason.csv"'}
+        return Response(body, media_type="text/csv", headers=headers)
+
+    @app.get("/partition/{study_date}/{modality}/{name:path}", dependencies=[Depends(reader)])
+    def artifact(study_date: str, modality: str, name: str) -> Response:
+        """A partition's proof: its verdict, lineage, census summary, GX Data Docs."""
+        from include.pacs_migration.manifest import PartitionManifests
+        from include.pacs_migration.partition import Partition
+
+        try:
+            partition = Partition.parse(f"{study_date}/{modality}")
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if name not in ARTIFACTS and not (name.startswith("gx/") and ".." not in name):
+            raise HTTPException(404, "not an artifact of a partition")
+        _cfg, store = dashboard_sources()
+        data = store.get_or_none(PartitionManifests(store, partition).key(name))
+        if data is None:
+            raise HTTPException(404, f"{partition.key} has no {name}")
+        return Response(data, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+
+    return app
+
+
+def dashboard_sources() -> tuple[Any, Any]:
+    """The configuration and the bucket the dashboard reads (tests and the benchmark replace it)."""
+    cfg = runtime_config()
+    return cfg, object_store(cfg)
+
+
+def _answer(what: str, **args: Any) -> dict[str, Any]:
+    import datetime as dt
+
+    from include.pacs_migration.dashboard import answer
+
+    cfg, store = dashboard_sources()
+    return answer(what, cfg, store, dt.datetime.now(dt.UTC), **args)

@@ -49,39 +49,16 @@ def _parsed(path: Path, mtime_ns: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def default_args() -> dict[str, Any]:
-    """Every migration DAG's task defaults: retries with backoff, and failure
-    alerts (e-mail to the operators, plus ``alerts.notifiers`` of the YAML)."""
-    from include.pacs_migration_alerts import failure_notifiers
-
-    extra = (_yaml().get("alerts") or {}).get("notifiers") or ()
-    return {
-        "retries": 2,
-        "retry_delay": dt.timedelta(seconds=20),
-        "retry_exponential_backoff": True,
-        "on_failure_callback": failure_notifiers(tuple(str(x) for x in extra)),
-    }
+def alert_notifiers() -> tuple[str, ...]:
+    """``alerts.notifiers``: the site's own failure notifiers (``module:callable``)."""
+    return tuple(str(x) for x in (_yaml().get("alerts") or {}).get("notifiers") or ())
 
 
-def archive_asset() -> Any:
-    """The migrated archive as an Airflow asset: each validated partition adds an
-    event with the partition key ``YYYY-MM-DD|MODALITY`` (the Assets view lists them;
-    downstream DAGs can be scheduled per partition with ``PartitionedAssetTimetable``)."""
-    from airflow.sdk import Asset
-
+def asset_uris() -> dict[str, str]:
+    """Where the archive and its assessment are (the Airflow assets' URIs)."""
     target = _yaml().get("target") or {}
-    bucket, prefix = target.get("bucket") or "pacs-archive", target.get("prefix") or ""
-    return Asset(name="pacs_archive", uri=f"s3://{bucket}/{prefix}studies/", group="pacs")
-
-
-def assessment_asset() -> Any:
-    """The archive's assessment (``_assessment/`` in the bucket): ``pacs_assessment``
-    produces it, ``pacs_nightly`` plans from it (its inlet)."""
-    from airflow.sdk import Asset
-
-    target = _yaml().get("target") or {}
-    bucket, prefix = target.get("bucket") or "pacs-archive", target.get("prefix") or ""
-    return Asset(name="pacs_assessment", uri=f"s3://{bucket}/{prefix}_assessment/", group="pacs")
+    base = f"s3://{target.get('bucket') or 'pacs-archive'}/{target.get('prefix') or ''}"
+    return {"pacs_archive": f"{base}studies/", "pacs_assessment": f"{base}_assessment/"}
 
 
 def asset_partition_key(study_date: str, modality: str) -> str:

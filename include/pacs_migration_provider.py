@@ -19,7 +19,7 @@ def get_provider_info() -> dict[str, Any]:
         "connection-types": [
             {
                 "connection-type": "dicom",
-                "hook-class-name": "include.pacs_migration_hook.DicomHook",
+                "hook-class-name": "include.pacs_migration_airflow.DicomHook",
                 "hook-name": "DICOM (legacy PACS)",
                 "conn-fields": {
                     "called_ae_title": _field("Called AE title", "the PACS's AE title", maxLength=16),

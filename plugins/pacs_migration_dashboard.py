@@ -1,5 +1,5 @@
 """The migration dashboard in Airflow's navigation: a FastAPI app mounted at
-``/pacs-migration`` (behind Airflow's login, see include/pacs_migration_ui.py)
+``/pacs-migration`` (behind Airflow's login, see include/pacs_migration_airflow.py)
 and a nav entry opening it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 
 def _apps() -> list[dict]:
-    from include.pacs_migration_ui import create_app
+    from include.pacs_migration_airflow import create_app
 
     return [{"app": create_app(), "url_prefix": "/pacs-migration", "name": "PACS migration dashboard"}]
 

@@ -694,3 +694,33 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             out[key] = value
     return out
+
+
+DICOM_CONNECTION_FIELDS = (
+    "called_ae_title",
+    "calling_ae_title",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_server_name",
+)
+
+
+def dicom_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A connection's DICOM fields, whether its form stored them plain or prefixed (``extra__dicom__``)."""
+    return {k: extra.get(k) or extra.get(f"extra__dicom__{k}") for k in DICOM_CONNECTION_FIELDS}
+
+
+def source_overlay(host: str | None, port: int | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``source`` keys of the configuration a connection to the PACS gives (type ``dicom`` or generic)."""
+    fields = dicom_extra(extra)
+    overlay: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "called_ae_title": fields["called_ae_title"],
+        "calling_ae_title": fields["calling_ae_title"],
+    }
+    tls = {k[4:]: fields[k] for k in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name") if fields[k]}
+    if tls:
+        overlay["tls"] = tls
+    return overlay

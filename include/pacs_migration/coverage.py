@@ -57,11 +57,11 @@ class IndexContention(RuntimeError):
     """The index kept changing under this update (every attempt lost the race)."""
 
 
-def summarize(manifests: PartitionManifests) -> dict[str, Any]:
-    """The partition's row, from its transfer manifest, verdict and lineage."""
+def summarize(manifests: PartitionManifests, transfer: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The partition's row, from its transfer manifest (``transfer``: already read), verdict and lineage."""
     p = manifests.partition
     verdict = manifests.latest_verdict() or {}
-    df = manifests.transfer_or_none()
+    df = transfer if transfer is not None else manifests.transfer_or_none()
     counts = counts_from_frame(df) if df is not None and len(df) else None
     if verdict.get("rolled_back"):
         state = CellState.ROLLED_BACK
@@ -109,9 +109,15 @@ def _bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def update(store: ObjectStore, partitions: list[Partition], attempts: int = 8) -> pd.DataFrame:
-    """Replace these partitions' rows with what their manifests say now."""
-    rows = [summarize(PartitionManifests(store, p)) for p in partitions]
+def update(
+    store: ObjectStore,
+    partitions: list[Partition],
+    attempts: int = 8,
+    transfers: dict[Partition, pd.DataFrame] | None = None,
+) -> pd.DataFrame:
+    """Replace these partitions' rows with what their manifests say now
+    (``transfers``: their transfer manifests, when the caller has just read them)."""
+    rows = [summarize(PartitionManifests(store, p), (transfers or {}).get(p)) for p in partitions]
     key = store.target.key(INDEX_KEY)
     for attempt in range(attempts):
         data, etag = store.get_versioned(key)

@@ -188,3 +188,23 @@ def quarantine_csv(index: pd.DataFrame) -> str:
     for d, m, code, n in sorted(_reasons(index)):
         w.writerow([d, m, code, describe(code), n])
     return buf.getvalue()
+
+
+def answer(what: str, cfg: Any, store: Any, now: dt.datetime, **args: Any) -> dict[str, Any]:
+    """One of the dashboard's answers (``overview``, ``heatmap``, ``worklist``) from the bucket as it is now."""
+    from . import coverage
+    from .assessment import read_by_date
+    from .ledger_store import read_ledger
+
+    index = coverage.read(store)
+    if what == "heatmap":
+        return heatmap(index, read_by_date(store), **args)
+    ledger = read_ledger(store)
+    if what == "worklist":
+        return worklist(index, ledger, cfg.plan, now.date())
+    return {
+        "totals": totals(index),
+        "progress": progress(cfg.plan, ledger, read_by_date(store), now, cfg.assessment.throughput_instances_s),
+        "generated_at": now.isoformat(timespec="seconds"),
+        "ruleset": cfg.ruleset.label,
+    }

@@ -267,16 +267,16 @@ def lineage_step(
         query={"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sorted(studies)} if studies is not None else None,
     )
     manifests.write_lineage(record, run_id)
-    _index(services, [partition])
+    _index(services, [partition], {partition: transfer_df})
     if services.emit:
         services.emit(record)
     return record
 
 
-def _index(services: Services, partitions: list[Partition]) -> None:
-    """The dashboard's coverage index; losing every race only makes it stale (``index rebuild``)."""
+def _index(services: Services, partitions: list[Partition], transfers: dict[Partition, Any] | None = None) -> None:
+    """The dashboard's coverage index; losing every race only makes it stale (``index-rebuild``)."""
     try:
-        coverage.update(services.store, partitions)
+        coverage.update(services.store, partitions, transfers=transfers)
     except coverage.IndexContention as exc:
         log.warning("coverage index not updated: %s", exc)
 

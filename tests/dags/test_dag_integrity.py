@@ -84,7 +84,7 @@ def test_rollback_is_for_the_admin_alone_and_retries_resume(dagbag):
 
 
 def test_every_task_alerts_on_failure(dagbag):
-    from include.pacs_migration_alerts import FailureAlert
+    from include.pacs_migration_airflow import FailureAlert
 
     for dag in dagbag.dags.values():
         for t in dag.tasks:

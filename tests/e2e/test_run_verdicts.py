@@ -104,7 +104,7 @@ def test_broken_config_still_mails_compliance_and_operators(airflow_db, airflow_
 
 def test_the_nightly_window_deadline_alerts_the_operators(airflow_db, airflow_connections):
     """What the nightly run's DeadlineAlert calls when the window ends with the run still going."""
-    from include.pacs_migration_alerts import window_deadline_missed
+    from include.pacs_migration_airflow import window_deadline_missed
 
     window_deadline_missed({"run_id": "scheduled__2019-03-03T19:00:00+00:00"}, window="20:00-06:00 Europe/Brussels")
     msg = email.message_from_bytes(airflow_connections["mail"].messages()[-1].read_bytes())

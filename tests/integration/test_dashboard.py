@@ -24,10 +24,10 @@ from tests.faults.harness import migration_config, object_store, run_date
 
 @pytest.fixture
 def client(monkeypatch):
-    import include.pacs_migration_ui as ui
+    import include.pacs_migration_airflow as ui
 
     sources: dict = {}
-    monkeypatch.setattr(ui, "_sources", lambda: (sources["cfg"], sources["store"]))
+    monkeypatch.setattr(ui, "dashboard_sources", lambda: (sources["cfg"], sources["store"]))
     app = ui.create_app()
     app.dependency_overrides[app.state.reader] = lambda: "compliance-officer"
     return TestClient(app), sources

@@ -9,7 +9,7 @@ import json
 
 from airflow.sdk import Connection
 
-from include.pacs_migration_hook import DicomHook
+from include.pacs_migration_airflow import DicomHook
 from peers.ports import free_port
 from tests.peers import Orthanc
 
@@ -25,7 +25,7 @@ def test_the_connection_type_is_registered_with_its_form():
 
     pm = ProvidersManager()  # the api-server's view: providers and the connection form
     assert "pacs-migration" in pm.providers  # make venv installs the project's provider metadata
-    assert ProvidersManagerTaskRuntime().hooks["dicom"].hook_class_name == "include.pacs_migration_hook.DicomHook"
+    assert ProvidersManagerTaskRuntime().hooks["dicom"].hook_class_name == "include.pacs_migration_airflow.DicomHook"
     assert {"extra__dicom__called_ae_title", "extra__dicom__tls_ca_file"} <= set(pm.connection_form_widgets)
     assert pm.field_behaviours["dicom"]["relabeling"] == {"host": "PACS host", "port": "DICOM port"}
 

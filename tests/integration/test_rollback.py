@@ -286,15 +286,14 @@ def test_a_rollback_killed_halfway_resumes_to_completion(pacs, s3_server, bucket
     assert 0 < len(still) < len(live)  # killed halfway
     for key in live:  # never neither
         assert store.head(key) is not None or store.head(ct.rolled_back_copy("rb-kill", key)) is not None
+
     # run again with its id (no proxy): it resumes and completes
-    done = subprocess.run(
-        _cli(*args, "--id", "rb-kill", "--execute", "--json", endpoint=s3_server.endpoint_url),
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def cli(*more: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            _cli(*more, endpoint=s3_server.endpoint_url), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+
+    done = cli(*args, "--id", "rb-kill", "--execute", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["resumed"] and result["state"] == "complete" and result["totals"]["objects"] == len(live)
@@ -302,17 +301,16 @@ def test_a_rollback_killed_halfway_resumes_to_completion(pacs, s3_server, bucket
         assert store.head(key) is None and store.sha256_of(ct.rolled_back_copy("rb-kill", key))[0] == sha
     # the trace of one instance tells its history (the lookup itself is audited)
     sop = ct.rolled_back_transfer("rb-kill")["sop_instance_uid"].iloc[0]
-    trace = subprocess.run(
-        _cli("trace", sop, "--bucket", bucket, "--reason", "test", endpoint=s3_server.endpoint_url),
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    trace = cli("trace", sop, "--bucket", bucket, "--reason", "test")
     assert trace.returncode == 0, trace.stderr[-2000:]
     assert (
         "state             rolled_back" in trace.stdout and "rolled back by rb-kill (erin: wrong rule)" in trace.stdout
+    )
+    listed = cli("rollbacks", "--bucket", bucket)  # every rollback of the bucket, one line each
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert (
+        listed.stdout.startswith("rb-kill  complete")
+        and "erin: 24 object(s) of 1 partition(s); wrong rule" in listed.stdout
     )
 
 
