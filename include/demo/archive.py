@@ -78,6 +78,7 @@ def build_archive(
                 study_uid = generate_uid(entropy_srcs=[str(seed), da, modality, str(st)])
                 tm = f"{8 + st:02d}{rng.randrange(60):02d}{rng.randrange(60):02d}"
                 summary.studies += 1
+                accession = None  # one per study, as a RIS assigns it
                 for se in range(n_series):
                     series_uid = generate_uid(entropy_srcs=[study_uid, str(se)])
                     for i in range(n_inst):
@@ -89,7 +90,9 @@ def build_archive(
                         ds.PatientBirthDate = (
                             f"{rng.randrange(1930, 2010)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
                         )
-                        ds.AccessionNumber = f"ACC{rng.randrange(10**8):08d}"
+                        drawn = f"ACC{rng.randrange(10**8):08d}"  # drawn per instance: the seed's other values stay
+                        accession = accession or drawn
+                        ds.AccessionNumber = accession
                         summary.birth_dates.append(ds.PatientBirthDate)
                         summary.accession_numbers.append(ds.AccessionNumber)
                         ds.StudyInstanceUID = study_uid

@@ -535,6 +535,24 @@ class RollbackConfig(Section):
     retention_days: int = Field(365, ge=0, le=100 * 365)
 
 
+class DicomWebConfig(Section):
+    """The DICOMweb service (``make serve``): one endpoint for viewers while
+    both archives coexist. A study not migrated yet is found and opened on the
+    legacy PACS through at most ``legacy_associations`` associations: keep them
+    out of what the migration's Airflow pool ``pacs_source_associations`` may
+    use, so that the two together never exceed what the PACS allows."""
+
+    legacy_fallback: bool = True
+    legacy_associations: int = Field(1, ge=1, le=16)
+    legacy_max_study_mb: int = Field(2048, ge=1, le=1 << 20)  # one fallback retrieval held in memory
+    legacy_cache_mb: int = Field(512, ge=0, le=1 << 20)  # recently retrieved legacy series, in memory
+    legacy_cache_seconds: float = Field(300.0, ge=0, le=24 * 3600)
+    legacy_label: str = Field(" [legacy PACS]", max_length=32)  # appended to a legacy study's description
+    refresh_seconds: float = Field(30.0, ge=0, le=3600)  # how stale the study index may be for a search
+    max_results: int = Field(1000, ge=1, le=100_000)  # one search's answers at most (PS3.18 limit)
+    audit_flush_seconds: float = Field(5.0, gt=0, le=3600)  # accesses are recorded in batches this often
+
+
 class MigrationConfig(Section):
     """The whole file."""
 
@@ -551,6 +569,7 @@ class MigrationConfig(Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    dicomweb: DicomWebConfig = Field(default_factory=DicomWebConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import coverage
+from . import coverage, study_index
 from .audit import AuditTrail, Outcome
 from .census import Census, census_hash, take_census, take_study_census
 from .config import MigrationConfig
@@ -268,6 +268,7 @@ def lineage_step(
     )
     manifests.write_lineage(record, run_id)
     _index(services, [partition], {partition: transfer_df})
+    study_index.update(services.store, [partition], {partition: transfer_df})
     if services.emit:
         services.emit(record)
     return record
@@ -375,6 +376,7 @@ def roll_back(
     finally:
         for lease in leases:
             lease.release()
+    study_index.update(services.store, [p.partition for p in plan.partitions])  # what left is not found any more
     _rollback_recorded(services, plan, result.record)
     return {"dry_run": False, "rollback_id": rollback_id, "resumed": result.resumed, **_summary(result.record)}
 

@@ -247,3 +247,22 @@ class ObjectStore:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 yield obj["Key"]
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, ETag) under ``prefix``: what a reader needs to tell a changed object."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"], obj["ETag"]
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start``..``end`` (inclusive) of an object: a header without its pixels."""
+        return self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"].read()
+
+    def iter_chunks(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """An object's bytes in chunks, never the whole object in memory."""
+        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()

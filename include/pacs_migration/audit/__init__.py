@@ -135,6 +135,12 @@ class AuditTrail:
         studies = [StudyObject(u) for u in sorted(set(study_uids))]
         self.add(instances_accessed(who, self.app(), self.source, studies, patient_keys, purpose))
 
+    def searched(self, person: str, keys: dict[str, str], description: str) -> None:
+        """110112: a person searched the archive (DICOMweb QIDO-RS); ``keys``
+        say what was asked, patient identifiers already keyed by the caller."""
+        who = Participant(person, True, None, None)
+        self.add(query(who, self.app(), self.source, keys, Outcome.SUCCESS, dt.datetime.now(dt.UTC), description))
+
     def log_used(self, person: str, description: str) -> None:
         """110101: ``person`` read the audit trail (who watches the watchers)."""
         who = Participant(person, True, None, socket.gethostname())

@@ -194,7 +194,13 @@ def application_activity(
 
 
 def query(
-    app: Participant, pacs: Participant, source: AuditSource, keys: dict[str, str], outcome: Outcome, at: dt.datetime
+    app: Participant,
+    pacs: Participant,
+    source: AuditSource,
+    keys: dict[str, str],
+    outcome: Outcome,
+    at: dt.datetime,
+    description: str | None = None,
 ) -> bytes:
     """A C-FIND of the source; ``keys``: the query's non-empty keys (dates,
     modality, level: the census never asks for patient attributes)."""
@@ -207,7 +213,7 @@ def query(
     _coded(q, "ParticipantObjectIDTypeCode", FIND_STUDY_ROOT)
     text = ";".join(f"{k}={v}" for k, v in sorted(keys.items()))
     ET.SubElement(q, "ParticipantObjectQuery").text = base64.b64encode(text.encode()).decode()
-    return message(EventID.QUERY, "E", outcome, [app, pacs], source, objects=[q], at=at)
+    return message(EventID.QUERY, "E", outcome, [app, pacs], source, objects=[q], at=at, description=description)
 
 
 def study_transfer(

@@ -1,0 +1,226 @@
+"""The study index: what DICOMweb search and the locator need of every migrated
+instance, one Parquet file per partition under
+``_index/studies/date=YYYY-MM-DD/modality=XX/instances.parquet``.
+
+It holds patient data (names, IDs, accession numbers): it lives under its own
+prefix, apart from the manifests and the dashboard's ``_index/partitions.parquet``,
+so that IAM keeps the dashboard and auditor principals off it (``docs/iam``).
+It is built after each partition's lineage from the transfer manifest and the
+stored objects' headers (ranged reads that stop before the pixels), and rebuilt
+the same way by ``python -m include.cli study-index-rebuild`` if it is lost.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pandas as pd
+import pydicom
+from pydicom.dataset import Dataset
+
+from .manifest import PARQUET, PartitionManifests, transferred_partitions
+from .partition import Partition
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+INDEX_PREFIX = "_index/studies/"
+INSTANCES = "instances.parquet"
+
+# Columns named by their DICOM keyword, by level (what QIDO-RS returns and matches on).
+STUDY_KEYWORDS: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDescription",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+SERIES_KEYWORDS: tuple[str, ...] = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+)
+INSTANCE_KEYWORDS: tuple[str, ...] = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+)
+# Where the object is and what it is: from the transfer manifest and the file meta.
+OBJECT_COLUMNS: tuple[str, ...] = (
+    "TransferSyntaxUID",
+    "object_key",
+    "object_size",
+    "object_sha256",
+    "run_id",
+    "partition",
+)
+COLUMNS: tuple[str, ...] = (*STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS, *OBJECT_COLUMNS)
+INTEGERS = frozenset({"SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "object_size"})
+HEADER_READERS = 8  # ranged GETs in flight per partition
+
+
+def index_key(store: ObjectStore, partition: Partition) -> str:
+    return f"{store.target.prefix}{INDEX_PREFIX}{partition.hive_path}/{INSTANCES}"
+
+
+class RangeReader(io.RawIOBase):
+    """An S3 object as a seekable file that fetches only the blocks read:
+    pydicom parses a header through it and stops before the pixel data."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int) -> None:
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+        self.name = key  # pydicom records it as the dataset's filename
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self.pos)
+        if want <= 0:
+            return 0
+        data = self.store.get_range(self.key, self.pos, self.pos + want - 1)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def read_header(store: ObjectStore, key: str, size: int, block: int = 64 * 1024) -> Dataset:
+    """A stored object's dataset up to its pixel data, from ranged reads
+    (one 64 KiB block for a typical header)."""
+    with io.BufferedReader(RangeReader(store, key, size), buffer_size=block) as f:
+        return pydicom.dcmread(f, stop_before_pixels=True)
+
+
+def _text(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if keyword in INTEGERS:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def header_row(ds: Dataset, row: dict[str, Any], partition: Partition) -> dict[str, Any]:
+    """One index row: the object's attributes and where it is."""
+    out = {k: _text(ds, k) for k in (*STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS)}
+    meta = getattr(ds, "file_meta", None)
+    out.update(
+        TransferSyntaxUID=str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None,
+        object_key=row["object_key"],
+        object_size=int(row["object_size"]),
+        object_sha256=row["object_sha256"],
+        run_id=row["run_id"],
+        partition=partition.key,
+    )
+    return out
+
+
+def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows), columns=list(COLUMNS))
+    for col in INTEGERS:
+        df[col] = df[col].astype("Int64")
+    return df
+
+
+def read_partition(store: ObjectStore, partition: Partition) -> pd.DataFrame | None:
+    data = store.get_or_none(index_key(store, partition))
+    return None if data is None else pd.read_parquet(io.BytesIO(data))
+
+
+def index_partition(
+    store: ObjectStore, partition: Partition, transfer: pd.DataFrame | None = None, reread: bool = False
+) -> int:
+    """Write the partition's index from its transfer manifest (the live one
+    unless given); rows of objects already indexed with the same hash are
+    kept (``reread``: none), the others' headers read. Returns the rows written (0: the partition
+    holds nothing migrated and its index is removed)."""
+    if transfer is None:
+        transfer = PartitionManifests(store, partition).transfer_or_none()
+    migrated = [] if transfer is None else transfer[transfer["state"] == "migrated"].to_dict("records")
+    key = index_key(store, partition)
+    if not migrated:
+        if store.head(key) is not None:
+            store.delete(key)
+        return 0
+    previous = None if reread else read_partition(store, partition)
+    known: dict[tuple[str, str], dict[str, Any]] = {}
+    if previous is not None:
+        for r in previous.to_dict("records"):
+            known[(r["object_key"], r["object_sha256"])] = {**r, "run_id": None}
+    todo = [r for r in migrated if (r["object_key"], r["object_sha256"]) not in known]
+
+    def one(row: dict[str, Any]) -> dict[str, Any]:
+        return header_row(read_header(store, row["object_key"], int(row["object_size"])), row, partition)
+
+    with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="index-header") as pool:
+        fresh = {(r["object_key"], r["object_sha256"]): r for r in pool.map(one, todo)}
+    rows = []
+    for r in migrated:
+        ident = (r["object_key"], r["object_sha256"])
+        rows.append(fresh.get(ident) or {**known[ident], "run_id": r["run_id"]})
+    buf = io.BytesIO()
+    frame(rows).to_parquet(buf, index=False)
+    store.put(key, buf.getvalue(), PARQUET)
+    return len(rows)
+
+
+def update(store: ObjectStore, partitions: Iterable[Partition], transfers: dict[Partition, Any] | None = None) -> int:
+    """Index these partitions (after their lineage, or a rollback); returns the rows written."""
+    return sum(index_partition(store, p, (transfers or {}).get(p)) for p in partitions)
+
+
+def indexed_partitions(store: ObjectStore) -> list[Partition]:
+    base = f"{store.target.prefix}{INDEX_PREFIX}"
+    found = []
+    for key in store.list_keys(base):
+        parts = dict(p.split("=", 1) for p in key[len(base) :].split("/")[:2] if "=" in p)
+        if key.endswith("/" + INSTANCES) and {"date", "modality"} <= parts.keys():
+            found.append(Partition.parse(f"{parts['date']}/{parts['modality']}"))
+    return sorted(found)
+
+
+def rebuild(store: ObjectStore) -> dict[str, int]:
+    """Rebuild the whole index from the manifests and the objects' headers;
+    an index file of a partition without a live transfer manifest is removed."""
+    live = transferred_partitions(store)
+    rows = 0
+    for p in live:
+        rows += index_partition(store, p, reread=True)
+    stale = [p for p in indexed_partitions(store) if p not in set(live)]
+    for p in stale:
+        store.delete(index_key(store, p))
+    return {"partitions": len(live), "instances": rows, "removed": len(stale)}

@@ -1,0 +1,221 @@
+"""Issue 19: one endpoint where clinicians find and open every study, migrated
+or not. A DICOMweb client nobody here wrote (dicomweb-client) searches and
+retrieves through our service: migrated studies come byte-identical from the
+archive, studies not migrated yet come from the legacy PACS by C-GET, within
+the fallback's association limit and without touching the archive; the
+locator names each study's state; every access is audited."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from include.demo.archive import build_archive
+from include.pacs_migration import study_index
+from include.pacs_migration.audit import chain
+from include.pacs_migration.dicomweb.catalog import IndexSearch, StudyCatalog
+from include.pacs_migration.dicomweb.legacy import LegacyArchive, LegacySearch
+from include.pacs_migration.locator import StudyState, locate, resolve
+from include.pacs_migration.manifest import PartitionManifests
+from include.pacs_migration.partition import Partition
+from peers.pacs import SimulatedPACS
+from tests.dicomweb_rig import DAY1, DAY3, migrate, serve
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    summary = build_archive(tmp_path_factory.mktemp("legacy"), days=3)
+    server = SimulatedPACS(summary.root)
+    yield server, summary
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def archive(legacy, s3_server, tmp_path_factory):
+    pacs, summary = legacy
+    s3_server.create_bucket("dicomweb-archive")
+    return migrate(pacs, s3_server, "dicomweb-archive", tmp_path_factory.mktemp("dw"), summary.root)
+
+
+def _client(svc) -> DICOMwebClient:
+    return DICOMwebClient(url=svc.url, headers=svc.headers)
+
+
+def _dataset_bytes(part10: bytes) -> bytes:
+    """A Part 10 object's dataset as encoded (after the file meta group)."""
+    ds = pydicom.dcmread(io.BytesIO(part10), stop_before_pixels=False)
+    meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return part10[meta_end:]
+
+
+def test_search_merges_the_archive_and_the_legacy_pacs(archive, legacy):
+    pacs, _ = legacy
+    with serve(archive, pacs.port) as svc:
+        client = _client(svc)
+        studies = client.search_for_studies(fields=["StudyDescription"])
+        by_uid = {s["0020000D"]["Value"][0]: s for s in studies}
+        migrated, old = by_uid[archive.migrated_ct], by_uid[archive.legacy_only]
+        assert migrated["00080056"]["Value"] == ["ONLINE"] and "00080054" not in migrated
+        assert old["00080056"]["Value"] == ["NEARLINE"] and old["00080054"]["Value"] == ["LEGACYPACS"]
+        assert old["00081030"]["Value"][0].endswith("[legacy PACS]")
+        # a rolled-back study is not in the archive any more: the legacy PACS still has it
+        assert by_uid[archive.rolled_back]["00080056"]["Value"] == ["NEARLINE"]
+        # 3 days x 12 studies, each once
+        assert len(studies) == len(by_uid) == 36
+
+        # standard matching: date range, wildcard on names (case-insensitive), modality, paging
+        day1 = client.search_for_studies(search_filters={"StudyDate": "20190301-20190301"})
+        assert {s["00080020"]["Value"][0] for s in day1} == {"20190301"} and len(day1) == 12
+        ct = client.search_for_studies(search_filters={"ModalitiesInStudy": "CT", "StudyDate": "20190301-"})
+        assert {s["00080061"]["Value"][0] for s in ct} == {"CT"} and len(ct) == 9
+        name = migrated["00100010"]["Value"][0]["Alphabetic"]
+        found = client.search_for_studies(search_filters={"PatientName": name.split("^")[0].lower()[:4] + "*"})
+        assert archive.migrated_ct in {s["0020000D"]["Value"][0] for s in found}
+        page = client.search_for_studies(limit=5, offset=5)
+        assert len(page) == 5 and [s["0020000D"] for s in page] == [s["0020000D"] for s in studies[5:10]]
+
+        # series and instances of a migrated study come from the index, of a legacy study from C-FIND
+        series = client.search_for_series(archive.migrated_ct)
+        assert len(series) == 2 and all(s["00080060"]["Value"] == ["CT"] for s in series)
+        inst = client.search_for_instances(archive.legacy_only)
+        assert len(inst) == 8 and all(i["00080056"]["Value"] == ["NEARLINE"] for i in inst)
+
+        # a bad parameter is named
+        rsp = requests.get(f"{svc.url}/studies", params={"NoSuchKey": "1"}, headers=svc.headers, timeout=10)
+        assert rsp.status_code == 400 and "NoSuchKey" in rsp.text
+
+
+def test_retrieve_is_byte_identical_from_either_archive(archive, legacy):
+    pacs, summary = legacy
+    store = archive.store
+    with serve(archive, pacs.port) as svc:
+        client = _client(svc)
+        url = f"{svc.url}/studies/{archive.migrated_ct}"
+        parts = list(client._http_get_multipart(url))  # the library's multipart parser, bytes as sent
+        rows = PartitionManifests(store, Partition(DAY1, "CT")).transfer()
+        rows = rows[(rows["study_instance_uid"] == archive.migrated_ct) & (rows["state"] == "migrated")]
+        assert sorted(parts) == sorted(store.get(k) for k in rows["object_key"])
+        assert len(parts) == 8
+        datasets = client.retrieve_study(archive.migrated_ct)  # the library's own parsing
+        assert {str(d.SOPInstanceUID) for d in datasets} == set(rows["sop_instance_uid"])
+
+        keys_before = set(store.list_keys(""))
+        retrieves = svc.legacy.retrieves
+        legacy_parts = list(client._http_get_multipart(f"{svc.url}/studies/{archive.legacy_only}"))
+        originals = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p.read_bytes()
+            for p in (summary.root / DAY3.strftime("%Y%m%d") / "CT00").rglob("*.dcm")
+        }
+        assert len(legacy_parts) == len(originals) == 8
+        for part in legacy_parts:
+            uid = str(pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
+            assert _dataset_bytes(part) == _dataset_bytes(originals[uid])
+        assert svc.legacy.retrieves == retrieves + 1
+        assert set(store.list_keys("")) - keys_before <= {k for k in store.list_keys("_audit/")}  # nothing else written
+
+        # metadata (DICOM JSON), frames and a rendered thumbnail, from both
+        for study in (archive.migrated_ct, archive.legacy_only):
+            meta = client.retrieve_study_metadata(study)
+            assert len(meta) == 8 and all("7FE00010" not in m for m in meta)
+            series_uid, sop = meta[0]["0020000E"]["Value"][0], meta[0]["00080018"]["Value"][0]
+            frames = client.retrieve_instance_frames(study, series_uid, sop, [1])
+            assert len(frames[0]) == int(meta[0]["00280010"]["Value"][0]) * int(meta[0]["00280011"]["Value"][0]) * 2
+            png = requests.get(
+                f"{svc.url}/studies/{study}/series/{series_uid}/instances/{sop}/thumbnail",
+                headers={**svc.headers, "Accept": "image/png"},
+                timeout=30,
+            )
+            assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fallback_holds_its_association_limit(archive, legacy):
+    pacs, summary = legacy
+    day3 = sorted((summary.root / DAY3.strftime("%Y%m%d")).iterdir())
+    studies = [str(pydicom.dcmread(next(d.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID) for d in day3]
+    with serve(archive, pacs.port, legacy_associations=1) as svc:
+        pacs.max_active = 0
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            sizes = list(
+                pool.map(
+                    lambda uid: len(list(_client(svc)._http_get_multipart(f"{svc.url}/studies/{uid}"))),
+                    studies[:6],
+                )
+            )
+        assert all(sizes) and pacs.max_active == 1, pacs.max_active
+
+
+def test_authentication_and_audit(archive, legacy):
+    pacs, _ = legacy
+    with serve(archive, pacs.port) as svc:
+        assert requests.get(f"{svc.url}/studies", timeout=10).status_code == 401
+        bad = {"Authorization": "Bearer " + "x" * 32}
+        assert requests.get(f"{svc.url}/studies", headers=bad, timeout=10).status_code == 401
+        assert requests.get(f"{svc.origin}/healthz", timeout=10).status_code == 200
+        _client(svc).retrieve_study_metadata(archive.migrated_ct)
+        _client(svc).retrieve_study_metadata(archive.legacy_only)
+        _client(svc).search_for_studies(search_filters={"PatientID": "LEG30100001"})
+    events = chain.find(archive.store, {archive.migrated_ct, archive.legacy_only})
+    accessed = [e for e in events if e["event"] == "DICOM Instances Accessed" and "dr.house" in str(e)]
+    origins = {e["description"] for e in accessed}
+    assert {"purpose of use: DICOMweb retrieve from the archive"} <= origins, origins
+    assert "purpose of use: DICOMweb retrieve from the legacy PACS" in origins
+    texts = b"".join(data for _, data in chain.links(archive.store))
+    assert b"LEG30100001" not in texts and b"dr.house" in texts
+
+
+def test_locator_answers_each_state(archive, legacy):
+    pacs, summary = legacy
+    catalog = StudyCatalog(archive.store, 0)
+    index = IndexSearch(catalog)
+    source = archive.cfg.source.model_copy(update={"port": pacs.port})
+    lsearch = LegacySearch(LegacyArchive(source))
+    states = {
+        name: locate(archive.store, uid, index, lsearch)
+        for name, uid in (
+            ("migrated", archive.migrated_ct),
+            ("partly", archive.partly),
+            ("rolled_back", archive.rolled_back),
+            ("legacy_only", archive.legacy_only),
+        )
+    }
+    assert states["migrated"].state is StudyState.MIGRATED
+    assert states["migrated"].partitions[0]["verdict"] is True
+    assert states["migrated"].partitions[0]["run_id"] == "run-2019-03-01"
+    partly = states["partly"]
+    assert partly.state is StudyState.PARTLY
+    assert any(archive.quarantined_reason in why for why in partly.missing), partly.missing
+    assert states["rolled_back"].state is StudyState.ROLLED_BACK
+    assert states["rolled_back"].rollbacks[0]["rollback_id"] == "rb-dw-1"
+    assert states["legacy_only"].state is StudyState.LEGACY_ONLY and states["legacy_only"].on_legacy
+    # by accession number and by patient ID, in the index and on the legacy PACS
+    ds = pydicom.dcmread(next((summary.root / DAY3.strftime("%Y%m%d") / "CT00").rglob("*.dcm")), force=True)
+    assert resolve(str(ds.AccessionNumber), index, lsearch) == [archive.legacy_only]
+    assert archive.legacy_only in resolve(str(ds.PatientID), index, lsearch)
+    # the legacy PACS down: the index still answers for what was migrated
+    down = LegacySearch(LegacyArchive(source.model_copy(update={"port": 1, "association_attempts": 1})))
+    assert locate(archive.store, archive.migrated_ct, index, down).state is StudyState.MIGRATED
+    rendered = {k: v.render() for k, v in states.items()}
+    assert "PASSED" in rendered["migrated"] and "rb-dw-1" in rendered["rolled_back"]
+
+
+def test_study_index_rebuilds_after_loss(archive):
+    store = archive.store
+    before = {p: study_index.read_partition(store, p) for p in study_index.indexed_partitions(store)}
+    for p in before:
+        store.delete(study_index.index_key(store, p))
+    result = study_index.rebuild(store)
+    assert result["partitions"] == len(before) and result["instances"] == sum(len(df) for df in before.values())
+    for p, df in before.items():
+        again = study_index.read_partition(store, p)
+        cols = [c for c in df.columns if c != "run_id"]
+        assert again.sort_values("SOPInstanceUID")[cols].reset_index(drop=True).equals(
+            df.sort_values("SOPInstanceUID")[cols].reset_index(drop=True)
+        )
+    # the rolled-back study is not in it; the quarantined instance neither
+    rolled = [p for p in before if (before[p]["StudyInstanceUID"] == archive.rolled_back).any()]
+    assert rolled == []
