@@ -94,7 +94,29 @@ def main(argv: list[str] | None = None) -> int:
     _bucket_args(ls)
     x = sub.add_parser("index-rebuild", help="make the dashboard's coverage index again from the manifests")
     _bucket_args(x)
+    si = sub.add_parser("study-index-rebuild", help="make the study index again from the manifests and objects")
+    _bucket_args(si)
+    w = sub.add_parser("where", help="where a study is now: legacy only, migrated, partly, quarantined, rolled back")
+    w.add_argument("value", help="a StudyInstanceUID, an accession number or a patient ID")
+    _bucket_args(w)
+    w.add_argument("--pacs", default=None, help="host:port of the legacy PACS (else the index and manifests only)")
+    w.add_argument("--called-ae", default="ANY-SCP")
+    w.add_argument("--calling-ae", default="PACSMIGRATE")
+    w.add_argument("--reason", required=True, help="why you look (recorded in the audit trail, 110103)")
+    w.add_argument("--user", default=None, help="who looks (default: your login name)")
+    w.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.command == "study-index-rebuild":
+        from include.pacs_migration import study_index
+
+        result = study_index.rebuild(_store(args))
+        print(
+            f"study index: {result['instances']} instance(s) of {result['partitions']} partition(s), "
+            f"{result['removed']} stale file(s) removed"
+        )
+        return 0
+    if args.command == "where":
+        return _where(args)
     if args.command == "rollbacks":
         from include.pacs_migration.rollback import list_records
 
@@ -207,6 +229,32 @@ def _record_access(store: ObjectStore, args: argparse.Namespace, result: dict) -
     studies = [result["study_instance_uid"]] if result.get("study_instance_uid") else []
     trail.accessed(who, args.reason, studies, [result["patient_key"]] if result.get("patient_key") else [])
     trail.flush()
+
+
+def _where(args: argparse.Namespace) -> int:
+    """The locator from the command line (the DICOMweb service answers ``/where/<value>``)."""
+    from include.pacs_migration.config import SourceConfig
+    from include.pacs_migration.dicomweb.catalog import IndexSearch, StudyCatalog
+    from include.pacs_migration.dicomweb.legacy import LegacyArchive, LegacySearch
+    from include.pacs_migration.locator import locate, resolve
+
+    store = _store(args)
+    index = IndexSearch(StudyCatalog(store, refresh_seconds=3600))
+    legacy = None
+    if args.pacs:
+        host, _, port = args.pacs.rpartition(":")
+        source = SourceConfig(
+            host=host, port=int(port), called_ae_title=args.called_ae, calling_ae_title=args.calling_ae
+        )
+        legacy = LegacySearch(LegacyArchive(source))
+    found = [locate(store, uid, index, legacy) for uid in resolve(args.value, index, legacy)]
+    for loc in found:
+        _record_access(store, args, {"study_instance_uid": loc.study_instance_uid})
+    if not found:
+        print("no study found for that value", file=sys.stderr)
+        return 2
+    print(json.dumps([f.to_json() for f in found], indent=2) if args.json else "\n".join(f.render() for f in found))
+    return 0
 
 
 def _audit(args: argparse.Namespace, store: ObjectStore) -> int:

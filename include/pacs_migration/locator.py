@@ -71,8 +71,8 @@ class StudyLocation:
                 f"  {p['partition']}: {p['migrated']} migrated, {p['quarantined']} quarantined, "
                 f"{p['unresolved']} unresolved; run {p['run_id']}, validation {verdict}"
             )
-        for why, n in sorted(self.missing.items()):
-            lines.append(f"  missing {n}: {why}")
+        for why, count in sorted(self.missing.items()):
+            lines.append(f"  missing {count}: {why}")
         for r in self.rollbacks:
             lines.append(f"  rolled back by {r['rollback_id']} at {r['rolled_back_at']}: {r['reason']}")
         return "\n".join(lines)

@@ -8,7 +8,11 @@ locator names each study's state; every access is audited."""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
+import json
+import urllib.request
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -25,6 +29,7 @@ from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from peers.pacs import SimulatedPACS
 from tests.dicomweb_rig import DAY1, DAY3, migrate, serve
+from tests.peers import Orthanc, require_binary
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +218,46 @@ def test_study_index_rebuilds_after_loss(archive):
     for p, df in before.items():
         again = study_index.read_partition(store, p)
         cols = [c for c in df.columns if c != "run_id"]
-        assert again.sort_values("SOPInstanceUID")[cols].reset_index(drop=True).equals(
-            df.sort_values("SOPInstanceUID")[cols].reset_index(drop=True)
+        assert (
+            again.sort_values("SOPInstanceUID")[cols]
+            .reset_index(drop=True)
+            .equals(df.sort_values("SOPInstanceUID")[cols].reset_index(drop=True))
         )
     # the rolled-back study is not in it; the quarantined instance neither
     rolled = [p for p in before if (before[p]["StudyInstanceUID"] == archive.rolled_back).any()]
     assert rolled == []
+
+
+def test_orthanc_lists_and_retrieves_a_migrated_study_over_dicomweb(archive, legacy, tmp_path):
+    """Orthanc with its DICOMweb plugin (Debian orthanc-dicomweb), our service as its remote server."""
+    pacs, _ = legacy
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if not plugin.exists():
+        require_binary("no-such-binary-orthanc-dicomweb", "orthanc-dicomweb")  # skips, or fails under CI
+    with serve(archive, pacs.port) as svc:
+        servers = {"migrated": {"Url": svc.url + "/", "HttpHeaders": svc.headers}}
+        orthanc = Orthanc(
+            tmp_path / "orthanc", Plugins=[str(plugin)], DicomWeb={"Enable": True, "Servers": servers}
+        )
+        try:
+            listed = _orthanc(orthanc, "/dicom-web/servers/migrated/get", {"Uri": "/studies", "Arguments": {"ModalitiesInStudy": "CT"}})
+            uids = {s["0020000D"]["Value"][0] for s in listed}
+            assert archive.migrated_ct in uids and archive.legacy_only in uids
+            _orthanc(orthanc, "/dicom-web/servers/migrated/retrieve", {"Resources": [{"Study": archive.migrated_ct}]})
+            ids = json.loads(urllib.request.urlopen(f"{orthanc.url}/instances", timeout=30).read())
+            got = {
+                hashlib.sha256(urllib.request.urlopen(f"{orthanc.url}/instances/{i}/file", timeout=30).read()).hexdigest()
+                for i in ids
+            }
+            rows = PartitionManifests(archive.store, Partition(DAY1, "CT")).transfer()
+            rows = rows[(rows["study_instance_uid"] == archive.migrated_ct) & (rows["state"] == "migrated")]
+            assert got == set(rows["object_sha256"]) and len(ids) == 8
+        finally:
+            orthanc.stop()
+
+
+def _orthanc(orthanc, path: str, body: dict):
+    req = urllib.request.Request(
+        orthanc.url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=60).read() or b"null")

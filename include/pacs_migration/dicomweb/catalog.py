@@ -86,7 +86,7 @@ class IndexSearch:
             raise ValueError(f"not columns of the study index: {sorted(unknown)}")
         clauses = " AND ".join(f'"{k}" = ?' for k in match) or "TRUE"
         return self.catalog.query(
-            f'SELECT "StudyInstanceUID", string_agg(DISTINCT partition, \',\') AS partitions, count(*) AS instances '
+            f"SELECT \"StudyInstanceUID\", string_agg(DISTINCT partition, ',') AS partitions, count(*) AS instances "
             f'FROM {TABLE} WHERE {clauses} GROUP BY "StudyInstanceUID"',
             list(match.values()),
         )

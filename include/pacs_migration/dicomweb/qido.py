@@ -73,6 +73,7 @@ MATCHABLE = {
 }
 CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
 MAX_LIMIT = 10_000
+INSTANCE_ORDER = '"SeriesInstanceUID", "InstanceNumber" NULLS LAST, "SOPInstanceUID"'
 
 
 @dataclass(frozen=True)
@@ -194,9 +195,9 @@ _STUDY_SELECT = ", ".join(
     [
         *(f'any_value("{k}") AS "{k}"' for k in STUDY_KEYWORDS if k != "StudyInstanceUID"),
         '"StudyInstanceUID"',
-        "count(DISTINCT \"SeriesInstanceUID\") AS \"NumberOfStudyRelatedSeries\"",
+        'count(DISTINCT "SeriesInstanceUID") AS "NumberOfStudyRelatedSeries"',
         'count(*) AS "NumberOfStudyRelatedInstances"',
-        "string_agg(DISTINCT \"Modality\", '\\' ORDER BY \"Modality\") AS \"ModalitiesInStudy\"",
+        'string_agg(DISTINCT "Modality", \'\\\' ORDER BY "Modality") AS "ModalitiesInStudy"',
     ]
 )
 _SERIES_SELECT = ", ".join(
@@ -224,7 +225,7 @@ def sql(query: QidoQuery) -> tuple[str, list[Any]]:
             args,
         )
     return (
-        f'SELECT * FROM {TABLE} WHERE {cond} ORDER BY "SeriesInstanceUID", "InstanceNumber" NULLS LAST, "SOPInstanceUID"',
+        f"SELECT * FROM {TABLE} WHERE {cond} ORDER BY {INSTANCE_ORDER}",
         args,
     )
 

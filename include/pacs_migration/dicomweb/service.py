@@ -111,7 +111,9 @@ def create_app(parts: Parts) -> FastAPI:
             return await call_next(request)  # the health check and the viewer's files: no patient data
         user = svc.user_of(request)
         if user is None:
-            return JSONResponse({"error": "authentication required"}, 401, {"WWW-Authenticate": 'Bearer realm="dicomweb"'})
+            return JSONResponse(
+                {"error": "authentication required"}, 401, {"WWW-Authenticate": 'Bearer realm="dicomweb"'}
+            )
         request.state.user = user
         return await call_next(request)
 
@@ -254,7 +256,7 @@ class _Service:
         if query.level is qido.Level.STUDY:
             return True
         study = query.matches.get("StudyInstanceUID")
-        return bool(study) and not local and not self._indexed(study)
+        return study is not None and not local and not self._indexed(study)
 
     def _indexed(self, study_uid: str) -> bool:
         return bool(self.catalog.query(f'SELECT 1 FROM {qido.TABLE} WHERE "StudyInstanceUID" = ? LIMIT 1', [study_uid]))
@@ -264,7 +266,9 @@ class _Service:
         known = {r.get("StudyInstanceUID") for r in local} if query.level is qido.Level.STUDY else set()
         out = []
         for r in self.legacy.search(query):
-            if query.level is qido.Level.STUDY and (r["StudyInstanceUID"] in known or self._indexed(r["StudyInstanceUID"])):
+            if query.level is qido.Level.STUDY and (
+                r["StudyInstanceUID"] in known or self._indexed(r["StudyInstanceUID"])
+            ):
                 continue  # migrated: the archive's answer stands
             if not _legacy_matches(r, query):
                 continue  # the legacy PACS may ignore a key it does not support: match again here
@@ -281,7 +285,7 @@ class _Service:
         where = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop}
         cond = " AND ".join(f'"{k}" = ?' for k, v in where.items() if v)
         return self.catalog.query(
-            f'SELECT * FROM {qido.TABLE} WHERE {cond} ORDER BY "SeriesInstanceUID", "InstanceNumber" NULLS LAST, "SOPInstanceUID"',
+            f"SELECT * FROM {qido.TABLE} WHERE {cond} ORDER BY {qido.INSTANCE_ORDER}",
             [v for v in where.values() if v],
         )
 
@@ -307,7 +311,7 @@ class _Service:
         if rows:
             self.audit.accessed(request.state.user, study, rows[0].get("PatientID"), "archive")
             parts: Iterator[tuple[str, Any]] = (
-                (f'{wado.DICOM}; transfer-syntax={r["TransferSyntaxUID"]}', self.store.iter_chunks(r["object_key"]))
+                (f"{wado.DICOM}; transfer-syntax={r['TransferSyntaxUID']}", self.store.iter_chunks(r["object_key"]))
                 for r in rows
             )
         else:
@@ -322,7 +326,9 @@ class _Service:
             from concurrent.futures import ThreadPoolExecutor
 
             def one(r: dict[str, Any]) -> dict[str, Any]:
-                return wado.metadata(read_header(self.store, r["object_key"], int(r["object_size"])), r["TransferSyntaxUID"])
+                return wado.metadata(
+                    read_header(self.store, r["object_key"], int(r["object_size"])), r["TransferSyntaxUID"]
+                )
 
             with ThreadPoolExecutor(8, thread_name_prefix="metadata") as pool:
                 body = list(pool.map(one, rows))

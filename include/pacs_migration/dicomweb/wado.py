@@ -47,12 +47,16 @@ def check_accept(accept: str | None, wanted: str) -> None:
         return
     for item in accept.split(","):
         media = item.split(";")[0].strip().lower()
-        params = {p.split("=", 1)[0].strip().lower(): p.split("=", 1)[1].strip().strip('"') for p in item.split(";")[1:] if "=" in p}
+        params = {
+            p.split("=", 1)[0].strip().lower(): p.split("=", 1)[1].strip().strip('"')
+            for p in item.split(";")[1:]
+            if "=" in p
+        }
         if media in ("multipart/related", "multipart/*") and params.get("type", wanted) in (wanted, "*/*"):
             return
         if media == wanted:
             return
-    raise NotAcceptable(f"this service sends multipart/related; type=\"{wanted}\" (asked: {accept})")
+    raise NotAcceptable(f'this service sends multipart/related; type="{wanted}" (asked: {accept})')
 
 
 def metadata(ds: Dataset, transfer_syntax: str | None) -> dict[str, Any]:
