@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean trace bench bench-cget ui-screenshots
+.PHONY: demo test lint venv clean trace bench bench-cget ui-screenshots serve viewer viewer-screenshots
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -16,6 +16,29 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
+## The OHIF Viewer's prebuilt files (npm @ohif/app, pinned), fetched into .viewer/dist (not committed).
+OHIF_VERSION ?= 3.13.2
+VIEWER := .viewer/dist/index.html
+$(VIEWER):
+	@command -v npm >/dev/null 2>&1 || { echo "npm is required to fetch the OHIF viewer"; exit 1; }
+	rm -rf .viewer && mkdir -p .viewer
+	cd .viewer && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz \
+		&& mv package/dist dist && rm -rf package ohif-app-$(OHIF_VERSION).tgz
+	@test -f $(VIEWER)
+viewer: $(VIEWER)
+
+## The DICOMweb service (and OHIF at /): CONFIG=<migration.yaml> TOKENS=<file of "user token" lines>;
+## the bucket from the AWS environment (ENDPOINT_URL for MinIO), the legacy PACS from $$AIRFLOW_CONN_PACS_SOURCE.
+PORT ?= 8042
+serve: $(STAMP) $(VIEWER)
+	PYTHONPATH=$(CURDIR) $(PY) -m include.dicomweb_serve --port $(PORT) --viewer .viewer/dist \
+		$(if $(CONFIG),--config $(CONFIG)) $(if $(TOKENS),--tokens-file $(TOKENS)) $(if $(ENDPOINT_URL),--endpoint-url $(ENDPOINT_URL))
+
+## OHIF's study list and a migrated CT as PNGs under docs/, from the viewer test.
+viewer-screenshots: $(STAMP) $(VIEWER)
+	VIEWER_SCREENSHOTS=$(CURDIR)/docs PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest -q \
+		tests/integration/test_dicomweb.py -k ohif
+
 ## Run the demo: a real migration of a synthetic archive through Airflow (scheduler + backfill).
 demo: $(STAMP)
 	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m demo.run $(if $(filter 1,$(KEEP)),--keep)
@@ -26,7 +49,7 @@ ui-screenshots: $(STAMP)
 
 ## Run the tests, on TEST_WORKERS processes (pytest-xdist, a file per worker in order; 0: one process).
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) $(VIEWER)
 	PYTHONPATH=$(CURDIR) GX_ANALYTICS_ENABLED=False $(PY) -m pytest --durations=12 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 ## Lint: ruff (rules and format) over the repository, mypy over the core. CI runs it before the tests.

@@ -11,6 +11,8 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -261,3 +263,79 @@ def _orthanc(orthanc, path: str, body: dict):
         orthanc.url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
     )
     return json.loads(urllib.request.urlopen(req, timeout=60).read() or b"null")
+
+
+VIEWPORT_STATE = """() => {
+  const engines = window.cornerstone ? window.cornerstone.getRenderingEngines() : [];
+  for (const engine of engines) {
+    for (const vp of engine.getViewports()) {
+      const id = vp.getCurrentImageId && vp.getCurrentImageId();
+      const image = id && window.cornerstone.cache.getImage(id);
+      if (!image) continue;
+      const pixels = image.getPixelData();
+      let low = Infinity, high = -Infinity;
+      for (let i = 0; i < pixels.length; i += 7) { low = Math.min(low, pixels[i]); high = Math.max(high, pixels[i]); }
+      return {imageId: id, rows: image.rows, columns: image.columns, pixels: pixels.length, low, high,
+              images: vp.getImageIds().length};
+    }
+  }
+  return null;
+}"""
+
+
+def _chromium() -> str:
+    return require_binary("chromium", "chromium")
+
+
+def test_ohif_lists_both_origins_and_renders_a_migrated_ct(archive, legacy, tmp_path):
+    """The OHIF Viewer (npm @ohif/app dist, fetched by make), from the service's origin, in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    pacs, _ = legacy
+    viewer = Path(__file__).resolve().parents[2] / ".viewer" / "dist"
+    if not (viewer / "index.html").exists():
+        pytest.fail("the OHIF viewer is missing: make test fetches it (make viewer)")
+    shots = Path(os.environ.get("VIEWER_SCREENSHOTS") or tmp_path)
+    with serve(archive, pacs.port, viewer=viewer) as svc, sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=_chromium(), args=["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+        )
+        # A reverse proxy or the hospital's SSO would add the token; here the browser does.
+        context = browser.new_context(viewport={"width": 1600, "height": 900}, extra_http_headers=svc.headers)
+        context.add_init_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+        page = context.new_page()
+        errors: list[str] = []
+        failed: list[tuple[int, str]] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("response", lambda r: failed.append((r.status, r.url)) if r.status >= 400 else None)
+
+        page.goto(svc.origin + "/", wait_until="networkidle")
+        page.get_by_text("[legacy PACS]").first.wait_for(timeout=30_000)
+        _hide_banner(page)
+        rows = page.locator("tbody tr", has_text="LEG3")  # a study's row shows its MRN
+        assert rows.count() == 36
+        legacy_rows = [t for t in rows.all_inner_texts() if "[legacy PACS]" in t]
+        assert len(legacy_rows) == 13  # day 3's twelve, and the rolled-back study
+        page.screenshot(path=str(shots / "viewer-study-list.png"))
+
+        for study, name in ((archive.migrated_ct, "viewer-migrated-ct.png"), (archive.legacy_only, None)):
+            started = time.monotonic()
+            page.goto(f"{svc.origin}/viewer?StudyInstanceUIDs={study}", wait_until="domcontentloaded")
+            page.wait_for_function(VIEWPORT_STATE, timeout=60_000)
+            state = page.evaluate(VIEWPORT_STATE)
+            assert state["rows"] == state["columns"] == 128 and state["pixels"] == 128 * 128, state
+            assert state["high"] > state["low"] and state["images"] == 4 and study in state["imageId"], state
+            print(f"first image of {'migrated' if name else 'legacy'} study in {time.monotonic() - started:.1f} s")
+            if name:
+                _hide_banner(page)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots / name))
+        browser.close()
+    assert not failed, failed
+    assert not [e for e in errors if "dicomweb" in e.lower() or "error" in e.lower()], errors
+
+
+def _hide_banner(page) -> None:
+    button = page.get_by_role("button", name="Confirm and hide")
+    if button.count():
+        button.first.click()
