@@ -167,14 +167,14 @@ def index_partition(
     """Write the partition's index from its transfer manifest (the live one
     unless given); rows of objects already indexed with the same hash are
     kept (``reread``: none), the others' headers read. Returns the rows written (0: the partition
-    holds nothing migrated and its index is removed)."""
+    holds nothing migrated and its index is emptied)."""
     if transfer is None:
         transfer = PartitionManifests(store, partition).transfer_or_none()
     migrated = [] if transfer is None else transfer[transfer["state"] == "migrated"].to_dict("records")
     key = index_key(store, partition)
     if not migrated:
-        if store.head(key) is not None:
-            store.delete(key)
+        if store.head(key) is not None:  # emptied, not deleted: the writer and rollback principals delete nothing here
+            _write(store, key, [])
         return 0
     previous = None if reread else read_partition(store, partition)
     known: dict[tuple[str, str], dict[str, Any]] = {}
@@ -192,10 +192,14 @@ def index_partition(
     for r in migrated:
         ident = (r["object_key"], r["object_sha256"])
         rows.append(fresh.get(ident) or {**known[ident], "run_id": r["run_id"]})
+    _write(store, key, rows)
+    return len(rows)
+
+
+def _write(store: ObjectStore, key: str, rows: list[dict[str, Any]]) -> None:
     buf = io.BytesIO()
     frame(rows).to_parquet(buf, index=False)
     store.put(key, buf.getvalue(), PARQUET)
-    return len(rows)
 
 
 def update(store: ObjectStore, partitions: Iterable[Partition], transfers: dict[Partition, Any] | None = None) -> int:
@@ -215,12 +219,12 @@ def indexed_partitions(store: ObjectStore) -> list[Partition]:
 
 def rebuild(store: ObjectStore) -> dict[str, int]:
     """Rebuild the whole index from the manifests and the objects' headers;
-    an index file of a partition without a live transfer manifest is removed."""
+    an index file of a partition without a live transfer manifest is emptied."""
     live = transferred_partitions(store)
     rows = 0
     for p in live:
         rows += index_partition(store, p, reread=True)
     stale = [p for p in indexed_partitions(store) if p not in set(live)]
     for p in stale:
-        store.delete(index_key(store, p))
+        _write(store, index_key(store, p), [])
     return {"partitions": len(live), "instances": rows, "removed": len(stale)}

@@ -12,11 +12,13 @@ import pytest
 from include.pacs_migration.assessment import ASSESSMENT_PREFIX
 from include.pacs_migration.audit.chain import link_key
 from include.pacs_migration.config import TargetConfig
+from include.pacs_migration.coverage import INDEX_KEY as COVERAGE_KEY
 from include.pacs_migration.lease import PREFIX as LEASES
 from include.pacs_migration.manifest import PartitionManifests, instance_key
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.plan import LEDGER_KEY
 from include.pacs_migration.store import ObjectStore
+from include.pacs_migration.study_index import index_key
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "iam"
 BUCKET = "arn:aws:s3:::hospital-pacs-archive"
@@ -34,6 +36,8 @@ def _layout() -> dict[str, str]:
         "lease": f"{LEASES}date=2019-03-01.json",
         "ledger": LEDGER_KEY,
         "assessment": f"{ASSESSMENT_PREFIX}2019-03-01_2019-03-05/report.html",
+        "study_index": index_key(store, Partition.parse("2019-03-01/CT")),
+        "coverage": COVERAGE_KEY,
     }
 
 
@@ -57,7 +61,7 @@ def policies() -> dict[str, dict]:
 
 
 def test_the_policies_are_well_formed(policies):
-    assert set(policies) == {"writer", "reader", "auditor", "rollback"}
+    assert set(policies) == {"writer", "reader", "auditor", "rollback", "dicomweb"}
     for name, policy in policies.items():
         assert policy["Version"] == "2012-10-17"
         for st in policy["Statement"]:
@@ -110,3 +114,20 @@ def test_the_rollback_principal_moves_objects_aside_and_keeps_the_chain_of_custo
     assert not any(_decide(rb, "s3:DeleteObjectVersion", k) for k in keys.values())
     # and the migration's own principal still cannot delete a live object
     assert not _decide(policies["writer"], "s3:DeleteObject", keys["instance"])
+
+
+def test_the_study_index_holds_patient_data_and_only_its_readers_see_it(policies):
+    """Issue 19: the study index (names, IDs, accession numbers) is apart from the
+    coverage index; the DICOMweb service reads it and the studies, writes only audit links."""
+    keys, dw = _layout(), policies["dicomweb"]
+    assert not any(_decide(policies[p], "s3:GetObject", keys["study_index"]) for p in ("auditor", "reader"))
+    assert _decide(dw, "s3:GetObject", keys["study_index"]) and _decide(dw, "s3:GetObject", keys["instance"])
+    assert _decide(dw, "s3:GetObject", keys["manifest"])  # the locator's partly/quarantined answers
+    assert not _decide(dw, "s3:GetObject", keys["quarantine"])
+    assert _decide(dw, "s3:PutObject", keys["audit"]) and not _decide(dw, "s3:DeleteObject", keys["audit"])
+    for kind in ("instance", "quarantine", "manifest", "study_index", "coverage", "ledger", "lease"):
+        assert not _decide(dw, "s3:PutObject", keys[kind]) and not _decide(dw, "s3:DeleteObject", keys[kind]), kind
+    # the rollback principal keeps both indexes current; nobody deletes the study index
+    rb = policies["rollback"]
+    assert _decide(rb, "s3:PutObject", keys["study_index"]) and _decide(rb, "s3:PutObject", keys["coverage"])
+    assert not any(_decide(policies[p], "s3:DeleteObject", keys["study_index"]) for p in policies)
