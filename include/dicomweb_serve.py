@@ -3,10 +3,11 @@
 legacy PACS. Outside Airflow, it reads what the workers read, from the
 environment:
 
-- the configuration file: ``--config`` or ``$AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH``;
-- the legacy PACS: ``$AIRFLOW_CONN_PACS_SOURCE`` (the Airflow Connection's URI form,
-  ``dicom://host:port?called_ae_title=…&calling_ae_title=…``); without it, no fallback;
-- the bucket: the AWS environment (``AWS_ACCESS_KEY_ID``… or the instance role;
+- the configuration file: ``--config``, else ``$AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH``, else the bundled one;
+- the legacy PACS: ``$AIRFLOW_CONN_PACS_SOURCE`` (the Airflow Connection, JSON as in ``.env``
+  or a URI ``dicom://host:port?called_ae_title=…&calling_ae_title=…``); without it, no fallback;
+- the bucket: ``$AIRFLOW_VAR_PACS_MIGRATION_BUCKET`` over the file's ``target.bucket``;
+- the credentials: the AWS environment (``AWS_ACCESS_KEY_ID``… or the instance role;
   ``--endpoint-url`` for MinIO or a test server), reading only (``docs/iam/dicomweb.json``);
 - the bearer tokens: ``$PACS_DICOMWEB_TOKENS_FILE``, one ``user token`` per line;
 - the audit trail's patient keys: ``$PACS_PATIENT_KEY_SECRET``.
@@ -15,6 +16,7 @@ environment:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -23,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from include.pacs_migration.config import ConfigError, load_config, read_yaml, source_overlay
+from include.pacs_migration_dags import config_path
 
 TOKENS_ENV = "PACS_DICOMWEB_TOKENS_FILE"
 SOURCE_ENV = "AIRFLOW_CONN_PACS_SOURCE"
+BUCKET_ENV = "AIRFLOW_VAR_PACS_MIGRATION_BUCKET"
 
 
 def read_tokens(path: Path) -> dict[str, str]:
@@ -44,9 +48,15 @@ def read_tokens(path: Path) -> dict[str, str]:
     return tokens
 
 
-def source_from_uri(uri: str) -> dict[str, Any]:
-    """The ``source`` keys from an Airflow Connection URI of the PACS."""
-    parsed = urllib.parse.urlsplit(uri)
+def source_from_connection(value: str) -> dict[str, Any]:
+    """The ``source`` keys from the PACS's Airflow Connection as the
+    environment holds it: JSON (as in .env) or a URI (``dicom://host:port?called_ae_title=…``)."""
+    if value.lstrip().startswith("{"):
+        conn = json.loads(value)
+        extra = conn.get("extra") or {}
+        extra = json.loads(extra) if isinstance(extra, str) else extra
+        return source_overlay(conn.get("host"), conn.get("port"), extra)
+    parsed = urllib.parse.urlsplit(value)
     extra = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
     return source_overlay(parsed.hostname, parsed.port, extra)
 
@@ -62,11 +72,13 @@ def build(args: argparse.Namespace) -> Any:
     from include.pacs_migration.store import ObjectStore
 
     configure_logging()
-    path = args.config or Path(os.environ.get("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH") or "")
+    path = args.config or config_path()
     data = read_yaml(path)
     uri = os.environ.get(SOURCE_ENV)
     if uri:
-        data["source"] = {**data.get("source", {}), **{k: v for k, v in source_from_uri(uri).items() if v}}
+        data["source"] = {**data.get("source", {}), **{k: v for k, v in source_from_connection(uri).items() if v}}
+    if bucket := os.environ.get(BUCKET_ENV):  # the Variable the workers read, as the environment holds it
+        data["target"] = {**data.get("target", {}), "bucket": bucket}
     cfg = load_config(data, path.parent)
     client = boto3.client("s3", endpoint_url=args.endpoint_url, config=cfg.target.client_config())
     store = ObjectStore(client, cfg.target)

@@ -143,3 +143,14 @@ def test_preflight_refuses_empty_placeholder_and_weak_secrets():
         assert len(found) == 1 and found[0].startswith(key) and why in found[0], (key, found)
         assert value == "" or value not in found[0] or key.startswith("AIRFLOW_CONN")  # no secret printed
     assert "shorter than 32" in problems({**good, "AIRFLOW__API_AUTH__JWT_SECRET": "x1" * 10})[0]
+
+
+def test_the_dicomweb_service_reads_with_its_own_principal_and_a_token_file(compose):
+    """Issue 19: the DICOMweb service and OHIF, as compose starts them."""
+    svc = compose["services"]["dicomweb"]
+    assert svc["command"][:3] == ["python", "-m", "include.dicomweb_serve"] and "--viewer" in svc["command"]
+    assert "./.viewer/dist:/opt/viewer:ro" in svc["volumes"]
+    assert svc["environment"]["PACS_DICOMWEB_TOKENS_FILE"] == "/run/secrets/dicomweb_tokens"
+    assert svc["secrets"] == ["dicomweb_tokens"] and "dicomweb_tokens" in compose["secrets"]
+    assert svc["environment"]["AWS_ACCESS_KEY_ID"].startswith("${DICOMWEB_AWS_")  # not the workers' keys
+    assert "dicomweb-tokens" in (ROOT / ".gitignore").read_text()

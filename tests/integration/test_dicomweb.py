@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -30,8 +32,11 @@ from include.pacs_migration.locator import StudyState, locate, resolve
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from peers.pacs import SimulatedPACS
+from peers.ports import free_port
 from tests.dicomweb_rig import DAY1, DAY3, migrate, serve
 from tests.peers import Orthanc, require_binary
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -238,17 +243,21 @@ def test_orthanc_lists_and_retrieves_a_migrated_study_over_dicomweb(archive, leg
         require_binary("no-such-binary-orthanc-dicomweb", "orthanc-dicomweb")  # skips, or fails under CI
     with serve(archive, pacs.port) as svc:
         servers = {"migrated": {"Url": svc.url + "/", "HttpHeaders": svc.headers}}
-        orthanc = Orthanc(
-            tmp_path / "orthanc", Plugins=[str(plugin)], DicomWeb={"Enable": True, "Servers": servers}
-        )
+        orthanc = Orthanc(tmp_path / "orthanc", Plugins=[str(plugin)], DicomWeb={"Enable": True, "Servers": servers})
         try:
-            listed = _orthanc(orthanc, "/dicom-web/servers/migrated/get", {"Uri": "/studies", "Arguments": {"ModalitiesInStudy": "CT"}})
+            listed = _orthanc(
+                orthanc,
+                "/dicom-web/servers/migrated/get",
+                {"Uri": "/studies", "Arguments": {"ModalitiesInStudy": "CT"}},
+            )
             uids = {s["0020000D"]["Value"][0] for s in listed}
             assert archive.migrated_ct in uids and archive.legacy_only in uids
             _orthanc(orthanc, "/dicom-web/servers/migrated/retrieve", {"Resources": [{"Study": archive.migrated_ct}]})
             ids = json.loads(urllib.request.urlopen(f"{orthanc.url}/instances", timeout=30).read())
             got = {
-                hashlib.sha256(urllib.request.urlopen(f"{orthanc.url}/instances/{i}/file", timeout=30).read()).hexdigest()
+                hashlib.sha256(
+                    urllib.request.urlopen(f"{orthanc.url}/instances/{i}/file", timeout=30).read()
+                ).hexdigest()
                 for i in ids
             }
             rows = PartitionManifests(archive.store, Partition(DAY1, "CT")).transfer()
@@ -339,3 +348,67 @@ def _hide_banner(page) -> None:
     button = page.get_by_role("button", name="Confirm and hide")
     if button.count():
         button.first.click()
+
+
+def test_the_service_as_make_serve_starts_it(archive, legacy, s3_server, tmp_path):
+    """``python -m include.dicomweb_serve`` in its own process: configuration from the
+    environment, tokens from a file (a bad line named, never its token), no patient data in its output."""
+    pacs, summary = legacy
+    tokens = tmp_path / "tokens"
+    tokens.write_text("dr.cuddy short\n")
+    env = {
+        **os.environ,
+        "AIRFLOW_CONN_PACS_SOURCE": json.dumps(
+            {
+                "conn_type": "dicom",
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "extra": {"called_ae_title": "LEGACYPACS", "calling_ae_title": "PACSMIGRATE"},
+            }
+        ),  # fmt: skip
+        "AIRFLOW_VAR_PACS_MIGRATION_BUCKET": archive.store.bucket,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PACS_DICOMWEB_TOKENS_FILE": str(tokens),
+    }
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "include.dicomweb_serve",
+        "--port",
+        str(port),
+        "--endpoint-url",
+        s3_server.endpoint_url,
+    ]
+    bad = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and f"{tokens}:1" in bad.stderr and "short" not in bad.stderr
+    token = "t" * 32
+    tokens.write_text(f"# who, token\ndr.cuddy {token}\n")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(f"{url}/healthz", timeout=2).raise_for_status()
+                break
+            except requests.RequestException:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.2)
+        name = summary.patient_names[0]
+        client = DICOMwebClient(url=f"{url}/dicomweb", headers={"Authorization": f"Bearer {token}"})
+        found = client.search_for_studies(search_filters={"PatientName": name})
+        assert found and all(s["00100010"]["Value"][0]["Alphabetic"] == name for s in found)
+        where = requests.get(
+            f"{url}/where/{archive.migrated_ct}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+        assert where.json()[0]["state"] == "migrated and verified"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert name not in output and name.split("^")[0] not in output and token not in output
