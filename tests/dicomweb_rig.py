@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -86,6 +87,7 @@ class Service:
     server: uvicorn.Server
     audit: AccessLog
     legacy: LegacyArchive | None
+    app: Any = None  # the FastAPI app (its state.service: caches a benchmark empties)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -116,7 +118,7 @@ def serve(
         time.sleep(0.05)
     origin = f"http://127.0.0.1:{port}"
     try:
-        yield Service(f"{origin}/dicomweb", origin, token, server, audit, legacy)
+        yield Service(f"{origin}/dicomweb", origin, token, server, audit, legacy, app)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

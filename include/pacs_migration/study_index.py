@@ -82,12 +82,15 @@ def index_key(store: ObjectStore, partition: Partition) -> str:
 
 
 class RangeReader(io.RawIOBase):
-    """An S3 object as a seekable file that fetches only the blocks read:
-    pydicom parses a header through it and stops before the pixel data."""
+    """An S3 object as a seekable file that fetches only the blocks read (and
+    keeps them: pydicom seeks back and forth within a header): it parses a
+    header through it and stops before the pixel data."""
 
-    def __init__(self, store: ObjectStore, key: str, size: int) -> None:
-        self.store, self.key, self.size, self.pos = store, key, size, 0
+    def __init__(self, store: ObjectStore, key: str, size: int, block: int = 64 * 1024) -> None:
+        self.store, self.key, self.size, self.pos, self.block = store, key, size, 0, block
         self.name = key  # pydicom records it as the dataset's filename
+        self._blocks: dict[int, bytes] = {}
+        self.gets = 0
 
     def readable(self) -> bool:
         return True
@@ -103,20 +106,28 @@ class RangeReader(io.RawIOBase):
         self.pos = max(0, base + offset)
         return self.pos
 
+    def _block(self, n: int) -> bytes:
+        if n not in self._blocks:
+            start = n * self.block
+            self._blocks[n] = self.store.get_range(self.key, start, min(self.size, start + self.block) - 1)
+            self.gets += 1
+        return self._blocks[n]
+
     def readinto(self, buffer: Any) -> int:
         want = min(len(buffer), self.size - self.pos)
         if want <= 0:
             return 0
-        data = self.store.get_range(self.key, self.pos, self.pos + want - 1)
+        n, offset = divmod(self.pos, self.block)
+        data = self._block(n)[offset : offset + want]
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
 
 
-def read_header(store: ObjectStore, key: str, size: int, block: int = 64 * 1024) -> Dataset:
+def read_header(store: ObjectStore, key: str, size: int) -> Dataset:
     """A stored object's dataset up to its pixel data, from ranged reads
     (one 64 KiB block for a typical header)."""
-    with io.BufferedReader(RangeReader(store, key, size), buffer_size=block) as f:
+    with RangeReader(store, key, size) as f:
         return pydicom.dcmread(f, stop_before_pixels=True)
 
 

@@ -15,6 +15,7 @@ import hmac
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from .legacy import LegacyArchive, LegacyObject, LegacySearch, LegacyUnavailable
 log = logging.getLogger(__name__)
 
 COOKIE = "pacs_dicomweb"
+METADATA_CACHE = 4096  # instances' DICOM JSON kept in memory (~10-20 KB each)
 PATIENT_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "IssuerOfPatientID"})
 
 
@@ -203,6 +205,8 @@ class _Service:
         self.parts, self.catalog, self.config = parts, catalog, parts.config
         self.store, self.legacy = parts.store, parts.legacy
         self.audit = parts.audit or AccessLog(None, None)
+        self._meta: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._meta_lock = threading.Lock()
 
     # -- who -----------------------------------------------------------------------
 
@@ -325,13 +329,8 @@ class _Service:
             self.audit.accessed(request.state.user, study, rows[0].get("PatientID"), "archive")
             from concurrent.futures import ThreadPoolExecutor
 
-            def one(r: dict[str, Any]) -> dict[str, Any]:
-                return wado.metadata(
-                    read_header(self.store, r["object_key"], int(r["object_size"])), r["TransferSyntaxUID"]
-                )
-
             with ThreadPoolExecutor(8, thread_name_prefix="metadata") as pool:
-                body = list(pool.map(one, rows))
+                body = list(pool.map(self._instance_metadata, rows))
         else:
             import io
 
@@ -342,6 +341,23 @@ class _Service:
                 ds = pydicom.dcmread(io.BytesIO(o.data), stop_before_pixels=True)
                 body.append(wado.metadata(ds, str(ds.file_meta.TransferSyntaxUID)))
         return JSONResponse(body, media_type="application/dicom+json")
+
+    def _instance_metadata(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One migrated instance's DICOM JSON; the last ones asked are kept in
+        memory (a study is opened again and again; an object never changes under its key and hash)."""
+        ident = (row["object_key"], row["object_sha256"])
+        with self._meta_lock:
+            hit = self._meta.get(ident)
+            if hit is not None:
+                self._meta.move_to_end(ident)
+                return hit
+        header = read_header(self.store, row["object_key"], int(row["object_size"]))
+        value = wado.metadata(header, row["TransferSyntaxUID"])
+        with self._meta_lock:
+            self._meta[ident] = value
+            while len(self._meta) > METADATA_CACHE:
+                self._meta.popitem(last=False)
+        return value
 
     def _instance_bytes(self, request: Request, study: str, series: str, sop: str) -> bytes:
         rows = self._objects(study, series, sop)
