@@ -42,6 +42,16 @@ class Archive:
     rolled_back: str  # an MR study rolled back (day 2)
     legacy_only: str  # a CT study of day 3, never migrated
     quarantined_reason: str
+    quarantined: str = ""  # a one-instance US study of day 2 whose only file the legacy PACS holds truncated
+
+
+def break_one_study(legacy_root: Path) -> Path:
+    """Truncate day 2's first US study (one instance): the whole study ends quarantined.
+    Call before the legacy PACS starts."""
+    path = legacy_root / DAY2.strftime("%Y%m%d") / "US00" / "s1" / "0001.dcm"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
 
 
 def migrate(pacs, s3_server, bucket: str, tmp_path: Path, legacy_root: Path) -> Archive:
@@ -57,6 +67,8 @@ def migrate(pacs, s3_server, bucket: str, tmp_path: Path, legacy_root: Path) -> 
     services = Services(cfg, store, 1, patient_secret=PATIENT_SECRET, actor="test")
     roll_back(services, Selection.parse(study_uids=[rolled]), "wrong patient", "alice", "rb-dw-1", dry_run=False)
     day3 = _legacy_studies(legacy_root / DAY3.strftime("%Y%m%d"))
+    us2 = PartitionManifests(store, Partition(DAY2, "US")).transfer()
+    broken = us2[us2["state"] == "quarantined"]
     return Archive(
         cfg,
         store,
@@ -66,6 +78,7 @@ def migrate(pacs, s3_server, bucket: str, tmp_path: Path, legacy_root: Path) -> 
         rolled_back=rolled,
         legacy_only=day3["CT00"],
         quarantined_reason=str(partly["reason"]),
+        quarantined=str(broken.iloc[0]["study_instance_uid"]) if len(broken) else "",
     )
 
 

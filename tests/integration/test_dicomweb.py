@@ -33,7 +33,7 @@ from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from peers.pacs import SimulatedPACS
 from peers.ports import free_port
-from tests.dicomweb_rig import DAY1, DAY3, migrate, serve
+from tests.dicomweb_rig import DAY1, DAY3, break_one_study, migrate, serve
 from tests.peers import Orthanc, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):
     summary = build_archive(tmp_path_factory.mktemp("legacy"), days=3)
+    break_one_study(summary.root)
     server = SimulatedPACS(summary.root)
     yield server, summary
     server.stop()
@@ -75,8 +76,9 @@ def test_search_merges_the_archive_and_the_legacy_pacs(archive, legacy):
         assert migrated["00080056"]["Value"] == ["ONLINE"] and "00080054" not in migrated
         assert old["00080056"]["Value"] == ["NEARLINE"] and old["00080054"]["Value"] == ["LEGACYPACS"]
         assert old["00081030"]["Value"][0].endswith("[legacy PACS]")
-        # a rolled-back study is not in the archive any more: the legacy PACS still has it
+        # a rolled-back or wholly quarantined study is not in the archive: the legacy PACS still has it
         assert by_uid[archive.rolled_back]["00080056"]["Value"] == ["NEARLINE"]
+        assert by_uid[archive.quarantined]["00080056"]["Value"] == ["NEARLINE"]
         # 3 days x 12 studies, each once
         assert len(studies) == len(by_uid) == 36
 
@@ -193,8 +195,11 @@ def test_locator_answers_each_state(archive, legacy):
             ("partly", archive.partly),
             ("rolled_back", archive.rolled_back),
             ("legacy_only", archive.legacy_only),
+            ("quarantined", archive.quarantined),
         )
     }
+    assert states["quarantined"].state is StudyState.QUARANTINED
+    assert any(why.startswith("quarantined ") for why in states["quarantined"].missing)
     assert states["migrated"].state is StudyState.MIGRATED
     assert states["migrated"].partitions[0]["verdict"] is True
     assert states["migrated"].partitions[0]["run_id"] == "run-2019-03-01"
@@ -324,7 +329,7 @@ def test_ohif_lists_both_origins_and_renders_a_migrated_ct(archive, legacy, tmp_
         rows = page.locator("tbody tr", has_text="LEG3")  # a study's row shows its MRN
         assert rows.count() == 36
         legacy_rows = [t for t in rows.all_inner_texts() if "[legacy PACS]" in t]
-        assert len(legacy_rows) == 13  # day 3's twelve, and the rolled-back study
+        assert len(legacy_rows) == 14  # day 3's twelve, the rolled-back and the quarantined study
         page.screenshot(path=str(shots / "viewer-study-list.png"))
 
         for study, name in ((archive.migrated_ct, "viewer-migrated-ct.png"), (archive.legacy_only, None)):
