@@ -255,9 +255,13 @@ class ObjectStore:
             for obj in page.get("Contents", []):
                 yield obj["Key"], obj["ETag"]
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``start``..``end`` (inclusive) of an object: a header without its pixels."""
-        return self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"].read()
+    def get_range(self, key: str, start: int, end: int) -> tuple[bytes, int]:
+        """Bytes ``start``..``end`` (inclusive) of an object (a header without its
+        pixels), and the object's whole size (from Content-Range)."""
+        rsp = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")
+        data = rsp["Body"].read()
+        total = str(rsp.get("ContentRange") or "").rpartition("/")[2]
+        return data, int(total) if total.isdigit() else start + len(data)
 
     def iter_chunks(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
         """An object's bytes in chunks, never the whole object in memory."""

@@ -86,11 +86,12 @@ class RangeReader(io.RawIOBase):
     keeps them: pydicom seeks back and forth within a header): it parses a
     header through it and stops before the pixel data."""
 
-    def __init__(self, store: ObjectStore, key: str, size: int, block: int = 64 * 1024) -> None:
-        self.store, self.key, self.size, self.pos, self.block = store, key, size, 0, block
+    def __init__(self, store: ObjectStore, key: str, block: int = 64 * 1024) -> None:
+        self.store, self.key, self.pos, self.block = store, key, 0, block
         self.name = key  # pydicom records it as the dataset's filename
         self._blocks: dict[int, bytes] = {}
         self.gets = 0
+        self.size = self._size()  # from S3 itself, not from a manifest
 
     def readable(self) -> bool:
         return True
@@ -106,10 +107,15 @@ class RangeReader(io.RawIOBase):
         self.pos = max(0, base + offset)
         return self.pos
 
+    def _size(self) -> int:
+        self._blocks[0], size = self.store.get_range(self.key, 0, self.block - 1)
+        self.gets += 1
+        return size
+
     def _block(self, n: int) -> bytes:
         if n not in self._blocks:
             start = n * self.block
-            self._blocks[n] = self.store.get_range(self.key, start, min(self.size, start + self.block) - 1)
+            self._blocks[n], _ = self.store.get_range(self.key, start, min(self.size, start + self.block) - 1)
             self.gets += 1
         return self._blocks[n]
 
@@ -124,11 +130,11 @@ class RangeReader(io.RawIOBase):
         return len(data)
 
 
-def read_header(store: ObjectStore, key: str, size: int) -> Dataset:
+def read_header(store: ObjectStore, key: str) -> tuple[Dataset, int]:
     """A stored object's dataset up to its pixel data, from ranged reads
-    (one 64 KiB block for a typical header)."""
-    with RangeReader(store, key, size) as f:
-        return pydicom.dcmread(f, stop_before_pixels=True)
+    (one 64 KiB block for a typical header), and the object's size."""
+    with RangeReader(store, key) as f:
+        return pydicom.dcmread(f, stop_before_pixels=True), f.size
 
 
 def _text(ds: Dataset, keyword: str) -> Any:
@@ -145,14 +151,14 @@ def _text(ds: Dataset, keyword: str) -> Any:
     return str(value)
 
 
-def header_row(ds: Dataset, row: dict[str, Any], partition: Partition) -> dict[str, Any]:
+def header_row(ds: Dataset, size: int, row: dict[str, Any], partition: Partition) -> dict[str, Any]:
     """One index row: the object's attributes and where it is."""
     out = {k: _text(ds, k) for k in (*STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS)}
     meta = getattr(ds, "file_meta", None)
     out.update(
         TransferSyntaxUID=str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None,
         object_key=row["object_key"],
-        object_size=int(row["object_size"]),
+        object_size=size,
         object_sha256=row["object_sha256"],
         run_id=row["run_id"],
         partition=partition.key,
@@ -195,7 +201,7 @@ def index_partition(
     todo = [r for r in migrated if (r["object_key"], r["object_sha256"]) not in known]
 
     def one(row: dict[str, Any]) -> dict[str, Any]:
-        return header_row(read_header(store, row["object_key"], int(row["object_size"])), row, partition)
+        return header_row(*read_header(store, row["object_key"]), row, partition)
 
     with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="index-header") as pool:
         fresh = {(r["object_key"], r["object_sha256"]): r for r in pool.map(one, todo)}

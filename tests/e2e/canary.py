@@ -114,8 +114,13 @@ def scan_files(scan: Scan, channel: str, paths: Iterable[Path]) -> None:
                 scan.read(channel, f"{path} {name}", data)
 
 
-def scan_bucket(scan: Scan, client, bucket: str, skip: tuple[str, ...] = ("studies/", "quarantine/")) -> None:
-    """Every object but the instances (their place) and quarantine (instances too)."""
+# Where patient data belongs: the instances, quarantine (instances too), and the study index
+# (issue 19: the attributes a DICOMweb search matches on, under its own prefix and IAM policy).
+PHI_PREFIXES = ("studies/", "quarantine/", "_index/studies/")
+
+
+def scan_bucket(scan: Scan, client, bucket: str, skip: tuple[str, ...] = PHI_PREFIXES) -> None:
+    """Every object but those of :data:`PHI_PREFIXES`."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
             if obj["Key"].startswith(skip):

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -130,6 +131,7 @@ def test_retrieve_is_byte_identical_from_either_archive(archive, legacy):
             uid = str(pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
             assert _dataset_bytes(part) == _dataset_bytes(originals[uid])
         assert svc.legacy.retrieves == retrieves + 1
+        assert not list(Path(tempfile.gettempdir()).glob("tmp*.dcm"))  # pynetdicom's streamed receive: gone
         assert set(store.list_keys("")) - keys_before <= {k for k in store.list_keys("_audit/")}  # nothing else written
 
         # metadata (DICOM JSON), frames and a rendered thumbnail, from both

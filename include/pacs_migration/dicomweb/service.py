@@ -36,7 +36,6 @@ from .legacy import LegacyArchive, LegacyObject, LegacySearch, LegacyUnavailable
 
 log = logging.getLogger(__name__)
 
-COOKIE = "pacs_dicomweb"
 METADATA_CACHE = 4096  # instances' DICOM JSON kept in memory (~10-20 KB each)
 PATIENT_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "IssuerOfPatientID"})
 
@@ -212,7 +211,7 @@ class _Service:
 
     def user_of(self, request: Request) -> str | None:
         header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not token:
             return None
         for known, user in self.parts.tokens.items():
@@ -351,7 +350,7 @@ class _Service:
             if hit is not None:
                 self._meta.move_to_end(ident)
                 return hit
-        header = read_header(self.store, row["object_key"], int(row["object_size"]))
+        header, _ = read_header(self.store, row["object_key"])
         value = wado.metadata(header, row["TransferSyntaxUID"])
         with self._meta_lock:
             self._meta[ident] = value
