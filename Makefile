@@ -20,7 +20,8 @@ venv: $(STAMP)
 OHIF_VERSION ?= 3.13.2
 VIEWER := .viewer/dist/index.html
 $(VIEWER):
-	@command -v npm >/dev/null 2>&1 || { echo "npm is required to fetch the OHIF viewer"; exit 1; }
+	@command -v npm >/dev/null 2>&1 || { [ "$$CI" != true ] || { echo "npm is required to fetch the OHIF viewer"; exit 1; }; \
+		echo "npm not found: the OHIF viewer is not fetched (its test skips; CI=true fails it)"; exit 0; }
 	rm -rf .viewer && mkdir -p .viewer
 	cd .viewer && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz \
 		&& mv package/dist dist && rm -rf package ohif-app-$(OHIF_VERSION).tgz

@@ -247,7 +247,9 @@ def test_orthanc_lists_and_retrieves_a_migrated_study_over_dicomweb(archive, leg
     pacs, _ = legacy
     plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
     if not plugin.exists():
-        require_binary("no-such-binary-orthanc-dicomweb", "orthanc-dicomweb")  # skips, or fails under CI
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{plugin} (Debian package orthanc-dicomweb) is required in CI; .ci/run installs it")
+        pytest.skip("Debian package orthanc-dicomweb not installed")
     with serve(archive, pacs.port) as svc:
         servers = {"migrated": {"Url": svc.url + "/", "HttpHeaders": svc.headers}}
         orthanc = Orthanc(tmp_path / "orthanc", Plugins=[str(plugin)], DicomWeb={"Enable": True, "Servers": servers})
@@ -310,7 +312,9 @@ def test_ohif_lists_both_origins_and_renders_a_migrated_ct(archive, legacy, tmp_
     pacs, _ = legacy
     viewer = Path(__file__).resolve().parents[2] / ".viewer" / "dist"
     if not (viewer / "index.html").exists():
-        pytest.fail("the OHIF viewer is missing: make test fetches it (make viewer)")
+        if os.environ.get("CI") == "true":
+            pytest.fail("the OHIF viewer is missing: make test fetches it (make viewer, npm)")
+        pytest.skip("the OHIF viewer is not fetched (make viewer needs npm)")
     shots = Path(os.environ.get("VIEWER_SCREENSHOTS") or tmp_path)
     with serve(archive, pacs.port, viewer=viewer) as svc, sync_playwright() as pw:
         browser = pw.chromium.launch(
