@@ -423,3 +423,12 @@ def test_the_service_as_make_serve_starts_it(archive, legacy, s3_server, tmp_pat
         log.close()
     output = (tmp_path / "serve.log").read_text()
     assert name not in output and name.split("^")[0] not in output and token not in output
+
+
+def test_a_path_that_is_not_a_uid_is_refused(archive, legacy):
+    pacs, _ = legacy
+    with serve(archive, pacs.port) as svc:
+        for path in ("/studies/1.2.x", f"/studies/{archive.migrated_ct}/series/abc/metadata", "/studies/1..2/metadata"):
+            rsp = requests.get(svc.url + path, headers=svc.headers, timeout=10)
+            assert rsp.status_code == 400 and "not a valid UID" in rsp.text, (path, rsp.status_code)
+        assert svc.legacy.retrieves == 0  # nothing asked of the legacy PACS

@@ -30,6 +30,7 @@ from ..locator import StudyLocation, locate, resolve
 from ..privacy import PatientKeyer
 from ..store import ObjectStore
 from ..study_index import COLUMNS, read_header
+from ..uids import is_valid_uid
 from . import qido, wado
 from .catalog import IndexSearch, StudyCatalog
 from .legacy import LegacyArchive, LegacyObject, LegacySearch, LegacyUnavailable
@@ -261,18 +262,27 @@ class _Service:
         study = query.matches.get("StudyInstanceUID")
         return study is not None and not local and not self._indexed(study)
 
+    def _indexed_of(self, uids: list[str]) -> set[str]:
+        if not uids:
+            return set()
+        marks = ", ".join("?" for _ in uids)
+        sql = f'SELECT DISTINCT "StudyInstanceUID" FROM {qido.TABLE} WHERE "StudyInstanceUID" IN ({marks})'
+        return {str(r["StudyInstanceUID"]) for r in self.catalog.query(sql, uids)}
+
     def _indexed(self, study_uid: str) -> bool:
         return bool(self.catalog.query(f'SELECT 1 FROM {qido.TABLE} WHERE "StudyInstanceUID" = ? LIMIT 1', [study_uid]))
 
     def _legacy_rows(self, query: qido.QidoQuery, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert self.legacy is not None
-        known = {r.get("StudyInstanceUID") for r in local} if query.level is qido.Level.STUDY else set()
+        answers = self.legacy.search(query)
+        known: set[str] = set()
+        if query.level is qido.Level.STUDY:  # migrated: the archive's answer stands (one query for all)
+            uids = sorted({str(r["StudyInstanceUID"]) for r in answers if r.get("StudyInstanceUID")})
+            known = {str(r.get("StudyInstanceUID")) for r in local} | self._indexed_of(uids)
         out = []
-        for r in self.legacy.search(query):
-            if query.level is qido.Level.STUDY and (
-                r["StudyInstanceUID"] in known or self._indexed(r["StudyInstanceUID"])
-            ):
-                continue  # migrated: the archive's answer stands
+        for r in answers:
+            if r.get("StudyInstanceUID") in known:
+                continue
             if not _legacy_matches(r, query):
                 continue  # the legacy PACS may ignore a key it does not support: match again here
             r["InstanceAvailability"] = "NEARLINE"
@@ -286,6 +296,9 @@ class _Service:
 
     def _objects(self, study: str, series: str | None = None, sop: str | None = None) -> list[dict[str, Any]]:
         where = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop}
+        for name, uid in where.items():
+            if uid is not None and not is_valid_uid(uid):
+                raise HTTPException(400, f"{name}: not a valid UID")
         cond = " AND ".join(f'"{k}" = ?' for k, v in where.items() if v)
         return self.catalog.query(
             f"SELECT * FROM {qido.TABLE} WHERE {cond} ORDER BY {qido.INSTANCE_ORDER}",
