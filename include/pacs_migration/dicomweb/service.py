@@ -11,7 +11,9 @@ PACS by C-GET. Every request needs a bearer token; accesses are audited."""
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
+import io
 import logging
 import threading
 import time
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
@@ -123,6 +126,20 @@ def create_app(parts: Parts) -> FastAPI:
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "legacy_fallback": parts.legacy is not None}
 
+    @app.get("/where/{value}")
+    def where(request: Request, value: str) -> Response:
+        return JSONResponse([loc.to_json() for loc in svc.where(request, value)])
+
+    _search_routes(app, svc, base)
+    _retrieve_routes(app, svc, base)
+    if parts.viewer_dir is not None:
+        _mount_viewer(app, parts.viewer_dir, base)
+    return app
+
+
+def _search_routes(app: FastAPI, svc: _Service, base: str) -> None:
+    """QIDO-RS: studies, series, instances (PS3.18 10.6)."""
+
     @app.get(base + "/studies")
     def search_studies(request: Request) -> Response:
         return svc.search(request, qido.Level.STUDY, {})
@@ -146,6 +163,10 @@ def create_app(parts: Parts) -> FastAPI:
     @app.get(base + "/instances")
     def search_all_instances(request: Request) -> Response:
         return svc.search(request, qido.Level.IMAGE, {})
+
+
+def _retrieve_routes(app: FastAPI, svc: _Service, base: str) -> None:
+    """WADO-RS: instances, metadata, frames, rendered (PS3.18 10.4)."""
 
     @app.get(base + "/studies/{study}")
     def retrieve_study(request: Request, study: str) -> Response:
@@ -190,14 +211,6 @@ def create_app(parts: Parts) -> FastAPI:
     @app.get(base + "/studies/{study}/series/{series}/thumbnail")
     def series_thumbnail(request: Request, study: str, series: str) -> Response:
         return svc.series_thumbnail(request, study, series)
-
-    @app.get("/where/{value}")
-    def where(request: Request, value: str) -> Response:
-        return JSONResponse([loc.to_json() for loc in svc.where(request, value)])
-
-    if parts.viewer_dir is not None:
-        _mount_viewer(app, parts.viewer_dir, base)
-    return app
 
 
 class _Service:
@@ -344,10 +357,6 @@ class _Service:
             with ThreadPoolExecutor(8, thread_name_prefix="metadata") as pool:
                 body = list(pool.map(self._instance_metadata, rows))
         else:
-            import io
-
-            import pydicom
-
             body = []
             for o in self._legacy(request, study, series, sop):
                 ds = pydicom.dcmread(io.BytesIO(o.data), stop_before_pixels=True)
@@ -444,8 +453,6 @@ def _legacy_matches(row: dict[str, Any], query: qido.QidoQuery) -> bool:
             if (low and str(have) < low) or (high and str(have)[: len(high)] > high):
                 return False
         elif "*" in value or "?" in value:
-            import fnmatch
-
             if not fnmatch.fnmatchcase(str(have).lower(), value.lower()):
                 return False
         elif str(have).lower() != value.lower() if qido.dictionary_VR(kw) == "PN" else str(have) != value:

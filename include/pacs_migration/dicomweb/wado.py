@@ -107,9 +107,9 @@ def rendered(data: bytes, frame: int = 1, media: str = "image/png", size: int | 
         arr = (arr - low) / (high - low or 1.0) * 255.0
         if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
             arr = 255.0 - arr
-        image = Image.fromarray(arr.astype(np.uint8), mode="L")
+        image = Image.fromarray(arr.astype(np.uint8))  # 2-D uint8: L
     else:
-        image = Image.fromarray(np.asarray(arr, dtype=np.uint8), mode="RGB")
+        image = Image.fromarray(np.asarray(arr, dtype=np.uint8))  # rows x columns x 3: RGB
     if size:
         image.thumbnail((size, size))
     out = io.BytesIO()
