@@ -71,9 +71,14 @@ OBJECT_COLUMNS: tuple[str, ...] = (
     "object_sha256",
     "run_id",
     "partition",
+    # the study's instances of this partition that did not migrate (quarantined, unresolved):
+    # the service completes such a study from the legacy PACS
+    "study_not_migrated",
 )
 COLUMNS: tuple[str, ...] = (*STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS, *OBJECT_COLUMNS)
-INTEGERS = frozenset({"SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "object_size"})
+INTEGERS = frozenset(
+    {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "object_size", "study_not_migrated"}
+)
 HEADER_READERS = 8  # ranged GETs in flight per partition
 
 
@@ -205,10 +210,13 @@ def index_partition(
 
     with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="index-header") as pool:
         fresh = {(r["object_key"], r["object_sha256"]): r for r in pool.map(one, todo)}
+    assert transfer is not None
+    missing = transfer[transfer["state"] != "migrated"]["study_instance_uid"].value_counts().to_dict()
     rows = []
     for r in migrated:
         ident = (r["object_key"], r["object_sha256"])
-        rows.append(fresh.get(ident) or {**known[ident], "run_id": r["run_id"]})
+        row = fresh.get(ident) or {**known[ident], "run_id": r["run_id"]}
+        rows.append({**row, "study_not_migrated": int(missing.get(r["study_instance_uid"], 0))})
     _write(store, key, rows)
     return len(rows)
 

@@ -34,7 +34,7 @@ from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from peers.pacs import SimulatedPACS
 from peers.ports import free_port
-from tests.dicomweb_rig import DAY1, DAY3, break_one_study, migrate, serve
+from tests.dicomweb_rig import DAY1, DAY2, DAY3, break_one_study, migrate, serve
 from tests.peers import Orthanc, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -432,3 +432,23 @@ def test_a_path_that_is_not_a_uid_is_refused(archive, legacy):
             rsp = requests.get(svc.url + path, headers=svc.headers, timeout=10)
             assert rsp.status_code == 400 and "not a valid UID" in rsp.text, (path, rsp.status_code)
         assert svc.legacy.retrieves == 0  # nothing asked of the legacy PACS
+
+
+def test_a_partly_migrated_study_is_completed_from_the_legacy_pacs(archive, legacy):
+    """A clinician sees every image: the instance that was quarantined comes from the legacy PACS."""
+    pacs, _ = legacy
+    rows = study_index.read_partition(archive.store, Partition(DAY2, "CT"))
+    mine = rows[rows["StudyInstanceUID"] == archive.partly]
+    assert len(mine) == 7 and set(mine["study_not_migrated"]) == {1}
+    with serve(archive, pacs.port) as svc:
+        client = _client(svc)
+        found = client.search_for_instances(archive.partly)
+        marks = sorted(i["00080056"]["Value"][0] for i in found)
+        assert marks == ["NEARLINE"] + ["ONLINE"] * 7
+        assert len(list(client._http_get_multipart(f"{svc.url}/studies/{archive.partly}"))) == 8
+        assert len(client.retrieve_study_metadata(archive.partly)) == 8
+        # a study the archive holds whole asks nothing of the legacy PACS
+        before = (svc.legacy.retrieves, pacs.find_requests)
+        assert len(client.retrieve_study_metadata(archive.migrated_ct)) == 8
+        assert len(client.search_for_instances(archive.migrated_ct)) == 8
+        assert (svc.legacy.retrieves, pacs.find_requests) == before

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import io
+import itertools
 import logging
 import threading
 import time
@@ -273,7 +274,13 @@ class _Service:
         if query.level is qido.Level.STUDY:
             return True
         study = query.matches.get("StudyInstanceUID")
-        return study is not None and not local and not self._indexed(study)
+        return study is not None and ((not local and not self._indexed(study)) or self._incomplete(study))
+
+    def _incomplete(self, study_uid: str) -> bool:
+        """Some of the study's instances did not migrate (quarantined, unresolved): the legacy PACS completes it."""
+        sql = f'SELECT max("study_not_migrated") AS n FROM {qido.TABLE} WHERE "StudyInstanceUID" = ?'
+        found = self.catalog.query(sql, [study_uid])
+        return bool(found and (found[0]["n"] or 0) > 0)
 
     def _indexed_of(self, uids: list[str]) -> set[str]:
         if not uids:
@@ -288,13 +295,17 @@ class _Service:
     def _legacy_rows(self, query: qido.QidoQuery, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert self.legacy is not None
         answers = self.legacy.search(query)
-        known: set[str] = set()
-        if query.level is qido.Level.STUDY:  # migrated: the archive's answer stands (one query for all)
-            uids = sorted({str(r["StudyInstanceUID"]) for r in answers if r.get("StudyInstanceUID")})
-            known = {str(r.get("StudyInstanceUID")) for r in local} | self._indexed_of(uids)
+        key = {qido.Level.STUDY: "StudyInstanceUID", qido.Level.SERIES: "SeriesInstanceUID"}.get(
+            query.level, "SOPInstanceUID"
+        )
+        known = {str(r.get(key)) for r in local}  # what the archive holds: its answer stands
+        if query.level is qido.Level.STUDY:  # (migrated studies outside this answer: one query for all)
+            known |= self._indexed_of(
+                sorted({str(r["StudyInstanceUID"]) for r in answers if r.get("StudyInstanceUID")})
+            )
         out = []
         for r in answers:
-            if r.get("StudyInstanceUID") in known:
+            if r.get(key) in known:
                 continue
             if not _legacy_matches(r, query):
                 continue  # the legacy PACS may ignore a key it does not support: match again here
@@ -339,14 +350,37 @@ class _Service:
         rows = self._objects(study, series, sop)
         if rows:
             self.audit.accessed(request.state.user, study, rows[0].get("PatientID"), "archive")
-            parts: Iterator[tuple[str, Any]] = (
-                (f"{wado.DICOM}; transfer-syntax={r['TransferSyntaxUID']}", self.store.iter_chunks(r["object_key"]))
-                for r in rows
+            parts: Iterator[tuple[str, Any]] = itertools.chain(
+                (
+                    (f"{wado.DICOM}; transfer-syntax={r['TransferSyntaxUID']}", self.store.iter_chunks(r["object_key"]))
+                    for r in rows
+                ),
+                ((wado.DICOM, [o.data]) for o in self._completion(request, study, series, sop, rows)),
             )
         else:
             objects = self._legacy(request, study, series, sop)
             parts = ((wado.DICOM, [o.data]) for o in objects)
         return StreamingResponse(wado.multipart(parts, mark), media_type=wado.content_type(wado.DICOM, mark))
+
+    def _completion(
+        self, request: Request, study: str, series: str | None, sop: str | None, rows: list[dict[str, Any]]
+    ) -> list[LegacyObject]:
+        """The legacy PACS's instances of an incomplete study (or series) that the archive lacks;
+        none when the legacy PACS does not answer (the archive's part is still served)."""
+        if sop is not None or self.legacy is None or not self._incomplete(study):
+            return []
+        have = {str(r["SOPInstanceUID"]) for r in rows}
+        wanted = {str(r["SeriesInstanceUID"]) for r in rows} if series is None else {series}
+        try:
+            found = [
+                o for s in sorted(wanted) for o in self.legacy.retrieve(study, s) if o.sop_instance_uid not in have
+            ]
+        except LegacyUnavailable:
+            log.warning("an incomplete study was served without its legacy part: the legacy PACS did not answer")
+            return []
+        if found:
+            self.audit.accessed(request.state.user, study, None, "legacy PACS")
+        return found
 
     def metadata(self, request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
         rows = self._objects(study, series, sop)
@@ -356,11 +390,9 @@ class _Service:
 
             with ThreadPoolExecutor(8, thread_name_prefix="metadata") as pool:
                 body = list(pool.map(self._instance_metadata, rows))
+            body += [_legacy_metadata(o) for o in self._completion(request, study, series, sop, rows)]
         else:
-            body = []
-            for o in self._legacy(request, study, series, sop):
-                ds = pydicom.dcmread(io.BytesIO(o.data), stop_before_pixels=True)
-                body.append(wado.metadata(ds, str(ds.file_meta.TransferSyntaxUID)))
+            body = [_legacy_metadata(o) for o in self._legacy(request, study, series, sop)]
         return JSONResponse(body, media_type="application/dicom+json")
 
     def _instance_metadata(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -433,6 +465,11 @@ class _Service:
         for loc in found:
             self.audit.accessed(request.state.user, loc.study_instance_uid, None, "locator")
         return found
+
+
+def _legacy_metadata(o: LegacyObject) -> dict[str, Any]:
+    ds = pydicom.dcmread(io.BytesIO(o.data), stop_before_pixels=True)
+    return wado.metadata(ds, str(ds.file_meta.TransferSyntaxUID))
 
 
 def _legacy_matches(row: dict[str, Any], query: qido.QidoQuery) -> bool:
