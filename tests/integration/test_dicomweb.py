@@ -452,3 +452,25 @@ def test_a_partly_migrated_study_is_completed_from_the_legacy_pacs(archive, lega
         assert len(client.retrieve_study_metadata(archive.migrated_ct)) == 8
         assert len(client.search_for_instances(archive.migrated_ct)) == 8
         assert (svc.legacy.retrieves, pacs.find_requests) == before
+
+
+def test_where_and_study_index_rebuild_from_the_command_line(archive, legacy, s3_server, monkeypatch, capsys):
+    from include import cli
+
+    pacs, summary = legacy
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        monkeypatch.setenv(key, value)
+    bucket = ["--bucket", archive.store.bucket, "--endpoint-url", s3_server.endpoint_url, "--region", "us-east-1"]
+    legacy_args = ["--pacs", f"127.0.0.1:{pacs.port}", "--called-ae", "LEGACYPACS"]
+    ds = pydicom.dcmread(next((summary.root / DAY3.strftime("%Y%m%d") / "CT00").rglob("*.dcm")), force=True)
+    assert cli.main(["where", str(ds.AccessionNumber), *bucket, *legacy_args, "--reason", "ward round", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert [a["state"] for a in answer] == ["legacy only"] and answer[0]["study_instance_uid"] == archive.legacy_only
+    assert cli.main(["where", archive.partly, *bucket, "--reason", "ward round", "--user", "dr.wilson"]) == 0
+    out = capsys.readouterr().out
+    assert "partly migrated" in out and "missing 1: quarantined" in out
+    assert cli.main(["where", "NOBODY", *bucket, "--reason", "x"]) == 2
+    events = chain.find(archive.store, {archive.partly})
+    assert any(e["event"] == "DICOM Instances Accessed" and "dr.wilson" in str(e) for e in events)
+    assert cli.main(["study-index-rebuild", *bucket]) == 0
+    assert "study index:" in capsys.readouterr().out
