@@ -13,7 +13,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from ..store import ObjectStore
-from ..study_index import COLUMNS, INDEX_PREFIX, INSTANCES
+from ..study_index import COLUMNS, INDEX_PREFIX, INSTANCES, INTEGERS
 
 TABLE = "instances"
 
@@ -65,8 +65,6 @@ def _q(column: str) -> str:
 
 
 def _sql_type(column: str) -> str:
-    from ..study_index import INTEGERS
-
     return "BIGINT" if column in INTEGERS else "VARCHAR"
 
 

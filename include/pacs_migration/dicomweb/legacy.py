@@ -22,38 +22,10 @@ from ..config import SourceConfig
 from ..dimse.association import DicomNetworkError, QueryFailed
 from ..dimse.find import find
 from ..dimse.get import c_get, likely_storage_classes
-from .qido import Level, QidoQuery
+from .qido import RETURNED, Level, QidoQuery
 
-# The C-FIND return keys per level (what the QIDO answer shows of a legacy study).
-FIND_KEYS = {
-    Level.STUDY: (
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDescription",
-        "StudyID",
-        "ReferringPhysicianName",
-        "ModalitiesInStudy",
-        "NumberOfStudyRelatedSeries",
-        "NumberOfStudyRelatedInstances",
-    ),
-    Level.SERIES: (
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "SeriesDate",
-        "SeriesTime",
-        "NumberOfSeriesRelatedInstances",
-    ),
-    Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
-}
+# The C-FIND return keys per level: what a QIDO answer returns (InstanceAvailability is ours to say).
+FIND_KEYS = {level: tuple(k for k in keys if k != "InstanceAvailability") for level, keys in RETURNED.items()}
 # Matching keys a legacy PACS is expected to support (PS3.4 C.6.2.1.2 required/unique keys, and common optional ones).
 LEGACY_MATCHING = frozenset(
     {
@@ -157,8 +129,7 @@ class LegacyArchive:
         self._slots = threading.BoundedSemaphore(associations)
         self.max_study_bytes = max_study_bytes
         self._cache = _Cache(cache_bytes, cache_seconds)
-        self._inflight: dict[tuple[str, ...], threading.Lock] = {}
-        self._inflight_lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(64)]  # one C-GET per series at a time, in bounded memory
         self.retrieves = 0  # C-GETs sent (what the cache saved shows against the requests)
 
     # -- search ------------------------------------------------------------------
@@ -193,9 +164,7 @@ class LegacyArchive:
         if sop_uid is not None and series_uid is not None:
             return [o for o in self.retrieve(study_uid, series_uid) if o.sop_instance_uid == sop_uid]
         key = (study_uid,) if series_uid is None else (study_uid, series_uid)
-        with self._inflight_lock:
-            lock = self._inflight.setdefault(key, threading.Lock())
-        with lock:  # one C-GET per series however many requests wait for it
+        with self._stripes[hash(key) % len(self._stripes)]:  # one C-GET per series however many requests wait for it
             cached = self._cache.get(key)
             if cached is not None:
                 return cached

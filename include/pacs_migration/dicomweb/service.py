@@ -41,6 +41,7 @@ from .legacy import LegacyArchive, LegacyObject, LegacySearch, LegacyUnavailable
 
 log = logging.getLogger(__name__)
 
+SEEN_LIMIT = 4096  # recent (person, study, origin) accesses remembered to batch their audit events
 METADATA_CACHE = 4096  # instances' DICOM JSON kept in memory (~10-20 KB each)
 PATIENT_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "IssuerOfPatientID"})
 
@@ -73,6 +74,8 @@ class AccessLog:
             last = self._seen.get((user, study_uid, origin))
             if last is not None and now - last < self.window:
                 return
+            if len(self._seen) >= SEEN_LIMIT:  # a service runs for months: forget accesses older than the window
+                self._seen = {k: t for k, t in self._seen.items() if now - t < self.window}
             self._seen[(user, study_uid, origin)] = now
         keys = [k] if self.keyer and patient_id and (k := self.keyer.key_of(patient_id)) else []
         self.trail.accessed(user, f"DICOMweb retrieve from the {origin}", [study_uid], keys)
@@ -268,13 +271,13 @@ class _Service:
 
     def _ask_legacy(self, query: qido.QidoQuery, local: list[dict[str, Any]]) -> bool:
         """Studies: always (to find what is not migrated); series and
-        instances: only of a study the archive does not hold."""
+        instances: only of a study the archive does not hold, or holds in part."""
         if not self.config.legacy_fallback:
             return False
         if query.level is qido.Level.STUDY:
             return True
         study = query.matches.get("StudyInstanceUID")
-        return study is not None and ((not local and not self._indexed(study)) or self._incomplete(study))
+        return study is not None and ((not local and not self._indexed_of([study])) or self._incomplete(study))
 
     def _incomplete(self, study_uid: str) -> bool:
         """Some of the study's instances did not migrate (quarantined, unresolved): the legacy PACS completes it."""
@@ -288,9 +291,6 @@ class _Service:
         marks = ", ".join("?" for _ in uids)
         sql = f'SELECT DISTINCT "StudyInstanceUID" FROM {qido.TABLE} WHERE "StudyInstanceUID" IN ({marks})'
         return {str(r["StudyInstanceUID"]) for r in self.catalog.query(sql, uids)}
-
-    def _indexed(self, study_uid: str) -> bool:
-        return bool(self.catalog.query(f'SELECT 1 FROM {qido.TABLE} WHERE "StudyInstanceUID" = ? LIMIT 1', [study_uid]))
 
     def _legacy_rows(self, query: qido.QidoQuery, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert self.legacy is not None
