@@ -101,3 +101,25 @@ def test_a_bad_parameter_is_named(level, params, named):
 def test_includefield_by_keyword_tag_or_all():
     q = qido.parse_query(qido.Level.STUDY, [("includefield", "00081030,PatientSex"), ("includefield", "all")])
     assert q.includefield == ("StudyDescription", "PatientSex") and q.include_all
+
+
+@pytest.mark.parametrize("level", list(qido.Level))
+def test_the_legacy_find_identifier_is_valid_dicom_at_every_level(level, monkeypatch):
+    """Every returned key asked empty whatever its VR (Rows is US: "" is not a
+    US value), under pydicom's strict mode (importing dicomweb-client turns it on)."""
+    from pydicom import config as pydicom_config
+    from pynetdicom.dsutils import encode
+
+    from include.pacs_migration.dicomweb.legacy import FIND_KEYS, find_identifier
+
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.RAISE)
+    params = [("StudyDate", "20190301-20190302"), ("ModalitiesInStudy", "CT"), ("PatientID", "P1")]
+    fixed = {"StudyInstanceUID": "1.2.1"} if level is not qido.Level.STUDY else {}
+    if level is qido.Level.IMAGE:
+        fixed["SeriesInstanceUID"] = "1.2.1.1"
+    ds = find_identifier(qido.parse_query(level, params if level is qido.Level.STUDY else [], fixed))
+    assert ds.QueryRetrieveLevel == level.value
+    assert all(kw in ds for kw in FIND_KEYS[level])
+    assert encode(ds, True, True)  # as the association sends it
+    if level is qido.Level.STUDY:
+        assert ds.StudyDate == "20190301-20190302" and ds.PatientID == "P1"

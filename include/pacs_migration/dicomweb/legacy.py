@@ -113,6 +113,20 @@ class _Cache:
                 self._items.popitem(last=False)
 
 
+def find_identifier(query: QidoQuery) -> Dataset:
+    """The C-FIND identifier of a QIDO query: every key QIDO returns asked
+    empty (None: an empty value of any VR, US included), the matches the
+    legacy PACS can be trusted with filled in."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = query.level.value
+    for kw in FIND_KEYS[query.level]:
+        setattr(ds, kw, None)
+    for kw, value in query.matches.items():
+        if kw in LEGACY_MATCHING and value not in ("", "*"):
+            setattr(ds, kw, value.replace(",", "\\") if kw.endswith("UID") else value)
+    return ds
+
+
 class LegacyArchive:
     """The legacy PACS as the DICOMweb service sees it."""
 
@@ -142,16 +156,9 @@ class LegacyArchive:
         LegacyUnavailable
             When no association could be made or the PACS failed the query.
         """
-        ds = Dataset()
-        ds.QueryRetrieveLevel = query.level.value
-        for kw in FIND_KEYS[query.level]:
-            setattr(ds, kw, "")
-        for kw, value in query.matches.items():
-            if kw in LEGACY_MATCHING and value not in ("", "*"):
-                setattr(ds, kw, value.replace(",", "\\") if kw.endswith("UID") else value)
         try:
             with self._slots:
-                answers = find(self.source, ds)
+                answers = find(self.source, find_identifier(query))
         except (DicomNetworkError, QueryFailed, OSError) as exc:
             raise LegacyUnavailable(f"legacy PACS {self.ae_title}: {type(exc).__name__}") from None
         return [{kw: _value(a, kw) for kw in FIND_KEYS[query.level]} for a in answers]
