@@ -1,0 +1,130 @@
+"""HL7 v2 ORU^R01 reports: parsing with the legacy quirks, and the DICOM objects made of them."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+
+from include.pacs_migration.reports import dicom
+from include.pacs_migration.reports.hl7 import ParseError, ReportStatus, parse_report, split_messages
+from tests.ris import oru, tiny_pdf
+
+STUDY = {
+    "PatientName": "DOE^JANE", "PatientID": "P1", "PatientBirthDate": "19600101", "PatientSex": "F",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1", "StudyDate": "20190301", "StudyTime": "101500",
+    "AccessionNumber": "ACC1", "ReferringPhysicianName": None, "StudyID": "1",
+}  # fmt: skip
+
+
+def test_text_with_escapes_repetitions_and_line_breaks():
+    raw = oru("C1", "P1", "ACC1", "20190301101500",
+              ["FINDINGS:\\.br\\No nodule \\T\\ no effusion~Heart size normal", "IMPRESSION: \\F\\ normal \\S\\ 1"],
+              reported="20190301120000").encode()  # fmt: skip
+    r = parse_report(raw)
+    assert r.text == "FINDINGS:\nNo nodule & no effusion\nHeart size normal\nIMPRESSION: | normal ^ 1"
+    assert (r.accession, r.patient_id, r.issuer, r.status) == ("ACC1", "P1", "HOSP", ReportStatus.FINAL)
+    assert r.interpreter is not None and r.interpreter.dicom_name == "HOUSE^GREGORY"
+    assert r.observed_at.isoformat() == "2019-03-01T10:15:00" and r.reported_at.hour == 12
+
+
+def test_segments_ending_in_newlines_and_files_of_many_messages():
+    one = oru("C1", "P1", "ACC1", "20190301101500", ["a"], segment_end="\r\n")
+    two = oru("C2", "P2", "ACC2", "20190301111500", ["b"], segment_end="\n")
+    messages = split_messages(("FHS|^~\\&\nBHS|^~\\&\n" + one + two + "BTS|2\nFTS|1\n").encode())
+    assert [parse_report(m).accession for m in messages] == ["ACC1", "ACC2"]
+
+
+def test_character_sets_of_msh_18():
+    raw = oru("C1", "P1", "ACC1", "20190301", ["Заключение: без патологии"], charset="8859/5").encode("iso8859-5")
+    assert parse_report(raw).text == "Заключение: без патологии"
+    raw = oru("C2", "P1", "ACC1", "20190301", ["所見：異常なし"], charset="UNICODE UTF-8").encode()
+    assert parse_report(raw).text == "所見：異常なし"
+    latin = oru("C3", "P1", "ACC1", "20190301", ["Befund: unauffällig"]).encode("iso8859-1")
+    assert parse_report(latin).text == "Befund: unauffällig"  # no MSH-18: the site's default, 8859/1
+
+
+def test_a_pdf_in_obx_5():
+    pdf = tiny_pdf("Report")
+    r = parse_report(oru("C1", "P1", "ACC1", "20190301", pdf=pdf).encode())
+    assert r.pdf == pdf and r.text == ""
+
+
+@pytest.mark.parametrize(
+    ("raw", "segment"),
+    [
+        (b"garbage", "MSH"),
+        (oru("C1", "P1", "ACC1", "20190301", ["x"]).replace("ORU^R01", "ADT^A08").encode(), "MSH"),
+        (oru("C1", "P1", "ACC1", "20190301", ["x"], charset="KLINGON").encode(), "MSH"),
+        (oru("C1", "P1", "ACC1", "20190301", ["Заключение"], charset="UNICODE UTF-8").encode("iso8859-5"), "MSH"),
+        (oru("C1", "", "ACC1", "20190301", ["x"]).encode(), "PID"),
+        (oru("C1", "P1", "", "20190301", ["x"]).encode(), "OBR"),
+        (oru("C1", "P1", "ACC1", "not-a-date", ["x"]).encode(), "OBR"),
+        (oru("C1", "P1", "ACC1", "20190301", ["x"], status="X").encode(), "OBR"),
+        (oru("C1", "P1", "ACC1", "20190301", []).encode(), "OBX"),
+        (oru("C1", "P1", "ACC1", "20190301", pdf=b"not a pdf").encode(), "OBX"),
+        ("\r".join(s for s in oru("C1", "P1", "ACC1", "20190301", ["x"]).split("\r") if not s.startswith("PID")).encode(),
+         "PID"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_read_names_its_segment(raw, segment):
+    with pytest.raises(ParseError) as exc:
+        parse_report(raw)
+    assert exc.value.reason == f"HL7_PARSE_ERROR:{segment}"
+    assert "P1" not in str(exc.value) and "ACC1" not in str(exc.value)  # never quotes the message
+
+
+def _dciodvfy(data: bytes, tmp_path) -> str:
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("dciodvfy (dicom3tools) is not installed")
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    path = tmp_path / "obj.dcm"
+    path.write_bytes(data)
+    out = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    path.unlink()
+    return out.stdout + out.stderr
+
+
+def test_basic_text_sr_is_valid_and_names_what_it_supersedes(tmp_path):
+    first = parse_report(oru("C1", "P1", "ACC1", "20190301101500", ["Preliminary: nodule"], status="P").encode())
+    amended = parse_report(oru("C2", "P1", "ACC1", "20190301101500", ["Amended:\\.br\\no nodule", "Stable"],
+                               status="C", reported="20190302090000").encode())  # fmt: skip
+    before = dicom.text_sr(first, STUDY, "a" * 64, 1, None)
+    pred = dicom.Predecessor(STUDY["StudyInstanceUID"], dicom.series_uid(STUDY["StudyInstanceUID"], "SR"),
+                             dicom.BASIC_TEXT_SR, dicom.sop_uid("a" * 64, "SR"))  # fmt: skip
+    after = dicom.text_sr(amended, STUDY, "b" * 64, 2, pred)
+    ds = pydicom.dcmread(io.BytesIO(after))
+    assert ds.SOPClassUID == dicom.BASIC_TEXT_SR and ds.VerificationFlag == "VERIFIED"
+    assert ds.VerifyingObserverSequence[0].VerifyingObserverName == "HOUSE^GREGORY"
+    ref = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == dicom.sop_uid("a" * 64, "SR")
+    assert [c.TextValue for c in ds.ContentSequence if c.ValueType == "TEXT"] == ["Amended:\nno nodule\nStable"]
+    assert pydicom.dcmread(io.BytesIO(before)).CompletionFlag == "PARTIAL"
+    assert dicom.text_sr(amended, STUDY, "b" * 64, 2, pred) == after  # the same message, the same object
+    for data in (before, after):
+        report = _dciodvfy(data, tmp_path)
+        assert "Error" not in report, report
+
+
+def test_encapsulated_pdf_is_valid_and_holds_the_document(tmp_path):
+    pdf = tiny_pdf("Report")
+    r = parse_report(oru("C1", "P1", "ACC1", "20190301101500", pdf=pdf).encode())
+    data = dicom.encapsulated_pdf(r, STUDY, "c" * 64, 1)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.Modality == "DOC" and ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == pdf
+    report = _dciodvfy(data, tmp_path)
+    assert "Error" not in report, report
+
+
+def test_non_latin_text_survives_into_the_sr():
+    r = parse_report(oru("C1", "P1", "ACC1", "20190301", ["Заключение: без патологии"], charset="8859/5")
+                     .encode("iso8859-5"))  # fmt: skip
+    ds = pydicom.dcmread(io.BytesIO(dicom.text_sr(r, STUDY, "d" * 64, 1, None)))
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert ds.ContentSequence[-1].TextValue == "Заключение: без патологии"
