@@ -21,6 +21,10 @@ STUDY = {
 }  # fmt: skip
 
 
+def _without(segment: str, message: str) -> bytes:
+    return "\r".join(s for s in message.split("\r") if not s.startswith(segment)).encode()
+
+
 def test_text_with_escapes_repetitions_and_line_breaks():
     raw = oru("C1", "P1", "ACC1", "20190301101500",
               ["FINDINGS:\\.br\\No nodule \\T\\ no effusion~Heart size normal", "IMPRESSION: \\F\\ normal \\S\\ 1"],
@@ -67,8 +71,7 @@ def test_a_pdf_in_obx_5():
         (oru("C1", "P1", "ACC1", "20190301", ["x"], status="X").encode(), "OBR"),
         (oru("C1", "P1", "ACC1", "20190301", []).encode(), "OBX"),
         (oru("C1", "P1", "ACC1", "20190301", pdf=b"not a pdf").encode(), "OBX"),
-        ("\r".join(s for s in oru("C1", "P1", "ACC1", "20190301", ["x"]).split("\r") if not s.startswith("PID")).encode(),
-         "PID"),
+        (_without("PID", oru("C1", "P1", "ACC1", "20190301", ["x"])), "PID"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_read_names_its_segment(raw, segment):
