@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean trace bench bench-cget ui-screenshots serve viewer viewer-screenshots
+.PHONY: demo test lint venv clean trace bench bench-cget ui-screenshots serve viewer viewer-screenshots hl7-listen
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -34,6 +34,12 @@ PORT ?= 8042
 serve: $(STAMP) $(VIEWER)
 	PYTHONPATH=$(CURDIR) $(PY) -m include.dicomweb_serve --port $(PORT) --viewer .viewer/dist \
 		$(if $(CONFIG),--config $(CONFIG)) $(if $(TOKENS),--tokens-file $(TOKENS)) $(if $(ENDPOINT_URL),--endpoint-url $(ENDPOINT_URL))
+
+## The MLLP listener the RIS pushes its reports (HL7 v2 ORU^R01) to: CONFIG=<migration.yaml> HL7_PORT=<port>;
+## each message is kept in the bucket's report inbox, then acknowledged.
+hl7-listen: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m include.hl7_listen $(if $(HL7_PORT),--port $(HL7_PORT)) \
+		$(if $(CONFIG),--config $(CONFIG)) $(if $(ENDPOINT_URL),--endpoint-url $(ENDPOINT_URL))
 
 ## OHIF's study list and a migrated CT as PNGs under docs/, from the viewer test.
 viewer-screenshots: $(STAMP) $(VIEWER)

@@ -3,8 +3,10 @@ request, just some studies (``study_uids`` or ``accession_numbers``: a
 clinician needs a patient's priors), into the same partitions.
 
 census (C-FIND) -> per modality: transfer (retrieve, normalize, load) ->
-validate (GX) -> lineage -> one report e-mail per run -> gate (fails the run
-if any partition failed validation). Task bodies only wire the core together.
+validate (GX) -> lineage -> the date's reports from the RIS and the
+references of its non-image objects -> one report e-mail per run -> gate
+(fails the run if any partition or the reports failed validation). Task
+bodies only wire the core together.
 """
 
 from __future__ import annotations
@@ -148,6 +150,24 @@ def pacs_migration():
 
         transfer(part) >> validate(part) >> lineage(part)
 
+    @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["validate"])
+    def reports() -> list[dict]:
+        """The RIS's reports of the run's dates placed in their studies, and the
+        references of the dates' presentation states, KOS and SRs checked."""
+        from include.pacs_migration.partition import Partition
+        from include.pacs_migration.steps import reports_step
+        from include.pacs_migration_airflow import date_held, recorded_failure, services
+
+        ctx = get_current_context()
+        partitions = [Partition.from_json(p) for p in ctx["ti"].xcom_pull(task_ids="census") or []]
+        out = []
+        with recorded_failure():
+            io = services()
+            for day in sorted({p.study_date for p in partitions}):
+                with date_held(io, day):
+                    out.append(reports_step(io, day, ctx["run_id"], partitions))
+        return out
+
     @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
     def report() -> dict:
         """Mails this run's figures and verdict, whatever failed before."""
@@ -165,6 +185,7 @@ def pacs_migration():
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.pacs_migration.partition import Partition
+        from include.pacs_migration.reports.ledger import reports_failed
         from include.pacs_migration.steps import run_ended
         from include.pacs_migration_airflow import release_date, run_failures, services
 
@@ -179,6 +200,7 @@ def pacs_migration():
             release_date(io, day)  # the run is over, whatever it proved
         failures = run_failures(ctx["ti"])
         bad = [p.key for p in map(Partition.from_json, parts or []) if not io.manifests(p).passed(ctx["run_id"])]
+        bad += reports_failed(io.store, {Partition.from_json(p).study_date for p in parts or []}, ctx["run_id"])
         run_ended(io, success=parts is not None and not failures and not bad)  # audit: 110100 stop
         if parts is None:
             raise AirflowFailException("census did not complete")
@@ -190,7 +212,7 @@ def pacs_migration():
     parts = census()
     groups = partition.expand(part=parts)
     r = report()
-    groups >> r >> gate()
+    groups >> reports() >> r >> gate()
 
 
 pacs_migration()

@@ -228,7 +228,7 @@ def recorded_failure(partition: str | None = None) -> Iterator[None]:
         raise
 
 
-FAILING_TASKS = ("census", "partition.transfer", "partition.validate", "partition.lineage")
+FAILING_TASKS = ("census", "partition.transfer", "partition.validate", "partition.lineage", "reports")
 
 
 def run_failures(ti: Any) -> tuple[Any, ...]:
@@ -273,6 +273,7 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         figures_csv,
         partition_figures,
         render_html,
+        reports_figures,
         run_verdict,
         subject,
     )
@@ -288,14 +289,22 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         report_cfg = cfg.report
         store = object_store(cfg)
         figures = [partition_figures(store, p, run_id) for p in partitions]
+        reports = [reports_figures(store, d, run_id) for d in sorted({p.study_date for p in partitions})]
         bucket_uri = f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
     except Exception as exc:
-        cfg, store, figures, bucket_uri = None, None, [], "(configuration not readable)"
+        cfg, store, figures, reports, bucket_uri = None, None, [], [], "(configuration not readable)"
         failures += (TaskFailure("report", error_label(exc)),)
         report_cfg = fallback_report_config()
-    verdict = run_verdict(figures, failures, census_completed)
+    verdict = run_verdict(figures, failures, census_completed, reports)
     html = render_html(
-        run_id, study_date, figures, bucket_uri, failures, census_completed, cfg.ruleset.label if cfg else None
+        run_id,
+        study_date,
+        figures,
+        bucket_uri,
+        failures,
+        census_completed,
+        cfg.ruleset.label if cfg else None,
+        reports=reports,
     )
     name = re.sub(r"[^0-9A-Za-z_-]+", "-", study_date).strip("-")  # a date, or "3 requested studies"
     with tempfile.TemporaryDirectory() as tmp:
@@ -312,7 +321,7 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         send_email(
             report_cfg,
             to,
-            subject(report_cfg.subject_prefix, study_date, figures, failures, census_completed),
+            subject(report_cfg.subject_prefix, study_date, figures, failures, census_completed, reports),
             html,
             files,
         )

@@ -553,6 +553,38 @@ class DicomWebConfig(Section):
     audit_flush_seconds: float = Field(5.0, gt=0, le=3600)  # accesses are recorded in batches this often
 
 
+class ReportsConfig(Section):
+    """Radiology reports from the RIS (HL7 v2 ORU^R01): read from ``export_dir``
+    at each run of a date and pushed live to the MLLP listener (``make
+    hl7-listen``); each matched to its migrated study by accession number
+    and patient ID (through the rule set's crosswalk) and stored in it as a
+    Basic Text SR or an Encapsulated PDF."""
+
+    export_dir: LaxPath | None = None  # the RIS's export folder (read only: nothing in it is moved or deleted)
+    accession_field: Literal["OBR-2", "OBR-3", "OBR-18", "OBR-19", "OBR-20"] = "OBR-3"
+    default_charset: str = "8859/1"  # HL7 table 0211 name, for a message whose MSH-18 is empty
+    match_days: int = Field(1, ge=0, le=31)  # a report's study is searched on its date +/- this many days
+    expected: bool = False  # every study should have a report: the assessment lists those without one
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = Field(2575, ge=1, le=65535)
+    max_message_kb: int = Field(20480, ge=1, le=1 << 20)  # one message at most (a PDF in base64 included)
+    mllp_idle_seconds: float = Field(300.0, gt=0, le=24 * 3600)  # a silent sender's connection is closed
+
+    @field_validator("export_dir")
+    @classmethod
+    def _export_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @field_validator("default_charset")
+    @classmethod
+    def _charset(cls, value: str) -> str:
+        from .reports.hl7 import CHARSETS
+
+        if value not in CHARSETS:
+            raise ValueError(f"not an HL7 character set (table 0211): one of {', '.join(sorted(CHARSETS))}")
+        return value
+
+
 class MigrationConfig(Section):
     """The whole file."""
 
@@ -570,6 +602,7 @@ class MigrationConfig(Section):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     dicomweb: DicomWebConfig = Field(default_factory=DicomWebConfig)
+    reports: ReportsConfig = Field(default_factory=ReportsConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -51,6 +51,10 @@ class ReasonCode(str, Enum):
     STAGING_FULL = "STAGING_FULL"
     # unresolved: the clinical window closed before its series was asked for (a later night moves it)
     WINDOW_CLOSED = "WINDOW_CLOSED"
+    # reports from the RIS (HL7 v2), not placed in a study: the message stays in the report inbox
+    REPORT_NO_MATCHING_STUDY = "REPORT_NO_MATCHING_STUDY"
+    REPORT_AMBIGUOUS_MATCH = "REPORT_AMBIGUOUS_MATCH"
+    HL7_PARSE_ERROR = "HL7_PARSE_ERROR"  # HL7_PARSE_ERROR:<segment>
 
 
 def reason(code: ReasonCode, detail: str | None = None) -> str:
@@ -80,6 +84,9 @@ MEANING: dict[ReasonCode, str] = {
     ReasonCode.CENSUS_FAILED: "the source could not list the study's series or the series' instances",
     ReasonCode.STAGING_FULL: "the worker's staging disk was full",
     ReasonCode.WINDOW_CLOSED: "the clinical window closed before it was asked for; a later night moves it",
+    ReasonCode.REPORT_NO_MATCHING_STUDY: "no migrated study has the report's accession number and patient (yet)",
+    ReasonCode.REPORT_AMBIGUOUS_MATCH: "the report's accession number and patient match more than one study",
+    ReasonCode.HL7_PARSE_ERROR: "the RIS message cannot be read as a report (the segment at fault)",
 }
 
 

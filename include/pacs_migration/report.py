@@ -5,6 +5,7 @@ holds no patient names, IDs, birth dates or accession numbers."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import html
 import io
@@ -66,6 +67,10 @@ class PartitionFigures:
     census_gaps: tuple[str, ...] = ()  # studies or series the census could not list, by UID
     inconsistent_patients: tuple[str, ...] = ()  # "<study UID> quarantined|flagged": more than one patient
     findings: dict[str, int] = field(default_factory=dict)  # e.g. charset:undeclared-non-ascii -> instances
+    # "<referencing SOP UID> -> <referenced SOP UID> (state or reason)": references that do not
+    # resolve (they fail the partition), and those to quarantined instances (listed together)
+    dangling_references: tuple[str, ...] = ()
+    quarantined_references: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -137,7 +142,8 @@ def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> 
         c = PartitionCounts(expected, 0, 0, 0, 0, 0, {})
         return PartitionFigures.of(partition.key, c, False, ("transfer:not_completed",), _gaps(manifests))
     failed = tuple(verdict.get("failed_expectations", [])) if verdict else ("validation:not_run",)
-    return PartitionFigures.of(
+    refs = (verdict or {}).get("references") or {}
+    figures = PartitionFigures.of(
         partition.key,
         counts_from_frame(df),
         bool(verdict and verdict.get("success")),
@@ -146,14 +152,70 @@ def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> 
         _inconsistent(df),
         _findings(df),
     )
+    return dataclasses.replace(
+        figures,
+        dangling_references=tuple(refs.get("dangling", ())),
+        quarantined_references=tuple(refs.get("to_quarantined", ())),
+    )
+
+
+@dataclass(frozen=True)
+class ReportsFigures:
+    """One study date's line of reports from the RIS: the messages of the date
+    (what the RIS export and the listener hold for it), what became of them,
+    and this run's validation of them (None: no message for the date)."""
+
+    study_date: str
+    expected: int
+    migrated: int
+    amended: int
+    no_matching_study: int
+    ambiguous: int
+    rejected: int
+    validation_passed: bool | None
+    failed_expectations: tuple[str, ...] = ()
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def reports_figures(store: ObjectStore, study_date: dt.date, run_id: str) -> ReportsFigures:
+    from .reports.ledger import ReportLedger
+    from .reports.place import ReportCounts, ReportReason
+
+    ledger = ReportLedger(store, study_date)
+    c = ReportCounts.of(ledger.read())
+    verdict = ledger.verdict(run_id)
+    passed = None if c.expected == 0 else bool(verdict and verdict.get("success"))
+    failed = (
+        tuple(verdict.get("failed_expectations", [])) if verdict else (() if passed is None else ("reports:not_run",))
+    )
+    ambiguous = c.reasons.get(ReportReason.AMBIGUOUS_MATCH.value, 0)
+    return ReportsFigures(
+        study_date.isoformat(),
+        c.expected,
+        c.migrated,
+        c.amended,
+        c.unmatched - ambiguous,
+        ambiguous,
+        c.rejected,
+        passed,
+        failed,
+        c.reasons,
+    )
 
 
 def run_verdict(
-    figures: list[PartitionFigures], failures: tuple[TaskFailure, ...] = (), census_completed: bool = True
+    figures: list[PartitionFigures],
+    failures: tuple[TaskFailure, ...] = (),
+    census_completed: bool = True,
+    reports: list[ReportsFigures] | None = None,
 ) -> RunVerdict:
     """PASSED only when the census completed, no task failed and every
-    partition validated in this run; FAILED when a proof was reached and
-    failed; INCOMPLETE when something could not be checked."""
+    partition (and every date's reports) validated in this run; FAILED when a
+    proof was reached and failed; INCOMPLETE when something could not be checked."""
+    if any(r.validation_passed is False and "reports:not_run" not in r.failed_expectations for r in reports or []):
+        return RunVerdict.FAILED
+    if any(r.validation_passed is False for r in reports or []):
+        return RunVerdict.INCOMPLETE
     if any(
         f.validation_passed is False
         and "validation:not_run" not in f.failed_expectations
@@ -223,8 +285,9 @@ def subject(
     figures: list[PartitionFigures],
     failures: tuple[TaskFailure, ...] = (),
     census_completed: bool = True,
+    reports: list[ReportsFigures] | None = None,
 ) -> str:
-    verdict = run_verdict(figures, failures, census_completed)
+    verdict = run_verdict(figures, failures, census_completed, reports)
     text = f"{prefix} StudyDate {study_date}: {len(figures)} partition(s), validation {verdict.value}"
     if failures:
         first = failures[0]
@@ -279,6 +342,7 @@ def render_html(
     census_completed: bool = True,
     ruleset: str | None = None,
     generated_at: dt.datetime | None = None,
+    reports: list[ReportsFigures] | None = None,
 ) -> str:
     """Self-contained HTML (inline CSS, no external assets): when it was
     generated, the rule set that ran, what each column means, and each reason
@@ -298,7 +362,8 @@ def render_html(
         bucket_uri=bucket_uri,
         failures=failures,
         census_completed=census_completed,
-        verdict=run_verdict(figures, failures, census_completed).value,
+        verdict=run_verdict(figures, failures, census_completed, reports).value,
+        reports=[r for r in reports or [] if r.expected],
         fields=FIELDS,
         totals={n: sum(getattr(f, n) for f in figures) for n in FIELDS},
         label=_validation_label,

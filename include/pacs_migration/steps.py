@@ -6,6 +6,7 @@ them over one study date for the nightly plan. Every I/O comes in through
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -14,7 +15,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import coverage, study_index
+import pandas as pd
+
+from . import coverage, references, study_index
 from .audit import AuditTrail, Outcome
 from .census import Census, census_hash, take_census, take_study_census
 from .config import MigrationConfig
@@ -274,6 +277,53 @@ def lineage_step(
     return record
 
 
+def reports_step(services: Services, study_date: dt.date, run_id: str, partitions: list[Partition]) -> dict[str, Any]:
+    """After every partition of the date: the RIS export read into the inbox,
+    the date's reports placed in their studies and validated, and the
+    references of the date's presentation states, KOS and SRs checked (a
+    dangling one fails its partition's verdict of this run)."""
+    from .reports.check import validate_reports
+    from .reports.intake import import_folder
+    from .reports.ledger import ReportLedger
+    from .reports.place import ReportCounts, index_partition_of, place_reports
+
+    cfg, store = services.config.reports, services.store
+    if cfg.export_dir is not None:
+        import_folder(store, cfg.export_dir, cfg.accession_field, cfg.default_charset)
+    rows, objects = place_reports(
+        store,
+        study_date,
+        run_id,
+        cfg.accession_field,
+        cfg.default_charset,
+        cfg.match_days,
+        services.config.ruleset.crosswalk,
+    )
+    ledger = ReportLedger(store, study_date)
+    verdict = None
+    if rows:
+        ledger.write(rows, run_id)
+        written = ledger.read()
+        assert written is not None
+        verdict = validate_reports(store, study_date, written, objects, len(rows))
+        ledger.write_verdict(verdict, run_id)
+    columns = ["study_instance_uid", "object_key", "object_sha256", "run_id", "state"]
+    study_index.index_partition(store, index_partition_of(study_date), pd.DataFrame(objects, columns=columns))
+    dangling = {}
+    for check in references.check_date(store, study_date, [p for p in partitions if p.study_date == study_date]):
+        amended = references.amend_verdict(store, check, run_id)
+        if amended is not None and check.dangling:
+            dangling[check.partition.key] = len(check.dangling)
+    counts = ReportCounts.of(ledger.read() if rows else None)
+    log.info("reports %s: %s", study_date, counts.to_json())
+    return {
+        "study_date": study_date.isoformat(),
+        "reports": counts.to_json(),
+        "reports_passed": None if verdict is None else verdict["success"],
+        "dangling_references": dangling,
+    }
+
+
 def _index(services: Services, partitions: list[Partition], transfers: dict[Partition, Any] | None = None) -> None:
     """The dashboard's coverage index; losing every race only makes it stale (``index-rebuild``)."""
     try:
@@ -333,7 +383,16 @@ def migrate_unit(
         report = validate_step(services, partition, run_id, digest)
         lineage_step(services, partition, run_id, dag_id)
         results.append(PartitionResult(partition.key, action, report.success, counts))
-    ok = all(r.validation_passed for r in results)
+    if not closed and results:  # the date's reports and references, once its partitions are all in
+        done = [Partition.parse(r.partition) for r in results]
+        outcome = reports_step(services, unit.study_date, run_id, done)
+        for i, r in enumerate(results):
+            if outcome["dangling_references"].get(r.partition):
+                results[i] = dataclasses.replace(r, validation_passed=False)
+        reports_ok = outcome["reports_passed"] is not False
+    else:
+        reports_ok = True
+    ok = all(r.validation_passed for r in results) and reports_ok
     state = UnitState.WINDOW_CLOSED if closed else UnitState.DONE if ok else UnitState.FAILED
     return UnitResult(unit, state, moved, round(services.clock() - started, 3), tuple(results))
 

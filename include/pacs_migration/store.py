@@ -78,6 +78,7 @@ class ObjectStore:
         metadata: dict[str, str] | None = None,
         same_if: tuple[str, ...] = (),
         writer: str | None = None,
+        content_type: str = "application/dicom",
     ) -> PutResult:
         """Write once; never overwrite.
 
@@ -98,7 +99,7 @@ class ObjectStore:
                 Body=data,
                 ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
                 IfNoneMatch="*",
-                ContentType="application/dicom",
+                ContentType=content_type,
                 Metadata=meta,
                 **self._sse(),
             )
@@ -121,13 +122,19 @@ class ObjectStore:
         return PutResult(outcome, existing.sha256 or "", existing.size)
 
     def put_verified(
-        self, key: str, data: bytes, sha256_hex: str, metadata: dict[str, str] | None = None, writer: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        sha256_hex: str,
+        metadata: dict[str, str] | None = None,
+        writer: str | None = None,
+        content_type: str = "application/dicom",
     ) -> PutResult:
         """Write-once for objects keyed by their own SHA-256 (quarantine): an
         existing object is re-read, and rewritten from ``data`` when its bytes
         no longer hash to the key (``REPAIRED``): no other content can
         legitimately live there."""
-        put = self.put_new(key, data, sha256_hex, metadata, writer=writer)
+        put = self.put_new(key, data, sha256_hex, metadata, writer=writer, content_type=content_type)
         if put.outcome is PutOutcome.CREATED:
             return put
         stored = self.get_or_none(key)
@@ -137,7 +144,7 @@ class ObjectStore:
             Bucket=self.bucket,
             Key=key,
             Body=data,
-            ContentType="application/dicom",
+            ContentType=content_type,
             ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
             Metadata={"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})},
             **self._sse(),

@@ -283,7 +283,7 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
     }
 
 
-def _gx_run(
+def run_suites(
     root: Path, frames: dict[str, pd.DataFrame], suites: dict[str, list[Any]], name: str
 ) -> list[ExpectationOutcome]:
     import great_expectations as gx  # heavy: imported only where used
@@ -374,7 +374,7 @@ def validate_partition(
     name = f"{partition.study_date.isoformat()}.{partition.modality}"
     with tempfile.TemporaryDirectory(prefix="gx-") as tmp:
         root = docs_dir or Path(tmp)
-        outcomes = _gx_run(root, frames, suites, name)
+        outcomes = run_suites(root, frames, suites, name)
         artifacts = _publish(store, partition, root) if publish else []
     verified = frames["migrated"]["checksum_verified"]
     quarantine = frames["quarantined"]["checksum_verified"]

@@ -18,6 +18,8 @@ from enum import Enum
 
 import hl7
 
+from ..reasons import ReasonCode
+
 # HL7 table 0211 (MSH-18) -> Python codec. Empty: the site's default.
 CHARSETS = {
     "ASCII": "ascii",
@@ -67,7 +69,7 @@ class ParseError(ValueError):
 
     @property
     def reason(self) -> str:
-        return f"HL7_PARSE_ERROR:{self.segment}"
+        return f"{ReasonCode.HL7_PARSE_ERROR.value}:{self.segment}"
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def parse_report(raw: bytes, accession_field: str = "OBR-3", default_charset: st
     accession = _get(msg, f"{seg}.F{num}.R1.C1")
     if not accession:
         raise ParseError("OBR", f"{accession_field} has no accession number")
-    observed = _datetime(_get(msg, "OBR.F7"))
+    observed = parse_dtm(_get(msg, "OBR.F7"))
     if observed is None:
         raise ParseError("OBR", "OBR-7 has no observation date")
     status_code = _get(msg, "OBR.F25") or _get(msg, "OBX.F11")
@@ -171,13 +173,13 @@ def parse_report(raw: bytes, accession_field: str = "OBR-3", default_charset: st
     body, pdf = _observations(msg)
     return Report(
         control_id=_get(msg, "MSH.F10"),
-        sent_at=_datetime(_get(msg, "MSH.F7")),
+        sent_at=parse_dtm(_get(msg, "MSH.F7")),
         patient_id=msg.unescape(patient_id),
         issuer=msg.unescape(_get(msg, "PID.F3.R1.C4")),
         accession=msg.unescape(accession),
         status=status,
         observed_at=observed,
-        reported_at=_datetime(_get(msg, "OBR.F22")),
+        reported_at=parse_dtm(_get(msg, "OBR.F22")),
         procedure=msg.unescape(_get(msg, "OBR.F4.R1.C2") or _get(msg, "OBR.F4.R1.C1")),
         interpreter=_person(msg, "OBR", 32),
         text=body,
@@ -235,7 +237,7 @@ def _person(msg: hl7.Message, segment: str, number: int) -> Person | None:
     return Person(msg.unescape(ident), msg.unescape(family), msg.unescape(given))
 
 
-def _datetime(value: str) -> dt.datetime | None:
+def parse_dtm(value: str) -> dt.datetime | None:
     """HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) as a naive local datetime; None if absent or broken."""
     m = re.match(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?", value.strip())
     if m is None:
