@@ -109,6 +109,11 @@ def airflow_db():
 @pytest.fixture
 def airflow_connections(pacs, s3_server, bucket, mail, tmp_path, monkeypatch):
     """Point the DAG's Connections and Variables at this test's peers."""
+    return point_airflow_at(monkeypatch, pacs, s3_server, bucket, mail, tmp_path)
+
+
+def point_airflow_at(monkeypatch, pacs, s3_server, bucket, mail, tmp_path) -> dict:
+    """The DAG's Connections and Variables, as the environment holds them, for these peers."""
     monkeypatch.setenv(
         "AIRFLOW_CONN_PACS_SOURCE",
         json.dumps(

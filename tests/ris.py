@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
-import zlib
+
+from include.demo.clinical import tiny_pdf
+
+__all__ = ["oru", "tiny_pdf"]
 
 SEP = "\r"
 
@@ -40,26 +43,3 @@ def oru(
         data = base64.b64encode(pdf).decode()
         segs.append(f"OBX|{len(segs) - 2}|ED|PDF^Report PDF||^application^pdf^Base64^{data}||||||{status}")
     return segment_end.join(segs) + segment_end
-
-
-def tiny_pdf(text: str) -> bytes:
-    """A one-page PDF showing ``text`` (ASCII), valid enough for any reader."""
-    stream = zlib.compress(f"BT /F1 18 Tf 72 720 Td ({text}) Tj ET".encode())
-    objs = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = b"%PDF-1.4\n"
-    offsets = []
-    for i, body in enumerate(objs, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    return out

@@ -162,7 +162,9 @@ def suite_outcomes(check: ReferenceCheck) -> list[dict[str, Any]]:
     E = gx.expectations
     suites = {"references": [E.ExpectColumnValuesToBeInSet(column="state", value_set=list(RESOLVED))]}
     with tempfile.TemporaryDirectory(prefix="gx-references-") as tmp:
-        outcomes = run_suites(Path(tmp), {"references": check.rows}, suites, f"{check.partition.key}.references")
+        outcomes = run_suites(
+            Path(tmp), {"references": check.rows}, suites, f"{check.partition.key.replace('/', '.')}.references"
+        )
     return [o.to_json() | {"label": o.label} for o in outcomes]
 
 
@@ -172,8 +174,8 @@ def amend_verdict(store: ObjectStore, check: ReferenceCheck, run_id: str) -> dic
     referencing object and what it points at. None: no verdict of this run to amend."""
     manifests = PartitionManifests(store, check.partition)
     verdict = manifests.verdict(run_id)
-    if verdict is None:
-        return None
+    if verdict is None or not len(check.rows):
+        return verdict  # nothing of this run to amend, or no object here references another
     outcomes = suite_outcomes(check)
     failed = [o["label"] for o in outcomes if not o["success"]]
     dangling = [f"{r['referencing_sop']} -> {r['referenced_sop']} ({r['state']})" for r in check.dangling]

@@ -85,7 +85,7 @@ def text_sr(
         observer = Dataset()
         observer.VerifyingObserverName = report.interpreter.dicom_name
         observer.VerifyingObserverIdentificationCodeSequence = Sequence()
-        observer.VerifyingOrganization = str(study.get("InstitutionName") or "Radiology")
+        observer.VerifyingOrganization = _text(study.get("InstitutionName")) or "Radiology"
         observer.VerificationDateTime = _dt(report.reported_at or report.observed_at)
         ds.VerifyingObserverSequence = Sequence([observer])
     if predecessor is not None:
@@ -131,9 +131,9 @@ def _common(
     now = report.reported_at or report.observed_at
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for kw in STUDY_KEYWORDS:
-        value = study.get(kw)
-        if value not in (None, "") or kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
-            setattr(ds, kw, value if value not in (None, "") else None)
+        value = _text(study.get(kw))
+        if value is not None or kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+            setattr(ds, kw, value)
     for kw in ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
         if kw not in ds:
             setattr(ds, kw, None)  # type 2: present, possibly empty
@@ -145,6 +145,13 @@ def _common(
     ds.InstanceNumber = number
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     return ds
+
+
+def _text(value: Any) -> str | None:
+    """An index value as DICOM text; None for missing (None, NaN, empty)."""
+    if value is None or (isinstance(value, float) and value != value) or str(value) == "":
+        return None
+    return str(value)
 
 
 def _paragraphs(text: str) -> list[str]:
