@@ -66,6 +66,17 @@ def pacs_assessment():
         store = object_store(cfg)
         first, last = _range()
         progress = ProgressLog(f"assessment {first}..{last}", (last - first).days + 1, "days", every_n=30)
+        reports = None
+        r = cfg.reports
+        if r.expected or r.export_dir is not None:  # the RIS is connected: studies without a report are findings
+            from include.pacs_migration.reports.intake import accessions_of_date, import_folder
+
+            if r.export_dir is not None:
+                import_folder(store, r.export_dir, r.accession_field, r.default_charset)
+
+            def reports(day):
+                return accessions_of_date(store, day, r.accession_field, r.default_charset)
+
         with FindSession(cfg.source) as session:
             result = assess_archive(
                 session.find,
@@ -75,6 +86,7 @@ def pacs_assessment():
                 cfg.source.find_limit,
                 cfg.source.census_split_depth,
                 on_day=lambda _day: progress.tick(),  # a progress line every 30 days or 30 s
+                reports=reports,
             )
         where = f"s3://{cfg.target.bucket}/{cfg.target.prefix}_assessment/{first}_{last}/"
         html = render_assessment_html(

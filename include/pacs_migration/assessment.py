@@ -36,6 +36,9 @@ from .dimse import QueryTruncated
 from .plan import ASSESSED
 from .templates import render, svg
 
+# The RIS's messages of a date: how many, and the accession numbers they name.
+ReportsOf = Callable[[dt.date], tuple[int, set[str]]]
+
 # Typical stored size of one instance, by modality, when the PACS answers no
 # size keys (Rows, Columns, BitsAllocated, NumberOfFrames) for the sample.
 DEFAULT_BYTES_PER_INSTANCE: dict[str, int] = {
@@ -72,6 +75,7 @@ class FindingCode(str, Enum):
     NONCONFORMANT_TIME = "NONCONFORMANT_TIME"  # StudyTime is not a valid TM
     NONCONFORMANT_CHARSET = "NONCONFORMANT_CHARSET"  # SpecificCharacterSet holds an undefined term
     CENSUS_WARNING = "CENSUS_WARNING"  # truncation or count disagreement the census could not resolve
+    STUDY_WITHOUT_REPORT = "STUDY_WITHOUT_REPORT"  # no RIS report of the date names its accession number
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Assessment:
     syntaxes: dict[str, int]  # transfer syntax UID -> sampled instances (empty: the PACS did not say)
     findings: list[Finding]
     projection: dict[str, float]
+    # study_date, reports (RIS messages of the date), studies, studies_without_report; empty: not assessed
+    reports_by_date: list[dict[str, Any]] = field(default_factory=list)
 
     def totals(self) -> dict[str, int]:
         return {k: sum(int(r[k]) for r in self.by_year) for k in ("studies", "series", "instances", "est_bytes")}
@@ -113,7 +119,7 @@ class Assessment:
         counts: dict[str, int] = defaultdict(int)
         for f in self.findings:
             counts[f.code.value] += 1
-        return {
+        out = {
             "date_from": self.date_from.isoformat(),
             "date_to": self.date_to.isoformat(),
             **self.totals(),
@@ -121,6 +127,12 @@ class Assessment:
             "findings": dict(sorted(counts.items())),
             "projection": self.projection,
         }
+        if self.reports_by_date:
+            out["reports"] = {
+                k: sum(int(r[k]) for r in self.reports_by_date)
+                for k in ("reports", "studies", "studies_without_report")
+            }
+        return out
 
 
 def _values(value: Any) -> list[str]:
@@ -237,8 +249,9 @@ class _Tally:
     on-disk SQLite index (duplicates across the range), so memory does not
     grow with the archive."""
 
-    def __init__(self, find: FindFn, config: AssessmentConfig, folder: Path) -> None:
-        self.find, self.config = find, config
+    def __init__(self, find: FindFn, config: AssessmentConfig, folder: Path, reports: ReportsOf | None = None) -> None:
+        self.find, self.config, self.reports = find, config, reports
+        self.reports_by_date: list[dict[str, Any]] = []
         self.by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
         self.by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
         self.samples: dict[tuple[int, str], _Sample] = defaultdict(_Sample)
@@ -250,9 +263,11 @@ class _Tally:
     def day(self, day: dt.date, find_limit: int | None, split_depth: int) -> None:
         da, iso = day.strftime("%Y%m%d"), day.isoformat()
         answers, warnings = find_study_answers(
-            self.find, da, find_limit, split_depth, extra_keys=("PatientID", "SpecificCharacterSet")
+            self.find, da, find_limit, split_depth, extra_keys=("PatientID", "SpecificCharacterSet", "AccessionNumber")
         )
         self.findings.extend(_check_answers(answers, da, iso))
+        if self.reports is not None:
+            self._reports(day, answers)
         studies: dict[str, int | None] = {}
         for a in answers:
             if a.get("StudyInstanceUID"):
@@ -262,6 +277,22 @@ class _Tally:
         self.findings.extend(_census_finding(iso, w) for w in census.warnings)
         for s in census.series:
             self._series(day, s)
+
+    def _reports(self, day: dt.date, answers: list[Dataset]) -> None:
+        """The date's studies whose accession number no RIS message of the date names
+        (accession numbers compared, then dropped)."""
+        assert self.reports is not None
+        messages, accessions = self.reports(day)
+        studies = {
+            str(a.StudyInstanceUID): str(a.get("AccessionNumber") or "") for a in answers if a.get("StudyInstanceUID")
+        }
+        missing = sorted(uid for uid, acc in studies.items() if not acc or acc not in accessions)
+        for uid in missing:
+            why = "no accession number" if not studies[uid] else "no RIS report of the date names its accession number"
+            self.findings.append(Finding(FindingCode.STUDY_WITHOUT_REPORT, day.isoformat(), uid, why))
+        if studies or messages:
+            row = {"study_date": day.isoformat(), "reports": messages, "studies": len(studies)}
+            self.reports_by_date.append({**row, "studies_without_report": len(missing)})
 
     def _series(self, day: dt.date, s: CensusSeries) -> None:
         iso = day.isoformat()
@@ -348,13 +379,16 @@ def assess(
     find_limit: int | None = None,
     split_depth: int = 12,
     on_day: Callable[[dt.date], None] | None = None,
+    reports: ReportsOf | None = None,
 ) -> Assessment:
-    """Take the census of every day in ``[date_from, date_to]`` and measure it."""
+    """Take the census of every day in ``[date_from, date_to]`` and measure it.
+    ``reports``: the RIS's messages of a date (count, accession numbers they
+    name); each study none names is a ``STUDY_WITHOUT_REPORT`` finding."""
     if date_to < date_from:
         raise ValueError("date_to is before date_from")
     config = config or AssessmentConfig()
     with tempfile.TemporaryDirectory(prefix="assessment-") as tmp:
-        tally = _Tally(find, config, Path(tmp))
+        tally = _Tally(find, config, Path(tmp), reports)
         day = date_from
         while day <= date_to:
             if on_day:
@@ -376,6 +410,7 @@ def assess(
         dict(sorted(tally.syntaxes.items())),
         tally.findings,
         _projection(config, year_rows),
+        tally.reports_by_date,
     )
 
 
@@ -472,6 +507,8 @@ def render_assessment_html(assessment: Assessment, source_label: str, bucket_uri
         t=assessment.totals(),
         p=assessment.projection,
         findings=assessment.summary()["findings"],
+        reports=assessment.summary().get("reports"),
+        report_dates=sorted(assessment.reports_by_date, key=lambda r: -int(r["studies_without_report"]))[:10],
         rows=sorted(assessment.by_year, key=lambda r: (-r["year"], r["modality"])),
         syntaxes=[(ts, UID(ts).name, n) for ts, n in assessment.syntaxes.items()],
         heatmap=svg(heatmap_svg(assessment)),
@@ -498,6 +535,7 @@ def write_assessment(store: Any, assessment: Assessment, html_report: str | None
         "by_year_modality": assessment.by_year,
         "by_date_modality": assessment.by_date,
         "findings": findings_rows(assessment),
+        **({"reports_by_date": assessment.reports_by_date} if assessment.reports_by_date else {}),
     }
     for name, rows in tables.items():
         frame = pd.DataFrame(rows)

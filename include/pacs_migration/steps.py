@@ -15,8 +15,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
 from . import coverage, references, study_index
 from .audit import AuditTrail, Outcome
 from .census import Census, census_hash, take_census, take_study_census
@@ -307,8 +305,7 @@ def reports_step(services: Services, study_date: dt.date, run_id: str, partition
         assert written is not None
         verdict = validate_reports(store, study_date, written, objects, len(rows))
         ledger.write_verdict(verdict, run_id)
-    columns = ["study_instance_uid", "object_key", "object_sha256", "run_id", "state"]
-    study_index.index_partition(store, index_partition_of(study_date), pd.DataFrame(objects, columns=columns))
+    study_index.index_partition(store, index_partition_of(study_date), ledger.objects())
     dangling = {}
     for check in references.check_date(store, study_date, [p for p in partitions if p.study_date == study_date]):
         amended = references.amend_verdict(store, check, run_id)

@@ -243,12 +243,19 @@ def indexed_partitions(store: ObjectStore) -> list[Partition]:
 
 
 def rebuild(store: ObjectStore) -> dict[str, int]:
-    """Rebuild the whole index from the manifests and the objects' headers;
-    an index file of a partition without a live transfer manifest is emptied."""
+    """Rebuild the whole index from the manifests, the report ledgers and the
+    objects' headers; an index file of a partition without either is emptied."""
+    from .reports.ledger import ReportLedger, ledger_dates
+    from .reports.place import index_partition_of
+
     live = transferred_partitions(store)
     rows = 0
     for p in live:
         rows += index_partition(store, p, reread=True)
+    for day in ledger_dates(store):  # the reports placed in studies, one index partition per date
+        p = index_partition_of(day)
+        live.append(p)
+        rows += index_partition(store, p, ReportLedger(store, day).objects(), reread=True)
     stale = [p for p in indexed_partitions(store) if p not in set(live)]
     for p in stale:
         _write(store, index_key(store, p), [])

@@ -8,7 +8,6 @@ dangling reference fails naming its object, and the mail shows it all."""
 from __future__ import annotations
 
 import datetime as dt
-import email
 import hashlib
 import io
 import os

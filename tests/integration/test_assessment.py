@@ -118,3 +118,45 @@ def test_assessment_figures_and_findings(planted_pacs, s3_server, bucket):
     assert estimates[(DAY.isoformat(), "CT")][0] == by[(2019, "CT")]["instances"] - sum(
         r["instances"] for r in result.by_date if r["modality"] == "CT" and r["study_date"] != DAY.isoformat()
     )
+
+
+def test_the_assessment_lists_studies_without_a_report(tmp_path, s3_server, bucket):
+    """The RIS's export read into the inbox; each study of a date that no message of the date names is a finding."""
+    from include.demo.clinical import ris_export, studies
+    from include.pacs_migration.reports.intake import accessions_of_date, import_folder
+
+    root = tmp_path / "legacy"
+    archive = build_archive(root, first_date=DAY, days=1)
+    messages = ris_export(root, tmp_path / "ris", [DAY.strftime("%Y%m%d")], quirks=False)
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket, sse="none"))
+    intake = import_folder(store, tmp_path / "ris", "OBR-3", "8859/1")
+    assert (intake.files, intake.messages, intake.new) == (len(messages),) * 3
+    assert import_folder(store, tmp_path / "ris", "OBR-3", "8859/1").skipped == len(messages)  # read once
+    reported = {s.study_uid for s in studies(root, DAY.strftime("%Y%m%d")).values()} - {
+        s.study_uid for i, s in enumerate(studies(root, DAY.strftime("%Y%m%d")).values()) if i % 7 != 6
+    }  # ris_export leaves every seventh study without a report
+    pacs = SimulatedPACS(root)
+    try:
+        source = SourceConfig(
+            host="127.0.0.1", port=pacs.port, called_ae_title="LEGACYPACS", calling_ae_title="PACSMIGRATE"
+        )
+        result = assess(
+            lambda q: find(source, q),
+            DAY,
+            DAY,
+            AssessmentConfig(undated_sweep=False),
+            reports=lambda day: accessions_of_date(store, day, "OBR-3", "8859/1"),
+        )
+    finally:
+        pacs.stop()
+    missing = {f.study_instance_uid for f in result.findings if f.code == FindingCode.STUDY_WITHOUT_REPORT}
+    assert missing == reported and len(missing) >= 1
+    assert result.summary()["reports"] == {
+        "reports": len(messages),
+        "studies": archive.studies,
+        "studies_without_report": len(missing),
+    }
+    html = render_assessment_html(result, "dicom://test", "s3://bucket/")
+    assert f'data-field="studies_without_report">{len(missing)}<' in html
+    for token in archive.accession_numbers + archive.patient_ids:
+        assert token not in html and token not in json.dumps(result.summary())

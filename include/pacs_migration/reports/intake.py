@@ -103,3 +103,17 @@ def import_folder(
     store.put(record_key, json.dumps(seen, sort_keys=True).encode(), "application/json")
     log.info("reports: %d export file(s) read, %d message(s), %d new, %d unreadable", files, messages, new, unreadable)
     return FolderIntake(files, skipped, messages, new, unreadable, tuple(sorted(dates)))
+
+
+def accessions_of_date(
+    store: ObjectStore, study_date: dt.date, accession_field: str, default_charset: str
+) -> tuple[int, set[str]]:
+    """The inbox's messages of a date: how many, and the accession numbers of those that read as reports."""
+    found: set[str] = set()
+    messages = ReportLedger(store, study_date).messages()
+    for _key, _sha, raw in messages:
+        try:
+            found.add(parse_report(raw, accession_field, default_charset).accession)
+        except ParseError:
+            continue
+    return len(messages), found

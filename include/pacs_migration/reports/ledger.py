@@ -46,6 +46,9 @@ COLUMNS = (
 )
 
 
+OBJECT_COLUMNS = ("study_instance_uid", "object_key", "object_sha256", "run_id", "state")
+
+
 class ReportLedger:
     """Keys and records of one study date's reports (see the module)."""
 
@@ -101,6 +104,24 @@ class ReportLedger:
         data = self.store.get_or_none(self.key("ledger.parquet"))
         return None if data is None else pd.read_parquet(io.BytesIO(data))
 
+    def objects(self) -> pd.DataFrame:
+        """The stored report objects of the date as transfer-like rows (the study index reads them)."""
+        rows = []
+        df = self.read()
+        for r in [] if df is None else df[df["state"] == "migrated"].to_dict("records"):
+            for kind in ("sr", "pdf"):
+                if isinstance(r.get(f"{kind}_key"), str):
+                    rows.append(
+                        {
+                            "study_instance_uid": r["study_instance_uid"],
+                            "object_key": r[f"{kind}_key"],
+                            "object_sha256": r[f"{kind}_sha256"],
+                            "run_id": r["run_id"],
+                            "state": "migrated",
+                        }
+                    )
+        return pd.DataFrame(rows, columns=list(OBJECT_COLUMNS))
+
     def write_verdict(self, verdict: dict[str, Any], run_id: str) -> str:
         body = json.dumps({**verdict, "run_id": run_id}, indent=2, sort_keys=True, default=str).encode()
         self.store.put(self.key("verdict.json"), body, "application/json")
@@ -136,3 +157,13 @@ def reports_failed(store: ObjectStore, dates: set[dt.date], run_id: str) -> list
         if verdict is not None and not verdict.get("success"):
             out.append(f"reports {day.isoformat()}")
     return out
+
+
+def ledger_dates(store: ObjectStore) -> list[dt.date]:
+    """Dates with a report ledger."""
+    base = f"{store.target.prefix}{REPORTS}"
+    return sorted(
+        dt.date.fromisoformat(k[len(base) + 5 :].split("/", 1)[0])
+        for k in store.list_keys(base + "date=")
+        if k.endswith("/ledger.parquet")
+    )

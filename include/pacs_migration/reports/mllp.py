@@ -16,6 +16,7 @@ listener: the connection is answered or closed and the next one is served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -160,10 +161,19 @@ class MllpListener:
         log.info("hl7: MLLP listener on %s:%d", host, self.port)
         return self
 
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop.is_running():
+            with contextlib.suppress(RuntimeError, TimeoutError, asyncio.CancelledError):  # already stopping
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(10)
         if self._thread is not None:
             self._thread.join(10)
+        if loop is not None and not loop.is_running() and not loop.is_closed():
+            loop.close()
