@@ -26,6 +26,7 @@ from include.pacs_migration.partition import Partition
 from include.pacs_migration.reports import dicom
 from include.pacs_migration.reports.ledger import ReportLedger
 from include.pacs_migration.reports.mllp import MllpListener
+from include.pacs_migration.reports.place import place_reports
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.study_index import read_partition
 from include.pacs_migration_dags import DEFAULT_CONFIG
@@ -125,6 +126,14 @@ def test_reports_and_references_of_a_date(
     # ... and found by DICOMweb: the study index holds them.
     index = read_partition(store, Partition(DAY, "RIS"))
     assert index is not None and set(index["SOPInstanceUID"]) >= {amended["sr_sop_instance_uid"], doc.SOPInstanceUID}
+
+    # Placing the date again writes nothing: the same message makes the same object, found already there.
+    keys = set(store.list_keys(""))
+    again_rows, _objects = place_reports(store, DAY, "again")
+    assert {r["load_action"] for r in again_rows if r["state"] == "migrated"} == {"already_present"}
+    before = [(r["state"], r["reason"] if isinstance(r["reason"], str) else None) for r in ledger.to_dict("records")]
+    assert [(r["state"], r.get("reason")) for r in again_rows] == before
+    assert set(store.list_keys("")) == keys
 
     # Reference integrity: the KOS's partition fails naming it; the GSPS on the
     # corrupted instance is listed with it, and its partition passes.

@@ -131,3 +131,65 @@ def test_non_latin_text_survives_into_the_sr():
     ds = pydicom.dcmread(io.BytesIO(dicom.text_sr(r, STUDY, "d" * 64, 1, None)))
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert ds.ContentSequence[-1].TextValue == "Заключение: без патологии"
+
+
+def _studies():
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {**STUDY, "IssuerOfPatientID": "HOSP"},
+            {**STUDY, "StudyInstanceUID": "1.2.2", "PatientID": "P2", "PatientName": "ROE^RICHARD"},  # same accession
+            {**STUDY, "StudyInstanceUID": "1.2.3", "AccessionNumber": "ACC3", "PatientID": "NEW-7"},
+            {**STUDY, "StudyInstanceUID": "1.2.4", "AccessionNumber": "ACC4"},
+            {**STUDY, "StudyInstanceUID": "1.2.5", "AccessionNumber": "ACC4"},
+        ]
+    )
+
+
+def test_a_report_matches_by_accession_number_and_patient():
+    from include.pacs_migration.reports.place import match
+    from include.pacs_migration.rules.model import Crosswalk
+
+    def m(accession, pid, issuer="HOSP", crosswalk=None):
+        report = parse_report(oru("C", pid, accession, "20190301", ["x"], issuer=issuer).encode())
+        study, why = match(report, _studies(), crosswalk)
+        return (study or {}).get("StudyInstanceUID"), why
+
+    assert m("ACC1", "P1") == (STUDY["StudyInstanceUID"], "")  # the patient tells the two ACC1 studies apart
+    assert m("ACC1", "P2", issuer="") == ("1.2.2", "")
+    assert m("ACC1", "P1", issuer="OTHER") == (None, "REPORT_NO_MATCHING_STUDY")  # another issuer's P1
+    assert m("ACC1", "P9") == (None, "REPORT_NO_MATCHING_STUDY")  # the accession number alone is not enough
+    assert m("ACC4", "P1") == (None, "REPORT_AMBIGUOUS_MATCH")
+    assert m("ACC3", "OLD-7") == (None, "REPORT_NO_MATCHING_STUDY")
+    walk = Crosswalk({("OLD-7", "HOSP"): ("NEW-7", "")})  # the archive holds the crosswalked ID
+    assert m("ACC3", "OLD-7", crosswalk=walk) == ("1.2.3", "")
+
+
+def test_references_of_a_kos_and_a_gsps_but_not_of_procedure_steps():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from include.pacs_migration.references import is_referencing, referenced_uids
+
+    def ref(uid):
+        d = Dataset()
+        d.ReferencedSOPClassUID, d.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uid
+        return d
+
+    ds = Dataset()
+    ds.SOPInstanceUID = "9.9"
+    series = Dataset()
+    series.ReferencedImageSequence = Sequence([ref("1.1"), ref("1.2")])
+    ds.ReferencedSeriesSequence = Sequence([series])
+    item = Dataset()
+    item.ReferencedSOPSequence = Sequence([ref("1.3")])
+    ds.ContentSequence = Sequence([item])
+    ds.ReferencedPerformedProcedureStepSequence = Sequence([ref("5.5")])  # an MPPS, not an archived instance
+    ds.ReferencedStudySequence = Sequence([ref("6.6")])
+    me = Dataset()
+    me.ReferencedSOPSequence = Sequence([ref("9.9")])
+    ds.PredecessorDocumentsSequence = Sequence([me])
+    assert referenced_uids(ds) == {"1.1", "1.2", "1.3"}
+    assert is_referencing("1.2.840.10008.5.1.4.1.1.11.1") and is_referencing("1.2.840.10008.5.1.4.1.1.88.59")
+    assert not is_referencing("1.2.840.10008.5.1.4.1.1.2") and not is_referencing(None)
