@@ -154,3 +154,11 @@ def test_the_dicomweb_service_reads_with_its_own_principal_and_a_token_file(comp
     assert svc["secrets"] == ["dicomweb_tokens"] and "dicomweb_tokens" in compose["secrets"]
     assert svc["environment"]["AWS_ACCESS_KEY_ID"].startswith("${DICOMWEB_AWS_")  # not the workers' keys
     assert "dicomweb-tokens" in (ROOT / ".gitignore").read_text()
+
+
+def test_the_hl7_listener_adds_reports_with_its_own_principal(compose):
+    """Issue 20: the MLLP listener as compose starts it."""
+    svc = compose["services"]["hl7"]
+    assert svc["command"][:3] == ["python", "-m", "include.hl7_listen"] and "2575" in svc["command"]
+    assert svc["environment"]["AWS_ACCESS_KEY_ID"].startswith("${HL7_AWS_")  # not the workers' keys
+    assert any(p.endswith(":2575:2575") and p.startswith("${BIND_ADDRESS") for p in svc["ports"])

@@ -3,6 +3,7 @@ and checked against the bucket layout the code writes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from include.pacs_migration.lease import PREFIX as LEASES
 from include.pacs_migration.manifest import PartitionManifests, instance_key
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.plan import LEDGER_KEY
+from include.pacs_migration.reports.ledger import ReportLedger
 from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.study_index import index_key
 
@@ -38,6 +40,8 @@ def _layout() -> dict[str, str]:
         "assessment": f"{ASSESSMENT_PREFIX}2019-03-01_2019-03-05/report.html",
         "study_index": index_key(store, Partition.parse("2019-03-01/CT")),
         "coverage": COVERAGE_KEY,
+        "report_inbox": ReportLedger(store, dt.date(2019, 3, 1)).inbox_key("ab" * 32),
+        "report_ledger": ReportLedger(store, dt.date(2019, 3, 1)).key("ledger.parquet"),
     }
 
 
@@ -61,7 +65,7 @@ def policies() -> dict[str, dict]:
 
 
 def test_the_policies_are_well_formed(policies):
-    assert set(policies) == {"writer", "reader", "auditor", "rollback", "dicomweb"}
+    assert set(policies) == {"writer", "reader", "auditor", "rollback", "dicomweb", "hl7-listener"}
     for name, policy in policies.items():
         assert policy["Version"] == "2012-10-17"
         for st in policy["Statement"]:
@@ -131,3 +135,17 @@ def test_the_study_index_holds_patient_data_and_only_its_readers_see_it(policies
     rb = policies["rollback"]
     assert _decide(rb, "s3:PutObject", keys["study_index"]) and _decide(rb, "s3:PutObject", keys["coverage"])
     assert not any(_decide(policies[p], "s3:DeleteObject", keys["study_index"]) for p in policies)
+
+
+def test_the_report_inbox_holds_patient_data_and_the_listener_only_adds_to_it(policies):
+    """Issue 20: the RIS's messages as they arrived (names, IDs, the report) are read by
+    the migration only; the MLLP listener's principal may add messages and nothing else."""
+    keys, hl7 = _layout(), policies["hl7-listener"]
+    assert _decide(hl7, "s3:PutObject", keys["report_inbox"]) and _decide(hl7, "s3:GetObject", keys["report_inbox"])
+    for kind, key in keys.items():
+        assert not _decide(hl7, "s3:DeleteObject", key), kind
+        if kind != "report_inbox":
+            assert not _decide(hl7, "s3:PutObject", key) and not _decide(hl7, "s3:GetObject", key), kind
+    for p in ("auditor", "reader", "dicomweb"):
+        assert not _decide(policies[p], "s3:GetObject", keys["report_inbox"]), p
+    assert _decide(policies["auditor"], "s3:GetObject", keys["report_ledger"])  # what became of each, no patient data

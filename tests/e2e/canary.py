@@ -116,7 +116,7 @@ def scan_files(scan: Scan, channel: str, paths: Iterable[Path]) -> None:
 
 # Where patient data belongs: the instances, quarantine (instances too), and the study index
 # (issue 19: the attributes a DICOMweb search matches on, under its own prefix and IAM policy).
-PHI_PREFIXES = ("studies/", "quarantine/", "_index/studies/")
+PHI_PREFIXES = ("studies/", "quarantine/", "_index/studies/", "_reports/inbox/")
 
 
 def scan_bucket(scan: Scan, client, bucket: str, skip: tuple[str, ...] = PHI_PREFIXES) -> None:

@@ -169,7 +169,7 @@ def parse_report(raw: bytes, accession_field: str = "OBR-3", default_charset: st
     try:
         status = ReportStatus(status_code)
     except ValueError:
-        raise ParseError("OBR", f"OBR-25 result status {status_code!r} is not P, F or C") from None
+        raise ParseError("OBR", "OBR-25 result status is not P, F or C") from None
     body, pdf = _observations(msg)
     return Report(
         control_id=_get(msg, "MSH.F10"),
