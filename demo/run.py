@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from include.demo.archive import build_archive
+from include.demo.clinical import add_clinical, ris_export
 from include.pacs_migration.manifest import STUDIES
 from peers.pacs import SimulatedPACS
 from peers.ports import free_port
@@ -111,6 +112,21 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
     return env
 
 
+def demo_config() -> Path:
+    """The bundled configuration, reading the demo RIS's export folder."""
+    import yaml
+
+    from include.pacs_migration.config import read_yaml
+    from include.pacs_migration_dags import DEFAULT_CONFIG
+
+    data = read_yaml(DEFAULT_CONFIG)
+    data["normalization"]["ruleset"] = str(DEFAULT_CONFIG.parent / data["normalization"]["ruleset"])
+    data["reports"] = {**data.get("reports", {}), "export_dir": str(STATE / "ris")}
+    path = HOME / "migration.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], objects_before: int) -> dict:
     from include.pacs_migration.config import TargetConfig
     from include.pacs_migration.counts import counts_from_frame
@@ -144,7 +160,18 @@ def collect_summary(s3: S3Server, dates: list[dt.date], emails: list[Path], obje
         "new_objects_this_run": objects - objects_before,
         "emails": [str(e) for e in emails],
         "by_partition": rows,
+        "reports": _reports(store, dates),
     }
+
+
+def _reports(store, dates: list[dt.date]) -> dict:
+    """The RIS's reports of the dates: expected, migrated (amended), not matched, rejected."""
+    from include.pacs_migration.reports.ledger import ReportLedger
+    from include.pacs_migration.reports.place import ReportCounts
+
+    counts = [ReportCounts.of(ReportLedger(store, d).read()).to_json() for d in dates]
+    keys = ("expected", "migrated", "amended", "unmatched", "rejected")
+    return {k: sum(c[k] for c in counts) for k in keys}
 
 
 def write_trace_example(s3: S3Server) -> None:
@@ -184,6 +211,7 @@ def print_table(summary: dict, runs: list[dict], wall: float) -> None:
         "new_objects_this_run",
     ):
         print(f"{k:>22}: {summary[k]}")
+    print(f"{'reports':>22}: {summary['reports']}")
     print(f"{'emails':>22}: {len(summary['emails'])} in {OUT / 'emails'}")
     print(f"{'wall time':>22}: {wall:.0f} s")
 
@@ -247,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     dates = [FIRST_DATE + dt.timedelta(days=d) for d in range(DAYS)]
     archive = STATE / "archive"
-    if not (archive / "archive.json").exists():
+    if not (archive / "archive.json").exists() or not (STATE / "ris").is_dir():
         print("building the demo archive ...", flush=True)
+        shutil.rmtree(archive, ignore_errors=True)
         build_archive(archive, FIRST_DATE, DAYS)
+        # more than pixels: a GSPS and a KOS on a CT study, and the RIS's export of its reports
+        add_clinical(archive, dates[1].strftime("%Y%m%d"), dangling=False)
+        shutil.rmtree(STATE / "ris", ignore_errors=True)
+        ris_export(archive, STATE / "ris", [d.strftime("%Y%m%d") for d in dates])
     shutil.rmtree(HOME, ignore_errors=True)  # a fresh Airflow DB: the bucket is what persists
     shutil.rmtree(OUT, ignore_errors=True)
     HOME.mkdir(parents=True)
@@ -272,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         api_port = free_port()
         env = airflow_env(pacs.port, s3.endpoint_url, mail.port, api_port, staging)
+        env["AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH"] = str(demo_config())
         print("airflow db migrate ...", flush=True)
         airflow_cli(env, "db", "migrate", timeout=600)
         # Register the DAG and queue the backfill before any service writes to SQLite.

@@ -20,6 +20,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+REPORT_PDF = (
+    "Radiology report\nExamination: CR chest, two views\nFindings: lungs clear, no effusion.\n"
+    "Heart size normal.\nImpression: no acute cardiopulmonary disease.\nSigned: G. House, MD (final)"
+)
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
@@ -184,8 +188,10 @@ def add_reused_accession(root: Path, study: Study, seed: str) -> str:
 
 
 def tiny_pdf(text: str) -> bytes:
-    """A one-page PDF showing ``text`` (ASCII)."""
-    stream = zlib.compress(f"BT /F1 18 Tf 72 720 Td ({text}) Tj ET".encode())
+    """A one-page PDF showing ``text`` (ASCII; one line per ``\\n``)."""
+    lines = text.split("\n")
+    shown = " ".join(f"({line}) Tj 0 -26 Td" for line in lines)
+    stream = zlib.compress(f"BT /F1 18 Tf 72 720 Td {shown} ET".encode())
     objs = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
@@ -267,7 +273,7 @@ def ris_export(root: Path, folder: Path, dates: list[str], quirks: bool = True) 
             oru("MSG-AMD", first, ["ADDENDUM: a 4 mm nodule, right lower lobe~Follow-up CT in 12 months"],
                 status="C", reported=f"{da}235500").encode(),
         )  # fmt: skip
-        pdf = tiny_pdf("Radiology report (PDF)")
+        pdf = tiny_pdf(REPORT_PDF)
         out["pdf"] = ("migrated", oru("MSG-PDF", second, pdf=pdf, reported=f"{da}235200").encode())
         cyr = oru("MSG-CYR", plain[2], ["Заключение: патологических изменений не выявлено"], charset="8859/5")
         out["cyrillic"] = ("migrated", cyr.encode("iso8859-5"))

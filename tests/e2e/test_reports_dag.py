@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from include.demo.archive import build_archive
-from include.demo.clinical import add_clinical, ris_export, tiny_pdf
+from include.demo.clinical import REPORT_PDF, add_clinical, ris_export, tiny_pdf
 from include.pacs_migration.config import TargetConfig, read_yaml
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
@@ -119,7 +119,7 @@ def test_reports_and_references_of_a_date(
     pdf_row = rows[hashlib.sha256(messages["pdf"][1]).hexdigest()]
     doc = pydicom.dcmread(io.BytesIO(store.get(pdf_row["pdf_key"])))
     assert doc.SOPClassUID == dicom.ENCAPSULATED_PDF
-    assert doc.EncapsulatedDocument[: doc.EncapsulatedDocumentLength] == tiny_pdf("Radiology report (PDF)")
+    assert doc.EncapsulatedDocument[: doc.EncapsulatedDocumentLength] == tiny_pdf(REPORT_PDF)
     for key in (amended["sr_key"], before["sr_key"], cyrillic["sr_key"], pdf_row["pdf_key"]):
         report = _dciodvfy(store.get(key), tmp_path)
         assert "Error" not in report, report
