@@ -11,6 +11,7 @@ bodies only wire the core together.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 
@@ -160,10 +161,13 @@ def pacs_migration():
 
         ctx = get_current_context()
         partitions = [Partition.from_json(p) for p in ctx["ti"].xcom_pull(task_ids="census") or []]
+        days = {p.study_date for p in partitions}
+        with contextlib.suppress(ValueError):  # (the census failed naming the parameter)
+            days |= {d} if (d := _request().study_date) else set()  # a date without studies may still have reports
         out = []
         with recorded_failure():
             io = services()
-            for day in sorted({p.study_date for p in partitions}):
+            for day in sorted(days):
                 with date_held(io, day):
                     out.append(reports_step(io, day, ctx["run_id"], partitions))
         return out

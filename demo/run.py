@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         # more than pixels: a GSPS and a KOS on a CT study, and the RIS's export of its reports
         add_clinical(archive, dates[1].strftime("%Y%m%d"), dangling=False)
         shutil.rmtree(STATE / "ris", ignore_errors=True)
-        ris_export(archive, STATE / "ris", [d.strftime("%Y%m%d") for d in dates])
+        ris_export(archive, STATE / "ris", [d.strftime("%Y%m%d") for d in dates], quirks_on=dates[1].strftime("%Y%m%d"))
     shutil.rmtree(HOME, ignore_errors=True)  # a fresh Airflow DB: the bucket is what persists
     shutil.rmtree(OUT, ignore_errors=True)
     HOME.mkdir(parents=True)

@@ -273,6 +273,7 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         figures_csv,
         partition_figures,
         render_html,
+        reports_csv,
         reports_figures,
         run_verdict,
         subject,
@@ -311,6 +312,10 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         csv_path = Path(tmp) / f"pacs-migration-{name}.csv"
         csv_path.write_text(figures_csv(figures), encoding="utf-8")
         files = [str(csv_path)]
+        if any(r.expected for r in reports):
+            reports_path = Path(tmp) / f"pacs-migration-{name}-reports.csv"
+            reports_path.write_text(reports_csv(reports), encoding="utf-8")
+            files.append(str(reports_path))
         if partitions and store is not None:
             docs = Path(tmp) / f"gx-data-docs-{name}.zip"
             docs.write_bytes(data_docs_zip(store, partitions))

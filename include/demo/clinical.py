@@ -244,12 +244,16 @@ def oru(
     return "\r".join(segs) + "\r"
 
 
-def ris_export(root: Path, folder: Path, dates: list[str], quirks: bool = True) -> dict[str, tuple[str, bytes]]:
+def ris_export(
+    root: Path, folder: Path, dates: list[str], quirks: bool = True, quirks_on: str | None = None
+) -> dict[str, tuple[str, bytes]]:
     """Reports for the archive's studies of ``dates``, written to ``folder`` as
     a RIS exports them (one file per message, names that say nothing).
     Returns name -> (expected outcome, message bytes): ``migrated``, a reason
     code, for every message (those not written to the folder are for the MLLP
-    listener: ``live-*``). With ``quirks``: the unusual ones too."""
+    listener: ``live-*``). With ``quirks``: the unusual ones too, on the date
+    ``quirks_on`` (default: the first)."""
+    quirks_on = quirks_on or dates[0]
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, tuple[str, bytes]] = {}
     n = 0
@@ -265,7 +269,7 @@ def ris_export(root: Path, folder: Path, dates: list[str], quirks: bool = True) 
             text = [f"CLINICAL INDICATION: follow-up {n}\\.br\\FINDINGS:", "No acute findings~Stable appearance",
                     "IMPRESSION: \\T\\ normal study"]  # fmt: skip
             out[f"report-{n:03d}"] = ("migrated", oru(f"MSG{n:05d}", study, text).encode("iso8859-1"))
-        if not quirks or not plain:
+        if not quirks or not plain or da != quirks_on:
             continue
         first, second = plain[0], plain[1]
         out["amended"] = (

@@ -36,8 +36,9 @@ from .dimse import QueryTruncated
 from .plan import ASSESSED
 from .templates import render, svg
 
-# The RIS's messages of a date: how many, and the accession numbers they name.
-ReportsOf = Callable[[dt.date], tuple[int, set[str]]]
+# The RIS's messages of a date (reports.intake.DateReports): how many, the accession
+# numbers they name, and how many migration runs placed or could not match so far.
+ReportsOf = Callable[[dt.date], Any]
 
 # Typical stored size of one instance, by modality, when the PACS answers no
 # size keys (Rows, Columns, BitsAllocated, NumberOfFrames) for the sample.
@@ -130,7 +131,7 @@ class Assessment:
         if self.reports_by_date:
             out["reports"] = {
                 k: sum(int(r[k]) for r in self.reports_by_date)
-                for k in ("reports", "studies", "studies_without_report")
+                for k in ("reports", "migrated", "unmatched", "studies", "studies_without_report")
             }
         return out
 
@@ -282,7 +283,8 @@ class _Tally:
         """The date's studies whose accession number no RIS message of the date names
         (accession numbers compared, then dropped)."""
         assert self.reports is not None
-        messages, accessions = self.reports(day)
+        got = self.reports(day)
+        messages, accessions = got.messages, got.accessions
         studies = {
             str(a.StudyInstanceUID): str(a.get("AccessionNumber") or "") for a in answers if a.get("StudyInstanceUID")
         }
@@ -292,7 +294,8 @@ class _Tally:
             self.findings.append(Finding(FindingCode.STUDY_WITHOUT_REPORT, day.isoformat(), uid, why))
         if studies or messages:
             row = {"study_date": day.isoformat(), "reports": messages, "studies": len(studies)}
-            self.reports_by_date.append({**row, "studies_without_report": len(missing)})
+            row |= {"studies_without_report": len(missing), "migrated": got.migrated, "unmatched": got.unmatched}
+            self.reports_by_date.append(row)
 
     def _series(self, day: dt.date, s: CensusSeries) -> None:
         iso = day.isoformat()

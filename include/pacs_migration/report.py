@@ -325,6 +325,28 @@ def figures_csv(figures: list[PartitionFigures]) -> str:
     return buf.getvalue()
 
 
+REPORTS_FIELDS = ("expected", "migrated", "amended", "no_matching_study", "ambiguous", "rejected")
+
+
+def reports_csv(reports: list[ReportsFigures]) -> str:
+    """The reports table as CSV: one line per study date with reports."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["study_date", *REPORTS_FIELDS, "validation_passed", "reasons", "failed_expectations"])
+    for r in reports:
+        if r.expected:
+            w.writerow(
+                [
+                    r.study_date,
+                    *(getattr(r, n) for n in REPORTS_FIELDS),
+                    r.validation_passed,
+                    ";".join(f"{k}={v}" for k, v in r.reasons.items()),
+                    ";".join(r.failed_expectations),
+                ]
+            )
+    return buf.getvalue()
+
+
 def _validation_label(f: PartitionFigures) -> str:
     if f.validation_passed:
         return "PASSED"

@@ -296,7 +296,10 @@ def reports_step(services: Services, study_date: dt.date, run_id: str, partition
         cfg.default_charset,
         cfg.match_days,
         services.config.ruleset.crosswalk,
+        services.keyer(),
     )
+    with services.audit().session() as trail:
+        trail.reports_stored(rows)
     ledger = ReportLedger(store, study_date)
     verdict = None
     if rows:

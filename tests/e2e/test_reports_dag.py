@@ -7,6 +7,7 @@ dangling reference fails naming its object, and the mail shows it all."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
 import io
@@ -31,7 +32,7 @@ from include.pacs_migration.store import ObjectStore
 from include.pacs_migration.study_index import read_partition
 from include.pacs_migration_dags import DEFAULT_CONFIG
 from tests.conftest import point_airflow_at
-from tests.e2e.test_pacs_migration_dag import _clear_runs, _dag, _mail_parts, _reports
+from tests.e2e.test_pacs_migration_dag import _attachments, _clear_runs, _dag, _mail_parts, _reports
 from tests.integration.test_hl7_mllp import _exchange
 
 pytestmark = pytest.mark.e2e
@@ -135,6 +136,17 @@ def test_reports_and_references_of_a_date(
     assert [(r["state"], r.get("reason")) for r in again_rows] == before
     assert set(store.list_keys("")) == keys
 
+    # The audit trail: one 110104 per study that got reports, the RIS as source, schema-valid, keyed patients only.
+    from include.pacs_migration.audit import chain
+
+    assert chain.verify(store, chain.schema_validator()).ok
+    audit = [m for _k, data in chain.links(store) for m in chain.Link.parse(data).messages]
+    stored = [m for m in audit if "report(s) from the RIS" in m]
+    studies = {r["study_instance_uid"] for r in rows.values() if r["state"] == "migrated"}
+    assert len(stored) == len(studies) and all('csd-code="110104"' in m for m in stored)
+    assert any(f'ParticipantObjectID="{amended["study_instance_uid"]}"' in m for m in stored)
+    assert all(token not in "".join(audit) for token in summary.patient_ids + summary.patient_names)
+
     # Reference integrity: the KOS's partition fails naming it; the GSPS on the
     # corrupted instance is listed with it, and its partition passes.
     ko = PartitionManifests(store, Partition(DAY, "KO")).verdict(run.run_id)
@@ -159,6 +171,9 @@ def test_reports_and_references_of_a_date(
     }
     for field, value in want.items():
         assert f'data-field="{field}">{value}<' in row, (field, row)
+    reports_csv = _attachments(_reports(mail)[-1])[f"pacs-migration-{DAY.isoformat()}-reports.csv"].decode()
+    line = next(csv.DictReader(io.StringIO(reports_csv)))
+    assert {k: int(line[k]) for k in want} == want and line["validation_passed"] == "True"
     assert f"dangling reference (fails the partition): <code>{added.kos} -&gt; {added.dangling}" in html
     assert f"references a quarantined instance (both listed): <code>{added.gsps}" in html
     decoded = str(msg) + html

@@ -36,6 +36,8 @@ from .syslog import SyslogTarget, send
 
 log = logging.getLogger(__name__)
 
+SR_CLASS, PDF_CLASS = "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.104.1"  # Basic Text SR, PDF
+
 __all__ = ["AuditTrail", "EventID", "EventType", "Outcome", "StudyObject"]
 
 
@@ -119,6 +121,24 @@ class AuditTrail:
         note = f"{len(moved)} of {len(rows)} instance(s) migrated" if outcome is not Outcome.SUCCESS else None
         at = dt.datetime.now(dt.UTC)
         self.add(study_transfer(EventID.INSTANCES_TRANSFERRED, *nodes, study, keys, outcome, at, note))
+
+    def reports_stored(self, rows: Iterable[dict[str, Any]], ris: str = "RIS") -> None:
+        """110104 per study that got report objects this run (SR, PDF), the RIS as their source."""
+        studies: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            if r.get("state") == "migrated" and r.get("load_action") == "created" and r.get("study_instance_uid"):
+                studies[str(r["study_instance_uid"])].append(r)
+        at = dt.datetime.now(dt.UTC)
+        for uid, members in sorted(studies.items()):
+            classes: Counter[str] = Counter()
+            for r in members:
+                made = (("sr_key", SR_CLASS), ("pdf_key", PDF_CLASS))
+                classes.update(c for k, c in made if isinstance(r.get(k), str))
+            keys = sorted({str(r["patient_key"]) for r in members if r.get("patient_key")})
+            nodes = (Participant(ris, False, Role.SOURCE), self.bucket(), self.launcher(), self.source)
+            note = f"{len(members)} report(s) from the RIS (HL7 v2 ORU^R01) stored in the study"
+            study = StudyObject(uid, dict(classes))
+            self.add(study_transfer(EventID.INSTANCES_TRANSFERRED, *nodes, study, keys, Outcome.SUCCESS, at, note))
 
     def alert(self, kind: EventType, offender: Participant, description: str, study_uid: str | None = None) -> None:
         study = StudyObject(study_uid) if study_uid else None

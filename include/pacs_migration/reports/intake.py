@@ -105,10 +105,23 @@ def import_folder(
     return FolderIntake(files, skipped, messages, new, unreadable, tuple(sorted(dates)))
 
 
+@dataclass(frozen=True)
+class DateReports:
+    """What the RIS holds for a date, and what migration runs made of it so far."""
+
+    messages: int
+    accessions: frozenset[str]
+    migrated: int = 0
+    unmatched: int = 0
+
+
 def accessions_of_date(
     store: ObjectStore, study_date: dt.date, accession_field: str, default_charset: str
-) -> tuple[int, set[str]]:
-    """The inbox's messages of a date: how many, and the accession numbers of those that read as reports."""
+) -> DateReports:
+    """The inbox's messages of a date: how many, the accession numbers of those that read as
+    reports, and the date's ledger counts (a date not migrated yet has none)."""
+    from .place import ReportCounts
+
     found: set[str] = set()
     messages = ReportLedger(store, study_date).messages()
     for _key, _sha, raw in messages:
@@ -116,4 +129,5 @@ def accessions_of_date(
             found.add(parse_report(raw, accession_field, default_charset).accession)
         except ParseError:
             continue
-    return len(messages), found
+    c = ReportCounts.of(ReportLedger(store, study_date).read())
+    return DateReports(len(messages), frozenset(found), c.migrated, c.unmatched)

@@ -33,6 +33,7 @@ COLUMNS = (
     "state",  # ReportState
     "reason",
     "study_instance_uid",
+    "patient_key",  # the study's patient, keyed (privacy.py): never the ID itself
     "sr_sop_instance_uid",
     "sr_key",
     "sr_sha256",

@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..manifest import instance_key, writer_tag
 from ..partition import Partition
+from ..privacy import PatientKeyer
 from ..reasons import ReasonCode
 from ..rules.model import Crosswalk
 from ..store import ObjectStore, PutOutcome
@@ -135,6 +136,7 @@ def place_reports(
     default_charset: str = "8859/1",
     days: int = 1,
     crosswalk: Crosswalk | None = None,
+    keyer: PatientKeyer | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Place every message of the date; returns (ledger rows, stored objects as
     transfer-like rows for the study index)."""
@@ -156,6 +158,8 @@ def place_reports(
             row.update(state=ReportState.UNMATCHED.value, reason=why)
             continue
         row["study_instance_uid"] = str(study["StudyInstanceUID"])
+        if keyer is not None and study.get("PatientID"):
+            row["patient_key"] = keyer.key_of(str(study["PatientID"]))
         placed[row["study_instance_uid"]].append((report, row))
     objects: list[dict[str, Any]] = []
     for study_uid, reports in placed.items():
