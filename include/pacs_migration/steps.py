@@ -30,6 +30,10 @@ from .partition import Partition
 from .plan import PartitionAction, PartitionResult, Unit, UnitResult, UnitState, reopen
 from .privacy import PatientKeyer
 from .reasons import ReasonCode
+from .reports.check import validate_reports
+from .reports.intake import import_folder
+from .reports.ledger import ReportLedger
+from .reports.place import ReportCounts, index_partition_of, place_reports
 from .request import RunRequest
 from .retrieve import GetFn
 from .rollback import (
@@ -280,14 +284,30 @@ def reports_step(services: Services, study_date: dt.date, run_id: str, partition
     the date's reports placed in their studies and validated, and the
     references of the date's presentation states, KOS and SRs checked (a
     dangling one fails its partition's verdict of this run)."""
-    from .reports.check import validate_reports
-    from .reports.intake import import_folder
-    from .reports.ledger import ReportLedger
-    from .reports.place import ReportCounts, index_partition_of, place_reports
-
     cfg, store = services.config.reports, services.store
     if cfg.export_dir is not None:
         import_folder(store, cfg.export_dir, cfg.accession_field, cfg.default_charset)
+    verdict = _place_reports(services, study_date, run_id)
+    ledger = ReportLedger(store, study_date)
+    study_index.index_partition(store, index_partition_of(study_date), ledger.objects())
+    dangling = {}
+    for check in references.check_date(store, study_date, [p for p in partitions if p.study_date == study_date]):
+        if references.amend_verdict(store, check, run_id) is not None and check.dangling:
+            dangling[check.partition.key] = len(check.dangling)
+    counts = ReportCounts.of(ledger.read() if verdict is not None else None)
+    log.info("reports %s: %s", study_date, counts.to_json())
+    return {
+        "study_date": study_date.isoformat(),
+        "reports": counts.to_json(),
+        "reports_passed": None if verdict is None else verdict["success"],
+        "dangling_references": dangling,
+    }
+
+
+def _place_reports(services: Services, study_date: dt.date, run_id: str) -> dict[str, Any] | None:
+    """Place the date's messages (audited), write the ledger and validate it as
+    stored; None when the date has no message."""
+    cfg, store = services.config.reports, services.store
     rows, objects = place_reports(
         store,
         study_date,
@@ -300,28 +320,15 @@ def reports_step(services: Services, study_date: dt.date, run_id: str, partition
     )
     with services.audit().session() as trail:
         trail.reports_stored(rows)
+    if not rows:
+        return None
     ledger = ReportLedger(store, study_date)
-    verdict = None
-    if rows:
-        ledger.write(rows, run_id)
-        written = ledger.read()
-        assert written is not None
-        verdict = validate_reports(store, study_date, written, objects, len(rows))
-        ledger.write_verdict(verdict, run_id)
-    study_index.index_partition(store, index_partition_of(study_date), ledger.objects())
-    dangling = {}
-    for check in references.check_date(store, study_date, [p for p in partitions if p.study_date == study_date]):
-        amended = references.amend_verdict(store, check, run_id)
-        if amended is not None and check.dangling:
-            dangling[check.partition.key] = len(check.dangling)
-    counts = ReportCounts.of(ledger.read() if rows else None)
-    log.info("reports %s: %s", study_date, counts.to_json())
-    return {
-        "study_date": study_date.isoformat(),
-        "reports": counts.to_json(),
-        "reports_passed": None if verdict is None else verdict["success"],
-        "dangling_references": dangling,
-    }
+    ledger.write(rows, run_id)
+    written = ledger.read()  # the ledger as stored must account for every message placed
+    assert written is not None
+    verdict = validate_reports(store, study_date, written, objects, len(rows))
+    ledger.write_verdict(verdict, run_id)
+    return verdict
 
 
 def _index(services: Services, partitions: list[Partition], transfers: dict[Partition, Any] | None = None) -> None:
