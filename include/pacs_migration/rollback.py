@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ import pandas as pd
 from .manifest import LINEAGE, TRANSFER, VALIDATION, PartitionManifests, rolled_back_prefix, transferred_partitions
 from .partition import Partition
 from .reasons import InstanceState
+from .reports.ledger import ReportLedger, ledger_dates
+from .reports.place import REPORTS_MODALITY
 from .store import ObjectStore
 from .uids import is_valid_uid
 
@@ -265,7 +268,61 @@ def plan_rollback(
             plans.append(_partition_plan(p, df, mask))
     if not plans:
         raise SelectionError("selection", "matches no row of any transfer manifest")
+    plans += _reports_plans(store, selection, plans)
     return RollbackPlan(rollback_id, selection, reason.strip(), requested_by.strip(), tuple(plans))
+
+
+REPORT_DAYS = 31  # the widest reports.match_days: where a study's reports may be filed
+
+
+def _studies_taken_whole(store: ObjectStore, selection: Selection, plans: list[PartitionPlan]) -> set[str]:
+    """The selected studies none of whose migrated instances stays live on their date."""
+    taken: set[str] = set()
+    for day in sorted({pp.partition.study_date for pp in plans}):
+        studies = {u for pp in plans if pp.partition.study_date == day for u in pp.study_uids}
+        for p in transferred_partitions(store, day):
+            df = PartitionManifests(store, p).transfer()
+            stays = df[(df["state"] == InstanceState.MIGRATED.value) & ~selection.mask(p, df)]
+            studies -= set(stays["study_instance_uid"].dropna().astype(str))
+        taken |= studies
+    return taken
+
+
+def _reports_plans(store: ObjectStore, selection: Selection, plans: list[PartitionPlan]) -> list[PartitionPlan]:
+    """A study's reports from the RIS (SR, PDF) leave the live layout with its last
+    instance: one plan per report date (index partition ``<date>/RIS``)."""
+    days = {pp.partition.study_date for pp in plans}
+    near = [day for day in ledger_dates(store) if min(abs((day - d).days) for d in days) <= REPORT_DAYS]
+    taken = _studies_taken_whole(store, selection, plans) if near else set()
+    out = []
+    for day in near if taken else []:
+        ledger = ReportLedger(store, day).read()
+        if ledger is None:
+            continue
+        rows = ledger[(ledger["state"] == "migrated") & ledger["study_instance_uid"].isin(sorted(taken))]
+        objects = []
+        for r in rows.to_dict("records"):
+            for kind in ("sr", "pdf"):
+                if isinstance(r.get(f"{kind}_key"), str) and (head := store.head(r[f"{kind}_key"])) is not None:
+                    objects.append(MovedObject(r[f"{kind}_key"], str(r[f"{kind}_sha256"]), head.size, "report"))
+        if objects:
+            studies = sorted(set(rows["study_instance_uid"].astype(str)))
+            out.append(
+                PartitionPlan(
+                    Partition(day, REPORTS_MODALITY),
+                    False,
+                    len(rows),
+                    len(rows),
+                    0,
+                    0,
+                    len(studies),
+                    tuple(sorted({str(r) for r in rows["run_id"].dropna()})),
+                    tuple(sorted(objects, key=lambda o: o.key)),
+                    tuple(sorted({str(k) for k in rows["patient_key"].dropna()})),
+                    tuple(studies),
+                )
+            )
+    return out
 
 
 def _partition_plan(partition: Partition, df: pd.DataFrame, mask: pd.Series) -> PartitionPlan:
@@ -398,6 +455,9 @@ def _roll_back_partition(
 ) -> None:
     manifests = PartitionManifests(store, pp.partition)
     rid = plan.rollback_id
+    if pp.partition.modality == REPORTS_MODALITY:
+        _roll_back_reports(store, journal, plan, pp, tally, moved_hook)
+        return
     if journal.step(pp.partition) == "planned":
         _snapshot(manifests, rid)  # the manifests as the rollback found them, before anything changes
         journal.advance(pp.partition, "snapshot")
@@ -414,6 +474,58 @@ def _roll_back_partition(
     if journal.step(pp.partition) == "retired":
         record = partition_record(manifests, plan, pp, journal.value["started_at"])
         manifests.write_rollback_record(record)
+        journal.advance(pp.partition, "recorded")
+
+
+def _roll_back_reports(
+    store: ObjectStore,
+    journal: Journal,
+    plan: RollbackPlan,
+    pp: PartitionPlan,
+    tally: dict[str, int],
+    moved_hook: Any,
+) -> None:
+    """A report date's part: the ledger copied as found, the selected studies' SR/PDF
+    moved (verified), their rows ``REPORT_NO_MATCHING_STUDY`` until a run migrates the
+    study again and places them anew, a record beside the ledger."""
+    ledger, rid = ReportLedger(store, pp.partition.study_date), plan.rollback_id
+    manifests = PartitionManifests(store, pp.partition)
+    copy = manifests.rolled_back_copy(rid, ledger.key("ledger.parquet"))
+    if journal.step(pp.partition) == "planned":
+        store.copy(ledger.key("ledger.parquet"), copy)
+        if store.sha256_of(copy) != store.sha256_of(ledger.key("ledger.parquet")):
+            raise RollbackLost(f"{ledger.key('ledger.parquet')}: the copy at {copy} does not verify")
+        journal.advance(pp.partition, "snapshot")
+    if journal.step(pp.partition) == "snapshot":
+        for obj in pp.objects:
+            moved = move_object(store, obj, manifests.rolled_back_copy(rid, obj.key))
+            tally["moved" if moved else "already"] += 1
+            if moved_hook:
+                moved_hook(obj)
+        journal.advance(pp.partition, "moved")
+    if journal.step(pp.partition) == "moved":
+        found = pd.read_parquet(io.BytesIO(store.get(copy)))  # the same on a resume
+        taken = found["study_instance_uid"].isin(pp.study_uids) & (found["state"] == "migrated")
+        cleared = {
+            c: None for c in found.columns if c.startswith(("sr_", "pdf_")) or c in ("supersedes", "superseded_by")
+        }
+        rows = [
+            {**r, "state": "unmatched", "reason": "REPORT_NO_MATCHING_STUDY", **cleared} if t else r
+            for r, t in zip(found.to_dict("records"), taken, strict=True)
+        ]
+        ledger.write_rolled_back(rows)
+        journal.advance(pp.partition, "retired")
+    if journal.step(pp.partition) == "retired":
+        record = {
+            "schema": SCHEMA,
+            "rollback_id": rid,
+            "rolled_back_at": journal.value["started_at"],
+            "requested_by": plan.requested_by,
+            "reason": plan.reason,
+            **pp.figures(),
+            "ledger_copy": copy,
+        }
+        store.put(ledger.key(f"rollbacks/{rid}.json"), json.dumps(record, indent=2).encode(), "application/json")
         journal.advance(pp.partition, "recorded")
 
 

@@ -33,7 +33,7 @@ from .reasons import ReasonCode
 from .reports.check import validate_reports
 from .reports.intake import import_folder
 from .reports.ledger import ReportLedger
-from .reports.place import ReportCounts, index_partition_of, place_reports
+from .reports.place import REPORTS_MODALITY, ReportCounts, index_partition_of, place_reports
 from .request import RunRequest
 from .retrieve import GetFn
 from .rollback import (
@@ -469,10 +469,11 @@ def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str,
             where = f"rolled-back/{plan.rollback_id}/"
             note = f"rollback {plan.rollback_id} of {pp.partition.key}: {len(pp.objects)} object(s) moved to {where}"
             trail.deleted(plan.requested_by, pp.study_uids, pp.patient_keys, f"{note}; reason: {plan.reason}")
-    parts = [(p.partition.study_date, p.partition.modality) for p in plan.partitions]
+    images = [p.partition for p in plan.partitions if p.partition.modality != REPORTS_MODALITY]
+    parts = [(p.study_date, p.modality) for p in images]
     at = dt.datetime.fromisoformat(record["finished_at"])
     update_ledger(services.store, lambda ledger: reopen(ledger, parts, plan.rollback_id, at))  # never over a night
-    _index(services, [p.partition for p in plan.partitions])
+    _index(services, images)
 
 
 def purge_rolled_back(services: Services, rollback_id: str, purged_by: str, reason: str) -> dict[str, Any]:

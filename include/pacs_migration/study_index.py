@@ -29,6 +29,7 @@ from .store import ObjectStore
 log = logging.getLogger(__name__)
 
 INDEX_PREFIX = "_index/studies/"
+REPORTS_MODALITY = "RIS"  # the index partition of a date's reports from the RIS (rows carry SR or DOC)
 INSTANCES = "instances.parquet"
 
 # Columns named by their DICOM keyword, by level (what QIDO-RS returns and matches on).
@@ -190,7 +191,11 @@ def index_partition(
     unless given); rows of objects already indexed with the same hash are
     kept (``reread``: none), the others' headers read. Returns the rows written (0: the partition
     holds nothing migrated and its index is emptied)."""
-    if transfer is None:
+    if transfer is None and partition.modality == REPORTS_MODALITY:  # the reports placed in studies
+        from .reports.ledger import ReportLedger
+
+        transfer = ReportLedger(store, partition.study_date).objects()
+    elif transfer is None:
         transfer = PartitionManifests(store, partition).transfer_or_none()
     migrated = [] if transfer is None else transfer[transfer["state"] == "migrated"].to_dict("records")
     key = index_key(store, partition)

@@ -101,6 +101,13 @@ class ReportLedger:
         self.store.put(self.key("ledger.parquet"), data, "application/vnd.apache.parquet")
         return self.key("ledger.parquet")
 
+    def write_rolled_back(self, rows: list[dict[str, Any]]) -> str:
+        """The ledger after a rollback took some of its reports out (no run copy: no run wrote it)."""
+        buf = io.BytesIO()
+        frame(rows).to_parquet(buf, index=False)
+        self.store.put(self.key("ledger.parquet"), buf.getvalue(), "application/vnd.apache.parquet")
+        return self.key("ledger.parquet")
+
     def read(self) -> pd.DataFrame | None:
         data = self.store.get_or_none(self.key("ledger.parquet"))
         return None if data is None else pd.read_parquet(io.BytesIO(data))

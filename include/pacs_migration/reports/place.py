@@ -30,14 +30,13 @@ from ..privacy import PatientKeyer
 from ..reasons import ReasonCode
 from ..rules.model import Crosswalk
 from ..store import ObjectStore, PutOutcome
-from ..study_index import indexed_partitions, read_partition
+from ..study_index import REPORTS_MODALITY, indexed_partitions, read_partition
 from . import dicom
 from .hl7 import ParseError, Report, parse_report
 from .ledger import ReportLedger
 
 log = logging.getLogger(__name__)
 
-REPORTS_MODALITY = "RIS"  # the study index's partition of a date's reports (rows carry SR or DOC)
 BUILDER = "reports-1"  # the SR/PDF builder's version: the same message and builder make the same object
 
 
