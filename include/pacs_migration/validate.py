@@ -105,16 +105,26 @@ class ValidationReport:
         }
 
 
+HEADER_BYTES = 4 << 20  # what a re-read keeps of an object to parse its header (never its pixels)
+
+
 def reread(store: ObjectStore, key: str, sha256_hex: str) -> bool:
-    """Fetch one object; True if its SHA-256 matches and it parses as DICOM."""
+    """Fetch one object; True if its SHA-256 matches and it parses as DICOM.
+    Streamed: the hash is taken chunk by chunk and only the first
+    :data:`HEADER_BYTES` are kept for the parse (values over 64 KiB are
+    skipped, not read), so memory stays flat whatever the object's size."""
+    digest, head = hashlib.sha256(), bytearray()
     try:
-        data = store.get(key)
+        for chunk in store.iter_chunks(key):
+            digest.update(chunk)
+            if len(head) < HEADER_BYTES:
+                head += chunk[: HEADER_BYTES - len(head)]
     except Exception:
         return False
-    if hashlib.sha256(data).hexdigest() != sha256_hex:
+    if digest.hexdigest() != sha256_hex:
         return False
     try:
-        pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        pydicom.dcmread(io.BytesIO(bytes(head)), stop_before_pixels=True, defer_size=1 << 16)
     except Exception:
         return False
     return True
@@ -162,9 +172,9 @@ def _series_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.Data
 
 
 def reread_quarantine(store: ObjectStore, key: str, sha256_hex: str) -> bool:
-    """A quarantined object exists and its bytes hash to its key and the manifest."""
-    data = store.get_or_none(key)
-    return data is not None and key.endswith(f"/{sha256_hex}.dcm") and hashlib.sha256(data).hexdigest() == sha256_hex
+    """A quarantined object exists and its bytes hash to its key and the manifest (streamed)."""
+    found = store.sha256_of(key)
+    return found is not None and key.endswith(f"/{sha256_hex}.dcm") and found[0] == sha256_hex
 
 
 def _frames(
