@@ -218,6 +218,10 @@ class TargetConfig(Section):
     retry_attempts: int = Field(10, ge=1, le=50)
     connect_timeout: float = Field(10.0, gt=0, le=600)
     read_timeout: float = Field(60.0, gt=0, le=3600)
+    # An object over this size goes up in parts (S3 takes at most 5 GB in one PUT), each part
+    # with its own SHA-256, completed write-once; parts of at least 5 MiB (S3's minimum).
+    multipart_threshold_mb: int = Field(256, ge=5, le=5120)
+    multipart_part_mb: int = Field(64, ge=5, le=5120)
 
     @field_validator("bucket")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +19,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from .config import TargetConfig
+
+log = logging.getLogger(__name__)
 
 
 class PutOutcome(str, Enum):
@@ -93,16 +96,19 @@ class ObjectStore:
         """
         meta = {"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})}
         try:
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
-                IfNoneMatch="*",
-                ContentType=content_type,
-                Metadata=meta,
-                **self._sse(),
-            )
+            if len(data) > self.target.multipart_threshold_mb << 20:
+                self._put_parts(key, data, content_type, meta)
+            else:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+                    IfNoneMatch="*",
+                    ContentType=content_type,
+                    Metadata=meta,
+                    **self._sse(),
+                )
             return PutResult(PutOutcome.CREATED, sha256_hex, len(data))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
@@ -120,6 +126,46 @@ class ObjectStore:
         if same and writer and theirs.get("writer") == writer:
             outcome = PutOutcome.CREATED  # ours: the first response was lost, not the write
         return PutResult(outcome, existing.sha256 or "", existing.size)
+
+    def _put_parts(self, key: str, data: bytes, content_type: str, meta: dict[str, str]) -> None:
+        """A multipart upload, each part with its SHA-256 (S3 verifies each), completed
+        with ``If-None-Match: *`` (write-once as a single PUT); aborted on any failure,
+        so no part is left behind (a 412 at completion included)."""
+        part_size = self.target.multipart_part_mb << 20
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket,
+            Key=key,
+            ContentType=content_type,
+            Metadata=meta,
+            ChecksumAlgorithm="SHA256",
+            **self._sse(),
+        )
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            view = memoryview(data)
+            for number, start in enumerate(range(0, len(data), part_size), 1):
+                chunk = view[start : start + part_size]
+                digest = base64.b64encode(hashlib.sha256(chunk).digest()).decode()
+                rsp = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=chunk.tobytes(),
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=digest,
+                )
+                parts.append({"PartNumber": number, "ETag": rsp["ETag"], "ChecksumSHA256": digest})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except ClientError:
+                log.warning("a multipart upload could not be aborted; the bucket's lifecycle rule must remove it")
+            raise
 
     def put_verified(
         self,
