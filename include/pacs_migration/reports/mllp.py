@@ -70,10 +70,9 @@ def ack(raw: bytes, code: str, text: str = "", now: dt.datetime | None = None) -
     msh = [b"MSH", enc, at(5) or b"PACSMIG", at(6), at(3), at(4), stamp, b"", b"ACK^" + trigger + b"^ACK"]
     msh += [b"ACK" + stamp + control[:10], at(11) or b"P", at(12) or b"2.5"]
     segments = [b"|".join(msh), b"|".join([b"MSA", code.encode(), control, text.encode()[:80]])]
-    if code != "AA":
-        severity = b"E"
-        segments.append(b"|".join([b"ERR", b"", b"", b"207^Application internal error^HL70357", severity, b"", b"", b"",
-                                   text.encode()[:80]]))  # fmt: skip
+    if code != "AA":  # ERR-3 the HL7 error code, ERR-4 the severity, ERR-8 what a person reads
+        err = [b"ERR", b"", b"", b"207^Application internal error^HL70357", b"E", b"", b"", b"", text.encode()[:80]]
+        segments.append(b"|".join(err))
     return b"\r".join(segments) + b"\r"
 
 
