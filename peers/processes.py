@@ -20,6 +20,24 @@ def start_airflow(name: str, args: list[str], env: dict[str, str], logs: Path) -
     )
 
 
+def kill_tree(pid: int) -> int:
+    """SIGKILL a process and every descendant, as losing its machine would: Airflow
+    3.3 runs each task in a process group of its own, out of reach of ``killpg``
+    on the worker's. Returns how many processes were killed."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]  # listed before any dies: orphans are re-parented
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(tree, timeout=30)
+    return len(tree)
+
+
 def stop_all(procs: list[subprocess.Popen], timeout: float = 60) -> None:
     """SIGTERM every process group, then SIGKILL what is still there after ``timeout``."""
     for p in procs:

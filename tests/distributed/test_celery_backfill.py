@@ -19,7 +19,6 @@ import io
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -111,7 +110,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.store import ObjectStore
     from peers.ports import free_port
-    from peers.processes import airflow_cli, start_airflow, stop_all
+    from peers.processes import airflow_cli, kill_tree, start_airflow, stop_all
     from tests.peers import ConnectionCounter, Orthanc
 
     archive = build_archive(tmp_path / "archive", DATES[0], len(DATES))
@@ -239,7 +238,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             if lost is None and (lost := _transfer_running_on(services["db"], "worker-1")):
                 # Worker loss (issue 15.7): SIGKILL the whole worker mid-transfer, then start it again. The
                 # scheduler finds the task's heartbeat gone and retries it, same run id, on a live worker.
-                os.killpg(procs[3].pid, signal.SIGKILL)
+                kill_tree(procs[3].pid)  # the worker, its task supervisors and the tasks (own process groups)
                 procs[3].wait(timeout=30)
                 procs[3] = start_airflow(
                     "worker-1-restarted", commands["worker-1"][0], {**env, **commands["worker-1"][1]}, logs
