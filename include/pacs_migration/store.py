@@ -9,6 +9,7 @@ can be compared even where the server does not verify checksums).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -268,7 +269,12 @@ class ObjectStore:
 
     def copy(self, source_key: str, key: str) -> None:
         """Server-side copy (bytes and metadata, under our encryption settings);
-        the caller re-reads the copy before it trusts it."""
+        the caller re-reads the copy before it trusts it. An object over the
+        multipart threshold is copied in parts (one CopyObject takes at most 5 GB)."""
+        head = self.client.head_object(Bucket=self.bucket, Key=source_key)
+        if int(head["ContentLength"]) > self.target.multipart_threshold_mb << 20:
+            self._copy_parts(source_key, key, head)
+            return
         self.client.copy_object(
             Bucket=self.bucket,
             Key=key,
@@ -276,6 +282,36 @@ class ObjectStore:
             MetadataDirective="COPY",
             **self._sse(),
         )
+
+    def _copy_parts(self, source_key: str, key: str, head: dict[str, Any]) -> None:
+        """UploadPartCopy by ranges of ``multipart_part_mb``; aborted on any failure."""
+        upload_id = self.client.create_multipart_upload(
+            Bucket=self.bucket,
+            Key=key,
+            ContentType=head.get("ContentType") or "application/octet-stream",
+            Metadata=head.get("Metadata") or {},
+            **self._sse(),
+        )["UploadId"]
+        size, part = int(head["ContentLength"]), self.target.multipart_part_mb << 20
+        try:
+            parts = []
+            for number, start in enumerate(range(0, size, part), 1):
+                rsp = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": source_key},
+                    CopySourceRange=f"bytes={start}-{min(start + part, size) - 1}",
+                )
+                parts.append({"PartNumber": number, "ETag": rsp["CopyPartResult"]["ETag"]})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(ClientError):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
 
     def sha256_of(self, key: str) -> tuple[str, int] | None:
         """The SHA-256 and size of an object's bytes as read back now, streamed

@@ -18,8 +18,11 @@ from include.pacs_migration.config import TargetConfig
 from include.pacs_migration.counts import counts_from_frame
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
+from include.pacs_migration.rollback import Selection
+from include.pacs_migration.steps import Services, roll_back
 from include.pacs_migration.store import ObjectStore, PutOutcome
 from peers.pacs import SimulatedPACS
+from tests.conftest import PATIENT_SECRET
 from tests.faults.harness import migration_config, object_store, run_date
 
 SMALL = {"multipart_threshold_mb": 5, "multipart_part_mb": 5}
@@ -42,6 +45,23 @@ def test_a_large_object_goes_up_in_parts_write_once(s3_server, bucket):
     assert store.put_new("studies/big.dcm", other, hashlib.sha256(other).hexdigest()).outcome is PutOutcome.CONFLICT
     assert store.sha256_of("studies/big.dcm") == (sha, len(data))  # never overwritten
     assert _uploads(store) == []  # the refused completions left no parts
+
+
+def test_a_large_object_is_copied_in_parts(s3_server, bucket):
+    """What a rollback does to move an object over 5 GB aside (one CopyObject takes no more)."""
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket, sse="none", **SMALL))
+    data = os.urandom(11 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    store.put_new("studies/big.dcm", data, sha, {"ruleset": "site@1"})
+    store.copy("studies/big.dcm", "rolled-back/rb-1/studies/big.dcm")
+    copied = store.client.head_object(Bucket=bucket, Key="rolled-back/rb-1/studies/big.dcm")
+    assert copied["ETag"].strip('"').endswith("-3") and copied["ContentType"] == "application/dicom"
+    assert store.sha256_of("rolled-back/rb-1/studies/big.dcm") == (sha, len(data))
+    assert store.head("rolled-back/rb-1/studies/big.dcm").metadata == store.head("studies/big.dcm").metadata
+    small = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket, sse="none"))  # the default threshold
+    small.copy("studies/big.dcm", "rolled-back/rb-2/studies/big.dcm")
+    assert not small.client.head_object(Bucket=bucket, Key="rolled-back/rb-2/studies/big.dcm")["ETag"].endswith('-3"')
+    assert _uploads(store) == []
 
 
 class FailingPart:
@@ -95,13 +115,20 @@ def test_a_partition_of_large_instances_migrates_in_parts_end_to_end(s3_server, 
         store = object_store(cfg, s3_server.endpoint_url)
         first = run_date(cfg, store, "run-1", day)
         again = run_date(cfg, store, "run-2", day)
+        services = Services(cfg, store, 1, patient_secret=PATIENT_SECRET, actor="test")
+        rollback = roll_back(
+            services, Selection.parse(partitions=[f"{day}/CT"]), "test", "alice", "rb-big", dry_run=False
+        )  # moved aside in copied parts, each copy verified
     finally:
         pacs.stop()
+    assert rollback["state"] == "complete" and rollback["totals"]["objects"] == 3
     assert first.verdict.value == "PASSED" and again.verdict.value == "PASSED"  # every part re-read and hashed
-    df = PartitionManifests(store, Partition(day, "CT")).transfer("run-2")
+    manifests = PartitionManifests(store, Partition(day, "CT"))
+    df = manifests.rolled_back_transfer("rb-big")
     c = counts_from_frame(df)
     assert (c.expected, c.migrated, c.written) == (3, 3, 0)  # the re-run found every object, wrote none
     for key, sha in zip(df["object_key"], df["object_sha256"], strict=True):
-        assert store.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-3")
-        assert store.sha256_of(key)[0] == sha
+        copy = manifests.rolled_back_copy("rb-big", key)
+        assert store.client.head_object(Bucket=bucket, Key=copy)["ETag"].strip('"').endswith("-3")
+        assert store.sha256_of(copy)[0] == sha and store.head(key) is None
     assert _uploads(store) == []
