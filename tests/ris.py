@@ -1,45 +1,43 @@
-"""HL7 v2 ORU^R01 messages as a legacy RIS exports them, quirks included."""
+"""HL7 v2 ORU^R01 messages as a legacy RIS exports them, the demo's clinical
+archive for one date, and dciodvfy on a DICOM object."""
 
 from __future__ import annotations
 
-import base64
+import datetime as dt
+import subprocess
+from pathlib import Path
 
-from include.demo.clinical import tiny_pdf
+from include.demo.archive import ArchiveSummary, build_archive
+from include.demo.clinical import Clinical, add_clinical, ris_export, tiny_pdf
+from include.demo.clinical import oru_message as oru
+from include.pacs_migration.config import MigrationConfig
+from tests.peers import require_binary
 
-__all__ = ["oru", "tiny_pdf"]
-
-SEP = "\r"
+__all__ = ["clinical_day", "dciodvfy", "oru", "tiny_pdf", "with_export"]
 
 
-def oru(
-    control_id: str,
-    patient_id: str,
-    accession: str,
-    observed: str,
-    lines: list[str] | None = None,
-    status: str = "F",
-    issuer: str = "HOSP",
-    charset: str = "",
-    reported: str | None = None,
-    interpreter: str = "4711&HOUSE&GREGORY",
-    pdf: bytes | None = None,
-    name: str = "DOE^JANE",
-    procedure: str = "CTCHEST^CT chest with contrast",
-    segment_end: str = SEP,
-) -> str:
-    """One ORU^R01; ``lines``: OBX-5 text values (each may hold ``~`` repetitions or ``\\.br\\``)."""
-    reported = reported or observed
-    msh = ["MSH", "^~\\&", "RIS", "HOSP", "PACSMIG", "HOSP", reported, "", "ORU^R01", control_id, "P", "2.5"]
-    msh += [""] * 5 + [charset]  # MSH-13..17, then MSH-18
-    segs = [
-        "|".join(msh),
-        f"PID|1||{patient_id}^^^{issuer}^MR||{name}||19600101|F",
-        f"OBR|1|PL{control_id}|{accession}|{procedure}|||{observed}|||||||||||||||{reported}|||{status}"
-        f"|||||||{interpreter}",
-    ]
-    for i, text in enumerate(lines or [], 1):
-        segs.append(f"OBX|{i}|TX|GDT^Report text||{text}||||||{status}")
-    if pdf is not None:
-        data = base64.b64encode(pdf).decode()
-        segs.append(f"OBX|{len(segs) - 2}|ED|PDF^Report PDF||^application^pdf^Base64^{data}||||||{status}")
-    return segment_end.join(segs) + segment_end
+def clinical_day(
+    tmp_path: Path, day: dt.date, dangling: bool
+) -> tuple[ArchiveSummary, Clinical, dict[str, tuple[str, bytes]]]:
+    """The demo archive (two dates, under ``tmp_path / "legacy"``) with its GSPS, KOS and
+    reused accession number on ``day``, and the RIS's export of that day under ``tmp_path / "ris"``."""
+    summary = build_archive(tmp_path / "legacy", days=2)
+    added = add_clinical(summary.root, day.strftime("%Y%m%d"), dangling=dangling)
+    return summary, added, ris_export(summary.root, tmp_path / "ris", [day.strftime("%Y%m%d")])
+
+
+def with_export(cfg: MigrationConfig, folder: Path) -> MigrationConfig:
+    """``cfg`` reading the RIS's export ``folder``."""
+    return cfg.model_copy(update={"reports": cfg.reports.model_copy(update={"export_dir": folder})})
+
+
+def dciodvfy(data: bytes, tmp_path: Path) -> str:
+    """What dicom3tools' dciodvfy says of ``data`` (required under CI=true)."""
+    exe = require_binary("dciodvfy", "dicom3tools")
+    path = tmp_path / "check.dcm"
+    path.write_bytes(data)
+    try:
+        out = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    finally:
+        path.unlink()
+    return out.stdout + out.stderr

@@ -212,6 +212,41 @@ def tiny_pdf(text: str) -> bytes:
     return out
 
 
+def oru_message(
+    control_id: str,
+    patient_id: str,
+    accession: str,
+    observed: str,
+    lines: list[str] | None = None,
+    status: str = "F",
+    issuer: str = "HOSP",
+    charset: str = "",
+    reported: str | None = None,
+    interpreter: str = "4711&HOUSE&GREGORY",
+    pdf: bytes | None = None,
+    name: str = "DOE^JANE",
+    procedure: str = "CTCHEST^CT chest with contrast",
+    segment_end: str = "\r",
+) -> str:
+    """One ORU^R01 as a legacy RIS writes it; ``lines``: OBX-5 text values (each may
+    hold ``~`` repetitions or ``\\.br\\``), ``pdf``: an ED observation in base64."""
+    reported = reported or observed
+    msh = ["MSH", "^~\\&", "RIS", "HOSP", "PACSMIG", "HOSP", reported, "", "ORU^R01", control_id, "P", "2.5"]
+    msh += [""] * 5 + [charset]  # MSH-13..17, then MSH-18
+    segs = [
+        "|".join(msh),
+        f"PID|1||{patient_id}^^^{issuer}^MR||{name}||19600101|F",
+        f"OBR|1|PL{control_id}|{accession}|{procedure}|||{observed}|||||||||||||||{reported}|||{status}"
+        f"|||||||{interpreter}",
+    ]
+    for i, text in enumerate(lines or [], 1):
+        segs.append(f"OBX|{i}|TX|GDT^Report text||{text}||||||{status}")
+    if pdf is not None:
+        data = base64.b64encode(pdf).decode()
+        segs.append(f"OBX|{len(segs) - 2}|ED|PDF^Report PDF||^application^pdf^Base64^{data}||||||{status}")
+    return segment_end.join(segs) + segment_end
+
+
 def oru(
     control_id: str,
     study: Study,
@@ -221,27 +256,23 @@ def oru(
     reported: str | None = None,
     pdf: bytes | None = None,
     accession: str | None = None,
-    issuer: str = "",
-    interpreter: str = "4711&HOUSE&GREGORY",
 ) -> str:
-    """One ORU^R01 for ``study``, as a legacy RIS writes it."""
+    """One ORU^R01 for ``study`` of the demo archive (examined at its StudyTime, reported that evening)."""
     da = study.folder.split("/")[0]
-    observed = f"{da}{study.study_time[:6]}"
-    reported = reported or f"{da}235000"
-    msh = ["MSH", "^~\\&", "RIS", "HOSP", "PACSMIG", "HOSP", reported, "", "ORU^R01", control_id, "P", "2.5"]
-    msh += [""] * 5 + [charset]  # MSH-13..17, then MSH-18
-    segs = [
-        "|".join(msh),
-        f"PID|1||{study.patient_id}^^^{issuer}^MR||{study.patient_name}||19600101|F",
-        f"OBR|1|PL{control_id}|{study.accession if accession is None else accession}|CT^Imaging study|||{observed}"
-        f"|||||||||||||||{reported}|||{status}|||||||{interpreter}",
-    ]
-    for i, text in enumerate(lines or [], 1):
-        segs.append(f"OBX|{i}|TX|GDT^Report text||{text}||||||{status}")
-    if pdf is not None:
-        data = base64.b64encode(pdf).decode()
-        segs.append(f"OBX|{len(segs) - 2}|ED|PDF^Report PDF||^application^pdf^Base64^{data}||||||{status}")
-    return "\r".join(segs) + "\r"
+    return oru_message(
+        control_id,
+        study.patient_id,
+        study.accession if accession is None else accession,
+        f"{da}{study.study_time[:6]}",
+        lines,
+        status,
+        "",
+        charset,
+        reported or f"{da}235000",
+        pdf=pdf,
+        name=study.patient_name,
+        procedure="CT^Imaging study",
+    )
 
 
 def ris_export(

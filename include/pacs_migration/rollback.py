@@ -462,11 +462,7 @@ def _roll_back_partition(
         _snapshot(manifests, rid)  # the manifests as the rollback found them, before anything changes
         journal.advance(pp.partition, "snapshot")
     if journal.step(pp.partition) == "snapshot":
-        for obj in pp.objects:
-            moved = move_object(store, obj, manifests.rolled_back_copy(rid, obj.key))
-            tally["moved" if moved else "already"] += 1
-            if moved_hook:
-                moved_hook(obj)
+        _move_all(manifests, rid, pp, tally, moved_hook)
         journal.advance(pp.partition, "moved")
     if journal.step(pp.partition) == "moved":
         _retire(manifests, plan, pp)
@@ -475,6 +471,22 @@ def _roll_back_partition(
         record = partition_record(manifests, plan, pp, journal.value["started_at"])
         manifests.write_rollback_record(record)
         journal.advance(pp.partition, "recorded")
+
+
+def _move_all(
+    manifests: PartitionManifests, rollback_id: str, pp: PartitionPlan, tally: dict[str, int], moved_hook: Any
+) -> None:
+    for obj in pp.objects:
+        moved = move_object(manifests.store, obj, manifests.rolled_back_copy(rollback_id, obj.key))
+        tally["moved" if moved else "already"] += 1
+        if moved_hook:
+            moved_hook(obj)
+
+
+def _copy_verified(store: ObjectStore, key: str, copy_key: str) -> None:
+    store.copy(key, copy_key)
+    if store.sha256_of(copy_key) != store.sha256_of(key):
+        raise RollbackLost(f"{key}: the copy at {copy_key} does not verify")
 
 
 def _roll_back_reports(
@@ -492,16 +504,10 @@ def _roll_back_reports(
     manifests = PartitionManifests(store, pp.partition)
     copy = manifests.rolled_back_copy(rid, ledger.key("ledger.parquet"))
     if journal.step(pp.partition) == "planned":
-        store.copy(ledger.key("ledger.parquet"), copy)
-        if store.sha256_of(copy) != store.sha256_of(ledger.key("ledger.parquet")):
-            raise RollbackLost(f"{ledger.key('ledger.parquet')}: the copy at {copy} does not verify")
+        _copy_verified(store, ledger.key("ledger.parquet"), copy)
         journal.advance(pp.partition, "snapshot")
     if journal.step(pp.partition) == "snapshot":
-        for obj in pp.objects:
-            moved = move_object(store, obj, manifests.rolled_back_copy(rid, obj.key))
-            tally["moved" if moved else "already"] += 1
-            if moved_hook:
-                moved_hook(obj)
+        _move_all(manifests, rid, pp, tally, moved_hook)
         journal.advance(pp.partition, "moved")
     if journal.step(pp.partition) == "moved":
         found = pd.read_parquet(io.BytesIO(store.get(copy)))  # the same on a resume
@@ -555,10 +561,7 @@ def _snapshot(manifests: PartitionManifests, rollback_id: str) -> None:
     for key in list(store.list_keys(manifests.prefix)):
         if key.startswith(manifests.key("rollbacks/")):
             continue
-        copy_key = manifests.rolled_back_copy(rollback_id, key)
-        store.copy(key, copy_key)
-        if store.sha256_of(copy_key) != store.sha256_of(key):
-            raise RollbackLost(f"{key}: the manifest copy at {copy_key} does not verify")
+        _copy_verified(store, key, manifests.rolled_back_copy(rollback_id, key))
 
 
 def _retire(manifests: PartitionManifests, plan: RollbackPlan, pp: PartitionPlan) -> None:

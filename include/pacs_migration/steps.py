@@ -287,14 +287,13 @@ def reports_step(services: Services, study_date: dt.date, run_id: str, partition
     cfg, store = services.config.reports, services.store
     if cfg.export_dir is not None:
         import_folder(store, cfg.export_dir, cfg.accession_field, cfg.default_charset)
-    verdict = _place_reports(services, study_date, run_id)
-    ledger = ReportLedger(store, study_date)
-    study_index.index_partition(store, index_partition_of(study_date), ledger.objects())
+    verdict, ledger = _place_reports(services, study_date, run_id)
+    study_index.index_partition(store, index_partition_of(study_date), ReportLedger(store, study_date).objects(ledger))
     dangling = {}
     for check in references.check_date(store, study_date, [p for p in partitions if p.study_date == study_date]):
         if references.amend_verdict(store, check, run_id) is not None and check.dangling:
             dangling[check.partition.key] = len(check.dangling)
-    counts = ReportCounts.of(ledger.read() if verdict is not None else None)
+    counts = ReportCounts.of(ledger if verdict is not None else None)
     log.info("reports %s: %s", study_date, counts.to_json())
     return {
         "study_date": study_date.isoformat(),
@@ -304,9 +303,9 @@ def reports_step(services: Services, study_date: dt.date, run_id: str, partition
     }
 
 
-def _place_reports(services: Services, study_date: dt.date, run_id: str) -> dict[str, Any] | None:
+def _place_reports(services: Services, study_date: dt.date, run_id: str) -> tuple[dict[str, Any] | None, Any]:
     """Place the date's messages (audited), write the ledger and validate it as
-    stored; None when the date has no message."""
+    stored: (the verdict, the ledger read back); no verdict when the date has no message."""
     cfg, store = services.config.reports, services.store
     rows, objects = place_reports(
         store,
@@ -320,15 +319,15 @@ def _place_reports(services: Services, study_date: dt.date, run_id: str) -> dict
     )
     with services.audit().session() as trail:
         trail.reports_stored(rows)
-    if not rows:
-        return None
     ledger = ReportLedger(store, study_date)
+    if not rows:
+        return None, ledger.read()
     ledger.write(rows, run_id)
     written = ledger.read()  # the ledger as stored must account for every message placed
     assert written is not None
     verdict = validate_reports(store, study_date, written, objects, len(rows))
     ledger.write_verdict(verdict, run_id)
-    return verdict
+    return verdict, written
 
 
 def _index(services: Services, partitions: list[Partition], transfers: dict[Partition, Any] | None = None) -> None:

@@ -11,16 +11,12 @@ import csv
 import datetime as dt
 import hashlib
 import io
-import os
-import shutil
-import subprocess
 
 import pydicom
 import pytest
 import yaml
 
-from include.demo.archive import build_archive
-from include.demo.clinical import REPORT_PDF, add_clinical, ris_export, tiny_pdf
+from include.demo.clinical import REPORT_PDF, tiny_pdf
 from include.pacs_migration.config import TargetConfig, read_yaml
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
@@ -34,6 +30,7 @@ from include.pacs_migration_dags import DEFAULT_CONFIG
 from tests.conftest import point_airflow_at
 from tests.e2e.test_pacs_migration_dag import _attachments, _clear_runs, _dag, _mail_parts, _reports
 from tests.integration.test_hl7_mllp import _exchange
+from tests.ris import clinical_day, dciodvfy
 
 pytestmark = pytest.mark.e2e
 DAY = dt.date(2019, 3, 2)  # the demo archive's day with a truncated CT instance
@@ -43,28 +40,10 @@ DAY = dt.date(2019, 3, 2)  # the demo archive's day with a truncated CT instance
 def clinical_archive(tmp_path):
     from peers.pacs import SimulatedPACS
 
-    root = tmp_path / "legacy"
-    summary = build_archive(root, days=2)
-    added = add_clinical(root, DAY.strftime("%Y%m%d"), dangling=True)
-    messages = ris_export(root, tmp_path / "ris", [DAY.strftime("%Y%m%d")])
-    pacs = SimulatedPACS(root)
+    summary, added, messages = clinical_day(tmp_path, DAY, dangling=True)
+    pacs = SimulatedPACS(summary.root)
     yield summary, added, messages, pacs
     pacs.stop()
-
-
-def _dciodvfy(data: bytes, tmp_path) -> str:
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("dciodvfy (dicom3tools) is not installed")
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    path = tmp_path / "check.dcm"
-    path.write_bytes(data)
-    try:
-        out = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
-    finally:
-        path.unlink()
-    return out.stdout + out.stderr
 
 
 def test_reports_and_references_of_a_date(
@@ -122,7 +101,7 @@ def test_reports_and_references_of_a_date(
     assert doc.SOPClassUID == dicom.ENCAPSULATED_PDF
     assert doc.EncapsulatedDocument[: doc.EncapsulatedDocumentLength] == tiny_pdf(REPORT_PDF)
     for key in (amended["sr_key"], before["sr_key"], cyrillic["sr_key"], pdf_row["pdf_key"]):
-        report = _dciodvfy(store.get(key), tmp_path)
+        report = dciodvfy(store.get(key), tmp_path)
         assert "Error" not in report, report
     # ... and found by DICOMweb: the study index holds them.
     index = read_partition(store, Partition(DAY, "RIS"))

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from include.demo.archive import build_archive
-from include.demo.clinical import add_clinical, ris_export
 from include.pacs_migration.plan import Unit, UnitState
 from include.pacs_migration.reports.ledger import ReportLedger
 from include.pacs_migration.reports.place import ReportCounts
@@ -15,19 +13,16 @@ from include.pacs_migration.steps import Services, migrate_unit
 from peers.pacs import SimulatedPACS
 from tests.conftest import PATIENT_SECRET
 from tests.faults.harness import migration_config, object_store
+from tests.ris import clinical_day, with_export
 
 DAY = dt.date(2019, 3, 2)
 
 
 def test_a_night_places_the_reports_and_a_dangling_reference_fails_the_unit(s3_server, bucket, tmp_path):
-    root = tmp_path / "legacy"
-    build_archive(root, days=2)
-    added = add_clinical(root, DAY.strftime("%Y%m%d"), dangling=True)
-    messages = ris_export(root, tmp_path / "ris", [DAY.strftime("%Y%m%d")])
-    pacs = SimulatedPACS(root)
+    summary, added, messages = clinical_day(tmp_path, DAY, dangling=True)
+    pacs = SimulatedPACS(summary.root)
     try:
-        cfg = migration_config(pacs.port, bucket, tmp_path / "staging")
-        cfg = cfg.model_copy(update={"reports": cfg.reports.model_copy(update={"export_dir": tmp_path / "ris"})})
+        cfg = with_export(migration_config(pacs.port, bucket, tmp_path / "staging"), tmp_path / "ris")
         store = object_store(cfg, s3_server.endpoint_url)
         io = Services(cfg, store, cfg.source.max_associations, patient_secret=PATIENT_SECRET)
         result = migrate_unit(io, Unit(DAY, None, "recent"), "night-1", "pacs_nightly")

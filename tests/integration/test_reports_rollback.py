@@ -8,8 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
-from include.demo.archive import build_archive
-from include.demo.clinical import add_clinical, ris_export
 from include.pacs_migration.manifest import PartitionManifests
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.reports.ledger import ReportLedger
@@ -19,6 +17,7 @@ from include.pacs_migration.study_index import read_partition
 from peers.pacs import SimulatedPACS
 from tests.conftest import PATIENT_SECRET
 from tests.faults.harness import migration_config, object_store, run_date
+from tests.ris import clinical_day, with_export
 
 DAY = dt.date(2019, 3, 2)
 
@@ -29,14 +28,10 @@ def _migrate(services: Services, run_id: str) -> None:
 
 
 def test_reports_leave_with_their_study_and_come_back_with_it(s3_server, bucket, tmp_path):
-    root = tmp_path / "legacy"
-    build_archive(root, days=2)
-    add_clinical(root, DAY.strftime("%Y%m%d"), dangling=False)
-    messages = ris_export(root, tmp_path / "ris", [DAY.strftime("%Y%m%d")])
-    pacs = SimulatedPACS(root)
+    summary, _added, messages = clinical_day(tmp_path, DAY, dangling=False)
+    pacs = SimulatedPACS(summary.root)
     try:
-        cfg = migration_config(pacs.port, bucket, tmp_path / "staging")
-        cfg = cfg.model_copy(update={"reports": cfg.reports.model_copy(update={"export_dir": tmp_path / "ris"})})
+        cfg = with_export(migration_config(pacs.port, bucket, tmp_path / "staging"), tmp_path / "ris")
         store = object_store(cfg, s3_server.endpoint_url)
         services = Services(cfg, store, cfg.source.max_associations, patient_secret=PATIENT_SECRET, actor="test")
         _migrate(services, "run-1")

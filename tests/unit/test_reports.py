@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
 
 import pydicom
 import pytest
 
 from include.pacs_migration.reports import dicom
 from include.pacs_migration.reports.hl7 import ParseError, ReportStatus, parse_report, split_messages
-from tests.ris import oru, tiny_pdf
+from tests.ris import dciodvfy, oru, tiny_pdf
 
 STUDY = {
     "PatientName": "DOE^JANE", "PatientID": "P1", "PatientBirthDate": "19600101", "PatientSex": "F",
@@ -81,19 +78,6 @@ def test_what_cannot_be_read_names_its_segment(raw, segment):
     assert "P1" not in str(exc.value) and "ACC1" not in str(exc.value)  # never quotes the message
 
 
-def _dciodvfy(data: bytes, tmp_path) -> str:
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("dciodvfy (dicom3tools) is not installed")
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    path = tmp_path / "obj.dcm"
-    path.write_bytes(data)
-    out = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
-    path.unlink()
-    return out.stdout + out.stderr
-
-
 def test_basic_text_sr_is_valid_and_names_what_it_supersedes(tmp_path):
     first = parse_report(oru("C1", "P1", "ACC1", "20190301101500", ["Preliminary: nodule"], status="P").encode())
     amended = parse_report(oru("C2", "P1", "ACC1", "20190301101500", ["Amended:\\.br\\no nodule", "Stable"],
@@ -111,7 +95,7 @@ def test_basic_text_sr_is_valid_and_names_what_it_supersedes(tmp_path):
     assert pydicom.dcmread(io.BytesIO(before)).CompletionFlag == "PARTIAL"
     assert dicom.text_sr(amended, STUDY, "b" * 64, 2, pred) == after  # the same message, the same object
     for data in (before, after):
-        report = _dciodvfy(data, tmp_path)
+        report = dciodvfy(data, tmp_path)
         assert "Error" not in report, report
 
 
@@ -121,7 +105,7 @@ def test_encapsulated_pdf_is_valid_and_holds_the_document(tmp_path):
     data = dicom.encapsulated_pdf(r, STUDY, "c" * 64, 1)
     ds = pydicom.dcmread(io.BytesIO(data))
     assert ds.Modality == "DOC" and ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == pdf
-    report = _dciodvfy(data, tmp_path)
+    report = dciodvfy(data, tmp_path)
     assert "Error" not in report, report
 
 

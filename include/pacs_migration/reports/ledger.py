@@ -112,10 +112,11 @@ class ReportLedger:
         data = self.store.get_or_none(self.key("ledger.parquet"))
         return None if data is None else pd.read_parquet(io.BytesIO(data))
 
-    def objects(self) -> pd.DataFrame:
-        """The stored report objects of the date as transfer-like rows (the study index reads them)."""
+    def objects(self, df: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The stored report objects of the date (of ``df``, the ledger just read, or as
+        stored) as transfer-like rows (the study index reads them)."""
         rows = []
-        df = self.read()
+        df = self.read() if df is None else df
         for r in [] if df is None else df[df["state"] == "migrated"].to_dict("records"):
             for kind in ("sr", "pdf"):
                 if isinstance(r.get(f"{kind}_key"), str):
