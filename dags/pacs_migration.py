@@ -7,6 +7,11 @@ validate (GX) -> lineage -> the date's reports from the RIS and the
 references of its non-image objects -> one report e-mail per run -> gate
 (fails the run if any partition or the reports failed validation). Task
 bodies only wire the core together.
+
+Several legacy archives (``sources`` in the config, a consolidation): each
+has its own census (``census_<name>``) and partition group
+(``partition_<name>``), in its own pool (``pacs_source_associations_<name>``);
+the reports, the e-mail and the gate cover them all.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from airflow.timetables.trigger import CronTriggerTimetable
 from include.pacs_migration_airflow import archive_asset, default_args
 from include.pacs_migration_dags import (
     ACCESS_CONTROL,
-    PACS_POOL,
+    SourceTasks,
     asset_partition_key,
-    associations_per_task,
+    source_tasks,
     task_timeouts,
 )
 
@@ -39,7 +44,7 @@ def _named(part: dict) -> None:
     get_current_context()["partition_key_label"] = f"{part['study_date']}/{part['modality']}"
 
 
-ASSOCIATIONS_PER_TASK = associations_per_task()
+SOURCES = source_tasks()  # the legacy archives: `source`, then each of `sources`
 TIMEOUTS = task_timeouts()
 
 
@@ -50,6 +55,88 @@ def _request():
     ctx = get_current_context()
     logical = ctx.get("logical_date")
     return RunRequest.from_params(ctx["params"] or {}, logical.date() if logical else None)
+
+
+def _source_branch(src: SourceTasks):
+    """One legacy archive's census and partitions, in its own pool."""
+
+    @task(task_id=src.task_id("census"), pool=src.pool, pool_slots=1, execution_timeout=TIMEOUTS["census"])
+    def census() -> list[dict[str, str]]:
+        from include.pacs_migration.steps import census_step, run_started
+        from include.pacs_migration_airflow import date_held, recorded_failure, services
+
+        with recorded_failure():
+            io = services().for_source(src.name)
+            if src is SOURCES[0]:
+                run_started(io)  # audit: 110100 start (once per run)
+            # One writer per date (a second run waits, then fails naming us). Each
+            # partition travels with its census hash: later tasks refuse any other census.
+            return census_step(io, _request(), lambda day: date_held(io, day))
+
+    @task_group(group_id=src.task_id("partition"))
+    def partition(part: dict[str, str]):
+        @task(
+            pool=src.pool,
+            pool_slots=src.slots,
+            execution_timeout=TIMEOUTS["transfer"],
+            map_index_template=BY_PARTITION,
+        )
+        def transfer(part: dict[str, str]) -> dict:
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.steps import transfer_step
+            from include.pacs_migration_airflow import date_held, recorded_failure, services
+
+            _named(part)
+            p = Partition.from_json(part)
+            with recorded_failure(p.key):
+                # never more associations than the pool slots this task holds
+                io = services(src.slots).for_source(p.source)
+                with date_held(io, p.study_date):
+                    run_id = get_current_context()["run_id"]
+                    counts = transfer_step(
+                        io, p, run_id, census_sha256=part["census_sha256"], studies=part.get("studies")
+                    )
+            return {"partition": p.key, **counts.to_json()}
+
+        @task(retries=0, execution_timeout=TIMEOUTS["validate"], map_index_template=BY_PARTITION, outlets=[ARCHIVE])
+        def validate(part: dict[str, str], *, outlet_events=None) -> dict:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.steps import validate_step
+            from include.pacs_migration_airflow import date_held, recorded_failure, services
+
+            _named(part)
+            p = Partition.from_json(part)
+            with recorded_failure(p.key):
+                io = services()
+                with date_held(io, p.study_date):
+                    result = validate_step(io, p, get_current_context()["run_id"], part["census_sha256"])
+                if not result.success:
+                    failed = ", ".join(o.label for o in result.failed)
+                    raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
+            # the Assets view: this partition of the archive is validated
+            outlet_events[ARCHIVE].add_partitions(asset_partition_key(part["study_date"], part["modality"], p.source))
+            return {"partition": p.key, "success": True}
+
+        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
+        def lineage(part: dict[str, str]) -> str:
+            from include.pacs_migration.manifest import LINEAGE
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.steps import lineage_step
+            from include.pacs_migration_airflow import date_held, recorded_failure, services
+
+            _named(part)
+            p = Partition.from_json(part)
+            with recorded_failure(p.key):
+                io = services()
+                with date_held(io, p.study_date):
+                    lineage_step(io, p, get_current_context()["run_id"], DAG_ID, part.get("studies"))
+            return io.manifests(p).key(LINEAGE)
+
+        transfer(part) >> validate(part) >> lineage(part)
+
+    return partition.expand(part=census())
 
 
 @dag(
@@ -76,80 +163,7 @@ def _request():
     doc_md=__doc__,
 )
 def pacs_migration():
-    @task(pool=PACS_POOL, pool_slots=1, execution_timeout=TIMEOUTS["census"])
-    def census() -> list[dict[str, str]]:
-        from include.pacs_migration.steps import census_step, run_started
-        from include.pacs_migration_airflow import date_held, recorded_failure, services
-
-        with recorded_failure():
-            io = services()
-            run_started(io)  # audit: 110100 start
-            # One writer per date (a second run waits, then fails naming us). Each
-            # partition travels with its census hash: later tasks refuse any other census.
-            return census_step(io, _request(), lambda day: date_held(io, day))
-
-    @task_group
-    def partition(part: dict[str, str]):
-        @task(
-            pool=PACS_POOL,
-            pool_slots=ASSOCIATIONS_PER_TASK,
-            execution_timeout=TIMEOUTS["transfer"],
-            map_index_template=BY_PARTITION,
-        )
-        def transfer(part: dict[str, str]) -> dict:
-            from include.pacs_migration.partition import Partition
-            from include.pacs_migration.steps import transfer_step
-            from include.pacs_migration_airflow import date_held, recorded_failure, services
-
-            _named(part)
-            p = Partition.from_json(part)
-            with recorded_failure(p.key):
-                # never more associations than the pool slots this task holds
-                io = services(ASSOCIATIONS_PER_TASK)
-                with date_held(io, p.study_date):
-                    run_id = get_current_context()["run_id"]
-                    counts = transfer_step(
-                        io, p, run_id, census_sha256=part["census_sha256"], studies=part.get("studies")
-                    )
-            return {"partition": p.key, **counts.to_json()}
-
-        @task(retries=0, execution_timeout=TIMEOUTS["validate"], map_index_template=BY_PARTITION, outlets=[ARCHIVE])
-        def validate(part: dict[str, str], *, outlet_events=None) -> dict:
-            from airflow.sdk.exceptions import AirflowFailException
-
-            from include.pacs_migration.partition import Partition
-            from include.pacs_migration.steps import validate_step
-            from include.pacs_migration_airflow import date_held, recorded_failure, services
-
-            _named(part)
-            p = Partition.from_json(part)
-            with recorded_failure(p.key):
-                io = services()
-                with date_held(io, p.study_date):
-                    result = validate_step(io, p, get_current_context()["run_id"], part["census_sha256"])
-                if not result.success:
-                    failed = ", ".join(o.label for o in result.failed)
-                    raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
-            # the Assets view: this partition of the archive is validated
-            outlet_events[ARCHIVE].add_partitions(asset_partition_key(part["study_date"], part["modality"]))
-            return {"partition": p.key, "success": True}
-
-        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
-        def lineage(part: dict[str, str]) -> str:
-            from include.pacs_migration.manifest import LINEAGE
-            from include.pacs_migration.partition import Partition
-            from include.pacs_migration.steps import lineage_step
-            from include.pacs_migration_airflow import date_held, recorded_failure, services
-
-            _named(part)
-            p = Partition.from_json(part)
-            with recorded_failure(p.key):
-                io = services()
-                with date_held(io, p.study_date):
-                    lineage_step(io, p, get_current_context()["run_id"], DAG_ID, part.get("studies"))
-            return io.manifests(p).key(LINEAGE)
-
-        transfer(part) >> validate(part) >> lineage(part)
+    groups = [_source_branch(src) for src in SOURCES]
 
     @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["validate"])
     def reports() -> list[dict]:
@@ -157,10 +171,10 @@ def pacs_migration():
         references of the dates' presentation states, KOS and SRs checked."""
         from include.pacs_migration.partition import Partition
         from include.pacs_migration.steps import reports_step
-        from include.pacs_migration_airflow import date_held, recorded_failure, services
+        from include.pacs_migration_airflow import date_held, recorded_failure, run_census, services
 
         ctx = get_current_context()
-        partitions = [Partition.from_json(p) for p in ctx["ti"].xcom_pull(task_ids="census") or []]
+        partitions = [Partition.from_json(p) for p in run_census(ctx["ti"])[0]]
         days = {p.study_date for p in partitions}
         with contextlib.suppress(ValueError):  # (the census failed naming the parameter)
             days |= {d} if (d := _request().study_date) else set()  # a date without studies may still have reports
@@ -191,30 +205,29 @@ def pacs_migration():
         from include.pacs_migration.partition import Partition
         from include.pacs_migration.reports.ledger import reports_failed
         from include.pacs_migration.steps import run_ended
-        from include.pacs_migration_airflow import release_date, run_failures, services
+        from include.pacs_migration_airflow import release_date, run_census, run_failures, services
 
         ctx = get_current_context()
         io = services()
-        parts = ctx["ti"].xcom_pull(task_ids="census")
+        found, complete = run_census(ctx["ti"])  # every source's census must have completed
+        parts = [Partition.from_json(p) for p in found]
         try:
             days = {_request().study_date}
         except ValueError:
             days = set()
-        for day in sorted(d for d in days | {Partition.from_json(p).study_date for p in parts or []} if d):
+        for day in sorted(d for d in days | {p.study_date for p in parts} if d):
             release_date(io, day)  # the run is over, whatever it proved
         failures = run_failures(ctx["ti"])
-        bad = [p.key for p in map(Partition.from_json, parts or []) if not io.manifests(p).passed(ctx["run_id"])]
-        bad += reports_failed(io.store, {Partition.from_json(p).study_date for p in parts or []}, ctx["run_id"])
-        run_ended(io, success=parts is not None and not failures and not bad)  # audit: 110100 stop
-        if parts is None:
+        bad = [p.key for p in parts if not io.manifests(p).passed(ctx["run_id"])]
+        bad += reports_failed(io.store, {p.study_date for p in parts}, ctx["run_id"])
+        run_ended(io, success=complete and not failures and not bad)  # audit: 110100 stop
+        if not complete:
             raise AirflowFailException("census did not complete")
         if failures:
             raise AirflowFailException(f"tasks failed: {'; '.join(f.label for f in failures)}")
         if bad:
             raise AirflowFailException(f"partitions not validated: {', '.join(bad)}")
 
-    parts = census()
-    groups = partition.expand(part=parts)
     r = report()
     groups >> reports() >> r >> gate()
 

@@ -30,7 +30,7 @@ from include.pacs_migration.config import (
     source_overlay,
 )
 from include.pacs_migration.privacy import SECRET_CONNECTION, SECRET_VARIABLE
-from include.pacs_migration_dags import CONFIG_ENV, alert_notifiers, asset_uris, config_path
+from include.pacs_migration_dags import CONFIG_ENV, alert_notifiers, asset_uris, config_path, source_tasks
 
 if TYPE_CHECKING:
     from include.pacs_migration.steps import Services
@@ -62,18 +62,30 @@ def runtime_config() -> MigrationConfig:
             "not in the metadata database: DAG parsing must read the same file as tasks",
         )
     data = read_yaml(path)
-    try:
-        conn = BaseHook.get_connection(SOURCE_CONN_ID)
-    except Exception as exc:
-        raise ConfigError(f"connection {SOURCE_CONN_ID}", f"not found ({type(exc).__name__})") from None
     overlay: dict[str, Any] = {
         # a `dicom` Connection (its form's AE titles and TLS files) or a generic one with the same extra keys
-        "source": source_overlay(conn.host, conn.port, conn.extra_dejson or {}),
+        "source": _connection_overlay(SOURCE_CONN_ID),
         "target": {"bucket": _variable("pacs_migration_bucket")},
         "report": {"recipients": _variable("pacs_migration_recipients")},
         "staging_dir": _variable("pacs_migration_staging_dir"),
     }
+    if isinstance(data.get("sources"), list):  # each further archive: its own Connection pacs_source_<name>
+        overlay["sources"] = [
+            deep_merge(src, _connection_overlay(f"{SOURCE_CONN_ID}_{src['name']}"))
+            if isinstance(src, dict) and isinstance(src.get("name"), str)
+            else src
+            for src in data["sources"]
+        ]
     return load_config(deep_merge(data, overlay), path.parent)
+
+
+def _connection_overlay(conn_id: str) -> dict[str, Any]:
+    """The ``source`` keys a PACS Connection gives; a missing one fails naming it."""
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as exc:
+        raise ConfigError(f"connection {conn_id}", f"not found ({type(exc).__name__})") from None
+    return source_overlay(conn.host, conn.port, conn.extra_dejson or {})
 
 
 def send_report(cfg: MigrationConfig, subject: str, html: str, files: list[str]) -> None:
@@ -228,15 +240,31 @@ def recorded_failure(partition: str | None = None) -> Iterator[None]:
         raise
 
 
-FAILING_TASKS = ("census", "partition.transfer", "partition.validate", "partition.lineage", "reports")
+def failing_tasks() -> list[str]:
+    """Every task of ``pacs_migration`` that records its failure: each source's census and partition group, the reports."""
+    out = []
+    for src in source_tasks():
+        group = src.task_id("partition")
+        out += [src.task_id("census"), f"{group}.transfer", f"{group}.validate", f"{group}.lineage"]
+    return [*out, "reports"]
 
 
 def run_failures(ti: Any) -> tuple[Any, ...]:
     """The task failures of this run that :func:`recorded_failure` left in XCom."""
     from include.pacs_migration.report import TaskFailure
 
-    pulled = ti.xcom_pull(task_ids=list(FAILING_TASKS), key=FAILURE_KEY) or []
+    pulled = ti.xcom_pull(task_ids=failing_tasks(), key=FAILURE_KEY) or []
     return tuple(TaskFailure.from_json(f) for f in pulled if isinstance(f, dict))
+
+
+def run_census(ti: Any) -> tuple[list[dict[str, Any]], bool]:
+    """(every source's partitions of this run, whether every source's census completed)."""
+    parts, complete = [], True
+    for src in source_tasks():
+        found = ti.xcom_pull(task_ids=src.task_id("census"))
+        complete &= found is not None
+        parts += found or []
+    return parts, complete
 
 
 def fallback_report_config() -> ReportConfig:
@@ -282,9 +310,8 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
     ctx = get_current_context()
     ti, run_id = ctx["ti"], ctx["run_id"]
     failures = run_failures(ti)
-    parts = ti.xcom_pull(task_ids="census")
-    census_completed = parts is not None
-    partitions = [Partition.from_json(p) for p in parts or []]
+    parts, census_completed = run_census(ti)
+    partitions = [Partition.from_json(p) for p in parts]
     try:
         cfg: MigrationConfig | None = runtime_config()
         report_cfg = cfg.report

@@ -7,13 +7,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from include.pacs_migration.config import PlanConfig, SourceConfig, TimeoutsConfig
+from include.pacs_migration.config import PlanConfig, SourceConfig, SourceName, TimeoutsConfig, source_pool
 from include.pacs_migration.roles import ACCESS_CONTROL as ACCESS_CONTROL  # what each DAG grants the roles
 
 # Every task that talks to the legacy PACS takes slots of this pool, one per
@@ -61,20 +62,54 @@ def asset_uris() -> dict[str, str]:
     return {"pacs_archive": f"{base}studies/", "pacs_assessment": f"{base}_assessment/"}
 
 
-def asset_partition_key(study_date: str, modality: str) -> str:
-    """The partition key of the archive asset's events."""
-    return f"{study_date}|{modality}"
+def asset_partition_key(study_date: str, modality: str, source: str = "") -> str:
+    """The partition key of the archive asset's events (``date|modality``, ``|source`` for a named source)."""
+    return f"{study_date}|{modality}|{source}" if source else f"{study_date}|{modality}"
 
 
-def associations_per_task() -> int:
-    """source.max_associations: the pool slots of a task that retrieves. An
-    invalid value falls back to the default here; the tasks fail on it, naming it."""
+def associations_per_task(source: Any = None) -> int:
+    """max_associations of a source (default: ``source``): the pool slots of a task that retrieves.
+    An invalid value falls back to the default here; the tasks fail on it, naming it."""
     field = SourceConfig.model_fields["max_associations"]
-    value = (_yaml().get("source") or {}).get("max_associations", field.default)
+    section = source if isinstance(source, dict) else (_yaml().get("source") or {})
+    value = section.get("max_associations", field.default)
     try:
         return int(TypeAdapter(Annotated[int, Field(strict=True), *field.metadata]).validate_python(value))
     except ValidationError:
         return int(field.default)
+
+
+@dataclass(frozen=True)
+class SourceTasks:
+    """What shapes one source's tasks: its name ("": the first), pool and slots per retrieving task."""
+
+    name: str
+    pool: str
+    slots: int
+
+    def task_id(self, base: str) -> str:
+        """``census`` for the first source, ``census_<name>`` for the others."""
+        return f"{base}_{self.name}" if self.name else base
+
+
+def source_tasks() -> list[SourceTasks]:
+    """``source`` then each of ``sources`` (a consolidation): one census, one
+    partition group, one pool each. A source without a valid name is left out
+    here; the tasks fail on the config, naming it."""
+    data = _yaml()
+    first = data.get("source") if isinstance(data.get("source"), dict) else {}
+    out = [SourceTasks(_name(first.get("name")), source_pool(_name(first.get("name"))), associations_per_task(first))]
+    for src in data.get("sources") or []:
+        if isinstance(src, dict) and (name := _name(src.get("name"))):
+            out.append(SourceTasks(name, source_pool(name), associations_per_task(src)))
+    return out
+
+
+def _name(value: Any) -> str:
+    try:
+        return TypeAdapter(SourceName).validate_python(value) if value is not None else ""
+    except ValidationError:
+        return ""
 
 
 def nightly_cron() -> tuple[str, str]:

@@ -7,6 +7,8 @@ modality and counts are asked for: no patient attributes enter the census.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import hashlib
 import re
@@ -64,12 +66,14 @@ class Census:
     study_date: dt.date
     series: tuple[CensusSeries, ...]
     warnings: tuple[CensusWarning, ...]
+    source: str = ""  # the archive it was taken of (config.sources; "": the first)
 
     def partitions(self) -> list[Partition]:
-        return sorted({s.partition for s in self.series})
+        return sorted({dataclasses.replace(s.partition, source=self.source) for s in self.series})
 
     def for_partition(self, partition: Partition) -> list[CensusSeries]:
-        return [s for s in self.series if s.partition == partition]
+        """The partition's series (a census is one source's: the source is not compared)."""
+        return [s for s in self.series if s.partition.date_key == partition.date_key]
 
     def warnings_for(self, partition: Partition) -> list[CensusWarning]:
         """Warnings that bear on a partition: date-wide ones (a truncated study

@@ -47,6 +47,8 @@ class ConfigError(ValueError):
 
 
 _EMAIL = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+$")
+# A source's name goes into object keys (``source=<name>/``), pool and Connection ids.
+_SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
@@ -152,9 +154,36 @@ class TlsConfig(Section):
         return self
 
 
-class SourceConfig(Section):
-    """The legacy PACS and how hard we may use it."""
+def _source_name(value: str) -> str:
+    if not _SOURCE_NAME.match(value) or value == "default":  # "default": how reports name the first source
+        raise ValueError(f"{value!r} is not a source name (lower-case letters, digits, _; at most 32)")
+    return value
 
+
+def _issuer(value: str) -> str:
+    if not value.strip() or len(value) > 64 or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("must be a DICOM LO value: 1 to 64 characters, no backslash or control characters")
+    return value
+
+
+SourceName = Annotated[str, AfterValidator(_source_name)]
+Issuer = Annotated[str, AfterValidator(_issuer)]
+
+
+class SourceConfig(Section):
+    """A legacy PACS and how hard we may use it. The first (``source``) may
+    go unnamed: its partitions keep the layout without ``source=``; each of
+    ``sources`` (a consolidation) is named, and that name is in its keys, its
+    pool (``pacs_source_associations_<name>``) and its Connection
+    (``pacs_source_<name>``)."""
+
+    name: SourceName | None = None
+    # Given to instances that carry no IssuerOfPatientID, before the crosswalk
+    # (keyed by issuer): two sites' patient 12345 stay two patients.
+    issuer_of_patient_id: Issuer | None = None
+    # This archive's own night window and budget (default: plan.window, plan.budget).
+    window: Window | None = None
+    budget: Budget | None = None
     host: Text
     port: int = Field(ge=1, le=65535)
     called_ae_title: AETitle
@@ -197,6 +226,27 @@ class SourceConfig(Section):
     @classmethod
     def _method(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window_zone(cls, data: Any) -> Any:
+        window = data.get("window") if isinstance(data, Mapping) else None
+        if isinstance(window, Mapping) and "timezone" in window:
+            raise _FieldError("window.timezone", "unknown key; the window is local time of plan.timezone")
+        return data
+
+    @property
+    def label(self) -> str:
+        """The name in partition keys (``""``: the unnamed first source)."""
+        return self.name or ""
+
+    @property
+    def connection_id(self) -> str:
+        return f"pacs_source_{self.name}" if self.name else "pacs_source"
+
+    @property
+    def pool(self) -> str:
+        return source_pool(self.label)
 
     @model_validator(mode="after")
     def _move_tls(self) -> SourceConfig:
@@ -508,6 +558,12 @@ class PlanConfig(Section):
 
 
 DEFAULT_PLAN = PlanConfig()
+SourceConfig.model_rebuild()  # its window and budget are declared above it
+
+
+def source_pool(name: str) -> str:
+    """The Airflow pool bounding one source's associations, cluster-wide."""
+    return f"pacs_source_associations_{name}" if name else "pacs_source_associations"
 
 
 class TimeoutsConfig(Section):
@@ -593,6 +649,8 @@ class MigrationConfig(Section):
     """The whole file."""
 
     source: SourceConfig
+    # More legacy archives feeding the same archive (a merger, several sites): each named.
+    sources: Annotated[tuple[SourceConfig, ...], BeforeValidator(_tuple)] = ()
     target: TargetConfig
     report: ReportConfig
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
@@ -623,6 +681,38 @@ class MigrationConfig(Section):
         if self.assessment.window_hours != hours:
             object.__setattr__(self, "assessment", self.assessment.model_copy(update={"window_hours": hours}))
         return self
+
+    @model_validator(mode="after")
+    def _source_names(self) -> MigrationConfig:
+        seen = {self.source.name} if self.source.name else set()
+        for i, src in enumerate(self.sources):
+            if src.name is None:
+                raise _FieldError(f"sources[{i}].name", "is required (it names the source in keys and pools)")
+            if src.name in seen:
+                raise _FieldError(f"sources[{i}].name", f"{src.name!r} names two sources")
+            seen.add(src.name)
+        return self
+
+    @property
+    def archives(self) -> tuple[SourceConfig, ...]:
+        """Every legacy archive: ``source`` first, then ``sources``."""
+        return (self.source, *self.sources)
+
+    def source_named(self, name: str) -> SourceConfig:
+        """The source a partition names (``""``: the first, unnamed one)."""
+        for src in self.archives:
+            if src.label == name:
+                return src
+        raise ConfigError("sources", f"no source named {name!r}")
+
+    def plan_for(self, source: SourceConfig) -> PlanConfig:
+        """The nightly plan of one source: its own window and budget where it has them."""
+        update: dict[str, Any] = {}
+        if source.window is not None:
+            update["window"] = source.window.model_copy(update={"timezone": self.plan.timezone})
+        if source.budget is not None:
+            update["budget"] = source.budget
+        return self.plan.model_copy(update=update) if update else self.plan
 
     @property
     def ruleset(self) -> RuleSet:

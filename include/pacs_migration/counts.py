@@ -21,9 +21,11 @@ class PartitionCounts:
     unsolicited: int
     written: int  # objects created by this run (0 on an idempotent re-run)
     reasons: dict[str, int]
+    # migrated instances whose live object is another source archive's copy (a study both archives hold)
+    shared: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "expected": self.expected,
             "migrated": self.migrated,
             "quarantined": self.quarantined,
@@ -32,10 +34,15 @@ class PartitionCounts:
             "written": self.written,
             "reasons": dict(self.reasons),
         }
+        return {**out, "shared": self.shared} if self.shared else out  # only where several archives meet
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> PartitionCounts:
-        return cls(**{f: int(value.get(f, 0)) for f in COUNT_FIELDS}, reasons=dict(value.get("reasons") or {}))
+        return cls(
+            **{f: int(value.get(f, 0)) for f in COUNT_FIELDS},
+            reasons=dict(value.get("reasons") or {}),
+            shared=int(value.get("shared", 0)),
+        )
 
     @property
     def conserved(self) -> bool:
@@ -64,6 +71,11 @@ def counts_from_frame(df: Any) -> PartitionCounts:
             ((df["load_action"] == PutOutcome.CREATED.value) & (df["state"] == InstanceState.MIGRATED.value)).sum()
         ),
         reasons=dict(sorted(reasons.items())),
+        shared=int(
+            (census["other_source"].notna() & (census["state"] == InstanceState.MIGRATED.value)).sum()
+            if "other_source" in census
+            else 0
+        ),
     )
 
 

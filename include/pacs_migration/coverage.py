@@ -40,6 +40,7 @@ COLUMNS = (
     "ruleset",
     "rollback_id",
     "updated_at",
+    "source",  # the legacy archive ("": the first, unnamed one)
 )
 
 
@@ -87,6 +88,7 @@ def summarize(manifests: PartitionManifests, transfer: pd.DataFrame | None = Non
         "ruleset": f"{rs.get('id')}@{rs.get('version')}" if rs else "",
         "rollback_id": verdict.get("rolled_back") or "",
         "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source": p.source,
     }
 
 
@@ -98,14 +100,21 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def read(store: ObjectStore) -> pd.DataFrame:
-    """The index (empty when none was written yet)."""
+    """The index (empty when none was written yet; written before sources existed: the first source's)."""
     data = store.get_or_none(store.target.key(INDEX_KEY))
-    return frame([]) if data is None else pd.read_parquet(io.BytesIO(data))
+    return frame([]) if data is None else _with_source(pd.read_parquet(io.BytesIO(data)))
+
+
+def _with_source(df: pd.DataFrame) -> pd.DataFrame:
+    if "source" not in df:
+        df["source"] = ""
+    df["source"] = df["source"].fillna("")
+    return df
 
 
 def _bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
-    df.sort_values(["study_date", "modality"]).to_parquet(buf, index=False)
+    df.sort_values(["study_date", "modality", "source"]).to_parquet(buf, index=False)
     return buf.getvalue()
 
 
@@ -121,9 +130,10 @@ def update(
     key = store.target.key(INDEX_KEY)
     for attempt in range(attempts):
         data, etag = store.get_versioned(key)
-        current = frame([]) if data is None else pd.read_parquet(io.BytesIO(data))
-        mine = {(r["study_date"], r["modality"]) for r in rows}
-        kept = current[[(d, m) not in mine for d, m in zip(current["study_date"], current["modality"], strict=True)]]
+        current = frame([]) if data is None else _with_source(pd.read_parquet(io.BytesIO(data)))
+        mine = {(r["source"], r["study_date"], r["modality"]) for r in rows}
+        ids = zip(current["source"], current["study_date"], current["modality"], strict=True)
+        kept = current[[i not in mine for i in ids]]
         merged = pd.concat([kept, frame(rows)], ignore_index=True) if len(kept) else frame(rows)
         if store.put_if_unchanged(key, _bytes(merged), "application/vnd.apache.parquet", etag, {}):
             return merged

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .config import PlanConfig
 from .coverage import CellState
+from .manifest import source_label
 from .plan import Ledger, UnitState, eta, plan_units, window_bounds
 from .reasons import describe
 
@@ -76,11 +77,15 @@ def heatmap(
 
 def totals(index: pd.DataFrame) -> dict[str, Any]:
     states = Counter(index["state"])
-    return {
+    out = {
         "partitions": int(len(index)),
         "by_state": {s.value: int(states.get(s.value, 0)) for s in URGENCY},
         **{c: int(index[c].sum()) for c in COUNTS},
     }
+    sources = sorted(set(index["source"])) if "source" in index else []
+    if len(sources) > 1 or any(sources):  # several legacy archives: each one's share
+        out["by_source"] = {source_label(s): totals(index[index["source"] == s].drop(columns="source")) for s in sources}
+    return out
 
 
 def progress(
@@ -132,7 +137,7 @@ def worklist(index: pd.DataFrame, ledger: Ledger, plan: PlanConfig, today: dt.da
     partitions waiting for a run, and plan units whose attempts are spent."""
 
     def rows(df: pd.DataFrame, *extra: str) -> list[dict[str, Any]]:
-        cols = ["study_date", "modality", *extra, "run_id"]
+        cols = ["study_date", "modality", "source", *extra, "run_id"]
         return [
             {k: (int(v) if isinstance(v, int | float) and k != "run_id" else v) for k, v in r.items()}
             for r in df[cols].to_dict("records")
@@ -158,12 +163,13 @@ def worklist(index: pd.DataFrame, ledger: Ledger, plan: PlanConfig, today: dt.da
     }
 
 
-def _reasons(index: pd.DataFrame) -> list[tuple[str, str, str, int]]:
-    """(date, modality, reason code, instances) for every quarantine and unresolved reason."""
+def _reasons(index: pd.DataFrame) -> list[tuple[str, str, str, int, str]]:
+    """(date, modality, reason code, instances, source) for every quarantine and unresolved reason."""
     out = []
-    for d, m, raw in zip(index["study_date"], index["modality"], index["reasons"], strict=True):
+    sources = index["source"] if "source" in index else [""] * len(index)
+    for d, m, src, raw in zip(index["study_date"], index["modality"], sources, index["reasons"], strict=True):
         for code, n in json.loads(raw or "{}").items():
-            out.append((str(d), str(m), str(code), int(n)))
+            out.append((str(d), str(m), str(code), int(n), source_label(str(src))))
     return out
 
 
@@ -171,7 +177,7 @@ def quarantine_by_reason(index: pd.DataFrame) -> list[dict[str, Any]]:
     """Reason codes over the archive: instances and partitions, with a plain-language meaning."""
     instances: Counter[str] = Counter()
     partitions: Counter[str] = Counter()
-    for _d, _m, code, n in _reasons(index):
+    for _d, _m, code, n, _s in _reasons(index):
         instances[code] += n
         partitions[code] += 1
     return [
@@ -184,9 +190,9 @@ def quarantine_csv(index: pd.DataFrame) -> str:
     """Per partition and reason code: instances (the worklist's CSV export)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["study_date", "modality", "reason", "meaning", "instances"])
-    for d, m, code, n in sorted(_reasons(index)):
-        w.writerow([d, m, code, describe(code), n])
+    w.writerow(["study_date", "modality", "reason", "meaning", "instances", "source"])
+    for d, m, code, n, src in sorted(_reasons(index)):
+        w.writerow([d, m, code, describe(code), n, src])
     return buf.getvalue()
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .coverage import CellState
 from .dashboard import totals
+from .partition import Partition
 from .reasons import describe
 from .templates import render
 
@@ -50,10 +51,11 @@ def digest(index: pd.DataFrame, start: dt.datetime, end: dt.datetime, prefix: st
 
 
 def _attention(r: dict[str, Any], prefix: str) -> dict[str, Any]:
-    where = f"{prefix}_manifests/date={r['study_date']}/modality={r['modality']}/"
+    p = Partition(dt.date.fromisoformat(r["study_date"]), r["modality"], r.get("source") or "")
+    where = f"{prefix}_manifests/{p.hive_path}/"
     reasons = json.loads(r.get("reasons") or "{}")
     return {
-        "partition": f"{r['study_date']}/{r['modality']}",
+        "partition": p.key,
         "state": r["state"],
         "expected": int(r["expected"]),
         "migrated": int(r["migrated"]),

@@ -13,7 +13,7 @@ import pandas as pd
 from . import __version__
 from .config import SourceConfig
 from .counts import PartitionCounts
-from .manifest import PartitionManifests
+from .manifest import PartitionManifests, source_label
 from .reasons import InstanceState
 from .rules import STRUCTURAL, RuleSet
 
@@ -67,7 +67,9 @@ def lineage_record(
         "dag_id": dag_id,
         "partition": partition.key,
         "source": {
+            "name": source_label(partition.source),
             "uri": f"dicom://{source.host}:{source.port}/{source.called_ae_title}",
+            "issuer_of_patient_id": source.issuer_of_patient_id,
             "calling_ae_title": source.calling_ae_title,
             "retrieve_method": source.retrieve_method,
             "query": query
@@ -90,6 +92,8 @@ def lineage_record(
             "quarantine_keys": sorted(transfer["quarantine_key"].dropna().tolist()),
         },
         "checksums": checksum_summary(transfer),
+        # instances another archive's copy stands for (already present from it, or in conflict with it)
+        "other_sources": {str(k): int(v) for k, v in transfer["other_source"].dropna().value_counts().items()},
         "validation": {
             "success": None if validation is None else bool(validation.get("success")),
             "failed_expectations": [] if validation is None else list(validation.get("failed_expectations", [])),

@@ -24,7 +24,7 @@ import pydicom
 from .census import CensusSeries, ExpectedInstance
 from .counts import StageTimes
 from .dimse import ReceivedInstance
-from .manifest import TRANSFER_COLUMNS, PartitionManifests, writer_tag
+from .manifest import TRANSFER_COLUMNS, PartitionManifests, source_label, writer_tag
 from .normalize import NormalizeResult, normalize
 from .normalize_processes import NormalizeProcesses
 from .privacy import PatientKeyer
@@ -54,9 +54,15 @@ class LoadContext:
         return self.manifests.store
 
     @property
+    def source(self) -> str:
+        """The legacy archive this partition comes from ("": the first, unnamed one)."""
+        return self.manifests.partition.source
+
+    @property
     def writer(self) -> str:
-        """The run's tag in object metadata (decides 'created by this run')."""
-        return writer_tag(self.run_id)
+        """The run's tag in object metadata (decides 'created by this run'): per
+        source, since one run moves every source's partitions of a date."""
+        return writer_tag(f"{self.run_id}/{self.source}" if self.source else self.run_id)
 
 
 @dataclass
@@ -163,18 +169,15 @@ def load(ctx: LoadContext, p: Prepared) -> Row:
     data, digest = p.object_bytes()
     key = ctx.manifests.instance_key(*p.expected)
     started = time.perf_counter()
-    put = ctx.store.put_new(
-        key,
-        data,
-        digest,
-        {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label},
-        same_if=("source-sha256", "ruleset"),
-        writer=ctx.writer,
-    )
+    meta = {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label, **({"source": ctx.source} if ctx.source else {})}
+    put = ctx.store.put_new(key, data, digest, meta, same_if=("source-sha256", "ruleset"), writer=ctx.writer)
     if ctx.times:
         ctx.times.add("upload", time.perf_counter() - started, len(data))
+    theirs = (put.metadata or {}).get("source", "")
+    if put.outcome is not PutOutcome.CREATED and theirs != ctx.source:
+        p.row["other_source"] = source_label(theirs)  # the same instance, migrated from another archive
     if put.outcome is PutOutcome.CONFLICT:
-        if _source_changed(ctx, key, p):
+        if theirs == ctx.source and _source_changed(ctx, key, p):
             return p.row
         quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
         return p.row

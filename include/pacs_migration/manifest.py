@@ -54,7 +54,17 @@ TRANSFER_COLUMNS: tuple[str, ...] = (
     "run_id",
     "membership",  # "census" (named by C-FIND) or "retrieval" (a capped/failed series' member, named by its C-GET)
     "findings",  # ';'-joined: reported, not changed (INCONSISTENT_PATIENT under the flag policy, charset:...)
+    # The archive whose copy of this SOP instance is live (already_present from it, or UID_CONFLICT with
+    # it), when not this partition's source: a study held by two legacy archives.
+    "other_source",
 )
+
+FIRST_SOURCE = "default"  # how reports name the unnamed first source (config.source)
+
+
+def source_label(name: str) -> str:
+    """A source as reports and manifests name it."""
+    return name or FIRST_SOURCE
 
 
 def instance_key(prefix: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -408,10 +418,13 @@ def transferred_partitions(
     """Partitions with a transfer manifest (of one study date, if given);
     ``rolled_back``: also those with a rollback record (a partition rolled back
     whole has no live transfer manifest)."""
-    base = f"{store.target.prefix}_manifests/" + (f"date={study_date.isoformat()}/" if study_date else "")
+    root = f"{store.target.prefix}_manifests/"
+    day = f"date={study_date.isoformat()}/" if study_date else ""
+    bases = [root + day] + ([f"{p}{day}" for p in store.list_prefixes(root + "source=")] if day else [])
     found = set()
-    for key in store.list_keys(base):
+    for key in (k for base in bases for k in store.list_keys(base)):
         if key.endswith("/" + TRANSFER) or (rolled_back and f"/{ROLLBACKS}" in key):
-            parts = dict(p.split("=", 1) for p in key[len(store.target.prefix) :].split("/")[1:3])
-            found.add(Partition(dt.date.fromisoformat(parts["date"]), parts["modality"]))
+            p = Partition.from_hive(key[len(root) :].rsplit("/", 1)[0])
+            if p is not None:
+                found.add(p)
     return sorted(found)

@@ -62,8 +62,9 @@ def sweep(root: Path, max_age_s: float = 24 * 3600) -> int:
 
 
 def _unmarked(root: Path) -> set[Path]:
-    """Attempt folders (``<root>/date=…/modality=…/<attempt>``) without a marker."""
-    return {p for p in root.glob("date=*/modality=*/*") if p.is_dir() and not (p / OWNER).exists()}
+    """Attempt folders (``<root>/[source=…/]date=…/modality=…/<attempt>``) without a marker."""
+    found = [*root.glob("date=*/modality=*/*"), *root.glob("source=*/date=*/modality=*/*")]
+    return {p for p in found if p.is_dir() and not (p / OWNER).exists()}
 
 
 class StagingNotPrivate(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 from . import coverage, references, study_index
 from .audit import AuditTrail, Outcome
 from .census import Census, census_hash, take_census, take_study_census
-from .config import MigrationConfig
+from .config import MigrationConfig, SourceConfig
 from .counts import PartitionCounts, counts_from_frame
 from .dimse import FindSession, retriever
 from .lease import DateLease, LeaseHeld
@@ -36,6 +36,7 @@ from .reports.ledger import ReportLedger
 from .reports.place import REPORTS_MODALITY, ReportCounts, index_partition_of, place_reports
 from .request import RunRequest
 from .retrieve import GetFn
+from .rules import RuleSet
 from .rollback import (
     RollbackPlan,
     RollbackRefused,
@@ -70,6 +71,21 @@ class Services:
     clock: Callable[[], float] = field(default=time.monotonic)
     patient_secret: str | bytes | None = field(default=None, repr=False)  # see privacy.py
     actor: str = "pacs-migration"  # who started the work, for the audit trail (e.g. the Airflow run)
+    source_name: str = ""  # the legacy archive this task talks to (config.sources; "": config.source)
+
+    @property
+    def source(self) -> SourceConfig:
+        return self.config.source_named(self.source_name)
+
+    def for_source(self, name: str) -> Services:
+        """The same services, talking to another legacy archive (a partition's)."""
+        return self if name == self.source_name else dataclasses.replace(self, source_name=name)
+
+    @property
+    def ruleset(self) -> RuleSet:
+        """The rule set, with this source's Issuer of Patient ID for instances that carry none."""
+        issuer = self.source.issuer_of_patient_id
+        return dataclasses.replace(self.config.ruleset, default_issuer=issuer) if issuer else self.config.ruleset
 
     def keyer(self) -> PatientKeyer:
         """Fails naming where the secret is expected when it is not there."""
@@ -79,21 +95,21 @@ class Services:
         if self.retriever:
             return self.retriever()
         alert = trail.router_alert if trail else None
-        return retriever(self.config.source, self.config.staging_dir, on_alert=alert)
+        return retriever(self.source, self.config.staging_dir, on_alert=alert)
 
     def audit(self) -> AuditTrail:
         """This task's audit trail (flush it, or use ``with services.audit().session()``)."""
-        return AuditTrail(self.store, self.config.audit, self.config.source, self.actor)
+        return AuditTrail(self.store, self.config.audit, self.source, self.actor)
 
     def find_session(self) -> AbstractContextManager[Any]:
-        return self.finder() if self.finder else FindSession(self.config.source)
+        return self.finder() if self.finder else FindSession(self.source)
 
     def normalizer(self, instances: int) -> NormalizeProcesses | None:
         """Normalize processes for a partition of ``instances`` (None: normalize in the load threads)."""
         cfg = self.config
         processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
         return normalize_processes(
-            processes, cfg.ruleset, cfg.source.called_ae_title, cfg.normalization.instance_seconds
+            processes, self.ruleset, self.source.called_ae_title, cfg.normalization.instance_seconds
         )
 
     def manifests(self, partition: Partition) -> PartitionManifests:
@@ -118,25 +134,26 @@ def run_ended(services: Services, success: bool) -> None:
 
 
 def take_date_census(services: Services, study_date: dt.date) -> Census:
-    """The date's census; every C-FIND of it is audited (110112)."""
-    source = services.config.source
+    """The date's census of the services' source; every C-FIND of it is audited (110112)."""
+    source = services.source
     with services.audit().session() as trail, services.find_session() as session:
-        return take_census(
+        census = take_census(
             trail.auditing_find(session.find),
             study_date,
             source.find_limit,
             source.census_split_depth,
             source.find_limit_instances,
         )
+    return dataclasses.replace(census, source=services.source_name)
 
 
 def take_studies_census(
     services: Services, study_uids: tuple[str, ...], accession_numbers: tuple[str, ...] = ()
 ) -> list[Census]:
     """The census of just the requested studies, one per StudyDate they fall on (audited as a date's)."""
-    source = services.config.source
+    source = services.source
     with services.audit().session() as trail, services.find_session() as session:
-        return take_study_census(
+        found = take_study_census(
             trail.auditing_find(session.find),
             study_uids,
             accession_numbers,
@@ -144,6 +161,7 @@ def take_studies_census(
             source.census_split_depth,
             source.find_limit_instances,
         )
+    return [dataclasses.replace(c, source=services.source_name) for c in found]
 
 
 def record_census(services: Services, census: Census, partition: Partition, studies: Any = None) -> str:
@@ -176,7 +194,8 @@ def transfer_step(
     ``studies``: retrieve only these (a run of requested studies); the rows of
     the partition's other studies are carried as they are. ``should_stop``:
     the clinical window (see :func:`transfer.transfer_partition`)."""
-    cfg, manifests = services.config, services.manifests(partition)
+    services = services.for_source(partition.source)
+    cfg, source, manifests = services.config, services.source, services.manifests(partition)
     keyer = services.keyer()  # before any retrieval: a missing secret fails the task at once
     series = manifests.census(census_sha256)
     carried = None
@@ -200,11 +219,11 @@ def transfer_step(
                         series=series,
                         staging_root=cfg.staging_dir,
                         run_id=run_id,
-                        attempts=cfg.source.retrieve_attempts,
-                        max_associations=min(cfg.source.max_associations, services.max_associations),
+                        attempts=source.retrieve_attempts,
+                        max_associations=min(source.max_associations, services.max_associations),
                         upload_threads=cfg.target.upload_threads,
-                        ruleset=cfg.ruleset,
-                        source_ae=cfg.source.called_ae_title,
+                        ruleset=services.ruleset,
+                        source_ae=source.called_ae_title,
                         carried=carried,
                         normalizer=normalizer,
                         keyer=keyer,
@@ -254,6 +273,7 @@ def lineage_step(
 ) -> dict[str, Any]:
     """Build and store the partition's lineage record (this run's, and the
     latest); emit it. ``studies``: the run moved just these (its census asked for them)."""
+    services = services.for_source(partition.source)
     manifests = services.manifests(partition)
     transfer_df = manifests.transfer(run_id)
     summary = manifests.summary()
@@ -261,13 +281,13 @@ def lineage_step(
         run_id=run_id,
         dag_id=dag_id,
         manifests=manifests,
-        source=services.config.source,
+        source=services.source,
         census_sha256=summary.census_sha256 if summary else "",
         counts=counts_from_frame(transfer_df),
         transfer=transfer_df,
         validation=manifests.verdict(run_id),
         endpoint=services.endpoint,
-        ruleset=services.config.ruleset,
+        ruleset=services.ruleset,
         supersedes=_superseded(manifests, run_id),
         query={"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sorted(studies)} if studies is not None else None,
     )

@@ -44,6 +44,7 @@ class PutResult:
     outcome: PutOutcome
     sha256: str  # of the object now under the key
     size: int
+    metadata: dict[str, str] | None = None  # of the object that was already there (not CREATED)
 
 
 class ObjectStore:
@@ -126,7 +127,7 @@ class ObjectStore:
         outcome = PutOutcome.ALREADY_PRESENT if same else PutOutcome.CONFLICT
         if same and writer and theirs.get("writer") == writer:
             outcome = PutOutcome.CREATED  # ours: the first response was lost, not the write
-        return PutResult(outcome, existing.sha256 or "", existing.size)
+        return PutResult(outcome, existing.sha256 or "", existing.size, theirs)
 
     def _put_parts(self, key: str, data: bytes, content_type: str, meta: dict[str, str]) -> None:
         """A multipart upload, each part with its SHA-256 (S3 verifies each), completed
@@ -336,6 +337,13 @@ class ObjectStore:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 yield obj["Key"]
+
+    def list_prefixes(self, prefix: str) -> Iterator[str]:
+        """The "folders" right under a key prefix (``prefix`` may end in part of a name: ``…/source=``)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                yield common["Prefix"]
 
     def list_objects(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, ETag) under ``prefix``: what a reader needs to tell a changed object."""

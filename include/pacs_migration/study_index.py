@@ -197,6 +197,8 @@ def index_partition(
         transfer = ReportLedger(store, partition.study_date).objects()
     elif transfer is None:
         transfer = PartitionManifests(store, partition).transfer_or_none()
+    if transfer is not None and "other_source" in transfer:  # another archive's copy is indexed with its partition
+        transfer = transfer[~(transfer["other_source"].notna() & (transfer["state"] == "migrated"))]
     migrated = [] if transfer is None else transfer[transfer["state"] == "migrated"].to_dict("records")
     key = index_key(store, partition)
     if not migrated:
@@ -241,9 +243,8 @@ def indexed_partitions(store: ObjectStore) -> list[Partition]:
     base = f"{store.target.prefix}{INDEX_PREFIX}"
     found = []
     for key in store.list_keys(base):
-        parts = dict(p.split("=", 1) for p in key[len(base) :].split("/")[:2] if "=" in p)
-        if key.endswith("/" + INSTANCES) and {"date", "modality"} <= parts.keys():
-            found.append(Partition.parse(f"{parts['date']}/{parts['modality']}"))
+        if key.endswith("/" + INSTANCES) and (p := Partition.from_hive(key[len(base) : -len(INSTANCES) - 1])):
+            found.append(p)
     return sorted(found)
 
 

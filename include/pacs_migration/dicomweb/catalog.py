@@ -13,6 +13,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from ..store import ObjectStore
+from ..partition import Partition
 from ..study_index import COLUMNS, INDEX_PREFIX, INSTANCES, INTEGERS
 
 TABLE = "instances"
@@ -69,8 +70,8 @@ def _sql_type(column: str) -> str:
 
 
 def _partition_of(base: str, key: str) -> str:
-    parts = dict(p.split("=", 1) for p in key[len(base) :].split("/")[:2])
-    return f"{parts['date']}/{parts['modality']}"
+    found = Partition.from_hive(key[len(base) : -len(INSTANCES) - 1])
+    return found.key if found else key
 
 
 class IndexSearch:

@@ -279,6 +279,13 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
         out.changes.append(
             Change(Tag(0x00080005), "SpecificCharacterSet", "character-set", Reason.CORRECT, old, "ISO_IR 192")
         )
+    if rs.default_issuer and "PatientID" in ds and not str(ds.get("IssuerOfPatientID", "") or "").strip():
+        # The site's namespace, before the crosswalk (keyed by issuer) and the patient key.
+        old = ds.get("IssuerOfPatientID")
+        ds.IssuerOfPatientID = rs.default_issuer
+        out.changes.append(
+            Change(Tag("IssuerOfPatientID"), "IssuerOfPatientID", "source-issuer", Reason.COERCE, old, rs.default_issuer)
+        )
     if rs.crosswalk is not None and "PatientID" in ds:
         pid, issuer = str(ds.PatientID or ""), str(ds.get("IssuerOfPatientID", "") or "")
         hit = rs.crosswalk.lookup(pid, issuer)

@@ -162,6 +162,9 @@ class RuleSet:
     reencode_utf8: bool = False
     assume_character_set: str | None = None  # for undeclared non-ASCII bytes that are not UTF-8
     crosswalk: Crosswalk | None = None
+    # The source archive's Issuer of Patient ID, given to instances without one
+    # (config ``issuer_of_patient_id``, per source; not part of the rule set's label).
+    default_issuer: str | None = None
     inconsistent_patient: PatientPolicy = PatientPolicy.QUARANTINE
 
     @property
