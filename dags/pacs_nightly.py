@@ -9,6 +9,10 @@ is recorded, the rest stays pending: the night is ``window-closed``, not
 failed), records the night in the ledger (``_plan/ledger.json`` in the bucket: failed units are retried on later
 nights up to ``plan.max_attempts``) and e-mails the night's progress and ETA.
 The ``now`` param plans as if it were that time (tests, dry runs).
+
+Each further legacy archive (``sources`` in the config) has a nightly DAG of
+its own, ``pacs_nightly_<name>``: its window (``sources[].window``, else
+``plan.window``), budget, pool and ledger (``_plan/source=<name>/ledger.json``).
 """
 
 from __future__ import annotations
@@ -24,19 +28,17 @@ from airflow.timetables.trigger import CronTriggerTimetable
 from include.pacs_migration_airflow import archive_asset, assessment_asset, default_args
 from include.pacs_migration_dags import (
     ACCESS_CONTROL,
-    PACS_POOL,
+    SourceTasks,
     asset_partition_key,
-    associations_per_task,
     nightly_cron,
+    source_tasks,
     task_timeouts,
 )
 
 DAG_ID = "pacs_nightly"
 ARCHIVE = archive_asset()
 ASSESSMENT = assessment_asset()  # the plan's estimates come from it
-ASSOCIATIONS_PER_TASK = associations_per_task()
 TIMEOUTS = task_timeouts()
-CRON, TIMEZONE = nightly_cron()
 
 
 def _now() -> dt.datetime:
@@ -50,125 +52,138 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@dag(
-    dag_id=DAG_ID,
-    schedule=CronTriggerTimetable(CRON, timezone=TIMEZONE),
-    start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(),
-    params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
-    access_control=ACCESS_CONTROL,
-    tags=["pacs", "migration", "nightly"],
-    doc_md=__doc__,
-)
-def pacs_nightly():
-    @task(execution_timeout=TIMEOUTS["report"], inlets=[ASSESSMENT])
-    def plan() -> list[dict]:
-        """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
-        from include.pacs_migration.nightly import plan_night
-        from include.pacs_migration_airflow import services
+def nightly(src: SourceTasks):
+    """The nightly DAG of one source archive: ``pacs_nightly``, ``pacs_nightly_<name>``."""
+    dag_id = f"{DAG_ID}_{src.name}" if src.name else DAG_ID
+    cron, timezone = nightly_cron(src.name)
+    slots = src.slots
 
-        now = _now()
-        io = services()
-        night = plan_night(io, now)
-        # The migrate tasks check the window on the same clock: wall time shifted like params.now.
-        offset = (now - dt.datetime.now(dt.UTC)).total_seconds()
-        get_current_context()["ti"].xcom_push(key="night", value=night.to_json())
-        end = night.window_end.isoformat() if night.window_end else None
-        w = io.config.plan.window
-        window = f"{w.start:%H:%M}-{w.end:%H:%M} {w.timezone}"
-        return [{"unit": u.to_json(), "window_end": end, "offset": offset, "window": window} for u in night.units]
-
-    @task(
-        pool=PACS_POOL,
-        pool_slots=ASSOCIATIONS_PER_TASK,
-        execution_timeout=TIMEOUTS["transfer"],
-        map_index_template="{{ unit_label }}",
-        max_active_tis_per_dagrun=1,  # tonight's units one after another, in plan order
-        outlets=[ARCHIVE],
+    @dag(
+        dag_id=dag_id,
+        schedule=CronTriggerTimetable(cron, timezone=timezone),
+        start_date=dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(),
+        params={"now": Param(None, type=["null", "string"], description="ISO datetime with offset; default: now")},
+        access_control=ACCESS_CONTROL,
+        tags=["pacs", "migration", "nightly", *([f"source:{src.name}"] if src.name else [])],
+        doc_md=__doc__,
     )
-    def migrate(item: dict, *, outlet_events=None) -> dict:
-        """One unit of tonight's plan: its own task instance (state, log,
-        retries), named after the unit. It does not start once the window has
-        closed (``deferred``, still pending); at the window's end it asks for no
-        further series (``window_closed``: what is done is recorded, the rest
-        stays pending for a later night)."""
-        from include.pacs_migration.plan import Unit, UnitResult, UnitState
-        from include.pacs_migration.steps import migrate_unit
-        from include.pacs_migration_airflow import recorded_failure, services, window_deadline_missed
+    def pacs_nightly():
+        @task(execution_timeout=TIMEOUTS["report"], inlets=[ASSESSMENT])
+        def plan() -> list[dict]:
+            """Tonight's units in order (the night's plan itself goes to XCom key ``night``)."""
+            from include.pacs_migration.nightly import plan_night
+            from include.pacs_migration_airflow import services
 
-        unit = Unit.from_json(item["unit"])
-        ctx = get_current_context()
-        ctx["unit_label"] = unit.key + (" delta" if unit.kind == "delta" else "")
-        end = dt.datetime.fromisoformat(item["window_end"]) if item["window_end"] else None
+            now = _now()
+            io = services().for_source(src.name)
+            night = plan_night(io, now)
+            # The migrate tasks check the window on the same clock: wall time shifted like params.now.
+            offset = (now - dt.datetime.now(dt.UTC)).total_seconds()
+            get_current_context()["ti"].xcom_push(key="night", value=night.to_json())
+            end = night.window_end.isoformat() if night.window_end else None
+            w = io.config.plan_for(io.source).window
+            window = f"{w.start:%H:%M}-{w.end:%H:%M} {w.timezone}"
+            return [{"unit": u.to_json(), "window_end": end, "offset": offset, "window": window} for u in night.units]
 
-        def window_closed() -> bool:  # on the plan's clock (params.now shifts it)
-            return end is not None and dt.datetime.now(dt.UTC) + dt.timedelta(seconds=item["offset"]) >= end
+        @task(
+            pool=src.pool,
+            pool_slots=slots,
+            execution_timeout=TIMEOUTS["transfer"],
+            map_index_template="{{ unit_label }}",
+            max_active_tis_per_dagrun=1,  # tonight's units one after another, in plan order
+            outlets=[ARCHIVE],
+        )
+        def migrate(item: dict, *, outlet_events=None) -> dict:
+            """One unit of tonight's plan: its own task instance (state, log,
+            retries), named after the unit. It does not start once the window has
+            closed (``deferred``, still pending); at the window's end it asks for no
+            further series (``window_closed``: what is done is recorded, the rest
+            stays pending for a later night)."""
+            from include.pacs_migration.partition import Partition
+            from include.pacs_migration.plan import Unit, UnitResult, UnitState
+            from include.pacs_migration.steps import migrate_unit
+            from include.pacs_migration_airflow import recorded_failure, services, window_deadline_missed
 
-        if window_closed():
-            return UnitResult.deferred(unit).to_json()
-        with recorded_failure(unit.key):
-            io = services(ASSOCIATIONS_PER_TASK)
-            lease = io.lease(unit.study_date, f"{DAG_ID}/{ctx['run_id']}")  # one writer per date
-            try:
-                result = migrate_unit(io, unit, ctx["run_id"], DAG_ID, window_closed)
-            finally:
-                lease.release()
-        if result.state is UnitState.WINDOW_CLOSED:  # the night runs past its window: the operators hear now
-            window_deadline_missed(ctx, window=item.get("window") or "")
-        validated = [p.partition for p in result.partitions if p.validation_passed and p.counts is not None]
-        if validated:  # the Assets view: these partitions of the archive are validated
-            outlet_events[ARCHIVE].add_partitions([asset_partition_key(*k.split("/")) for k in validated])
-        return result.to_json()
+            unit = Unit.from_json(item["unit"])
+            ctx = get_current_context()
+            ctx["unit_label"] = unit.key + (" delta" if unit.kind == "delta" else "")
+            end = dt.datetime.fromisoformat(item["window_end"]) if item["window_end"] else None
 
-    @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
-    def progress(items: list[dict] | None) -> dict:
-        """Tonight into the ledger, and the progress mail (the units are the night plan's)."""
-        import tempfile
-        from pathlib import Path
+            def window_closed() -> bool:  # on the plan's clock (params.now shifts it)
+                return end is not None and dt.datetime.now(dt.UTC) + dt.timedelta(seconds=item["offset"]) >= end
 
-        from include.pacs_migration.nightly import record_progress
-        from include.pacs_migration.plan import NightPlan, UnitResult
-        from include.pacs_migration_airflow import send_report, services
+            if window_closed():
+                return UnitResult.deferred(unit).to_json()
+            with recorded_failure(unit.key):
+                io = services(slots).for_source(src.name)
+                lease = io.lease(unit.study_date, f"{dag_id}/{ctx['run_id']}")  # one writer per date
+                try:
+                    result = migrate_unit(io, unit, ctx["run_id"], dag_id, window_closed)
+                finally:
+                    lease.release()
+            if result.state is UnitState.WINDOW_CLOSED:  # the night runs past its window: the operators hear now
+                window_deadline_missed(ctx, window=item.get("window") or "")
+            validated = [p.partition for p in result.partitions if p.validation_passed and p.counts is not None]
+            if validated:  # the Assets view: these partitions of the archive are validated
+                keys = [Partition.parse(k) for k in validated]
+                outlet_events[ARCHIVE].add_partitions(
+                    [asset_partition_key(k.study_date.isoformat(), k.modality, k.source) for k in keys]
+                )
+            return result.to_json()
 
-        ctx = get_current_context()
-        night = ctx["ti"].xcom_pull(task_ids="plan", key="night")
-        if night is None:
-            raise RuntimeError("the plan task left no night plan")
-        night_plan = NightPlan.from_json(night)
-        done = [r for r in ctx["ti"].xcom_pull(task_ids="migrate") or [] if r]  # a failed unit returned nothing
-        by_unit = {(r.unit.key, r.unit.kind): r for r in map(UnitResult.from_json, done)}
-        failures = {
-            f["partition"]: f["error"] for f in ctx["ti"].xcom_pull(task_ids="migrate", key="failure") or [] if f
-        }
-        # No result: the unit's task failed for good (its error class, from recorded_failure).
-        results = [
-            by_unit.get((u.key, u.kind)) or UnitResult.failed(u, failures.get(u.key, "task failed"))
-            for u in night_plan.units
-        ]
-        io = services()
-        progress = record_progress(io, night_plan, results, _now(), ctx["run_id"])
-        with tempfile.TemporaryDirectory() as tmp:
-            ledger_path = Path(tmp) / "ledger.json"
-            ledger_path.write_bytes(progress.ledger)
-            send_report(io.config, progress.subject, progress.html, [str(ledger_path)])
-        return progress.entry
+        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"])
+        def progress(items: list[dict] | None) -> dict:
+            """Tonight into the ledger, and the progress mail (the units are the night plan's)."""
+            import tempfile
+            from pathlib import Path
 
-    @task(trigger_rule="all_done", retries=0, execution_timeout=TIMEOUTS["report"])
-    def gate(entry: dict) -> None:
-        """Fail the run when a unit failed tonight (it is retried on a later night)."""
-        from airflow.sdk.exceptions import AirflowFailException
+            from include.pacs_migration.nightly import record_progress
+            from include.pacs_migration.plan import NightPlan, UnitResult
+            from include.pacs_migration_airflow import send_report, services
 
-        if entry is None:
-            raise AirflowFailException("the night was not recorded")
-        if entry["failed"]:
-            raise AirflowFailException(f"{entry['failed']} unit(s) failed tonight")
+            ctx = get_current_context()
+            night = ctx["ti"].xcom_pull(task_ids="plan", key="night")
+            if night is None:
+                raise RuntimeError("the plan task left no night plan")
+            night_plan = NightPlan.from_json(night)
+            done = [r for r in ctx["ti"].xcom_pull(task_ids="migrate") or [] if r]  # a failed unit returned nothing
+            by_unit = {(r.unit.key, r.unit.kind): r for r in map(UnitResult.from_json, done)}
+            failures = {
+                f["partition"]: f["error"] for f in ctx["ti"].xcom_pull(task_ids="migrate", key="failure") or [] if f
+            }
+            # No result: the unit's task failed for good (its error class, from recorded_failure).
+            results = [
+                by_unit.get((u.key, u.kind)) or UnitResult.failed(u, failures.get(u.key, "task failed"))
+                for u in night_plan.units
+            ]
+            io = services().for_source(src.name)
+            progress = record_progress(io, night_plan, results, _now(), ctx["run_id"])
+            with tempfile.TemporaryDirectory() as tmp:
+                ledger_path = Path(tmp) / "ledger.json"
+                ledger_path.write_bytes(progress.ledger)
+                send_report(io.config, progress.subject, progress.html, [str(ledger_path)])
+            return progress.entry
 
-    planned = plan()
-    entry = progress(planned)
-    migrate.expand(item=planned) >> entry
-    gate(entry)
+        @task(trigger_rule="all_done", retries=0, execution_timeout=TIMEOUTS["report"])
+        def gate(entry: dict) -> None:
+            """Fail the run when a unit failed tonight (it is retried on a later night)."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            if entry is None:
+                raise AirflowFailException("the night was not recorded")
+            if entry["failed"]:
+                raise AirflowFailException(f"{entry['failed']} unit(s) failed tonight")
+
+        planned = plan()
+        entry = progress(planned)
+        migrate.expand(item=planned) >> entry
+        gate(entry)
+
+    return pacs_nightly()
 
 
-pacs_nightly()
+for _src in source_tasks():
+    globals()[f"{DAG_ID}_{_src.name}" if _src.name else DAG_ID] = nightly(_src)

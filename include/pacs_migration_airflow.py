@@ -241,7 +241,8 @@ def recorded_failure(partition: str | None = None) -> Iterator[None]:
 
 
 def failing_tasks() -> list[str]:
-    """Every task of ``pacs_migration`` that records its failure: each source's census and partition group, the reports."""
+    """Every task of ``pacs_migration`` that records its failure: each source's census and
+    partition group, and the reports."""
     out = []
     for src in source_tasks():
         group = src.task_id("partition")
@@ -304,6 +305,7 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         reports_csv,
         reports_figures,
         run_verdict,
+        shared_studies,
         subject,
     )
 
@@ -318,9 +320,10 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         store = object_store(cfg)
         figures = [partition_figures(store, p, run_id) for p in partitions]
         reports = [reports_figures(store, d, run_id) for d in sorted({p.study_date for p in partitions})]
+        shared = shared_studies(store, partitions) if any(p.source for p in partitions) else []
         bucket_uri = f"s3://{cfg.target.bucket}/{cfg.target.prefix}"
     except Exception as exc:
-        cfg, store, figures, reports, bucket_uri = None, None, [], [], "(configuration not readable)"
+        cfg, store, figures, reports, shared, bucket_uri = None, None, [], [], [], "(configuration not readable)"
         failures += (TaskFailure("report", error_label(exc)),)
         report_cfg = fallback_report_config()
     verdict = run_verdict(figures, failures, census_completed, reports)
@@ -333,6 +336,7 @@ def run_report(dag_id: str, study_date: str) -> dict[str, Any]:
         census_completed,
         cfg.ruleset.label if cfg else None,
         reports=reports,
+        shared=shared,
     )
     name = re.sub(r"[^0-9A-Za-z_-]+", "-", study_date).strip("-")  # a date, or "3 requested studies"
     with tempfile.TemporaryDirectory() as tmp:

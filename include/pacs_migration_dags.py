@@ -4,6 +4,7 @@ small file, no database, no heavy imports: DAG parsing stays fast."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
@@ -14,12 +15,20 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from include.pacs_migration.config import PlanConfig, SourceConfig, SourceName, TimeoutsConfig, source_pool
+from include.pacs_migration.config import (
+    PlanConfig,
+    SourceConfig,
+    SourceName,
+    TimeoutsConfig,
+    Window,
+    source_pool,
+)
 from include.pacs_migration.roles import ACCESS_CONTROL as ACCESS_CONTROL  # what each DAG grants the roles
 
 # Every task that talks to the legacy PACS takes slots of this pool, one per
-# association it may open: the pool's size bounds the PACS's load cluster-wide.
-PACS_POOL = "pacs_source_associations"
+# association it may open: the pool's size bounds the PACS's load cluster-wide
+# (each further source archive has its own: ``pacs_source_associations_<name>``).
+PACS_POOL = source_pool("")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "migration.yaml"
 # The site's YAML, for DAG parsing and tasks alike. An environment variable
 # (an Airflow Variable set by environment), so the dag-processor, which reads
@@ -96,11 +105,10 @@ def source_tasks() -> list[SourceTasks]:
     """``source`` then each of ``sources`` (a consolidation): one census, one
     partition group, one pool each. A source without a valid name is left out
     here; the tasks fail on the config, naming it."""
-    data = _yaml()
-    first = data.get("source") if isinstance(data.get("source"), dict) else {}
+    first, *more = _source_sections()
     out = [SourceTasks(_name(first.get("name")), source_pool(_name(first.get("name"))), associations_per_task(first))]
-    for src in data.get("sources") or []:
-        if isinstance(src, dict) and (name := _name(src.get("name"))):
+    for src in more:
+        if name := _name(src.get("name")):
             out.append(SourceTasks(name, source_pool(name), associations_per_task(src)))
     return out
 
@@ -112,13 +120,25 @@ def _name(value: Any) -> str:
         return ""
 
 
-def nightly_cron() -> tuple[str, str]:
-    """(cron, timezone) starting the nightly DAG when the window opens."""
+def nightly_cron(source: str = "") -> tuple[str, str]:
+    """(cron, timezone) starting a source archive's nightly DAG when its window opens
+    (its own ``window``, else ``plan.window``)."""
     try:
         plan = PlanConfig.model_validate(_yaml().get("plan") or {})
     except ValidationError:
         plan = PlanConfig()  # the tasks fail on it, naming the field
-    return f"{plan.window.start.minute} {plan.window.start.hour} * * *", plan.timezone
+    start = plan.window.start
+    own = next((s.get("window") for s in _source_sections() if _name(s.get("name")) == source), None)
+    if isinstance(own, dict):
+        with contextlib.suppress(ValidationError):  # the tasks fail on it, naming the field
+            start = Window.model_validate({k: v for k, v in own.items() if k != "timezone"}).start
+    return f"{start.minute} {start.hour} * * *", plan.timezone
+
+
+def _source_sections() -> list[dict[str, Any]]:
+    data = _yaml()
+    first = data.get("source") if isinstance(data.get("source"), dict) else {}
+    return [first, *(s for s in data.get("sources") or [] if isinstance(s, dict))]
 
 
 def digest_cron() -> str | None:

@@ -8,7 +8,6 @@ modality and counts are asked for: no patient attributes enter the census.
 from __future__ import annotations
 
 import dataclasses
-
 import datetime as dt
 import hashlib
 import re

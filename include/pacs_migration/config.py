@@ -175,7 +175,7 @@ class SourceConfig(Section):
     go unnamed: its partitions keep the layout without ``source=``; each of
     ``sources`` (a consolidation) is named, and that name is in its keys, its
     pool (``pacs_source_associations_<name>``) and its Connection
-    (``pacs_source_<name>``)."""
+    (``pacs_source_<name>``; the first source's is ``pacs_source``)."""
 
     name: SourceName | None = None
     # Given to instances that carry no IssuerOfPatientID, before the crosswalk
@@ -239,10 +239,6 @@ class SourceConfig(Section):
     def label(self) -> str:
         """The name in partition keys (``""``: the unnamed first source)."""
         return self.name or ""
-
-    @property
-    def connection_id(self) -> str:
-        return f"pacs_source_{self.name}" if self.name else "pacs_source"
 
     @property
     def pool(self) -> str:

@@ -84,7 +84,8 @@ def totals(index: pd.DataFrame) -> dict[str, Any]:
     }
     sources = sorted(set(index["source"])) if "source" in index else []
     if len(sources) > 1 or any(sources):  # several legacy archives: each one's share
-        out["by_source"] = {source_label(s): totals(index[index["source"] == s].drop(columns="source")) for s in sources}
+        by = {s: index[index["source"] == s].drop(columns="source") for s in sources}
+        out["by_source"] = {source_label(s): totals(df) for s, df in by.items()}
     return out
 
 

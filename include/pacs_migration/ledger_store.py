@@ -1,4 +1,5 @@
-"""The nightly ledger in the bucket (``_plan/ledger.json``), changed only over
+"""The nightly ledger in the bucket (``_plan/ledger.json``; a further source
+archive's: ``_plan/source=<name>/ledger.json``), changed only over
 the version read: the nightly ``progress`` task and a rollback reopening units
 may write it at the same moment, and neither may lose the other's change."""
 
@@ -19,14 +20,21 @@ class LedgerContention(RuntimeError):
     """The ledger kept changing under this update."""
 
 
-def read_ledger(store: ObjectStore) -> Ledger:
-    return Ledger.from_bytes(store.get_or_none(store.target.key(LEDGER_KEY)))
+def ledger_key(store: ObjectStore, source: str = "") -> str:
+    """One ledger per source archive: each has its own plan, window and budget."""
+    return store.target.key(LEDGER_KEY.replace("_plan/", f"_plan/source={source}/") if source else LEDGER_KEY)
 
 
-def update_ledger(store: ObjectStore, change: Callable[[Ledger], T], attempts: int = 8) -> tuple[Ledger, T]:
+def read_ledger(store: ObjectStore, source: str = "") -> Ledger:
+    return Ledger.from_bytes(store.get_or_none(ledger_key(store, source)))
+
+
+def update_ledger(
+    store: ObjectStore, change: Callable[[Ledger], T], attempts: int = 8, source: str = ""
+) -> tuple[Ledger, T]:
     """Read the ledger, apply ``change`` (pure: it may run again on a fresh read), write it back only over
     the version read; returns the ledger written and what ``change`` returned."""
-    key = store.target.key(LEDGER_KEY)
+    key = ledger_key(store, source)
     for attempt in range(attempts):
         data, etag = store.get_versioned(key)
         ledger = Ledger.from_bytes(data)

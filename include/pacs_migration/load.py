@@ -169,7 +169,9 @@ def load(ctx: LoadContext, p: Prepared) -> Row:
     data, digest = p.object_bytes()
     key = ctx.manifests.instance_key(*p.expected)
     started = time.perf_counter()
-    meta = {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label, **({"source": ctx.source} if ctx.source else {})}
+    meta = {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label}
+    if ctx.source:
+        meta["source"] = ctx.source  # which archive's copy this is (none: the first, unnamed source)
     put = ctx.store.put_new(key, data, digest, meta, same_if=("source-sha256", "ruleset"), writer=ctx.writer)
     if ctx.times:
         ctx.times.add("upload", time.perf_counter() - started, len(data))

@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 from .counts import COUNT_FIELDS, PartitionCounts, counts_from_frame
-from .manifest import PartitionManifests
+from .manifest import PartitionManifests, source_label
 from .partition import Partition
 from .plan import UnitResult, UnitState
 from .reasons import ReasonCode
@@ -55,6 +55,13 @@ class TaskFailure:
         return f"{self.task}{f' [{self.partition}]' if self.partition else ''}: {self.error}"
 
 
+def _source_of(key: str) -> str:
+    try:
+        return Partition.parse(key).source
+    except ValueError:  # not a partition key (a label of a figure made by hand)
+        return ""
+
+
 @dataclass(frozen=True)
 class PartitionFigures:
     """One partition's line of the report: its counts (``expected``,
@@ -71,6 +78,13 @@ class PartitionFigures:
     # resolve (they fail the partition), and those to quarantined instances (listed together)
     dangling_references: tuple[str, ...] = ()
     quarantined_references: tuple[str, ...] = ()
+    # "<SOP UID>: <this source>'s copy differs from <other source>'s (live)": UID_CONFLICT across archives
+    source_conflicts: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """The legacy archive, as reports name it."""
+        return source_label(_source_of(self.partition))
 
     @classmethod
     def of(
@@ -156,7 +170,79 @@ def partition_figures(store: ObjectStore, partition: Partition, run_id: str) -> 
         figures,
         dangling_references=tuple(refs.get("dangling", ())),
         quarantined_references=tuple(refs.get("to_quarantined", ())),
+        source_conflicts=_source_conflicts(df, partition),
     )
+
+
+def _source_conflicts(df: Any, partition: Partition) -> tuple[str, ...]:
+    if "other_source" not in df:
+        return ()
+    hit = df[(df["reason"] == ReasonCode.UID_CONFLICT.value) & df["other_source"].notna()]
+    mine = source_label(partition.source)
+    return tuple(
+        f"{uid}: the copy from {mine} differs from the copy from {other} (live)"
+        for uid, other in sorted(zip(hit["sop_instance_uid"], hit["other_source"], strict=True))
+    )
+
+
+SOURCE_FIELDS = ("partitions", "expected", "migrated", "shared", "quarantined", "unresolved", "written", "conflicts")
+
+
+def source_figures(figures: list[PartitionFigures]) -> list[dict[str, Any]]:
+    """The run per legacy archive: its partitions' figures summed; ``shared``:
+    migrated instances whose live copy came from another archive (counted once
+    in the archive, once per source here); ``conflicts``: its copies that differ
+    from another archive's. Empty when only the first, unnamed source took part."""
+    if not any(_source_of(f.partition) for f in figures):
+        return []
+    out: dict[str, dict[str, Any]] = {}
+    for f in figures:
+        row = out.setdefault(f.source, {"source": f.source, **dict.fromkeys(SOURCE_FIELDS, 0)})
+        row["partitions"] += 1
+        for n in ("expected", "migrated", "quarantined", "unresolved", "written"):
+            row[n] += getattr(f, n)
+        row["shared"] += f.counts.shared
+        row["conflicts"] += len(f.source_conflicts)
+    return [out[k] for k in sorted(out)]
+
+
+@dataclass(frozen=True)
+class SharedStudy:
+    """A study more than one legacy archive holds: the same series in each
+    (``shared``), or some series in one and some in another (``split``)."""
+
+    study_instance_uid: str
+    kind: str  # "shared" | "split"
+    sources: tuple[str, ...]
+    instances: int  # distinct SOP instances over the sources
+    migrated: int  # of them, live in the archive
+
+    @property
+    def complete(self) -> bool:
+        return self.migrated == self.instances
+
+
+def shared_studies(store: ObjectStore, partitions: list[Partition]) -> list[SharedStudy]:
+    """Studies of these partitions that more than one source holds, and whether each ended complete."""
+    rows: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # study -> source -> series
+    sops: dict[str, dict[str, bool]] = defaultdict(dict)  # study -> SOP UID -> migrated (by any source)
+    for p in partitions:
+        df = PartitionManifests(store, p).transfer_or_none()
+        if df is None:
+            continue
+        for study, series, sop, state in zip(
+            df["study_instance_uid"], df["series_instance_uid"], df["sop_instance_uid"], df["state"], strict=True
+        ):
+            if isinstance(study, str) and isinstance(sop, str):
+                rows[study][source_label(p.source)].add(str(series))
+                sops[study][sop] = sops[study].get(sop, False) or state == "migrated"
+    out = []
+    for study, by_source in sorted(rows.items()):
+        if len(by_source) < 2:
+            continue
+        kind = "shared" if len({frozenset(v) for v in by_source.values()}) == 1 else "split"
+        out.append(SharedStudy(study, kind, tuple(sorted(by_source)), len(sops[study]), sum(sops[study].values())))
+    return out
 
 
 @dataclass(frozen=True)
@@ -308,6 +394,9 @@ def figures_csv(figures: list[PartitionFigures]) -> str:
             "failed_expectations",
             "census_gaps",
             "inconsistent_patients",
+            "source",
+            "shared",
+            "source_conflicts",
         ]
     )
     for f in figures:
@@ -320,6 +409,9 @@ def figures_csv(figures: list[PartitionFigures]) -> str:
                 ";".join(f.failed_expectations),
                 ";".join(f.census_gaps),
                 ";".join(f.inconsistent_patients),
+                f.source,
+                f.counts.shared,
+                ";".join(f.source_conflicts),
             ]
         )
     return buf.getvalue()
@@ -365,6 +457,7 @@ def render_html(
     ruleset: str | None = None,
     generated_at: dt.datetime | None = None,
     reports: list[ReportsFigures] | None = None,
+    shared: list[SharedStudy] | None = None,
 ) -> str:
     """Self-contained HTML (inline CSS, no external assets): when it was
     generated, the rule set that ran, what each column means, and each reason
@@ -390,6 +483,9 @@ def render_html(
         totals={n: sum(getattr(f, n) for f in figures) for n in FIELDS},
         label=_validation_label,
         chart=svg(chart_svg(figures)),
+        sources=source_figures(figures),
+        source_fields=SOURCE_FIELDS,
+        shared=shared or [],
     )
 
 

@@ -36,7 +36,6 @@ from .reports.ledger import ReportLedger
 from .reports.place import REPORTS_MODALITY, ReportCounts, index_partition_of, place_reports
 from .request import RunRequest
 from .retrieve import GetFn
-from .rules import RuleSet
 from .rollback import (
     RollbackPlan,
     RollbackRefused,
@@ -47,6 +46,7 @@ from .rollback import (
     read_record,
     superseded,
 )
+from .rules import RuleSet
 from .store import ObjectStore
 from .transfer import plan_resume, transfer_partition
 from .validate import ValidationReport, validate_partition
@@ -481,17 +481,19 @@ _NOT_FIGURES = {"run_ids", "study_uids", "patient_keys", "moved"}
 
 def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str, Any]) -> None:
     """Audit (110105 per partition) and the nightly ledger, once per rollback."""
-    if any(r.get("rollback_id") == plan.rollback_id for r in read_ledger(services.store).rollbacks):
-        return  # a resumed rollback recorded itself before
+    images = [p.partition for p in plan.partitions if p.partition.modality != REPORTS_MODALITY]
+    sources = sorted({p.source for p in images}) or [""]
+    if any(r.get("rollback_id") == plan.rollback_id for r in read_ledger(services.store, sources[-1]).rollbacks):
+        return  # a resumed rollback recorded itself before (the last ledger it reopens is written last)
     with services.audit().session() as trail:
         for pp in plan.partitions:
             where = f"rolled-back/{plan.rollback_id}/"
             note = f"rollback {plan.rollback_id} of {pp.partition.key}: {len(pp.objects)} object(s) moved to {where}"
             trail.deleted(plan.requested_by, pp.study_uids, pp.patient_keys, f"{note}; reason: {plan.reason}")
-    images = [p.partition for p in plan.partitions if p.partition.modality != REPORTS_MODALITY]
-    parts = [(p.study_date, p.modality) for p in images]
     at = dt.datetime.fromisoformat(record["finished_at"])
-    update_ledger(services.store, lambda ledger: reopen(ledger, parts, plan.rollback_id, at))  # never over a night
+    for source in sources:  # each source archive's nightly ledger reopens its own units
+        parts = [(p.study_date, p.modality) for p in images if p.source == source]
+        update_ledger(services.store, lambda lg, parts=parts: reopen(lg, parts, plan.rollback_id, at), source=source)
     _index(services, images)
 
 

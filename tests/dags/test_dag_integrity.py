@@ -23,8 +23,12 @@ def test_no_import_errors(dagbag):
 
 
 def test_every_dag_file_defines_its_dag(dagbag):
+    """A file defines the DAG of its stem (``pacs_nightly.py`` also one per further
+    source archive, ``pacs_nightly_<name>``: none in the bundled config)."""
     stems = {p.stem for p in DAGS.glob("*.py") if not p.name.startswith("_")}
     assert stems == set(dagbag.dag_ids)
+    for dag_id in dagbag.dag_ids:
+        assert Path(dagbag.dags[dag_id].fileloc).stem in (dag_id, "pacs_nightly"), dag_id
 
 
 def test_retries_and_schedule(dagbag):

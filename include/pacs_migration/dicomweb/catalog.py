@@ -12,8 +12,8 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from ..store import ObjectStore
 from ..partition import Partition
+from ..store import ObjectStore
 from ..study_index import COLUMNS, INDEX_PREFIX, INSTANCES, INTEGERS
 
 TABLE = "instances"

@@ -283,9 +283,8 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
         # The site's namespace, before the crosswalk (keyed by issuer) and the patient key.
         old = ds.get("IssuerOfPatientID")
         ds.IssuerOfPatientID = rs.default_issuer
-        out.changes.append(
-            Change(Tag("IssuerOfPatientID"), "IssuerOfPatientID", "source-issuer", Reason.COERCE, old, rs.default_issuer)
-        )
+        tag, new = Tag("IssuerOfPatientID"), rs.default_issuer
+        out.changes.append(Change(tag, "IssuerOfPatientID", "source-issuer", Reason.COERCE, old, new))
     if rs.crosswalk is not None and "PatientID" in ds:
         pid, issuer = str(ds.PatientID or ""), str(ds.get("IssuerOfPatientID", "") or "")
         hit = rs.crosswalk.lookup(pid, issuer)
