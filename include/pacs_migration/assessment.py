@@ -6,7 +6,9 @@ the nightly planner uses), transfer syntaxes seen in a sample, metadata
 quality findings, and the projected duration at a configured throughput.
 
 Patient identifiers are asked for only to detect a study filed under several
-patients; they are compared and dropped, never stored or reported.
+patients, and (with a patient key, several source archives) to count the
+patient IDs two archives share: kept only keyed (``study_keys.parquet``: study
+UID -> keyed PatientID), never in the clear.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from .config import AssessmentConfig
 from .dimse import QueryTruncated
 from .plan import ASSESSED
 from .templates import render, svg
+
+# PatientID -> its keyed digest (privacy.PatientKeyer.key_of), for the overlap of source archives.
+PatientKey = Callable[[str], str | None]
 
 # The RIS's messages of a date (reports.intake.DateReports): how many, the accession
 # numbers they name, and how many migration runs placed or could not match so far.
@@ -112,6 +117,8 @@ class Assessment:
     projection: dict[str, float]
     # study_date, reports (RIS messages of the date), studies, studies_without_report; empty: not assessed
     reports_by_date: list[dict[str, Any]] = field(default_factory=list)
+    # (StudyInstanceUID, keyed PatientID or None): what the overlap of source archives compares
+    study_keys: list[tuple[str, str | None]] = field(default_factory=list, repr=False)
 
     def totals(self) -> dict[str, int]:
         return {k: sum(int(r[k]) for r in self.by_year) for k in ("studies", "series", "instances", "est_bytes")}
@@ -250,8 +257,15 @@ class _Tally:
     on-disk SQLite index (duplicates across the range), so memory does not
     grow with the archive."""
 
-    def __init__(self, find: FindFn, config: AssessmentConfig, folder: Path, reports: ReportsOf | None = None) -> None:
-        self.find, self.config, self.reports = find, config, reports
+    def __init__(
+        self,
+        find: FindFn,
+        config: AssessmentConfig,
+        folder: Path,
+        reports: ReportsOf | None = None,
+        patient_key: PatientKey | None = None,
+    ) -> None:
+        self.find, self.config, self.reports, self.patient_key = find, config, reports, patient_key
         self.reports_by_date: list[dict[str, Any]] = []
         self.by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
         self.by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
@@ -260,6 +274,7 @@ class _Tally:
         self.findings: list[Finding] = []
         self.db = sqlite3.connect(folder / "sop.sqlite")
         self.db.execute("CREATE TABLE sop (uid TEXT, series TEXT, study TEXT, day TEXT)")
+        self.db.execute("CREATE TABLE study (uid TEXT PRIMARY KEY, patient TEXT)")
 
     def day(self, day: dt.date, find_limit: int | None, split_depth: int) -> None:
         da, iso = day.strftime("%Y%m%d"), day.isoformat()
@@ -274,6 +289,16 @@ class _Tally:
             if a.get("StudyInstanceUID"):
                 raw = a.get("NumberOfStudyRelatedInstances")
                 studies[str(a.StudyInstanceUID)] = int(raw) if raw not in (None, "") else None
+        if self.patient_key is not None:  # keyed at once: the clear PatientID goes no further
+            key = self.patient_key
+            self.db.executemany(
+                "INSERT OR IGNORE INTO study VALUES (?, ?)",
+                [
+                    (str(a.StudyInstanceUID), key(str(a.get("PatientID") or "")))
+                    for a in answers
+                    if a.get("StudyInstanceUID")
+                ],
+            )
         census = census_of_studies(self.find, day, dict(sorted(studies.items())), warnings)
         self.findings.extend(_census_finding(iso, w) for w in census.warnings)
         for s in census.series:
@@ -313,6 +338,9 @@ class _Tally:
             sample.series, sample.instances, sample.bytes = sample.series + 1, sample.instances + n, sample.bytes + size
             for ts, count in seen.items():
                 self.syntaxes[ts] += count
+
+    def study_keys(self) -> list[tuple[str, str | None]]:
+        return [(str(u), p) for u, p in self.db.execute("SELECT uid, patient FROM study ORDER BY uid")]
 
     def duplicates(self) -> None:
         self.db.execute("CREATE INDEX sop_uid ON sop (uid)")
@@ -383,21 +411,24 @@ def assess(
     split_depth: int = 12,
     on_day: Callable[[dt.date], None] | None = None,
     reports: ReportsOf | None = None,
+    patient_key: PatientKey | None = None,
 ) -> Assessment:
     """Take the census of every day in ``[date_from, date_to]`` and measure it.
     ``reports``: the RIS's messages of a date (count, accession numbers they
-    name); each study none names is a ``STUDY_WITHOUT_REPORT`` finding."""
+    name); each study none names is a ``STUDY_WITHOUT_REPORT`` finding.
+    ``patient_key``: keep each study's keyed PatientID (for :func:`overlap`)."""
     if date_to < date_from:
         raise ValueError("date_to is before date_from")
     config = config or AssessmentConfig()
     with tempfile.TemporaryDirectory(prefix="assessment-") as tmp:
-        tally = _Tally(find, config, Path(tmp), reports)
+        tally = _Tally(find, config, Path(tmp), reports, patient_key)
         day = date_from
         while day <= date_to:
             if on_day:
                 on_day(day)
             tally.day(day, find_limit, split_depth)
             day += dt.timedelta(days=1)
+        keys = tally.study_keys() if patient_key is not None else []
         tally.duplicates()
     if config.undated_sweep:
         undated, truncated = _undated(find)
@@ -414,6 +445,7 @@ def assess(
         tally.findings,
         _projection(config, year_rows),
         tally.reports_by_date,
+        keys,
     )
 
 
@@ -523,16 +555,35 @@ def render_assessment_html(assessment: Assessment, source_label: str, bucket_uri
 ASSESSMENT_PREFIX = "_assessment/"
 
 
-def write_assessment(store: Any, assessment: Assessment, html_report: str | None = None) -> list[str]:
+def render_consolidation_html(
+    summaries: list[dict[str, Any]], overlap_rows: list[dict[str, Any]], bucket_uri: str
+) -> str:
+    """Several source archives' assessments side by side, and their overlap (figures only)."""
+    return render(
+        "consolidation.html.j2",
+        date_from=summaries[0]["date_from"],
+        date_to=summaries[0]["date_to"],
+        sources=summaries,
+        overlap=overlap_rows,
+        bucket_uri=bucket_uri,
+        gb=_gb,
+    )
+
+
+def assessment_prefix(store: Any, date_from: dt.date, date_to: dt.date, source: str = "") -> str:
+    """``_assessment/[source=<name>/]<from>_<to>/``: one folder per source archive and range."""
+    where = f"source={source}/" if source else ""
+    return f"{store.target.prefix}{ASSESSMENT_PREFIX}{where}{date_from.isoformat()}_{date_to.isoformat()}/"
+
+
+def write_assessment(store: Any, assessment: Assessment, html_report: str | None = None, source: str = "") -> list[str]:
     """Store the assessment dataset (Parquet and CSV) under
-    ``_assessment/<from>_<to>/``; returns the keys written."""
+    ``_assessment/[source=<name>/]<from>_<to>/``; returns the keys written."""
     import json
 
     import pandas as pd
 
-    base = (
-        f"{store.target.prefix}{ASSESSMENT_PREFIX}{assessment.date_from.isoformat()}_{assessment.date_to.isoformat()}/"
-    )
+    base = assessment_prefix(store, assessment.date_from, assessment.date_to, source)
     keys = []
     tables = {
         "by_year_modality": assessment.by_year,
@@ -547,6 +598,12 @@ def write_assessment(store: Any, assessment: Assessment, html_report: str | None
         store.put(base + f"{name}.parquet", buf.getvalue(), "application/vnd.apache.parquet")
         store.put(base + f"{name}.csv", rows_csv(rows).encode(), "text/csv")
         keys += [base + f"{name}.parquet", base + f"{name}.csv"]
+    if assessment.study_keys:  # keyed patient IDs only: no CSV, not in the e-mail
+        frame = pd.DataFrame(assessment.study_keys, columns=["study_instance_uid", "patient_key"])
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        store.put(base + STUDY_KEYS, buf.getvalue(), "application/vnd.apache.parquet")
+        keys.append(base + STUDY_KEYS)
     store.put(base + "summary.json", json.dumps(assessment.summary(), indent=2).encode(), "application/json")
     keys.append(base + "summary.json")
     if html_report is not None:
@@ -555,16 +612,17 @@ def write_assessment(store: Any, assessment: Assessment, html_report: str | None
     return keys
 
 
-def read_by_date(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
+def read_by_date(store: Any, source: str = "") -> dict[tuple[str, str], tuple[int, int]]:
     """(study date, modality) -> (instances, estimated bytes) from every stored
-    assessment; a later range's figures win where ranges overlap."""
+    assessment of one source archive; a later range's figures win where ranges overlap."""
     import pandas as pd
 
     out: dict[tuple[str, str], tuple[int, int]] = {}
+    base = f"{store.target.prefix}{ASSESSMENT_PREFIX}"
     keys = sorted(
         k
-        for k in store.list_keys(f"{store.target.prefix}{ASSESSMENT_PREFIX}")
-        if k.endswith("/by_date_modality.parquet")
+        for k in store.list_keys(base + (f"source={source}/" if source else ""))
+        if k.endswith("/by_date_modality.parquet") and (source or not k[len(base) :].startswith("source="))
     )
     for key in keys:
         first, last = key.rsplit("/", 2)[-2].split("_")
@@ -576,3 +634,49 @@ def read_by_date(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
         for row in frame.itertuples(index=False):
             out[(str(row.study_date), str(row.modality))] = (int(row.instances), int(row.est_bytes))
     return out
+
+
+STUDY_KEYS = "study_keys.parquet"
+OVERLAP_FIELDS = (
+    "source_a",
+    "source_b",
+    "studies_a",
+    "studies_b",
+    "studies_in_both",
+    "patient_ids_a",
+    "patient_ids_b",
+    "patient_ids_in_both",
+    "same_patient_by_shared_study",
+    "colliding_patient_ids",
+)
+
+
+def overlap(keys: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per pair of source archives (``keys``: name -> their ``study_keys`` frame):
+    studies both hold, and patient IDs both use. A patient ID both use is the
+    same person when a study both hold names it on each side; else it is a
+    collision: the same local ID for (probably) different people, which the
+    sources' issuers keep apart. Figures only: nothing here names a study or patient."""
+    names, out = sorted(keys), []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            fa, fb = keys[a], keys[b]
+            ka = dict(zip(fa["study_instance_uid"], fa["patient_key"], strict=True))
+            kb = dict(zip(fb["study_instance_uid"], fb["patient_key"], strict=True))
+            both = ka.keys() & kb.keys()
+            pa, pb = {p for p in ka.values() if p}, {p for p in kb.values() if p}
+            shared_ids = pa & pb
+            same = {ka[uid] for uid in both if ka[uid] and ka[uid] == kb[uid]}
+            figures = (a, b, len(ka), len(kb), len(both), len(pa), len(pb), len(shared_ids), len(same))
+            out.append(
+                {**dict(zip(OVERLAP_FIELDS, figures, strict=False)), "colliding_patient_ids": len(shared_ids - same)}
+            )
+    return out
+
+
+def read_study_keys(store: Any, date_from: dt.date, date_to: dt.date, source: str = "") -> Any:
+    """One source's ``study_keys`` of a range (None: not written, e.g. no patient key configured)."""
+    import pandas as pd
+
+    data = store.get_or_none(assessment_prefix(store, date_from, date_to, source) + STUDY_KEYS)
+    return None if data is None else pd.read_parquet(io.BytesIO(data))

@@ -20,7 +20,9 @@ def plan_night(services: Services, now: dt.datetime) -> NightPlan:
     ledger), at the measured rate (the assessment's until something was measured)."""
     cfg, ledger = services.config, read_ledger(services.store, services.source_name)
     rate = ledger.measured_rate() or cfg.assessment.throughput_instances_s
-    return select_night(cfg.plan_for(services.source), ledger, now, read_by_date(services.store), rate)
+    return select_night(
+        cfg.plan_for(services.source), ledger, now, read_by_date(services.store, services.source_name), rate
+    )
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def record_progress(
 ) -> NightProgress:
     """Fold tonight's results into the ledger (stored) and say what is left."""
     cfg, store, plan = services.config, services.store, services.config.plan_for(services.source)
-    by_date = read_by_date(store)
+    by_date = read_by_date(store, services.source_name)
 
     def fold(ledger: Ledger) -> dict[str, Any]:  # may run again on a fresher ledger (a rollback reopened units)
         entry = record_night(ledger, night, results, now, run_id)
