@@ -184,12 +184,17 @@ def _orphans(
         for r in rows
         if r.get("object_key") and r.get("study_instance_uid") and r.get("series_instance_uid")
     }
+    # A SOP instance a row names (e.g. a UID_CONFLICT with another archive's live copy) is not an orphan.
+    named_sops = {f"{r['sop_instance_uid']}.dcm" for r in rows if r.get("sop_instance_uid")}
     adopted: list[Row] = []
     for prefix in sorted(prefixes):
         for key in store.list_keys(prefix):
-            if key in named:
+            if key in named or key.rsplit("/", 1)[-1] in named_sops:
                 continue
-            row = _adopt(store, manifests, key, run_id)
+            head = store.head(key)
+            if head is not None and (head.metadata or {}).get("source", "") != manifests.partition.source:
+                continue  # another source archive's copy: that archive's partition names it
+            row = _adopt(store, manifests, key, head, run_id)
             if row is None:
                 log.warning(
                     "partition %s: an object with no manifest row fails its checksum; not adopted",
@@ -202,8 +207,8 @@ def _orphans(
     return adopted
 
 
-def _adopt(store: ObjectStore, manifests: PartitionManifests, key: str, run_id: str) -> Row | None:
-    head, data = store.head(key), store.get_or_none(key)
+def _adopt(store: ObjectStore, manifests: PartitionManifests, key: str, head: Any, run_id: str) -> Row | None:
+    data = store.get_or_none(key)
     if head is None or data is None or hashlib.sha256(data).hexdigest() != head.sha256:
         return None
     study, _, series, _, name = key[len(store.target.prefix) :].split("/")[1:6]

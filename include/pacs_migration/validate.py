@@ -205,7 +205,12 @@ def _frames(
     prefixes = {
         manifests.series_prefix(s.study_instance_uid, s.series_instance_uid) for s in series if s.series_instance_uid
     } | {manifests.series_prefix(r.study_instance_uid, r.series_instance_uid) for r in migrated.itertuples()}
-    listed = sum(sum(1 for _ in store.list_keys(p)) for p in sorted(prefixes))
+    keys = [k for p in sorted(prefixes) for k in store.list_keys(p)]
+    # An object no migrated row names is an orphan, unless another source archive stored it (a series
+    # both archives hold in part, or whose copies conflict): that archive's partition accounts for it.
+    named = set(migrated["object_key"])
+    foreign = sum(1 for k in keys if k not in named and _stored_by_another_source(store, k, manifests.partition))
+    listed = len(keys) - foreign
     in_quarantine = set(store.list_keys(manifests.quarantine_prefix))
     recorded = set(quarantined["quarantine_key"].dropna())
     bucket = pd.DataFrame(
@@ -228,6 +233,11 @@ def _frames(
         "studies": studies,
         "bucket": bucket,
     }
+
+
+def _stored_by_another_source(store: ObjectStore, key: str, partition: Partition) -> bool:
+    head = store.head(key)
+    return head is not None and (head.metadata or {}).get("source", "") != partition.source
 
 
 def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -> dict[str, list[Any]]:
