@@ -5,18 +5,46 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import boto3
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from moto.server import ThreadedMotoServer
+from werkzeug.serving import make_server
 
 from peers.ports import free_port
+
+
+class _AtomicConditionalWrites:
+    """S3 decides ``If-None-Match``/``If-Match`` and writes in one step; moto
+    checks, then writes. Conditional requests go one at a time here, so that two
+    writers of one key (two source archives' copies of a study, a task and its
+    zombie) meet the write-once contract they would meet at S3."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.lock = app, threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("HTTP_IF_NONE_MATCH") or environ.get("HTTP_IF_MATCH"):
+            with self.lock:
+                return list(self.app(environ, start_response))  # the whole response inside the lock
+        return self.app(environ, start_response)
+
+
+class _MotoServer(ThreadedMotoServer):
+    def _server_entry(self) -> None:
+        app = _AtomicConditionalWrites(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler)
+        self._server_ready_event.set()
+        self._server.serve_forever()
 
 
 class S3Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host, self.port = host, port or free_port()
-        self.server = ThreadedMotoServer(ip_address=host, port=self.port, verbose=False)
+        self.server = _MotoServer(ip_address=host, port=self.port, verbose=False)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self.server.start()
         self.endpoint_url = f"http://{host}:{self.port}"

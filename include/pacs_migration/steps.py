@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -493,7 +494,11 @@ def _rollback_recorded(services: Services, plan: RollbackPlan, record: dict[str,
     at = dt.datetime.fromisoformat(record["finished_at"])
     for source in sources:  # each source archive's nightly ledger reopens its own units
         parts = [(p.study_date, p.modality) for p in images if p.source == source]
-        update_ledger(services.store, lambda lg, parts=parts: reopen(lg, parts, plan.rollback_id, at), source=source)
+        update_ledger(
+            services.store,
+            functools.partial(reopen, partitions=parts, rollback_id=plan.rollback_id, at=at),
+            source=source,
+        )
     _index(services, images)
 
 

@@ -32,7 +32,7 @@ from include.pacs_migration.steps import (
 )
 from include.pacs_migration.store import ObjectStore
 from tests.conftest import PATIENT_SECRET, TEST_KEYER
-from tests.consolidation import COLLIDING_ID, D1, D2, Consolidation, build
+from tests.consolidation import COLLIDING_ID, D1, D2, build
 from tests.peers import Dcmqrscp, Orthanc, loopback_source
 
 pytestmark = pytest.mark.integration
@@ -168,7 +168,7 @@ def test_two_archives_into_one(sites, s3_server, bucket, tmp_path):
 
     # Re-running both archives writes nothing.
     for day in (D1, D2):
-        for site, name in SOURCES.items():
+        for name in SOURCES.values():
             for p in _run(services.for_source(name), day, f"again-{day}"):
                 assert counts_from_frame(PartitionManifests(store, p).transfer()).written == 0
 
