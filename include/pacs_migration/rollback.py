@@ -329,7 +329,9 @@ def _partition_plan(partition: Partition, df: pd.DataFrame, mask: pd.Series) -> 
     rows = df[mask]
     objects: dict[str, MovedObject] = {}
     for r in rows.to_dict("records"):
-        if r["state"] == InstanceState.MIGRATED.value and isinstance(r.get("object_key"), str):
+        if isinstance(r.get("other_source"), str):
+            pass  # another source archive's copy stands for it: that archive's partition owns the object
+        elif r["state"] == InstanceState.MIGRATED.value and isinstance(r.get("object_key"), str):
             objects[r["object_key"]] = MovedObject(
                 r["object_key"], str(r["object_sha256"]), int(r["object_size"] or 0), "instance"
             )

@@ -22,10 +22,12 @@ from include.pacs_migration.counts import counts_from_frame
 from include.pacs_migration.dimse import FindSession
 from include.pacs_migration.manifest import PartitionManifests, transferred_partitions
 from include.pacs_migration.report import partition_figures, render_html, shared_studies, source_figures
+from include.pacs_migration.rollback import Selection
 from include.pacs_migration.steps import (
     Services,
     lineage_step,
     record_census,
+    roll_back,
     take_date_census,
     transfer_step,
     validate_step,
@@ -171,6 +173,18 @@ def test_two_archives_into_one(sites, s3_server, bucket, tmp_path):
         for name in SOURCES.values():
             for p in _run(services.for_source(name), day, f"again-{day}"):
                 assert counts_from_frame(PartitionManifests(store, p).transfer()).written == 0
+
+    # Rolling back north's partition takes north's rows, not the objects south's partition stands for.
+    live = set(store.list_keys("studies/"))
+    done = roll_back(services, Selection.parse([north_d1_ct.key]), "wrong site", "alice", "rb-north", dry_run=False)
+    assert done["state"] == "complete" and done["totals"]["objects"] == 1  # only north's quarantined copy moved
+    assert set(store.list_keys("studies/")) == live
+    assert PartitionManifests(store, north_d1_ct).transfer_or_none() is None
+    south_d1_ct = next(p for p in parts["south"] if p.key == "2019-03-01/CT")
+    assert counts_from_frame(PartitionManifests(store, south_d1_ct).transfer()).migrated == 13
+    _run(services.for_source("north"), D1, "after-rollback")  # north's copies stand for the same objects again
+    c = counts_from_frame(PartitionManifests(store, north_d1_ct).transfer())
+    assert (c.migrated, c.shared, c.written) == (12, 12, 0) and set(store.list_keys("studies/")) == live
 
 
 def test_assessment_overlap_of_the_two_archives(sites):
