@@ -664,9 +664,9 @@ def overlap(keys: dict[str, Any]) -> list[dict[str, Any]]:
             ka = dict(zip(fa["study_instance_uid"], fa["patient_key"], strict=True))
             kb = dict(zip(fb["study_instance_uid"], fb["patient_key"], strict=True))
             both = ka.keys() & kb.keys()
-            pa, pb = {p for p in ka.values() if p}, {p for p in kb.values() if p}
+            pa, pb = {p for p in ka.values() if isinstance(p, str)}, {p for p in kb.values() if isinstance(p, str)}
             shared_ids = pa & pb
-            same = {ka[uid] for uid in both if ka[uid] and ka[uid] == kb[uid]}
+            same = {ka[uid] for uid in both if isinstance(ka[uid], str) and ka[uid] == kb[uid]}
             figures = (a, b, len(ka), len(kb), len(both), len(pa), len(pb), len(shared_ids), len(same))
             out.append(
                 {**dict(zip(OVERLAP_FIELDS, figures, strict=False)), "colliding_patient_ids": len(shared_ids - same)}

@@ -94,3 +94,34 @@ def test_every_task_alerts_on_failure(dagbag):
         for t in dag.tasks:
             callbacks = t.on_failure_callback if isinstance(t.on_failure_callback, list) else [t.on_failure_callback]
             assert any(isinstance(c, FailureAlert) for c in callbacks), (dag.dag_id, t.task_id)
+
+
+def test_each_source_archive_has_its_tasks_pool_and_nightly(tmp_path, monkeypatch):
+    """Issue 21: a second archive (``sources``) gets its own census, partition
+    group, assess task and nightly DAG, each in its own pool with its own slots
+    and window; the first source's tasks keep their ids."""
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    cfg = yaml.safe_load((DAGS.parent / "include/config/migration.yaml").read_text())
+    north = {**cfg["source"], "name": "north", "host": "pacs-north", "port": 104, "max_associations": 3}
+    cfg["sources"] = [{**north, "window": {"start": "22:30", "end": "04:00"}}]
+    path = tmp_path / "migration.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(path))
+    bag = DagBag(dag_folder=str(DAGS))
+    assert not bag.import_errors, bag.import_errors
+    migration = bag.dags["pacs_migration"]
+    pools = {t.task_id: (t.pool, t.pool_slots) for t in migration.tasks}
+    assert pools["census"] == ("pacs_source_associations", 1)
+    assert pools["partition.transfer"] == ("pacs_source_associations", 2)
+    assert pools["census_north"] == ("pacs_source_associations_north", 1)
+    assert pools["partition_north.transfer"] == ("pacs_source_associations_north", 3)
+    assert migration.get_task("reports").upstream_task_ids >= {"partition.lineage", "partition_north.lineage"}
+    assess = bag.dags["pacs_assessment"].get_task("assess_north")
+    assert (assess.pool, assess.pool_slots) == ("pacs_source_associations_north", 1)
+    nightly = bag.dags["pacs_nightly_north"]
+    assert nightly.timetable.summary.startswith("30 22 * * *") and nightly.max_active_runs == 1
+    migrate = nightly.get_task("migrate")
+    assert (migrate.pool, migrate.pool_slots) == ("pacs_source_associations_north", 3)
+    assert bag.dags["pacs_nightly"].timetable.summary.startswith("0 20 * * *")  # the first source's window
