@@ -699,11 +699,16 @@ def create_app() -> Any:
     @app.get("/partition/{study_date}/{modality}/{name:path}", dependencies=[Depends(reader)])
     def artifact(study_date: str, modality: str, name: str) -> Response:
         """A partition's proof: its verdict, lineage, census summary, GX Data Docs."""
+        return source_artifact("", study_date, modality, name)
+
+    @app.get("/source/{source}/partition/{study_date}/{modality}/{name:path}", dependencies=[Depends(reader)])
+    def source_artifact(source: str, study_date: str, modality: str, name: str) -> Response:
+        """The same, of a further source archive's partition."""
         from include.pacs_migration.manifest import PartitionManifests
         from include.pacs_migration.partition import Partition
 
         try:
-            partition = Partition.parse(f"{study_date}/{modality}")
+            partition = Partition.parse(f"{source}/{study_date}/{modality}" if source else f"{study_date}/{modality}")
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         if name not in ARTIFACTS and not (name.startswith("gx/") and ".." not in name):

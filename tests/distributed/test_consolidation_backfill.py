@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.conftest import PATIENT_SECRET, ROOT
-from tests.consolidation import COLLIDING_ID, D1, D2, D3, build
+from tests.consolidation import CANARIES, COLLIDING_ID, D1, D2, D3, build
 
 POOLS = {"pacs_source_associations": 2, "pacs_source_associations_north": 1}
 TIMEOUT_S = 12 * 60
@@ -150,6 +150,7 @@ def test_backfill_then_nightly_over_two_archives(tmp_path, s3_server, bucket, ma
     from include.pacs_migration.store import ObjectStore
     from tests.conftest import TEST_KEYER
     from tests.e2e.test_nightly_dag import _dags, _night
+    from tests.e2e.test_pacs_migration_dag import _clear_runs
     from tests.peers import ConnectionCounter, Dcmqrscp, Orthanc
 
     data = build(tmp_path / "files")
@@ -229,6 +230,14 @@ def test_backfill_then_nightly_over_two_archives(tmp_path, s3_server, bucket, ma
         assert 'data-source="north"' in html and "split: some series in each" in html
         assert "differs from the copy from" in html
 
+        # No patient data in the e-mails nor in the task logs (DESIGN.md 6.4).
+        for m in mails:
+            for part in m.walk():
+                body = part.get_payload(decode=True) or b""
+                assert not any(c.encode() in body for c in CANARIES), m["Subject"]
+        logs = "\n".join(p.read_text(errors="replace") for p in (home / "logs").rglob("*.log"))
+        assert logs and not any(c in logs for c in CANARIES)
+
         # Each archive's nightly, with its window: at 21:00 only south's is open.
         monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(config))
         for var in ("AIRFLOW_CONN_PACS_SOURCE", "AIRFLOW_CONN_PACS_SOURCE_NORTH", "AIRFLOW_CONN_AWS_DEFAULT",
@@ -259,6 +268,28 @@ def test_backfill_then_nightly_over_two_archives(tmp_path, s3_server, bucket, ma
         } == {"unchanged"}
         night_max = {site: c.max_active for site, c in counters.items()}
         assert night_max["north"] <= POOLS["pacs_source_associations_north"]
+
+        # The assessment of both archives: each one's figures, and their overlap.
+        assessment = dags["pacs_assessment"]
+        assert {t.task_id for t in assessment.tasks} == {"assess", "assess_north", "report"}
+        _clear_runs(assessment.dag_id)
+        assert assessment.test(run_conf={"date_from": D1.isoformat(), "date_to": D3.isoformat()}).state == "success"
+        last = email.message_from_bytes(sorted(mail.folder.glob("*.eml"))[-1].read_bytes())
+        assert "(2 source archives)" in last["Subject"]
+        attached = {p.get_filename(): p.get_payload(decode=True) for p in last.walk() if p.get_filename()}
+        assert {
+            "assessment-north-2019-03-01_2019-03-03-report.html",
+            "assessment-2019-03-01_2019-03-03-report.html",
+        } <= set(attached)
+        (row,) = csv.DictReader(io.StringIO(attached["assessment-2019-03-01_2019-03-03-overlap.csv"].decode()))
+        print(f"assessment overlap: {row}")
+        assert {k: row[k] for k in ("source_a", "source_b", "studies_in_both", "patient_ids_in_both")} == {
+            "source_a": "default", "source_b": "north", "studies_in_both": "3", "patient_ids_in_both": "4"
+        }  # fmt: skip
+        assert (row["same_patient_by_shared_study"], row["colliding_patient_ids"]) == ("3", "1")
+        assert (row["studies_a"], row["studies_b"]) == ("6", "6")
+        html = next(p.get_payload(decode=True).decode() for p in last.walk() if p.get_content_type() == "text/html")
+        assert 'data-overlap="default|north"' in html and not any(c in html for c in CANARIES)
     finally:
         for c in counters.values():
             c.stop()
