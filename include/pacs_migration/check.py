@@ -35,6 +35,8 @@ def check_config(
     """The checks in order; the peers only when the file itself is valid."""
     try:
         data = deep_merge(read_yaml(path), {"source": PLACEHOLDER_SOURCE})
+        if isinstance(data.get("sources"), list):  # each further archive's host and port come from its Connection
+            data["sources"] = [{**PLACEHOLDER_SOURCE, **s} if isinstance(s, dict) else s for s in data["sources"]]
         cfg = load_config(deep_merge(data, overrides or {}), path.parent)
     except ConfigError as exc:
         return [Check("configuration", False, str(exc))]
@@ -46,8 +48,11 @@ def check_config(
             f"{cfg.ruleset.label}, {len(cfg.ruleset.rules)} site rule(s)"
             + (f", crosswalk of {len(cfg.ruleset.crosswalk.table)} row(s)" if cfg.ruleset.crosswalk else ""),
         ),
-        Check("dicom tls", True, "files readable" if cfg.source.tls else "not configured"),
+        Check("dicom tls", True, "files readable" if any(s.tls for s in cfg.archives) else "not configured"),
     ]
+    if cfg.sources:
+        named = [f"{s.name} (pool {s.pool}, issuer {s.issuer_of_patient_id or 'as sent'})" for s in cfg.sources]
+        checks.append(Check("sources", True, f"{len(cfg.archives)} archives: the first, " + ", ".join(named)))
     if echo is not None:
         checks.append(_peer("source C-ECHO", lambda: _echo_detail(echo(cfg), cfg)))
     if head_bucket is not None:

@@ -69,3 +69,19 @@ def test_each_default_is_declared_once(tmp_path, monkeypatch):
     start, zone = PlanConfig().window.start, PlanConfig().timezone
     assert pacs_migration_dags.nightly_cron() == (f"{start.minute} {start.hour} * * *", zone) == ("0 20 * * *", "UTC")
     assert SourceConfig.model_fields["max_associations"].default == cfg.source.max_associations == 2
+
+
+def test_a_site_with_several_archives_checks_each(tmp_path):
+    """Issue 21: a further archive's host and port come from its Connection; its other keys are checked here."""
+    path = _site(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["sources"] = [{"name": "north", "called_ae_title": "NORTHPACS", "calling_ae_title": "PACSMIGRATE",
+                        "issuer_of_patient_id": "NORTH"}]  # fmt: skip
+    path.write_text(yaml.safe_dump(data))
+    checks = check_config(path)
+    assert all(c.ok for c in checks), [c.line() for c in checks]
+    assert "north (pool pacs_source_associations_north, issuer NORTH)" in checks[-1].detail
+    data["sources"][0]["max_associations"] = 0
+    path.write_text(yaml.safe_dump(data))
+    (bad,) = check_config(path)
+    assert not bad.ok and bad.detail.startswith("sources[0].max_associations:")
