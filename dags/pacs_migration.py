@@ -204,7 +204,7 @@ def pacs_migration():
 
         from include.pacs_migration.partition import Partition
         from include.pacs_migration.reports.ledger import reports_failed
-        from include.pacs_migration.steps import run_ended
+        from include.pacs_migration.steps import requested_not_found, run_ended
         from include.pacs_migration_airflow import release_date, run_census, run_failures, services
 
         ctx = get_current_context()
@@ -220,9 +220,14 @@ def pacs_migration():
         failures = run_failures(ctx["ti"])
         bad = [p.key for p in parts if not io.manifests(p).passed(ctx["run_id"])]
         bad += reports_failed(io.store, {p.study_date for p in parts}, ctx["run_id"])
-        run_ended(io, success=complete and not failures and not bad)  # audit: 110100 stop
+        missing: list[str] = []
+        with contextlib.suppress(ValueError):  # (a bad parameter failed the census, naming it)
+            missing = requested_not_found(_request(), found) if complete else []
+        run_ended(io, success=complete and not failures and not bad and not missing)  # audit: 110100 stop
         if not complete:
             raise AirflowFailException("census did not complete")
+        if missing:
+            raise AirflowFailException(f"not found at any source archive: {', '.join(missing)}")
         if failures:
             raise AirflowFailException(f"tasks failed: {'; '.join(f.label for f in failures)}")
         if bad:

@@ -443,10 +443,11 @@ def _requested_query(keyword: str, value: str) -> Dataset:
 
 
 def find_requested_studies(
-    find: FindFn, study_uids: tuple[str, ...] = (), accession_numbers: tuple[str, ...] = ()
+    find: FindFn, study_uids: tuple[str, ...] = (), accession_numbers: tuple[str, ...] = (), missing_ok: bool = False
 ) -> dict[dt.date, dict[str, int | None]]:
     """The requested studies by StudyDate (UID -> reported instances), one
-    study-level C-FIND per UID or accession number.
+    study-level C-FIND per UID or accession number. ``missing_ok``: an entry
+    this source does not hold is skipped (several source archives: another may hold it).
 
     Raises
     ------
@@ -459,6 +460,8 @@ def find_requested_studies(
     asks += [("AccessionNumber", f"accession_numbers[{i}]", v) for i, v in enumerate(accession_numbers)]
     for keyword, field, value in asks:
         answers = [a for a in find(_requested_query(keyword, value)) if a.get("StudyInstanceUID")]
+        if not answers and missing_ok:
+            continue
         if not answers:
             raise StudyNotFound(field, "the source holds no study matching it")
         for a in answers:
@@ -478,10 +481,11 @@ def take_study_census(
     find_limit: int | None = None,
     split_depth: int = 12,
     image_limit: int | None = None,
+    missing_ok: bool = False,
 ) -> list[Census]:
     """The expected set of just the requested studies: one :class:`Census`
     per StudyDate they fall on (series and image levels as for a date)."""
-    by_date = find_requested_studies(find, study_uids, accession_numbers)
+    by_date = find_requested_studies(find, study_uids, accession_numbers, missing_ok)
     return [
         census_of_studies(find, day, studies, [], find_limit, split_depth, image_limit)
         for day, studies in by_date.items()

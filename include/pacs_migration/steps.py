@@ -161,8 +161,20 @@ def take_studies_census(
             source.find_limit,
             source.census_split_depth,
             source.find_limit_instances,
+            missing_ok=len(services.config.archives) > 1,  # another archive may hold it (see requested_not_found)
         )
     return [dataclasses.replace(c, source=services.source_name) for c in found]
+
+
+def requested_not_found(request: RunRequest, partitions: list[dict[str, Any]]) -> list[str]:
+    """The requested StudyInstanceUIDs no source archive's census found (several archives: each
+    skips what it does not hold), or the whole request when nothing at all was found."""
+    if not request.by_study:
+        return []
+    found = {u for p in partitions for u in p.get("studies") or ()}
+    if not found:
+        return ["the requested studies: no source archive holds any of them"]
+    return [f"study_uids[{i}]" for i, uid in enumerate(request.study_uids) if uid not in found]
 
 
 def record_census(services: Services, census: Census, partition: Partition, studies: Any = None) -> str:

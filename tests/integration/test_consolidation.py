@@ -216,3 +216,22 @@ def test_assessment_overlap_of_the_two_archives(sites):
 
 def _obj(store: ObjectStore, key: str) -> io.BytesIO:
     return io.BytesIO(store.get(key))
+
+
+def test_requested_studies_are_looked_for_in_each_archive(sites, s3_server, bucket, tmp_path):
+    """A clinician asks for studies by UID: each archive's census takes those it holds,
+    skipping the others (with one archive, a study it does not hold fails the census)."""
+    from include.pacs_migration.census import StudyNotFound
+    from include.pacs_migration.steps import take_studies_census
+
+    data, orthanc, dcmqrscp = sites
+    cfg = _config(orthanc, dcmqrscp, bucket, tmp_path / "staging")
+    services = Services(cfg, ObjectStore(s3_server.client(), cfg.target), 1, patient_secret=PATIENT_SECRET)
+    wanted = (data.studies["south-only"], data.studies["north-only"], data.studies["split"])
+    for name, expected in (("", {"south-only", "split"}), ("north", {"north-only", "split"})):
+        found = take_studies_census(services.for_source(name), wanted)
+        assert {s.study_instance_uid for c in found for s in c.series} == {data.studies[k] for k in expected}
+        assert {p.source for c in found for p in c.partitions()} == {name}
+    alone = Services(cfg.model_copy(update={"sources": ()}), services.store, 1, patient_secret=PATIENT_SECRET)
+    with pytest.raises(StudyNotFound, match=r"study_uids\[1\]"):
+        take_studies_census(alone, wanted)

@@ -128,3 +128,15 @@ def test_overlap_counts_shared_studies_same_patients_and_collisions():
         "same_patient_by_shared_study": 1,  # pA: study s1 names it at both sites
         "colliding_patient_ids": 1,  # pB: the same ID, no common study
     }
+
+
+def test_a_requested_study_must_be_found_by_some_archive():
+    from include.pacs_migration.request import RunRequest
+    from include.pacs_migration.steps import requested_not_found
+
+    request = RunRequest.from_params({"study_uids": ["1.2.3", "1.2.4"]}, None)
+    found = [{"study_date": "2019-03-01", "modality": "CT", "studies": ["1.2.3"]}]
+    assert requested_not_found(request, found) == ["study_uids[1]"]
+    assert requested_not_found(request, [*found, {"source": "north", "studies": ["1.2.4"]}]) == []
+    assert requested_not_found(request, []) == ["the requested studies: no source archive holds any of them"]
+    assert requested_not_found(RunRequest.from_params({"study_date": "2019-03-01"}, None), []) == []
