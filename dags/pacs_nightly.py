@@ -54,7 +54,7 @@ def _now() -> dt.datetime:
 
 def nightly(src: SourceTasks):
     """The nightly DAG of one source archive: ``pacs_nightly``, ``pacs_nightly_<name>``."""
-    dag_id = f"{DAG_ID}_{src.name}" if src.name else DAG_ID
+    dag_id = src.task_id(DAG_ID)
     cron, timezone = nightly_cron(src.name)
     slots = src.slots
 
@@ -186,4 +186,4 @@ def nightly(src: SourceTasks):
 
 
 for _src in source_tasks():
-    globals()[f"{DAG_ID}_{_src.name}" if _src.name else DAG_ID] = nightly(_src)
+    globals()[_src.task_id(DAG_ID)] = nightly(_src)

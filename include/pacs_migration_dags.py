@@ -90,15 +90,17 @@ def associations_per_task(source: Any = None) -> int:
 
 @dataclass(frozen=True)
 class SourceTasks:
-    """What shapes one source's tasks: its name ("": the first), pool and slots per retrieving task."""
+    """What shapes one source's tasks: its name (in partition keys; "" for an
+    unnamed first source), pool and slots per retrieving task."""
 
     name: str
     pool: str
     slots: int
+    first: bool = False  # the first source keeps the ids a single-source deployment has
 
     def task_id(self, base: str) -> str:
         """``census`` for the first source, ``census_<name>`` for the others."""
-        return f"{base}_{self.name}" if self.name else base
+        return base if self.first else f"{base}_{self.name}"
 
 
 def source_tasks() -> list[SourceTasks]:
@@ -106,7 +108,7 @@ def source_tasks() -> list[SourceTasks]:
     partition group, one pool each. A source without a valid name is left out
     here; the tasks fail on the config, naming it."""
     first, *more = _source_sections()
-    out = [SourceTasks(_name(first.get("name")), source_pool(_name(first.get("name"))), associations_per_task(first))]
+    out = [SourceTasks(_name(first.get("name")), PACS_POOL, associations_per_task(first), first=True)]
     for src in more:
         if name := _name(src.get("name")):
             out.append(SourceTasks(name, source_pool(name), associations_per_task(src)))

@@ -51,7 +51,7 @@ def check_config(
         Check("dicom tls", True, "files readable" if any(s.tls for s in cfg.archives) else "not configured"),
     ]
     if cfg.sources:
-        named = [f"{s.name} (pool {s.pool}, issuer {s.issuer_of_patient_id or 'as sent'})" for s in cfg.sources]
+        named = [f"{s.name} (pool {cfg.pool_of(s)}, issuer {s.issuer_of_patient_id or 'as sent'})" for s in cfg.sources]
         checks.append(Check("sources", True, f"{len(cfg.archives)} archives: the first, " + ", ".join(named)))
     if echo is not None:
         checks.append(_peer("source C-ECHO", lambda: _echo_detail(echo(cfg), cfg)))

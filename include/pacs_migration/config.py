@@ -172,10 +172,12 @@ Issuer = Annotated[str, AfterValidator(_issuer)]
 
 class SourceConfig(Section):
     """A legacy PACS and how hard we may use it. The first (``source``) may
-    go unnamed: its partitions keep the layout without ``source=``; each of
-    ``sources`` (a consolidation) is named, and that name is in its keys, its
-    pool (``pacs_source_associations_<name>``) and its Connection
-    (``pacs_source_<name>``; the first source's is ``pacs_source``)."""
+    go unnamed (its partitions keep the layout without ``source=``) and keeps
+    Airflow's ids whatever its name (Connection ``pacs_source``, pool
+    ``pacs_source_associations``, task ``census``, DAG ``pacs_nightly``); each
+    of ``sources`` (a consolidation) is named, and that name is in its keys,
+    its pool (``pacs_source_associations_<name>``), its Connection
+    (``pacs_source_<name>``), its tasks and its nightly DAG."""
 
     name: SourceName | None = None
     # Given to instances that carry no IssuerOfPatientID, before the crosswalk
@@ -239,10 +241,6 @@ class SourceConfig(Section):
     def label(self) -> str:
         """The name in partition keys (``""``: the unnamed first source)."""
         return self.name or ""
-
-    @property
-    def pool(self) -> str:
-        return source_pool(self.label)
 
     @model_validator(mode="after")
     def _move_tls(self) -> SourceConfig:
@@ -558,7 +556,7 @@ SourceConfig.model_rebuild()  # its window and budget are declared above it
 
 
 def source_pool(name: str) -> str:
-    """The Airflow pool bounding one source's associations, cluster-wide."""
+    """The Airflow pool bounding one source's associations, cluster-wide (``""``: the first source's)."""
     return f"pacs_source_associations_{name}" if name else "pacs_source_associations"
 
 
@@ -700,6 +698,10 @@ class MigrationConfig(Section):
             if src.label == name:
                 return src
         raise ConfigError("sources", f"no source named {name!r}")
+
+    def pool_of(self, source: SourceConfig) -> str:
+        """The Airflow pool of a source (the first's is ``pacs_source_associations``, named or not)."""
+        return source_pool("" if source is self.source else source.label)
 
     def plan_for(self, source: SourceConfig) -> PlanConfig:
         """The nightly plan of one source: its own window and budget where it has them."""

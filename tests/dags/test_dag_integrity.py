@@ -125,3 +125,19 @@ def test_each_source_archive_has_its_tasks_pool_and_nightly(tmp_path, monkeypatc
     migrate = nightly.get_task("migrate")
     assert (migrate.pool, migrate.pool_slots) == ("pacs_source_associations_north", 3)
     assert bag.dags["pacs_nightly"].timetable.summary.startswith("0 20 * * *")  # the first source's window
+
+
+def test_a_named_first_source_keeps_the_single_source_ids(tmp_path, monkeypatch):
+    """Naming the first source (for its keys: ``source=south/``) changes no task, pool or DAG id."""
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    cfg = yaml.safe_load((DAGS.parent / "include/config/migration.yaml").read_text())
+    cfg["source"]["name"] = "south"
+    path = tmp_path / "migration.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH", str(path))
+    bag = DagBag(dag_folder=str(DAGS))
+    assert not bag.import_errors and "pacs_nightly" in bag.dag_ids and "pacs_nightly_south" not in bag.dag_ids
+    census = bag.dags["pacs_migration"].get_task("census")
+    assert census.pool == "pacs_source_associations"

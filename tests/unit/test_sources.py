@@ -36,7 +36,7 @@ def test_sources_are_named_unique_and_carry_their_window_and_budget():
         }
     )
     assert [s.label for s in cfg.archives] == ["", "north"]
-    assert [s.pool for s in cfg.archives] == ["pacs_source_associations", "pacs_source_associations_north"]
+    assert [cfg.pool_of(s) for s in cfg.archives] == ["pacs_source_associations", "pacs_source_associations_north"]
     north_plan, first_plan = cfg.plan_for(cfg.source_named("north")), cfg.plan_for(cfg.source)
     assert (north_plan.window.start, north_plan.window.timezone) == (dt.time(22), "Europe/Brussels")
     assert north_plan.max_instances == 5 and north_plan.max_partitions is None
