@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean trace bench bench-cget ui-screenshots serve viewer viewer-screenshots hl7-listen
+.PHONY: demo test lint venv clean trace bench bench-scheduler bench-cget ui-screenshots serve viewer viewer-screenshots hl7-listen
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -72,6 +72,12 @@ REPEATS ?= 5
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
 	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.bench --scale $(SCALE) --repeats $(REPEATS) $(if $(LABEL),--label $(LABEL))
+
+## Benchmark: Airflow's overhead through the scheduler and LocalExecutor, per task instance (not part of make test).
+bench-scheduler: $(STAMP)
+	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.bench --scheduler-only --airflow-scale $(or $(AIRFLOW_SCALE),0.1) \
+		--airflow-repeats $(or $(AIRFLOW_REPEATS),3) $(if $(LABEL),--label $(LABEL))
 
 ## Benchmark: C-GET throughput from Orthanc, ours beside DCMTK getscu (not part of make test).
 bench-cget: $(STAMP)

@@ -13,6 +13,13 @@ Airflow overhead = T_dag(census, transfer, validate, lineage) - T_steps, split
 into time inside those tasks (task start, config and clients per task, XCom)
 and time between them (parse, scheduling loop, database). The report and gate
 tasks (the e-mail) have no counterpart in the steps run and are shown apart.
+
+:func:`measure_scheduler` (issue 22, point 5) runs the date the way a backfill
+does: ``airflow backfill create`` with api-server, scheduler and dag-processor
+running and the LocalExecutor (each task a supervised process, partitions in
+parallel), interleaved with the steps run; per task instance it reads from the
+metadata database how long each task ran and how long it waited between being
+scheduled and starting.
 """
 
 from __future__ import annotations
@@ -192,6 +199,165 @@ def measure(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -
     finally:
         mail.stop()
     return summarize(runs)
+
+
+def _scheduler_env(env: dict[str, str], home: Path, api_port: int) -> dict[str, str]:
+    return {
+        **env,
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+        "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": secrets.token_hex(32),
+    }
+
+
+def run_scheduler(date: str, env: dict[str, str], home: Path, timeout_s: float = 1800) -> dict[str, Any]:
+    """One backfill of ``date`` through the scheduler (services already started
+    and the DAG registered); wall seconds from ``backfill create`` to the run's end,
+    and per task instance its run time and its wait from scheduled to started."""
+    import sqlite3
+
+    from peers.processes import airflow_cli
+
+    t0 = time.perf_counter()
+    airflow_cli(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", date, "--to-date", date)
+    deadline = time.monotonic() + timeout_s
+    db = home / "airflow.db"
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db, timeout=60) as conn:
+            row = conn.execute(
+                "SELECT run_id, state, start_date, end_date FROM dag_run WHERE dag_id = 'pacs_migration'"
+            ).fetchone()
+        if row and row[1] in ("success", "failed"):
+            break
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(f"backfill of {date} not finished in {timeout_s} s")
+    seconds = time.perf_counter() - t0
+    with sqlite3.connect(db, timeout=60) as conn:
+        tis = conn.execute(
+            "SELECT task_id, duration, julianday(start_date) - julianday(scheduled_dttm), "
+            "julianday(start_date) - julianday(queued_dttm) FROM task_instance WHERE run_id = ?",
+            (row[0],),
+        ).fetchall()
+    tasks: dict[str, float] = {}
+    for task_id, duration, _wait, _queued in tis:
+        name = task_id.split(".")[-1]
+        tasks[name] = tasks.get(name, 0.0) + float(duration or 0.0)
+    waits = [float(w or 0) * 86400 for _t, _d, w, _q in tis]
+    return {
+        "state": str(row[1]),
+        "seconds": seconds,
+        "task_instances": len(tis),
+        "task_s": tasks,
+        "wait_s": {"total": sum(waits), "median": statistics.median(waits), "max": max(waits)},
+    }
+
+
+def measure_scheduler(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -> dict[str, Any]:
+    """The date through the scheduler and LocalExecutor, interleaved with the steps run (fresh moto each)."""
+    from peers.ports import free_port
+    from peers.processes import airflow_cli, start_airflow, stop_all
+    from peers.smtp import MailSink
+
+    mail = MailSink(work / "mail-scheduler")
+    runs: dict[str, list[dict[str, Any]]] = {"scheduler": [], "steps": []}
+    try:
+        for r in range(repeats):
+            for kind in ("scheduler", "steps") if r % 2 == 0 else ("steps", "scheduler"):
+                moto = moto_factory(work)
+                staging = work / "staging-scheduler"
+                try:
+                    moto.client().create_bucket(Bucket="airflow-bench")
+                    home = work / f"airflow-home-scheduler-{r}"
+                    env = _env(home, port, moto.url, "airflow-bench", mail.port, staging)
+                    if kind == "steps":
+                        args = ["steps", "--date", date, "--port", str(port), "--endpoint", moto.url]
+                        args += ["--bucket", "airflow-bench", "--staging", str(staging)]
+                        proc = subprocess.run(
+                            [sys.executable, "-m", "benchmarks.airflow_overhead", *args],
+                            env=env, capture_output=True, text=True, timeout=3600,
+                        )  # fmt: skip
+                        if proc.returncode != 0:
+                            raise RuntimeError(f"steps: {proc.stderr[-3000:]}")
+                        result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    else:
+                        prepare_home(home)
+                        env = _scheduler_env(env, home, free_port())
+                        airflow_cli(env, "dags", "reserialize")
+                        airflow_cli(env, "dags", "unpause", "pacs_migration")
+                        logs = work / f"scheduler-logs-{r}"
+                        procs = [start_airflow(n, [n], env, logs) for n in ("api-server", "scheduler", "dag-processor")]
+                        try:
+                            time.sleep(15)  # the services up (not part of any run's time)
+                            result = run_scheduler(date, env, home)
+                        finally:
+                            stop_all(procs)
+                    if result["state"] not in ("success", "done"):
+                        raise RuntimeError(f"{kind} run ended {result['state']}")
+                    runs[kind].append(result)
+                    print(f"scheduler overhead, repeat {r + 1}: {kind} {result['seconds']:.1f} s", file=sys.stderr)
+                finally:
+                    moto.stop()
+                    shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        mail.stop()
+    return summarize_scheduler(runs)
+
+
+def summarize_scheduler(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    steps = statistics.median(r["seconds"] for r in runs["steps"])
+    wall = statistics.median(r["seconds"] for r in runs["scheduler"])
+    n_ti = statistics.median(r["task_instances"] for r in runs["scheduler"])
+    tasks = {
+        name: statistics.median(r["task_s"].get(name, 0.0) for r in runs["scheduler"])
+        for name in sorted({n for r in runs["scheduler"] for n in r["task_s"]})
+    }
+    inside = sum(tasks.get(k, 0.0) for k in SAME_STEPS)
+    return {
+        "steps_s": steps,
+        "scheduler_wall_s": wall,
+        "task_instances": n_ti,
+        "task_s": tasks,
+        "task_seconds_same_steps": inside,
+        "inside_overhead_s": inside - steps,  # task-seconds beyond the steps' own time
+        "inside_overhead_per_task_instance_s": (inside - steps) / n_ti,
+        "wait_median_s": statistics.median(r["wait_s"]["median"] for r in runs["scheduler"]),
+        "wait_total_s": statistics.median(r["wait_s"]["total"] for r in runs["scheduler"]),
+        "wall_ratio": wall / steps,
+        "runs": runs,
+    }
+
+
+def markdown_scheduler(r: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    n = r["task_instances"]
+    return [
+        f"Through the scheduler (LocalExecutor, parallelism 4; study date {info['study_date']}, "
+        f"{info['instances']} instances, {len(r['runs']['scheduler'])} interleaved repeats, medians):",
+        "",
+        "| run | seconds |",
+        "|---|---|",
+        f"| the same steps as plain Python, one process, partitions one after another | {r['steps_s']:.1f} |",
+        "| `airflow backfill create` → the run's end (all tasks; partitions in parallel) | "
+        f"{r['scheduler_wall_s']:.1f} |",
+        f"| task-seconds of census, transfer, validate, lineage ({n:g} task instances in the run) | "
+        f"{r['task_seconds_same_steps']:.1f} |",
+        f"| of which beyond the steps' own time | {r['inside_overhead_s']:+.1f} |",
+        f"| wait from scheduled to started, per task instance (median) | {r['wait_median_s']:.2f} |",
+        "",
+        f"**Per task instance through the executor: {r['inside_overhead_per_task_instance_s']:+.2f} s inside "
+        f"the task (process start, imports, config and clients, XCom) + {r['wait_median_s']:.2f} s waiting "
+        f"(median)**; wall time of the run / steps = {r['wall_ratio']:.2f}. Task seconds: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["task_s"].items())
+        + ".",
+    ]
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -427,9 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--airflow-repeats", type=int, default=3)
     parser.add_argument("--memory-only", action="store_true", help="only the memory-scaling runs")
+    parser.add_argument(
+        "--scheduler-only", action="store_true", help="only Airflow's overhead through the scheduler (LocalExecutor)"
+    )
     ns = parser.parse_args(argv)
     if ns.cmd == "worker":
         return worker(ns)
+    if ns.scheduler_only:
+        return scheduler_only(ns)
 
     from benchmarks.archive import build
 
@@ -526,6 +531,39 @@ def memory_only(info: dict, memory: dict[str, Any], ns) -> int:
         "markdown": "\n".join([f"# Memory scaling — {dt.date.today().isoformat()}", "", *rows]) + "\n",
     }
     stem = dt.date.today().isoformat() + "-memory" + (f"-{ns.label}" if ns.label else "")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (RESULTS / f"{stem}.md").write_text(report["markdown"])
+    print(report["markdown"])
+    return 0
+
+
+def scheduler_only(ns: Any) -> int:
+    """Airflow's overhead through the scheduler and LocalExecutor (issue 22, point 5), on the
+    ``--airflow-scale`` archive; results ``<date>-scheduler.{json,md}``."""
+    from benchmarks import airflow_overhead
+    from benchmarks.archive import build
+
+    CACHE.mkdir(exist_ok=True)
+    archive = CACHE / f"archive-{ns.airflow_scale:g}"
+    info = build(archive, ns.airflow_scale)
+    orthanc = orthanc_with(archive, info, ns.airflow_scale)
+    date = dt.datetime.strptime(info["study_date"], "%Y%m%d").date().isoformat()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-scheduler-", dir=CACHE) as tmp:
+            result = airflow_overhead.measure_scheduler(orthanc.dicom_port, date, Path(tmp), ns.airflow_repeats, Moto)
+    finally:
+        orthanc.stop()
+    rows = airflow_overhead.markdown_scheduler(result, info)
+    today = dt.date.today().isoformat()
+    report = {
+        "date": today,
+        "archive": {k: v for k, v in info.items() if k != "files"},
+        **{k: v for k, v in result.items() if k != "runs"},
+        "runs": {k: [{n: x for n, x in r.items()} for r in v] for k, v in result["runs"].items()},
+        "markdown": "\n".join([f"# Airflow through the scheduler — {today}", "", *rows]) + "\n",
+    }
+    stem = f"{today}-scheduler" + (f"-{ns.label}" if ns.label else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
     (RESULTS / f"{stem}.md").write_text(report["markdown"])

@@ -1,13 +1,13 @@
 """Two legacy archives that overlap, as a merger leaves them (issue 21): the
 files each site holds, written with pydicom, and what the tests expect of them.
 
-- ``SHARED``: one study sent to both sites, identical bytes at each.
-- ``ALTERED``: a study both hold, one instance of which differs at north.
-- ``SPLIT``: one study, some series at south and the others at north.
-- ``COLLIDE_SOUTH`` / ``COLLIDE_NORTH``: two people with the same local patient
+- ``shared``: one study sent to both sites, identical bytes at each.
+- ``altered``: a study both hold, one instance of which differs at north.
+- ``split``: one study, some series at south and the others at north.
+- ``collide-s`` / ``collide-n``: two people with the same local patient
   ID ``12345``, one at each site; no file carries an Issuer of Patient ID.
-- a study only south holds and one only north holds, on the second date; on
-  the third date (the nightly's) one study at each site.
+- all of these on the first date; a study only south holds and one only north
+  holds on the second; on the third one study at each site.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def build(root: Path) -> Consolidation:
         studies["collide-s"],
         _uid("collide-s", 1),
         2,
-        day=D2,
+        day=D1,
         modality="CT",
         patient=(COLLIDING_ID, "CANARY^ALPHA"),
         series_number=1,
@@ -184,7 +184,7 @@ def build(root: Path) -> Consolidation:
         studies["collide-n"],
         _uid("collide-n", 1),
         2,
-        day=D2,
+        day=D1,
         modality="CT",
         patient=(COLLIDING_ID, "CANARY^BRAVO"),
         series_number=1,

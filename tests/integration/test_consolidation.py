@@ -125,7 +125,7 @@ def test_two_archives_into_one(sites, s3_server, bucket, tmp_path):
     assert south_rows["other_source"].isna().all()
     north_d1_ct = next(p for p in parts["north"] if p.key == "north/2019-03-01/CT")
     c = counts_from_frame(frames["north"][north_d1_ct])
-    assert (c.expected, c.migrated, c.quarantined, c.shared, c.written) == (13, 12, 1, 12, 0)
+    assert (c.expected, c.migrated, c.quarantined, c.shared, c.written) == (15, 14, 1, 12, 2)
 
     # The live altered object is south's; north's copy is kept in quarantine, by its hash.
     live = pydicom.dcmread(_obj(store, south_rows.loc[data.altered_sop].object_key))
@@ -135,7 +135,7 @@ def test_two_archives_into_one(sites, s3_server, bucket, tmp_path):
     # Patients: the same local ID at both sites stays two patients, each with its site's issuer.
     by_study = {}
     for site in SOURCES:
-        for uid, (study, *_rest) in data.expected(site, D2).items():
+        for uid, (study, *_rest) in data.expected(site, D1).items():
             if study in (data.studies["collide-s"], data.studies["collide-n"]):
                 rows = south_rows if site == "south" else north_rows
                 ds = pydicom.dcmread(_obj(store, rows.loc[uid].object_key))
@@ -174,17 +174,18 @@ def test_two_archives_into_one(sites, s3_server, bucket, tmp_path):
             for p in _run(services.for_source(name), day, f"again-{day}"):
                 assert counts_from_frame(PartitionManifests(store, p).transfer()).written == 0
 
-    # Rolling back north's partition takes north's rows, not the objects south's partition stands for.
+    # Rolling back north's partition takes north's rows and objects, not those south's partition stands for.
     live = set(store.list_keys("studies/"))
+    norths_own = {k for k in north_rows["object_key"].dropna() if k.split("/")[1] == data.studies["collide-n"]}
     done = roll_back(services, Selection.parse([north_d1_ct.key]), "wrong site", "alice", "rb-north", dry_run=False)
-    assert done["state"] == "complete" and done["totals"]["objects"] == 1  # only north's quarantined copy moved
-    assert set(store.list_keys("studies/")) == live
+    assert done["state"] == "complete" and done["totals"]["objects"] == len(norths_own) + 1  # + its quarantined copy
+    assert set(store.list_keys("studies/")) == live - norths_own and len(norths_own) == 2
     assert PartitionManifests(store, north_d1_ct).transfer_or_none() is None
     south_d1_ct = next(p for p in parts["south"] if p.key == "2019-03-01/CT")
-    assert counts_from_frame(PartitionManifests(store, south_d1_ct).transfer()).migrated == 13
+    assert counts_from_frame(PartitionManifests(store, south_d1_ct).transfer()).migrated == 15
     _run(services.for_source("north"), D1, "after-rollback")  # north's copies stand for the same objects again
     c = counts_from_frame(PartitionManifests(store, north_d1_ct).transfer())
-    assert (c.migrated, c.shared, c.written) == (12, 12, 0) and set(store.list_keys("studies/")) == live
+    assert (c.migrated, c.shared, c.written) == (14, 12, 2) and set(store.list_keys("studies/")) == live
 
 
 def test_assessment_overlap_of_the_two_archives(sites):

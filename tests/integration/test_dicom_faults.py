@@ -179,7 +179,11 @@ def test_c_move_success_before_stores_arrive(archive, store, s3_server, bucket, 
         faults=Faults(move_success_before_stores=1.0),
     )
     try:
-        source = _source(pacs.port, retrieve_method="C-MOVE", move_listen_host="127.0.0.1", move_listen_port=port)
+        # The stores come 1 s after the answer; 6 s to settle: on a loaded CI machine 24 stores took more than 2.
+        source = _source(
+            pacs.port, retrieve_method="C-MOVE", move_listen_host="127.0.0.1", move_listen_port=port,
+            move_settle_timeout=6,
+        )  # fmt: skip
         with retriever(source, tmp_path / "staging") as get:
             counts, _ = _migrate(pacs, source, store, tmp_path, get=get)
     finally:
