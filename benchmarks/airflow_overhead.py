@@ -339,8 +339,9 @@ def summarize_scheduler(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
 def markdown_scheduler(r: dict[str, Any], info: dict[str, Any]) -> list[str]:
     n = r["task_instances"]
     return [
-        f"Through the scheduler (LocalExecutor, parallelism 4; study date {info['study_date']}, "
-        f"{info['instances']} instances, {len(r['runs']['scheduler'])} interleaved repeats, medians):",
+        f"Through the scheduler (LocalExecutor, parallelism 4, pool `pacs_source_associations` of 4; study date "
+        f"{info['study_date']}, {info['instances']} instances, {len(r['runs']['scheduler'])} interleaved repeats, "
+        "medians; this machine has 2 cores):",
         "",
         "| run | seconds |",
         "|---|---|",
@@ -350,11 +351,13 @@ def markdown_scheduler(r: dict[str, Any], info: dict[str, Any]) -> list[str]:
         f"| task-seconds of census, transfer, validate, lineage ({n:g} task instances in the run) | "
         f"{r['task_seconds_same_steps']:.1f} |",
         f"| of which beyond the steps' own time | {r['inside_overhead_s']:+.1f} |",
-        f"| wait from scheduled to started, per task instance (median) | {r['wait_median_s']:.2f} |",
+        f"| wait from scheduled to started, per task instance (median; pool and parallelism included) | "
+        f"{r['wait_median_s']:.2f} |",
         "",
-        f"**Per task instance through the executor: {r['inside_overhead_per_task_instance_s']:+.2f} s inside "
-        f"the task (process start, imports, config and clients, XCom) + {r['wait_median_s']:.2f} s waiting "
-        f"(median)**; wall time of the run / steps = {r['wall_ratio']:.2f}. Task seconds: "
+        f"**Wall time of one study date through the scheduler / the same steps: {r['wall_ratio']:.2f}.** Per task "
+        f"instance: {r['inside_overhead_per_task_instance_s']:+.2f} task-seconds beyond the steps' own (a task "
+        "process, its imports, config, clients and XCom, and the CPU that parallel tasks share on 2 cores) and "
+        f"{r['wait_median_s']:.2f} s from scheduled to started (median). Task seconds: "
         + ", ".join(f"{k} {v:.1f}" for k, v in r["task_s"].items())
         + ".",
     ]
