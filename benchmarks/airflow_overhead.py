@@ -202,20 +202,9 @@ def measure(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -
 
 
 def _scheduler_env(env: dict[str, str], home: Path, api_port: int) -> dict[str, str]:
-    return {
-        **env,
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
-        "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": secrets.token_hex(32),
-    }
+    from peers.processes import local_services_env
+
+    return {**env, **local_services_env(home, api_port), "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": secrets.token_hex(32)}
 
 
 def run_scheduler(date: str, env: dict[str, str], home: Path, timeout_s: float = 1800) -> dict[str, Any]:

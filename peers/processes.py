@@ -11,6 +11,27 @@ import sys
 from pathlib import Path
 
 
+def local_services_env(home: Path, api_port: int, parallelism: int = 4) -> dict[str, str]:
+    """What api-server, scheduler, dag-processor and their tasks share in a local
+    deployment on loopback: LocalExecutor, SQLite (waiting for its lock, not
+    failing), nothing paused or scheduled but what the caller backfills."""
+    import secrets
+
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",  # two cores shared by several services
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+    }
+
+
 def start_airflow(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
     """`python -m airflow <args>` in its own session, output to ``logs/<name>.log``."""
     logs.mkdir(parents=True, exist_ok=True)

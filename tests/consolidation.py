@@ -87,149 +87,47 @@ def _write(
         site.instances[str(ds.SOPInstanceUID)] = (study, series, day, modality)
 
 
+SHARED_PATIENT = ("SHARED-7", "CANARY^SHARED")
+ALTERED_PATIENT = ("ALT-3", "CANARY^ALTERED")
+SPLIT_PATIENT = ("SPL-9", "CANARY^SPLIT")
+# (site, study, series number, instances, date, modality, (PatientID, PatientName), pixel fills), written in this
+# order; a series' UID derives from its study's name and number, so both sites' copies of a series share it.
+SERIES: tuple[tuple[str, str, int, int, dt.date, str, tuple[str, str], dict[int, int] | None], ...] = (
+    ("south", "shared", 1, 6, D1, "CT", SHARED_PATIENT, None),  # the same bytes at both sites
+    ("south", "shared", 2, 4, D1, "CT", SHARED_PATIENT, None),
+    ("north", "shared", 1, 6, D1, "CT", SHARED_PATIENT, None),
+    ("north", "shared", 2, 4, D1, "CT", SHARED_PATIENT, None),
+    ("south", "altered", 1, 3, D1, "CT", ALTERED_PATIENT, None),
+    ("north", "altered", 1, 3, D1, "CT", ALTERED_PATIENT, {1: 0x7F}),  # north's second instance differs
+    ("south", "split", 1, 2, D1, "MR", SPLIT_PATIENT, None),
+    ("north", "split", 2, 2, D1, "MR", SPLIT_PATIENT, None),
+    ("south", "collide-s", 1, 2, D1, "CT", (COLLIDING_ID, "CANARY^ALPHA"), None),
+    ("north", "collide-n", 1, 2, D1, "CT", (COLLIDING_ID, "CANARY^BRAVO"), None),
+    ("south", "south-only", 1, 2, D2, "MR", ("SO-1", "CANARY^SOUTHONLY"), None),
+    ("north", "north-only", 1, 1, D2, "MR", ("NO-1", "CANARY^NORTHONLY"), None),
+    ("south", "night-s", 1, 2, D3, "CT", ("NS-1", "CANARY^NIGHTSOUTH"), None),
+    ("north", "night-n", 1, 2, D3, "CT", ("NN-1", "CANARY^NIGHTNORTH"), None),
+)
+
+
 def build(root: Path) -> Consolidation:
-    south, north = SiteFiles(root / "south"), SiteFiles(root / "north")
-    for site in (south, north):
+    sites = {name: SiteFiles(root / name) for name in ("south", "north")}
+    for site in sites.values():
         site.root.mkdir(parents=True, exist_ok=True)
-    studies = {
-        name: _uid("study", name)
-        for name in (
-            "shared",
-            "altered",
-            "split",
-            "collide-s",
-            "collide-n",
-            "south-only",
-            "north-only",
-            "night-s",
-            "night-n",
-        )
-    }
-    shared_patient = ("SHARED-7", "CANARY^SHARED")
-    for site in (south, north):  # the same bytes at both sites
+    studies = {name: _uid("study", name) for name in dict.fromkeys(row[1] for row in SERIES)}
+    for site, study, number, n, day, modality, patient, fill in SERIES:
         _write(
-            site,
-            studies["shared"],
-            _uid("shared", 1),
-            6,
-            day=D1,
-            modality="CT",
-            patient=shared_patient,
-            series_number=1,
+            sites[site],
+            studies[study],
+            _uid(study, number),
+            n,
+            day=day,
+            modality=modality,
+            patient=patient,
+            series_number=number,
+            fill=fill,
         )
-        _write(
-            site,
-            studies["shared"],
-            _uid("shared", 2),
-            4,
-            day=D1,
-            modality="CT",
-            patient=shared_patient,
-            series_number=2,
-        )
-    altered = _uid("altered", 1)
-    _write(
-        south,
-        studies["altered"],
-        altered,
-        3,
-        day=D1,
-        modality="CT",
-        patient=("ALT-3", "CANARY^ALTERED"),
-        series_number=1,
-    )
-    _write(
-        north,
-        studies["altered"],
-        altered,
-        3,
-        day=D1,
-        modality="CT",
-        patient=("ALT-3", "CANARY^ALTERED"),
-        series_number=1,
-        fill={1: 0x7F},
-    )  # north's copy of the second instance differs
-    _write(
-        south,
-        studies["split"],
-        _uid("split", 1),
-        2,
-        day=D1,
-        modality="MR",
-        patient=("SPL-9", "CANARY^SPLIT"),
-        series_number=1,
-    )
-    _write(
-        north,
-        studies["split"],
-        _uid("split", 2),
-        2,
-        day=D1,
-        modality="MR",
-        patient=("SPL-9", "CANARY^SPLIT"),
-        series_number=2,
-    )
-    _write(
-        south,
-        studies["collide-s"],
-        _uid("collide-s", 1),
-        2,
-        day=D1,
-        modality="CT",
-        patient=(COLLIDING_ID, "CANARY^ALPHA"),
-        series_number=1,
-    )
-    _write(
-        north,
-        studies["collide-n"],
-        _uid("collide-n", 1),
-        2,
-        day=D1,
-        modality="CT",
-        patient=(COLLIDING_ID, "CANARY^BRAVO"),
-        series_number=1,
-    )
-    _write(
-        south,
-        studies["south-only"],
-        _uid("south-only", 1),
-        2,
-        day=D2,
-        modality="MR",
-        patient=("SO-1", "CANARY^SOUTHONLY"),
-        series_number=1,
-    )
-    _write(
-        north,
-        studies["north-only"],
-        _uid("north-only", 1),
-        1,
-        day=D2,
-        modality="MR",
-        patient=("NO-1", "CANARY^NORTHONLY"),
-        series_number=1,
-    )
-    _write(
-        south,
-        studies["night-s"],
-        _uid("night-s", 1),
-        2,
-        day=D3,
-        modality="CT",
-        patient=("NS-1", "CANARY^NIGHTSOUTH"),
-        series_number=1,
-    )
-    _write(
-        north,
-        studies["night-n"],
-        _uid("night-n", 1),
-        2,
-        day=D3,
-        modality="CT",
-        patient=("NN-1", "CANARY^NIGHTNORTH"),
-        series_number=1,
-    )
-    return Consolidation(south, north, studies, _uid(altered, 1))
+    return Consolidation(sites["south"], sites["north"], studies, _uid(_uid("altered", 1), 1))
 
 
 CANARIES = ("CANARY^SHARED", "CANARY^ALTERED", "CANARY^SPLIT", "CANARY^ALPHA", "CANARY^BRAVO", "SHARED-7")

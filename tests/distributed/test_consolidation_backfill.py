@@ -18,7 +18,6 @@ import email
 import io
 import json
 import os
-import secrets
 import time
 
 import pandas as pd
@@ -64,25 +63,14 @@ def _config(path, north_port: int) -> None:
 
 def _env(tmp_path, home, counters, s3_server, bucket, mail, config) -> dict[str, str]:
     from peers.ports import free_port
+    from peers.processes import local_services_env
 
-    api_port = free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **local_services_env(home, free_port())}
     env.update(
         {
-            "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(api_port),
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__OPENLINEAGE__DISABLED": "True",
             "PYTHONPATH": str(ROOT),
             "GX_ANALYTICS_ENABLED": "False",
