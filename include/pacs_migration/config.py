@@ -392,6 +392,9 @@ class NormalizationConfig(Section):
     # replaced and the instance quarantined NORMALIZE_TIME_LIMIT (in the load
     # threads the byte and nesting limits and the task's execution_timeout bound it).
     instance_seconds: float = Field(60.0, gt=0, le=3600)
+    # Instances of at least this size are normalized from their staged file (header
+    # parsed, pixel data hashed and copied in chunks): memory stays flat in object size.
+    stream_from_mb: int = Field(64, ge=1, le=5120)
     _rules: Any = PrivateAttr(default=None)  # the loaded RuleSet (rules.py is imported only to load one)
 
     @field_validator("ruleset")

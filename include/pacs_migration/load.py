@@ -26,11 +26,12 @@ from .counts import StageTimes
 from .dimse import ReceivedInstance
 from .manifest import TRANSFER_COLUMNS, PartitionManifests, source_label, writer_tag
 from .normalize import NormalizeResult, normalize
+from .normalize_file import STREAM_FROM_BYTES, normalize_file
 from .normalize_processes import NormalizeProcesses
 from .privacy import PatientKeyer
 from .reasons import InstanceState, ReasonCode, reason
 from .rules import PatientPolicy, RuleSet
-from .store import ObjectStore, PutOutcome
+from .store import Body, ObjectStore, PutOutcome, body_size, file_sha256
 from .uids import InstanceUIDs
 
 Expected = InstanceUIDs  # (study, series, SOP Instance UID), as the census names it
@@ -48,6 +49,7 @@ class LoadContext:
     keyer: PatientKeyer
     times: StageTimes | None = None
     normalizer: NormalizeProcesses | None = None
+    stream_from: int = STREAM_FROM_BYTES  # bytes: larger instances are never held whole
 
     @property
     def store(self) -> ObjectStore:
@@ -77,14 +79,15 @@ class Prepared:
     data: bytes | None = None
     out: Path | None = None
 
-    def object_bytes(self) -> tuple[bytes, str]:
-        """(bytes, SHA-256): passed through unchanged, the hash taken on arrival is the object's."""
+    def object_body(self) -> tuple[Body, str]:
+        """(bytes or the file holding them, SHA-256): passed through unchanged,
+        the hash taken on arrival is the object's. Files are read by the upload
+        in parts, never whole above the multipart threshold."""
         if self.data is not None:
             return self.data, hashlib.sha256(self.data).hexdigest()
         if self.out is not None:
-            data = self.out.read_bytes()
-            return data, hashlib.sha256(data).hexdigest()
-        return self.item.path.read_bytes(), self.item.sha256
+            return self.out, file_sha256(self.out)
+        return self.item.path, self.item.sha256
 
 
 def row_for(item: ReceivedInstance, expected: Expected | None, run_id: str, membership: str | None) -> Row:
@@ -103,12 +106,13 @@ def row_for(item: ReceivedInstance, expected: Expected | None, run_id: str, memb
     return row
 
 
-def quarantine(ctx: LoadContext, row: Row, raw: bytes, code: str) -> None:
-    """Keep the original bytes under their hash; an existing object that no
-    longer matches its hash is rewritten (quarantine is proven like migration)."""
-    digest = row["received_sha256"] or hashlib.sha256(raw).hexdigest()
+def quarantine(ctx: LoadContext, row: Row, original: Path, code: str) -> None:
+    """Keep the original bytes (the staged file) under their hash; an existing
+    object that no longer matches its hash is rewritten (quarantine is proven
+    like migration)."""
+    digest = row["received_sha256"] or file_sha256(original)
     key = ctx.manifests.quarantine_key(digest)
-    put = ctx.store.put_verified(key, raw, digest, {"reason": code}, writer=ctx.writer)
+    put = ctx.store.put_verified(key, original, digest, {"reason": code}, writer=ctx.writer)
     row.update(state=InstanceState.QUARANTINED.value, reason=code, quarantine_key=key, load_action=put.outcome.value)
 
 
@@ -118,7 +122,13 @@ def _normalized(
     """(result, rewritten bytes in memory, rewritten bytes on disk); neither
     when the received bytes pass unchanged. ``spill``: keep them on disk."""
     out_path = item.path.with_name(item.path.name + ".out")
-    if ctx.normalizer is None:
+    if ctx.normalizer is None and item.size >= ctx.stream_from:
+        started = time.perf_counter()
+        result, rewritten = normalize_file(
+            item.path, expected, out_path, ctx.ruleset, ctx.source_ae, stream_from=ctx.stream_from
+        )
+        elapsed, data, out = time.perf_counter() - started, None, out_path if rewritten else None
+    elif ctx.normalizer is None:
         raw = item.path.read_bytes()
         started = time.perf_counter()
         result = normalize(raw, expected, ctx.ruleset, ctx.source_ae)
@@ -142,7 +152,7 @@ def prepare(
     """Normalize one arrival: its final row when quarantined, else what will migrate."""
     row = row_for(item, expected, ctx.run_id, membership if expected else None)
     if expected is None:
-        quarantine(ctx, row, item.path.read_bytes(), reason(ReasonCode.UNSOLICITED))
+        quarantine(ctx, row, item.path, reason(ReasonCode.UNSOLICITED))
         return row
     result, data, out = _normalized(ctx, expected, item, spill)
     row.update(
@@ -158,7 +168,7 @@ def prepare(
         rules_applied=";".join(result.rules_applied) or None,
     )
     if result.reason is not None:
-        quarantine(ctx, row, item.path.read_bytes(), result.reason)
+        quarantine(ctx, row, item.path, result.reason)
         return row
     return Prepared(row, expected, item, data, out)
 
@@ -166,7 +176,7 @@ def prepare(
 def load(ctx: LoadContext, p: Prepared) -> Row:
     """Put a prepared instance live, write-once; a different object already
     under its key quarantines it ``UID_CONFLICT``."""
-    data, digest = p.object_bytes()
+    data, digest = p.object_body()
     key = ctx.manifests.instance_key(*p.expected)
     started = time.perf_counter()
     meta = {"source-sha256": p.item.sha256, "ruleset": ctx.ruleset.label}
@@ -174,14 +184,14 @@ def load(ctx: LoadContext, p: Prepared) -> Row:
         meta["source"] = ctx.source  # which archive's copy this is (none: the first, unnamed source)
     put = ctx.store.put_new(key, data, digest, meta, same_if=("source-sha256", "ruleset"), writer=ctx.writer)
     if ctx.times:
-        ctx.times.add("upload", time.perf_counter() - started, len(data))
+        ctx.times.add("upload", time.perf_counter() - started, body_size(data))
     theirs = (put.metadata or {}).get("source", "")
     if put.outcome is not PutOutcome.CREATED and theirs != ctx.source:
         p.row["other_source"] = source_label(theirs)  # the same instance, migrated from another archive
     if put.outcome is PutOutcome.CONFLICT:
         if theirs == ctx.source and _source_changed(ctx, key, p):
             return p.row
-        quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
+        quarantine(ctx, p.row, p.item.path, reason(ReasonCode.UID_CONFLICT))
         return p.row
     p.row.update(
         state=InstanceState.MIGRATED.value,
@@ -203,7 +213,7 @@ def _source_changed(ctx: LoadContext, key: str, p: Prepared) -> bool:
     meta = (live.metadata or {}) if live else {}
     if live is None or meta.get("ruleset") != ctx.ruleset.label or meta.get("source-sha256") in (None, p.item.sha256):
         return False
-    quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.SOURCE_CHANGED))
+    quarantine(ctx, p.row, p.item.path, reason(ReasonCode.SOURCE_CHANGED))
     p.row.update(
         state=InstanceState.MIGRATED.value,
         object_key=key,
@@ -283,7 +293,7 @@ class Membership:
             row = row_for(item, named[0] if named else None, ctx.run_id, "census" if named else None)
             if not named and uids:
                 row.update(study_instance_uid=uids[0], series_instance_uid=uids[1])
-            quarantine(ctx, row, item.path.read_bytes(), reason(ReasonCode.UID_CONFLICT))
+            quarantine(ctx, row, item.path, reason(ReasonCode.UID_CONFLICT))
             rows.append(row)
         return rows
 
@@ -336,7 +346,7 @@ def settle(ctx: LoadContext, released: list[Prepared], inconsistent: bool) -> li
     rows = []
     for p in released:
         if inconsistent:
-            quarantine(ctx, p.row, p.item.path.read_bytes(), reason(ReasonCode.INCONSISTENT_PATIENT))
+            quarantine(ctx, p.row, p.item.path, reason(ReasonCode.INCONSISTENT_PATIENT))
             rows.append(p.row)
         else:
             rows.append(load(ctx, p))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import mmap
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ _UNDEFINED = 0xFFFFFFFF
 NESTING_LIMIT = 64
 INFLATE_LIMIT_BYTES = 1 << 30
 INFLATE_RATIO_LIMIT = 200
+ByteBuffer = bytes | mmap.mmap  # a file's bytes, read or mapped (normalize_file walks a mapped file)
 
 
 @dataclass
@@ -84,7 +86,9 @@ class _Truncated(Exception):
     pass
 
 
-def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_delimiter: bool, depth: int = 0) -> int:
+def _walk(
+    buf: ByteBuffer, pos: int, end: int, implicit: bool, little: bool, until_delimiter: bool, depth: int = 0
+) -> int:
     """Walk data elements from ``pos``; raise :class:`_Truncated` if any
     declared length runs past the end. Returns the position after the last
     element (or after the delimiter when ``until_delimiter``)."""
@@ -135,7 +139,7 @@ def _walk(buf: bytes, pos: int, end: int, implicit: bool, little: bool, until_de
     return pos
 
 
-def _dataset_offset(raw: bytes) -> tuple[int, str | None]:
+def _dataset_offset(raw: ByteBuffer) -> tuple[int, str | None]:
     """Offset of the dataset after the file meta, and the meta's transfer syntax.
     The meta (group 0002) is explicit VR little endian (PS3.10 7.1); a meta
     written implicit is read as such."""
@@ -175,7 +179,7 @@ def inflate(data: bytes) -> bytes:
     return out
 
 
-def check_structure(raw: bytes, transfer_syntax: str, offset: int) -> None:
+def check_structure(raw: ByteBuffer, transfer_syntax: str, offset: int) -> None:
     """Raise :class:`_Truncated` when an element's declared length runs past EOF."""
     body = raw
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
@@ -387,16 +391,22 @@ def _check_identity(read: _Read, result: NormalizeResult, expected: InstanceUIDs
         raise _Quarantine(reason(ReasonCode.UID_CONFLICT))
 
 
+def check_pixel_length(ds: Dataset, ts_in: str, have: int) -> None:
+    """Native pixel data of ``have`` bytes holds what its attributes declare."""
+    if ts_in not in _NATIVE_SYNTAXES:
+        return
+    want = _expected_pixel_bytes(ds)
+    if "YBR_FULL_422" in str(ds.get("PhotometricInterpretation", "")) and want:
+        want = want * 2 // 3  # 4:2:2 subsampled native data
+    if want is not None and have < want:  # trailing padding is tolerated
+        raise _Quarantine(reason(ReasonCode.PIXEL_LENGTH_MISMATCH))
+
+
 def _check_pixels(read: _Read, result: NormalizeResult) -> None:
     """Step 3: native pixel data holds the bytes its attributes declare; its hash."""
     ds = read.ds
-    if read.ts_in in _NATIVE_SYNTAXES and "PixelData" in ds:
-        want = _expected_pixel_bytes(ds)
-        have = len(ds["PixelData"].value or b"")
-        if "YBR_FULL_422" in str(ds.get("PhotometricInterpretation", "")) and want:
-            want = want * 2 // 3  # 4:2:2 subsampled native data
-        if want is not None and have < want:  # trailing padding is tolerated
-            raise _Quarantine(reason(ReasonCode.PIXEL_LENGTH_MISMATCH))
+    if "PixelData" in ds:
+        check_pixel_length(ds, read.ts_in, len(ds["PixelData"].value or b""))
     result.pixel_sha256_before = _pixel_hash(ds, read.ts_in == ExplicitVRBigEndian)
 
 
@@ -505,6 +515,33 @@ def _rewrite(
 ) -> None:
     """Step 5: explicit VR little endian with fresh, consistent file meta; every
     change listed in ``result.changes`` and recorded in the Original Attributes Sequence."""
+    ts_out = prepare_rewrite(read, result, findings, outcome, ruleset, source_ae, modified_at)
+    ds = read.ds
+    data = _write(ds, ts_out, getattr(ds, "file_meta", None))
+    # Our own output must read back, and carry the same pixel values.
+    result.pixel_sha256_after = _pixel_hash(pydicom.dcmread(io.BytesIO(data)), big_endian=False)
+    check_pixels_kept(result, outcome)
+    result.data, result.transfer_syntax_out = data, ts_out
+
+
+def check_pixels_kept(result: NormalizeResult, outcome: RuleOutcome) -> None:
+    if result.pixel_sha256_after != result.pixel_sha256_before and not any(
+        c.tag == 0x7FE00010 for c in outcome.changes
+    ):
+        raise AssertionError("normalization altered pixel data without a rule")
+
+
+def prepare_rewrite(
+    read: _Read,
+    result: NormalizeResult,
+    findings: _Findings,
+    outcome: RuleOutcome,
+    ruleset: RuleSet,
+    source_ae: str | None,
+    modified_at: dt.datetime | None,
+) -> str:
+    """The dataset changes of step 5, in place (every one listed in
+    ``result.changes``); returns the transfer syntax to write."""
     ds, ts_in = read.ds, read.ts_in
     ts_out = ExplicitVRLittleEndian if ts_in in _NATIVE_SYNTAXES else ts_in
     if read.meta_ts is None:
@@ -520,6 +557,8 @@ def _rewrite(
     if findings.group_lengths:
         result.changes.append(f"group_length:removed:{len(findings.group_lengths)}")
     if findings.un_known:
+        for tag in findings.un_known:
+            _ = ds[tag]  # decoding retypes a known UN (not left to whether a rule happened to read it)
         result.changes.append(f"un:retyped:{len(findings.un_known)}")
     if read.encoding_mismatch:
         result.changes.append("encoding:implicit-vr-body-rewritten-explicit")
@@ -529,14 +568,7 @@ def _rewrite(
     result.changes.extend(outcome.notes)
     if outcome.changes:
         record_original_attributes(ds, outcome.changes, ruleset, source_ae, modified_at)
-    data = _write(ds, ts_out, getattr(ds, "file_meta", None))
-    # Our own output must read back, and carry the same pixel values.
-    result.pixel_sha256_after = _pixel_hash(pydicom.dcmread(io.BytesIO(data)), big_endian=False)
-    if result.pixel_sha256_after != result.pixel_sha256_before and not any(
-        c.tag == 0x7FE00010 for c in outcome.changes
-    ):
-        raise AssertionError("normalization altered pixel data without a rule")
-    result.data, result.transfer_syntax_out = data, ts_out
+    return ts_out
 
 
 def _write(ds: Dataset, ts_out: str, old_meta: Dataset | None) -> bytes:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .logs import configure_logging
-from .normalize import NormalizeResult, normalize
+from .normalize import NormalizeResult
+from .normalize_file import STREAM_FROM_BYTES, normalize_file
 from .reasons import ReasonCode, reason
 from .rules import RuleSet
 from .uids import InstanceUIDs
@@ -37,18 +38,14 @@ def peak_rss_kb(pid: int | str = "self") -> int:
 
 
 def normalize_staged(
-    path: str, expected: InstanceUIDs, ruleset: RuleSet, source_ae: str | None
+    path: str, expected: InstanceUIDs, ruleset: RuleSet, source_ae: str | None, stream_from: int = STREAM_FROM_BYTES
 ) -> tuple[NormalizeResult, bool, float]:
     """Normalize a staged file in a normalize process. Rewritten bytes go to
     ``<path>.out`` beside it, not through the pipe; returns the result without
-    its data, whether it was rewritten, and the seconds it took."""
+    its data, whether it was rewritten, and the seconds it took. Files of
+    ``stream_from`` bytes or more are never held whole (:mod:`normalize_file`)."""
     started = time.perf_counter()
-    raw = Path(path).read_bytes()
-    result = normalize(raw, expected, ruleset, source_ae)
-    rewritten = result.data is not None and result.data is not raw
-    if result.data is not None and rewritten:
-        Path(path + ".out").write_bytes(result.data)
-    result.data = None
+    result, rewritten = normalize_file(Path(path), expected, Path(path + ".out"), ruleset, source_ae, None, stream_from)
     return result, rewritten, time.perf_counter() - started
 
 
@@ -76,14 +73,14 @@ def serve_normalize() -> None:
     configure_logging()
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr
-    ruleset, source_ae = _receive(requests)
+    ruleset, source_ae, stream_from = _receive(requests)
     while True:
         try:
             path, expected = _receive(requests)
         except EOFError:
             return
         try:
-            reply: Any = ("ok", normalize_staged(path, expected, ruleset, source_ae))
+            reply: Any = ("ok", normalize_staged(path, expected, ruleset, source_ae, stream_from))
         except Exception as exc:  # reported to the task, which fails the instance's future
             reply = ("error", f"{type(exc).__name__}: {exc}")
         _send(replies, reply)
@@ -97,9 +94,17 @@ class NormalizeProcesses:
     forbids to have children. The rule set is sent once per process (a
     crosswalk can be large), not with each instance."""
 
-    def __init__(self, processes: int, ruleset: RuleSet, source_ae: str | None, time_limit_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        processes: int,
+        ruleset: RuleSet,
+        source_ae: str | None,
+        time_limit_s: float = 60.0,
+        stream_from: int = STREAM_FROM_BYTES,
+    ) -> None:
         self.ruleset = ruleset
         self.source_ae = source_ae
+        self.stream_from = stream_from  # bytes: larger instances are normalized from their file, never held whole
         self.time_limit_s = time_limit_s  # per instance: past it, quarantined NORMALIZE_TIME_LIMIT
         self._procs: list[subprocess.Popen[bytes]] = []
         self._idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
@@ -116,7 +121,7 @@ class NormalizeProcesses:
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         self._procs.append(proc)
-        _send(proc.stdin, (self.ruleset, self.source_ae))
+        _send(proc.stdin, (self.ruleset, self.source_ae, self.stream_from))
         return proc
 
     def _replace(self, proc: subprocess.Popen[bytes]) -> None:
@@ -179,10 +184,14 @@ class NormalizeProcesses:
 
 
 def normalize_processes(
-    processes: int, ruleset: RuleSet, source_ae: str | None, time_limit_s: float = 60.0
+    processes: int,
+    ruleset: RuleSet,
+    source_ae: str | None,
+    time_limit_s: float = 60.0,
+    stream_from: int = STREAM_FROM_BYTES,
 ) -> NormalizeProcesses | None:
     """``processes`` normalize processes, or None (0) to normalize in the load threads."""
-    return NormalizeProcesses(processes, ruleset, source_ae, time_limit_s) if processes > 0 else None
+    return NormalizeProcesses(processes, ruleset, source_ae, time_limit_s, stream_from) if processes > 0 else None
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ class Services:
         """Normalize processes for a partition of ``instances`` (None: normalize in the load threads)."""
         cfg = self.config
         processes = cfg.normalize_processes if instances >= cfg.normalize_processes_from else 0
+        n = cfg.normalization
         return normalize_processes(
-            processes, self.ruleset, self.source.called_ae_title, cfg.normalization.instance_seconds
+            processes, self.ruleset, self.source.called_ae_title, n.instance_seconds, n.stream_from_mb << 20
         )
 
     def manifests(self, partition: Partition) -> PartitionManifests:
@@ -241,6 +242,7 @@ def transfer_step(
                         normalizer=normalizer,
                         keyer=keyer,
                         should_stop=should_stop,
+                        stream_from=cfg.normalization.stream_from_mb << 20,
                     )
             except BaseException:
                 trail.transfer(_expected_rows(series), began, failed=True)  # what this run set out to move

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -22,6 +23,30 @@ from botocore.exceptions import ClientError
 from .config import TargetConfig
 
 log = logging.getLogger(__name__)
+
+Body = bytes | Path  # an object's bytes, or the file that holds them (read in parts, never whole)
+_CHUNK = 1 << 20
+
+
+def body_size(body: Body) -> int:
+    return body.stat().st_size if isinstance(body, Path) else len(body)
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _part(body: Body, start: int, size: int) -> bytes:
+    if not isinstance(body, Path):
+        return body[start : start + size]
+    with open(body, "rb") as fh:
+        fh.seek(start)
+        return fh.read(size)
 
 
 class PutOutcome(str, Enum):
@@ -78,7 +103,7 @@ class ObjectStore:
     def put_new(
         self,
         key: str,
-        data: bytes,
+        data: Body,
         sha256_hex: str,
         metadata: dict[str, str] | None = None,
         same_if: tuple[str, ...] = (),
@@ -94,24 +119,13 @@ class ObjectStore:
         differ while its meaning does not). Anything else is a ``CONFLICT``.
         ``writer`` (a tag of the run) is stored with the object: a put whose
         first response was lost and whose retry finds the object it wrote
-        itself is still ``CREATED``.
+        itself is still ``CREATED``. ``data``: bytes, or a file (read in parts
+        above the multipart threshold: memory flat in the object's size).
         """
         meta = {"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})}
         try:
-            if len(data) > self.target.multipart_threshold_mb << 20:
-                self._put_parts(key, data, content_type, meta)
-            else:
-                self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=data,
-                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
-                    IfNoneMatch="*",
-                    ContentType=content_type,
-                    Metadata=meta,
-                    **self._sse(),
-                )
-            return PutResult(PutOutcome.CREATED, sha256_hex, len(data))
+            self._write(key, data, sha256_hex, content_type, meta, {"IfNoneMatch": "*"})
+            return PutResult(PutOutcome.CREATED, sha256_hex, body_size(data))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -129,10 +143,32 @@ class ObjectStore:
             outcome = PutOutcome.CREATED  # ours: the first response was lost, not the write
         return PutResult(outcome, existing.sha256 or "", existing.size, theirs)
 
-    def _put_parts(self, key: str, data: bytes, content_type: str, meta: dict[str, str]) -> None:
+    def _write(
+        self, key: str, data: Body, sha256_hex: str, content_type: str, meta: dict[str, str], condition: dict[str, str]
+    ) -> None:
+        """One PUT, or a multipart upload above the threshold; ``condition``: If-None-Match or none."""
+        size = body_size(data)
+        if size > self.target.multipart_threshold_mb << 20:
+            self._put_parts(key, data, content_type, meta, condition)
+            return
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=data.read_bytes() if isinstance(data, Path) else data,  # at most the threshold
+            ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+            ContentType=content_type,
+            Metadata=meta,
+            **condition,
+            **self._sse(),
+        )
+
+    def _put_parts(
+        self, key: str, data: Body, content_type: str, meta: dict[str, str], condition: dict[str, str]
+    ) -> None:
         """A multipart upload, each part with its SHA-256 (S3 verifies each), completed
-        with ``If-None-Match: *`` (write-once as a single PUT); aborted on any failure,
-        so no part is left behind (a 412 at completion included)."""
+        under ``condition`` (``If-None-Match: *``: write-once as a single PUT); aborted
+        on any failure, so no part is left behind (a 412 at completion included). A
+        file is read one part at a time."""
         part_size = self.target.multipart_part_mb << 20
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket,
@@ -145,22 +181,22 @@ class ObjectStore:
         upload_id = upload["UploadId"]
         try:
             parts = []
-            view = memoryview(data)
-            for number, start in enumerate(range(0, len(data), part_size), 1):
-                chunk = view[start : start + part_size]
+            for number, start in enumerate(range(0, body_size(data), part_size), 1):
+                chunk = _part(data, start, part_size)
                 digest = base64.b64encode(hashlib.sha256(chunk).digest()).decode()
                 rsp = self.client.upload_part(
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=chunk.tobytes(),
+                    Body=chunk,
                     ChecksumAlgorithm="SHA256",
                     ChecksumSHA256=digest,
                 )
+                del chunk  # one part in memory at a time
                 parts.append({"PartNumber": number, "ETag": rsp["ETag"], "ChecksumSHA256": digest})
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **condition
             )
         except BaseException:
             try:
@@ -172,7 +208,7 @@ class ObjectStore:
     def put_verified(
         self,
         key: str,
-        data: bytes,
+        data: Body,
         sha256_hex: str,
         metadata: dict[str, str] | None = None,
         writer: str | None = None,
@@ -185,19 +221,12 @@ class ObjectStore:
         put = self.put_new(key, data, sha256_hex, metadata, writer=writer, content_type=content_type)
         if put.outcome is PutOutcome.CREATED:
             return put
-        stored = self.get_or_none(key)
-        if stored is not None and hashlib.sha256(stored).hexdigest() == sha256_hex:
-            return PutResult(PutOutcome.ALREADY_PRESENT, sha256_hex, len(stored))
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=key,
-            Body=data,
-            ContentType=content_type,
-            ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
-            Metadata={"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})},
-            **self._sse(),
-        )
-        return PutResult(PutOutcome.REPAIRED, sha256_hex, len(data))
+        stored = self.sha256_of(key)
+        if stored is not None and stored[0] == sha256_hex:
+            return PutResult(PutOutcome.ALREADY_PRESENT, sha256_hex, stored[1])
+        meta = {"sha256": sha256_hex, **(metadata or {}), **({"writer": writer} if writer else {})}
+        self._write(key, data, sha256_hex, content_type, meta, {})
+        return PutResult(PutOutcome.REPAIRED, sha256_hex, body_size(data))
 
     def put(
         self,

@@ -7,7 +7,6 @@ Only counts leave (for XCom); the per-instance record is the transfer manifest.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -33,6 +32,7 @@ from .load import (
     unresolved,
 )
 from .manifest import TRANSFER_COLUMNS, PartitionManifests, transfer_frame
+from .normalize_file import STREAM_FROM_BYTES
 from .normalize_processes import NormalizeProcesses
 from .partition import Partition
 from .privacy import MissingSecret, PatientKeyer
@@ -85,6 +85,7 @@ def transfer_partition(
     normalizer: NormalizeProcesses | None = None,
     keyer: PatientKeyer | None = None,
     should_stop: Any = None,
+    stream_from: int = STREAM_FROM_BYTES,
 ) -> PartitionCounts:
     """Move one partition and write its transfer manifest.
 
@@ -98,12 +99,16 @@ def transfer_partition(
     (:mod:`privacy`); required. ``should_stop``: asked before each series; once
     true, the rest of the partition is left ``unresolved`` ``WINDOW_CLOSED``
     (what was moved is recorded: the manifest stays consistent).
+    ``stream_from``: instances of this many bytes or more are normalized and
+    uploaded from their staged file, never held whole in memory.
     """
     if keyer is None:
         raise MissingSecret("transfer_partition needs a PatientKeyer (the patient-key secret)")
     if normalizer is not None and (normalizer.ruleset != ruleset or normalizer.source_ae != source_ae):
         raise ValueError("normalizer was made for another rule set or source AE")
-    ctx = LoadContext(PartitionManifests(store, partition), run_id, ruleset, source_ae, keyer, times, normalizer)
+    ctx = LoadContext(
+        PartitionManifests(store, partition), run_id, ruleset, source_ae, keyer, times, normalizer, stream_from
+    )
     previous = ctx.manifests.transfer_or_none()
     pipeline = _LoadPipeline(ctx, series, upload_threads)
     progress = ProgressLog(f"partition {partition.key}", sum(len(s.instances) for s in series), "instances received")
@@ -208,8 +213,8 @@ def _orphans(
 
 
 def _adopt(store: ObjectStore, manifests: PartitionManifests, key: str, head: Any, run_id: str) -> Row | None:
-    data = store.get_or_none(key)
-    if head is None or data is None or hashlib.sha256(data).hexdigest() != head.sha256:
+    read = store.sha256_of(key) if head is not None else None  # streamed: an orphan may be of any size
+    if head is None or read is None or read[0] != head.sha256:
         return None
     study, _, series, _, name = key[len(store.target.prefix) :].split("/")[1:6]
     return {
@@ -224,7 +229,7 @@ def _adopt(store: ObjectStore, manifests: PartitionManifests, key: str, head: An
         "modality": manifests.partition.modality,
         "object_key": key,
         "object_sha256": head.sha256,
-        "object_size": len(data),
+        "object_size": read[1],
         "load_action": "adopted",
         "run_id": run_id,
     }
