@@ -68,7 +68,7 @@ def _assess(src: SourceTasks):
     @task(
         task_id=src.task_id("assess"),
         pool=src.pool,
-        pool_slots=1,
+        pool_slots=src.census_slots,
         execution_timeout=TIMEOUTS["transfer"],
         outlets=[ASSESSMENT],
     )
@@ -112,6 +112,7 @@ def _assess(src: SourceTasks):
                 on_day=lambda _day: progress.tick(),  # a progress line every 30 days or 30 s
                 reports=reports,
                 patient_key=keyer,
+                workers=source.census_associations,
             )
         where = f"s3://{cfg.target.bucket}/{cfg.target.prefix}_assessment/{first}_{last}/"
         label = f"dicom://{source.host}:{source.port} AE {source.called_ae_title}"

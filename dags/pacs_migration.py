@@ -60,7 +60,9 @@ def _request():
 def _source_branch(src: SourceTasks):
     """One legacy archive's census and partitions, in its own pool."""
 
-    @task(task_id=src.task_id("census"), pool=src.pool, pool_slots=1, execution_timeout=TIMEOUTS["census"])
+    @task(
+        task_id=src.task_id("census"), pool=src.pool, pool_slots=src.census_slots, execution_timeout=TIMEOUTS["census"]
+    )
     def census() -> list[dict[str, str]]:
         from include.pacs_migration.steps import census_step, run_started
         from include.pacs_migration_airflow import date_held, recorded_failure, services

@@ -76,12 +76,13 @@ def asset_partition_key(study_date: str, modality: str, source: str = "") -> str
     return f"{study_date}|{modality}|{source}" if source else f"{study_date}|{modality}"
 
 
-def associations_per_task(source: Any = None) -> int:
-    """max_associations of a source (default: ``source``): the pool slots of a task that retrieves.
-    An invalid value falls back to the default here; the tasks fail on it, naming it."""
-    field = SourceConfig.model_fields["max_associations"]
+def associations_per_task(source: Any = None, key: str = "max_associations") -> int:
+    """max_associations of a source (default: ``source``): the pool slots of a task that
+    retrieves (``key`` census_associations: of a census). An invalid value falls back to
+    the default here; the tasks fail on it, naming it."""
+    field = SourceConfig.model_fields[key]
     section = source if isinstance(source, dict) else (_yaml().get("source") or {})
-    value = section.get("max_associations", field.default)
+    value = section.get(key, field.default)
     try:
         return int(TypeAdapter(Annotated[int, Field(strict=True), *field.metadata]).validate_python(value))
     except ValidationError:
@@ -97,6 +98,7 @@ class SourceTasks:
     pool: str
     slots: int
     first: bool = False  # the first source keeps the ids a single-source deployment has
+    census_slots: int = 1  # census_associations: the census's and the assessment's
 
     def task_id(self, base: str) -> str:
         """``census`` for the first source, ``census_<name>`` for the others."""
@@ -108,11 +110,15 @@ def source_tasks() -> list[SourceTasks]:
     partition group, one pool each. A source without a valid name is left out
     here; the tasks fail on the config, naming it."""
     first, *more = _source_sections()
-    out = [SourceTasks(_name(first.get("name")), PACS_POOL, associations_per_task(first), first=True)]
+    out = [SourceTasks(_name(first.get("name")), PACS_POOL, associations_per_task(first), True, _census_slots(first))]
     for src in more:
         if name := _name(src.get("name")):
-            out.append(SourceTasks(name, source_pool(name), associations_per_task(src)))
+            out.append(SourceTasks(name, source_pool(name), associations_per_task(src), False, _census_slots(src)))
     return out
+
+
+def _census_slots(source: dict) -> int:
+    return min(associations_per_task(source, "census_associations"), associations_per_task(source))
 
 
 def _name(value: Any) -> str:

@@ -264,8 +264,10 @@ class _Tally:
         folder: Path,
         reports: ReportsOf | None = None,
         patient_key: PatientKey | None = None,
+        workers: int = 1,
     ) -> None:
         self.find, self.config, self.reports, self.patient_key = find, config, reports, patient_key
+        self.workers = workers  # studies asked at once (census_associations)
         self.reports_by_date: list[dict[str, Any]] = []
         self.by_date: dict[tuple[str, str], _Cell] = defaultdict(_Cell)
         self.by_year: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
@@ -299,7 +301,7 @@ class _Tally:
                     if a.get("StudyInstanceUID")
                 ],
             )
-        census = census_of_studies(self.find, day, dict(sorted(studies.items())), warnings)
+        census = census_of_studies(self.find, day, dict(sorted(studies.items())), warnings, workers=self.workers)
         self.findings.extend(_census_finding(iso, w) for w in census.warnings)
         for s in census.series:
             self._series(day, s)
@@ -412,16 +414,18 @@ def assess(
     on_day: Callable[[dt.date], None] | None = None,
     reports: ReportsOf | None = None,
     patient_key: PatientKey | None = None,
+    workers: int = 1,
 ) -> Assessment:
     """Take the census of every day in ``[date_from, date_to]`` and measure it.
     ``reports``: the RIS's messages of a date (count, accession numbers they
     name); each study none names is a ``STUDY_WITHOUT_REPORT`` finding.
-    ``patient_key``: keep each study's keyed PatientID (for :func:`overlap`)."""
+    ``patient_key``: keep each study's keyed PatientID (for :func:`overlap`).
+    ``workers``: studies asked at once (the source's census_associations)."""
     if date_to < date_from:
         raise ValueError("date_to is before date_from")
     config = config or AssessmentConfig()
     with tempfile.TemporaryDirectory(prefix="assessment-") as tmp:
-        tally = _Tally(find, config, Path(tmp), reports, patient_key)
+        tally = _Tally(find, config, Path(tmp), reports, patient_key, workers)
         day = date_from
         while day <= date_to:
             if on_day:

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -208,6 +209,7 @@ def take_census(
     find_limit: int | None = None,
     split_depth: int = 12,
     image_limit: int | None = None,
+    workers: int = 1,
 ) -> Census:
     """C-FIND the whole expected set for ``study_date``.
 
@@ -223,9 +225,12 @@ def take_census(
         How many times a truncated query may be bisected by StudyTime or SeriesTime.
     image_limit : int, optional
         The PACS's known cap on answers per image-level C-FIND.
+    workers : int
+        Studies whose series and images are asked at once (each query its own
+        association): a busy day's census is bound by the PACS's answer time.
     """
     studies, warnings = find_studies(find, study_date.strftime("%Y%m%d"), find_limit, split_depth)
-    return census_of_studies(find, study_date, studies, warnings, find_limit, split_depth, image_limit)
+    return census_of_studies(find, study_date, studies, warnings, find_limit, split_depth, image_limit, workers)
 
 
 @dataclass
@@ -243,9 +248,12 @@ def census_of_studies(
     find_limit: int | None = None,
     split_depth: int = 12,
     image_limit: int | None = None,
+    workers: int = 1,
 ) -> Census:
     """Series and image levels of ``studies`` (UID -> reported instance count),
     reconciled against the counts; ``warnings`` so far are carried along.
+    ``workers`` studies are asked at once; the outcome (series and warnings, in
+    study order) does not depend on it.
 
     A query that fails for one study or series is confined to it: the study
     or series gets a ``census_gap`` (``CENSUS_FAILED:<level>``), the rest of
@@ -253,11 +261,18 @@ def census_of_studies(
     gap ``IMAGE_CAPPED``: its members are completed by the retrieval.
     """
     caps = _Caps(find_limit, image_limit, split_depth)
-    warnings = list(warnings)
-    series_out: list[CensusSeries] = []
-    for study_uid, reported_study in studies.items():
-        series_out.extend(_study_series(find, study_date, study_uid, reported_study, caps, warnings))
-    return Census(study_date, tuple(series_out), tuple(warnings))
+
+    def one(item: tuple[str, int | None]) -> tuple[list[CensusSeries], list[CensusWarning]]:
+        found: list[CensusWarning] = []
+        return _study_series(find, study_date, item[0], item[1], caps, found), found
+
+    if workers > 1 and len(studies) > 1:
+        with ThreadPoolExecutor(min(workers, len(studies)), thread_name_prefix="census") as pool:
+            results = list(pool.map(one, studies.items()))
+    else:
+        results = [one(item) for item in studies.items()]
+    series_out = [s for series, _ in results for s in series]
+    return Census(study_date, tuple(series_out), tuple(warnings) + tuple(w for _, found in results for w in found))
 
 
 def _study_series(

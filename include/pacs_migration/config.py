@@ -191,6 +191,9 @@ class SourceConfig(Section):
     called_ae_title: AETitle
     calling_ae_title: AETitle
     max_associations: int = Field(2, ge=1, le=64)
+    # Studies the census (and the assessment) asks about at once, each query on its
+    # own association; at most max_associations (the census task holds as many pool slots).
+    census_associations: int = Field(1, ge=1, le=64)
     retrieve_method: Literal["C-GET", "C-MOVE"] = "C-GET"
     retrieve_attempts: int = Field(3, ge=1, le=20)
     acse_timeout: float = Field(30.0, ge=0.1, le=3600)
@@ -241,6 +244,15 @@ class SourceConfig(Section):
     def label(self) -> str:
         """The name in partition keys (``""``: the unnamed first source)."""
         return self.name or ""
+
+    @model_validator(mode="after")
+    def _census_associations(self) -> SourceConfig:
+        if self.census_associations > self.max_associations:
+            raise _FieldError(
+                "census_associations",
+                f"{self.census_associations} is more than max_associations ({self.max_associations})",
+            )
+        return self
 
     @model_validator(mode="after")
     def _move_tls(self) -> SourceConfig:

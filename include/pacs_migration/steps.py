@@ -145,6 +145,7 @@ def take_date_census(services: Services, study_date: dt.date) -> Census:
             source.find_limit,
             source.census_split_depth,
             source.find_limit_instances,
+            source.census_associations,
         )
     return dataclasses.replace(census, source=services.source_name)
 

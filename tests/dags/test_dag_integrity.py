@@ -105,6 +105,7 @@ def test_each_source_archive_has_its_tasks_pool_and_nightly(tmp_path, monkeypatc
 
     cfg = yaml.safe_load((DAGS.parent / "include/config/migration.yaml").read_text())
     north = {**cfg["source"], "name": "north", "host": "pacs-north", "port": 104, "max_associations": 3}
+    north["census_associations"] = 2  # the census and the assessment ask two studies at once
     cfg["sources"] = [{**north, "window": {"start": "22:30", "end": "04:00"}}]
     path = tmp_path / "migration.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -115,11 +116,11 @@ def test_each_source_archive_has_its_tasks_pool_and_nightly(tmp_path, monkeypatc
     pools = {t.task_id: (t.pool, t.pool_slots) for t in migration.tasks}
     assert pools["census"] == ("pacs_source_associations", 1)
     assert pools["partition.transfer"] == ("pacs_source_associations", 2)
-    assert pools["census_north"] == ("pacs_source_associations_north", 1)
+    assert pools["census_north"] == ("pacs_source_associations_north", 2)
     assert pools["partition_north.transfer"] == ("pacs_source_associations_north", 3)
     assert migration.get_task("reports").upstream_task_ids >= {"partition.lineage", "partition_north.lineage"}
     assess = bag.dags["pacs_assessment"].get_task("assess_north")
-    assert (assess.pool, assess.pool_slots) == ("pacs_source_associations_north", 1)
+    assert (assess.pool, assess.pool_slots) == ("pacs_source_associations_north", 2)
     nightly = bag.dags["pacs_nightly_north"]
     assert nightly.timetable.summary.startswith("30 22 * * *") and nightly.max_active_runs == 1
     migrate = nightly.get_task("migrate")

@@ -140,3 +140,28 @@ def test_series_query_failure_is_confined_to_its_study(tmp_path, s3_server, buck
     unknown = results["2019-03-01/UNKNOWN"][2]
     assert unknown["reason"].tolist() == ["CENSUS_FAILED:SERIES"] * 4  # the study's reported instance count
     assert not results["2019-03-01/UNKNOWN"][1].success
+
+
+def test_a_census_asked_over_several_associations_is_the_sequential_one(tmp_path):
+    """Issue 22, point 4: ``census_associations`` studies asked at once; the census
+    (series, instances, gaps, warnings, their order) is the one-at-a-time census,
+    under a failed series query, a failed image query and an image cap."""
+    import pydicom
+
+    for i in range(8):
+        series_study(tmp_path / "a" / f"s{i}", 2, [3, 600 if i == 2 else 3], tag=f"s{i}")
+    bad_study = str(pydicom.dcmread(next((tmp_path / "a" / "s5").glob("*.dcm"))).StudyInstanceUID)
+    bad_series = str(pydicom.dcmread(next((tmp_path / "a" / "s6").glob("*.dcm"))).SeriesInstanceUID)
+    faults = Faults(fail_series_find=frozenset({bad_study}), fail_image_find=frozenset({bad_series}))
+    pacs = SimulatedPACS(tmp_path / "a", faults=faults, image_find_limit=500)
+    try:
+        with FindSession(loopback_source(pacs.port)) as session:
+            one = take_census(session.find, DATE, image_limit=500)
+            pacs.max_active = 0
+            four = take_census(session.find, DATE, image_limit=500, workers=4)
+    finally:
+        pacs.stop()
+    assert four == one
+    assert sorted(w.code for w in one.warnings) == ["CENSUS_FAILED:IMAGE", "CENSUS_FAILED:SERIES"]
+    assert sum(s.census_gap == "IMAGE_CAPPED" for s in one.series) == 1
+    assert 1 < pacs.max_active <= 4  # asked at once, never more than allowed

@@ -123,3 +123,13 @@ def test_dag_parsing_and_tasks_read_one_file(tmp_path, monkeypatch):
     assert parse_time.config_path() == site
     assert parse_time.associations_per_task() == 5
     assert parse_time.nightly_cron()[0] == "30 21 * * *"
+
+
+def test_census_associations_stay_within_max_associations():
+    """Issue 22: the census asks ``census_associations`` studies at once, within the PACS's budget."""
+    data = _base()
+    data["source"].update(max_associations=2, census_associations=3)
+    err = _error(data)
+    assert err.field == "source.census_associations" and "more than max_associations (2)" in str(err)
+    data["source"]["census_associations"] = 2
+    assert load_config(data, CONFIG_DIR).source.census_associations == 2
