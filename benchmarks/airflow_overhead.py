@@ -25,6 +25,7 @@ scheduled and starting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,40 +209,50 @@ def _scheduler_env(env: dict[str, str], home: Path, api_port: int) -> dict[str, 
     return {**env, **local_services_env(home, api_port), "AIRFLOW_VAR_PACS_PATIENT_KEY_SECRET": secrets.token_hex(32)}
 
 
+def _when(value: Any) -> dt.datetime:
+    """A timestamp column as either database returns it (SQLite: text)."""
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+
+
 def run_scheduler(date: str, env: dict[str, str], home: Path, timeout_s: float = 1800) -> dict[str, Any]:
     """One backfill of ``date`` through the scheduler (services already started
     and the DAG registered); wall seconds from ``backfill create`` to the run's end,
-    and per task instance its run time and its wait from scheduled to started."""
-    import sqlite3
+    and per task instance its run time and its wait from scheduled to started.
+    The metadata database is the deployment's (SQLite, or PostgreSQL under Celery)."""
+    import sqlalchemy
 
     from peers.processes import airflow_cli
 
+    engine = sqlalchemy.create_engine(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
     t0 = time.perf_counter()
     airflow_cli(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", date, "--to-date", date)
     deadline = time.monotonic() + timeout_s
-    db = home / "airflow.db"
-    while time.monotonic() < deadline:
-        with sqlite3.connect(db, timeout=60) as conn:
-            row = conn.execute(
-                "SELECT run_id, state, start_date, end_date FROM dag_run WHERE dag_id = 'pacs_migration'"
-            ).fetchone()
-        if row and row[1] in ("success", "failed"):
-            break
-        time.sleep(0.5)
-    else:
-        raise RuntimeError(f"backfill of {date} not finished in {timeout_s} s")
-    seconds = time.perf_counter() - t0
-    with sqlite3.connect(db, timeout=60) as conn:
-        tis = conn.execute(
-            "SELECT task_id, duration, julianday(start_date) - julianday(scheduled_dttm), "
-            "julianday(start_date) - julianday(queued_dttm) FROM task_instance WHERE run_id = ?",
-            (row[0],),
-        ).fetchall()
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sqlalchemy.text("SELECT run_id, state FROM dag_run WHERE dag_id = 'pacs_migration'")
+                ).fetchone()
+            if row and row[1] in ("success", "failed"):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"backfill of {date} not finished in {timeout_s} s")
+        seconds = time.perf_counter() - t0
+        with engine.connect() as conn:
+            tis = conn.execute(
+                sqlalchemy.text(
+                    "SELECT task_id, duration, start_date, scheduled_dttm FROM task_instance WHERE run_id = :run"
+                ),
+                {"run": row[0]},
+            ).fetchall()
+    finally:
+        engine.dispose()
     tasks: dict[str, float] = {}
-    for task_id, duration, _wait, _queued in tis:
+    for task_id, duration, _start, _scheduled in tis:
         name = task_id.split(".")[-1]
         tasks[name] = tasks.get(name, 0.0) + float(duration or 0.0)
-    waits = [float(w or 0) * 86400 for _t, _d, w, _q in tis]
+    waits = [(_when(start) - _when(at)).total_seconds() for _t, _d, start, at in tis if start and at]
     return {
         "state": str(row[1]),
         "seconds": seconds,
@@ -250,24 +262,181 @@ def run_scheduler(date: str, env: dict[str, str], home: Path, timeout_s: float =
     }
 
 
-def measure_scheduler(port: int, date: str, work: Path, repeats: int, moto_factory: Any) -> dict[str, Any]:
-    """The date through the scheduler and LocalExecutor, interleaved with the steps run (fresh moto each)."""
+def _findscu(port: int, files: list[Path]) -> None:
+    """All ``files`` (query keys) over one association: the native tool's best case."""
+    proc = subprocess.run(
+        ["findscu", "-S", "-aet", "PACSMIGRATE", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        timeout=1800,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"findscu: {proc.stderr.decode(errors='replace')[-800:]}")
+
+
+def _queries(port: int, date: str, folder: Path) -> tuple[list[list[Path]], list[str]]:
+    """The census's C-FIND queries of ``date`` as findscu query files, by level
+    (made from our own census, untimed: the native run is spared parsing answers)."""
+    import pydicom
+
+    from include.pacs_migration.census import _series_query, _study_query, take_census
+    from include.pacs_migration.config import SourceConfig
+    from include.pacs_migration.dimse import FindSession
+
+    source = SourceConfig(host="127.0.0.1", port=port, called_ae_title="ORTHANC", calling_ae_title="PACSMIGRATE")
+    with FindSession(source) as session:
+        census = take_census(session.find, dt.date.fromisoformat(date))
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(ds: Any, name: str) -> Path:
+        pydicom.dcmwrite(folder / name, ds, implicit_vr=False, little_endian=True)
+        return folder / name
+
+    studies = sorted({s.study_instance_uid for s in census.series})
+    images = []
+    for n, s in enumerate(census.series):
+        q = pydicom.Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID, q.SeriesInstanceUID = (
+            "IMAGE",
+            s.study_instance_uid,
+            s.series_instance_uid,
+        )
+        q.SOPInstanceUID = q.SOPClassUID = ""
+        images.append(save(q, f"image-{n}.dcm"))
+    levels = [
+        [save(_study_query(date.replace("-", ""), None), "study.dcm")],
+        [save(_series_query(uid), f"series-{n}.dcm") for n, uid in enumerate(studies)],
+        images,
+    ]
+    return levels, studies
+
+
+def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
+    """The same work as the DAG's run of ``date`` with native tools on the same
+    peers: the census's queries with findscu, getscu per study (two at once) and
+    the best uploader (s5cmd), then every object read back and its SHA-256
+    taken (16 threads), as validation's re-read does."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.bench import getscu, s5cmd_upload
+
+    levels, study_uids = _queries(port, date, work / "native-queries")
+    out = work / "native"
+    shutil.rmtree(out, ignore_errors=True)
+    client = moto.client()
+    t0 = time.perf_counter()
+    for files in levels:
+        _findscu(port, files)
+    t1 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda uid: getscu(port, uid, out / uid), study_uids))
+    s5cmd_upload(out, moto, "airflow-bench", "native/")
+    t2 = time.perf_counter()
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="airflow-bench")
+            for o in page.get("Contents", [])]  # fmt: skip
+
+    def reread(key: str) -> str:
+        digest = hashlib.sha256()
+        for chunk in client.get_object(Bucket="airflow-bench", Key=key)["Body"].iter_chunks(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(reread, keys))
+    t3 = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "state": "done",
+        "seconds": t3 - t0,
+        "census_s": t1 - t0,
+        "transfer_s": t2 - t1,
+        "reread_s": t3 - t2,
+        "queries": sum(len(f) for f in levels),
+        "objects": len(keys),
+    }
+
+
+CELERY_REDIS_DB = 13  # a database of the local Redis of its own, flushed before each run
+
+
+@contextlib.contextmanager
+def celery_deployment(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``env`` for the CeleryExecutor: a fresh PostgreSQL database (the local server)
+    and a flushed Redis database as broker; both removed afterwards."""
+    import psycopg2
+    import redis
+
+    db = f"pacs_bench_{secrets.token_hex(4)}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {db}")
+    broker = redis.Redis(host="127.0.0.1", port=6379, db=CELERY_REDIS_DB)
+    broker.flushdb()
+    dsn = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+    try:
+        yield {
+            **env,
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": dsn,
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{CELERY_REDIS_DB}",
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + dsn,
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": env.get("AIRFLOW__CORE__PARALLELISM", "4"),
+        }
+    finally:
+        broker.flushdb()
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()
+
+
+def _through_scheduler(date: str, env: dict[str, str], home: Path, logs: Path, executor: str) -> dict[str, Any]:
+    """Services up (the database migrated, the PACS pool set), one backfill, services down."""
     from peers.ports import free_port
     from peers.processes import airflow_cli, start_airflow, stop_all
+
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = _scheduler_env(env, home, free_port())
+    with contextlib.ExitStack() as stack:
+        if executor == "celery":
+            env = stack.enter_context(celery_deployment(env))
+        airflow_cli(env, "db", "migrate", timeout=900)
+        airflow_cli(env, "pools", "set", "pacs_source_associations", "4", "legacy PACS")
+        airflow_cli(env, "dags", "reserialize")
+        airflow_cli(env, "dags", "unpause", "pacs_migration")
+        names = ["api-server", "scheduler", "dag-processor", *(["celery"] if executor == "celery" else [])]
+        args = {"celery": ["celery", "worker", "--skip-serve-logs"]}
+        procs = [start_airflow(n, args.get(n, [n]), env, logs) for n in names]
+        try:
+            time.sleep(15)  # the services up (not part of any run's time)
+            return run_scheduler(date, env, home)
+        finally:
+            stop_all(procs)
+
+
+def measure_scheduler(
+    port: int, date: str, work: Path, repeats: int, moto_factory: Any, executor: str = "local"
+) -> dict[str, Any]:
+    """The date through the scheduler and ``executor`` (local: LocalExecutor on
+    SQLite; celery: CeleryExecutor, PostgreSQL and Redis), interleaved with the
+    steps run (fresh moto each)."""
     from peers.smtp import MailSink
 
     mail = MailSink(work / "mail-scheduler")
-    runs: dict[str, list[dict[str, Any]]] = {"scheduler": [], "steps": []}
+    runs: dict[str, list[dict[str, Any]]] = {"scheduler": [], "steps": [], "native": []}
     try:
         for r in range(repeats):
-            for kind in ("scheduler", "steps") if r % 2 == 0 else ("steps", "scheduler"):
+            kinds = ("scheduler", "steps", "native")
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
                 moto = moto_factory(work)
                 staging = work / "staging-scheduler"
                 try:
                     moto.client().create_bucket(Bucket="airflow-bench")
                     home = work / f"airflow-home-scheduler-{r}"
                     env = _env(home, port, moto.url, "airflow-bench", mail.port, staging)
-                    if kind == "steps":
+                    if kind == "native":
+                        result = run_native(port, date, work, moto)
+                    elif kind == "steps":
                         args = ["steps", "--date", date, "--port", str(port), "--endpoint", moto.url]
                         args += ["--bucket", "airflow-bench", "--staging", str(staging)]
                         proc = subprocess.run(
@@ -278,17 +447,7 @@ def measure_scheduler(port: int, date: str, work: Path, repeats: int, moto_facto
                             raise RuntimeError(f"steps: {proc.stderr[-3000:]}")
                         result = json.loads(proc.stdout.strip().splitlines()[-1])
                     else:
-                        prepare_home(home)
-                        env = _scheduler_env(env, home, free_port())
-                        airflow_cli(env, "dags", "reserialize")
-                        airflow_cli(env, "dags", "unpause", "pacs_migration")
-                        logs = work / f"scheduler-logs-{r}"
-                        procs = [start_airflow(n, [n], env, logs) for n in ("api-server", "scheduler", "dag-processor")]
-                        try:
-                            time.sleep(15)  # the services up (not part of any run's time)
-                            result = run_scheduler(date, env, home)
-                        finally:
-                            stop_all(procs)
+                        result = _through_scheduler(date, env, home, work / f"scheduler-logs-{r}", executor)
                     if result["state"] not in ("success", "done"):
                         raise RuntimeError(f"{kind} run ended {result['state']}")
                     runs[kind].append(result)
@@ -321,16 +480,41 @@ def summarize_scheduler(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
         "wait_median_s": statistics.median(r["wait_s"]["median"] for r in runs["scheduler"]),
         "wait_total_s": statistics.median(r["wait_s"]["total"] for r in runs["scheduler"]),
         "wall_ratio": wall / steps,
+        **_native_figures(runs, wall, tasks),
         "runs": runs,
     }
 
 
-def markdown_scheduler(r: dict[str, Any], info: dict[str, Any]) -> list[str]:
+def _native_figures(runs: dict[str, list[dict[str, Any]]], wall: float, tasks: dict[str, float]) -> dict[str, Any]:
+    """R_date: the date through the scheduler / the same work with native tools; and by stage."""
+    if not runs.get("native"):
+        return {}
+    native = {
+        k: statistics.median(r[k] for r in runs["native"]) for k in ("seconds", "census_s", "transfer_s", "reread_s")
+    }
+    return {
+        "native_s": native,
+        "r_date": wall / native["seconds"],
+        "r_by_stage": {
+            "census": tasks.get("census", 0.0) / native["census_s"],
+            "transfer": tasks.get("transfer", 0.0) / native["transfer_s"],
+            "validate": tasks.get("validate", 0.0) / native["reread_s"],
+        },
+    }
+
+
+EXECUTORS = {
+    "local": "LocalExecutor on SQLite",
+    "celery": "CeleryExecutor on PostgreSQL and Redis, one worker of concurrency 4",
+}
+
+
+def markdown_scheduler(r: dict[str, Any], info: dict[str, Any], executor: str = "local") -> list[str]:
     n = r["task_instances"]
     return [
-        f"Through the scheduler (LocalExecutor, parallelism 4, pool `pacs_source_associations` of 4; study date "
-        f"{info['study_date']}, {info['instances']} instances, {len(r['runs']['scheduler'])} interleaved repeats, "
-        "medians; this machine has 2 cores):",
+        f"Through the scheduler ({EXECUTORS[executor]}, parallelism 4, pool `pacs_source_associations` of 4; "
+        f"study date {info['study_date']}, {info['instances']} instances, {len(r['runs']['scheduler'])} interleaved "
+        "repeats, medians; this machine has 2 cores):",
         "",
         "| run | seconds |",
         "|---|---|",
@@ -349,6 +533,29 @@ def markdown_scheduler(r: dict[str, Any], info: dict[str, Any]) -> list[str]:
         f"{r['wait_median_s']:.2f} s from scheduled to started (median). Task seconds: "
         + ", ".join(f"{k} {v:.1f}" for k, v in r["task_s"].items())
         + ".",
+        *_native_rows(r),
+    ]
+
+
+def _native_rows(r: dict[str, Any]) -> list[str]:
+    if "r_date" not in r:
+        return []
+    n, by = r["native_s"], r["r_by_stage"]
+    return [
+        "",
+        "The same work with native tools on the same peers (findscu with the census's queries, one association a "
+        "level; getscu per study, two at once; s5cmd; every object read back and hashed, 16 threads):",
+        "",
+        "| stage | pipeline task-seconds | native seconds | ratio |",
+        "|---|---|---|---|",
+        f"| census | {r['task_s'].get('census', 0):.1f} | {n['census_s']:.1f} | {by['census']:.2f} |",
+        f"| transfer (retrieve, normalize, upload) | {r['task_s'].get('transfer', 0):.1f} | {n['transfer_s']:.1f} | "
+        f"{by['transfer']:.2f} |",
+        f"| validate (re-read and checksum, GX suites) | {r['task_s'].get('validate', 0):.1f} | {n['reread_s']:.1f} | "
+        f"{by['validate']:.2f} |",
+        f"| lineage, reports, report, gate | {sum(v for k, v in r['task_s'].items() if k not in SAME_STEPS[:3]):.1f} "
+        "| — | — |",
+        f"| **the date, wall** | {r['scheduler_wall_s']:.1f} | {n['seconds']:.1f} | **R_date {r['r_date']:.2f}** |",
     ]
 
 

@@ -428,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--airflow-repeats", type=int, default=3)
     parser.add_argument("--memory-only", action="store_true", help="only the memory-scaling runs")
     parser.add_argument(
-        "--scheduler-only", action="store_true", help="only Airflow's overhead through the scheduler (LocalExecutor)"
+        "--scheduler-only", action="store_true", help="only Airflow's overhead through the scheduler and executors"
     )
+    parser.add_argument("--executors", default="local,celery", help="of the scheduler runs: local, celery")
     ns = parser.parse_args(argv)
     if ns.cmd == "worker":
         return worker(ns)
@@ -539,7 +540,7 @@ def memory_only(info: dict, memory: dict[str, Any], ns) -> int:
 
 
 def scheduler_only(ns: Any) -> int:
-    """Airflow's overhead through the scheduler and LocalExecutor (issue 22, point 5), on the
+    """Airflow's overhead through the scheduler and each executor (issue 22, point 5), on the
     ``--airflow-scale`` archive; results ``<date>-scheduler.{json,md}``."""
     from benchmarks import airflow_overhead
     from benchmarks.archive import build
@@ -550,18 +551,22 @@ def scheduler_only(ns: Any) -> int:
     orthanc = orthanc_with(archive, info, ns.airflow_scale)
     date = dt.datetime.strptime(info["study_date"], "%Y%m%d").date().isoformat()
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-scheduler-", dir=CACHE) as tmp:
-            result = airflow_overhead.measure_scheduler(orthanc.dicom_port, date, Path(tmp), ns.airflow_repeats, Moto)
+        results = {}
+        for executor in ns.executors.split(","):
+            with tempfile.TemporaryDirectory(prefix="bench-scheduler-", dir=CACHE) as tmp:
+                results[executor] = airflow_overhead.measure_scheduler(
+                    orthanc.dicom_port, date, Path(tmp), ns.airflow_repeats, Moto, executor
+                )
     finally:
         orthanc.stop()
-    rows = airflow_overhead.markdown_scheduler(result, info)
+    rows = [row for e, r in results.items() for row in [*airflow_overhead.markdown_scheduler(r, info, e), ""]]
     today = dt.date.today().isoformat()
     report = {
         "date": today,
         "archive": {k: v for k, v in info.items() if k != "files"},
-        **{k: v for k, v in result.items() if k != "runs"},
-        "runs": {k: [{n: x for n, x in r.items()} for r in v] for k, v in result["runs"].items()},
-        "markdown": "\n".join([f"# Airflow through the scheduler — {today}", "", *rows]) + "\n",
+        "executors": {e: {k: v for k, v in r.items() if k != "runs"} for e, r in results.items()},
+        "runs": {e: r["runs"] for e, r in results.items()},
+        "markdown": "\n".join([f"# Airflow through the scheduler — {today}", "", *rows]),
     }
     stem = f"{today}-scheduler" + (f"-{ns.label}" if ns.label else "")
     RESULTS.mkdir(exist_ok=True)

@@ -406,7 +406,7 @@ class NormalizationConfig(Section):
     instance_seconds: float = Field(60.0, gt=0, le=3600)
     # Instances of at least this size are normalized from their staged file (header
     # parsed, pixel data hashed and copied in chunks): memory stays flat in object size.
-    stream_from_mb: int = Field(64, ge=1, le=5120)
+    stream_from_mb: int = Field(16, ge=1, le=5120)
     _rules: Any = PrivateAttr(default=None)  # the loaded RuleSet (rules.py is imported only to load one)
 
     @field_validator("ruleset")

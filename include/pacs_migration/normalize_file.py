@@ -51,7 +51,7 @@ from .reasons import ReasonCode, reason
 from .rules import STRUCTURAL, RuleSet
 from .uids import InstanceUIDs
 
-STREAM_FROM_BYTES = 64 << 20
+STREAM_FROM_BYTES = 16 << 20
 _CHUNK = 8 << 20
 _PIXEL_DATA = 0x7FE00010
 _SEQUENCE_DELIMITER = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)

@@ -13,7 +13,6 @@ partition's verdict for the run.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import tempfile
 from collections.abc import Iterable
@@ -23,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pydicom
 from pydicom.dataset import Dataset
 
 from .manifest import PartitionManifests, transferred_partitions
 from .partition import Partition
 from .store import ObjectStore
-from .study_index import indexed_partitions, read_partition
+from .study_index import indexed_partitions, read_header, read_partition
 from .validate import run_suites
 
 log = logging.getLogger(__name__)
@@ -131,8 +129,7 @@ def check_date(store: ObjectStore, study_date: dt.date, partitions: list[Partiti
         rows = df[(df["state"] == "migrated") & df["sop_class_uid"].map(is_referencing)].to_dict("records")
 
         def refs(row: dict[str, Any]) -> set[str]:
-            data = store.get(str(row["object_key"]))
-            return referenced_uids(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
+            return referenced_uids(read_header(store, str(row["object_key"]))[0])
 
         with ThreadPoolExecutor(8, thread_name_prefix="references") as pool:
             pending += [(p, r, u) for r, u in zip(rows, pool.map(refs, rows), strict=True)]

@@ -9,16 +9,15 @@ this O(1) on very large archives.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 from typing import Any
 
 import pandas as pd
-import pydicom
 
 from .manifest import PartitionManifests, transferred_partitions
 from .rollback import Selection
 from .store import ObjectStore
+from .study_index import read_header
 
 
 class NotFound(LookupError):
@@ -49,7 +48,7 @@ def _changes(store: ObjectStore, row: dict[str, Any], label: str) -> list[dict[s
             }
         )
     if rule_of and row.get("object_key"):
-        ds = pydicom.dcmread(io.BytesIO(store.get(row["object_key"])), stop_before_pixels=True)
+        ds, _ = read_header(store, row["object_key"])  # ranged reads: the header, whatever the object's size
         for item in ds.get("OriginalAttributesSequence", []) or []:
             for modified in item.get("ModifiedAttributesSequence", []) or []:
                 for elem in modified:
