@@ -73,11 +73,20 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
 	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.bench --scale $(SCALE) --repeats $(REPEATS) $(if $(LABEL),--label $(LABEL))
 
-## Benchmark: Airflow's overhead through the scheduler and LocalExecutor, per task instance (not part of make test).
+## Benchmark: one study date through the scheduler (LocalExecutor; CeleryExecutor on the local PostgreSQL and
+## Redis) vs the same steps and vs native tools (R_date), per task instance (not part of make test).
 bench-scheduler: $(STAMP)
 	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
 	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.bench --scheduler-only --airflow-scale $(or $(AIRFLOW_SCALE),0.1) \
-		--airflow-repeats $(or $(AIRFLOW_REPEATS),3) $(if $(LABEL),--label $(LABEL))
+		--airflow-repeats $(or $(AIRFLOW_REPEATS),3) --executors $(or $(EXECUTORS),local,celery) $(if $(LABEL),--label $(LABEL))
+
+## Benchmark: the census of a busy day vs findscu (CENSUS_SCALE=1: 2,000 studies; loading Orthanc takes ~20 min).
+bench-census: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.census_scale --scale $(or $(CENSUS_SCALE),0.1) $(if $(LABEL),--label $(LABEL))
+
+## Benchmark: a transfer task's peak memory with one instance of 50 MB, 500 MB, 2 GB (BEFORE=<checkout> to compare).
+bench-object-size: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.object_size $(if $(BEFORE),--before $(BEFORE)) $(if $(LABEL),--label $(LABEL))
 
 ## Benchmark: C-GET throughput from Orthanc, ours beside DCMTK getscu (not part of make test).
 bench-cget: $(STAMP)

@@ -151,16 +151,19 @@ class ObjectStore:
         if size > self.target.multipart_threshold_mb << 20:
             self._put_parts(key, data, content_type, meta, condition)
             return
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=key,
-            Body=data.read_bytes() if isinstance(data, Path) else data,  # at most the threshold
-            ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
-            ContentType=content_type,
-            Metadata=meta,
-            **condition,
-            **self._sse(),
-        )
+        with contextlib.ExitStack() as stack:
+            # A file goes as an open file: botocore sends it in chunks (and seeks back to retry).
+            body = stack.enter_context(open(data, "rb")) if isinstance(data, Path) else data
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+                ContentType=content_type,
+                Metadata=meta,
+                **condition,
+                **self._sse(),
+            )
 
     def _put_parts(
         self, key: str, data: Body, content_type: str, meta: dict[str, str], condition: dict[str, str]
