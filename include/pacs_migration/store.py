@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,12 +42,55 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _part(body: Body, start: int, size: int) -> bytes:
+class _FileRange(io.RawIOBase):
+    """Bytes ``start`` .. ``start + size`` of a file, as a file of their own:
+    botocore sends it in chunks and seeks back to retry, so a part is never
+    held in memory."""
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        super().__init__()
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed with this object
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + offset))
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = self._size - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        self._fh.seek(self._start + self._pos)
+        data = self._fh.read(n)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _part(body: Body, start: int, size: int) -> tuple[Any, str]:
+    """A part to send (bytes, or a range of the file) and its SHA-256, base64 (read in chunks)."""
     if not isinstance(body, Path):
-        return body[start : start + size]
-    with open(body, "rb") as fh:
-        fh.seek(start)
-        return fh.read(size)
+        chunk = body[start : start + size]
+        return chunk, base64.b64encode(hashlib.sha256(chunk).digest()).decode()
+    size = min(size, body.stat().st_size - start)
+    part = _FileRange(body, start, size)
+    digest = hashlib.sha256()
+    while chunk := part.read(_CHUNK):
+        digest.update(chunk)
+    part.seek(0)
+    return part, base64.b64encode(digest.digest()).decode()
 
 
 class PutOutcome(str, Enum):
@@ -185,18 +229,20 @@ class ObjectStore:
         try:
             parts = []
             for number, start in enumerate(range(0, body_size(data), part_size), 1):
-                chunk = _part(data, start, part_size)
-                digest = base64.b64encode(hashlib.sha256(chunk).digest()).decode()
-                rsp = self.client.upload_part(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=chunk,
-                    ChecksumAlgorithm="SHA256",
-                    ChecksumSHA256=digest,
-                )
-                del chunk  # one part in memory at a time
+                chunk, digest = _part(data, start, part_size)
+                try:
+                    rsp = self.client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=digest,
+                    )
+                finally:
+                    if isinstance(chunk, _FileRange):
+                        chunk.close()
                 parts.append({"PartNumber": number, "ETag": rsp["ETag"], "ChecksumSHA256": digest})
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **condition
