@@ -364,17 +364,9 @@ CELERY_REDIS_DB = 13  # a database of the local Redis of its own, flushed before
 def celery_deployment(env: dict[str, str]) -> Iterator[dict[str, str]]:
     """``env`` for the CeleryExecutor: a fresh PostgreSQL database (the local server)
     and a flushed Redis database as broker; both removed afterwards."""
-    import psycopg2
-    import redis
+    from peers.processes import celery_backends
 
-    db = f"pacs_bench_{secrets.token_hex(4)}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {db}")
-    broker = redis.Redis(host="127.0.0.1", port=6379, db=CELERY_REDIS_DB)
-    broker.flushdb()
-    dsn = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
-    try:
+    with celery_backends("pacs_bench", CELERY_REDIS_DB) as (_db, dsn):
         yield {
             **env,
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -383,10 +375,6 @@ def celery_deployment(env: dict[str, str]) -> Iterator[dict[str, str]]:
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + dsn,
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": env.get("AIRFLOW__CORE__PARALLELISM", "4"),
         }
-    finally:
-        broker.flushdb()
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        admin.close()
 
 
 def _through_scheduler(date: str, env: dict[str, str], home: Path, logs: Path, executor: str) -> dict[str, Any]:

@@ -88,3 +88,27 @@ def json_rows(text: str) -> list[dict]:
         if line.startswith("[") and not line.startswith("[warning"):
             return json.loads(line)
     return []
+
+
+@contextlib.contextmanager
+def celery_backends(prefix: str, redis_db: int):
+    """A fresh database on the local PostgreSQL (127.0.0.1:5432) and a flushed
+    database of the local Redis (127.0.0.1:6379) for a CeleryExecutor deployment;
+    yields (database name, SQLAlchemy DSN); both emptied and removed afterwards."""
+    import secrets
+
+    import psycopg2
+    import redis
+
+    db = f"{prefix}_{secrets.token_hex(4)}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {db}")
+    broker = redis.Redis(host="127.0.0.1", port=6379, db=redis_db)
+    broker.flushdb()
+    try:
+        yield db, f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+    finally:
+        broker.flushdb()
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()

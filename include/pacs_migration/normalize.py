@@ -86,6 +86,24 @@ class _Truncated(Exception):
     pass
 
 
+def element_header(
+    buf: ByteBuffer, pos: int, end: int, implicit: bool, e: str
+) -> tuple[int, int, bytes | None, int, int]:
+    """(group, element, VR or None, length, where its value starts) of the element at ``pos``;
+    items and delimiters (group FFFE) are implicit-style. ``e``: the struct byte order."""
+    if pos + 8 > end:
+        raise _Truncated(f"element header cut at byte {pos}")
+    group, elem = struct.unpack_from(f"{e}HH", buf, pos)
+    if implicit or group == 0xFFFE:
+        return group, elem, None, struct.unpack_from(f"{e}L", buf, pos + 4)[0], pos + 8
+    vr = bytes(buf[pos + 4 : pos + 6])
+    if vr not in _LONG_VRS:
+        return group, elem, vr, struct.unpack_from(f"{e}H", buf, pos + 6)[0], pos + 8
+    if pos + 12 > end:
+        raise _Truncated(f"element header cut at byte {pos}")
+    return group, elem, vr, struct.unpack_from(f"{e}L", buf, pos + 8)[0], pos + 12
+
+
 def _walk(
     buf: ByteBuffer, pos: int, end: int, implicit: bool, little: bool, until_delimiter: bool, depth: int = 0
 ) -> int:
@@ -96,12 +114,8 @@ def _walk(
         raise _Quarantine(reason(ReasonCode.NESTING_LIMIT))
     e = "<" if little else ">"
     while pos < end:
-        if pos + 8 > end:
-            raise _Truncated(f"element header cut at byte {pos}")
-        group, elem = struct.unpack_from(f"{e}HH", buf, pos)
+        group, elem, vr, length, pos = element_header(buf, pos, end, implicit, e)
         if group == 0xFFFE:  # item / delimiters are always implicit-style
-            length = struct.unpack_from(f"{e}L", buf, pos + 4)[0]
-            pos += 8
             if elem == 0xE0DD or elem == 0xE00D:
                 if until_delimiter:
                     return pos
@@ -113,23 +127,9 @@ def _walk(
                     raise _Truncated(f"item at byte {pos} runs past the end")
                 pos += length
             continue
-        if implicit:
-            length = struct.unpack_from(f"{e}L", buf, pos + 4)[0]
-            pos += 8
-        else:
-            vr = buf[pos + 4 : pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    raise _Truncated(f"element header cut at byte {pos}")
-                length = struct.unpack_from(f"{e}L", buf, pos + 8)[0]
-                pos += 12
-            else:
-                length = struct.unpack_from(f"{e}H", buf, pos + 6)[0]
-                pos += 8
         if length == _UNDEFINED:
             # PS3.5 6.2.2: an undefined-length UN holds implicit VR items.
-            inner_implicit = implicit or buf[pos - 8 : pos - 6] == b"UN"
-            pos = _walk(buf, pos, end, inner_implicit, little, True, depth + 1)
+            pos = _walk(buf, pos, end, implicit or vr == b"UN", little, True, depth + 1)
         else:
             if pos + length > end:
                 raise _Truncated(f"element ({group:04X},{elem:04X}) declares {length} bytes, {end - pos} remain")

@@ -28,7 +28,6 @@ import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from .normalize import (
-    _LONG_VRS,
     _UNDEFINED,
     NormalizeResult,
     _apply_rules,
@@ -44,6 +43,7 @@ from .normalize import (
     check_pixel_length,
     check_pixels_kept,
     check_structure,
+    element_header,
     normalize,
     prepare_rewrite,
 )
@@ -84,19 +84,7 @@ def find_pixel_data(buf: Any, pos: int, implicit: bool, little: bool) -> PixelSp
     end = len(buf)
     while pos + 8 <= end:
         start = pos
-        group, element = struct.unpack_from(f"{e}HH", buf, pos)
-        vr = None
-        if implicit or group == 0xFFFE:
-            length = struct.unpack_from(f"{e}L", buf, pos + 4)[0]
-            pos += 8
-        else:
-            vr = bytes(buf[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                length = struct.unpack_from(f"{e}L", buf, pos + 8)[0]
-                pos += 12
-            else:
-                length = struct.unpack_from(f"{e}H", buf, pos + 6)[0]
-                pos += 8
+        group, element, vr, length, pos = element_header(buf, pos, end, implicit, e)
         if length == _UNDEFINED:
             after = _walk(buf, pos, end, implicit or vr == b"UN", little, True, 1)
             value_end = after - 8

@@ -49,19 +49,10 @@ def services():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{', '.join(missing)} not reachable on 127.0.0.1 (.ci/run starts them)")
         pytest.skip(f"{', '.join(missing)} not running")
-    import psycopg2
-    import redis
+    from peers.processes import celery_backends
 
-    db = f"pacs_celery_{secrets.token_hex(4)}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {db}")
-    broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    broker.flushdb()
-    yield {"db": db, "dsn": f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"}
-    broker.flushdb()
-    admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-    admin.close()
+    with celery_backends("pacs_celery", REDIS_DB) as (db, dsn):
+        yield {"db": db, "dsn": dsn}
 
 
 def _runs(db: str) -> list[dict]:
