@@ -23,6 +23,7 @@ one worker at 1x, 2x and 4x partition size. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -539,6 +541,19 @@ def memory_only(info: dict, memory: dict[str, Any], ns) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _work_dir(prefix: str) -> Iterator[str]:
+    """A scratch folder under the cache, removed after; kept (and named on stderr)
+    with BENCH_KEEP_WORK=1, to read the task logs of a run."""
+    if os.environ.get("BENCH_KEEP_WORK") == "1":
+        path = tempfile.mkdtemp(prefix=prefix, dir=CACHE)
+        print(f"work folder kept: {path}", file=sys.stderr)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=CACHE) as tmp:
+        yield tmp
+
+
 def scheduler_only(ns: Any) -> int:
     """Airflow's overhead through the scheduler and each executor (issue 22, point 5), on the
     ``--airflow-scale`` archive; results ``<date>-scheduler.{json,md}``."""
@@ -553,7 +568,7 @@ def scheduler_only(ns: Any) -> int:
     try:
         results = {}
         for executor in ns.executors.split(","):
-            with tempfile.TemporaryDirectory(prefix="bench-scheduler-", dir=CACHE) as tmp:
+            with _work_dir("bench-scheduler-") as tmp:
                 results[executor] = airflow_overhead.measure_scheduler(
                     orthanc.dicom_port, date, Path(tmp), ns.airflow_repeats, Moto, executor
                 )

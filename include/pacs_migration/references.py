@@ -28,7 +28,7 @@ from .manifest import PartitionManifests, transferred_partitions
 from .partition import Partition
 from .store import ObjectStore
 from .study_index import indexed_partitions, read_header, read_partition
-from .validate import run_suites
+from .validate import gx, run_suites
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,7 @@ def check_date(store: ObjectStore, study_date: dt.date, partitions: list[Partiti
 
 def suite_outcomes(check: ReferenceCheck) -> list[dict[str, Any]]:
     """The ``references`` suite (GX) over one partition's pairs, as verdict outcomes."""
-    import great_expectations as gx
-
-    E = gx.expectations
+    E = gx().expectations
     suites = {"references": [E.ExpectColumnValuesToBeInSet(column="state", value_set=list(RESOLVED))]}
     with tempfile.TemporaryDirectory(prefix="gx-references-") as tmp:
         outcomes = run_suites(

@@ -45,6 +45,16 @@ from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
+
+def gx() -> Any:
+    """Great Expectations, imported on first use (~3 s, unless preloaded: see
+    ``airflow_local_settings.py``). Its INFO chatter (hundreds of lines at import
+    and per run, about its own decorators and config files) stays out of task logs."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations
+
+    return great_expectations
+
 UID_REGEX = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
 # Data Docs assets that only decorate (fonts, logos) are not published.
 _DOCS_SKIP = ("static/fonts/", "static/images/")
@@ -241,9 +251,7 @@ def _stored_by_another_source(store: ObjectStore, key: str, partition: Partition
 
 
 def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -> dict[str, list[Any]]:
-    import great_expectations as gx
-
-    E = gx.expectations
+    E = gx().expectations
     return {
         "expected": [
             E.ExpectTableRowCountToEqual(value=n_expected),
@@ -306,10 +314,10 @@ def _suites(partition: Partition, n_expected: int, settings: ValidationConfig) -
 def run_suites(
     root: Path, frames: dict[str, pd.DataFrame], suites: dict[str, list[Any]], name: str
 ) -> list[ExpectationOutcome]:
-    import great_expectations as gx  # heavy: imported only where used
+    ge = gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="file", project_root_dir=str(root))
+    context = ge.get_context(mode="file", project_root_dir=str(root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name)
     # One asset for every frame (the frame comes with each run): each asset GX
@@ -317,9 +325,9 @@ def run_suites(
     batch_def = source.add_dataframe_asset("frames").add_batch_definition_whole_dataframe("all")
     outcomes: list[ExpectationOutcome] = []
     for batch_name, df in frames.items():
-        suite = context.suites.add(gx.ExpectationSuite(name=f"{name}.{batch_name}", expectations=suites[batch_name]))
+        suite = context.suites.add(ge.ExpectationSuite(name=f"{name}.{batch_name}", expectations=suites[batch_name]))
         definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{name}.{batch_name}", data=batch_def, suite=suite)
+            ge.ValidationDefinition(name=f"{name}.{batch_name}", data=batch_def, suite=suite)
         )
         result = definition.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
         for r in result.results:

@@ -58,6 +58,7 @@ def test_airflow_services_mount_the_project(compose):
     for name in AIRFLOW_SERVICES:
         mounts = {v.split(":")[1] for v in compose["services"][name]["volumes"] if v.startswith("./")}
         assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/include"} <= mounts, name
+        assert "/opt/airflow/airflow_local_settings.py" in mounts, name  # on PYTHONPATH: the workers' preload
 
 
 def test_env_example_defines_the_connections_the_dag_reads():

@@ -279,6 +279,11 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
         p.read_text(errors="replace") for p in (home / "logs").rglob("*.log") if "task_id=partition.transfer" in str(p)
     ]
     assert "normalized in 1 normalize process(es)" in "\n".join(transfer_logs), f"task logs under {home / 'logs'}"
+    # Each worker imported GX and the core once (airflow_local_settings.py): no validate task imported GX again.
+    for name in ("worker-1", "worker-2"):
+        assert "pacs-migration: modules for tasks preloaded" in (logs / f"{name}.log").read_text(errors="replace")
+    validate_logs = [p.read_text(errors="replace") for p in (home / "logs").rglob("*.log") if "validate" in str(p)]
+    assert validate_logs and not [t for t in validate_logs if "great_expectations" in t], "GX imported by a task"
     # Several transfer tasks at once on one worker, through the one Storage SCP, every store routed by message ID.
     overlaps = sum(
         1

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from ..store import ObjectStore
-from ..validate import ExpectationOutcome, reread, run_suites
+from ..validate import ExpectationOutcome, gx, reread, run_suites
 from .place import ReportCounts, ReportReason, ReportState
 
 PARSE_ERROR = re.compile(r"^HL7_PARSE_ERROR:[A-Z][A-Z0-9]{2}$")
@@ -35,9 +35,7 @@ def validate_reports(
     store: ObjectStore, study_date: dt.date, ledger: pd.DataFrame, objects: list[dict[str, Any]], messages: int
 ) -> dict[str, Any]:
     """The date's reports verdict (JSON): success, outcomes, counts."""
-    import great_expectations as gx
-
-    E = gx.expectations
+    E = gx().expectations
     reports = ledger.assign(accounted=[_accounted(r) for r in ledger.to_dict("records")])
     objs = pd.DataFrame(objects, columns=["object_key", "object_sha256", "sop_instance_uid"])
     with ThreadPoolExecutor(8, thread_name_prefix="reread-report") as pool:
