@@ -279,6 +279,7 @@ def validate_step(
         manifests.transfer(run_id),
         services.config.validation,
         census_warnings=list(summary.warnings) if summary else [],
+        index=True,  # lineage's index update then reads no header again
     )
     manifests.write_verdict(result.to_json(), run_id)
     return result

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -185,12 +185,18 @@ def read_partition(store: ObjectStore, partition: Partition) -> pd.DataFrame | N
 
 
 def index_partition(
-    store: ObjectStore, partition: Partition, transfer: pd.DataFrame | None = None, reread: bool = False
+    store: ObjectStore,
+    partition: Partition,
+    transfer: pd.DataFrame | None = None,
+    reread: bool = False,
+    headers: Mapping[tuple[str, str], dict[str, Any]] | None = None,
 ) -> int:
     """Write the partition's index from its transfer manifest (the live one
     unless given); rows of objects already indexed with the same hash are
-    kept (``reread``: none), the others' headers read. Returns the rows written (0: the partition
-    holds nothing migrated and its index is emptied)."""
+    kept (``reread``: none), ``headers`` (rows by object key and hash, from a
+    re-read that just verified them) taken as given, the others' headers read.
+    Returns the rows written (0: the partition holds nothing migrated and its
+    index is emptied)."""
     if transfer is None and partition.modality == REPORTS_MODALITY:  # the reports placed in studies
         from .reports.ledger import ReportLedger
 
@@ -210,13 +216,16 @@ def index_partition(
     if previous is not None:
         for r in previous.to_dict("records"):
             known[(r["object_key"], r["object_sha256"])] = {**r, "run_id": None}
-    todo = [r for r in migrated if (r["object_key"], r["object_sha256"]) not in known]
+    given = headers or {}
+    todo = [
+        r for r in migrated if (key_sha := (r["object_key"], r["object_sha256"])) not in known and key_sha not in given
+    ]
 
     def one(row: dict[str, Any]) -> dict[str, Any]:
         return header_row(*read_header(store, row["object_key"]), row, partition)
 
     with ThreadPoolExecutor(HEADER_READERS, thread_name_prefix="index-header") as pool:
-        fresh = {(r["object_key"], r["object_sha256"]): r for r in pool.map(one, todo)}
+        fresh = {**given, **{(r["object_key"], r["object_sha256"]): r for r in pool.map(one, todo)}}
     assert transfer is not None
     missing = transfer[transfer["state"] != "migrated"]["study_instance_uid"].value_counts().to_dict()
     rows = []

@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 import pydicom
 
+from . import study_index
 from .census import BLOCKING_WARNINGS, CensusSeries
 from .config import ValidationConfig
 from .manifest import PartitionManifests
@@ -54,6 +55,7 @@ def gx() -> Any:
     import great_expectations
 
     return great_expectations
+
 
 UID_REGEX = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
 # Data Docs assets that only decorate (fonts, logos) are not published.
@@ -118,26 +120,49 @@ class ValidationReport:
 HEADER_BYTES = 4 << 20  # what a re-read keeps of an object to parse its header (never its pixels)
 
 
-def reread(store: ObjectStore, key: str, sha256_hex: str) -> bool:
-    """Fetch one object; True if its SHA-256 matches and it parses as DICOM.
-    Streamed: the hash is taken chunk by chunk and only the first
-    :data:`HEADER_BYTES` are kept for the parse (values over 64 KiB are
-    skipped, not read), so memory stays flat whatever the object's size."""
-    digest, head = hashlib.sha256(), bytearray()
+def reread_header(store: ObjectStore, key: str, sha256_hex: str) -> tuple[pydicom.Dataset, int] | None:
+    """Fetch one object; its header (up to the pixel data) and size if its
+    SHA-256 matches and it parses as DICOM, else None. Streamed: the hash is
+    taken chunk by chunk and only the first :data:`HEADER_BYTES` are kept for
+    the parse (values over 64 KiB are skipped, not read), so memory stays flat
+    whatever the object's size."""
+    digest, head, size = hashlib.sha256(), bytearray(), 0
     try:
         for chunk in store.iter_chunks(key):
             digest.update(chunk)
+            size += len(chunk)
             if len(head) < HEADER_BYTES:
                 head += chunk[: HEADER_BYTES - len(head)]
     except Exception:
-        return False
+        return None
     if digest.hexdigest() != sha256_hex:
-        return False
+        return None
     try:
-        pydicom.dcmread(io.BytesIO(bytes(head)), stop_before_pixels=True, defer_size=1 << 16)
+        return pydicom.dcmread(io.BytesIO(bytes(head)), stop_before_pixels=True, defer_size=1 << 16), size
     except Exception:
-        return False
-    return True
+        return None
+
+
+def reread(store: ObjectStore, key: str, sha256_hex: str) -> bool:
+    """One object re-read: its SHA-256 matches and it parses as DICOM."""
+    return reread_header(store, key, sha256_hex) is not None
+
+
+def _reread_migrated(
+    store: ObjectStore, partition: Partition, migrated: pd.DataFrame
+) -> tuple[list[bool], dict[tuple[str, str], dict[str, Any]]]:
+    """Re-read every migrated object: which verified, and their study-index rows
+    from the same bytes (the index then reads no header again)."""
+    rows = migrated.to_dict("records")
+
+    def one(row: dict[str, Any]) -> dict[str, Any] | None:
+        got = reread_header(store, row["object_key"], row["object_sha256"])
+        return None if got is None else study_index.header_row(*got, row, partition)
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
+        found = list(pool.map(one, rows))
+    index = {(r["object_key"], r["object_sha256"]): f for r, f in zip(rows, found, strict=True) if f is not None}
+    return [f is not None for f in found], index
 
 
 def _expected_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.DataFrame:
@@ -189,16 +214,16 @@ def reread_quarantine(store: ObjectStore, key: str, sha256_hex: str) -> bool:
 
 def _frames(
     store: ObjectStore, partition: Partition, series: list[CensusSeries], transfer: pd.DataFrame
-) -> dict[str, pd.DataFrame]:
+) -> tuple[dict[str, pd.DataFrame], dict[tuple[str, str], dict[str, Any]]]:
+    """The suites' frames, and the study-index rows of the objects that verified."""
     manifests = PartitionManifests(store, partition)
     gap = transfer["sop_instance_uid"].isna() & (transfer["state"] == InstanceState.UNRESOLVED.value)
     migrated = transfer[transfer["state"] == InstanceState.MIGRATED.value].copy()
-    pairs = list(zip(migrated["object_key"], migrated["object_sha256"], strict=True))
+    migrated["checksum_verified"], index_rows = _reread_migrated(store, partition, migrated)
     # Every object kept in quarantine, including the new version of an instance changed at the source.
     quarantined = transfer[transfer["quarantine_key"].notna()].copy()
     qpairs = list(zip(quarantined["quarantine_key"], quarantined["received_sha256"], strict=True))
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
-        migrated["checksum_verified"] = list(pool.map(lambda p: reread(store, p[0], p[1]), pairs))
         quarantined["checksum_verified"] = list(pool.map(lambda p: reread_quarantine(store, p[0], p[1]), qpairs))
 
     # Live objects name one patient per study; a study flagged INCONSISTENT_PATIENT
@@ -234,7 +259,7 @@ def _frames(
             }
         ]
     )
-    return {
+    frames = {
         "expected": _expected_frame(series, transfer),
         "series": _series_frame(series, transfer),
         "transfer": transfer.assign(uid_or_gap=transfer["sop_instance_uid"].where(~gap, transfer["reason"])),
@@ -243,6 +268,7 @@ def _frames(
         "studies": studies,
         "bucket": bucket,
     }
+    return frames, index_rows
 
 
 def _stored_by_another_source(store: ObjectStore, key: str, partition: Partition) -> bool:
@@ -384,6 +410,7 @@ def validate_partition(
     docs_dir: Path | None = None,
     publish: bool = True,
     census_warnings: list[str] | None = None,
+    index: bool = False,
 ) -> ValidationReport:
     """Run the partition's suites; re-read every migrated object first.
 
@@ -392,9 +419,14 @@ def validate_partition(
     docs_dir : Path, optional
         Where the GX project (results and Data Docs) is built; a temporary
         folder when not given. Published to the bucket when ``publish``.
+    index : bool
+        Also write the partition's study index (DICOMweb, the locator) from the
+        headers of the objects re-read.
     """
     settings = settings or ValidationConfig()
-    frames = _frames(store, partition, series, transfer)
+    frames, index_rows = _frames(store, partition, series, transfer)
+    if index:  # from the headers just re-read: the study index reads none again
+        study_index.index_partition(store, partition, transfer, headers=index_rows)
     frames["census"] = pd.DataFrame(
         {"warning": pd.Series([w for w in (census_warnings or []) if w in BLOCKING_WARNINGS], dtype=object)}
     )

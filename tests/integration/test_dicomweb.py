@@ -242,6 +242,30 @@ def test_study_index_rebuilds_after_loss(archive):
     assert rolled == []
 
 
+def test_validation_indexes_from_its_reread_and_lineage_reads_no_header(archive, monkeypatch):
+    """Validate re-reads every object whole; the study index is built from those
+    bytes, so lineage's index update reads no object header again (#22)."""
+    from include.pacs_migration.steps import Services, lineage_step, validate_step
+    from tests.conftest import PATIENT_SECRET
+
+    store, p, run_id = archive.store, Partition(DAY1, "CT"), f"run-{DAY1.isoformat()}"
+    before = study_index.read_partition(store, p)
+    store.delete(study_index.index_key(store, p))
+    reads: list[str] = []
+    real = study_index.read_header
+    monkeypatch.setattr(study_index, "read_header", lambda s, key: reads.append(key) or real(s, key))
+    services = Services(archive.cfg, store, 1, patient_secret=PATIENT_SECRET, actor="test")
+    summary = PartitionManifests(store, p).summary()
+    assert validate_step(services, p, run_id, summary.census_sha256).success
+    after_validate = study_index.read_partition(store, p)
+    lineage_step(services, p, run_id, "pacs_migration")
+    assert reads == [], f"{len(reads)} headers read again"
+    again = study_index.read_partition(store, p)
+    assert len(after_validate) == len(before) > 0
+    key = "SOPInstanceUID"
+    assert again.sort_values(key).reset_index(drop=True).equals(before.sort_values(key).reset_index(drop=True))
+
+
 def test_orthanc_lists_and_retrieves_a_migrated_study_over_dicomweb(archive, legacy, tmp_path):
     """Orthanc with its DICOMweb plugin (Debian orthanc-dicomweb), our service as its remote server."""
     pacs, _ = legacy
