@@ -8,6 +8,11 @@ need most: Great Expectations (~3 s a validate task), pandas, pydicom, pynetdico
 boto3 and the pipeline's core (~1 s a task); ~4 s once at start instead, and the
 pages stay shared between tasks. Only the Airflow-free core is imported (this runs
 while Airflow itself initializes). ``PACS_PRELOAD=0`` turns it off.
+
+The core's code can change under a running worker (``include/`` mounted, a new
+checkout): a forked process whose preloaded core files changed since forgets the
+core's modules, so the task imports the code now on disk, never an older version
+beside a newer DAG file.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ PRELOAD = (
 )
 
 log = logging.getLogger(__name__)
+_OWN = "include"  # the pipeline's package: its preloaded files are watched
+_PRELOADED: dict[str, int] = {}  # file of a preloaded module of ours -> its mtime then
 
 
 def forks_tasks(argv: list[str], executor: str) -> bool:
@@ -52,7 +59,30 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> float:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - an optimization must not stop Airflow starting
             log.warning("not preloaded for tasks: %s (%s)", name, type(exc).__name__)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    _PRELOADED.update(
+        (f, os.stat(f).st_mtime_ns)
+        for name, mod in list(sys.modules.items())
+        if (name == _OWN or name.startswith(_OWN + ".")) and (f := getattr(mod, "__file__", None))
+    )
+    os.register_at_fork(after_in_child=forget_if_changed)
+    return seconds
+
+
+def forget_if_changed() -> bool:
+    """In a forked process: if a preloaded file of ours changed since, drop our
+    modules (the next import reads them from disk); True if it did."""
+    for path, mtime in _PRELOADED.items():
+        try:
+            same = os.stat(path).st_mtime_ns == mtime
+        except OSError:
+            same = False
+        if not same:
+            for name in [n for n in sys.modules if n == _OWN or n.startswith(_OWN + ".")]:
+                del sys.modules[name]
+            _PRELOADED.clear()  # this process and its forks import afresh from now on
+            return True
+    return False
 
 
 def _executor() -> str:

@@ -75,3 +75,41 @@ def test_no_preload_elsewhere_or_when_turned_off(tmp_path):
         ["airflow", "celery", "worker"], AIRFLOW__CORE__EXECUTOR="CeleryExecutor", PACS_PRELOAD="0", **home
     )
     assert not held["great_expectations"] and "preloaded" not in err, held
+
+
+def test_a_fork_forgets_preloaded_core_modules_whose_files_changed(tmp_path):
+    """A worker keeps running while ``include/`` changes (a new checkout): its next
+    task must import the code on disk, not run the preloaded version beside a new
+    DAG file. Unchanged files: the task keeps the preloaded modules."""
+    code = """
+import os, sys, json
+sys.argv = ["airflow", "scheduler"]
+import airflow, airflow_local_settings as A
+
+def child_holds():
+    r, w = os.pipe()
+    if os.fork() == 0:
+        held = "include.pacs_migration.steps" in sys.modules
+        import include.pacs_migration.steps, include.pacs_migration.validate  # what a task then imports
+        os.write(w, json.dumps(held).encode())
+        os._exit(0)
+    os.close(w)
+    answer = json.loads(os.read(r, 100))
+    os.wait()
+    return answer
+
+unchanged = child_holds()
+some = next(iter(A._PRELOADED))
+A._PRELOADED[some] -= 1  # as if that file had changed since the preload
+changed = child_holds()
+print(json.dumps({"unchanged": unchanged, "changed": changed, "parent": "include.pacs_migration.steps" in sys.modules}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+             "AIRFLOW_HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    held = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert held == {"unchanged": True, "changed": False, "parent": True}, held
