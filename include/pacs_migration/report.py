@@ -11,6 +11,7 @@ import html
 import io
 import zipfile
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -316,12 +317,18 @@ def run_verdict(
 
 def data_docs_zip(store: ObjectStore, partitions: list[Partition]) -> bytes:
     """The partitions' GX Data Docs (HTML and styles), one folder each."""
+    files = []
+    for p in partitions:
+        base = PartitionManifests(store, p).gx_prefix + "data_docs/"
+        files += [(f"{p.hive_path}/{key[len(base) :]}", key) for key in store.list_keys(base)]
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in partitions:
-            base = PartitionManifests(store, p).gx_prefix + "data_docs/"
-            for key in store.list_keys(base):
-                zf.writestr(f"{p.hive_path}/{key[len(base) :]}", store.get(key))
+    # ~40 small files a partition: fetched 8 at a time (the report is the run's last step but one)
+    with (
+        ThreadPoolExecutor(8, thread_name_prefix="data-docs") as pool,
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf,
+    ):
+        for (name, _key), body in zip(files, pool.map(lambda f: store.get(f[1]), files), strict=True):
+            zf.writestr(name, body)
     return buf.getvalue()
 
 

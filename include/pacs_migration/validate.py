@@ -385,7 +385,7 @@ def run_suites(
 def _publish(store: ObjectStore, partition: Partition, root: Path) -> list[str]:
     """Upload GX's validation results and Data Docs beside the manifests."""
     base = PartitionManifests(store, partition).gx_prefix
-    keys = []
+    files: list[tuple[str, Path]] = []
     uncommitted = root / "gx" / "uncommitted"
     for folder, dest in (
         (uncommitted / "validations", "validations/"),
@@ -393,12 +393,16 @@ def _publish(store: ObjectStore, partition: Partition, root: Path) -> list[str]:
     ):
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
             rel = path.relative_to(folder).as_posix()
-            if any(rel.startswith(s) for s in _DOCS_SKIP):
-                continue
-            key = base + dest + rel
-            store.put(key, path.read_bytes(), _CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
-            keys.append(key)
-    return keys
+            if not any(rel.startswith(s) for s in _DOCS_SKIP):
+                files.append((base + dest + rel, path))
+
+    def put(item: tuple[str, Path]) -> str:
+        key, path = item
+        store.put(key, path.read_bytes(), _CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
+        return key
+
+    with ThreadPoolExecutor(8, thread_name_prefix="publish") as pool:  # ~40 small files a partition
+        return list(pool.map(put, files))
 
 
 def validate_partition(
