@@ -155,14 +155,19 @@ def _reread_migrated(
     from the same bytes (the index then reads no header again)."""
     rows = migrated.to_dict("records")
 
-    def one(row: dict[str, Any]) -> dict[str, Any] | None:
+    def one(row: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
         got = reread_header(store, row["object_key"], row["object_sha256"])
-        return None if got is None else study_index.header_row(*got, row, partition)
+        if got is None:
+            return False, None
+        try:
+            return True, study_index.header_row(*got, row, partition)
+        except Exception:  # noqa: BLE001 - verified all the same; the index reads this header itself
+            return True, None
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="reread") as pool:
         found = list(pool.map(one, rows))
-    index = {(r["object_key"], r["object_sha256"]): f for r, f in zip(rows, found, strict=True) if f is not None}
-    return [f is not None for f in found], index
+    index = {(r["object_key"], r["object_sha256"]): f for r, (_, f) in zip(rows, found, strict=True) if f is not None}
+    return [ok for ok, _ in found], index
 
 
 def _expected_frame(series: list[CensusSeries], transfer: pd.DataFrame) -> pd.DataFrame:
