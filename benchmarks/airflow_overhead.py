@@ -575,17 +575,17 @@ def markdown_scheduler(r: dict[str, Any], info: dict[str, Any], executor: str = 
 
 
 def _cpu_rows(r: dict[str, Any]) -> list[str]:
-    """Where the machine's CPU went during the run (2 cores: at most 2 CPU-seconds a second)."""
+    """Where the machine's CPU went during the run (n cores: at most n CPU-seconds a second)."""
     cpu = dict(r.get("cpu_s") or {})
     if not cpu:
         return []
-    machine = cpu.pop("machine", 0.0)
+    machine, cores = cpu.pop("machine", 0.0), os.cpu_count() or 1
     native = (r.get("native_s") or {}).get("cpu_machine_s")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
     return [
         "",
-        f"CPU-seconds during the run: the machine {machine:.1f} (of {2 * r['scheduler_wall_s']:.1f} its 2 cores "
-        f"had); by process group (tasks count with the process that forked them): {parts}"
+        f"CPU-seconds during the run: the machine {machine:.1f} (of {cores * r['scheduler_wall_s']:.1f} its "
+        f"{cores} cores had); by process group (tasks count with the process that forked them): {parts}"
         + (f"; the native tools' run: {native:.1f}." if native else "."),
     ]
 
