@@ -430,11 +430,14 @@ def validate_partition(
         folder when not given. Published to the bucket when ``publish``.
     index : bool
         Also write the partition's study index (DICOMweb, the locator) from the
-        headers of the objects re-read.
+        headers of the objects re-read, when every one of them verified.
     """
     settings = settings or ValidationConfig()
     frames, index_rows = _frames(store, partition, series, transfer)
-    if index:  # from the headers just re-read: the study index reads none again
+    # From the headers just re-read: the study index reads none again. Not when an object
+    # failed its re-read (missing, altered): the partition fails here, on its verdict, and
+    # lineage's index update meets that object as it always did.
+    if index and bool(frames["migrated"]["checksum_verified"].all()):
         study_index.index_partition(store, partition, transfer, headers=index_rows)
     frames["census"] = pd.DataFrame(
         {"warning": pd.Series([w for w in (census_warnings or []) if w in BLOCKING_WARNINGS], dtype=object)}
