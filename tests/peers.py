@@ -256,6 +256,14 @@ class ConnectionCounter:
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
+        ended = threading.Event()
+
+        def end() -> None:  # once: when the client closes, its association is over
+            with self._lock:
+                if not ended.is_set():
+                    ended.set()
+                    self.active -= 1
+
         try:
             with client, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
                 for sock in (client, upstream):
@@ -263,12 +271,14 @@ class ConnectionCounter:
                 back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
                 back.start()
                 _pipe(client, upstream)
+                # Not when the peer gets round to closing its end: a busy single-process
+                # peer (dcmqrscp) may close long after the client released and went.
+                end()
                 back.join(timeout=60)
         except OSError:
             pass
         finally:
-            with self._lock:
-                self.active -= 1
+            end()
 
     def stop(self) -> None:
         self._server.close()
