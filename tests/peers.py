@@ -256,12 +256,13 @@ class ConnectionCounter:
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
-        ended = threading.Event()
+        ended = False
 
         def end() -> None:  # once: when the client closes, its association is over
+            nonlocal ended
             with self._lock:
-                if not ended.is_set():
-                    ended.set()
+                if not ended:
+                    ended = True
                     self.active -= 1
 
         try:
