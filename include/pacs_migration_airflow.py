@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,12 +102,24 @@ def send_email(report: ReportConfig, to: list[str], subject: str, html: str, fil
         hook.send_email_smtp(to=to, from_email=report.from_address, subject=subject, html_content=html, files=files)
 
 
-def object_store(cfg: MigrationConfig, conn_id: str = AWS_CONN_ID) -> ObjectStore:
+@cache
+def _s3_hook_class() -> type:
+    """S3Hook naming its caller: the stock hook finds the operator for its user agent with
+    ``inspect.stack()``, which reads the source of every frame and rescans ``sys.modules``
+    (~0.5 CPU-s a task with the preloaded libraries)."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    class PacsS3Hook(S3Hook):
+        def _get_caller(self, target_function_name: str = "execute") -> str:
+            return "PacsMigration"
+
+    return PacsS3Hook
+
+
+def object_store(cfg: MigrationConfig, conn_id: str = AWS_CONN_ID) -> ObjectStore:
     from include.pacs_migration.store import ObjectStore
 
-    client = S3Hook(aws_conn_id=conn_id, config=cfg.target.client_config()).get_conn()
+    client = _s3_hook_class()(aws_conn_id=conn_id, config=cfg.target.client_config()).get_conn()
     return ObjectStore(client, cfg.target)
 
 
