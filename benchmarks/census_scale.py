@@ -79,6 +79,7 @@ def orthanc_with(scale: float, day: list[tuple[str, list[str]]]):
     expected = len(day) * SERIES_PER_STUDY * INSTANCES_PER_SERIES
     orthanc = Orthanc(
         CACHE / f"census-orthanc-{scale:g}",
+        tcp_nodelay=True,  # a PACS that answers promptly: not 40 ms a small write
         StorageCompression=False,
         MaximumStorageSize=0,
         DicomThreadsCount=8,

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         study_uids, data_bytes = build_ct(tmp / "data", args.studies, args.per_study)
         n = args.studies * args.per_study
-        orthanc = Orthanc(tmp / "orthanc", MaximumPduLength=MAX_PDU)
+        orthanc = Orthanc(tmp / "orthanc", tcp_nodelay=True, MaximumPduLength=MAX_PDU)
         try:
             orthanc.upload_folder(tmp / "data")
             source = SourceConfig(
