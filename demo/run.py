@@ -61,7 +61,8 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             # The demo runs only its backfill: no run for "today" from the schedule.
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",  # as docker-compose.yml: the next task sooner
+            # The next task of a date sooner (README, Scaling: LocalExecutor only).
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
             # SQLite serializes writers: wait for the lock instead of failing at once.
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME}/airflow.db?timeout=60",
             "AIRFLOW__API__HOST": "127.0.0.1",
