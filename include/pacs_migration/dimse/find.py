@@ -1,5 +1,5 @@
 """The census's C-FIND client (Study Root): :func:`find` on its own association,
-:class:`FindSession` over one association per asking thread."""
+:class:`FindSession` over the associations it keeps (one per query asked at once)."""
 
 from __future__ import annotations
 
