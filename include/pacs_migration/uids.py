@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+# Ours, as the implementation that writes files (File Meta) and requests associations.
+IMPLEMENTATION_CLASS_UID = "2.25.150733591347453178402262417218350212113"
+
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
 

@@ -8,7 +8,8 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -45,12 +46,36 @@ class QueryTruncated(QueryFailed):
 
 TRUNCATION_STATUSES = (0xFE00, 0xA700)
 
+_REJECT_PERMANENT = 0x01
+_REJECT_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+
+
+class Rejected(Exception):
+    """One attempt refused by the peer: why, and whether another attempt can help."""
+
+    def __init__(self, reason: str, permanent: bool) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
+
+    @classmethod
+    def from_rj(cls, result: int, source: int, diagnostic: Any) -> Rejected:
+        """From an A-ASSOCIATE-RJ's result (1 permanent, 2 transient), source and reason."""
+        kind = "permanently" if result == _REJECT_PERMANENT else "transiently"
+        where = _REJECT_SOURCES.get(source, "peer")
+        return cls(f"rejected {kind} by the {where} (reason {diagnostic})", result == _REJECT_PERMANENT)
+
+
+def nodelay_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY: DIMSE sends small writes that Nagle's algorithm would hold
+    back for a delayed ACK (~40 ms each)."""
+    with contextlib.suppress(AttributeError, OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
 
 def nodelay(assoc) -> None:
-    """TCP_NODELAY on the association's socket: DIMSE sends small writes that
-    Nagle's algorithm would hold back for a delayed ACK (~40 ms each)."""
-    with contextlib.suppress(AttributeError, OSError):
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """TCP_NODELAY on a pynetdicom association's socket."""
+    with contextlib.suppress(AttributeError):
+        nodelay_socket(assoc.dul.socket.socket)
 
 
 def new_ae(source: SourceConfig) -> AE:
@@ -74,12 +99,11 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-_REJECT_PERMANENT = 0x01
-_REJECT_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+T = TypeVar("T")
 
 
-def associate(ae: AE, source: SourceConfig, **kwargs: Any):
-    """Open an association to the source with TCP_NODELAY, or raise DicomNetworkError.
+def with_attempts(source: SourceConfig, open_once: Callable[[], T]) -> T:
+    """``open_once()`` until it opens an association, or raise DicomNetworkError.
 
     A transient rejection or a failed connection is retried
     (``source.association_attempts``, exponential backoff); a permanent
@@ -88,14 +112,33 @@ def associate(ae: AE, source: SourceConfig, **kwargs: Any):
     configure_logging()  # before any association: no identifiers in logs, streamed receive
     peer = f"{source.called_ae_title}@{source.host}:{source.port}"
     attempts = max(1, source.association_attempts)
+    reason = "failed"
+    for attempt in range(attempts):
+        try:
+            return open_once()
+        except Rejected as exc:
+            reason = str(exc)
+            if exc.permanent:
+                break
+        except DicomNetworkError as exc:
+            reason = str(exc)
+        if attempt + 1 < attempts:
+            log.warning("association to %s %s; attempt %d of %d", peer, reason, attempt + 1, attempts)
+            time.sleep(min(0.5 * 2**attempt, 5.0))
+    raise DicomNetworkError(f"association to {peer} {reason}")
+
+
+def associate(ae: AE, source: SourceConfig, **kwargs: Any):
+    """Open a pynetdicom association to the source with TCP_NODELAY (attempts
+    as :func:`with_attempts`), or raise DicomNetworkError."""
     handlers = list(kwargs.pop("evt_handlers", []))
     if source.tls is not None:
         kwargs["tls_args"] = (tls_context(source.tls), source.tls.server_name or source.host)
-    reason = "failed"
-    for attempt in range(attempts):
+
+    def open_once():
         answer: dict[str, Any] = {}
 
-        def on_acse(event: evt.Event, answer: dict[str, Any] = answer) -> None:
+        def on_acse(event: evt.Event) -> None:
             primitive: Any = getattr(event, "primitive", None)  # set on ACSE events only
             if getattr(primitive, "result", None) in (0x01, 0x02):
                 answer.update(result=primitive.result, source=primitive.result_source, diagnostic=primitive.diagnostic)
@@ -113,19 +156,10 @@ def associate(ae: AE, source: SourceConfig, **kwargs: Any):
             nodelay(assoc)
             return assoc
         if assoc.is_rejected:
-            kind = "permanently" if answer.get("result") == _REJECT_PERMANENT else "transiently"
-            reason = (
-                f"rejected {kind} by the {_REJECT_SOURCES.get(answer.get('source', 0), 'peer')}"
-                f" (reason {answer.get('diagnostic', '?')})"
-            )
-            if answer.get("result") == _REJECT_PERMANENT:
-                break
-        else:
-            reason = "failed (no answer, refused connection or TLS handshake)"
-        if attempt + 1 < attempts:
-            log.warning("association to %s %s; attempt %d of %d", peer, reason, attempt + 1, attempts)
-            time.sleep(min(0.5 * 2**attempt, 5.0))
-    raise DicomNetworkError(f"association to {peer} {reason}")
+            raise Rejected.from_rj(answer.get("result", 0), answer.get("source", 0), answer.get("diagnostic", "?"))
+        raise DicomNetworkError("failed (no answer, refused connection or TLS handshake)")
+
+    return with_attempts(source, open_once)
 
 
 def echo(source: SourceConfig) -> int:

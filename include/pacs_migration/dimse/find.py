@@ -1,48 +1,99 @@
-"""The census's C-FIND client (Study Root): :func:`find` on its own association,
-:class:`FindSession` over the associations it keeps (one per query asked at once)."""
+"""The census's C-FIND client (Study Root), on our own Upper Layer
+(:mod:`.upper_layer`): :func:`find` on its own association,
+:class:`FindSession` over the associations it keeps."""
 
 from __future__ import annotations
 
-import logging
+import struct
 import threading
-import time
-from typing import Any
+from io import BytesIO
 
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import: mypy cannot see them
-    StudyRootQueryRetrieveInformationModelFind,
-)
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 
 from ..config import SourceConfig
-from .association import TRUNCATION_STATUSES, DicomNetworkError, QueryFailed, QueryTruncated, associate, new_ae
+from .association import TRUNCATION_STATUSES, DicomNetworkError, QueryFailed, QueryTruncated, with_attempts
+from .upper_layer import _COMMAND, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UpperLayer
 
-log = logging.getLogger(__name__)
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
+_NO_DATA_SET = 0x0101
+_PENDING = (0xFF00, 0xFF01)
+_ELEMENT = struct.Struct("<HHL")
 
 
-def _open_find_association(source: SourceConfig):
-    ae = new_ae(source)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    return associate(ae, source)
+def _element(element: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
 
 
-def _c_find(assoc, identifier: Dataset) -> list[Dataset]:
+def c_find_rq(message_id: int) -> bytes:
+    """A C-FIND-RQ command set (implicit VR little endian, PS3.7 9.1.2), priority low as pynetdicom's."""
+    body = (
+        _element(0x0002, STUDY_ROOT_FIND.encode("ascii"))
+        + _element(0x0100, struct.pack("<H", C_FIND_RQ))
+        + _element(0x0110, struct.pack("<H", message_id))
+        + _element(0x0700, struct.pack("<H", 2))
+        + _element(0x0800, struct.pack("<H", 0x0001))
+    )
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def command_fields(command: bytes) -> dict[int, bytes]:
+    """The command set's elements (group 0000) by element number."""
+    out, at = {}, 0
+    while at + 8 <= len(command):
+        group, element, length = _ELEMENT.unpack_from(command, at)
+        if group != 0x0000 or at + 8 + length > len(command):
+            raise DicomNetworkError("the peer sent a malformed command set")
+        out[element] = command[at + 8 : at + 8 + length]
+        at += 8 + length
+    return out
+
+
+def _us(fields: dict[int, bytes], element: int) -> int | None:
+    value = fields.get(element)
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
+
+
+def _open_find_association(source: SourceConfig) -> UpperLayer:
+    syntaxes = [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
+    return with_attempts(source, lambda: UpperLayer.open(source, STUDY_ROOT_FIND, syntaxes))
+
+
+def _encode(identifier: Dataset, implicit: bool) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, identifier)
+    return fp.getvalue()
+
+
+def _c_find(assoc: UpperLayer, identifier: Dataset, message_id: int = 1) -> list[Dataset]:
+    implicit = assoc.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    assoc.send(c_find_rq(message_id), _encode(identifier, implicit))
     answers: list[Dataset] = []
-    final_status: int | None = None
-    for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-        if not status:  # empty status: timeout or abort
-            raise DicomNetworkError("C-FIND got no response (timeout or abort)")
-        code = int(status.Status)
-        if code in (0xFF00, 0xFF01):
-            if ident is not None:
-                answers.append(ident)
-        else:
-            final_status = code
-    if final_status is None:
-        raise DicomNetworkError("C-FIND ended without a final status")
-    if final_status in TRUNCATION_STATUSES:
-        raise QueryTruncated(final_status, answers)
-    if final_status != 0x0000:
-        raise QueryFailed(final_status)
+    while True:
+        fields = command_fields(assoc.receive(_COMMAND))
+        if _us(fields, 0x0100) != C_FIND_RSP or _us(fields, 0x0120) != message_id:
+            assoc.abort()
+            raise DicomNetworkError("the peer sent a message that is not this C-FIND's response")
+        status = _us(fields, 0x0900)
+        data = assoc.receive(0) if _us(fields, 0x0800) not in (None, _NO_DATA_SET) else None
+        if status in _PENDING:
+            if data is not None:
+                answers.append(read_dataset(BytesIO(data), implicit, True))
+            continue
+        if status is None:
+            assoc.abort()
+            raise DicomNetworkError("the peer sent a C-FIND response without a status")
+        break
+    if status in TRUNCATION_STATUSES:
+        raise QueryTruncated(status, answers)
+    if status != 0x0000:
+        raise QueryFailed(status)
     return answers
 
 
@@ -66,38 +117,18 @@ def find(source: SourceConfig, identifier: Dataset) -> list[Dataset]:
             assoc.release()
 
 
-def _pause_reactor(assoc, timeout_s: float) -> None:
-    """Hold the association's reactor thread before a request, for certain.
-
-    pynetdicom 3.0 pauses it by clearing an Event and polling a flag the reactor
-    sets just *before* it waits on that Event: a reactor already past the wait
-    takes the first response off the queue as an unexpected request and drops it
-    ("Received unexpected C-FIND service message", pynetdicom #875): an answer
-    lost. Measured over one association under CPU load: 26 of 2,160 queries lost
-    one that way, none after this. The reactor is held once it waits on the Event.
-    """
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    deadline = time.monotonic() + timeout_s
-    while not checkpoint._cond._waiters:  # the reactor thread blocked in checkpoint.wait()
-        if not assoc.is_established or time.monotonic() > deadline:
-            raise DicomNetworkError("the association's reactor did not pause (released or aborted)")
-        time.sleep(0.0001)
-
-
 class FindSession:
     """The census's C-FIND client: its associations are kept for the next query
     (opening one per query cost 5x the query itself against a PACS that answers
     promptly). A query takes an idle one, or opens one: never more at once than
-    queries asked at once. Each query first holds the association's reactor
-    (:func:`_pause_reactor`). A query whose kept association broke (the PACS
+    queries asked at once. A query whose kept association broke (the PACS
     closed it while idle) is asked once more on a new one: C-FIND changes nothing.
     """
 
     def __init__(self, source: SourceConfig) -> None:
         self.source = source
         self._lock = threading.Lock()
-        self._idle: list[Any] = []
+        self._idle: list[UpperLayer] = []
 
     def __enter__(self) -> FindSession:
         return self
@@ -109,19 +140,19 @@ class FindSession:
             if assoc.is_established:
                 assoc.release()
 
-    def _take(self) -> tuple[Any, bool]:
+    def _take(self) -> tuple[UpperLayer, bool]:
         """An idle association, else a new one; and whether it is new."""
         with self._lock:
             while self._idle:
                 assoc = self._idle.pop()
-                if assoc.is_established:
+                if assoc.is_established and not assoc.readable():
                     return assoc, False
+                assoc.abort()  # the peer spoke while it was idle: released, aborted or closed
         return _open_find_association(self.source), True
 
-    def _ask(self, assoc: Any, identifier: Dataset) -> list[Dataset]:
+    def _ask(self, assoc: UpperLayer, identifier: Dataset) -> list[Dataset]:
         try:
-            _pause_reactor(assoc, self.source.dimse_timeout)
-            return _c_find(assoc, identifier)
+            return _c_find(assoc, identifier, assoc.next_message_id())
         except DicomNetworkError:
             if assoc.is_established:
                 assoc.abort()

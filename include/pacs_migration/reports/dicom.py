@@ -19,11 +19,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from ..uids import IMPLEMENTATION_CLASS_UID
 from .hl7 import Report, ReportStatus
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
-IMPLEMENTATION_UID = "2.25.150733591347453178402262417218350212113"
 SERIES_NUMBER = {"SR": 9001, "DOC": 9002}  # after any series a modality makes
 # Study attributes copied from the migrated study (its normalized values), not from the message.
 STUDY_KEYWORDS = (
@@ -195,7 +195,7 @@ def _write(ds: Dataset) -> bytes:
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = "PACSMIG_RPT"
     ds.file_meta = meta
     buf = io.BytesIO()
