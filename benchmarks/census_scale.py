@@ -8,12 +8,13 @@ the image level of every study; each worker's queries over one kept
 association) is timed against ``findscu`` sending the same queries (the query
 files made from the known UIDs: the native tool is spared parsing answers to
 find the next query) over as many associations (all of a worker's queries of a
-level over one: the native tool's best case), and over one association per
-query (as the census asked until it kept them); ``--workers`` at once. Orthanc
-runs with DCMTK's TCP_NODELAY=1, as a PACS that answers promptly.
-Then the assessment of the same day (``assess``), extrapolated to 15 years.
+level over one: the native tool's best case); ``--workers`` at once; with
+``--before <checkout>``, the census of that checkout too, in a process of its
+own, interleaved. Orthanc runs with DCMTK's TCP_NODELAY=1, as a PACS that
+answers promptly. Then the assessment of the same day (``assess``),
+extrapolated to 15 years.
 
-    PYTHONPATH=. python -m benchmarks.census_scale [--scale 0.1] [--workers 1,4] [--repeats 3]
+    PYTHONPATH=. python -m benchmarks.census_scale [--scale 0.1] [--workers 1,4] [--repeats 3] [--before DIR]
 """
 
 from __future__ import annotations
@@ -143,18 +144,16 @@ def _findscu(port: int, files: list[Path]) -> None:
         raise RuntimeError(f"findscu failed: {proc.stderr.decode(errors='replace')[-500:]}")
 
 
-def run_findscu(port: int, levels: list[list[Path]], workers: int, per_query: bool) -> float:
+def run_findscu(port: int, levels: list[list[Path]], workers: int) -> float:
     """Each level after the one before (the census needs each level's answers);
-    within a level ``workers`` at once, each sending its share: one findscu (one
-    association) per query as the census does (``per_query``), or all of its share
-    over one association (the native tool's best case)."""
+    within a level ``workers`` at once, each sending all of its share over one
+    association (one findscu): the native tool's best case."""
     started = time.perf_counter()
     for files in levels:
         shares = [files[w::workers] for w in range(workers) if files[w::workers]]
 
         def send(share: list[Path]) -> None:
-            for batch in [[f] for f in share] if per_query else [share]:
-                _findscu(port, batch)
+            _findscu(port, share)
 
         with ThreadPoolExecutor(len(shares)) as pool:
             list(pool.map(send, shares))
@@ -187,6 +186,21 @@ def run_census(port: int, workers: int) -> dict[str, Any]:
             "series": len(census.series), "warnings": len(census.warnings)}  # fmt: skip
 
 
+def run_census_of(checkout: Path, port: int, workers: int) -> dict[str, Any]:
+    """:func:`run_census` of another checkout (the code before), in a process of its own."""
+    code = (
+        "import json, sys; from benchmarks.census_scale import run_census; "
+        "print(json.dumps(run_census(*map(int, sys.argv[1:]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(port), str(workers)],
+        cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"the census of {checkout} failed: {proc.stderr[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_assessment(port: int) -> float:
     from include.pacs_migration.assessment import assess
     from include.pacs_migration.config import SourceConfig
@@ -199,7 +213,7 @@ def run_assessment(port: int) -> float:
     return time.perf_counter() - started
 
 
-def measure(scale: float, workers: list[int], repeats: int) -> dict[str, Any]:
+def measure(scale: float, workers: list[int], repeats: int, before: Path | None = None) -> dict[str, Any]:
     day = busy_day(scale)
     orthanc = orthanc_with(scale, day)
     try:
@@ -212,26 +226,29 @@ def measure(scale: float, workers: list[int], repeats: int) -> dict[str, Any]:
                 "by_workers": {},
             }
             for w in workers:
-                census, same, best = [], [], []
+                census, native, old = [], [], []
                 for _ in range(repeats):  # interleaved
                     census.append(run_census(port, w))
-                    same.append(run_findscu(port, levels, w, per_query=True))
-                    best.append(run_findscu(port, levels, w, per_query=False))
-                t = statistics.median(c["seconds"] for c in census)
-                t_same, t_best = statistics.median(same), statistics.median(best)
+                    native.append(run_findscu(port, levels, w))
+                    if before:
+                        old.append(run_census_of(before, port, w))
+                t, t_native = statistics.median(c["seconds"] for c in census), statistics.median(native)
                 out["by_workers"][str(w)] = {
                     "census_s": t,
-                    "findscu_s": t_same,
-                    "findscu_one_association_s": t_best,
-                    "ratio": t / t_same,
-                    "ratio_one_association": t / t_best,
+                    "findscu_s": t_native,
+                    "ratio": t / t_native,
                     "census_queries_per_s": census[0]["queries"] / t,
-                    "findscu_queries_per_s": out["queries"] / t_same,
-                    "findscu_one_association_queries_per_s": out["queries"] / t_best,
+                    "findscu_queries_per_s": out["queries"] / t_native,
                     "studies_per_s": len(day) / t,
                     "census_cpu_s": statistics.median(c["cpu_s"] for c in census),
                     "census": census[0],
                 }
+                if old:
+                    t_old = statistics.median(c["seconds"] for c in old)
+                    out["by_workers"][str(w)].update(
+                        before_s=t_old, before_ratio=t_old / t_native,
+                        before_cpu_s=statistics.median(c["cpu_s"] for c in old),
+                    )  # fmt: skip
             out["assessment_day_s"] = run_assessment(port)  # once: minutes at scale
             out["assessment_15_years_h"] = out["assessment_day_s"] / scale * 365.25 * YEARS / 3600
     finally:
@@ -247,18 +264,20 @@ def markdown(result: dict[str, Any], scale: float) -> str:
         f"{result['queries']} C-FIND queries, in Orthanc (index only). Medians of the repeats.",
         "",
         "findscu over as many associations as the census (all of a worker's queries of a level over one: its",
-        "best case), and over one association per query (as the census asked before it kept its associations).",
+        "best case). CPU: the census's process. Before: the census of "
+        + (f"`{result['before']}`, interleaved." if result.get("before") else "(not run)."),
         "",
-        "| at once | census s | findscu s, same associations | ratio | findscu s, one per query | ratio "
-        "| census queries/s | findscu queries/s | studies/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| at once | census s | findscu s | ratio | census queries/s | findscu queries/s | studies/s "
+        "| census CPU s | before s | before ratio | before CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w, m in result["by_workers"].items():
+        old = [f"{m[k]:.2f}" if k == "before_ratio" else f"{m[k]:.1f}" for k in ("before_s", "before_ratio",
+               "before_cpu_s") if k in m] or ["—"] * 3  # fmt: skip
         rows.append(
-            f"| {w} | {m['census_s']:.1f} | {m['findscu_one_association_s']:.1f} | "
-            f"**{m['ratio_one_association']:.2f}** | {m['findscu_s']:.1f} | {m['ratio']:.2f} | "
-            f"{m['census_queries_per_s']:.0f} | {m['findscu_one_association_queries_per_s']:.0f} | "
-            f"{m['studies_per_s']:.1f} |"
+            f"| {w} | {m['census_s']:.1f} | {m['findscu_s']:.1f} | **{m['ratio']:.2f}** | "
+            f"{m['census_queries_per_s']:.0f} | {m['findscu_queries_per_s']:.0f} | {m['studies_per_s']:.1f} | "
+            f"{m['census_cpu_s']:.1f} | " + " | ".join(old) + " |"
         )
     best = min(m["census_s"] for m in result["by_workers"].values())
     rows += [
@@ -277,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--label", default="")
+    parser.add_argument("--before", type=Path, help="another checkout whose census to time too, interleaved")
     ns = parser.parse_args(argv)
     if shutil.which("findscu") is None:
         raise SystemExit("findscu (Debian package dcmtk) is required")
     CACHE.mkdir(exist_ok=True)
-    result = measure(ns.scale, [int(w) for w in ns.workers.split(",")], ns.repeats)
+    result = measure(ns.scale, [int(w) for w in ns.workers.split(",")], ns.repeats, ns.before)
+    if ns.before:
+        result["before"] = subprocess.run(["git", "-C", str(ns.before), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip() or str(ns.before)  # fmt: skip
     text = markdown(result, ns.scale)
     stem = dt.date.today().isoformat() + "-census" + (f"-{ns.label}" if ns.label else "")
     RESULTS.mkdir(exist_ok=True)

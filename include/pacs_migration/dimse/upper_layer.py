@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from ..config import SourceConfig
 from ..uids import IMPLEMENTATION_CLASS_UID
@@ -116,8 +117,9 @@ def pdvs(context_id: int, payload: bytes, command: bool, max_pdu: int) -> list[b
 class UpperLayer:
     """An established association of one presentation context (ID 1)."""
 
-    def __init__(self, sock: socket.socket, source: SourceConfig, accepted: Accepted) -> None:
+    def __init__(self, sock: socket.socket, reader: BinaryIO, source: SourceConfig, accepted: Accepted) -> None:
         self._sock = sock
+        self._reader = reader
         self.source = source
         self.transfer_syntax = accepted.transfer_syntax
         self.peer_max_pdu = accepted.peer_max_pdu
@@ -142,19 +144,21 @@ class UpperLayer:
             if source.tls is not None:
                 sock = tls_context(source.tls).wrap_socket(sock, server_hostname=source.tls.server_name or source.host)
             sock.sendall(associate_rq(source, abstract_syntax, transfer_syntaxes))
-            kind, body = _read_pdu(sock, source.max_pdu)
+            reader = sock.makefile("rb")  # buffered: many small answers in one recv
+            kind, body = _read_pdu(reader, source.max_pdu)
             if kind == A_ASSOCIATE_RJ and len(body) >= 4:
                 result, origin, reason = body[1], body[2], body[3]
                 raise Rejected.from_rj(result, origin, reason)
             if kind != A_ASSOCIATE_AC:
-                raise DicomNetworkError(f"failed (the peer answered with PDU type 0x{kind:02X})")
-            ul = cls(sock, source, parse_associate_ac(body))
-        except (OSError, ssl.SSLError) as exc:
-            sock.close()
-            raise DicomNetworkError(f"failed (negotiation or TLS handshake: {exc.__class__.__name__})") from exc
-        except BaseException:
+                raise DicomNetworkError(f"the peer answered with PDU type 0x{kind:02X}")
+            ul = cls(sock, reader, source, parse_associate_ac(body))
+        except Rejected:
             sock.close()
             raise
+        except (OSError, ssl.SSLError, DicomNetworkError) as exc:
+            sock.close()
+            why = str(exc) if isinstance(exc, DicomNetworkError) else f"negotiation or TLS: {exc.__class__.__name__}"
+            raise DicomNetworkError(f"failed ({why})") from exc
         sock.settimeout(source.dimse_timeout)
         return ul
 
@@ -187,7 +191,7 @@ class UpperLayer:
 
     def _read_p_data(self) -> None:
         try:
-            kind, body = _read_pdu(self._sock, self.source.max_pdu)
+            kind, body = _read_pdu(self._reader, self.source.max_pdu)
         except TimeoutError as exc:
             self.abort()
             raise DicomNetworkError("no response within the DIMSE timeout") from exc
@@ -209,9 +213,11 @@ class UpperLayer:
         raise DicomNetworkError(f"the peer {what}")
 
     def readable(self) -> bool:
-        """Something arrived while idle: the peer closed, released or aborted."""
+        """Something arrived while idle: the peer closed, released or aborted.
+        (What came in one read with the last answer is found by the next query,
+        which then fails as a broken association.)"""
         try:
-            return bool(select.select([self._sock], [], [], 0)[0]) or bool(getattr(self._sock, "pending", int)())
+            return bool(select.select([self._sock], [], [], 0)[0] or getattr(self._sock, "pending", int)())
         except (OSError, ValueError):
             return True
 
@@ -224,7 +230,7 @@ class UpperLayer:
             self._sock.sendall(_PDU_HEADER.pack(A_RELEASE_RQ, 4) + bytes(4))
             self._sock.settimeout(self.source.acse_timeout)
             for _ in range(64):  # answers still in flight come first; bounded
-                kind, _body = _read_pdu(self._sock, self.source.max_pdu)
+                kind, _body = _read_pdu(self._reader, self.source.max_pdu)
                 if kind in (A_RELEASE_RP, A_ABORT):
                     break
         except (OSError, ssl.SSLError, DicomNetworkError):
@@ -245,22 +251,20 @@ class UpperLayer:
     def _lost(self) -> None:
         self.is_established = False
         with contextlib.suppress(OSError):
+            self._reader.close()
             self._sock.close()
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise DicomNetworkError("the peer closed the connection")
-        buf += chunk
-    return bytes(buf)
+def _read_exact(reader: BinaryIO, n: int) -> bytes:
+    data = reader.read(n)
+    if data is None or len(data) < n:
+        raise DicomNetworkError("the peer closed the connection")
+    return data
 
 
-def _read_pdu(sock: socket.socket, max_pdu: int) -> tuple[int, bytes]:
-    kind, length = _PDU_HEADER.unpack(_read_exact(sock, 6))
+def _read_pdu(reader: BinaryIO, max_pdu: int) -> tuple[int, bytes]:
+    kind, length = _PDU_HEADER.unpack(_read_exact(reader, 6))
     limit = max(max_pdu, 1 << 16) + 6 if kind == P_DATA_TF else 1 << 20
     if length > min(limit, _MAX_PDU_ACCEPTED):
         raise DicomNetworkError(f"the peer sent a PDU of {length} bytes, over the {limit} we accept")
-    return kind, _read_exact(sock, length)
+    return kind, _read_exact(reader, length)
