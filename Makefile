@@ -80,9 +80,11 @@ bench-scheduler: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.bench --scheduler-only --airflow-scale $(or $(AIRFLOW_SCALE),0.1) \
 		--airflow-repeats $(or $(AIRFLOW_REPEATS),3) --executors $(or $(EXECUTORS),local,celery) $(if $(LABEL),--label $(LABEL))
 
-## Benchmark: the census of a busy day vs findscu (CENSUS_SCALE=1: 2,000 studies; loading Orthanc takes ~20 min).
+## Benchmark: the census of a busy day vs findscu (CENSUS_SCALE=1: 2,000 studies; loading Orthanc takes ~20 min;
+## BEFORE=<checkout> times that checkout's census too).
 bench-census: $(STAMP)
-	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.census_scale --scale $(or $(CENSUS_SCALE),0.1) $(if $(LABEL),--label $(LABEL))
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.census_scale --scale $(or $(CENSUS_SCALE),0.1) \
+		$(if $(BEFORE),--before $(BEFORE)) $(if $(LABEL),--label $(LABEL))
 
 ## Benchmark: a transfer task's peak memory with one instance of 50 MB, 500 MB, 2 GB (BEFORE=<checkout> to compare).
 bench-object-size: $(STAMP)

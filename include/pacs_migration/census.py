@@ -17,8 +17,11 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from .dimse import DicomNetworkError, QueryFailed, QueryTruncated
+from .dimse import DicomNetworkError, QueryFailed, QueryTruncated, answer_text
 from .partition import Partition
+
+# Read from every answer of the census (tens of thousands a date) as raw text.
+SOP_CLASS_UID, SOP_INSTANCE_UID, SERIES_INSTANCE_UID = 0x00080016, 0x00080018, 0x0020000E
 
 FindFn = Callable[[Dataset], list[Dataset]]
 
@@ -290,8 +293,8 @@ def _study_series(
         warnings.append(CensusWarning("CENSUS_FAILED:SERIES", study_uid, None, _why(exc)))
         return [CensusSeries(study_uid, "", "UNKNOWN", study_date, reported_study, (), "CENSUS_FAILED:SERIES")]
     out = []
-    for s in sorted(answers, key=lambda d: str(d.get("SeriesInstanceUID", ""))):
-        series_uid = str(s.get("SeriesInstanceUID") or "")
+    for s in sorted(answers, key=lambda d: answer_text(d, SERIES_INSTANCE_UID)):
+        series_uid = answer_text(s, SERIES_INSTANCE_UID)
         if not series_uid:
             warnings.append(CensusWarning("SERIES_WITHOUT_UID", study_uid, None, "series answer had no UID"))
             continue
@@ -337,7 +340,7 @@ def _series_answers(find: FindFn, study_uid: str, caps: _Caps, warnings: list[Ce
         except QueryTruncated as exc:
             answers, capped = exc.answers, True
         for a in answers:
-            found.setdefault(str(a.get("SeriesInstanceUID", "")), a)
+            found.setdefault(answer_text(a, SERIES_INSTANCE_UID), a)
         return capped or (caps.series is not None and len(answers) >= caps.series)
 
     if ask(_series_query(study_uid)):
@@ -405,9 +408,9 @@ def _series_instances(
         warnings.append(CensusWarning("CENSUS_FAILED:IMAGE", study_uid, series_uid, _why(exc)))
     seen: dict[str, ExpectedInstance] = {}
     for i in answers:
-        sop = str(i.get("SOPInstanceUID") or "")
+        sop = answer_text(i, SOP_INSTANCE_UID)
         if sop and sop not in seen:
-            seen[sop] = ExpectedInstance(sop, str(i.get("SOPClassUID") or ""))
+            seen[sop] = ExpectedInstance(sop, answer_text(i, SOP_CLASS_UID))
     reported_raw = answer.get("NumberOfSeriesRelatedInstances")
     reported = int(reported_raw) if reported_raw not in (None, "") else None
     if gap is None and reported is not None and reported > len(seen):

@@ -371,3 +371,36 @@ def test_a_kept_association_the_peer_ended_is_replaced(peer_of, how):
 def _p_data_final(message_id: int) -> bytes:
     pdv = struct.pack(">LBB", len(_rsp(message_id, 0, False)) + 2, 1, 0x03) + _rsp(message_id, 0, False)
     return struct.pack(">BxL", 0x04, len(pdv)) + pdv
+
+
+def _identifiers() -> list[Dataset]:
+    flat = _answer(7)
+    flat.SpecificCharacterSet = "ISO_IR 192"
+    flat.PatientName = "Ünal^Zoë"  # a value in the answer's own character set
+    flat.NumberOfSeriesRelatedInstances = "12"
+    flat.add_new(0x00091010, "UN", b"\x01\x02")  # long-length VR
+    flat.Modality = ["CT", "PT"]
+    nested = _answer(8)
+    item = Dataset()
+    item.CodeValue = "X"
+    nested.ProcedureCodeSequence = [item]  # a sequence: pydicom's reader takes it
+    return [flat, nested, Dataset()]
+
+
+@pytest.mark.parametrize("transfer_syntax", [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN])
+def test_answers_decode_as_pydicom_reads_them(transfer_syntax):
+    from include.pacs_migration.dimse import answer_text
+    from include.pacs_migration.dimse.find import decode_identifier
+
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    for ds in _identifiers():
+        data = _encode(ds, transfer_syntax)
+        ours, theirs = decode_identifier(data, implicit), read_dataset(BytesIO(data), implicit, True)
+        assert [(e.tag, e.VR, e.value) for e in ours] == [(e.tag, e.VR, e.value) for e in theirs]
+        for tag in (0x00080016, 0x00080018, 0x00201209, 0x00100010):
+            assert answer_text(decode_identifier(data, implicit), tag) == str(
+                theirs.get(tag).value if tag in theirs else ""
+            )
+    truncated = _encode(_answer(9), transfer_syntax)[:-5]  # a short buffer: pydicom decides, as before
+    ours, theirs = decode_identifier(truncated, implicit), read_dataset(BytesIO(truncated), implicit, True)
+    assert [(e.tag, e.value) for e in ours] == [(e.tag, e.value) for e in theirs]

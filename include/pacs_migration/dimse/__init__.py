@@ -13,7 +13,7 @@ association) keeps identifiers, which can carry patient data, out of the logs.
 """
 
 from .association import DicomNetworkError, QueryFailed, QueryTruncated, echo, nodelay, tls_context
-from .find import FindSession, find
+from .find import FindSession, answer_text, find
 from .get import (
     RETRIEVE_TRANSFER_SYNTAXES,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
@@ -38,6 +38,7 @@ __all__ = [
     "RetrieveOutcome",
     "StagingSink",
     "RouterClient",
+    "answer_text",
     "c_get",
     "echo",
     "find",
