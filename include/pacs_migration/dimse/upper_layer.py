@@ -34,7 +34,6 @@ A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 _PDU_HEADER = struct.Struct(">BxL")
 _COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
-_MAX_PDU_ACCEPTED = 2**31  # bounds what a peer may announce as one PDU's length
 
 
 def _item(kind: int, body: bytes) -> bytes:
@@ -104,7 +103,8 @@ def parse_associate_ac(body: bytes) -> Accepted:
 
 def pdvs(context_id: int, payload: bytes, command: bool, max_pdu: int) -> list[bytes]:
     """``payload`` as P-DATA-TF PDUs of one PDV each, none over ``max_pdu`` (0: no limit)."""
-    room = (max_pdu - 12) if max_pdu else max(len(payload), 1)  # PDU 6 + PDV length 4 + ids 2
+    # The maximum bounds a PDU's variable field: one PDV, its length (4) and header (2) included.
+    room = max(max_pdu - 6, 1) if max_pdu else max(len(payload), 1)
     chunks = [payload[i : i + room] for i in range(0, len(payload), room)] or [b""]
     out = []
     for n, chunk in enumerate(chunks):
@@ -165,12 +165,11 @@ class UpperLayer:
     # -- messages ---------------------------------------------------------
     def send(self, command: bytes, dataset: bytes | None) -> None:
         """One DIMSE message: its command set, then its data set if any."""
+        pdus = pdvs(1, command, True, self.peer_max_pdu)
+        if dataset is not None:
+            pdus += pdvs(1, dataset, False, self.peer_max_pdu)
         try:
-            for pdu in pdvs(1, command, True, self.peer_max_pdu):
-                self._sock.sendall(pdu)
-            if dataset is not None:
-                for pdu in pdvs(1, dataset, False, self.peer_max_pdu):
-                    self._sock.sendall(pdu)
+            self._sock.sendall(b"".join(pdus))  # one write: a query is a few hundred bytes
         except OSError as exc:
             self._lost()
             raise DicomNetworkError(f"sending failed ({exc.__class__.__name__})") from exc
@@ -264,7 +263,9 @@ def _read_exact(reader: BinaryIO, n: int) -> bytes:
 
 def _read_pdu(reader: BinaryIO, max_pdu: int) -> tuple[int, bytes]:
     kind, length = _PDU_HEADER.unpack(_read_exact(reader, 6))
-    limit = max(max_pdu, 1 << 16) + 6 if kind == P_DATA_TF else 1 << 20
-    if length > min(limit, _MAX_PDU_ACCEPTED):
+    # Lenient with a peer that overshoots the maximum we announced (some do),
+    # never reading an absurd length into memory.
+    limit = max(4 * max_pdu, 1 << 20) if kind == P_DATA_TF else 1 << 20
+    if length > limit:
         raise DicomNetworkError(f"the peer sent a PDU of {length} bytes, over the {limit} we accept")
     return kind, _read_exact(reader, length)
