@@ -191,8 +191,8 @@ class SourceConfig(Section):
     called_ae_title: AETitle
     calling_ae_title: AETitle
     max_associations: int = Field(2, ge=1, le=64)
-    # Studies the census (and the assessment) asks about at once, each query on its
-    # own association; at most max_associations (the census task holds as many pool slots).
+    # Studies the census (and the assessment) asks about at once, each worker over an
+    # association it keeps; at most max_associations (the census task holds as many pool slots).
     census_associations: int = Field(1, ge=1, le=64)
     retrieve_method: Literal["C-GET", "C-MOVE"] = "C-GET"
     retrieve_attempts: int = Field(3, ge=1, le=20)
