@@ -17,7 +17,7 @@ from pydicom.tag import BaseTag
 
 from ..config import SourceConfig
 from .association import TRUNCATION_STATUSES, DicomNetworkError, QueryFailed, QueryTruncated, with_attempts
-from .upper_layer import _COMMAND, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UpperLayer
+from .upper_layer import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UpperLayer
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -133,12 +133,12 @@ def _c_find(assoc: UpperLayer, identifier: Dataset, message_id: int = 1) -> list
     assoc.send(c_find_rq(message_id), _encode(identifier, implicit))
     answers: list[Dataset] = []
     while True:
-        fields = command_fields(assoc.receive(_COMMAND))
+        fields = command_fields(assoc.receive(command=True))
         if _us(fields, 0x0100) != C_FIND_RSP or _us(fields, 0x0120) != message_id:
             assoc.abort()
             raise DicomNetworkError("the peer sent a message that is not this C-FIND's response")
         status = _us(fields, 0x0900)
-        data = assoc.receive(0) if _us(fields, 0x0800) not in (None, _NO_DATA_SET) else None
+        data = assoc.receive(command=False) if _us(fields, 0x0800) not in (None, _NO_DATA_SET) else None
         if status in _PENDING:
             if data is not None:
                 answers.append(decode_identifier(data, implicit))

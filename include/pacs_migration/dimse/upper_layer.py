@@ -174,9 +174,10 @@ class UpperLayer:
             self._lost()
             raise DicomNetworkError(f"sending failed ({exc.__class__.__name__})") from exc
 
-    def receive(self, part: int) -> bytes:
-        """The next whole command set (``part`` _COMMAND) or data set (0)."""
+    def receive(self, command: bool) -> bytes:
+        """The next whole command set (``command``) or data set, its fragments joined."""
         fragments = []
+        part = _COMMAND if command else 0
         while True:
             if not self._pending:
                 self._read_p_data()
