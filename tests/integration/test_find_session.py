@@ -1,8 +1,9 @@
 """The census's C-FIND client keeps its associations: over one association it
 loses no answer under CPU load (pynetdicom 3.0, which it used to run on, dropped
 a response its reactor thread took first, #875), and a kept association the
-PACS closed while idle is replaced without failing the query. Against Orthanc with TCP_NODELAY (a PACS
-that answers in ~4 ms: the race needs prompt answers) behind a counting relay."""
+PACS closed while idle is replaced without failing the query. Against Orthanc
+with TCP_NODELAY (a PACS that answers in ~4 ms: the race needed prompt answers)
+behind a counting relay."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import select
 import socket
 import ssl
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -124,7 +125,7 @@ class UpperLayer:
         self.transfer_syntax = accepted.transfer_syntax
         self.peer_max_pdu = accepted.peer_max_pdu
         self.is_established = True
-        self._pending: list[tuple[int, bytes]] = []  # PDVs read but not yet taken: (control, data)
+        self._pending: deque[tuple[int, bytes]] = deque()  # PDVs read but not yet taken: (control, data)
         self._message_id = 0
 
     def next_message_id(self) -> int:
@@ -181,7 +182,7 @@ class UpperLayer:
         while True:
             if not self._pending:
                 self._read_p_data()
-            control, data = self._pending.pop(0)
+            control, data = self._pending.popleft()
             if control & _COMMAND != part:
                 self.abort()
                 raise DicomNetworkError("the peer sent a fragment out of order")
@@ -217,7 +218,8 @@ class UpperLayer:
         (What came in one read with the last answer is found by the next query,
         which then fails as a broken association.)"""
         try:
-            return bool(select.select([self._sock], [], [], 0)[0] or getattr(self._sock, "pending", int)())
+            decrypted = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0  # read, not yet taken
+            return decrypted or bool(select.select([self._sock], [], [], 0)[0])
         except (OSError, ValueError):
             return True
 
