@@ -42,8 +42,10 @@ def _airflow_imported_as(argv: list[str], **env: str) -> tuple[dict, str]:
     which heavy modules it then holds, and its stderr."""
     code = (
         f"import sys; sys.argv = {argv!r}; import airflow, json; "
-        "print(json.dumps({m: m in sys.modules for m in ('great_expectations', 'pydicom', 'pynetdicom', "
-        "'include.pacs_migration.steps', 'include.pacs_migration.validate')}))"
+        "held = {m: m in sys.modules for m in ('great_expectations', 'pydicom', 'pynetdicom', "
+        "'include.pacs_migration.steps', 'include.pacs_migration.validate')}; "
+        "held['warmed'] = len(getattr(sys.modules.get('include.pacs_migration.gx_views'), 'TEMPLATES', ())); "
+        "print(json.dumps(held))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -60,8 +62,11 @@ def test_airflow_loads_the_preload_in_a_local_scheduler(tmp_path):
     held, err = _airflow_imported_as(
         ["airflow", "scheduler"], AIRFLOW__CORE__EXECUTOR="LocalExecutor", AIRFLOW_HOME=str(tmp_path)
     )
+    warmed = held.pop("warmed")
     assert all(held.values()), held
+    assert warmed >= 10, warmed  # Data Docs' templates compiled once here, for every validate task
     assert "pacs-migration: modules for tasks preloaded in" in err
+    assert "not warmed up" not in err
     assert "Skipping registering function" not in err  # GX's import chatter kept out of the logs
 
 

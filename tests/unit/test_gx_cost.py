@@ -1,0 +1,99 @@
+"""Issue 22: what every validate task paid again for GX. Data Docs' templates are
+compiled once per process (and not at all in a task forked from a warmed-up
+worker); GX no longer parses a YAML file on every read of a context variable."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+import pytest
+from great_expectations.core.yaml_handler import YAMLHandler
+
+from include.pacs_migration.config import ValidationConfig
+from include.pacs_migration.partition import Partition
+from include.pacs_migration.validate import _suites, gx, run_suites, warm_up
+
+P = Partition(dt.date(2020, 1, 2), "CT")
+
+
+def _frames() -> dict[str, pd.DataFrame]:
+    expected = pd.DataFrame(
+        {"series_instance_uid": ["1.2.3"] * 3, "sop_instance_uid": ["1.2.3.1", "1.2.3.2", "1.2.3.3"]}
+    )
+    return {"expected": expected.assign(state=["migrated"] * 3)}
+
+
+def _run(root: Path) -> list:
+    frames = _frames()
+    return run_suites(root, frames, {"expected": _suites(P, 3, ValidationConfig())["expected"]}, "2020-01-02.CT")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Calls of jinja's template parser and of GX's YAML loader."""
+    calls = {"templates": 0, "yaml": 0}
+    parse, load = jinja2.Environment._parse, YAMLHandler.load
+
+    def counting_parse(self, *a, **k):
+        calls["templates"] += 1
+        return parse(self, *a, **k)
+
+    def counting_load(self, *a, **k):
+        calls["yaml"] += 1
+        return load(self, *a, **k)
+
+    monkeypatch.setattr(jinja2.Environment, "_parse", counting_parse)
+    monkeypatch.setattr(YAMLHandler, "load", counting_load)
+    return calls
+
+
+def test_data_docs_templates_are_compiled_once_per_process(tmp_path, counted):
+    outcomes = _run(tmp_path / "first")
+    assert [o.success for o in outcomes] == [True] * len(outcomes)
+    counted["templates"] = 0
+    _run(tmp_path / "second")
+    assert counted["templates"] == 0  # every view of the second partition's docs took them compiled
+    site = tmp_path / "second" / "gx" / "uncommitted" / "data_docs" / "local_site"
+    pages = [p for p in site.rglob("*.html") if "validations" in p.parts]
+    assert (site / "index.html").is_file() and len(pages) == 1
+    assert "values must never be null" in pages[0].read_text()  # GX's page, rendered as GX renders it
+
+
+def test_a_partition_reads_gx_context_variables_without_parsing_yaml_each_time(tmp_path, counted):
+    _run(tmp_path / "warm")
+    counted["yaml"] = 0
+    gx().get_context(mode="file", project_root_dir=str(tmp_path / "bare"))
+    scaffold, counted["yaml"] = counted["yaml"], 0  # what creating the project takes (~30)
+    _run(tmp_path / "gx")
+    # Before: ~90 more (the scaffolded config_variables.yml parsed on every variable read).
+    assert counted["yaml"] <= scaffold + 3, (scaffold, counted)
+    assert not (tmp_path / "gx" / "gx" / "uncommitted" / "config_variables.yml").exists()
+
+
+def test_a_task_forked_from_a_warmed_up_worker_compiles_no_template(tmp_path):
+    """What ``airflow_local_settings`` does before it forks tasks: ``warm_up()``."""
+    warm_up()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            compiled = []
+            parse = jinja2.Environment._parse
+            jinja2.Environment._parse = lambda self, *a, **k: compiled.append(a[1]) or parse(self, *a, **k)
+            _run(tmp_path / "task")
+            os.write(w, json.dumps(compiled).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 100_000)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and json.loads(got) == [], got
+    assert "include.pacs_migration.gx_views" in sys.modules
