@@ -107,11 +107,21 @@ def _s3_hook_class() -> type:
     """S3Hook naming its caller: the stock hook finds the operator for its user agent with
     ``inspect.stack()``, which reads the source of every frame and rescans ``sys.modules``
     (0.6 s of each task in a profile of the benchmark date, with the preloaded libraries)."""
+    import boto3.session
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     class PacsS3Hook(S3Hook):
         def _get_caller(self, target_function_name: str = "execute") -> str:
             return "PacsMigration"
+
+        def get_session(self, region_name: str | None = None, deferrable: bool = False) -> Any:
+            # botocore's models parsed once per worker (store.warm_up, preloaded), not per task
+            from include.pacs_migration.store import share_models
+
+            session = super().get_session(region_name, deferrable)
+            if isinstance(session, boto3.session.Session):
+                share_models(session._session)  # boto3's botocore session (its documented companion)
+            return session
 
     return PacsS3Hook
 

@@ -13,12 +13,16 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import botocore.loaders
+import botocore.session
 from botocore.exceptions import ClientError
 
 from .config import TargetConfig
@@ -27,6 +31,37 @@ log = logging.getLogger(__name__)
 
 Body = bytes | Path  # an object's bytes, or the file that holds them (read in parts, never whole)
 _CHUNK = 1 << 20
+
+
+# botocore's data (S3's API model, its endpoint rules, the partitions: ~1 MB of JSON) in one
+# loader for every client this process makes: parsed once, not once per client's session
+# (each task's client from the Connection is a new session).
+_MODELS = botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
+
+
+def share_models(session: botocore.session.Session) -> None:
+    """Let ``session``'s clients take botocore's data from the process's one loader
+    (before it makes a client; as botocore itself shares it between a session's clients).
+    Where the session's own loader looks (boto3's data, ``AWS_DATA_PATH``), the shared one looks too."""
+    own = session.get_component("data_loader")
+    _MODELS.search_paths.extend(p for p in own.search_paths if p not in _MODELS.search_paths)
+    session.register_component("data_loader", _MODELS)
+
+
+def warm_up() -> float:
+    """Parse S3's models into the shared loader (no request is sent); seconds taken. In a
+    process that forks tasks, every task's S3 client then finds them parsed."""
+    t0 = time.perf_counter()
+    session = botocore.session.get_session()
+    share_models(session)
+    session.create_client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",  # never contacted: making a client sends nothing
+        aws_access_key_id="warm-up",
+        aws_secret_access_key="warm-up",
+    )
+    return time.perf_counter() - t0
 
 
 def body_size(body: Body) -> int:

@@ -1,0 +1,50 @@
+"""Issue 22: botocore's S3 models parsed once per process, shared by every
+client made after (``store.warm_up`` in a worker, before it forks tasks)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import botocore.session
+from botocore.loaders import JSONFileLoader
+
+from include.pacs_migration.store import share_models, warm_up
+
+
+def _client():
+    session = botocore.session.get_session()
+    share_models(session)
+    where = {"region_name": "eu-west-1", "endpoint_url": "http://127.0.0.1:9"}
+    return session.create_client("s3", **where, aws_access_key_id="k", aws_secret_access_key="s")
+
+
+def test_a_task_forked_after_warm_up_makes_its_client_without_parsing_botocore_data(monkeypatch):
+    warm_up()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        code = 1
+        try:
+            parsed: list[str] = []
+            real = JSONFileLoader.load_file
+            JSONFileLoader.load_file = lambda self, path: parsed.append(os.path.basename(path)) or real(self, path)
+            client = _client()
+            os.write(w, json.dumps([parsed, client.meta.region_name, client.meta.endpoint_url]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 100_000)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    parsed, region, endpoint = json.loads(got)
+    assert parsed == [], parsed
+    assert (region, endpoint) == ("eu-west-1", "http://127.0.0.1:9")  # the client's own settings
+
+
+def test_clients_sharing_the_models_stay_independent():
+    a, b = _client(), _client()
+    a.meta.events.register("before-call.s3.GetObject", lambda **_: None)
+    assert a is not b and a.meta.config is not b.meta.config
+    assert a.meta.service_model.operation_names == b.meta.service_model.operation_names
