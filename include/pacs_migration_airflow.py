@@ -120,7 +120,7 @@ def _s3_hook_class() -> type:
 
             session = super().get_session(region_name, deferrable)
             if isinstance(session, boto3.session.Session):
-                share_models(session._session)  # boto3's botocore session (its documented companion)
+                share_models(session._session)  # the botocore session boto3 wraps (register_component is public)
             return session
 
     return PacsS3Hook
