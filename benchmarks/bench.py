@@ -137,6 +137,8 @@ def getscu(port: int, study: str, out: Path) -> None:
 
 
 def s5cmd_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
+    if not any(p.is_file() for p in folder.rglob("*")):
+        return  # getscu stored nothing for this study (see summarize: the reference's instances)
     s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
     proc = subprocess.run(
         [s5, "--endpoint-url", moto.url, "--numworkers", "16", "cp", f"{folder}/*", f"s3://{bucket}/{prefix}"],
@@ -690,13 +692,25 @@ def summarize(
         "memory_growth_1x_to_4x_normalize_process": _memory_rows(memory)[2],
         "verified": last.get("verified"),
         "runs": _run_summaries(runs),
+        # getscu offers uncompressed beside any compressed syntax and Orthanc takes it: the
+        # reference gets compressed studies transcoded, and none it cannot transcode (lossy J2K)
+        "reference_instances": min(r["instances"] for r in runs["reference_sequential"]),
     }
     rows = [
         f"# Pipeline vs native tools — {report['date']} {ns.label}".rstrip(),
         "",
         f"Archive: {n} instances, {mb:,.0f} MB (scale {ns.scale:g}); Orthanc on loopback, PDU {MAX_PDU}; "
         f"moto S3 server; {ns.repeats} interleaved repeats; uploader for the reference: {uploader} "
-        f"(trial: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in picks.items()) + ").",
+        f"(trial: "
+        + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in picks.items())
+        + ")."
+        + (
+            f" The reference retrieved {report['reference_instances']} of {n} instances (getscu offers"
+            " uncompressed beside a compressed syntax, Orthanc takes it and transcodes, or sends nothing"
+            " for lossy JPEG 2000): its compressed work is not the pipeline's."
+            if report["reference_instances"] < n
+            else ""
+        ),
         "",
         "| run | median s | min–max s | instances/s | MB/s |",
         "|---|---|---|---|---|",
