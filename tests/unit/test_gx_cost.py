@@ -5,8 +5,6 @@ worker); GX no longer parses a YAML file on every read of a context variable."""
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from great_expectations.core.yaml_handler import YAMLHandler
 from include.pacs_migration.config import ValidationConfig
 from include.pacs_migration.partition import Partition
 from include.pacs_migration.validate import _suites, gx, run_suites, warm_up
+from tests.forked import in_fork
 
 P = Partition(dt.date(2020, 1, 2), "CT")
 
@@ -79,21 +78,13 @@ def test_a_partition_reads_gx_context_variables_without_parsing_yaml_each_time(t
 def test_a_task_forked_from_a_warmed_up_worker_compiles_no_template(tmp_path):
     """What ``airflow_local_settings`` does before it forks tasks: ``warm_up()``."""
     warm_up()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            compiled = []
-            parse = jinja2.Environment._parse
-            jinja2.Environment._parse = lambda self, *a, **k: compiled.append(a[1]) or parse(self, *a, **k)
-            _run(tmp_path / "task")
-            os.write(w, json.dumps(compiled).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    got = os.read(r, 100_000)
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and json.loads(got) == [], got
+
+    def task() -> list[str]:
+        compiled: list[str] = []
+        parse = jinja2.Environment._parse
+        jinja2.Environment._parse = lambda self, *a, **k: compiled.append(a[1]) or parse(self, *a, **k)
+        _run(tmp_path / "task")
+        return compiled
+
+    assert in_fork(task) == []
     assert "include.pacs_migration.gx_views" in sys.modules

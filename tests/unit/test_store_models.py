@@ -3,13 +3,13 @@ client made after (``store.warm_up`` in a worker, before it forks tasks)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import botocore.session
 from botocore.loaders import JSONFileLoader
 
 from include.pacs_migration.store import share_models, warm_up
+from tests.forked import in_fork
 
 
 def _client():
@@ -19,26 +19,17 @@ def _client():
     return session.create_client("s3", **where, aws_access_key_id="k", aws_secret_access_key="s")
 
 
-def test_a_task_forked_after_warm_up_makes_its_client_without_parsing_botocore_data(monkeypatch):
+def test_a_task_forked_after_warm_up_makes_its_client_without_parsing_botocore_data():
     warm_up()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - reports through the pipe
-        code = 1
-        try:
-            parsed: list[str] = []
-            real = JSONFileLoader.load_file
-            JSONFileLoader.load_file = lambda self, path: parsed.append(os.path.basename(path)) or real(self, path)
-            client = _client()
-            os.write(w, json.dumps([parsed, client.meta.region_name, client.meta.endpoint_url]).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    got = os.read(r, 100_000)
-    _, status = os.waitpid(pid, 0)
-    assert status == 0
-    parsed, region, endpoint = json.loads(got)
+
+    def task() -> list:
+        parsed: list[str] = []
+        real = JSONFileLoader.load_file
+        JSONFileLoader.load_file = lambda self, path: parsed.append(os.path.basename(path)) or real(self, path)
+        client = _client()
+        return [parsed, client.meta.region_name, client.meta.endpoint_url]
+
+    parsed, region, endpoint = in_fork(task)
     assert parsed == [], parsed
     assert (region, endpoint) == ("eu-west-1", "http://127.0.0.1:9")  # the client's own settings
 
