@@ -1,8 +1,8 @@
 """Data Docs views whose templates are compiled once per process.
 
 GX builds a new jinja ``Environment`` for every view it renders with, so each
-partition's Data Docs compiled the same ~50 templates again (a third of the
-build). These views share one in-memory bytecode cache: a process compiles
+partition's Data Docs compiled the same ~50 templates again (over half of the
+build's CPU). These views share one in-memory bytecode cache: a process compiles
 each template once, and a task forked from a process that already built Data
 Docs (see :func:`validate.warm_up`) compiles none. The cache is keyed by the
 template's name and source checksum, so a changed template is compiled anew.
