@@ -693,7 +693,7 @@ def summarize(
         "verified": last.get("verified"),
         "runs": _run_summaries(runs),
         # getscu offers uncompressed beside any compressed syntax and Orthanc takes it: the
-        # reference gets compressed studies transcoded, and none it cannot transcode (lossy J2K)
+        # reference gets compressed studies transcoded, and nothing where Orthanc cannot transcode
         "reference_instances": min(r["instances"] for r in runs["reference_sequential"]),
     }
     rows = [
@@ -707,7 +707,7 @@ def summarize(
         + (
             f" The reference retrieved {report['reference_instances']} of {n} instances (getscu offers"
             " uncompressed beside a compressed syntax, Orthanc takes it and transcodes, or sends nothing"
-            " for lossy JPEG 2000): its compressed work is not the pipeline's."
+            " where it cannot, as for lossy JPEG 2000): its compressed work is not the pipeline's."
             if report["reference_instances"] < n
             else ""
         ),
