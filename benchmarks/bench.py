@@ -692,8 +692,6 @@ def summarize(
         "memory_growth_1x_to_4x_normalize_process": _memory_rows(memory)[2],
         "verified": last.get("verified"),
         "runs": _run_summaries(runs),
-        # getscu offers uncompressed beside any compressed syntax and Orthanc takes it: the
-        # reference gets compressed studies transcoded, and nothing where Orthanc cannot transcode
         "reference_instances": min(r["instances"] for r in runs["reference_sequential"]),
     }
     rows = [

@@ -14,7 +14,6 @@ import hashlib
 import io
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -48,10 +47,9 @@ def share_models(session: botocore.session.Session) -> None:
     session.register_component("data_loader", _MODELS)
 
 
-def warm_up() -> float:
-    """Parse S3's models into the shared loader (no request is sent); seconds taken. In a
-    process that forks tasks, every task's S3 client then finds them parsed."""
-    t0 = time.perf_counter()
+def warm_up() -> None:
+    """Parse S3's models into the shared loader (no request is sent). In a process that
+    forks tasks, every task's S3 client then finds them parsed."""
     session = botocore.session.get_session()
     share_models(session)
     session.create_client(
@@ -61,7 +59,6 @@ def warm_up() -> float:
         aws_access_key_id="warm-up",
         aws_secret_access_key="warm-up",
     )
-    return time.perf_counter() - t0
 
 
 def body_size(body: Body) -> int:

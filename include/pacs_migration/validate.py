@@ -29,7 +29,6 @@ import hashlib
 import io
 import logging
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,18 +414,16 @@ def run_suites(
     return outcomes
 
 
-def warm_up() -> float:
-    """Validate an empty partition once, publishing nothing; seconds taken. Run in a
-    process that forks tasks (``airflow_local_settings``), it leaves compiled there what
-    every validate task would build again: GX's expectation and metric machinery on first
-    use, and Data Docs' templates (:mod:`gx_views`)."""
-    t0 = time.perf_counter()
+def warm_up() -> None:
+    """Validate an empty partition once, publishing nothing. Run in a process that forks
+    tasks (``airflow_local_settings``), it leaves compiled there what every validate task
+    would build again: GX's expectation and metric machinery on first use, and Data Docs'
+    templates (:mod:`gx_views`)."""
     suites = _suites(Partition(dt.date(1970, 1, 1), "OT"), 0, ValidationConfig())
     columns = {c for s in suites.values() for e in s for c in _columns_of(e)}
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in sorted(columns)})
     with tempfile.TemporaryDirectory(prefix="gx-warm-") as tmp:
         run_suites(Path(tmp), dict.fromkeys(suites, empty), suites, "warm_up")
-    return time.perf_counter() - t0
 
 
 def _columns_of(expectation: Any) -> list[str]:

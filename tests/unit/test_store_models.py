@@ -32,10 +32,3 @@ def test_a_task_forked_after_warm_up_makes_its_client_without_parsing_botocore_d
     parsed, region, endpoint = in_fork(task)
     assert parsed == [], parsed
     assert (region, endpoint) == ("eu-west-1", "http://127.0.0.1:9")  # the client's own settings
-
-
-def test_clients_sharing_the_models_stay_independent():
-    a, b = _client(), _client()
-    a.meta.events.register("before-call.s3.GetObject", lambda **_: None)
-    assert a is not b and a.meta.config is not b.meta.config
-    assert a.meta.service_model.operation_names == b.meta.service_model.operation_names
