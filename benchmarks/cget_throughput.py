@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,14 +73,19 @@ def run_pipeline(source: SourceConfig, staging: Path, associations: int) -> tupl
     with FindSession(source) as session:
         census = take_census(session.find, dt.datetime.strptime(STUDY_DATE, "%Y%m%d").date())
     sink = StagingSink(staging)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     results = retrieve_partition(lambda q, c, s: c_get(source, q, c, s), list(census.series), sink, 1, associations)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert all(not r.missing for r in results), "pipeline: instances missing"
-    return elapsed, len(sink.received), sum(r.size for r in sink.received.values())
+    return elapsed, cpu, len(sink.received), sum(r.size for r in sink.received.values())
 
 
-def run_getscu(orthanc: Orthanc, study_uids: list[str], out: Path, associations: int) -> tuple[float, int, int]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_getscu(orthanc: Orthanc, study_uids: list[str], out: Path, associations: int) -> tuple[float, float, int, int]:
     getscu = shutil.which("getscu")
     if getscu is None:
         sys.exit("getscu not found (Debian package dcmtk)")
@@ -114,12 +120,12 @@ def run_getscu(orthanc: Orthanc, study_uids: list[str], out: Path, associations:
             timeout=600,
         )
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()  # getscu runs as a waited child: its CPU is counted
     with ThreadPoolExecutor(max_workers=associations) as pool:
         list(pool.map(one, study_uids))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _children_cpu() - cpu
     files = [p for p in out.rglob("*") if p.is_file()]
-    return elapsed, len(files), sum(p.stat().st_size for p in files)
+    return elapsed, cpu, len(files), sum(p.stat().st_size for p in files)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--associations", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--label", default="", help="suffix of the result file's name")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-cget-") as tmp_name:
@@ -155,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
                 for tool in order:
                     out = tmp / f"{tool}-{r}"
                     if tool == "pipeline":
-                        seconds, count, size = run_pipeline(source, out, args.associations)
+                        seconds, cpu, count, size = run_pipeline(source, out, args.associations)
                     else:
-                        seconds, count, size = run_getscu(orthanc, study_uids, out, args.associations)
+                        seconds, cpu, count, size = run_getscu(orthanc, study_uids, out, args.associations)
                     if count != n:
                         raise SystemExit(f"{tool}: received {count} of {n}")
                     runs[tool].append(
-                        {"seconds": seconds, "instances_per_s": count / seconds, "mb_per_s": size / seconds / 1e6}
+                        {
+                            "seconds": seconds,
+                            "cpu_seconds": cpu,
+                            "instances_per_s": count / seconds,
+                            "mb_per_s": size / seconds / 1e6,
+                        }
                     )
                     shutil.rmtree(out)
         finally:
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for tool, rs in runs.items()
     }
     ratio = summary["pipeline"]["seconds"] / summary["getscu"]["seconds"]
+    cpu_ratio = summary["pipeline"]["cpu_seconds"] / summary["getscu"]["cpu_seconds"]
     result = {
         "date": dt.date.today().isoformat(),
         "instances": n,
@@ -183,21 +196,23 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "median": summary,
         "ratio_pipeline_to_getscu_time": ratio,
+        "ratio_pipeline_to_getscu_cpu": cpu_ratio,
+        "label": args.label,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cget-{result['date']}.json"
+    path = args.out / f"cget-{result['date']}{'-' + args.label if args.label else ''}.json"
     path.write_text(json.dumps(result, indent=2))
     print(
         f"C-GET from Orthanc, {n} CT instances, {data_bytes / 1e6:.0f} MB, {args.associations} associations, "
         f"median of {args.repeats} interleaved repeats\n"
     )
-    print("| tool | seconds (min-max) | instances/s | MB/s |\n|---|---|---|---|")
+    print("| tool | seconds (min-max) | CPU-seconds | instances/s | MB/s |\n|---|---|---|---|---|")
     for tool, s in summary.items():
         print(
             f"| {tool} | {s['seconds']:.2f} ({s['seconds_min']:.2f}-{s['seconds_max']:.2f}) | "
-            f"{s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |"
+            f"{s['cpu_seconds']:.2f} | {s['instances_per_s']:.0f} | {s['mb_per_s']:.1f} |"
         )
-    print(f"\nR = T_pipeline / T_getscu = {ratio:.2f}   ({path})")
+    print(f"\nR = T_pipeline / T_getscu = {ratio:.2f}; CPU {cpu_ratio:.2f}   ({path})")
     return 0
 
 

@@ -1,21 +1,20 @@
 """The worker's staging area: where a partition's instances wait between the
 association and S3. Keyed by partition, one folder per attempt, each with an
 owner marker; anything a dead attempt left (killed task, lost worker) is swept
-by the next attempt on the worker, whatever its run. pynetdicom's streamed
-receive writes its temporary files inside the staging root, so nothing with
-patient data is left in the system temp dir."""
+by the next attempt on the worker, whatever its run. C-GET streams each
+instance straight into its attempt's folder, and the C-MOVE router keeps its
+temporaries under the staging root, so nothing with patient data is left in
+the system temp dir."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import shutil
 import socket
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,8 +94,7 @@ def _owner() -> str:
 
 @contextlib.contextmanager
 def attempt_folder(root: Path, hive_path: str, attempt: str) -> Iterator[Path]:
-    """The folder of this attempt at a partition, swept before and removed after,
-    while pynetdicom's streamed-receive temporaries go to the staging root."""
+    """The folder of this attempt at a partition, swept before and removed after."""
     private_root(root)
     sweep(root)
     folder = root / hive_path / attempt
@@ -104,44 +102,6 @@ def attempt_folder(root: Path, hive_path: str, attempt: str) -> Iterator[Path]:
     folder.mkdir(parents=True)
     (folder / OWNER).write_text(_owner())
     try:
-        with _receive_temporaries(root):
-            yield folder
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-_temp_lock = threading.Lock()
-_temp_users = 0
-_temp_state: tuple[Path, object] | None = None  # (folder, pynetdicom's NamedTemporaryFile before ours)
-
-
-@contextlib.contextmanager
-def _receive_temporaries(root: Path) -> Iterator[None]:
-    """pynetdicom writes a streamed C-STORE to ``tempfile.NamedTemporaryFile()``
-    (the system temp dir): point only pynetdicom's at a folder of this process
-    under the staging root (owner-marked: swept if the process dies), shared by
-    the transfers this process runs at once; nothing else's temp dir changes."""
-    global _temp_users, _temp_state
-    from pynetdicom import dimse_messages
-
-    with _temp_lock:
-        if _temp_users == 0:
-            folder = root / f".receive-{socket.gethostname()}-{os.getpid()}"
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            (folder / OWNER).write_text(_owner())
-            _temp_state = (folder, dimse_messages.NamedTemporaryFile)
-            dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
-                dimse_messages.NamedTemporaryFile, dir=str(folder)
-            )
-        _temp_users += 1
-    try:
-        yield
-    finally:
-        with _temp_lock:
-            _temp_users -= 1
-            if _temp_users == 0 and _temp_state is not None:
-                folder, original = _temp_state
-                dimse_messages.NamedTemporaryFile = original  # type: ignore[assignment]
-                shutil.rmtree(folder, ignore_errors=True)
-                _temp_state = None

@@ -1,5 +1,5 @@
 """Nothing left on disk (issue 15.3): staging keyed by partition and swept of
-what dead attempts left; pynetdicom's streamed-receive temporaries inside the
+what dead attempts left; C-GET writes received instances nowhere but the
 attempt's folder; a full staging disk reported as STAGING_FULL. Real peers:
 the simulated PACS, moto's S3 server; a real small tmpfs for the full disk."""
 
@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import subprocess
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -63,25 +63,36 @@ def test_what_a_dead_attempt_left_is_swept(pacs, s3_server, bucket, tmp_path):
     assert _files(tmp_path / "staging") == []
 
 
-def test_streamed_receive_writes_inside_staging(pacs, s3_server, bucket, tmp_path, monkeypatch):
-    """pynetdicom's temporary files of streamed C-STOREs are created inside the
-    attempt's staging folder, never in the system temp dir."""
-    import pynetdicom.dimse_messages as dimse_messages
+_WRITES: list[str] | None = None  # paths this process opens for writing, while a test watches
 
-    made: list[str] = []
-    real = dimse_messages.NamedTemporaryFile
 
-    def spy(*args, **kwargs):
-        handle = real(*args, **kwargs)
-        made.append(handle.name)
-        return handle
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _WRITES is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and set(mode) & set("wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR):
+            _WRITES.append(os.fsdecode(args[0]))
 
-    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", spy)
-    counts, _ = _transfer(pacs, s3_server, bucket, tmp_path / "staging")
-    assert counts.migrated > 0 and len(made) >= counts.migrated
-    assert all(Path(name).is_relative_to(tmp_path / "staging") for name in made), made[:3]
-    assert not any(Path(name).exists() for name in made) and _files(tmp_path / "staging") == []
-    assert tempfile.gettempdir() != str(tmp_path / "staging")  # restored after the transfer
+
+sys.addaudithook(_audit)  # cannot be removed: it records only while _WRITES is a list
+
+
+def test_a_c_get_transfer_writes_only_inside_staging(pacs, s3_server, bucket, tmp_path):
+    """Every file the transfer's process opens for writing (PEP 578 audit
+    events: any thread, any library) is inside the attempt's staging folder:
+    received instances go straight there, no temporary elsewhere."""
+    global _WRITES
+    _WRITES = []
+    try:
+        counts, _ = _transfer(pacs, s3_server, bucket, tmp_path / "staging")
+        written, _WRITES = _WRITES, None
+    finally:
+        _WRITES = None
+    assert counts.migrated > 0
+    staged = [w for w in written if w.endswith(".part")]
+    assert len(staged) >= counts.migrated  # the watch saw the instances being written
+    elsewhere = [w for w in written if not Path(w).resolve().is_relative_to((tmp_path / "staging").resolve())]
+    assert elsewhere == [], elsewhere[:3]
+    assert _files(tmp_path / "staging") == []
 
 
 def test_a_full_staging_disk_is_staging_full(pacs, s3_server, bucket, small_disk):

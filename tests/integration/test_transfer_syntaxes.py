@@ -7,6 +7,7 @@ Also: a large instance is received streamed, with flat memory."""
 
 from __future__ import annotations
 
+import hashlib
 import tracemalloc
 
 import numpy as np
@@ -23,7 +24,6 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import _config
 
 from include.pacs_migration.config import SourceConfig
 from include.pacs_migration.dimse import UNCOMPRESSED_TRANSFER_SYNTAXES, StagingSink, c_get
@@ -119,10 +119,11 @@ def test_request_uncompressed_never_receives_compressed(ts, compressed_pacs, tmp
         assert np.array_equal(received.pixel_array, original.pixel_array)
 
 
-def test_large_instance_is_received_streamed(tmp_path, monkeypatch):
-    """A 48 MB instance through C-GET: Python's peak allocation stays a small
-    fraction of it with STORE_RECV_CHUNKED_DATASET (ours), and the same
-    transfer without it (reference, same run) peaks above the instance size."""
+def test_large_instance_is_received_streamed(tmp_path):
+    """A 48 MB instance through C-GET: Python's peak allocation while it is
+    received and staged stays a small fraction of it (each fragment is written
+    and hashed as it arrives); reading the staged file whole (the reference,
+    same run) peaks above the instance size, so the tracer does see such holds."""
     template = get_testdata_file("CT_small.dcm", read=True)
     ds = template.copy()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
@@ -138,24 +139,24 @@ def test_large_instance_is_received_streamed(tmp_path, monkeypatch):
     orthanc = Orthanc(tmp_path / "orthanc", MaximumStorageSize=0)
     try:
         orthanc.upload(path.read_bytes())
-        peaks = {}
-        for chunked in (True, False):
-            if not chunked:  # the reference: configure_logging() would turn streaming back on
-                monkeypatch.setattr("include.pacs_migration.dimse.association.configure_logging", lambda: None)
-            _config.STORE_RECV_CHUNKED_DATASET = chunked
-            sink = StagingSink(tmp_path / f"staging-{chunked}")
-            tracemalloc.start()
-            try:
-                c_get(_source(orthanc), _study_query(ds.StudyInstanceUID), [ds.SOPClassUID], sink)
-                peaks[chunked] = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
-                _config.STORE_RECV_CHUNKED_DATASET = True
-            got = sink.received[ds.SOPInstanceUID]
-            assert got.size >= size - 1024
-            assert pydicom.dcmread(got.path).PixelData == ds.PixelData
+        sink = StagingSink(tmp_path / "staging")
+        tracemalloc.start()
+        try:
+            c_get(_source(orthanc), _study_query(ds.StudyInstanceUID), [ds.SOPClassUID], sink)
+            streamed = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
     finally:
         orthanc.stop()
-    assert peaks[False] > size  # the reference holds the instance in memory
-    print(f"instance {size} B; peak traced allocation streamed {peaks[True]} B, in memory {peaks[False]} B")
-    assert peaks[True] < size / 8, peaks
+    got = sink.received[ds.SOPInstanceUID]
+    assert got.size >= size - 1024 and got.sha256 == hashlib.sha256(got.path.read_bytes()).hexdigest()
+    assert pydicom.dcmread(got.path).PixelData == ds.PixelData
+    tracemalloc.start()
+    try:
+        got.path.read_bytes()
+        whole = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"instance {size} B; peak traced allocation streamed {streamed} B, whole {whole} B")
+    assert whole > size
+    assert streamed < size / 8, streamed

@@ -7,8 +7,6 @@ import hashlib
 import io
 import logging
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -110,32 +108,57 @@ def test_a_staging_folder_of_another_user_is_refused(tmp_path):
         private_root(planted)
 
 
-@pytest.mark.parametrize("failure", ["duplicate", "error", "success"])
-def test_pynetdicoms_temporary_file_is_removed_on_every_path(tmp_path, failure, caplog):
-    """STORE_RECV_CHUNKED_DATASET: pynetdicom's temporary file holds the whole
-    instance; whatever the sink does with it, it must not stay."""
+@pytest.mark.parametrize("failure", ["success", "duplicate", "open", "write", "full", "network"])
+def test_a_streamed_store_leaves_no_partial_file_on_any_path(tmp_path, failure, caplog, monkeypatch):
+    """C-GET streams an instance into staging as it arrives: whatever happens
+    (an identical re-arrival, staging cannot open or write the file, the disk
+    fills, the association breaks mid-instance) no partial file stays; every
+    fragment is taken, so the association stays in step; the log names no value."""
+    import errno
+
+    import include.pacs_migration.dimse.staging as staging_module
+    from include.pacs_migration.dimse import DicomNetworkError
+
     sink = StagingSink(tmp_path / "staged")
     data = _ct()
+    taken: list[int] = []
 
-    def event() -> tuple[SimpleNamespace, Path]:
-        temp = tmp_path / f"pynetdicom-{len(list(tmp_path.iterdir()))}.tmp"
-        temp.write_bytes(data)
-        request = SimpleNamespace(
-            AffectedSOPInstanceUID="1.2.3",
-            AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
-            _dataset_path=temp,
-            _dataset_file=None,
-        )
-        context = SimpleNamespace(transfer_syntax=None if failure == "error" else "1.2.840.10008.1.2.1")
-        return SimpleNamespace(request=request, context=context), temp
+    def chunks(broken: bool = False):
+        for at in range(0, len(data), 1000):
+            taken.append(at)
+            if broken and at >= 2000:
+                raise DicomNetworkError("the association broke")
+            yield memoryview(data)[at : at + 1000]
 
+    store = lambda c: sink.store_stream("1.2.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", c)  # noqa: E731
     if failure == "duplicate":
-        first, _ = event()
-        assert sink.handle_store(first) == 0
-    if failure == "error":
-        sink.store_file = None  # type: ignore[assignment]  # the sink fails before it takes the file
-    ev, temp = event()
-    status = sink.handle_store(ev)
-    assert not temp.exists()
-    assert status == (0xA700 if failure == "error" else 0)
-    assert "Traceback" not in caplog.text
+        assert store(chunks()) == 0
+    if failure == "open":
+        monkeypatch.setattr(sink, "_next_path", lambda: tmp_path / "gone" / "00000001.dcm")
+    if failure in ("write", "full"):
+        code = errno.EIO if failure == "write" else errno.ENOSPC
+
+        class Failing(io.FileIO):
+            def write(self, b):  # the first fragment lands, the second fails
+                if self.tell():
+                    raise OSError(code, os.strerror(code))
+                return super().write(b)
+
+        monkeypatch.setattr(staging_module, "open", Failing, raising=False)
+    taken.clear()
+    if failure == "network":
+        with pytest.raises(DicomNetworkError):
+            store(chunks(broken=True))
+    else:
+        assert store(chunks()) == (0xA700 if failure in ("open", "write", "full") else 0)
+        assert len(taken) == -(-len(data) // 1000)  # every fragment taken
+    leftovers = sorted(p.name for p in (tmp_path / "staged").iterdir())
+    assert not [n for n in leftovers if n.endswith(".part")]
+    assert leftovers == (["00000001.dcm"] if failure in ("success", "duplicate") else [])
+    assert sink.full == (failure == "full")
+    if failure == "success":
+        got = sink.received["1.2.3"]
+        assert (
+            got.path.read_bytes() == data and got.sha256 == hashlib.sha256(data).hexdigest() and got.size == len(data)
+        )
+    assert "Traceback" not in caplog.text and "4711006" not in caplog.text

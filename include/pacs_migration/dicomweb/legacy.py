@@ -11,8 +11,8 @@ import io
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -68,24 +68,23 @@ class _MemorySink:
         self.objects: list[LegacyObject] = []
         self.size, self.limit = 0, limit_bytes
 
-    def handle_store(self, event: Any) -> int:
-        req = event.request
-        chunked = getattr(req, "_dataset_path", None)
-        if isinstance(chunked, Path):  # streamed receive (logs.configure_logging): a 0600 temporary, gone at once
-            try:
-                if (handle := getattr(req, "_dataset_file", None)) is not None:
-                    handle.close()
-                data = chunked.read_bytes()
-            finally:
-                chunked.unlink(missing_ok=True)
-        else:
-            data = bytes(event.encoded_dataset(include_meta=True))
-        if self.size + len(data) > self.limit:
+    def store_stream(
+        self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, chunks: Iterable[bytes | memoryview]
+    ) -> int:
+        """C-GET's store of one instance (:class:`..dimse.get.StoreSink`): held
+        in memory up to the fallback's limit; every chunk is taken either way."""
+        parts, size = [], 0
+        for chunk in chunks:
+            size += len(chunk)
+            if self.size + size <= self.limit:
+                parts.append(bytes(chunk))
+        if self.size + size > self.limit:
             return 0xA700  # out of resources: the study is larger than the fallback may hold
+        data = b"".join(parts)
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
         series = str(ds.get("SeriesInstanceUID", ""))
-        self.objects.append(LegacyObject(str(req.AffectedSOPInstanceUID), series, str(req.AffectedSOPClassUID), data))
-        self.size += len(data)
+        self.objects.append(LegacyObject(sop_instance_uid, series, sop_class_uid, data))
+        self.size += size
         return 0x0000
 
 
@@ -190,7 +189,7 @@ class LegacyArchive:
         try:
             with self._slots:
                 self.retrieves += 1
-                outcome = c_get(self.source, ds, classes, sink)  # type: ignore[arg-type]  # duck-typed sink
+                outcome = c_get(self.source, ds, classes, sink)
         except (DicomNetworkError, OSError) as exc:
             raise LegacyUnavailable(f"legacy PACS {self.ae_title}: {type(exc).__name__}") from None
         if outcome.final_status not in (0x0000, 0xB000) and not sink.objects:

@@ -10,58 +10,29 @@ from io import BytesIO
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 from pydicom.tag import BaseTag
 
 from ..config import SourceConfig
 from .association import TRUNCATION_STATUSES, DicomNetworkError, QueryFailed, QueryTruncated, with_attempts
+from .command import (
+    C_FIND_RSP,
+    COMMAND_FIELD,
+    MESSAGE_ID_RESPONDED_TO,
+    PENDING,
+    STATUS,
+    c_find_rq,
+    command_fields,
+    encode,
+    has_data_set,
+    us,
+)
 from .upper_layer import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UpperLayer
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _EXPLICIT = struct.Struct("<HH2sH")
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
-C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
-_NO_DATA_SET = 0x0101
-_PENDING = (0xFF00, 0xFF01)
-_ELEMENT = struct.Struct("<HHL")
-
-
-def _element(element: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    return _ELEMENT.pack(0x0000, element, len(value)) + value
-
-
-def c_find_rq(message_id: int) -> bytes:
-    """A C-FIND-RQ command set (implicit VR little endian, PS3.7 9.1.2), priority low as pynetdicom's."""
-    body = (
-        _element(0x0002, STUDY_ROOT_FIND.encode("ascii"))
-        + _element(0x0100, struct.pack("<H", C_FIND_RQ))
-        + _element(0x0110, struct.pack("<H", message_id))
-        + _element(0x0700, struct.pack("<H", 2))
-        + _element(0x0800, struct.pack("<H", 0x0001))
-    )
-    return _element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def command_fields(command: bytes) -> dict[int, bytes]:
-    """The command set's elements (group 0000) by element number."""
-    out, at = {}, 0
-    while at + 8 <= len(command):
-        group, element, length = _ELEMENT.unpack_from(command, at)
-        if group != 0x0000 or at + 8 + length > len(command):
-            raise DicomNetworkError("the peer sent a malformed command set")
-        out[element] = command[at + 8 : at + 8 + length]
-        at += 8 + length
-    return out
-
-
-def _us(fields: dict[int, bytes], element: int) -> int | None:
-    value = fields.get(element)
-    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
 
 
 class _NotFlat(Exception):
@@ -121,25 +92,18 @@ def _open_find_association(source: SourceConfig) -> UpperLayer:
     return with_attempts(source, lambda: UpperLayer.open(source, STUDY_ROOT_FIND, syntaxes))
 
 
-def _encode(identifier: Dataset, implicit: bool) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, implicit
-    write_dataset(fp, identifier)
-    return fp.getvalue()
-
-
 def _c_find(assoc: UpperLayer, identifier: Dataset, message_id: int = 1) -> list[Dataset]:
     implicit = assoc.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-    assoc.send(c_find_rq(message_id), _encode(identifier, implicit))
+    assoc.send(c_find_rq(STUDY_ROOT_FIND, message_id), encode(identifier, implicit))
     answers: list[Dataset] = []
     while True:
         fields = command_fields(assoc.receive(command=True))
-        if _us(fields, 0x0100) != C_FIND_RSP or _us(fields, 0x0120) != message_id:
+        if us(fields, COMMAND_FIELD) != C_FIND_RSP or us(fields, MESSAGE_ID_RESPONDED_TO) != message_id:
             assoc.abort()
             raise DicomNetworkError("the peer sent a message that is not this C-FIND's response")
-        status = _us(fields, 0x0900)
-        data = assoc.receive(command=False) if _us(fields, 0x0800) not in (None, _NO_DATA_SET) else None
-        if status in _PENDING:
+        status = us(fields, STATUS)
+        data = assoc.receive(command=False) if has_data_set(fields) else None
+        if status in PENDING:
             if data is not None:
                 answers.append(decode_identifier(data, implicit))
             continue

@@ -1,21 +1,43 @@
-"""C-GET: the storage sub-operations arrive on the retrieve association."""
+"""C-GET on our own Upper Layer (:mod:`.upper_layer`): the storage
+sub-operations arrive on the retrieve association and are streamed into
+staging fragment by fragment, hashed as they are written."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
-from pynetdicom import build_role, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import: mypy cannot see them
-    StudyRootQueryRetrieveInformationModelGet,
-)
 
 from ..config import SourceConfig
-from .association import DicomNetworkError, associate, new_ae
-from .staging import StagingSink
+from .association import DicomNetworkError, with_attempts
+from .command import (
+    AFFECTED_SOP_CLASS_UID,
+    AFFECTED_SOP_INSTANCE_UID,
+    C_GET_RSP,
+    C_STORE_RQ,
+    COMMAND_FIELD,
+    COMPLETED,
+    FAILED,
+    MESSAGE_ID,
+    MESSAGE_ID_RESPONDED_TO,
+    PENDING,
+    STATUS,
+    WARNING,
+    c_get_rq,
+    c_store_rsp,
+    decode,
+    encode,
+    has_data_set,
+    part10_header,
+    split_command,
+    ui,
+    us,
+)
+from .upper_layer import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UpperLayer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +61,8 @@ RETRIEVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 UNCOMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = RETRIEVE_TRANSFER_SYNTAXES[:3]
 _MAX_CONTEXTS = 127  # PS3.8: odd presentation context IDs 1..255
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+_NO_DATA = 0xA900  # C-STORE status: the request carried no data set (Data Set does not match SOP Class)
 
 
 @dataclass(frozen=True)
@@ -115,11 +139,21 @@ def failed_sop_instance_uids(identifier: Dataset | None) -> tuple[str, ...]:
     return tuple(str(v) for v in values if v)
 
 
+class StoreSink(Protocol):
+    """Where C-GET's instances go (:class:`StagingSink`; the DICOMweb fallback's memory)."""
+
+    def store_stream(
+        self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, chunks: Iterable[bytes | memoryview]
+    ) -> int:
+        """Take every chunk of one instance (its Part 10 header first); the C-STORE status."""
+        ...
+
+
 def c_get(
     source: SourceConfig,
     identifier: Dataset,
     sop_class_uids: Iterable[str],
-    sink: StagingSink,
+    sink: StoreSink,
     on_response: Callable[[int], None] | None = None,
 ) -> RetrieveOutcome:
     """One Study Root C-GET; instances land in ``sink``.
@@ -127,35 +161,79 @@ def c_get(
     Raises
     ------
     DicomNetworkError
-        When no association could be made.
+        When no association could be made, or it broke before the final response
+        (what arrived stays in the sink).
     """
-    ae = new_ae(source)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     classes = sorted(set(sop_class_uids))
-    for sop_class, ts in storage_contexts(classes, retrieve_syntaxes(source.request_uncompressed)):
-        ae.add_requested_context(sop_class, ts)
-    roles = [build_role(UID(c), scp_role=True) for c in classes]
-    assoc = associate(ae, source, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, sink.handle_store)])
-    final: int | None = None
-    counts = {"completed": 0, "failed": 0, "warning": 0}
-    failed_uids: tuple[str, ...] = ()
+    storage = storage_contexts(classes, retrieve_syntaxes(source.request_uncompressed))
+    contexts = [(STUDY_ROOT_GET, [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN])]
+    contexts += [(sop_class, [ts]) for sop_class, ts in storage]
+    assoc = with_attempts(source, lambda: UpperLayer.open_contexts(source, contexts, scp_roles=classes))
     try:
-        for status, ident in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
-            if not status:
-                break  # DIMSE timeout or abort: raised below; what arrived stays in the sink
-            code = int(status.Status)
-            if on_response:
-                on_response(code)
-            if code in (0xFF00, 0xFF01):
-                continue
-            final = code
-            counts["completed"] = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
-            counts["failed"] = int(status.get("NumberOfFailedSuboperations", 0) or 0)
-            counts["warning"] = int(status.get("NumberOfWarningSuboperations", 0) or 0)
-            failed_uids = failed_sop_instance_uids(ident)
+        return _c_get(assoc, identifier, sink, on_response)
     finally:
         if assoc.is_established:
             assoc.release()
-    if final is None:
-        raise DicomNetworkError("C-GET ended without a final response (DIMSE timeout or association aborted)")
-    return RetrieveOutcome(final, counts["completed"], counts["failed"], counts["warning"], failed_uids)
+
+
+def _c_get(
+    assoc: UpperLayer, identifier: Dataset, sink: StoreSink, on_response: Callable[[int], None] | None
+) -> RetrieveOutcome:
+    message_id = assoc.next_message_id()
+    implicit = assoc.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    assoc.send(c_get_rq(STUDY_ROOT_GET, message_id), encode(identifier, implicit))
+    while True:
+        context_id, command = assoc.receive_command()
+        fields, appended = split_command(command)
+        if us(fields, COMMAND_FIELD) == C_STORE_RQ:
+            _store(assoc, context_id, fields, sink)
+            continue
+        if us(fields, COMMAND_FIELD) != C_GET_RSP or us(fields, MESSAGE_ID_RESPONDED_TO) != message_id:
+            assoc.abort()
+            raise DicomNetworkError("the peer sent a message that is neither a C-STORE nor this C-GET's response")
+        data = assoc.receive(command=False) if has_data_set(fields) else None
+        status = us(fields, STATUS)
+        if status is None:
+            assoc.abort()
+            raise DicomNetworkError("the peer sent a C-GET response without a status")
+        if on_response:
+            on_response(status)
+        if status in PENDING:
+            continue
+        failed = _failed_uids(data, implicit) if data else _failed_uids(appended, True) if appended else ()
+        counts = [us(fields, e) or 0 for e in (COMPLETED, FAILED, WARNING)]
+        return RetrieveOutcome(status, counts[0], counts[1], counts[2], failed)
+
+
+def _store(assoc: UpperLayer, context_id: int, fields: dict[int, bytes], sink: StoreSink) -> None:
+    """One C-STORE sub-operation: staged as it arrives, then answered on its context."""
+    transfer_syntax = assoc.contexts.get(context_id)
+    if transfer_syntax is None or context_id == 1:
+        assoc.abort()
+        raise DicomNetworkError("the peer sent a C-STORE on a presentation context not accepted for storage")
+    sop_class, uid = ui(fields, AFFECTED_SOP_CLASS_UID), ui(fields, AFFECTED_SOP_INSTANCE_UID)
+    if not has_data_set(fields):
+        status = _NO_DATA
+    else:
+        fragments = assoc.receive_fragments()
+        try:
+            chunks = itertools.chain([memoryview(part10_header(sop_class, uid, transfer_syntax))], fragments)
+            status = sink.store_stream(uid, sop_class, transfer_syntax, chunks)
+        except DicomNetworkError:
+            raise
+        except Exception as exc:  # a staging error must not break the association
+            # The class only: a message can quote a value of the instance.
+            log.error("failed to stage a received instance (%s)", type(exc).__name__)
+            for _ in fragments:  # whatever the sink left untaken
+                pass
+            status = 0xA700
+    assoc.send(c_store_rsp(us(fields, MESSAGE_ID) or 0, sop_class, uid, status), None, context_id)
+
+
+def _failed_uids(data: bytes, implicit: bool) -> tuple[str, ...]:
+    """The final response's Failed SOP Instance UID List; none from an identifier
+    that does not decode (the retrieve reconciles by UID whatever the peer says)."""
+    try:
+        return failed_sop_instance_uids(decode(data, implicit))
+    except Exception:
+        return ()

@@ -8,13 +8,9 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
-
-from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_STORE
 
 log = logging.getLogger(__name__)
 
@@ -141,38 +137,48 @@ class StagingSink:
         self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path, digest.hexdigest(), size))
         return 0x0000
 
-    def handle_store(self, event: evt.Event) -> int:
-        """pynetdicom ``EVT_C_STORE`` handler. pynetdicom's temporary file of a
-        streamed store is gone when it returns, whatever happened."""
-        req = cast(C_STORE, event.request)
+    def store_stream(
+        self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, chunks: Iterable[bytes | memoryview]
+    ) -> int:
+        """Stage an instance as its fragments arrive off the network: written and
+        hashed in one pass, never held whole. Every chunk is taken whatever
+        happens, so the association stays in step; a failure to write is the
+        C-STORE status 0xA700, an error raised by ``chunks`` (the association
+        broke) propagates. No ``.part`` file is left either way."""
+        path = self._next_path()
+        tmp = path.with_suffix(".part")
+        digest, size, failure = hashlib.sha256(), 0, None
         try:
-            return self._handle_store(event, req)
-        finally:
-            if isinstance(chunked := getattr(req, "_dataset_path", None), Path):
-                chunked.unlink(missing_ok=True)
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    if failure is None:
+                        try:
+                            fh.write(chunk)
+                        except OSError as exc:
+                            failure = exc  # drain the rest: the peer is still sending it
+                            continue
+                        digest.update(chunk)
+                        size += len(chunk)
+            if failure is None:
+                tmp.rename(path)
+        except OSError as exc:  # open, or the last flush on close
+            failure = exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if failure is not None:
+            tmp.unlink(missing_ok=True)
+            for _ in chunks:  # open failed before any was taken: take them now
+                pass
+            return self._failed(failure)
+        self._commit(ReceivedInstance(sop_instance_uid, sop_class_uid, transfer_syntax, path, digest.hexdigest(), size))
+        return 0x0000
 
-    def _handle_store(self, event: evt.Event, req: C_STORE) -> int:
-        try:
-            uid, cls, ts = (
-                str(req.AffectedSOPInstanceUID),
-                str(req.AffectedSOPClassUID),
-                str(event.context.transfer_syntax),
-            )
-            chunked = getattr(req, "_dataset_path", None)
-            if isinstance(chunked, Path):
-                # As a C-GET requestor pynetdicom leaves the temporary open: close it.
-                if (handle := getattr(req, "_dataset_file", None)) is not None:
-                    handle.close()
-                return self.store_file(uid, cls, ts, chunked)
-            return self.store(uid, cls, ts, event.encoded_dataset(include_meta=True))
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                self.full = True
-                log.error("staging is full: an instance could not be staged")
-                return 0xA700  # Out of resources
+    def _failed(self, exc: OSError) -> int:
+        """The C-STORE status of a failure to stage: 0xA700 Out of resources."""
+        if exc.errno == errno.ENOSPC:
+            self.full = True
+            log.error("staging is full: an instance could not be staged")
+        else:
             log.error("failed to stage a received instance (%s, errno %s)", type(exc).__name__, exc.errno)
-            return 0xA700
-        except Exception as exc:  # never let a handler exception kill the association
-            # The class only: a traceback's message can quote a value of the instance.
-            log.error("failed to stage a received instance (%s)", type(exc).__name__)
-            return 0xA700  # Out of resources
+        return 0xA700

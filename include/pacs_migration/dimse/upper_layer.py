@@ -1,13 +1,15 @@
-"""The DICOM Upper Layer (PS3.8) for one presentation context, as the census's
-C-FIND uses it: one thread, blocking reads, no reactor.
+"""The DICOM Upper Layer (PS3.8) as our requestor uses it: one thread, blocking
+reads, no reactor. The census's C-FIND speaks it on one presentation context,
+C-GET on many (the Query/Retrieve model and one per storage class and syntax).
 
 pynetdicom runs two threads per association that poll the socket and hand
 each PDU and message over queues; for the census's tens of thousands of small
 C-FIND answers that cost ~0.6 ms of CPU an answer, more than the PACS took to
-find it. Here a message is read where it is awaited. Only what a requestor of
-one context needs: A-ASSOCIATE (our maximum PDU, the peer's, the accepted
-transfer syntax), P-DATA with fragments both ways, A-RELEASE, A-ABORT; every
-wait bounded by the source's timeouts; DICOM TLS. Nothing of a message is logged.
+find it, and a C-GET ran at a quarter of DCMTK getscu's speed. Here a message
+is read where it is awaited. Only what a requestor needs: A-ASSOCIATE (our
+maximum PDU, the peer's, the accepted transfer syntaxes, SCP role selection),
+P-DATA with fragments both ways, A-RELEASE, A-ABORT; every wait bounded by the
+source's timeouts; DICOM TLS. Nothing of a message is logged.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import socket
 import ssl
 import struct
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ..config import SourceConfig
 from ..uids import IMPLEMENTATION_CLASS_UID
@@ -35,6 +38,7 @@ A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 _PDU_HEADER = struct.Struct(">BxL")
 _COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
+_READ_BUFFER = 1 << 16
 
 
 def _item(kind: int, body: bytes) -> bytes:
@@ -49,12 +53,30 @@ def _ae(title: str) -> bytes:
     return title.encode("ascii").ljust(16)[:16]
 
 
-def associate_rq(source: SourceConfig, abstract_syntax: str, transfer_syntaxes: list[str]) -> bytes:
-    """An A-ASSOCIATE-RQ proposing one presentation context (ID 1)."""
-    context = _item(0x30, _uid(abstract_syntax)) + b"".join(_item(0x40, _uid(ts)) for ts in transfer_syntaxes)
+def _role(sop_class_uid: str) -> bytes:
+    """SCP/SCU Role Selection (PS3.7 D.3.3.4): we take the SCP role, not the SCU's."""
+    uid = _uid(sop_class_uid)
+    return _item(0x54, struct.pack(">H", len(uid)) + uid + b"\x00\x01")
+
+
+def associate_rq(
+    source: SourceConfig, contexts: Sequence[tuple[str, Sequence[str]]], scp_roles: Sequence[str] = ()
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing ``contexts`` (abstract syntax, transfer
+    syntaxes) as IDs 1, 3, 5...; the SCP role for each of ``scp_roles``."""
+    items = b"".join(
+        _item(
+            0x20,
+            struct.pack(">B3x", 2 * n + 1)
+            + _item(0x30, _uid(abstract))
+            + b"".join(_item(0x40, _uid(ts)) for ts in syntaxes),
+        )
+        for n, (abstract, syntaxes) in enumerate(contexts)
+    )
     user = (
         _item(0x51, struct.pack(">L", source.max_pdu))
         + _item(0x52, _uid(IMPLEMENTATION_CLASS_UID))
+        + b"".join(_role(c) for c in scp_roles)
         + _item(0x55, IMPLEMENTATION_VERSION_NAME)
     )
     body = (
@@ -63,7 +85,7 @@ def associate_rq(source: SourceConfig, abstract_syntax: str, transfer_syntaxes: 
         + _ae(source.calling_ae_title)
         + bytes(32)
         + _item(0x10, _uid(APPLICATION_CONTEXT))
-        + _item(0x20, struct.pack(">B3x", 1) + context)
+        + items
         + _item(0x50, user)
     )
     return _PDU_HEADER.pack(A_ASSOCIATE_RQ, len(body)) + body
@@ -71,25 +93,31 @@ def associate_rq(source: SourceConfig, abstract_syntax: str, transfer_syntaxes: 
 
 @dataclass(frozen=True)
 class Accepted:
-    """What an A-ASSOCIATE-AC agreed for context 1."""
+    """What an A-ASSOCIATE-AC agreed: the accepted contexts' transfer syntaxes by ID."""
 
-    transfer_syntax: str
+    contexts: dict[int, str]
     peer_max_pdu: int  # 0: no limit
+
+    @property
+    def transfer_syntax(self) -> str:
+        """Context 1's: the service's own (C-FIND, C-GET)."""
+        return self.contexts[1]
 
 
 def parse_associate_ac(body: bytes) -> Accepted:
-    """Context 1's result and transfer syntax, the peer's maximum PDU; raises
-    :class:`Rejected` (permanent) when the context was not accepted."""
-    at, transfer_syntax, peer_max, result = 68, "", 0, None
+    """The accepted contexts, the peer's maximum PDU; raises :class:`Rejected`
+    (permanent) when context 1, the service's own, was not accepted."""
+    at, contexts, peer_max, first = 68, {}, 0, None
     while at + 4 <= len(body):
         kind, length = struct.unpack_from(">BxH", body, at)
         value = body[at + 4 : at + 4 + length]
         at += 4 + length
-        if kind == 0x21 and value[:1] == b"\x01":
-            result = value[2]
-            if len(value) >= 8 and value[4] == 0x40:
+        if kind == 0x21 and len(value) >= 4:
+            context_id, result = value[0], value[2]
+            first = result if context_id == 1 else first
+            if result == 0 and len(value) >= 8 and value[4] == 0x40:
                 (ts_len,) = struct.unpack_from(">H", value, 6)
-                transfer_syntax = value[8 : 8 + ts_len].rstrip(b"\0 ").decode("ascii")
+                contexts[context_id] = value[8 : 8 + ts_len].rstrip(b"\0 ").decode("ascii")
         elif kind == 0x50:
             sub = 0
             while sub + 4 <= len(value):
@@ -97,9 +125,9 @@ def parse_associate_ac(body: bytes) -> Accepted:
                 if sub_kind == 0x51 and sub_len == 4:
                     (peer_max,) = struct.unpack_from(">L", value, sub + 4)
                 sub += 4 + sub_len
-    if result != 0 or not transfer_syntax:
-        raise Rejected(f"accepted without the presentation context (result {result})", permanent=True)
-    return Accepted(transfer_syntax, peer_max)
+    if first != 0 or not contexts.get(1):
+        raise Rejected(f"accepted without the presentation context (result {first})", permanent=True)
+    return Accepted(contexts, peer_max)
 
 
 def pdvs(context_id: int, payload: bytes, command: bool, max_pdu: int) -> list[bytes]:
@@ -116,16 +144,18 @@ def pdvs(context_id: int, payload: bytes, command: bool, max_pdu: int) -> list[b
 
 
 class UpperLayer:
-    """An established association of one presentation context (ID 1)."""
+    """An established association; context 1 is the service's own."""
 
     def __init__(self, sock: socket.socket, reader: BinaryIO, source: SourceConfig, accepted: Accepted) -> None:
         self._sock = sock
         self._reader = reader
         self.source = source
+        self.contexts = accepted.contexts
         self.transfer_syntax = accepted.transfer_syntax
         self.peer_max_pdu = accepted.peer_max_pdu
         self.is_established = True
-        self._pending: deque[tuple[int, bytes]] = deque()  # PDVs read but not yet taken: (control, data)
+        # PDVs read but not yet taken: (context ID, control, data)
+        self._pending: deque[tuple[int, int, memoryview]] = deque()
         self._message_id = 0
 
     def next_message_id(self) -> int:
@@ -134,8 +164,15 @@ class UpperLayer:
 
     @classmethod
     def open(cls, source: SourceConfig, abstract_syntax: str, transfer_syntaxes: list[str]) -> UpperLayer:
-        """Connect, negotiate; raises :class:`Rejected` (A-ASSOCIATE-RJ, a refused
-        context) or :class:`DicomNetworkError` (no connection, TLS, timeout)."""
+        """One presentation context; as :meth:`open_contexts`."""
+        return cls.open_contexts(source, [(abstract_syntax, transfer_syntaxes)])
+
+    @classmethod
+    def open_contexts(
+        cls, source: SourceConfig, contexts: Sequence[tuple[str, Sequence[str]]], scp_roles: Sequence[str] = ()
+    ) -> UpperLayer:
+        """Connect, negotiate; raises :class:`Rejected` (A-ASSOCIATE-RJ, context 1
+        refused) or :class:`DicomNetworkError` (no connection, TLS, timeout)."""
         try:
             sock = socket.create_connection((source.host, source.port), timeout=source.acse_timeout)
         except OSError as exc:
@@ -144,8 +181,10 @@ class UpperLayer:
             nodelay_socket(sock)
             if source.tls is not None:
                 sock = tls_context(source.tls).wrap_socket(sock, server_hostname=source.tls.server_name or source.host)
-            sock.sendall(associate_rq(source, abstract_syntax, transfer_syntaxes))
-            reader = sock.makefile("rb")  # buffered: many small answers in one recv
+            sock.sendall(associate_rq(source, contexts, scp_roles))
+            reader = cast(
+                BinaryIO, sock.makefile("rb", buffering=_READ_BUFFER)
+            )  # many small answers, or a large PDU, in one recv
             kind, body = _read_pdu(reader, source.max_pdu)
             if kind == A_ASSOCIATE_RJ and len(body) >= 4:
                 result, origin, reason = body[1], body[2], body[3]
@@ -164,11 +203,11 @@ class UpperLayer:
         return ul
 
     # -- messages ---------------------------------------------------------
-    def send(self, command: bytes, dataset: bytes | None) -> None:
+    def send(self, command: bytes, dataset: bytes | None, context_id: int = 1) -> None:
         """One DIMSE message: its command set, then its data set if any."""
-        pdus = pdvs(1, command, True, self.peer_max_pdu)
+        pdus = pdvs(context_id, command, True, self.peer_max_pdu)
         if dataset is not None:
-            pdus += pdvs(1, dataset, False, self.peer_max_pdu)
+            pdus += pdvs(context_id, dataset, False, self.peer_max_pdu)
         try:
             self._sock.sendall(b"".join(pdus))  # one write: a query is a few hundred bytes
         except OSError as exc:
@@ -177,18 +216,41 @@ class UpperLayer:
 
     def receive(self, command: bool) -> bytes:
         """The next whole command set (``command``) or data set, its fragments joined."""
-        fragments = []
-        part = _COMMAND if command else 0
-        while True:
-            if not self._pending:
-                self._read_p_data()
-            control, data = self._pending.popleft()
-            if control & _COMMAND != part:
+        if command:
+            return self.receive_command()[1]
+        return b"".join(self.receive_fragments())
+
+    def receive_command(self) -> tuple[int, bytes]:
+        """The next message's presentation context ID and whole command set."""
+        context_id, control, data = self._next_pdv()
+        if not control & _COMMAND:
+            self.abort()
+            raise DicomNetworkError("the peer sent a data set where a command was due")
+        fragments = [data]
+        while not control & _LAST:
+            context, control, data = self._next_pdv()
+            if context != context_id or not control & _COMMAND:
                 self.abort()
                 raise DicomNetworkError("the peer sent a fragment out of order")
             fragments.append(data)
+        return context_id, b"".join(fragments)
+
+    def receive_fragments(self) -> Iterator[memoryview]:
+        """The next data set's fragments as they arrive: a large instance is
+        never held whole. Each is valid until the next is asked for."""
+        while True:
+            _context, control, data = self._next_pdv()
+            if control & _COMMAND:
+                self.abort()
+                raise DicomNetworkError("the peer sent a fragment out of order")
+            yield data
             if control & _LAST:
-                return b"".join(fragments)
+                return
+
+    def _next_pdv(self) -> tuple[int, int, memoryview]:
+        if not self._pending:
+            self._read_p_data()
+        return self._pending.popleft()
 
     def _read_p_data(self) -> None:
         try:
@@ -200,10 +262,13 @@ class UpperLayer:
             self._lost()
             raise DicomNetworkError(f"the association broke ({exc.__class__.__name__})") from exc
         if kind == P_DATA_TF:
-            at = 0
+            at, view = 0, memoryview(body)  # slices without copies: a PDV may be a whole PDU of pixel data
             while at + 6 <= len(body):
                 (length,) = struct.unpack_from(">L", body, at)
-                self._pending.append((body[at + 5], body[at + 6 : at + 4 + length]))
+                if length < 2 or at + 4 + length > len(body):
+                    self.abort()
+                    raise DicomNetworkError("the peer sent a malformed P-DATA PDU")
+                self._pending.append((body[at + 4], body[at + 5], view[at + 6 : at + 4 + length]))
                 at += 4 + length
             return
         if kind == A_RELEASE_RQ:
