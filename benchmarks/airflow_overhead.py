@@ -341,15 +341,17 @@ def _queries(port: int, date: str, folder: Path) -> tuple[list[list[Path]], list
 
 def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
     """The same work as the DAG's run of ``date`` with native tools on the same
-    peers: the census's queries with findscu, getscu per study (two at once) and
-    the best uploader (s5cmd), then every object read back and its SHA-256
-    taken (16 threads), as validation's re-read does."""
+    peers: the census's queries with findscu, getscu per study (two at once; a
+    compressed study by C-MOVE to movescu, in its stored syntax) and the best
+    uploader (s5cmd), then every object read back and its SHA-256 taken (16
+    threads), as validation's re-read does."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from benchmarks.bench import getscu, s5cmd_upload
+    from benchmarks.bench import COMPRESSED_MODALITIES, retrieve_native, s5cmd_upload, study_modalities
 
     levels, study_uids = _queries(port, date, work / "native-queries")
+    compressed = {s for s, m in study_modalities(port).items() if m in COMPRESSED_MODALITIES}
     out = work / "native"
     shutil.rmtree(out, ignore_errors=True)
     client = moto.client()
@@ -359,7 +361,7 @@ def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
         _findscu(port, files)
     t1 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda uid: getscu(port, uid, out / uid), study_uids))
+        list(pool.map(lambda uid: retrieve_native(port, uid, out / uid, uid in compressed), study_uids))
     s5cmd_upload(out, moto, "airflow-bench", "native/")
     t2 = time.perf_counter()
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="airflow-bench")
