@@ -805,4 +805,8 @@ def tier_modalities(info: dict) -> dict[str, set[str]]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as the imported module, not as __main__: airflow_overhead imports this one,
+    # and the movescu destinations orthanc_with registers must be the ones it sees.
+    from benchmarks import bench
+
+    raise SystemExit(bench.main())
