@@ -342,7 +342,7 @@ def _queries(port: int, date: str, folder: Path) -> tuple[list[list[Path]], list
 def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
     """The same work as the DAG's run of ``date`` with native tools on the same
     peers: the census's queries with findscu, getscu per study (two at once; a
-    compressed study by C-MOVE to movescu, in its stored syntax) and the best
+    compressed study by C-MOVE to storescp, in its stored syntax) and the best
     uploader (s5cmd), then every object read back and its SHA-256 taken (16
     threads), as validation's re-read does."""
     import hashlib

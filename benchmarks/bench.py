@@ -6,7 +6,7 @@ Source: Orthanc (MaximumPduLength 131072) holding the synthetic archive of
 measured run.
 
 - reference: DCMTK ``getscu`` (TCP_NODELAY=1, -pdu 131072, one per study, two
-  at once) into a folder, a compressed study by C-MOVE to ``movescu +xa`` (it
+  at once) into a folder, a compressed study by C-MOVE to ``storescp +xa`` (it
   takes the syntax Orthanc stores; getscu's offer lets Orthanc transcode it, or
   send nothing where it cannot), then the better of ``s5cmd cp`` and a threaded
   boto3 upload; and the same overlapped by study. T_reference is the better of the two.
@@ -52,8 +52,8 @@ CACHE = Path(__file__).parent / ".cache"
 RESULTS = Path(__file__).parent / "results"
 MAX_PDU = 131072
 COMPRESSED_MODALITIES = frozenset({"OT"})  # the archive's compressed studies (benchmarks.archive)
-MOVE_LISTENERS = 2  # movescu destinations: as many as the reference retrieves at once
-# Orthanc's DICOM port -> the movescu destinations registered with it (AE title, port)
+MOVE_LISTENERS = 2  # C-MOVE destinations (storescp): as many as the reference retrieves at once
+# Orthanc's DICOM port -> the C-MOVE destinations registered with it (AE title, port)
 _MOVE_DESTINATIONS: dict[int, queue.Queue[tuple[str, int]]] = {}
 KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -143,27 +143,38 @@ def getscu(port: int, study: str, out: Path) -> None:
     )
 
 
-def movescu(port: int, study: str, out: Path) -> None:
-    """A study by C-MOVE to a ``movescu`` listening with ``+xa`` (every syntax it
-    supports): each instance arrives in the syntax Orthanc stores, as the
-    pipeline's C-GET receives it."""
+def move_to_storescp(port: int, study: str, out: Path) -> None:
+    """A study by C-MOVE to a ``storescp +xa`` (every syntax it supports): each
+    instance arrives in the syntax Orthanc stores, as the pipeline's C-GET
+    receives it. (movescu's own listener polls for the store association once a
+    second: ~1 s a study that is not the PACS's.)"""
     out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TCP_NODELAY": "1"}
     slots = _MOVE_DESTINATIONS[port]
     ae, listen = slots.get(timeout=600)
+    receiver = subprocess.Popen(
+        ["storescp", "-aet", ae, "+xa", "+B", "-pdu", str(MAX_PDU), "-od", str(out), str(listen)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
+        for _ in range(500):  # bounded: 5 s for storescp to listen
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", listen), timeout=1):
+                break
+            time.sleep(0.01)
         subprocess.run(
-            ["movescu", "-aet", ae, "-aec", "ORTHANC", "-aem", ae, "--port", str(listen), "+xa", "-S",
-             "-pdu", str(MAX_PDU), "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k",
-             f"StudyInstanceUID={study}", "127.0.0.1", str(port)],
-            check=True, env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, timeout=1800,
+            ["movescu", "-aet", "PACSMIGRATE", "-aec", "ORTHANC", "-aem", ae, "-S", "-k",
+             "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port)],
+            check=True, env=env, capture_output=True, timeout=1800,
         )  # fmt: skip
     finally:
+        receiver.terminate()  # every store was answered before the C-MOVE's final response
+        receiver.wait(timeout=30)
         slots.put((ae, listen))
 
 
 def retrieve_native(port: int, study: str, out: Path, compressed: bool) -> None:
-    """The reference's retrieval of one study: getscu, or movescu for a compressed one."""
-    (movescu if compressed else getscu)(port, study, out)
+    """The reference's retrieval of one study: getscu, or a C-MOVE for a compressed one."""
+    (move_to_storescp if compressed else getscu)(port, study, out)
 
 
 def s5cmd_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
@@ -196,7 +207,7 @@ def boto3_upload(folder: Path, moto: Moto, bucket: str, prefix: str) -> None:
 def run_reference(
     port: int, studies: list[str], work: Path, uploader: str, overlapped: bool, compressed: frozenset[str] = frozenset()
 ) -> dict[str, Any]:
-    """One measured reference run; the studies of ``compressed`` are moved (:func:`movescu`)."""
+    """One measured reference run; the studies of ``compressed`` are moved (:func:`move_to_storescp`)."""
     moto = Moto(work)
     try:
         moto.client().create_bucket(Bucket="ref")
@@ -747,7 +758,7 @@ def summarize(
             f" The reference retrieved {report['reference_instances']} of {n} instances: its work is not"
             " all the pipeline's."
             if report["reference_instances"] < n
-            else f" The reference retrieved all {n} instances (compressed studies by C-MOVE to movescu +xa,"
+            else f" The reference retrieved all {n} instances (compressed studies by C-MOVE to storescp +xa,"
             " in the syntax Orthanc stores)."
         ),
         "",
@@ -806,7 +817,7 @@ def tier_modalities(info: dict) -> dict[str, set[str]]:
 
 if __name__ == "__main__":
     # Run as the imported module, not as __main__: airflow_overhead imports this one,
-    # and the movescu destinations orthanc_with registers must be the ones it sees.
+    # and the C-MOVE destinations orthanc_with registers must be the ones it sees.
     from benchmarks import bench
 
     raise SystemExit(bench.main())
