@@ -182,9 +182,8 @@ class UpperLayer:
             if source.tls is not None:
                 sock = tls_context(source.tls).wrap_socket(sock, server_hostname=source.tls.server_name or source.host)
             sock.sendall(associate_rq(source, contexts, scp_roles))
-            reader = cast(
-                BinaryIO, sock.makefile("rb", buffering=_READ_BUFFER)
-            )  # many small answers, or a large PDU, in one recv
+            # Buffered: many small answers, or a large PDU, in one recv.
+            reader = cast(BinaryIO, sock.makefile("rb", buffering=_READ_BUFFER))
             kind, body = _read_pdu(reader, source.max_pdu)
             if kind == A_ASSOCIATE_RJ and len(body) >= 4:
                 result, origin, reason = body[1], body[2], body[3]
@@ -236,8 +235,8 @@ class UpperLayer:
         return context_id, b"".join(fragments)
 
     def receive_fragments(self) -> Iterator[memoryview]:
-        """The next data set's fragments as they arrive: a large instance is
-        never held whole. Each is valid until the next is asked for."""
+        """The next data set's fragments as they arrive (views of the PDUs read,
+        not copies): a large instance is never held whole."""
         while True:
             _context, control, data = self._next_pdv()
             if control & _COMMAND:
