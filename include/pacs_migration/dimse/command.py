@@ -44,23 +44,12 @@ def command_set(elements: dict[int, bytes | int]) -> bytes:
     return _element(0x0000, struct.pack("<L", len(body))) + body
 
 
-def c_find_rq(sop_class_uid: str, message_id: int) -> bytes:
+def request(command_field: int, sop_class_uid: str, message_id: int) -> bytes:
+    """A C-FIND-RQ or C-GET-RQ command set (an identifier follows), priority low as pynetdicom's."""
     return command_set(
         {
             AFFECTED_SOP_CLASS_UID: sop_class_uid.encode("ascii"),
-            COMMAND_FIELD: C_FIND_RQ,
-            MESSAGE_ID: message_id,
-            PRIORITY: _LOW,
-            DATA_SET_TYPE: DATA_SET,
-        }
-    )
-
-
-def c_get_rq(sop_class_uid: str, message_id: int) -> bytes:
-    return command_set(
-        {
-            AFFECTED_SOP_CLASS_UID: sop_class_uid.encode("ascii"),
-            COMMAND_FIELD: C_GET_RQ,
+            COMMAND_FIELD: command_field,
             MESSAGE_ID: message_id,
             PRIORITY: _LOW,
             DATA_SET_TYPE: DATA_SET,

@@ -16,15 +16,16 @@ from pydicom.tag import BaseTag
 from ..config import SourceConfig
 from .association import TRUNCATION_STATUSES, DicomNetworkError, QueryFailed, QueryTruncated, with_attempts
 from .command import (
+    C_FIND_RQ,
     C_FIND_RSP,
     COMMAND_FIELD,
     MESSAGE_ID_RESPONDED_TO,
     PENDING,
     STATUS,
-    c_find_rq,
     command_fields,
     encode,
     has_data_set,
+    request,
     us,
 )
 from .upper_layer import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UpperLayer
@@ -94,7 +95,7 @@ def _open_find_association(source: SourceConfig) -> UpperLayer:
 
 def _c_find(assoc: UpperLayer, identifier: Dataset, message_id: int = 1) -> list[Dataset]:
     implicit = assoc.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-    assoc.send(c_find_rq(STUDY_ROOT_FIND, message_id), encode(identifier, implicit))
+    assoc.send(request(C_FIND_RQ, STUDY_ROOT_FIND, message_id), encode(identifier, implicit))
     answers: list[Dataset] = []
     while True:
         fields = command_fields(assoc.receive(command=True))

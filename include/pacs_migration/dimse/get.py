@@ -17,6 +17,7 @@ from .association import DicomNetworkError, with_attempts
 from .command import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
+    C_GET_RQ,
     C_GET_RSP,
     C_STORE_RQ,
     COMMAND_FIELD,
@@ -27,12 +28,12 @@ from .command import (
     PENDING,
     STATUS,
     WARNING,
-    c_get_rq,
     c_store_rsp,
     decode,
     encode,
     has_data_set,
     part10_header,
+    request,
     split_command,
     ui,
     us,
@@ -181,7 +182,7 @@ def _c_get(
 ) -> RetrieveOutcome:
     message_id = assoc.next_message_id()
     implicit = assoc.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-    assoc.send(c_get_rq(STUDY_ROOT_GET, message_id), encode(identifier, implicit))
+    assoc.send(request(C_GET_RQ, STUDY_ROOT_GET, message_id), encode(identifier, implicit))
     while True:
         context_id, command = assoc.receive_command()
         fields, appended = split_command(command)
