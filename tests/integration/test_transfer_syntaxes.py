@@ -96,7 +96,7 @@ def test_request_uncompressed_never_receives_compressed(ts, compressed_pacs, tmp
     orthanc, stored = compressed_pacs
     original = stored[ts]
     sink = StagingSink(tmp_path / "staging")
-    c_get(
+    outcome = c_get(
         _source(orthanc, request_uncompressed=True),
         _study_query(original.StudyInstanceUID),
         [original.SOPClassUID],
@@ -106,8 +106,11 @@ def test_request_uncompressed_never_receives_compressed(ts, compressed_pacs, tmp
     print(f"{FILES[ts]} stored {ts}: received {got.transfer_syntax_uid if got else 'nothing (sub-operation failed)'}")
     if got is None:
         # Orthanc without a JPEG 2000 decoder (no GDCM plugin) fails the
-        # sub-operation instead: the instance stays missing, never compressed.
+        # sub-operation instead: the instance stays missing, never compressed,
+        # and named in the final response's Failed SOP Instance UID List (which
+        # DCMTK appends to the command set: pynetdicom returned none).
         assert ts in (JPEG2000, JPEG2000Lossless)
+        assert outcome.failed == 1 and outcome.failed_sop_instance_uids == (original.SOPInstanceUID,)
         return
     assert got.transfer_syntax_uid in UNCOMPRESSED_TRANSFER_SYNTAXES
     received = pydicom.dcmread(got.path)
