@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -245,6 +247,7 @@ class ConnectionCounter:
         self.target_port = target_port
         self.active = self.max_active = self.total = 0
         self._lock = threading.Lock()
+        self._ends: dict[socket.socket, Any] = {}  # open client sockets -> their end()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -257,11 +260,21 @@ class ConnectionCounter:
                 return
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
-    def _relay(self, client: socket.socket) -> None:
+    def _settle_closed(self) -> None:
+        """End now the connections whose client has closed (its EOF waits to be
+        read), not when their relay thread gets round to it: a client that
+        releases and opens its next association at once held one, not two."""
         with self._lock:
-            self.active += 1
-            self.total += 1
-            self.max_active = max(self.max_active, self.active)
+            ends = list(self._ends.items())
+        for sock, end in ends:
+            try:
+                if select.select([sock], [], [], 0)[0] and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    end()
+            except (OSError, ValueError):  # closed meanwhile by its relay
+                end()
+
+    def _relay(self, client: socket.socket) -> None:
+        self._settle_closed()
         ended = False
 
         def end() -> None:  # once: when the client closes, its association is over
@@ -270,6 +283,13 @@ class ConnectionCounter:
                 if not ended:
                     ended = True
                     self.active -= 1
+                    self._ends.pop(client, None)
+
+        with self._lock:
+            self.active += 1
+            self.total += 1
+            self.max_active = max(self.max_active, self.active)
+            self._ends[client] = end
 
         try:
             with client, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:

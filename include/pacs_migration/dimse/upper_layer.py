@@ -318,6 +318,7 @@ class UpperLayer:
         self.is_established = False
         with contextlib.suppress(OSError):
             self._reader.close()
+        with contextlib.suppress(OSError):  # whatever the reader did: the socket closes now
             self._sock.close()
 
 
