@@ -15,13 +15,13 @@ from pynetdicom import _config as pynetdicom_config  # pynetdicom's documented s
 
 def configure_logging() -> None:
     """Idempotent."""
-    # pynetdicom logs the identifiers of every C-FIND/C-GET unless told not to,
-    # and its INFO/DEBUG lines carry AE titles and UIDs never needed at run time.
+    # pynetdicom (C-MOVE, C-ECHO, the C-MOVE listener) logs the identifiers of every
+    # request unless told not to, and its INFO/DEBUG lines carry AE titles and UIDs.
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # Received C-STOREs are written to a temporary file fragment by fragment,
-    # never held whole in memory; the staging sink moves the file into staging.
+    # The C-MOVE listener's received C-STOREs are written to a temporary file
+    # fragment by fragment, never held whole in memory; the task moves it into staging.
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     # pydicom's WARN validation logs and warns with the offending value (a
     # birth date, a name). Our rules validate values themselves (rules.py).

@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Collection
 
 import pydicom
 import pytest
@@ -54,7 +55,7 @@ class GetPeer:
         self.proposed: list[tuple[int, str, list[str]]] = []
         self.roles: list[tuple[str, int, int]] = []
 
-    def accept(self, refuse: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def accept(self, refuse: Collection[str] = ()) -> None:
         """Accept every proposed context but those of ``refuse``d abstract syntaxes."""
         kind, body = Peer.read_pdu(self.conn)
         assert kind == 0x01

@@ -97,21 +97,8 @@ class StagingSink:
             self.on_received(item)
 
     def store(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, data: bytes) -> int:
-        """Stage an instance held in memory (a Part 10 byte string)."""
-        path = self._next_path()
-        tmp = path.with_suffix(".part")
-        try:
-            tmp.write_bytes(data)
-            tmp.rename(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._commit(
-            ReceivedInstance(
-                sop_instance_uid, sop_class_uid, transfer_syntax, path, hashlib.sha256(data).hexdigest(), len(data)
-            )
-        )
-        return 0x0000
+        """Stage an instance held in memory (a Part 10 byte string), as :meth:`store_stream`."""
+        return self.store_stream(sop_instance_uid, sop_class_uid, transfer_syntax, [data])
 
     def store_file(self, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, source: Path) -> int:
         """Stage an instance pynetdicom has already written to ``source``
