@@ -236,7 +236,12 @@ def _cpu_now(groups: dict[str, int]) -> dict[str, float]:
 
 
 def run_scheduler(
-    date: str, env: dict[str, str], home: Path, timeout_s: float = 1800, groups: dict[str, int] | None = None
+    date: str,
+    env: dict[str, str],
+    home: Path,
+    timeout_s: float = 1800,
+    groups: dict[str, int] | None = None,
+    dag_id: str = "pacs_migration",
 ) -> dict[str, Any]:
     """One backfill of ``date`` through the scheduler (services already started
     and the DAG registered); wall seconds from ``backfill create`` to the run's end,
@@ -251,13 +256,13 @@ def run_scheduler(
     engine = sqlalchemy.create_engine(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
     cpu0 = _cpu_now(groups or {})
     t0 = time.perf_counter()
-    airflow_cli(env, "backfill", "create", "--dag-id", "pacs_migration", "--from-date", date, "--to-date", date)
+    airflow_cli(env, "backfill", "create", "--dag-id", dag_id, "--from-date", date, "--to-date", date)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             with engine.connect() as conn:
                 row = conn.execute(
-                    sqlalchemy.text("SELECT run_id, state FROM dag_run WHERE dag_id = 'pacs_migration'")
+                    sqlalchemy.text("SELECT run_id, state FROM dag_run WHERE dag_id = :dag"), {"dag": dag_id}
                 ).fetchone()
             if row and row[1] in ("success", "failed"):
                 break
@@ -424,8 +429,10 @@ def _warm_api_server(env: dict[str, str]) -> None:
             urllib.request.urlopen(base + path, timeout=60).read()
 
 
-def _through_scheduler(date: str, env: dict[str, str], home: Path, logs: Path, executor: str) -> dict[str, Any]:
-    """Services up (the database migrated, the PACS pool set), one backfill, services down."""
+def _through_scheduler(
+    date: str, env: dict[str, str], home: Path, logs: Path, executor: str, dag_id: str = "pacs_migration"
+) -> dict[str, Any]:
+    """Services up (the database migrated, the PACS pool set), one backfill of ``dag_id``, services down."""
     from peers.ports import free_port
     from peers.processes import airflow_cli, start_airflow, stop_all
 
@@ -438,31 +445,44 @@ def _through_scheduler(date: str, env: dict[str, str], home: Path, logs: Path, e
         airflow_cli(env, "db", "migrate", timeout=900)
         airflow_cli(env, "pools", "set", "pacs_source_associations", "4", "legacy PACS")
         airflow_cli(env, "dags", "reserialize")
-        airflow_cli(env, "dags", "unpause", "pacs_migration")
+        airflow_cli(env, "dags", "unpause", dag_id)
         names = ["api-server", "scheduler", "dag-processor", *(["celery"] if executor == "celery" else [])]
         args = {"celery": ["celery", "worker", "--skip-serve-logs"]}
         procs = [start_airflow(n, args.get(n, [n]), env, logs) for n in names]
         try:
             time.sleep(15)  # the services up (not part of any run's time)
             _warm_api_server(env)
-            return run_scheduler(date, env, home, groups=dict(zip(names, (p.pid for p in procs), strict=True)))
+            groups = dict(zip(names, (p.pid for p in procs), strict=True))
+            result = run_scheduler(date, env, home, groups=groups, dag_id=dag_id)
         finally:
             stop_all(procs)
+    return {**result, "overhang_s": _overhangs(logs, executor)}
+
+
+def _overhangs(logs: Path, executor: str) -> dict[str, float]:
+    """How long task supervisors went on after their tasks ended (README, Scaling: "Task ends")."""
+    from peers.processes import supervisor_overhangs
+
+    read = lambda name: (logs / f"{name}.log").read_text(errors="replace")  # noqa: E731
+    over = supervisor_overhangs(read("scheduler"), read("celery") if executor == "celery" else None)
+    values = list(over.values()) or [0.0]
+    return {"max": max(values), "total": sum(values), "over_2s": float(sum(v > 2 for v in values))}
 
 
 def measure_scheduler(
-    port: int, date: str, work: Path, repeats: int, moto_factory: Any, executor: str = "local"
+    port: int, date: str, work: Path, repeats: int, moto_factory: Any, executor: str = "local", partitions: int = 0
 ) -> dict[str, Any]:
     """The date through the scheduler and ``executor`` (local: LocalExecutor on
     SQLite; celery: CeleryExecutor, PostgreSQL and Redis), interleaved with the
-    steps run (fresh moto each)."""
+    steps run (fresh moto each), the native tools and, given the date's
+    ``partitions``, Airflow's floor: the same DAG shape doing nothing (``pacs_floor``)."""
     from peers.smtp import MailSink
 
     mail = MailSink(work / "mail-scheduler")
-    runs: dict[str, list[dict[str, Any]]] = {"scheduler": [], "steps": [], "native": []}
+    runs: dict[str, list[dict[str, Any]]] = {"scheduler": [], "steps": [], "native": [], "floor": []}
     try:
         for r in range(repeats):
-            kinds = ("scheduler", "steps", "native")
+            kinds = ("scheduler", "steps", "native", *(("floor",) if partitions else ()))
             for kind in kinds if r % 2 == 0 else kinds[::-1]:
                 moto = moto_factory(work)
                 staging = work / "staging-scheduler"
@@ -482,6 +502,10 @@ def measure_scheduler(
                         if proc.returncode != 0:
                             raise RuntimeError(f"steps: {proc.stderr[-3000:]}")
                         result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    elif kind == "floor":
+                        env = {**env, "AIRFLOW__CORE__DAGS_FOLDER": str(FLOOR_DAGS)}
+                        env["PACS_FLOOR_PARTITIONS"] = str(partitions)
+                        result = _through_scheduler(date, env, home, work / f"floor-logs-{r}", executor, "pacs_floor")
                     else:
                         result = _through_scheduler(date, env, home, work / f"scheduler-logs-{r}", executor)
                     if result["state"] not in ("success", "done"):
@@ -516,12 +540,38 @@ def summarize_scheduler(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
         "wait_median_s": statistics.median(r["wait_s"]["median"] for r in runs["scheduler"]),
         "wait_total_s": statistics.median(r["wait_s"]["total"] for r in runs["scheduler"]),
         "wall_ratio": wall / steps,
+        "overhang_s": {
+            k: statistics.median(r.get("overhang_s", {}).get(k, 0.0) for r in runs["scheduler"])
+            for k in ("max", "total", "over_2s")
+        },
         "cpu_s": {
             k: statistics.median(r.get("cpu_s", {}).get(k, 0.0) for r in runs["scheduler"])
             for k in sorted({k for r in runs["scheduler"] for k in r.get("cpu_s", {})})
         },
         **_native_figures(runs, wall, tasks),
+        **_floor_figures(runs, wall),
         "runs": runs,
+    }
+
+
+def _floor_figures(runs: dict[str, list[dict[str, Any]]], wall: float) -> dict[str, Any]:
+    """Airflow's floor: the same DAG shape with no work, through the same services; and what
+    R_date could at best be with this shape here (the floor over the native tools)."""
+    if not runs.get("floor") or not runs.get("native"):
+        return {}
+    floor = runs["floor"]
+    native = statistics.median(r["seconds"] for r in runs["native"])
+    med = statistics.median
+    return {
+        "floor": {
+            "seconds": med(r["seconds"] for r in floor),
+            "task_s": med(sum(r["task_s"].values()) for r in floor),
+            "task_instances": med(r["task_instances"] for r in floor),
+            "wait_median_s": med(r["wait_s"]["median"] for r in floor),
+            "cpu_machine_s": med(r.get("cpu_s", {}).get("machine", 0.0) for r in floor),
+            "r": med(r["seconds"] for r in floor) / native,
+            "share_of_wall": med(r["seconds"] for r in floor) / wall,
+        }
     }
 
 
@@ -544,6 +594,7 @@ def _native_figures(runs: dict[str, list[dict[str, Any]]], wall: float, tasks: d
     }
 
 
+FLOOR_DAGS = ROOT / "benchmarks" / "floor_dags"
 EXECUTORS = {
     "local": "LocalExecutor on SQLite",
     "celery": "CeleryExecutor on PostgreSQL and Redis, one worker of concurrency 4",
@@ -567,6 +618,8 @@ def markdown_scheduler(r: dict[str, Any], info: dict[str, Any], executor: str = 
         f"| of which beyond the steps' own time | {r['inside_overhead_s']:+.1f} |",
         f"| wait from scheduled to started, per task instance (median; pool and parallelism included) | "
         f"{r['wait_median_s']:.2f} |",
+        "| task supervisors' time after their tasks ended: total, longest, tasks over 2 s (medians of runs) | "
+        f"{r['overhang_s']['total']:.1f}, {r['overhang_s']['max']:.1f}, {r['overhang_s']['over_2s']:g} |",
         "",
         f"**Wall time of one study date through the scheduler / the same steps: {r['wall_ratio']:.2f}.** Per task "
         f"instance: {r['inside_overhead_per_task_instance_s']:+.2f} task-seconds beyond the steps' own (a task "
@@ -576,6 +629,21 @@ def markdown_scheduler(r: dict[str, Any], info: dict[str, Any], executor: str = 
         + ".",
         *_cpu_rows(r),
         *_native_rows(r),
+        *_floor_rows(r),
+    ]
+
+
+def _floor_rows(r: dict[str, Any]) -> list[str]:
+    if "floor" not in r:
+        return []
+    f = r["floor"]
+    return [
+        "",
+        f"**Airflow's floor** (`pacs_floor`: this DAG's shape, {f['task_instances']:g} task instances doing nothing, "
+        f"same services): {f['seconds']:.1f} s wall, {f['task_s']:.1f} task-seconds, {f['wait_median_s']:.2f} s "
+        f"scheduled → started (median), {f['cpu_machine_s']:.1f} CPU-seconds of the machine; "
+        f"**{f['r']:.2f}x the native tools' time** (the best R_date this shape can reach here), "
+        f"{100 * f['share_of_wall']:.0f} % of the date's wall time.",
     ]
 
 

@@ -31,7 +31,7 @@ from include.demo.clinical import add_clinical, ris_export
 from include.pacs_migration.manifest import STUDIES
 from peers.pacs import SimulatedPACS
 from peers.ports import free_port
-from peers.processes import airflow_cli, json_rows, start_airflow, stop_all
+from peers.processes import SUPERVISOR_ENV, airflow_cli, json_rows, start_airflow, stop_all
 from peers.s3 import S3Server
 from peers.smtp import MailSink
 
@@ -70,6 +70,8 @@ def airflow_env(pacs_port: int, s3_endpoint: str, smtp_port: int, api_port: int,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
             # SQLite behind the API server on a small machine: allow slow answers.
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
+            # A task's executor slot free when the task ends, not up to 5 s later (README, Scaling).
+            **SUPERVISOR_ENV,
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             # One demo user, its password in .airflow/passwords.json (printed with --keep).
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{DEMO_USER}:admin",

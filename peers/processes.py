@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,8 +30,25 @@ def local_services_env(home: Path, api_port: int, parallelism: int = 4) -> dict[
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",  # two cores shared by several services
+        **SUPERVISOR_ENV,
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
     }
+
+
+# A task's supervisor can miss its process's exit and wait this long (Airflow's default: 5 s)
+# before it looks again, holding the task's executor slot (README, Scaling: "Task ends").
+SUPERVISOR_ENV = {"AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1"}
+_WORKLOAD = re.compile(r"Workload finished\s+\[supervisor\] duration=([0-9.]+).*?workload_id=(\S+)")
+_FINISHED = re.compile(r"TaskInstance Finished:.*?ti_id=([^,\s]+),.*?run_duration=([0-9.]+)")
+
+
+def supervisor_overhangs(scheduler_log: str, worker_log: str | None = None) -> dict[str, float]:
+    """Per task instance (its id): seconds its supervisor went on after the task's run
+    had ended (the supervisor's "Workload finished" duration less the run's duration
+    the scheduler logs). Under Celery the supervisors log in ``worker_log``."""
+    runs = {m.group(1): float(m.group(2)) for m in _FINISHED.finditer(scheduler_log)}
+    workloads = {m.group(2): float(m.group(1)) for m in _WORKLOAD.finditer(worker_log or scheduler_log)}
+    return {ti: workloads[ti] - run for ti, run in runs.items() if ti in workloads}
 
 
 def start_airflow(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:

@@ -137,6 +137,7 @@ def test_backfill_then_nightly_over_two_archives(tmp_path, s3_server, bucket, ma
     from include.pacs_migration.ledger_store import read_ledger
     from include.pacs_migration.manifest import PartitionManifests, transferred_partitions
     from include.pacs_migration.store import ObjectStore
+    from peers.processes import supervisor_overhangs
     from tests.conftest import TEST_KEYER
     from tests.e2e.test_nightly_dag import _dags, _night
     from tests.e2e.test_pacs_migration_dag import _clear_runs
@@ -167,6 +168,11 @@ def test_backfill_then_nightly_over_two_archives(tmp_path, s3_server, bucket, ma
         print(f"\nbackfill: most concurrent associations per PACS {backfill_max}, pools {POOLS}")
         assert 0 < backfill_max["south"] <= POOLS["pacs_source_associations"]
         assert 0 < backfill_max["north"] <= POOLS["pacs_source_associations_north"]
+
+        # Each task's executor slot was free when its task ended: no supervisor missed its process's
+        # exit and waited out Airflow's 5 s before it looked again (README, Scaling: "Task ends").
+        over = supervisor_overhangs((tmp_path / "service-logs" / "scheduler.log").read_text(errors="replace"))
+        assert len(over) >= 10 and max(over.values()) < 3, sorted(over.values())[-5:]
 
         # Conservation per source (every instance of each archive's census in exactly one state) and in total.
         parts = transferred_partitions(store, D1)
