@@ -142,3 +142,29 @@ def test_a_named_first_source_keeps_the_single_source_ids(tmp_path, monkeypatch)
     assert not bag.import_errors and "pacs_nightly" in bag.dag_ids and "pacs_nightly_south" not in bag.dag_ids
     census = bag.dags["pacs_migration"].get_task("census")
     assert census.pool == "pacs_source_associations"
+
+
+def test_the_benchmarks_floor_has_the_migration_dags_shape(dagbag):
+    """``make bench-scheduler`` measures Airflow's floor with ``pacs_floor``: this DAG's shape
+    doing nothing. Task for task the same ids, order, pools, slots, trigger rules, retries and
+    timeouts, or the floor measures some other DAG."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    floor = DagBag(dag_folder=str(DAGS.parent / "benchmarks" / "floor_dags"))
+    assert not floor.import_errors, floor.import_errors
+
+    def shape(dag):
+        return {
+            t.task_id: (
+                sorted(t.upstream_task_ids),
+                t.trigger_rule,
+                t.pool,
+                t.pool_slots,
+                t.retries,
+                t.execution_timeout,
+                getattr(t, "map_index_template", None),
+            )
+            for t in dag.tasks
+        }
+
+    assert shape(floor.dags["pacs_floor"]) == shape(dagbag.dags["pacs_migration"])
