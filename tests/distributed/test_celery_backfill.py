@@ -101,7 +101,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
     from include.pacs_migration.partition import Partition
     from include.pacs_migration.store import ObjectStore
     from peers.ports import free_port
-    from peers.processes import airflow_cli, kill_tree, start_airflow, stop_all
+    from peers.processes import SUPERVISOR_ENV, airflow_cli, kill_tree, start_airflow, stop_all
     from tests.peers import ConnectionCounter, Orthanc
 
     archive = build_archive(tmp_path / "archive", DATES[0], len(DATES))
@@ -136,6 +136,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.distributed.hostname.worker_hostname",
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",  # as docker-compose.yml
             # A lost worker's task is found within ~30 s (default: 5 min).
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
@@ -145,6 +146,7 @@ def test_celery_backfill_on_postgres_and_redis(services, tmp_path, s3_server, ma
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
             # Two cores shared by five services: give the execution API time to answer.
             "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
+            **SUPERVISOR_ENV,  # as docker-compose.yml: a task's slot free when it ends
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
