@@ -146,7 +146,7 @@ def test_a_named_first_source_keeps_the_single_source_ids(tmp_path, monkeypatch)
 
 def test_the_benchmarks_floor_has_the_migration_dags_shape(dagbag):
     """``make bench-scheduler`` measures Airflow's floor with ``pacs_floor``: this DAG's shape
-    doing nothing. Task for task the same ids, order, pools, slots, trigger rules, retries and
+    doing nothing. Task for task the same ids, upstreams, pools, slots, trigger rules, retries and
     timeouts, or the floor measures some other DAG."""
     from airflow.dag_processing.dagbag import DagBag
 
