@@ -462,7 +462,9 @@ def _overhangs(logs: Path, executor: str) -> dict[str, float]:
     """How long task supervisors went on after their tasks ended (README, Scaling: "Task ends")."""
     from peers.processes import supervisor_overhangs
 
-    read = lambda name: (logs / f"{name}.log").read_text(errors="replace")  # noqa: E731
+    def read(name: str) -> str:
+        return (logs / f"{name}.log").read_text(errors="replace")
+
     over = supervisor_overhangs(read("scheduler"), read("celery") if executor == "celery" else None)
     values = list(over.values()) or [0.0]
     return {"max": max(values), "total": sum(values), "over_2s": float(sum(v > 2 for v in values))}
@@ -558,18 +560,17 @@ def _floor_figures(runs: dict[str, list[dict[str, Any]]], wall: float) -> dict[s
     R_date could at best be with this shape here (the floor over the native tools)."""
     if not runs.get("floor") or not runs.get("native"):
         return {}
-    floor = runs["floor"]
-    native = statistics.median(r["seconds"] for r in runs["native"])
-    med = statistics.median
+    floor, med = runs["floor"], statistics.median
+    seconds = med(r["seconds"] for r in floor)
     return {
         "floor": {
-            "seconds": med(r["seconds"] for r in floor),
+            "seconds": seconds,
             "task_s": med(sum(r["task_s"].values()) for r in floor),
             "task_instances": med(r["task_instances"] for r in floor),
             "wait_median_s": med(r["wait_s"]["median"] for r in floor),
             "cpu_machine_s": med(r.get("cpu_s", {}).get("machine", 0.0) for r in floor),
-            "r": med(r["seconds"] for r in floor) / native,
-            "share_of_wall": med(r["seconds"] for r in floor) / wall,
+            "r": seconds / med(r["seconds"] for r in runs["native"]),  # as R_date: medians' ratio
+            "share_of_wall": seconds / wall,
         }
     }
 
