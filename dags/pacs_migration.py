@@ -3,7 +3,8 @@ request, just some studies (``study_uids`` or ``accession_numbers``: a
 clinician needs a patient's priors), into the same partitions.
 
 census (C-FIND) -> per modality: transfer (retrieve, normalize, load) ->
-validate (GX) -> lineage -> the date's reports from the RIS and the
+validate (GX, then the lineage record; a lineage task only when validate
+fails) -> the date's reports from the RIS and the
 references of its non-image objects -> one report e-mail per run -> gate
 (fails the run if any partition or the reports failed validation). Task
 bodies only wire the core together.
@@ -37,6 +38,7 @@ from include.pacs_migration_dags import (
 DAG_ID = "pacs_migration"
 ARCHIVE = archive_asset()
 BY_PARTITION = "{{ partition_key_label }}"  # mapped task instances are named by partition, not 0, 1, 2
+LINEAGE_WRITTEN = "lineage_written"  # validate's XCom: the lineage record's key, once written
 
 
 def _named(part: dict) -> None:
@@ -104,16 +106,22 @@ def _source_branch(src: SourceTasks):
         def validate(part: dict[str, str], *, outlet_events=None) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
+            from include.pacs_migration.manifest import LINEAGE
             from include.pacs_migration.partition import Partition
-            from include.pacs_migration.steps import validate_step
+            from include.pacs_migration.steps import lineage_step, validate_step
             from include.pacs_migration_airflow import date_held, recorded_failure, services
 
             _named(part)
             p = Partition.from_json(part)
+            run_id = get_current_context()["run_id"]
             with recorded_failure(p.key):
                 io = services()
                 with date_held(io, p.study_date):
-                    result = validate_step(io, p, get_current_context()["run_id"], part["census_sha256"])
+                    result = validate_step(io, p, run_id, part["census_sha256"])
+                    # the verdict's lineage record in this task: one task process less per partition
+                    # (README, Scaling: "Scheduling"); the lineage task writes it when this one fails
+                    lineage_step(io, p, run_id, DAG_ID, part.get("studies"))
+                get_current_context()["ti"].xcom_push(LINEAGE_WRITTEN, io.manifests(p).key(LINEAGE))
                 if not result.success:
                     failed = ", ".join(o.label for o in result.failed)
                     raise AirflowFailException(f"partition {p.key} failed validation: {failed}")
@@ -121,8 +129,10 @@ def _source_branch(src: SourceTasks):
             outlet_events[ARCHIVE].add_partitions(asset_partition_key(part["study_date"], part["modality"], p.source))
             return {"partition": p.key, "success": True}
 
-        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
+        @task(trigger_rule="one_failed", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
         def lineage(part: dict[str, str]) -> str:
+            """The run's lineage record when validate did not finish (the transfer, the
+            validation or the record failed); skipped when validate passed, which wrote it."""
             from include.pacs_migration.manifest import LINEAGE
             from include.pacs_migration.partition import Partition
             from include.pacs_migration.steps import lineage_step
@@ -132,9 +142,16 @@ def _source_branch(src: SourceTasks):
             p = Partition.from_json(part)
             with recorded_failure(p.key):
                 io = services()
+                key = io.manifests(p).key(LINEAGE)
+                # every partition's, not this map index's alone: a missing one would log an error
+                written = get_current_context()["ti"].xcom_pull(
+                    f"{src.task_id('partition')}.validate", key=LINEAGE_WRITTEN
+                )
+                if key in ([written] if isinstance(written, str) else written or []):
+                    return key  # validate wrote it, then failed the partition: one record, one event
                 with date_held(io, p.study_date):
                     lineage_step(io, p, get_current_context()["run_id"], DAG_ID, part.get("studies"))
-            return io.manifests(p).key(LINEAGE)
+            return key
 
         transfer(part) >> validate(part) >> lineage(part)
 

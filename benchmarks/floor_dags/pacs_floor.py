@@ -5,8 +5,9 @@ under R_date for this DAG shape on this machine.
 
 Same as pacs_migration: the imports and defaults of its DAG file, census in the
 source pool, per partition a mapped group transfer (pool slots) -> validate
-(retries 0) -> lineage (all_done) named by partition, then reports -> report ->
-gate (all_done), each passing its small XCom on; the tasks do nothing else.
+(retries 0) -> lineage (one_failed: skipped when validate passed) named by
+partition, then reports -> report -> gate (all_done), each passing its small
+XCom on; the tasks do nothing else.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def pacs_floor():
             _named(part)
             return {"partition": part["modality"], "success": True}
 
-        @task(trigger_rule="all_done", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
+        @task(trigger_rule="one_failed", execution_timeout=TIMEOUTS["report"], map_index_template=BY_PARTITION)
         def lineage(part: dict[str, str]) -> str:
             _named(part)
             return part["modality"]

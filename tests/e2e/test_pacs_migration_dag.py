@@ -45,6 +45,27 @@ def _run(dag, date: dt.date):
     return dag.test(logical_date=dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC))
 
 
+def _task_states(run) -> dict[tuple[str, str], str]:
+    """(task id, partition or "") -> state, of every task instance of the run."""
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id).all()
+        return {(ti.task_id, (ti.rendered_map_index or "") if ti.map_index >= 0 else ""): str(ti.state) for ti in tis}
+
+
+def _lineage_events(since: dt.datetime, partition: str) -> list[dict]:
+    """Our OpenLineage events of ``partition`` emitted since ``since`` (the file is the session's)."""
+    events = [json.loads(line) for line in OPENLINEAGE_FILE.read_text().splitlines() if line.strip()]
+    return [
+        e
+        for e in events
+        if e["run"].get("facets", {}).get("pacsMigration", {}).get("partition") == partition
+        and dt.datetime.fromisoformat(e["eventTime"]) >= since
+    ]
+
+
 def _is_alert(path) -> bool:
     return " ALERT " in (email.message_from_bytes(path.read_bytes())["Subject"] or "")
 
@@ -164,6 +185,10 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
         )
         keys = {e.partition_key for e in events}
     assert named == {p.key for p in partitions}
+    # Validate wrote each passed partition's lineage record: no lineage task process ran.
+    states = _task_states(run)
+    assert {st for (task, _p), st in states.items() if task == "partition.lineage"} == {"skipped"}
+    assert all(states[("partition.validate", p.key)] == "success" for p in partitions)
     validated = {k.replace("/", "|") for k, c in figures.items()}
     assert keys == validated
 
@@ -188,7 +213,7 @@ def test_dag_run_end_to_end(airflow_db, airflow_connections, s3_server, archive,
             figures[key].migrated,
             figures[key].quarantined,
         )
-        assert event["run"]["facets"]["parent"]["job"]["name"] == "pacs_migration.partition.lineage"
+        assert event["run"]["facets"]["parent"]["job"]["name"] == "pacs_migration.partition.validate"
     assert any(
         e["job"]["name"].startswith("pacs_migration.") and "pacsMigration" not in e["run"].get("facets", {})
         for e in events
@@ -286,6 +311,7 @@ def test_duplicate_sop_instance_uid_fails_validation(
     twin.StudyInstanceUID, twin.SeriesInstanceUID = other.StudyInstanceUID, other.SeriesInstanceUID
     twin.save_as(root / "CR01" / "s1" / "0099.dcm")  # same SOP Instance UID, another series
     pacs = SimulatedPACS(root)
+    since = dt.datetime.now(dt.UTC)
     try:
         monkeypatch.setenv(
             "AIRFLOW_CONN_PACS_SOURCE",
@@ -305,6 +331,14 @@ def test_duplicate_sop_instance_uid_fails_validation(
     msg, html, csv_text = _mail_parts(_reports(airflow_connections["mail"])[-1])
     assert "FAILED" in msg["Subject"]
     assert "expected:expect_column_values_to_not_be_in_set(state)" in _failed_labels(csv_text)["2019-03-01/CR"]
+    # The failed partition's lineage: written once, by validate, naming the failed verdict;
+    # the lineage task ran for it (and found it written).
+    states = _task_states(run)
+    assert states[("partition.validate", "2019-03-01/CR")] == "failed"
+    assert states[("partition.lineage", "2019-03-01/CR")] == "success"
+    (event,) = _lineage_events(since, "2019-03-01/CR")
+    assert event["eventType"] == "FAIL"
+    assert event["run"]["facets"]["parent"]["job"]["name"] == "pacs_migration.partition.validate"
     # Both copies kept (issue 13.4): quarantined UID_CONFLICT, each with its series.
     store = ObjectStore(s3_server.client(), TargetConfig(bucket=airflow_connections["bucket"]))
     df = read_transfer(store, Partition(dt.date(2019, 3, 1), "CR"))

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.e2e.test_pacs_migration_dag import _dag, _is_alert, _mail_parts, _reports, _run
+from tests.e2e.test_pacs_migration_dag import _dag, _is_alert, _mail_parts, _reports, _run, _task_states
 
 pytestmark = pytest.mark.e2e
 DATE = dt.date(2019, 3, 1)
@@ -32,15 +32,16 @@ def _boom(*args, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "step, task",
+    "step, failed",
     [
-        ("take_date_census", "census"),
-        ("transfer_step", "transfer"),
-        ("validate_step", "validate"),
-        ("lineage_step", "lineage"),
+        ("take_date_census", ("census",)),
+        ("transfer_step", ("partition.transfer",)),
+        ("validate_step", ("partition.validate",)),
+        # validate writes the lineage record: it fails, then the lineage task fails writing it
+        ("lineage_step", ("partition.validate", "partition.lineage")),
     ],
 )
-def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connections, monkeypatch, step, task):
+def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connections, monkeypatch, step, failed):
     from include.pacs_migration import steps
 
     monkeypatch.setattr(steps, step, _boom)
@@ -51,17 +52,22 @@ def test_each_failed_task_makes_the_report_incomplete(airflow_db, airflow_connec
     msg, html, _ = _mail_parts(mails[0])
     assert "PASSED" not in msg["Subject"]
     assert "validation INCOMPLETE" in msg["Subject"], msg["Subject"]
-    task_id = task if task == "census" else f"partition.{task}"
-    assert f"{task_id} failed (RuntimeError)" in msg["Subject"]
-    assert f'data-failure="{task_id}"' in html
+    assert f"{failed[0]} failed (RuntimeError)" in msg["Subject"]
+    assert all(f'data-failure="{task_id}"' in html for task_id in failed)
     assert CANARY not in str(msg) + html
-    if task == "census":
+    if failed == ("census",):
         assert "The census did not complete" in html and "found no studies" not in html
     # the operators were alerted at once, naming the task and the error class, never its message
     alerts = [m for m in airflow_connections["mail"].messages() if _is_alert(m)]
     subjects = [email.message_from_bytes(m.read_bytes())["Subject"] for m in alerts]
-    assert any(f"ALERT pacs_migration.{task_id}" in s and s.endswith("failed: RuntimeError") for s in subjects)
+    for task_id in failed:
+        assert any(f"ALERT pacs_migration.{task_id}" in s and s.endswith("failed: RuntimeError") for s in subjects)
     assert not any(CANARY in m.read_text(errors="replace") for m in alerts)
+    lineage = {st for (task, _p), st in _task_states(run).items() if task == "partition.lineage"}
+    if step == "validate_step":  # validate wrote no lineage record: the lineage task did, for every partition
+        assert lineage == {"success"}
+    elif step == "transfer_step":  # it tried (a transfer that wrote no manifest leaves nothing to record)
+        assert lineage == {"failed"}
 
 
 def test_unreachable_pacs_still_mails_incomplete(airflow_db, airflow_connections, monkeypatch):

@@ -92,8 +92,7 @@ def run_date(cfg: MigrationConfig, store: ObjectStore, run_id: str, date: dt.dat
     for p in partitions:
         steps = (
             ("partition.transfer", lambda p=p: transfer_step(services, p, run_id, census_sha256=digests[p.key])),
-            ("partition.validate", lambda p=p: validate_step(services, p, run_id, digests[p.key])),
-            ("partition.lineage", lambda p=p: lineage_step(services, p, run_id, DAG_ID)),
+            ("partition.validate", lambda p=p: _validate(services, p, run_id, digests[p.key])),
         )
         for task, step in steps:
             try:
@@ -101,8 +100,12 @@ def run_date(cfg: MigrationConfig, store: ObjectStore, run_id: str, date: dt.dat
                     step()
             except Exception as exc:
                 failures.append(TaskFailure(task, error_label(exc), p.key))
-                if task != "partition.lineage":
-                    break
+                try:  # the lineage task: only when validate did not finish
+                    with services.lease(date, holder):
+                        lineage_step(services, p, run_id, DAG_ID)
+                except Exception as exc:
+                    failures.append(TaskFailure("partition.lineage", error_label(exc), p.key))
+                break
     try:  # the report task: S3 may be down too, then the report says so (as run_report does)
         figures = tuple(partition_figures(store, p, run_id) for p in partitions)
         DateLease(store, date, holder).release()  # the gate task
@@ -110,6 +113,12 @@ def run_date(cfg: MigrationConfig, store: ObjectStore, run_id: str, date: dt.dat
         figures = ()
         failures.append(TaskFailure("report", error_label(exc)))
     return RunOutcome(run_id, run_verdict(list(figures), tuple(failures)), figures, tuple(failures), tuple(partitions))
+
+
+def _validate(services: Services, p: Partition, run_id: str, census_sha256: str) -> None:
+    """The validate task: the verdict, then its lineage record."""
+    validate_step(services, p, run_id, census_sha256)
+    lineage_step(services, p, run_id, DAG_ID)
 
 
 def etags(s3_client, bucket: str) -> dict[str, str]:
