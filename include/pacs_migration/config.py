@@ -581,8 +581,8 @@ class TimeoutsConfig(Section):
 
     census_minutes: int = Field(60, ge=1, le=24 * 60)  # the date's C-FINDs
     transfer_minutes: int = Field(360, ge=1, le=7 * 24 * 60)  # one partition (a nightly unit: one date)
-    validate_minutes: int = Field(60, ge=1, le=24 * 60)  # re-reads every object of a partition
-    report_minutes: int = Field(15, ge=1, le=24 * 60)  # lineage, report, gate, the nightly plan and progress
+    validate_minutes: int = Field(60, ge=1, le=24 * 60)  # re-reads every object of a partition, then its lineage
+    report_minutes: int = Field(15, ge=1, le=24 * 60)  # lineage (validate failed), report, gate, nightly plan, progress
     # One writer per study date: the lease lapses this long after its holder stopped
     # renewing it (a dead worker); a second run of the date waits this long, then fails.
     lease_ttl_seconds: int = Field(600, ge=30, le=24 * 3600)
