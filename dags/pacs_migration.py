@@ -4,10 +4,10 @@ clinician needs a patient's priors), into the same partitions.
 
 census (C-FIND) -> per modality: transfer (retrieve, normalize, load) ->
 validate (GX, then the lineage record; a lineage task only when validate
-fails) -> the date's reports from the RIS and the
-references of its non-image objects -> one report e-mail per run -> gate
-(fails the run if any partition or the reports failed validation). Task
-bodies only wire the core together.
+fails) -> the date's reports from the RIS and the references of its
+non-image objects -> one report e-mail per run -> gate (fails the run if any
+partition or the reports failed validation). Task bodies only wire the core
+together.
 
 Several legacy archives (``sources`` in the config, a consolidation): each
 has its own census (``census_<name>``) and partition group

@@ -103,8 +103,8 @@ def run_date(cfg: MigrationConfig, store: ObjectStore, run_id: str, date: dt.dat
                 try:  # the lineage task: only when validate did not finish
                     with services.lease(date, holder):
                         lineage_step(services, p, run_id, DAG_ID)
-                except Exception as exc:
-                    failures.append(TaskFailure("partition.lineage", error_label(exc), p.key))
+                except Exception as lineage_exc:
+                    failures.append(TaskFailure("partition.lineage", error_label(lineage_exc), p.key))
                 break
     try:  # the report task: S3 may be down too, then the report says so (as run_report does)
         figures = tuple(partition_figures(store, p, run_id) for p in partitions)
