@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import io
+import json
 import logging
+import re
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -405,22 +409,43 @@ def docs_site() -> dict[str, Any]:
     }
 
 
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+
+
+@functools.cache
+def _project_template() -> str:
+    """The ``great_expectations.yml`` a partition's GX project starts from: our Data Docs
+    site, no progress bars, a pandas data source (named ``partition`` here) with one asset
+    for every frame (the frame comes with each run). GX rewrites the file on each of these
+    changes (~50 ms a partition), so it is built once a process (:func:`_project_file`)."""
+    ge = gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    with tempfile.TemporaryDirectory(prefix="gx-project-") as tmp:
+        context = ge.get_context(mode="file", project_root_dir=tmp)
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        context.update_data_docs_site(DATA_DOCS_SITE, docs_site())
+        source = context.data_sources.add_pandas("partition")
+        source.add_dataframe_asset("frames").add_batch_definition_whole_dataframe("all")
+        return (Path(tmp) / "gx" / "great_expectations.yml").read_text()
+
+
+def _project_file(name: str) -> str:
+    """The template with the data source named ``name`` (a JSON string is a YAML scalar)
+    and ids of its own, as GX would have written it for this partition."""
+    text = _project_template().replace("\n  partition:\n", f"\n  {json.dumps(name)}:\n", 1)
+    return _UUID.sub(lambda _: str(uuid.uuid4()), text)
+
+
 def run_suites(
     root: Path, frames: dict[str, pd.DataFrame], suites: dict[str, list[Any]], name: str
 ) -> list[ExpectationOutcome]:
     ge = gx()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
+    project = root / "gx"
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "great_expectations.yml").write_text(_project_file(name))
     context = ge.get_context(mode="file", project_root_dir=str(root))
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    context.update_data_docs_site(DATA_DOCS_SITE, docs_site())
-    # No config variables here: GX would parse its scaffolded template of them again on
-    # every read of a context variable (~120 a partition, a sixth of the suites' CPU).
-    (root / "gx" / "uncommitted" / "config_variables.yml").unlink(missing_ok=True)
-    source = context.data_sources.add_pandas(name)
-    # One asset for every frame (the frame comes with each run): each asset GX
-    # adds rewrites its project file, 2 s a partition with one per frame.
-    batch_def = source.add_dataframe_asset("frames").add_batch_definition_whole_dataframe("all")
+    batch_def = context.data_sources.get(name).get_asset("frames").get_batch_definition("all")
     outcomes: list[ExpectationOutcome] = []
     for batch_name, df in frames.items():
         suite = context.suites.add(ge.ExpectationSuite(name=f"{name}.{batch_name}", expectations=suites[batch_name]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 import sys
 from pathlib import Path
 
@@ -160,3 +161,30 @@ def test_outside_our_suite_runs_gx_builds_the_configuration_as_it_always_did():
     expectation.max_value = 2
     assert expectation.configuration.kwargs["max_value"] == 2
     assert expectation.configuration is not expectation.configuration
+
+
+def test_a_partitions_gx_project_file_is_not_rewritten_for_each_change(tmp_path, monkeypatch):
+    """GX rewrote great_expectations.yml on each change of a partition's project (the Data Docs
+    site, the data source, its asset, its batch definition: 4 YAML dumps, ~50 ms a partition).
+    The file is built once a process; each partition's names its own data source, with ids of
+    its own, as GX would have written it."""
+    from great_expectations.data_context.types.base import BaseYamlConfig
+
+    _run(tmp_path / "warm")
+    dumps = {"n": 0}
+    to_yaml = BaseYamlConfig.to_yaml_str
+
+    def counting(self, *a, **k):
+        dumps["n"] += 1
+        return to_yaml(self, *a, **k)
+
+    monkeypatch.setattr(BaseYamlConfig, "to_yaml_str", counting)
+    _run(tmp_path / "second")
+    assert dumps["n"] == 0
+    project = {p: (p / "gx" / "great_expectations.yml").read_text() for p in (tmp_path / "warm", tmp_path / "second")}
+    for text in project.values():
+        assert '"2020-01-02.CT":\n    type: pandas' in text and "\n  partition:" not in text
+    ids = [set(re.findall(r"\bid: (\S+)", text)) for text in project.values()]
+    assert len(ids[0]) == 3 and not ids[0] & ids[1]  # data source, asset, batch definition
+    results = list((tmp_path / "second" / "gx" / "uncommitted" / "validations").rglob("*.json"))
+    assert [r.name for r in results] == ["2020-01-02.CT-frames.json"]  # published as before
