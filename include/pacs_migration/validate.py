@@ -443,6 +443,8 @@ def run_suites(
     ge = gx()
     project = root / "gx"
     project.mkdir(parents=True, exist_ok=True)
+    # The project file alone: no config_variables.yml either, which GX would parse again on
+    # every read of a context variable (~120 a partition).
     (project / "great_expectations.yml").write_text(_project_file(name))
     context = ge.get_context(mode="file", project_root_dir=str(root))
     batch_def = context.data_sources.get(name).get_asset("frames").get_batch_definition("all")
