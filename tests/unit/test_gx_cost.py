@@ -156,7 +156,7 @@ def test_a_suite_run_builds_each_expectations_configuration_once(tmp_path, monke
 def test_outside_our_suite_runs_gx_builds_the_configuration_as_it_always_did():
     """The memo lives only inside a suite run: a configuration read elsewhere (adding a
     suite, Data Docs, another thread) follows the expectation's changes."""
-    (expectation,) = [e for e in _suites(P, 4, ValidationConfig())["studies"]]
+    (expectation,) = _suites(P, 4, ValidationConfig())["studies"]
     assert expectation.configuration.kwargs["max_value"] == 1
     expectation.max_value = 2
     assert expectation.configuration.kwargs["max_value"] == 2
