@@ -433,7 +433,10 @@ def _project_template() -> str:
 def _project_file(name: str) -> str:
     """The template with the data source named ``name`` (a JSON string is a YAML scalar)
     and ids of its own, as GX would have written it for this partition."""
-    text = _project_template().replace("\n  partition:\n", f"\n  {json.dumps(name)}:\n", 1)
+    template = _project_template()
+    if template.count("\n  partition:\n") != 1:  # a GX that writes its project file otherwise
+        raise RuntimeError("GX's project file has no data source 'partition' to name: GX changed its format")
+    text = template.replace("\n  partition:\n", f"\n  {json.dumps(name)}:\n")
     return _UUID.sub(lambda _: str(uuid.uuid4()), text)
 
 
@@ -487,8 +490,8 @@ def run_suites(
 def warm_up() -> None:
     """Validate an empty partition once, publishing nothing. Run in a process that forks
     tasks (``airflow_local_settings``), it leaves compiled there what every validate task
-    would build again: GX's expectation and metric machinery on first use, and Data Docs'
-    templates (:mod:`gx_views`)."""
+    would build again: GX's expectation and metric machinery on first use, Data Docs'
+    templates (:mod:`gx_views`) and the GX project file (:func:`_project_template`)."""
     suites = _suites(Partition(dt.date(1970, 1, 1), "OT"), 0, ValidationConfig())
     columns = {c for s in suites.values() for e in s for c in _columns_of(e)}
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in sorted(columns)})
