@@ -474,11 +474,7 @@ class _Findings:
 def _structural_findings(ds: Dataset) -> _Findings:
     return _Findings(
         [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002],
-        [
-            t
-            for t in ds.keys()
-            if not t.is_private and getattr(ds.get_item(t), "VR", None) == "UN" and t in DicomDictionary
-        ],
+        [t for t, item in ds.items() if item.VR == "UN" and not t.is_private and t in DicomDictionary],
     )
 
 

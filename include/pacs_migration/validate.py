@@ -168,22 +168,23 @@ HEADER_BYTES = 4 << 20  # what a re-read keeps of an object to parse its header 
 def reread_header(store: ObjectStore, key: str, sha256_hex: str) -> tuple[pydicom.Dataset, int] | None:
     """Fetch one object; its header (up to the pixel data) and size if its
     SHA-256 matches and it parses as DICOM, else None. Streamed: the hash is
-    taken chunk by chunk and only the first :data:`HEADER_BYTES` are kept for
-    the parse (values over 64 KiB are skipped, not read), so memory stays flat
+    taken chunk by chunk and only the chunks holding the first :data:`HEADER_BYTES`
+    are kept for the parse (values over 64 KiB are skipped, not read), so memory stays flat
     whatever the object's size."""
-    digest, head, size = hashlib.sha256(), bytearray(), 0
+    digest, kept, size = hashlib.sha256(), list[bytes](), 0
     try:
         for chunk in store.iter_chunks(key):
             digest.update(chunk)
+            if size < HEADER_BYTES:
+                kept.append(chunk)  # the chunks themselves, not copies: most objects are one chunk
             size += len(chunk)
-            if len(head) < HEADER_BYTES:
-                head += chunk[: HEADER_BYTES - len(head)]
     except Exception:
         return None
     if digest.hexdigest() != sha256_hex:
         return None
     try:
-        return pydicom.dcmread(io.BytesIO(bytes(head)), stop_before_pixels=True, defer_size=1 << 16), size
+        head = kept[0] if len(kept) == 1 else b"".join(kept)
+        return pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, defer_size=1 << 16), size
     except Exception:
         return None
 

@@ -171,21 +171,20 @@ def _dates(ds: Dataset, elems: list[DataElement], out: RuleOutcome) -> None:
             _record(out, ds, elem.tag, "dates-times", Reason.CORRECT, new if len(new) > 1 else new[0])
 
 
-def _valued_tags(ds: Dataset) -> list[BaseTag]:
-    """Tags of the top-level elements whose values rules read: numbers, bytes
-    and unknown ``UN`` are conformant by VR and charset-free (about half of a
-    typical header)."""
-    out = []
-    for tag in list(ds.keys()):
-        vr = getattr(ds.get_item(tag), "VR", None)
-        if vr not in BINARY_VRS or (vr == "UN" and tag in DicomDictionary):  # a known UN is retyped on decode
-            out.append(tag)
-    return out
+def _valued_items(ds: Dataset) -> list[tuple[BaseTag, Any]]:
+    """The top-level elements whose values rules read, as the dataset holds them
+    (raw until decoded; ``Dataset.items`` decodes nothing): numbers, bytes and
+    unknown ``UN`` are conformant by VR and charset-free (about half of a
+    typical header). Normalize reads with no deferred values, so a raw value is its bytes."""
+    return [
+        (tag, item)
+        for tag, item in list(ds.items())
+        if item.VR not in BINARY_VRS or (item.VR == "UN" and tag in DicomDictionary)  # a known UN is retyped
+    ]
 
 
-def _undecoded(ds: Dataset, tag: BaseTag) -> tuple[str, bytes] | None:
+def _undecoded(item: Any) -> tuple[str, bytes] | None:
     """(VR, bytes) of an element pydicom has not decoded yet, when both are known."""
-    item = ds.get_item(tag)
     if isinstance(item, RawDataElement) and item.VR and isinstance(item.value, bytes):
         return item.VR, item.value
     return None
@@ -196,8 +195,8 @@ def _elements(ds: Dataset, must_read: Callable[[str, bytes], bool]) -> list[Data
     still undecoded whose VR and bytes ``must_read`` says can matter.
     Decoding is most of a rule pass's cost; most values are settled on bytes."""
     out = []
-    for tag in _valued_tags(ds):
-        raw = _undecoded(ds, tag)
+    for tag, item in _valued_items(ds):
+        raw = _undecoded(item)
         if raw is None or must_read(*raw):
             out.append(ds[tag])
     return out
@@ -216,13 +215,7 @@ def _maybe_over_long(vr: str, value: bytes) -> bool:
 
 def _raw_text(ds: Dataset) -> list[bytes]:
     """Raw bytes of the top-level text elements not yet decoded by pydicom."""
-    out = []
-    for tag in list(ds.keys()):
-        item = ds.get_item(tag)
-        vr = getattr(item, "VR", None)
-        if vr in TEXT_VRS and isinstance(item.value, bytes):
-            out.append(item.value)
-    return out
+    return [item.value for item in ds.values() if item.VR in TEXT_VRS and isinstance(item.value, bytes)]
 
 
 def repair_character_set(ds: Dataset, raw_text: list[bytes]) -> str | None:
@@ -364,9 +357,9 @@ def first_invalid_value(ds: Dataset) -> str | None:
     """Keyword of the first element (at any depth) whose value is not valid
     for its VR, or None. Meta elements and private elements are not judged."""
     charset = str(ds.original_character_set or ds._character_set)  # what pydicom decodes with
-    for tag in _valued_tags(ds):
+    for tag, item in _valued_items(ds):
         unjudged = tag.is_private or tag.group == 0x0002
-        raw = _undecoded(ds, tag)
+        raw = _undecoded(item)
         if raw is not None and raw[0] != "SQ" and unjudged:
             continue
         seen = (raw[0], raw[1], charset) if raw is not None and raw[0] != "SQ" else None
