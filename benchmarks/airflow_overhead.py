@@ -232,8 +232,22 @@ def _group_cpu_s(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_now(groups: dict[str, int]) -> dict[str, float]:
-    return {"machine": _machine_busy_s(), **{name: _group_cpu_s(pgid) for name, pgid in groups.items()}}
+def _pid_cpu_s(pid: int | None) -> float:
+    """CPU-seconds of one process (its threads and reaped children); 0 when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(groups: dict[str, int], peers: dict[str, int] | None = None) -> dict[str, float]:
+    """The machine's, each process group's and each peer process's (``peers``: name -> pid) CPU-seconds."""
+    return {
+        "machine": _machine_busy_s(),
+        **{name: _group_cpu_s(pgid) for name, pgid in groups.items()},
+        **{name: _pid_cpu_s(pid) for name, pid in (peers or {}).items()},
+    }
 
 
 def run_scheduler(
@@ -243,17 +257,19 @@ def run_scheduler(
     timeout_s: float = 1800,
     groups: dict[str, int] | None = None,
     dag_id: str = "pacs_migration",
+    peers: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """One backfill of ``date`` through the scheduler (services already started
     and the DAG registered); wall seconds from ``backfill create`` to the run's end,
     per task instance its run time and its wait from scheduled to started, and the
     CPU-seconds spent meanwhile by the machine and by each service's process group
-    (``groups``: name -> pgid; tasks count in the group of the process that forked them).
+    (``groups``: name -> pgid; tasks count in the group of the process that forked them) and by
+    each peer (``peers``: name -> pid, moto and the PACS).
     The metadata database is the deployment's (SQLite, or PostgreSQL under Celery)."""
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-    cpu0 = _cpu_now(groups or {})
+    cpu0 = _cpu_now(groups or {}, peers)
     t0 = _backfill(env, dag_id, date)
     deadline = time.monotonic() + timeout_s
     try:
@@ -268,7 +284,7 @@ def run_scheduler(
         else:
             raise RuntimeError(f"backfill of {date} not finished in {timeout_s} s")
         seconds = time.perf_counter() - t0
-        cpu = {k: v - cpu0[k] for k, v in _cpu_now(groups or {}).items()}
+        cpu = {k: v - cpu0[k] for k, v in _cpu_now(groups or {}, peers).items()}
         with engine.connect() as conn:
             tis = conn.execute(
                 sqlalchemy.text(
@@ -360,7 +376,7 @@ def _queries(port: int, date: str, folder: Path) -> tuple[list[list[Path]], list
     return levels, studies
 
 
-def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
+def run_native(port: int, date: str, work: Path, moto: Any, pacs_pid: int | None = None) -> dict[str, Any]:
     """The same work as the DAG's run of ``date`` with native tools on the same
     peers: the census's queries with findscu, getscu per study (two at once; a
     compressed study by C-MOVE to storescp, in its stored syntax) and the best
@@ -376,7 +392,8 @@ def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
     out = work / "native"
     shutil.rmtree(out, ignore_errors=True)
     client = moto.client()
-    busy0 = _machine_busy_s()
+    peers = {"moto": moto.proc.pid, "pacs": pacs_pid} if pacs_pid else {}
+    cpu0 = _cpu_now({}, peers)
     t0 = time.perf_counter()
     for files in levels:
         _findscu(port, files)
@@ -397,12 +414,12 @@ def run_native(port: int, date: str, work: Path, moto: Any) -> dict[str, Any]:
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(reread, keys))
     t3 = time.perf_counter()
-    busy = _machine_busy_s() - busy0
+    cpu = {k: v - cpu0[k] for k, v in _cpu_now({}, peers).items()}
     shutil.rmtree(out, ignore_errors=True)
     return {
         "state": "done",
         "seconds": t3 - t0,
-        "cpu_s": {"machine": busy},
+        "cpu_s": cpu,
         "census_s": t1 - t0,
         "transfer_s": t2 - t1,
         "reread_s": t3 - t2,
@@ -444,7 +461,13 @@ def _warm_api_server(env: dict[str, str]) -> None:
 
 
 def _through_scheduler(
-    date: str, env: dict[str, str], home: Path, logs: Path, executor: str, dag_id: str = "pacs_migration"
+    date: str,
+    env: dict[str, str],
+    home: Path,
+    logs: Path,
+    executor: str,
+    dag_id: str = "pacs_migration",
+    peers: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Services up (the database migrated, the PACS pool set), one backfill of ``dag_id``, services down."""
     from peers.ports import free_port
@@ -467,7 +490,7 @@ def _through_scheduler(
             time.sleep(15)  # the services up (not part of any run's time)
             _warm_api_server(env)
             groups = dict(zip(names, (p.pid for p in procs), strict=True))
-            result = run_scheduler(date, env, home, groups=groups, dag_id=dag_id)
+            result = run_scheduler(date, env, home, groups=groups, dag_id=dag_id, peers=peers)
         finally:
             stop_all(procs)
     return {**result, "overhang_s": _overhangs(logs, executor)}
@@ -486,12 +509,21 @@ def _overhangs(logs: Path, executor: str) -> dict[str, float]:
 
 
 def measure_scheduler(
-    port: int, date: str, work: Path, repeats: int, moto_factory: Any, executor: str = "local", partitions: int = 0
+    port: int,
+    date: str,
+    work: Path,
+    repeats: int,
+    moto_factory: Any,
+    executor: str = "local",
+    partitions: int = 0,
+    pacs_pid: int | None = None,
 ) -> dict[str, Any]:
     """The date through the scheduler and ``executor`` (local: LocalExecutor on
     SQLite; celery: CeleryExecutor, PostgreSQL and Redis), interleaved with the
     steps run (fresh moto each), the native tools and, given the date's
-    ``partitions``, Airflow's floor: the same DAG shape doing nothing (``pacs_floor``)."""
+    ``partitions``, Airflow's floor: the same DAG shape doing nothing (``pacs_floor``).
+    The scheduler's and the native tools' runs also count moto's and the PACS's
+    (``pacs_pid``) CPU: both serve nearly the same requests to either, a gauge of the host's speed."""
     from peers.smtp import MailSink
 
     mail = MailSink(work / "mail-scheduler")
@@ -506,8 +538,9 @@ def measure_scheduler(
                     moto.client().create_bucket(Bucket="airflow-bench")
                     home = work / f"airflow-home-scheduler-{r}"
                     env = _env(home, port, moto.url, "airflow-bench", mail.port, staging)
+                    peers = {"moto": moto.proc.pid, "pacs": pacs_pid} if pacs_pid else None
                     if kind == "native":
-                        result = run_native(port, date, work, moto)
+                        result = run_native(port, date, work, moto, pacs_pid)
                     elif kind == "steps":
                         args = ["steps", "--date", date, "--port", str(port), "--endpoint", moto.url]
                         args += ["--bucket", "airflow-bench", "--staging", str(staging)]
@@ -523,7 +556,8 @@ def measure_scheduler(
                         env["PACS_FLOOR_PARTITIONS"] = str(partitions)
                         result = _through_scheduler(date, env, home, work / f"floor-logs-{r}", executor, "pacs_floor")
                     else:
-                        result = _through_scheduler(date, env, home, work / f"scheduler-logs-{r}", executor)
+                        logs = work / f"scheduler-logs-{r}"
+                        result = _through_scheduler(date, env, home, logs, executor, peers=peers)
                     if result["state"] not in ("success", "done"):
                         raise RuntimeError(f"{kind} run ended {result['state']}")
                     runs[kind].append(result)
@@ -600,6 +634,7 @@ def _native_figures(runs: dict[str, list[dict[str, Any]]], wall: float, tasks: d
     native["cpu_machine_s"] = statistics.median(r.get("cpu_s", {}).get("machine", 0.0) for r in runs["native"])
     return {
         "native_s": native,
+        "cpu_per_moto_cpu": {kind: _per_moto(runs[kind]) for kind in ("scheduler", "native")},
         "r_date": wall / native["seconds"],
         "r_by_stage": {
             "census": tasks.get("census", 0.0) / native["census_s"],
@@ -607,6 +642,19 @@ def _native_figures(runs: dict[str, list[dict[str, Any]]], wall: float, tasks: d
             "validate": tasks.get("validate", 0.0) / native["reread_s"],
         },
     }
+
+
+def _per_moto(runs: list[dict[str, Any]]) -> float | None:
+    """The machine's CPU less moto's and the PACS's, per CPU-second of moto's (median of runs):
+    moto serves nearly the same requests on both sides (the pipeline's ~7 % more at scale 1, its
+    manifests and Data Docs), so this compares the pipeline's CPU (Airflow's included) with the
+    native tools' whatever the host's speed at the time."""
+    ratios = [
+        (c["machine"] - c["moto"] - c["pacs"]) / c["moto"]
+        for r in runs
+        if (c := r.get("cpu_s") or {}).get("moto", 0) > 0 and "machine" in c and "pacs" in c
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 EXECUTORS = {
@@ -667,13 +715,29 @@ def _cpu_rows(r: dict[str, Any]) -> list[str]:
     if not cpu:
         return []
     machine, cores = cpu.pop("machine", 0.0), os.cpu_count() or 1
+    peers = {k: cpu.pop(k) for k in ("moto", "pacs") if k in cpu}
     native = (r.get("native_s") or {}).get("cpu_machine_s")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+    per_moto = r.get("cpu_per_moto_cpu") or {}
+    ours, theirs = per_moto.get("scheduler"), per_moto.get("native")
+    gauge = (
+        [
+            "",
+            f"moto {peers['moto']:.1f} and the PACS {peers['pacs']:.1f} CPU-seconds. They serve nearly the same "
+            "requests to both runs (the pipeline's also carry its manifests and Data Docs: moto's share is larger), "
+            "so per CPU-second of moto's (a gauge of the host's speed while each ran) everything else "
+            f"took {ours:.2f} in the pipeline's run (Airflow included) and {theirs:.2f} in the native tools': "
+            f"**{ours / theirs:.2f}x**.",
+        ]
+        if ours and theirs and peers.keys() == {"moto", "pacs"}
+        else []
+    )
     return [
         "",
         f"CPU-seconds during the run: the machine {machine:.1f} (of {cores * r['scheduler_wall_s']:.1f} its "
         f"{cores} cores had); by process group (tasks count with the process that forked them): {parts}"
         + (f"; the native tools' run: {native:.1f}." if native else "."),
+        *gauge,
     ]
 
 

@@ -629,7 +629,14 @@ def scheduler_only(ns: Any) -> int:
         for executor in ns.executors.split(","):
             with _work_dir("bench-scheduler-") as tmp:
                 results[executor] = airflow_overhead.measure_scheduler(
-                    orthanc.dicom_port, date, Path(tmp), ns.airflow_repeats, Moto, executor, len(info["modalities"])
+                    orthanc.dicom_port,
+                    date,
+                    Path(tmp),
+                    ns.airflow_repeats,
+                    Moto,
+                    executor,
+                    len(info["modalities"]),
+                    pacs_pid=orthanc.proc.pid,
                 )
     finally:
         orthanc.stop()
