@@ -221,24 +221,29 @@ def _machine_busy_s() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat(path: Path) -> tuple[int, float] | None:
+    """(process group, CPU-seconds with its reaped children's) from a /proc/<pid>/stat; None when gone."""
+    try:
+        fields = path.read_text().rsplit(")", 1)[1].split()
+        return int(fields[2]), sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime..cstime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _group_cpu_s(pgid: int) -> float:
     """CPU-seconds of a process group's live processes, with their reaped children's."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:  # pgrp
-                total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        stat = _stat(path)
+        if stat is not None and stat[0] == pgid:
+            total += stat[1]
+    return total
 
 
 def _pid_cpu_s(pid: int | None) -> float:
-    """CPU-seconds of one process (its threads and reaped children); 0 when gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError, TypeError):
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """CPU-seconds of one process (its threads and reaped children); 0 when gone or not given."""
+    stat = _stat(Path(f"/proc/{pid}/stat")) if pid else None
+    return stat[1] if stat else 0.0
 
 
 def _cpu_now(groups: dict[str, int], peers: dict[str, int] | None = None) -> dict[str, float]:
@@ -376,12 +381,13 @@ def _queries(port: int, date: str, folder: Path) -> tuple[list[list[Path]], list
     return levels, studies
 
 
-def run_native(port: int, date: str, work: Path, moto: Any, pacs_pid: int | None = None) -> dict[str, Any]:
+def run_native(port: int, date: str, work: Path, moto: Any, peers: dict[str, int] | None = None) -> dict[str, Any]:
     """The same work as the DAG's run of ``date`` with native tools on the same
     peers: the census's queries with findscu, getscu per study (two at once; a
     compressed study by C-MOVE to storescp, in its stored syntax) and the best
     uploader (s5cmd), then every object read back and its SHA-256 taken (16
-    threads), as validation's re-read does."""
+    threads), as validation's re-read does. ``peers`` (name -> pid: moto, the PACS):
+    their CPU-seconds too, in the same window as the machine's."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -392,7 +398,6 @@ def run_native(port: int, date: str, work: Path, moto: Any, pacs_pid: int | None
     out = work / "native"
     shutil.rmtree(out, ignore_errors=True)
     client = moto.client()
-    peers = {"moto": moto.proc.pid, "pacs": pacs_pid} if pacs_pid else {}
     cpu0 = _cpu_now({}, peers)
     t0 = time.perf_counter()
     for files in levels:
@@ -540,7 +545,7 @@ def measure_scheduler(
                     env = _env(home, port, moto.url, "airflow-bench", mail.port, staging)
                     peers = {"moto": moto.proc.pid, "pacs": pacs_pid} if pacs_pid else None
                     if kind == "native":
-                        result = run_native(port, date, work, moto, pacs_pid)
+                        result = run_native(port, date, work, moto, peers)
                     elif kind == "steps":
                         args = ["steps", "--date", date, "--port", str(port), "--endpoint", moto.url]
                         args += ["--bucket", "airflow-bench", "--staging", str(staging)]

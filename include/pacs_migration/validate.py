@@ -171,7 +171,8 @@ def reread_header(store: ObjectStore, key: str, sha256_hex: str) -> tuple[pydico
     taken chunk by chunk and only the chunks holding the first :data:`HEADER_BYTES`
     are kept for the parse (values over 64 KiB are skipped, not read), so memory stays flat
     whatever the object's size."""
-    digest, kept, size = hashlib.sha256(), list[bytes](), 0
+    digest, size = hashlib.sha256(), 0
+    kept: list[bytes] = []
     try:
         for chunk in store.iter_chunks(key):
             digest.update(chunk)

@@ -21,22 +21,23 @@ class _Hashed:
     def __init__(self) -> None:
         self.bytes = 0
 
-    def __call__(self, data: bytes = b"") -> _Hashed._Digest:
-        outer = self
-        outer.bytes += len(data)
+    def __call__(self, data: bytes = b"") -> _Counted:
+        return _Counted(self, data)
 
-        class _Digest:
-            def __init__(self) -> None:
-                self._h = hashlib.sha256(data)
 
-            def update(self, more: bytes) -> None:
-                outer.bytes += len(more)
-                self._h.update(more)
+class _Counted:
+    """One SHA-256 whose input ``hashed`` counts; anything else (digest, copy, sizes: hmac uses it too) as hashlib's."""
 
-            def __getattr__(self, name: str):  # digest, copy, sizes: hmac uses it too
-                return getattr(self._h, name)
+    def __init__(self, hashed: _Hashed, data: bytes) -> None:
+        self._hashed, self._h = hashed, hashlib.sha256(data)
+        hashed.bytes += len(data)
 
-        return _Digest()
+    def update(self, more: bytes) -> None:
+        self._hashed.bytes += len(more)
+        self._h.update(more)
+
+    def __getattr__(self, name: str):
+        return getattr(self._h, name)
 
 
 @pytest.fixture
