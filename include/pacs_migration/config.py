@@ -278,6 +278,10 @@ class TargetConfig(Section):
     # with its own SHA-256, completed write-once; parts of at least 5 MiB (S3's minimum).
     multipart_threshold_mb: int = Field(256, ge=5, le=5120)
     multipart_part_mb: int = Field(64, ge=5, le=5120)
+    # Instance PUTs and re-read GETs sent without botocore's per-request machinery (~1 ms of
+    # CPU each) but with its credentials, signer and HTTP session; anything but a plain
+    # answer goes back to botocore and its retries. Off: every request through botocore.
+    lean_requests: bool = True
 
     @field_validator("bucket")
     @classmethod

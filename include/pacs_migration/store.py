@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -27,6 +28,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from .config import TargetConfig
+from .store_direct import DirectRequests, HandedBack, put_headers
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,19 @@ class ObjectStore:
         events = getattr(getattr(client, "meta", None), "events", None)  # None: a test's stand-in client
         if events is not None:
             events.register("before-sign.s3", _checksum_covers_payload, unique_id="pacs-checksum-payload")
+        self._direct: DirectRequests | None = None
+        self._direct_lock = threading.Lock()
+        self._direct_tried = not target.lean_requests
+
+    def _lean(self) -> DirectRequests | None:
+        """The lean path for instance PUTs and GETs (made on first use: it presigns a URL),
+        None when off (``target.lean_requests``), not possible for this client, or stopped."""
+        if not self._direct_tried:
+            with self._direct_lock:
+                if not self._direct_tried:
+                    self._direct = DirectRequests.for_client(self.client, self.bucket)
+                    self._direct_tried = True
+        return self._direct if self._direct is not None and self._direct.active else None
 
     @property
     def bucket(self) -> str:
@@ -247,19 +262,41 @@ class ObjectStore:
         if size > self.target.multipart_threshold_mb << 20:
             self._put_parts(key, data, content_type, meta, condition)
             return
+        checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
         with contextlib.ExitStack() as stack:
-            # A file goes as an open file: botocore sends it in chunks (and seeks back to retry).
+            # A file goes as an open file: sent in chunks (and sought back to send again).
             body = stack.enter_context(open(data, "rb")) if isinstance(data, Path) else data
+            if self._put_lean(key, body, size, put_headers(checksum, content_type, meta, condition, self._sse())):
+                return
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
-                ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+                ChecksumSHA256=checksum,
                 ContentType=content_type,
                 Metadata=meta,
                 **condition,
                 **self._sse(),
             )
+
+    def _put_lean(self, key: str, body: Any, size: int, headers: dict[str, str] | None) -> bool:
+        """True when the lean PUT wrote the object; a 412 raises as botocore's would; False:
+        botocore is to send it (the file sought back to its start)."""
+        lean = self._lean()
+        if lean is None or headers is None:
+            return False
+        try:
+            if lean.put(key, body, size, headers):
+                return True
+        except HandedBack:
+            if not isinstance(body, bytes):
+                body.seek(0)
+            return False
+        error = {
+            "Code": "PreconditionFailed",
+            "Message": "At least one of the pre-conditions you specified did not hold",
+        }
+        raise ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject")
 
     def _put_parts(
         self, key: str, data: Body, content_type: str, meta: dict[str, str], condition: dict[str, str]
@@ -447,16 +484,15 @@ class ObjectStore:
     def sha256_of(self, key: str) -> tuple[str, int] | None:
         """The SHA-256 and size of an object's bytes as read back now, streamed
         (an object of any size in constant memory); None when it does not exist."""
+        digest, size = hashlib.sha256(), 0
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-        except ClientError as exc:
+            for chunk in self.iter_chunks(key):
+                digest.update(chunk)
+                size += len(chunk)
+        except ClientError as exc:  # raised before any chunk: by the GET itself
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
-        digest, size = hashlib.sha256(), 0
-        for chunk in body.iter_chunks(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
         return digest.hexdigest(), size
 
     def delete(self, key: str) -> None:
@@ -492,6 +528,15 @@ class ObjectStore:
 
     def iter_chunks(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
         """An object's bytes in chunks, never the whole object in memory."""
+        lean = self._lean()
+        if lean is not None:
+            try:
+                chunks = lean.get(key, chunk)
+            except HandedBack:
+                pass  # botocore sends it: its retries, or its error for a missing key
+            else:
+                yield from chunks
+                return
         body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
         try:
             yield from body.iter_chunks(chunk)

@@ -40,16 +40,27 @@ class _Counted:
         return getattr(self._h, name)
 
 
+def _bytes(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
 @pytest.fixture
-def sent(s3_server, bucket, monkeypatch):
-    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket, sse="none"))
+def sent(s3_server, bucket, monkeypatch, request):
+    """A store (instance requests lean, or all through botocore) and what its HTTP session sends."""
+    lean = getattr(request, "param", True)
+    store = ObjectStore(s3_server.client(), TargetConfig(bucket=bucket, sse="none", lean_requests=lean))
     requests: list[tuple[str, bytes, bytes]] = []
+    session = store.client._endpoint.http_session  # both paths send through it
+    send = session.send
 
-    def record(request, **_):
-        auth = request.headers.get("Authorization")
-        requests.append((request.method, request.headers.get("X-Amz-Content-SHA256"), auth))
+    def record(prepared):
+        headers = prepared.headers
+        requests.append(
+            (prepared.method, _bytes(headers.get("X-Amz-Content-SHA256")), _bytes(headers["Authorization"]))
+        )
+        return send(prepared)
 
-    store.client.meta.events.register("before-send.s3", record)
+    monkeypatch.setattr(session, "send", record)
     hashed = _Hashed()
     monkeypatch.setattr(botocore.auth, "sha256", hashed)
     return store, requests, hashed
@@ -59,6 +70,7 @@ def _signed_headers(auth: bytes) -> list[str]:
     return auth.decode().split("SignedHeaders=")[1].split(",")[0].split(";")
 
 
+@pytest.mark.parametrize("sent", [True, False], ids=["lean", "botocore"], indirect=True)
 @pytest.mark.parametrize("as_file", [False, True])
 def test_an_instance_put_is_signed_without_hashing_its_bytes_again(sent, tmp_path, as_file):
     store, requests, hashed = sent
