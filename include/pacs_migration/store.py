@@ -195,7 +195,10 @@ class ObjectStore:
         if not self._direct_tried:
             with self._direct_lock:
                 if not self._direct_tried:
-                    self._direct = DirectRequests.for_client(self.client, self.bucket)
+                    try:
+                        self._direct = DirectRequests.for_client(self.client, self.bucket)
+                    except Exception as exc:  # noqa: BLE001 - botocore sends all, and says what is wrong
+                        log.info("S3: no lean requests (%s)", type(exc).__name__)
                     self._direct_tried = True
         return self._direct if self._direct is not None and self._direct.active else None
 

@@ -182,7 +182,7 @@ def put_headers(
     headers = {
         "Content-Type": content_type,
         "x-amz-checksum-sha256": sha256_b64,
-        "x-amz-sdk-checksum-algorithm": "SHA256",
+        "x-amz-sdk-checksum-algorithm": "SHA256",  # S3's documented header: the algorithm of the one above
         **{f"x-amz-meta-{k}": v for k, v in meta.items()},
     }
     names = {"IfNoneMatch": "If-None-Match", "ServerSideEncryption": "x-amz-server-side-encryption"}

@@ -208,3 +208,16 @@ def test_a_body_cut_short_raises_botocores_error_and_drops_the_connection():
     with pytest.raises(IncompleteReadError):
         list(DirectRequests._body(raw, 5, 1 << 20))
     assert raw.closed and raw.released  # not returned to the pool half-read
+
+
+def test_a_probe_that_fails_leaves_every_request_to_botocore(s3_server, bucket, monkeypatch):
+    from include.pacs_migration import store_direct
+
+    def broken(*_):
+        raise RuntimeError("no endpoint")
+
+    monkeypatch.setattr(store_direct, "_scope", broken)
+    store, operations = _store(s3_server.endpoint_url, bucket)
+    data, sha = _instance(10_000)
+    assert store.put_new(KEYS[0], data, sha).outcome is PutOutcome.CREATED
+    assert operations == ["PutObject"] and store._lean() is None
