@@ -190,7 +190,7 @@ class ObjectStore:
         self._direct_tried = not target.lean_requests
 
     def _lean(self) -> DirectRequests | None:
-        """The lean path for instance PUTs and GETs (made on first use: it presigns a URL),
+        """The lean path for instance PUTs and GETs (made on first use: botocore prepares a HEAD),
         None when off (``target.lean_requests``), not possible for this client, or stopped."""
         if not self._direct_tried:
             with self._direct_lock:

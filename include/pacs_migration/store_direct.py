@@ -34,7 +34,7 @@ from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeout
 
 log = logging.getLogger(__name__)
 
-_PROBE = "pacs-migration-probe"  # a key for the presigned URL that tells the bucket's URL
+_PROBE = "pacs-migration-probe"  # the key of the HEAD botocore prepares (never sent) to tell the bucket's URL
 _UNSIGNED_PAYLOAD = {"client_config": Config(s3={"payload_signing_enabled": False})}
 _USER_AGENT = f"pacs-migration Botocore/{botocore.__version__}"
 
@@ -142,9 +142,8 @@ class DirectRequests:
 
     def get(self, key: str, chunk: int) -> Iterator[bytes]:
         """An object's bytes in chunks, checked against its Content-Length (botocore's errors
-        when cut short); :class:`HandedBack`
-        before the first chunk when the GET does not answer 200 (a missing key: 404, botocore
-        raises its error)."""
+        when cut short); :class:`HandedBack` before the first chunk when the GET does not
+        answer 200 (a missing key's 404 included: botocore raises its error)."""
         response = self._send("GET", key, {}, None, stream=True)
         raw = response.raw
         if response.status_code != 200:
