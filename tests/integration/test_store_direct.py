@@ -13,6 +13,7 @@ import os
 import boto3
 import pytest
 import requests
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from include.pacs_migration.config import TargetConfig
@@ -221,3 +222,67 @@ def test_a_probe_that_fails_leaves_every_request_to_botocore(s3_server, bucket, 
     data, sha = _instance(10_000)
     assert store.put_new(KEYS[0], data, sha).outcome is PutOutcome.CREATED
     assert operations == ["PutObject"] and store._lean() is None
+
+
+@pytest.fixture
+def tls_s3(s3_server, tmp_path):
+    """moto's S3 (the same in-memory buckets) behind TLS with a certificate of a test CA;
+    the CA's file, and a second CA's that did not sign it."""
+    import ssl
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    from tests.tls_certs import TestCA
+
+    ca, other = TestCA(tmp_path / "ca", "s3-ca"), TestCA(tmp_path / "other", "other-ca")
+    issued = ca.issue("s3", "localhost", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert, issued.key)
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, app, True, request_handler=MotoRequestHandler, ssl_context=context)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_port}", ca.files.cert, other.files.cert
+    finally:
+        server.shutdown()
+
+
+def _tls_store(url: str, bucket: str, ca_file) -> tuple[ObjectStore, list[str]]:
+    target = TargetConfig(bucket=bucket)
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=target.client_config().merge(Config(retries={"mode": "standard", "max_attempts": 1})),
+        verify=str(ca_file),
+    )
+    store = ObjectStore(client, target)
+    store._lean()
+    operations: list[str] = []
+    client.meta.events.register("before-call.s3", lambda model, **_: operations.append(model.name))
+    return store, operations
+
+
+def test_the_lean_path_verifies_the_servers_certificate(tls_s3, bucket):
+    """Over TLS the lean requests go out (signed for the payload by its checksum, as
+    botocore over TLS) and check the server's certificate as the client is told to: a
+    server its CA did not sign is refused on the lean path too (botocore, sent again,
+    refuses it as well)."""
+    from botocore.exceptions import SSLError
+
+    url, ca_file, other_ca = tls_s3
+    store, operations = _tls_store(url, bucket, ca_file)
+    data, sha = _instance(100_000)
+    assert store.put_new(KEYS[0], data, sha).outcome is PutOutcome.CREATED
+    assert store.sha256_of(KEYS[0]) == (sha, len(data))
+    assert operations == [] and store._lean() is not None  # both over TLS, lean
+
+    untrusting, operations = _tls_store(url, bucket, other_ca)
+    with pytest.raises(SSLError):
+        untrusting.put_new(KEYS[1], data, sha)
+    assert operations == ["PutObject"] and untrusting._lean() is None  # the lean attempt was refused first
+    assert store.sha256_of(KEYS[1]) is None
