@@ -24,14 +24,14 @@ from tests.s3_faults import S3FaultProxy
 KEYS = ["studies/1.2.840/1.2.3/1.2.3.4.dcm", "odd name/with+plus~tilde & (x)/é.dcm"]
 
 
-def _client(url: str, target: TargetConfig, key_id: str = "testing", secret: str = "testing"):
+def _client(url: str, target: TargetConfig, key_id: str = "testing", secret: str = "testing", **options):
     return boto3.client(
         "s3",
         endpoint_url=url,
         region_name="us-east-1",
         aws_access_key_id=key_id,
         aws_secret_access_key=secret,
-        config=target.client_config(),
+        **{"config": target.client_config(), **options},
     )
 
 
@@ -251,15 +251,8 @@ def tls_s3(s3_server, tmp_path):
 
 def _tls_store(url: str, bucket: str, ca_file) -> tuple[ObjectStore, list[str]]:
     target = TargetConfig(bucket=bucket)
-    client = boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=target.client_config().merge(Config(retries={"mode": "standard", "max_attempts": 1})),
-        verify=str(ca_file),
-    )
+    once = target.client_config().merge(Config(retries={"mode": "standard", "max_attempts": 1}))
+    client = _client(url, target, config=once, verify=str(ca_file))
     store = ObjectStore(client, target)
     store._lean()
     operations: list[str] = []
