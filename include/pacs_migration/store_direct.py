@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 _PROBE = "pacs-migration-probe"  # the key of the HEAD botocore prepares (never sent) to tell the bucket's URL
 _UNSIGNED_PAYLOAD = {"client_config": Config(s3={"payload_signing_enabled": False})}
 _USER_AGENT = f"pacs-migration Botocore/{botocore.__version__}"
+_HEADER_OF = {  # PutObject's arguments the lean PUT takes, and their headers
+    "IfNoneMatch": "If-None-Match",
+    "ServerSideEncryption": "x-amz-server-side-encryption",
+    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+}
 
 
 class HandedBack(Exception):
@@ -114,7 +119,8 @@ class DirectRequests:
         if self._stopped.is_set():
             raise HandedBack("lean requests stopped")
         request = AWSRequest(method, f"{self._scope.base}/{quote(key, safe='/~')}", headers, body)
-        request.context.update(_UNSIGNED_PAYLOAD if body is not None else {})
+        if body is not None:
+            request.context.update(_UNSIGNED_PAYLOAD)
         request.headers["User-Agent"] = _USER_AGENT
         credentials = self._credentials.get_frozen_credentials()
         S3SigV4Auth(credentials, self._scope.service, self._scope.region).add_auth(request)
@@ -184,12 +190,10 @@ def put_headers(
         "x-amz-sdk-checksum-algorithm": "SHA256",  # S3's documented header: the algorithm of the one above
         **{f"x-amz-meta-{k}": v for k, v in meta.items()},
     }
-    names = {"IfNoneMatch": "If-None-Match", "ServerSideEncryption": "x-amz-server-side-encryption"}
-    names["SSEKMSKeyId"] = "x-amz-server-side-encryption-aws-kms-key-id"
     for arg, value in {**condition, **sse}.items():
-        if arg not in names:
+        if arg not in _HEADER_OF:
             return None
-        headers[names[arg]] = value
+        headers[_HEADER_OF[arg]] = value
     if not all(k.isascii() and v.isascii() and v.isprintable() for k, v in headers.items()):
         return None
     return headers
