@@ -46,6 +46,8 @@ _NATIVE_SYNTAXES = _REWRITE_SYNTAXES | {ExplicitVRLittleEndian}
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _UNDEFINED = 0xFFFFFFFF
+# An element's header by byte order: implicit (tag, 4-byte length), explicit (tag, VR, 2-byte length), 4-byte length.
+_HEADERS = {e: (struct.Struct(f"{e}HHL"), struct.Struct(f"{e}HH2sH"), struct.Struct(f"{e}L")) for e in "<>"}
 # Bounds on hostile input (each a quarantine, never a failed partition): nesting
 # of sequences (real objects rarely pass 10), and what a deflated dataset may inflate to.
 NESTING_LIMIT = 64
@@ -93,15 +95,17 @@ def element_header(
     items and delimiters (group FFFE) are implicit-style. ``e``: the struct byte order."""
     if pos + 8 > end:
         raise _Truncated(f"element header cut at byte {pos}")
-    group, elem = struct.unpack_from(f"{e}HH", buf, pos)
-    if implicit or group == 0xFFFE:
-        return group, elem, None, struct.unpack_from(f"{e}L", buf, pos + 4)[0], pos + 8
-    vr = bytes(buf[pos + 4 : pos + 6])
-    if vr not in _LONG_VRS:
-        return group, elem, vr, struct.unpack_from(f"{e}H", buf, pos + 6)[0], pos + 8
-    if pos + 12 > end:
-        raise _Truncated(f"element header cut at byte {pos}")
-    return group, elem, vr, struct.unpack_from(f"{e}L", buf, pos + 8)[0], pos + 12
+    implicit_header, explicit_header, long_length = _HEADERS[e]
+    if not implicit:
+        group, elem, vr, length = explicit_header.unpack_from(buf, pos)
+        if group != 0xFFFE:
+            if vr not in _LONG_VRS:
+                return group, elem, vr, length, pos + 8
+            if pos + 12 > end:
+                raise _Truncated(f"element header cut at byte {pos}")
+            return group, elem, vr, long_length.unpack_from(buf, pos + 8)[0], pos + 12
+    group, elem, length = implicit_header.unpack_from(buf, pos)
+    return group, elem, None, length, pos + 8
 
 
 def _walk(

@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pandas as pd
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from .manifest import PARQUET, PartitionManifests, transferred_partitions
+from .normalize import _LONG_VRS, _UNDEFINED, _dataset_offset, _walk
 from .partition import Partition
 from .store import ObjectStore
 
@@ -141,6 +149,71 @@ def read_header(store: ObjectStore, key: str) -> tuple[Dataset, int]:
     (one 64 KiB block for a typical header), and the object's size."""
     with RangeReader(store, key) as f:
         return pydicom.dcmread(f, stop_before_pixels=True), f.size
+
+
+# What a row reads of a header, and the pixel data tags pydicom's stop_before_pixels stops at.
+_ROW_TAGS = frozenset(
+    BaseTag(tag_for_keyword(k)) for k in ("SpecificCharacterSet", *STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS)
+)
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_NOT_EXPLICIT_LE = frozenset({None, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
+_VRS = frozenset(v.value.encode() for v in VR)
+_HEAD = struct.Struct("<HH2sH")
+_LENGTH = struct.Struct("<L")
+
+
+def scan_header(head: bytes) -> Dataset | None:
+    """The elements a row reads, from a Part 10 header in explicit VR little endian (what the
+    pipeline stores): each element up to the pixel data is stepped over by its length (a
+    sequence walked item by item), only those of the row are kept, undecoded, as pydicom's
+    reader would hold them; pydicom decodes them when read. ~4x cheaper than pydicom's parse
+    of the whole header. None for anything else (another encoding, an odd or cut structure):
+    the caller parses with pydicom."""
+    try:
+        pos, ts = _dataset_offset(head)
+        if ts in _NOT_EXPLICIT_LE or not head[pos + 4 : pos + 6].isalpha():
+            return None
+        found = _row_elements(head, pos)
+    except Exception:  # noqa: BLE001 - whatever this scan cannot follow, pydicom reads
+        return None
+    if found is None:
+        return None
+    ds = Dataset(found)
+    encoding: Any = default_encoding
+    if 0x00080005 in found:
+        encoding = convert_encodings(convert_raw_data_element(found[BaseTag(0x00080005)]).value)
+    ds.set_original_encoding(False, True, encoding)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+def _row_elements(buf: bytes, pos: int) -> dict[BaseTag, RawDataElement] | None:
+    """The row's elements of the top-level dataset at ``pos``; None where the scan stops short."""
+    end, found = len(buf), {}
+    while pos + 8 <= end:
+        group, element, vr, length = _HEAD.unpack_from(buf, pos)
+        tag = group << 16 | element
+        if tag in _PIXEL_TAGS:
+            return found
+        if group == 0xFFFE or vr not in _VRS:
+            return None  # an item at the top level, or no VR pydicom knows
+        if vr in _LONG_VRS:
+            length, value_at = _LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
+        else:
+            value_at = pos + 8
+        if length == _UNDEFINED:
+            if tag in _ROW_TAGS:
+                return None
+            pos = _walk(buf, value_at, end, vr == b"UN", True, True, 1)
+            continue
+        pos = value_at + length
+        if pos > end:
+            return None
+        if tag in _ROW_TAGS:
+            value = buf[value_at:pos]
+            found[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr.decode(), length, value, value_at, False, True)
+    return found if pos == end else None
 
 
 def _text(ds: Dataset, keyword: str) -> Any:

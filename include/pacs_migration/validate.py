@@ -183,8 +183,11 @@ def reread_header(store: ObjectStore, key: str, sha256_hex: str) -> tuple[pydico
         return None
     if digest.hexdigest() != sha256_hex:
         return None
+    head = kept[0] if len(kept) == 1 else b"".join(kept)
+    scanned = study_index.scan_header(head)
+    if scanned is not None:
+        return scanned, size
     try:
-        head = kept[0] if len(kept) == 1 else b"".join(kept)
         return pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, defer_size=1 << 16), size
     except Exception:
         return None
