@@ -7,8 +7,10 @@ and its retries. Real peers: moto's S3 server, a fault proxy in front of it."""
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import os
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -279,3 +281,60 @@ def test_the_lean_path_verifies_the_servers_certificate(tls_s3, bucket):
         untrusting.put_new(KEYS[1], data, sha)
     assert operations == ["PutObject"] and untrusting._lean() is None  # the lean attempt was refused first
     assert store.sha256_of(KEYS[1]) is None
+
+
+SIGNED_AT = datetime.datetime(2026, 12, 7, 23, 59, 58)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://127.0.0.1:5000/bucket",  # path style, a port
+        "https://bucket.s3.eu-central-1.amazonaws.com",  # virtual host, the default port
+        "https://[::1]:8443/bucket",  # IPv6
+        "http://s3.example.org:80/a-bucket",  # the scheme's port, left out of Host
+    ],
+)
+@pytest.mark.parametrize("token", [None, "session/token+=="])
+def test_the_lean_signature_is_botocores(base, token, monkeypatch):
+    """Every header the lean signer adds is what botocore's S3SigV4Auth adds to the same
+    request at the same instant: the PUT (body unsigned, its checksum header signed) and
+    the GET (the empty body's hash), with or without a session token; the signing key,
+    derived once, serves the next day's request only once derived again."""
+    from botocore import auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from include.pacs_migration import store_direct
+
+    now = [SIGNED_AT]
+    monkeypatch.setattr(auth, "get_current_datetime", lambda: now[0])
+    monkeypatch.setattr(store_direct, "get_current_datetime", lambda: now[0])
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    region = "eu-central-1" if "eu-central-1" in base else "us-east-1"
+    signer = store_direct._Signer(store_direct._Scope(base, region, "s3"))
+    put = put_headers(
+        "q1Z0+5aA4TZg3b2yXnkVbRm3MBpWkqGd0yW2ZV4BHl0=",
+        "application/dicom",
+        {"sha256": "ab" * 32, "writer": "run  1 "},  # inner and trailing spaces: trimmed when signed
+        {"IfNoneMatch": "*"},
+        {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "arn:aws:kms:eu-central-1:1:key/k"},
+    )
+    assert put is not None
+    for day in (0, 1):
+        now[0] = SIGNED_AT + datetime.timedelta(days=day)
+        for method, key, headers in (
+            ("PUT", KEYS[1], {**put, "Content-Length": "700000"}),
+            ("GET", KEYS[0], {}),
+        ):
+            quoted = quote(key, safe="/~")
+            ours = {**headers, "User-Agent": "ua"}
+            signer.sign(method, quoted, ours, credentials.get_frozen_credentials())
+            theirs = AWSRequest(
+                method, f"{base}/{quoted}", {**headers, "User-Agent": "ua"}, b"x" if method == "PUT" else None
+            )
+            if method == "PUT":
+                theirs.context["client_config"] = Config(s3={"payload_signing_enabled": False})
+            auth.S3SigV4Auth(credentials.get_frozen_credentials(), "s3", region).add_auth(theirs)
+            assert ours == dict(theirs.headers.items())
+            assert ours["X-Amz-Date"] == now[0].strftime("%Y%m%dT%H%M%SZ")
