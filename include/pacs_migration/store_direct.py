@@ -2,10 +2,11 @@
 
 botocore spends ~1 ms of CPU (with the GIL held) on each request before and after the
 bytes move: its API model, a dozen events, the endpoint rules, header and XML parsing.
-Here the same request is built directly and sent with botocore's own parts: its
-credentials (refreshed as they expire), its SigV4 signer and its HTTP session (TLS
-verification, proxies, timeouts, the connection pool). The URL and the signing scope
-are botocore's too, read once off a request it prepares for the bucket and never sends.
+Here the same request is built directly, signed as botocore's ``S3SigV4Auth`` signs it
+(the signing key derived once a day, not on each request), and sent with botocore's own
+parts: its credentials (refreshed as they expire) and its HTTP session (TLS verification,
+proxies, timeouts, the connection pool). The URL and the signing scope are botocore's too,
+read once off a request it prepares for the bucket and never sends.
 
 Only the plain outcomes are taken here: an object written, an object refused as existing
 (412), an object's bytes. Anything else (an error status, a connection failure) is handed

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,7 +29,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 from pydicom.valuerep import VR
 
 from .manifest import PARQUET, PartitionManifests, transferred_partitions
-from .normalize import _LONG_VRS, _UNDEFINED, _dataset_offset, _walk
+from .normalize import _HEADERS, _LONG_VRS, _UNDEFINED, _dataset_offset, _walk
 from .partition import Partition
 from .store import ObjectStore
 
@@ -158,8 +157,7 @@ _ROW_TAGS = frozenset(
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _NOT_EXPLICIT_LE = frozenset({None, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
 _VRS = frozenset(v.value.encode() for v in VR)
-_HEAD = struct.Struct("<HH2sH")
-_LENGTH = struct.Struct("<L")
+_, _HEAD, _LENGTH = _HEADERS["<"]
 
 
 def scan_header(head: bytes) -> Dataset | None:
@@ -171,21 +169,19 @@ def scan_header(head: bytes) -> Dataset | None:
     the caller parses with pydicom."""
     try:
         pos, ts = _dataset_offset(head)
-        if ts in _NOT_EXPLICIT_LE or not head[pos + 4 : pos + 6].isalpha():
+        found = None if ts in _NOT_EXPLICIT_LE else _row_elements(head, pos)
+        if found is None:
             return None
-        found = _row_elements(head, pos)
+        ds = Dataset(found)
+        encoding: Any = default_encoding
+        if 0x00080005 in found:  # decoded as pydicom's reader decodes it
+            encoding = convert_encodings(convert_raw_data_element(found[BaseTag(0x00080005)]).value)
+        ds.set_original_encoding(False, True, encoding)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+        return ds
     except Exception:  # noqa: BLE001 - whatever this scan cannot follow, pydicom reads
         return None
-    if found is None:
-        return None
-    ds = Dataset(found)
-    encoding: Any = default_encoding
-    if 0x00080005 in found:
-        encoding = convert_encodings(convert_raw_data_element(found[BaseTag(0x00080005)]).value)
-    ds.set_original_encoding(False, True, encoding)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    return ds
 
 
 def _row_elements(buf: bytes, pos: int) -> dict[BaseTag, RawDataElement] | None:
