@@ -22,10 +22,10 @@ import pandas as pd
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 from .manifest import PARQUET, PartitionManifests, transferred_partitions
@@ -152,7 +152,8 @@ def read_header(store: ObjectStore, key: str) -> tuple[Dataset, int]:
 
 # What a row reads of a header, and the pixel data tags pydicom's stop_before_pixels stops at.
 _ROW_TAGS = frozenset(
-    BaseTag(tag_for_keyword(k)) for k in ("SpecificCharacterSet", *STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS)
+    BaseTag(tag_for_keyword(k) or 0)
+    for k in ("SpecificCharacterSet", *STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS)
 )
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _NOT_EXPLICIT_LE = frozenset({None, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
@@ -169,16 +170,18 @@ def scan_header(head: bytes) -> Dataset | None:
     the caller parses with pydicom."""
     try:
         pos, ts = _dataset_offset(head)
-        found = None if ts in _NOT_EXPLICIT_LE else _row_elements(head, pos)
+        if ts is None or ts in _NOT_EXPLICIT_LE:
+            return None
+        found = _row_elements(head, pos)
         if found is None:
             return None
-        ds = Dataset(found)
+        ds = Dataset(dict[BaseTag, DataElement | RawDataElement](found))
         encoding: Any = default_encoding
         if 0x00080005 in found:  # decoded as pydicom's reader decodes it
             encoding = convert_encodings(convert_raw_data_element(found[BaseTag(0x00080005)]).value)
         ds.set_original_encoding(False, True, encoding)
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ts
+        ds.file_meta.TransferSyntaxUID = UID(ts)
         return ds
     except Exception:  # noqa: BLE001 - whatever this scan cannot follow, pydicom reads
         return None
@@ -186,7 +189,7 @@ def scan_header(head: bytes) -> Dataset | None:
 
 def _row_elements(buf: bytes, pos: int) -> dict[BaseTag, RawDataElement] | None:
     """The row's elements of the top-level dataset at ``pos``; None where the scan stops short."""
-    end, found = len(buf), {}
+    end, found = len(buf), dict[BaseTag, RawDataElement]()
     while pos + 8 <= end:
         group, element, vr, length = _HEAD.unpack_from(buf, pos)
         tag = group << 16 | element
