@@ -169,8 +169,9 @@ def reread_header(store: ObjectStore, key: str, sha256_hex: str) -> tuple[pydico
     """Fetch one object; its header (up to the pixel data) and size if its
     SHA-256 matches and it parses as DICOM, else None. Streamed: the hash is
     taken chunk by chunk and only the chunks holding the first :data:`HEADER_BYTES`
-    are kept for the parse (values over 64 KiB are skipped, not read), so memory stays flat
-    whatever the object's size."""
+    are kept, so memory stays flat whatever the object's size. The header is scanned
+    for the study index's elements (:func:`study_index.scan_header`), or, where the scan
+    cannot follow it, parsed by pydicom (values over 64 KiB skipped, not read)."""
     digest, size = hashlib.sha256(), 0
     kept: list[bytes] = []
     try:
