@@ -160,3 +160,30 @@ def test_a_port_held_by_another_program_is_named(tmp_path):
         port = holder.getsockname()[1]
         with pytest.raises(Exception, match=f"C-MOVE destination 127.0.0.1:{port} could not start: error: OSError"):
             RouterClient(_move_source(1, "LEGACYPACS", port), tmp_path / "staging")
+
+
+def test_a_router_gone_as_we_send_is_started_again(tmp_path, monkeypatch):
+    """A router that stops at its idle time just as a task connects: the task's first
+    request meets a closed connection (a broken pipe, as a slow CI host showed), and the
+    task starts another router instead of failing."""
+    import socket
+
+    from include.pacs_migration.dimse import move
+
+    real, calls = move._connect_or_start, []
+
+    def stopping_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            return real(*args, **kwargs)
+        ours, theirs = socket.socketpair()
+        theirs.close()  # the router went away after accepting us
+        return ours
+
+    monkeypatch.setattr(move, "_connect_or_start", stopping_first)
+    move_port = free_port()
+    client = RouterClient(_move_source(1, "LEGACYPACS", move_port), tmp_path / "staging", idle_seconds=1.0)
+    try:
+        assert len(calls) == 2 and client.msg_id > 0
+    finally:
+        client.close()

@@ -69,9 +69,11 @@ class RouterClient:
 
     def _call(self, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         with self._calls:  # retrieve threads share the connection: one request at a time
-            self.sock.sendall((json.dumps(message) + "\n").encode())
             try:
+                self.sock.sendall((json.dumps(message) + "\n").encode())
                 reply = self._replies.get(timeout=timeout)
+            except OSError:  # a broken pipe or reset: the router stopped, as below
+                reply = None
             except queue.Empty:
                 reply = None
         if reply is None:
