@@ -72,9 +72,7 @@ class RouterClient:
             try:
                 self.sock.sendall((json.dumps(message) + "\n").encode())
                 reply = self._replies.get(timeout=timeout)
-            except OSError:  # a broken pipe or reset: the router stopped, as below
-                reply = None
-            except queue.Empty:
+            except (OSError, queue.Empty):  # a broken pipe, a reset, no answer: the router stopped
                 reply = None
         if reply is None:
             raise DicomNetworkError("the worker's C-MOVE router did not answer (it stopped?)")
