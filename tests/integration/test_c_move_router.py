@@ -187,3 +187,26 @@ def test_a_router_gone_as_we_send_is_started_again(tmp_path, monkeypatch):
         assert len(calls) == 2 and client.msg_id > 0
     finally:
         client.close()
+
+
+def test_a_task_connected_but_not_yet_registered_keeps_the_router(tmp_path):
+    """A task that has connected is busy even before its first request: the router
+    does not stop at its idle time under it (on a slow host the register comes late)."""
+    import json
+
+    from include.pacs_migration.dimse import move
+
+    move_port = free_port()
+    sock = move._connect_or_start(_move_source(1, "LEGACYPACS", move_port), tmp_path / "staging", 20.0, 0.5)
+    try:
+        time.sleep(2.0)  # four idle times with no registration
+        sock.settimeout(10)
+        sock.sendall(b'{"op": "register"}\n')
+        reply = sock.makefile("r", encoding="utf-8").readline()
+        assert json.loads(reply)["reply"] == "registered"
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 15
+    while _router_running(move_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _router_running(move_port)  # and it still stops once the task has gone

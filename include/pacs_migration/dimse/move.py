@@ -57,7 +57,8 @@ class RouterClient:
             self.sock = _connect_or_start(source, staging_root, start_timeout, idle_seconds)
             self.broken = False
             self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
-            self._reader = threading.Thread(target=self._read, daemon=True)
+            # The reader holds this attempt's socket and queue: a late one must not touch the next attempt's.
+            self._reader = threading.Thread(target=self._read, args=(self.sock, self._replies), daemon=True)
             self._reader.start()
             try:
                 self.msg_id = int(self._call({"op": "register"})["msg_id"])
@@ -86,12 +87,12 @@ class RouterClient:
         self._studies.update(u for u in study_uids if u)
         self._call({"op": "expect", "folder": str(sink.folder), "study_uids": sorted(self._studies)})
 
-    def _read(self) -> None:
+    def _read(self, sock: socket.socket, replies: queue.Queue[dict[str, Any] | None]) -> None:
         try:
-            for line in self.sock.makefile("r", encoding="utf-8"):
+            for line in sock.makefile("r", encoding="utf-8"):
                 msg = json.loads(line)
                 if "reply" in msg:
-                    self._replies.put(msg)
+                    replies.put(msg)
                 elif "store" in msg:
                     self._stage(msg)
                 elif msg.get("full") and self.sink is not None:
@@ -103,8 +104,9 @@ class RouterClient:
         except (OSError, ValueError):
             pass
         finally:
-            self.broken = True
-            self._replies.put(None)
+            if sock is self.sock:
+                self.broken = True
+            replies.put(None)
 
     def _alert(self, alert: dict[str, Any]) -> None:
         log.warning("C-MOVE listener: %s (calling AE %s)", alert.get("why"), alert.get("calling_ae") or "?")

@@ -123,6 +123,7 @@ class MoveRouter:
         tempfile.tempdir = str(self.temp)  # pynetdicom's streamed receive
         _config.STORE_RECV_CHUNKED_DATASET = True
         self._regs: dict[int, _Registration] = {}
+        self._sessions = 0  # control connections open, registered or not
         self._lock = threading.Lock()
         self._ids = itertools.count(random.randint(1, 60000))
         self._names = itertools.count(1)
@@ -199,23 +200,42 @@ class MoveRouter:
     def serve(self) -> None:
         """Accept tasks until idle for ``idle_seconds``; then stop."""
         self.control.settimeout(0.5)
+        with self._lock:
+            self._last_busy = time.monotonic()  # idle from now: starting may have taken longer than idle_seconds
         try:
             while True:
-                with self._lock:
-                    if not self._regs and time.monotonic() - self._last_busy > self.idle_seconds:
-                        return
                 try:
-                    conn, _ = self.control.accept()
+                    conn, _ = self.control.accept() if not self._idle() else self._pending()
                 except TimeoutError:
                     continue
+                if conn is None:
+                    return
                 if not _same_user(conn):
                     conn.close()
                     continue
+                with self._lock:
+                    self._sessions += 1  # counted before the next idle check
                 threading.Thread(target=self._session, args=(conn,), daemon=True).start()
         finally:
             self.server.shutdown()
             shutil.rmtree(self.temp, ignore_errors=True)
             self.control.close()  # last: a new router can start once this one is gone
+
+    def _idle(self) -> bool:
+        """No task registered or connected (a task that has connected and not yet
+        registered is busy: stopping then would break its first request)."""
+        with self._lock:
+            return not self._regs and not self._sessions and time.monotonic() - self._last_busy > self.idle_seconds
+
+    def _pending(self) -> tuple[socket.socket | None, Any]:
+        """A connection already waiting when idle time ran out is served, not dropped."""
+        self.control.settimeout(0)
+        try:
+            return self.control.accept()
+        except BlockingIOError:
+            return None, None
+        finally:
+            self.control.settimeout(0.5)
 
     def _session(self, conn: socket.socket) -> None:
         reg: _Registration | None = None
@@ -231,8 +251,9 @@ class MoveRouter:
         except (OSError, ValueError):
             pass  # a task that died or spoke nonsense: drop it
         finally:
-            if reg is not None:
-                with self._lock:
+            with self._lock:
+                self._sessions -= 1
+                if reg is not None:  # a probe that never registered does not extend the idle time
                     self._regs.pop(reg.msg_id, None)
                     self._last_busy = time.monotonic()
             conn.close()
