@@ -34,6 +34,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from .part10 import read_explicit_le
 from .privacy import identity_digest
 from .reasons import ReasonCode, reason
 from .rules import STRUCTURAL, Change, Reason, RuleOutcome, RuleSet, apply_ruleset, is_conformant
@@ -333,6 +334,7 @@ class _Read:
     meta_ts: str | None  # the file meta's transfer syntax, if any
     ts_in: str
     encoding_mismatch: bool  # an implicit VR body under an explicit transfer syntax
+    structure_checked: bool = False  # every length already checked as :func:`check_structure` checks
 
 
 def _read(raw: bytes) -> _Read:
@@ -346,7 +348,11 @@ def _read(raw: bytes) -> _Read:
     if meta_ts == DeflatedExplicitVRLittleEndian:
         inflate(raw[offset:])  # bounded, before pydicom inflates it whole
     try:
-        ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+        # pydicom's reading, leaner, with the structure checked as it goes; else pydicom itself.
+        ds = read_explicit_le(raw, offset, meta_ts, lambda at, un: _walk(raw, at, len(raw), un, True, True, 1))
+        structure_checked = ds is not None
+        if ds is None:
+            ds = pydicom.dcmread(io.BytesIO(raw), force=True)
     except RecursionError:
         raise _Quarantine(reason(ReasonCode.NESTING_LIMIT)) from None
     except (EOFError, struct.error):
@@ -364,13 +370,14 @@ def _read(raw: bytes) -> _Read:
         ts_in = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     body_vr = raw[offset + 4 : offset + 6]
     mismatch = ts_in != ImplicitVRLittleEndian and len(body_vr) == 2 and not body_vr.isalpha()
-    return _Read(raw, ds, offset, meta_ts, ts_in, mismatch)
+    return _Read(raw, ds, offset, meta_ts, ts_in, mismatch, structure_checked)
 
 
 def _check_identity(read: _Read, result: NormalizeResult, expected: InstanceUIDs | None) -> None:
     """Step 2: the key UIDs are present, well formed, and the ones the census expects."""
     try:
-        check_structure(read.raw, read.ts_in, read.offset)
+        if not read.structure_checked:
+            check_structure(read.raw, read.ts_in, read.offset)
     except (_Truncated, struct.error):
         raise _Quarantine(reason(ReasonCode.TRUNCATED)) from None
     ds = read.ds
