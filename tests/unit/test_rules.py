@@ -354,8 +354,8 @@ def test_lazy_rule_passes_agree_with_decoding_everything():
             except Exception as exc:  # the slow way must then have failed too
                 pytest.fail(f"{Path(path).name}: {exc!r}")
             lazy = pydicom.dcmread(path, force=True)
-            over = {e.tag for e in rules._elements(lazy, rules._maybe_over_long)}
-            dates = {e.tag for e in rules._elements(lazy, rules._maybe_date_to_fix)}
+            over_tags, dates_tags = rules._to_read(lazy, rules._maybe_over_long, rules._maybe_date_to_fix)
+            over, dates = set(over_tags), set(dates_tags)
             assert got_invalid == expected[0], Path(path).name
             assert expected[1] <= over, Path(path).name
             assert expected[2] <= dates, Path(path).name
@@ -461,3 +461,36 @@ def test_a_pattern_re2_cannot_run_names_the_rule():
         _ruleset(
             rules=[{"id": "backref", "action": "regex", "tag": "StationName", "pattern": r"(CT)\1", "replacement": "x"}]
         )
+
+
+def test_one_listing_for_the_dates_and_over_long_passes_changes_what_decoding_everything_changes(monkeypatch):
+    """The dates and over-long passes list the dataset once, before the dates pass (issue 22):
+    on every pydicom test file that reads, and on a date both malformed and over long, the
+    changes are those made when both passes read every value (listed after each other)."""
+    from pydicom.dataset import Dataset
+
+    from include.pacs_migration.rules import RuleSet
+    from include.pacs_migration.rules import apply as rules
+    from include.pacs_migration.rules.model import InvalidValuePolicy
+
+    ruleset = RuleSet("t", "1", invalid_values=InvalidValuePolicy.KEEP)  # dates fixed, over-long truncated
+    crafted = Dataset()
+    crafted.StudyDate, crafted.StudyTime = "2019/03/01", "10:11:12"  # fixable; the date longer than DA allows
+    crafted.StudyDescription, crafted.Modality = "x" * 80, "CT"  # over long (LO: 64)
+    buf = io.BytesIO()
+    crafted.save_as(buf, implicit_vr=False, little_endian=True)
+    datasets = [lambda: pydicom.dcmread(io.BytesIO(buf.getvalue()), force=True)]
+    datasets += [lambda p=path: pydicom.dcmread(p, force=True) for path in _quirky_files()]
+
+    def changes(ds: Dataset) -> list[tuple]:
+        try:
+            outcome = rules.apply_ruleset(ruleset, ds)
+        except Exception as exc:  # noqa: BLE001 - both ways must fail alike
+            return [type(exc).__name__]
+        return [(c.tag, c.rule_id, str(c.old), str(c.new)) for c in outcome.changes] + [outcome.rejected_by]
+
+    lean = [changes(read()) for read in datasets]
+    monkeypatch.setattr(rules, "_maybe_date_to_fix", lambda vr, value: True)
+    monkeypatch.setattr(rules, "_maybe_over_long", lambda vr, value: True)
+    assert lean == [changes(read()) for read in datasets]
+    assert {c[1] for c in lean[0][:-1]} == {"dates-times", "over-long-values"}, lean[0]  # not vacuous

@@ -190,15 +190,17 @@ def _undecoded(item: Any) -> tuple[str, bytes] | None:
     return None
 
 
-def _elements(ds: Dataset, must_read: Callable[[str, bytes], bool]) -> list[DataElement]:
-    """Decoded elements a rule must read: those decoded already, and those
-    still undecoded whose VR and bytes ``must_read`` says can matter.
-    Decoding is most of a rule pass's cost; most values are settled on bytes."""
-    out = []
+def _to_read(ds: Dataset, *must_reads: Callable[[str, bytes], bool]) -> list[list[BaseTag]]:
+    """For each rule pass, the tags of the elements it must read: those decoded already,
+    and those still undecoded whose VR and bytes its ``must_read`` says can matter. One
+    listing of the dataset for every pass: decoding is most of a pass's cost, and most
+    values are settled on bytes."""
+    out: list[list[BaseTag]] = [[] for _ in must_reads]
     for tag, item in _valued_items(ds):
         raw = _undecoded(item)
-        if raw is None or must_read(*raw):
-            out.append(ds[tag])
+        for tags, must_read in zip(out, must_reads, strict=True):
+            if raw is None or must_read(*raw):
+                tags.append(tag)
     return out
 
 
@@ -304,10 +306,17 @@ def apply_ruleset(rs: RuleSet, ds: Dataset, source_ae: str | None = None) -> Rul
         _record(
             out, ds, Tag("SOPClassUID"), "retired-sop-class", Reason.CORRECT, RETIRED_SOP_CLASSES[str(ds.SOPClassUID)]
         )
-    if rs.normalize_dates:
-        _dates(ds, _elements(ds, _maybe_date_to_fix), out)
-    if rs.over_long is not OverLongPolicy.KEEP:
-        _over_long(rs, ds, _elements(ds, _maybe_over_long), out)
+    if rs.normalize_dates or rs.over_long is not OverLongPolicy.KEEP:
+        # The over-long pass reads what the dates pass decoded too, as it would listing after it.
+        dates_tags, long_tags = _to_read(
+            ds,
+            _maybe_date_to_fix,
+            lambda vr, value: _maybe_over_long(vr, value) or (rs.normalize_dates and _maybe_date_to_fix(vr, value)),
+        )
+        if rs.normalize_dates:
+            _dates(ds, [ds[tag] for tag in dates_tags], out)
+        if rs.over_long is not OverLongPolicy.KEEP:
+            _over_long(rs, ds, [ds[tag] for tag in long_tags], out)
     if out.rejected_by:
         return out
     _private_tags(rs, ds, out)
