@@ -25,11 +25,11 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-from pydicom.valuerep import VR
+from pydicom.uid import UID
 
 from .manifest import PARQUET, PartitionManifests, transferred_partitions
 from .normalize import _HEADERS, _LONG_VRS, _UNDEFINED, _dataset_offset, _walk
+from .part10 import _NOT_EXPLICIT_LE, _VRS  # the encodings and VRs pydicom's reader reads as ours do
 from .partition import Partition
 from .store import ObjectStore
 
@@ -156,8 +156,6 @@ _ROW_TAGS = frozenset(
     for k in ("SpecificCharacterSet", *STUDY_KEYWORDS, *SERIES_KEYWORDS, *INSTANCE_KEYWORDS)
 )
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_NOT_EXPLICIT_LE = frozenset({None, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
-_VRS = frozenset(v.value.encode() for v in VR)
 _, _HEAD, _LENGTH = _HEADERS["<"]
 
 

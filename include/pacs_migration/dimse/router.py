@@ -222,10 +222,10 @@ class MoveRouter:
             self.control.close()  # last: a new router can start once this one is gone
 
     def _idle(self) -> bool:
-        """No task registered or connected (a task that has connected and not yet
+        """No task connected, registered or not (a task that has connected and not yet
         registered is busy: stopping then would break its first request)."""
-        with self._lock:
-            return not self._regs and not self._sessions and time.monotonic() - self._last_busy > self.idle_seconds
+        with self._lock:  # a registration lives as long as its connection: sessions count both
+            return not self._sessions and time.monotonic() - self._last_busy > self.idle_seconds
 
     def _pending(self) -> tuple[socket.socket | None, Any]:
         """A connection already waiting when idle time ran out is served, not dropped."""
