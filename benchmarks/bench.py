@@ -97,6 +97,11 @@ class Moto:
             config=Config(max_pool_connections=32, retries={"max_attempts": 2}),
         )
 
+    def cpu_s(self) -> float:
+        """The server's CPU-seconds so far (the S3 both sides share: what each side's requests cost it)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -104,6 +109,12 @@ class Moto:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds the whole machine has been busy: with the peers' (moto, Orthanc), how close to its cores a run came."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def children_usage() -> tuple[float, int]:
@@ -213,6 +224,7 @@ def run_reference(
         moto.client().create_bucket(Bucket="ref")
         upload = s5cmd_upload if uploader == "s5cmd" else boto3_upload
         cpu0, _ = children_usage()
+        moto_cpu0, machine0 = moto.cpu_s(), machine_busy_s()
         t0 = time.perf_counter()
         if overlapped:
 
@@ -230,7 +242,9 @@ def run_reference(
             retrieve = time.perf_counter() - t0
             upload(work / "ref", moto, "ref", "")
         seconds = time.perf_counter() - t0
+        machine = machine_busy_s() - machine0
         cpu1, rss = children_usage()
+        moto_cpu = moto.cpu_s() - moto_cpu0
         files = sum(1 for p in (work / "ref").rglob("*") if p.is_file())
         listed = sum(
             len(page.get("Contents", []))
@@ -245,6 +259,8 @@ def run_reference(
             "uploader": uploader,
             "overlapped": overlapped,
             "cpu_s_children": cpu1 - cpu0,
+            "moto_cpu_s": moto_cpu,
+            "machine_busy_s": machine,
             "max_rss_kb_children": rss,
         }
     finally:
@@ -262,6 +278,7 @@ def run_pipeline(
     moto = Moto(work)
     try:
         moto.client().create_bucket(Bucket="pipeline")
+        moto_cpu0 = moto.cpu_s()
         t0 = time.perf_counter()
         args = [
             sys.executable,
@@ -281,15 +298,17 @@ def run_pipeline(
             args += ["--modalities", ",".join(sorted(modalities))]
         proc = subprocess.run(
             args,
-            check=True,
             capture_output=True,
             text=True,
             timeout=3600,
             env={**os.environ, **KEYS, "PYTHONPATH": str(ROOT)},
         )
         seconds = time.perf_counter() - t0
+        if proc.returncode != 0:  # its stderr's tail: how it ended (a signal, an exception) is what to look into
+            raise RuntimeError(f"pipeline worker ended with {proc.returncode}: {proc.stderr[-2000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["seconds_with_process_start"] = seconds
+        result["moto_cpu_s"] = moto.cpu_s() - moto_cpu0
         if verify:
             result["verified"] = verify_bucket(moto, result["objects"])
         return result
@@ -360,6 +379,7 @@ def worker(ns: argparse.Namespace) -> int:
     cpu0, children0 = time.process_time(), children_usage()[0]
     times = StageTimes()
     out: dict[str, Any] = {"partitions": {}, "objects": {}}
+    machine0 = machine_busy_s()
     t0 = time.perf_counter()
     for p in partitions:
         series = census.for_partition(p)
@@ -404,6 +424,7 @@ def worker(ns: argparse.Namespace) -> int:
             what = f"{ts_in} {'rewritten' if isinstance(changed, str) and changed else 'passed through'}"
             out.setdefault("normalized", {})[what] = out.setdefault("normalized", {}).get(what, 0) + 1
     out["seconds"] = time.perf_counter() - t0
+    out["machine_busy_s"] = machine_busy_s() - machine0
     # The normalize processes are children of the worker: their CPU counts too.
     children1, _ = children_usage()
     out["cpu_s_worker"] = time.process_time() - cpu0
@@ -746,6 +767,15 @@ def summarize(
         "airflow": airflow,
         "pipeline_max_rss_mb": max(r["max_rss_kb"] for r in runs["pipeline"]) / 1024,
         "reference_cpu_s": statistics.median(r["cpu_s_children"] for r in runs["reference_sequential"]),
+        "moto_cpu_s": {
+            name: statistics.median(r.get("moto_cpu_s", 0.0) for r in runs[name])
+            for name in ("pipeline", "reference_sequential", "reference_overlapped")
+        },
+        # The machine's busy CPU-seconds a run over its cores' seconds: 1.0 is every core busy throughout.
+        "machine_busy_share": {
+            name: statistics.median(r.get("machine_busy_s", 0.0) / r["seconds"] / os.cpu_count() for r in runs[name])
+            for name in ("pipeline", "reference_sequential", "reference_overlapped")
+        },
         "memory_scaling": memory,
         "memory_growth_1x_to_4x": _memory_rows(memory)[1],
         "memory_growth_1x_to_4x_normalize_process": _memory_rows(memory)[2],
@@ -799,7 +829,11 @@ def summarize(
         "",
         f"CPU seconds: pipeline {report['pipeline_cpu_s']:.1f} (of which normalize processes "
         f"{report['pipeline_cpu_s_normalize_processes']:.1f}), reference tools {report['reference_cpu_s']:.1f} "
-        f"(getscu, s5cmd; a boto3 upload runs in the benchmark's own process). Peak RSS of the pipeline worker: "
+        f"(getscu, s5cmd; a boto3 upload runs in the benchmark's own process). moto's CPU seconds: pipeline "
+        f"{report['moto_cpu_s']['pipeline']:.1f}, reference {report['moto_cpu_s']['reference_sequential']:.1f} "
+        f"(sequential) / {report['moto_cpu_s']['reference_overlapped']:.1f} (overlapped). The machine's cores busy: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in report["machine_busy_share"].items())
+        + ". Peak RSS of the pipeline worker: "
         f"{report['pipeline_max_rss_mb']:.0f} MB, of a normalize process: "
         f"{report['normalize_process_max_rss_mb']:.0f} MB. What normalize did (last run): "
         + ", ".join(f"{k}: {v}" for k, v in (report["normalized"] or {}).items())
