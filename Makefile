@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean trace bench bench-scheduler bench-cget bench-s3-requests ui-screenshots serve viewer viewer-screenshots hl7-listen
+.PHONY: demo test lint venv clean trace bench bench-scheduler bench-cget bench-s3-requests bench-dag-processor ui-screenshots serve viewer viewer-screenshots hl7-listen
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -97,6 +97,9 @@ bench-cget: $(STAMP)
 ## Benchmark: the client's CPU per instance PUT and GET, botocore's pipeline vs the lean path (moto's server).
 bench-s3-requests: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.s3_requests $(if $(LABEL),--label $(LABEL))
+
+bench-dag-processor: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.dag_processor $(if $(LABEL),--label $(LABEL))
 
 ## Trace one instance of the demo bucket: make trace UID=<SOPInstanceUID>
 trace: $(STAMP)

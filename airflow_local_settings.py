@@ -13,6 +13,13 @@ machinery, Data Docs' compiled templates: ~0.3 s each validate task saves). Only
 Airflow-free core is imported (this runs while Airflow itself initializes).
 ``PACS_PRELOAD=0`` turns it off.
 
+The DAG processor parses each DAG file in a process it forks, every 30 s. Each
+parse used to import what Airflow imports lazily for our DAG files (its ``dag``
+and ``task`` decorators; for the ``s3://`` archive asset, the Amazon provider's
+asset module and boto3 with it: half a parse) and our DAG-side modules: ~5
+CPU-seconds a minute and a half, for as long as the processor runs. Before its
+first fork it imports them once (``PARSING``), so each parse only builds the DAGs.
+
 The core's code can change under a running worker (``include/`` mounted, a new
 checkout): a forked process whose preloaded core files changed since forgets the
 core's modules, so the task imports the code now on disk, never an older version
@@ -41,6 +48,9 @@ PRELOAD = (
 # Their warm_up() runs once the modules are in: botocore's S3 models parsed, then GX's first
 # validation and Data Docs' templates.
 WARM_UP = ("include.pacs_migration.store", "include.pacs_migration.validate")
+# What the DAG files import of ours (the DAG processor's parses).
+PARSING = ("include.pacs_migration_dags", "include.pacs_migration_airflow")
+_PARSING_WARM = False
 log = logging.getLogger(__name__)
 _OWN = "include"  # the pipeline's package: its preloaded files are watched
 _PRELOADED: dict[str, int] = {}  # file of a preloaded module of ours -> its mtime then
@@ -72,13 +82,48 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> float:
         except Exception as exc:  # noqa: BLE001 - as above
             log.warning("not warmed up for tasks: %s (%s)", name, type(exc).__name__)
     seconds = time.perf_counter() - t0
+    _watch_own_modules()
+    return seconds
+
+
+def _watch_own_modules() -> None:
+    """Note our modules' files as imported now: a fork forgets them if one changed since."""
+    if not _PRELOADED:
+        os.register_at_fork(after_in_child=forget_if_changed)
     _PRELOADED.update(
         (f, os.stat(f).st_mtime_ns)
         for name, mod in list(sys.modules.items())
         if (name == _OWN or name.startswith(_OWN + ".")) and (f := getattr(mod, "__file__", None))
     )
-    os.register_at_fork(after_in_child=forget_if_changed)
-    return seconds
+
+
+def parses_dags(argv: list[str]) -> bool:
+    """Whether this process is the DAG processor (it forks a process per DAG file parse)."""
+    return argv[1:2] == ["dag-processor"]
+
+
+def warm_parsing(modules: tuple[str, ...] = PARSING) -> bool:
+    """In the DAG processor, once, before its first fork (Airflow is up by then,
+    unlike when this module is imported): what every parse of our DAG files
+    would import again, imported here. Only imports: no configuration is read
+    (the DAG-side caches key on the file's mtime and stay empty here). True if it
+    ran now."""
+    global _PARSING_WARM
+    if _PARSING_WARM:
+        return False
+    _PARSING_WARM = True
+    try:
+        import importlib
+
+        from airflow.sdk import Asset, dag, task, task_group  # noqa: F401 - Airflow loads these lazily
+
+        Asset(name="pacs_migration_warm_up", uri="s3://pacs-migration-warm-up/")  # the s3 URI handlers loaded
+        for name in modules:
+            importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - an optimization must not stop a parse
+        log.warning("DAG parsing not warmed up (%s)", type(exc).__name__)
+    _watch_own_modules()
+    return True
 
 
 def forget_if_changed() -> bool:
@@ -103,6 +148,8 @@ def _executor() -> str:
     return conf.get("core", "executor", fallback="")
 
 
-if os.environ.get("PACS_PRELOAD", "1") != "0" and forks_tasks(sys.argv, _executor()):
+if os.environ.get("PACS_PRELOAD", "1") != "0" and parses_dags(sys.argv):
+    os.register_at_fork(before=warm_parsing)
+elif os.environ.get("PACS_PRELOAD", "1") != "0" and forks_tasks(sys.argv, _executor()):
     # Airflow configures logging after this module: stderr is the process's log.
     print(f"pacs-migration: modules for tasks preloaded in {preload():.1f} s", file=sys.stderr, flush=True)

@@ -112,7 +112,7 @@ class Moto:
 
 
 def machine_busy_s() -> float:
-    """CPU-seconds the whole machine has been busy: with the peers' (moto, Orthanc), how close to its cores a run came."""
+    """CPU-seconds the machine has been busy, peers (moto, Orthanc) included: how near its cores a run came."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 

@@ -118,3 +118,95 @@ print(json.dumps({"unchanged": unchanged, "changed": changed, "parent": "include
     assert proc.returncode == 0, proc.stderr[-2000:]
     held = json.loads(proc.stdout.strip().splitlines()[-1])
     assert held == {"unchanged": True, "changed": False, "parent": True}, held
+
+
+def test_only_the_dag_processor_warms_parsing():
+    from airflow_local_settings import parses_dags
+
+    assert parses_dags(["airflow", "dag-processor"])
+    for argv in (["airflow", "scheduler"], ["airflow", "api-server"], ["airflow", "dags", "reserialize"], ["pytest"]):
+        assert not parses_dags(argv)
+
+
+def test_the_dag_processor_imports_once_what_every_parse_would_import_again(tmp_path):
+    """Each parse is a fork of the DAG processor: before its first fork it imports
+    Airflow's lazily loaded decorators, the ``s3://`` asset handlers (the Amazon
+    provider's module, boto3) and our DAG-side modules, so a parse does not; the
+    parse still sees the configuration file as it is then, and finds every DAG."""
+    config = tmp_path / "migration.yaml"
+    config.write_text((ROOT / "include" / "config" / "migration.yaml").read_text())
+    code = """
+import os, sys, json, time
+sys.argv = ["airflow", "dag-processor"]
+import airflow, airflow_local_settings as A
+WATCHED = ("airflow.providers.amazon.aws.assets.s3", "include.pacs_migration_dags", "include.pacs_migration_airflow")
+
+def in_a_fork():
+    r, w = os.pipe()
+    if os.fork() == 0:  # as the DAG processor forks a parse
+        try:
+            held = {m: m in sys.modules for m in WATCHED}
+            from airflow.dag_processing.dagbag import DagBag
+            bag = DagBag(dag_folder=os.path.join(os.environ["ROOT"], "dags"))
+            from include.pacs_migration_dags import asset_uris
+            os.write(w, json.dumps({"held": held, "dags": len(bag.dags), "errors": sorted(bag.import_errors),
+                                     "uri": asset_uris()["pacs_archive"]}).encode())
+        except BaseException:
+            import traceback
+            os.write(w, json.dumps({"failed": traceback.format_exc()}).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.wait()
+    return json.loads(data)
+
+before = {m: m in sys.modules for m in WATCHED}
+first = in_a_fork()
+path = os.environ["AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH"]
+text = open(path).read()
+assert "bucket: pacs-archive" in text
+open(path, "w").write(text.replace("bucket: pacs-archive", "bucket: another-bucket"))
+os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+second = in_a_fork()
+A._PRELOADED[next(f for f in A._PRELOADED if f.endswith("pacs_migration_dags.py"))] -= 1  # as if it changed
+third = in_a_fork()
+print(json.dumps({"before": before, "first": first, "second": second, "third": third,
+                  "parent": {m: m in sys.modules for m in WATCHED}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ROOT": str(ROOT), "AIRFLOW_HOME": str(tmp_path),
+             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(config)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not any(out["before"].values()), out["before"]  # nothing of it while Airflow initializes
+    assert "failed" not in out["first"], out["first"].get("failed")
+    assert all(out["first"]["held"].values()), out["first"]["held"]  # the parse found it imported
+    assert all(out["parent"].values())
+    assert out["first"]["errors"] == [] and out["first"]["dags"] >= 5, out["first"]
+    # The parse after the file changed reads the file as it is now, not a copy the processor kept.
+    assert out["first"]["uri"].startswith("s3://pacs-archive/"), out["first"]["uri"]
+    assert out["second"]["uri"].startswith("s3://another-bucket/"), out["second"]["uri"]
+    # A DAG-side module of ours changed on disk since: the parse imports the code now there.
+    assert out["third"]["held"]["include.pacs_migration_dags"] is False, out["third"]
+    assert out["third"]["errors"] == [] and out["third"]["dags"] == out["first"]["dags"]
+    assert "not warmed up" not in proc.stderr
+
+
+def test_no_warm_parsing_when_turned_off(tmp_path):
+    code = (
+        "import os, sys; sys.argv = ['airflow', 'dag-processor']; import airflow, airflow_local_settings as A; "
+        "pid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0); "
+        "print('include.pacs_migration_dags' in sys.modules, A._PARSING_WARM)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "AIRFLOW_HOME": str(tmp_path), "PACS_PRELOAD": "0"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "False"]
