@@ -13,12 +13,14 @@ machinery, Data Docs' compiled templates: ~0.3 s each validate task saves). Only
 Airflow-free core is imported (this runs while Airflow itself initializes).
 ``PACS_PRELOAD=0`` turns it off.
 
-The DAG processor parses each DAG file in a process it forks, every 30 s. Each
-parse used to import what Airflow imports lazily for our DAG files (its ``dag``
-and ``task`` decorators; for the ``s3://`` archive asset, the Amazon provider's
-asset module and boto3 with it: half a parse) and our DAG-side modules: ~5
-CPU-seconds a minute and a half, for as long as the processor runs. Before its
-first fork it imports them once (``PARSING``), so each parse only builds the DAGs.
+Our DAG files are parsed in forked processes: by the DAG processor, each file
+every 30 s, and by every task, which parses its DAG file again before it runs.
+Each parse used to import what Airflow imports lazily for them (its ``dag`` and
+``task`` decorators; for the ``s3://`` archive asset, the Amazon provider's asset
+module and boto3 with it; in a task, Airflow's DagBag module itself) and our
+DAG-side modules: ~0.3 CPU-seconds a task instance, and half the DAG processor's
+CPU around the clock. These processes import them once, before their first fork
+(``warm_parsing``), so each parse only builds the DAGs.
 
 The core's code can change under a running worker (``include/`` mounted, a new
 checkout): a forked process whose preloaded core files changed since forgets the
@@ -97,17 +99,18 @@ def _watch_own_modules() -> None:
     )
 
 
-def parses_dags(argv: list[str]) -> bool:
-    """Whether this process is the DAG processor (it forks a process per DAG file parse)."""
-    return argv[1:2] == ["dag-processor"]
+def parses_dags(argv: list[str], executor: str) -> bool:
+    """Whether the processes this one forks parse our DAG files: the DAG
+    processor's (a process per file parse) and tasks (each parses its DAG file)."""
+    return argv[1:2] == ["dag-processor"] or forks_tasks(argv, executor)
 
 
 def warm_parsing(modules: tuple[str, ...] = PARSING) -> bool:
-    """In the DAG processor, once, before its first fork (Airflow is up by then,
-    unlike when this module is imported): what every parse of our DAG files
-    would import again, imported here. Only imports: no configuration is read
-    (the DAG-side caches key on the file's mtime and stay empty here). True if it
-    ran now."""
+    """Once, before this process's first fork (Airflow is up by then, unlike
+    when this module is imported): what every parse of our DAG files in a forked
+    process would import again, imported here. Only imports: no configuration
+    is read (the DAG-side caches key on the file's mtime and stay empty here).
+    True if it ran now."""
     global _PARSING_WARM
     if _PARSING_WARM:
         return False
@@ -115,6 +118,7 @@ def warm_parsing(modules: tuple[str, ...] = PARSING) -> bool:
     try:
         import importlib
 
+        import airflow.dag_processing.dagbag  # noqa: F401 - a task's parse imports it (~0.2 s)
         from airflow.sdk import Asset, dag, task, task_group  # noqa: F401 - Airflow loads these lazily
 
         Asset(name="pacs_migration_warm_up", uri="s3://pacs-migration-warm-up/")  # the s3 URI handlers loaded
@@ -148,8 +152,8 @@ def _executor() -> str:
     return conf.get("core", "executor", fallback="")
 
 
-if os.environ.get("PACS_PRELOAD", "1") != "0" and parses_dags(sys.argv):
+if os.environ.get("PACS_PRELOAD", "1") != "0" and parses_dags(sys.argv, _executor()):
     os.register_at_fork(before=warm_parsing)
-elif os.environ.get("PACS_PRELOAD", "1") != "0" and forks_tasks(sys.argv, _executor()):
+if os.environ.get("PACS_PRELOAD", "1") != "0" and forks_tasks(sys.argv, _executor()):
     # Airflow configures logging after this module: stderr is the process's log.
     print(f"pacs-migration: modules for tasks preloaded in {preload():.1f} s", file=sys.stderr, flush=True)

@@ -120,26 +120,39 @@ print(json.dumps({"unchanged": unchanged, "changed": changed, "parent": "include
     assert held == {"unchanged": True, "changed": False, "parent": True}, held
 
 
-def test_only_the_dag_processor_warms_parsing():
+@pytest.mark.parametrize(
+    ("argv", "executor", "expected"),
+    [
+        (["airflow", "dag-processor"], "LocalExecutor", True),  # a fork per DAG file parse
+        (["airflow", "scheduler"], "LocalExecutor", True),  # its tasks parse their DAG file
+        (["airflow", "celery", "worker"], "CeleryExecutor", True),
+        (["airflow", "scheduler"], "CeleryExecutor", False),
+        (["airflow", "api-server"], "LocalExecutor", False),
+        (["airflow", "dags", "reserialize"], "LocalExecutor", False),
+        (["pytest"], "LocalExecutor", False),
+    ],
+)
+def test_the_processes_whose_forks_parse_dags_warm_parsing(argv, executor, expected):
     from airflow_local_settings import parses_dags
 
-    assert parses_dags(["airflow", "dag-processor"])
-    for argv in (["airflow", "scheduler"], ["airflow", "api-server"], ["airflow", "dags", "reserialize"], ["pytest"]):
-        assert not parses_dags(argv)
+    assert parses_dags(argv, executor) is expected
 
 
-def test_the_dag_processor_imports_once_what_every_parse_would_import_again(tmp_path):
-    """Each parse is a fork of the DAG processor: before its first fork it imports
-    Airflow's lazily loaded decorators, the ``s3://`` asset handlers (the Amazon
-    provider's module, boto3) and our DAG-side modules, so a parse does not; the
-    parse still sees the configuration file as it is then, and finds every DAG."""
+@pytest.mark.parametrize("argv", [["airflow", "dag-processor"], ["airflow", "scheduler"]])
+def test_a_fork_that_parses_finds_imported_what_every_parse_would_import_again(tmp_path, argv):
+    """Each parse is a fork (the DAG processor's per file, a task's of its DAG file):
+    before its first fork the process imports Airflow's DagBag module and lazily
+    loaded decorators, the ``s3://`` asset handlers (the Amazon provider's module,
+    boto3) and our DAG-side modules, so a parse does not; the parse still sees the
+    configuration file as it is then, and finds every DAG."""
     config = tmp_path / "migration.yaml"
     config.write_text((ROOT / "include" / "config" / "migration.yaml").read_text())
     code = """
 import os, sys, json, time
-sys.argv = ["airflow", "dag-processor"]
+sys.argv = ARGV
 import airflow, airflow_local_settings as A
-WATCHED = ("airflow.providers.amazon.aws.assets.s3", "include.pacs_migration_dags", "include.pacs_migration_airflow")
+WATCHED = ("airflow.providers.amazon.aws.assets.s3", "include.pacs_migration_dags", "include.pacs_migration_airflow",
+           "airflow.dag_processing.dagbag")
 
 def in_a_fork():
     r, w = os.pipe()
@@ -176,9 +189,10 @@ print(json.dumps({"before": before, "first": first, "second": second, "third": t
                   "parent": {m: m in sys.modules for m in WATCHED}}))
 """
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code.replace("ARGV", repr(argv))],
         env={**os.environ, "PYTHONPATH": str(ROOT), "ROOT": str(ROOT), "AIRFLOW_HOME": str(tmp_path),
-             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(config)},
+             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+             "AIRFLOW_VAR_PACS_MIGRATION_CONFIG_PATH": str(config)},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
