@@ -17,10 +17,9 @@ Our DAG files are parsed in forked processes: by the DAG processor, each file
 every 30 s, and by every task, which parses its DAG file again before it runs.
 Each parse used to import what Airflow imports lazily for them (its ``dag`` and
 ``task`` decorators; for the ``s3://`` archive asset, the Amazon provider's asset
-module and boto3 with it; in a task, Airflow's DagBag module itself) and our
-DAG-side modules: ~0.3 CPU-seconds a task instance, and half the DAG processor's
-CPU around the clock. These processes import them once, before their first fork
-(``warm_parsing``), so each parse only builds the DAGs.
+module and boto3 with it) and our DAG-side modules: half the DAG processor's CPU
+around the clock, ~0.04 CPU-seconds a task instance. These processes import them
+once, before their first fork (``warm_parsing``), so each parse only builds the DAGs.
 
 The core's code can change under a running worker (``include/`` mounted, a new
 checkout): a forked process whose preloaded core files changed since forgets the
@@ -50,7 +49,7 @@ PRELOAD = (
 # Their warm_up() runs once the modules are in: botocore's S3 models parsed, then GX's first
 # validation and Data Docs' templates.
 WARM_UP = ("include.pacs_migration.store", "include.pacs_migration.validate")
-# What the DAG files import of ours (the DAG processor's parses).
+# What the DAG files import of ours (every parse: the DAG processor's, each task's).
 PARSING = ("include.pacs_migration_dags", "include.pacs_migration_airflow")
 _PARSING_WARM = False
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def warm_parsing(modules: tuple[str, ...] = PARSING) -> bool:
     try:
         import importlib
 
-        import airflow.dag_processing.dagbag  # noqa: F401 - a task's parse imports it (~0.2 s)
+        import airflow.dag_processing.dagbag  # noqa: F401 - a task's parse imports it (the scheduler has already)
         from airflow.sdk import Asset, dag, task, task_group  # noqa: F401 - Airflow loads these lazily
 
         Asset(name="pacs_migration_warm_up", uri="s3://pacs-migration-warm-up/")  # the s3 URI handlers loaded
