@@ -47,6 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# The whole machine's and one process's CPU, read as the scheduler benchmark reads them (peers included).
+from benchmarks.airflow_overhead import _machine_busy_s, _pid_cpu_s
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(__file__).parent / ".cache"
 RESULTS = Path(__file__).parent / "results"
@@ -99,8 +102,7 @@ class Moto:
 
     def cpu_s(self) -> float:
         """The server's CPU-seconds so far (the S3 both sides share: what each side's requests cost it)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+        return _pid_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -109,12 +111,6 @@ class Moto:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-
-
-def machine_busy_s() -> float:
-    """CPU-seconds the machine has been busy, peers (moto, Orthanc) included: how near its cores a run came."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def children_usage() -> tuple[float, int]:
@@ -224,7 +220,7 @@ def run_reference(
         moto.client().create_bucket(Bucket="ref")
         upload = s5cmd_upload if uploader == "s5cmd" else boto3_upload
         cpu0, _ = children_usage()
-        moto_cpu0, machine0 = moto.cpu_s(), machine_busy_s()
+        moto_cpu0, machine0 = moto.cpu_s(), _machine_busy_s()
         t0 = time.perf_counter()
         if overlapped:
 
@@ -242,7 +238,7 @@ def run_reference(
             retrieve = time.perf_counter() - t0
             upload(work / "ref", moto, "ref", "")
         seconds = time.perf_counter() - t0
-        machine = machine_busy_s() - machine0
+        machine = _machine_busy_s() - machine0
         cpu1, rss = children_usage()
         moto_cpu = moto.cpu_s() - moto_cpu0
         files = sum(1 for p in (work / "ref").rglob("*") if p.is_file())
@@ -379,7 +375,7 @@ def worker(ns: argparse.Namespace) -> int:
     cpu0, children0 = time.process_time(), children_usage()[0]
     times = StageTimes()
     out: dict[str, Any] = {"partitions": {}, "objects": {}}
-    machine0 = machine_busy_s()
+    machine0 = _machine_busy_s()
     t0 = time.perf_counter()
     for p in partitions:
         series = census.for_partition(p)
@@ -424,7 +420,7 @@ def worker(ns: argparse.Namespace) -> int:
             what = f"{ts_in} {'rewritten' if isinstance(changed, str) and changed else 'passed through'}"
             out.setdefault("normalized", {})[what] = out.setdefault("normalized", {}).get(what, 0) + 1
     out["seconds"] = time.perf_counter() - t0
-    out["machine_busy_s"] = machine_busy_s() - machine0
+    out["machine_busy_s"] = _machine_busy_s() - machine0
     # The normalize processes are children of the worker: their CPU counts too.
     children1, _ = children_usage()
     out["cpu_s_worker"] = time.process_time() - cpu0
