@@ -151,8 +151,10 @@ def _executor() -> str:
     return conf.get("core", "executor", fallback="")
 
 
-if os.environ.get("PACS_PRELOAD", "1") != "0" and parses_dags(sys.argv, _executor()):
-    os.register_at_fork(before=warm_parsing)
-if os.environ.get("PACS_PRELOAD", "1") != "0" and forks_tasks(sys.argv, _executor()):
-    # Airflow configures logging after this module: stderr is the process's log.
-    print(f"pacs-migration: modules for tasks preloaded in {preload():.1f} s", file=sys.stderr, flush=True)
+if os.environ.get("PACS_PRELOAD", "1") != "0":
+    _EXECUTOR = _executor()
+    if parses_dags(sys.argv, _EXECUTOR):
+        os.register_at_fork(before=warm_parsing)
+    if forks_tasks(sys.argv, _EXECUTOR):
+        # Airflow configures logging after this module: stderr is the process's log.
+        print(f"pacs-migration: modules for tasks preloaded in {preload():.1f} s", file=sys.stderr, flush=True)
